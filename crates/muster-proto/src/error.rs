@@ -1,0 +1,89 @@
+//! The DPS error body (`ProvisioningServiceErrorDetails`) and Muster's error codes.
+//!
+//! Codes follow the DPS convention `HTTP status × 1000 + detail`; the ones DPS itself is known
+//! to send (400004, 401000, 404201, 404202, 409201, 409202, 4002xx) keep their meaning, and the
+//! rest are Muster's, one per check so a client can tell which one failed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub error_code: u32,
+    pub tracking_id: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Map<String, Value>>,
+    pub timestamp_utc: String,
+}
+
+/// Every error code Muster sends. `status()` is the HTTP status it travels with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The body is not valid JSON or does not match the model.
+    MalformedBody = 400001,
+    InvalidRegistrationId = 400002,
+    InvalidEnrollmentGroupId = 400003,
+    /// DPS: "Enrollment allocationPolicy must be specified when iotHubs are specified."
+    AllocationPolicyRequired = 400004,
+    InvalidAttestation = 400005,
+    InvalidSymmetricKey = 400006,
+    InvalidCertificate = 400007,
+    /// The id in the body differs from the id in the path.
+    IdMismatch = 400008,
+    InvalidApiVersion = 400009,
+    InvalidQuery = 400010,
+    InvalidBulkOperation = 400011,
+    InvalidCustomAllocation = 400012,
+    InvalidContinuationToken = 400013,
+    InvalidPageSize = 400014,
+    InvalidField = 400015,
+    InvalidIotHubs = 400016,
+    CustomAllocationFailed = 400207,
+    CustomAllocationIotHubNotSpecified = 400208,
+    CustomAllocationUnauthorizedAccess = 400209,
+    /// No or unreadable credentials, wrong signature, unknown policy.
+    Unauthorized = 401000,
+    /// The token's `se` lies in the past.
+    TokenExpired = 401003,
+    /// The policy is valid but lacks the right the operation needs.
+    InsufficientRights = 403001,
+    NotFound = 404000,
+    EnrollmentNotFound = 404201,
+    EnrollmentGroupNotFound = 404202,
+    RegistrationNotFound = 404203,
+    MethodNotAllowed = 405000,
+    EnrollmentExists = 409201,
+    EnrollmentGroupExists = 409202,
+    PreconditionFailed = 412001,
+    PayloadTooLarge = 413001,
+    UnsupportedMediaType = 415001,
+    Throttled = 429001,
+    Internal = 500001,
+    Unavailable = 503001,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub fn status(self) -> u16 {
+        (self.code() / 1000) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_follows_code() {
+        assert_eq!(ErrorCode::EnrollmentNotFound.status(), 404);
+        assert_eq!(ErrorCode::PreconditionFailed.status(), 412);
+        assert_eq!(ErrorCode::InsufficientRights.status(), 403);
+        assert_eq!(ErrorCode::Unauthorized.code(), 401000);
+    }
+}

@@ -1,0 +1,62 @@
+//! Wire types shared by every part of Muster: the server, the clients, the CLI and the tests.
+//!
+//! Everything here is spelled exactly as Azure DPS spells it on the wire (camelCase JSON,
+//! the `ProvisioningServiceErrorDetails` error body, SAS tokens), so one definition serves
+//! both ends of every connection.
+//!
+//! Layout:
+//! - [`ids`]: [`RegistrationId`], [`EnrollmentGroupId`], [`IdScope`] and their validation.
+//! - [`time`]: [`Timestamp`], UTC with the 7 fractional digits DPS emits.
+//! - [`attestation`]: `AttestationMechanism` and its symmetric key, X.509 and TPM parts.
+//! - [`enrollment`]: `IndividualEnrollment`, `EnrollmentGroup` and their shared settings
+//!   (allocation policy, reprovision policy, capabilities, custom allocation).
+//! - [`twin`]: `InitialTwin`.
+//! - [`registration`]: `DeviceRegistrationState` and its status enums.
+//! - [`bulk`] and [`query`]: bulk operations, query specification and paging headers.
+//! - [`error`]: the DPS error body and Muster's table of error codes.
+//! - [`sas`]: shared access signature tokens: parse, sign, verify.
+//! - [`connection_string`]: `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..`.
+//! - [`api_version`]: the api-versions Muster accepts.
+//! - [`rights`]: shared access policy rights.
+//!
+//! This crate never performs I/O and never reads the clock: callers pass time in.
+
+mod str_enum;
+
+pub mod api_version;
+pub mod attestation;
+pub mod bulk;
+pub mod connection_string;
+pub mod enrollment;
+pub mod error;
+pub mod ids;
+pub mod query;
+pub mod registration;
+pub mod rights;
+pub mod sas;
+pub mod time;
+pub mod twin;
+
+pub use api_version::ApiVersion;
+pub use attestation::{
+    AttestationMechanism, AttestationType, SymmetricKeyAttestation, TpmAttestation,
+    X509Attestation, X509CaReferences, X509CertificateInfo, X509CertificateWithInfo,
+    X509Certificates,
+};
+pub use bulk::{
+    BulkEnrollmentGroupOperation, BulkEnrollmentOperation, BulkEnrollmentOperationError,
+    BulkEnrollmentOperationResult, BulkOperationMode,
+};
+pub use connection_string::ConnectionString;
+pub use enrollment::{
+    AllocationPolicy, CustomAllocationDefinition, DeviceCapabilities, EnrollmentGroup,
+    IndividualEnrollment, ProvisioningStatus, ReprovisionPolicy,
+};
+pub use error::{ErrorBody, ErrorCode};
+pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};
+pub use query::{ItemType, QuerySpecification};
+pub use registration::{DeviceRegistrationState, RegistrationStatus, RegistrationSubstatus};
+pub use rights::{AccessRight, AccessRights};
+pub use sas::{SasError, SasToken};
+pub use time::Timestamp;
+pub use twin::{InitialTwin, InitialTwinProperties};

@@ -1,0 +1,71 @@
+//! `DeviceRegistrationState`: the record of a device's registration.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::RegistrationId;
+use crate::str_enum;
+use crate::time::Timestamp;
+
+str_enum! {
+    RegistrationStatus, "registration status" {
+        Unassigned => "unassigned",
+        Assigning => "assigning",
+        Assigned => "assigned",
+        Failed => "failed",
+        Disabled => "disabled",
+    }
+}
+
+str_enum! {
+    RegistrationSubstatus, "registration substatus" {
+        InitialAssignment => "initialAssignment",
+        DeviceDataMigrated => "deviceDataMigrated",
+        DeviceDataReset => "deviceDataReset",
+        ReprovisionedToInitialAssignment => "reprovisionedToInitialAssignment",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRegistrationState {
+    pub registration_id: RegistrationId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    pub status: RegistrationStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<RegistrationSubstatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+}
+
+impl DeviceRegistrationState {
+    /// What an individual enrollment's GET embeds before its device ever registered.
+    pub fn unassigned(registration_id: RegistrationId) -> Self {
+        Self {
+            registration_id,
+            created_date_time_utc: None,
+            assigned_hub: None,
+            device_id: None,
+            status: RegistrationStatus::Unassigned,
+            substatus: None,
+            error_code: None,
+            error_message: None,
+            last_updated_date_time_utc: None,
+            etag: None,
+            payload: None,
+        }
+    }
+}

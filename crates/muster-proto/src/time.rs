@@ -1,0 +1,57 @@
+//! [`Timestamp`]: a UTC instant written the way DPS writes it (`2023-05-19T23:10:45.1256254Z`).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl Timestamp {
+    pub fn from_unix_millis(ms: i64) -> Option<Self> {
+        DateTime::from_timestamp_millis(ms).map(Self)
+    }
+
+    pub fn unix_seconds(&self) -> i64 {
+        self.0.timestamp()
+    }
+
+    /// DPS form: seconds with 7 fractional digits (100 ns ticks, as .NET prints them).
+    pub fn to_dps_string(&self) -> String {
+        let ticks = self.0.timestamp_subsec_nanos() / 100;
+        format!("{}.{ticks:07}Z", self.0.format("%Y-%m-%dT%H:%M:%S"))
+    }
+
+    /// Whole seconds, as X.509 validity dates appear in certificate info.
+    pub fn to_seconds_string(&self) -> String {
+        self.0.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_dps_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| Self(t.with_timezone(&Utc)))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dps_format_round_trips() {
+        let t = Timestamp(DateTime::parse_from_rfc3339("2023-05-19T23:10:45.1256254Z").unwrap().with_timezone(&Utc));
+        assert_eq!(t.to_dps_string(), "2023-05-19T23:10:45.1256254Z");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
+        assert_eq!(t.to_seconds_string(), "2023-05-19T23:10:45Z");
+    }
+}
