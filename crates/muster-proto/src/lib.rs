@@ -19,7 +19,10 @@
 //! - [`api_version`]: the api-versions Muster accepts.
 //! - [`rights`]: shared access policy rights.
 //!
-//! This crate never performs I/O and never reads the clock: callers pass time in.
+//! - [`runtime`]: the `Clock` and `Entropy` traits that callers pass in.
+//!
+//! This crate performs no I/O; only `runtime::SystemClock` and `runtime::OsEntropy` touch the
+//! real clock and random source.
 
 mod str_enum;
 
@@ -33,6 +36,7 @@ pub mod ids;
 pub mod query;
 pub mod registration;
 pub mod rights;
+pub mod runtime;
 pub mod sas;
 pub mod time;
 pub mod twin;

@@ -1,1 +1,131 @@
-//! placeholder
+//! The DPS service REST API (service-api.md §1–§6): individual enrollments, enrollment groups
+//! and registration records, with the paging, ETag, bulk and authorization rules that
+//! Microsoft's service SDKs rely on.
+//!
+//! Layout:
+//! - [`router`]: the axum router; [`normalize_path`] makes routing case-insensitive and must
+//!   wrap whatever router this one is merged into.
+//! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`: one
+//!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
+//!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
+//!   trait.
+//! - [`kind`]: what differs between individual enrollments and groups.
+//! - [`prepare`]: validation and normalisation of an incoming enrollment (keys, certificates,
+//!   allocation settings, timestamps).
+//! - [`redact`]: what each read path may show (service-api.md §5.7).
+//! - [`request`]: api-version, body limits, If-Match and paging helpers.
+//! - [`auth`]: shared access policies and SAS verification.
+//! - [`error`]: [`ApiError`], mapped once to the DPS error body.
+//!
+//! Handlers never read the clock or the random source directly: both come from [`ServiceApi`].
+
+pub mod auth;
+pub mod error;
+pub mod kind;
+pub mod prepare;
+pub mod redact;
+pub mod request;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use muster_proto::runtime::{Clock, Entropy};
+use muster_store::Store;
+
+pub use auth::{AccessPolicy, Authorizer};
+pub use error::ApiError;
+pub use routes::{method_not_allowed, not_found, router};
+
+/// Limits the service API enforces; documented in the README.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body outside bulk operations.
+    pub max_body_bytes: usize,
+    /// Largest bulk request body.
+    pub max_bulk_body_bytes: usize,
+    /// Most items in one bulk operation (DPS allows 10).
+    pub max_bulk_items: usize,
+    /// Page size when the client sends no `x-ms-max-item-count`.
+    pub default_page_size: usize,
+    /// Larger requested page sizes are reduced to this.
+    pub max_page_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_bulk_body_bytes: 64 * 1024 * 1024,
+            max_bulk_items: 10_000,
+            default_page_size: 100,
+            max_page_size: 1_000,
+        }
+    }
+}
+
+/// Everything the service API's handlers need.
+#[derive(Clone)]
+pub struct ServiceApi {
+    pub store: Arc<dyn Store>,
+    pub auth: Authorizer,
+    pub clock: Arc<dyn Clock>,
+    pub entropy: Arc<dyn Entropy>,
+    pub limits: Limits,
+}
+
+/// Route segments clients spell in more than one way (Node sends `/enrollmentgroups/`).
+const CANONICAL_SEGMENTS: &[&str] = &[
+    "enrollments",
+    "enrollmentGroups",
+    "registrations",
+    "attestationmechanism",
+    "query",
+];
+
+/// Rewrites the fixed segments of service API paths to their canonical spelling so routing
+/// is case-insensitive; ids keep their spelling.
+pub fn normalize_path(mut req: Request) -> Request {
+    let path = req.uri().path();
+    let segments: Vec<&str> = path.split('/').collect();
+    // Only the first segment and the segment after an id are fixed words.
+    let mut changed = false;
+    let mut out: Vec<String> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.iter().enumerate() {
+        let fixed_position = i == 1 || i == 3;
+        let canon = if fixed_position {
+            CANONICAL_SEGMENTS
+                .iter()
+                .find(|c| c.eq_ignore_ascii_case(seg) && **c != *seg)
+        } else {
+            None
+        };
+        match canon {
+            Some(c) => {
+                changed = true;
+                out.push((*c).to_string());
+            }
+            None => out.push((*seg).to_string()),
+        }
+    }
+    if changed {
+        let mut new_path = out.join("/");
+        if let Some(q) = req.uri().query() {
+            new_path.push('?');
+            new_path.push_str(q);
+        }
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = new_path.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
+/// JSON bytes of a value that always serializes (our own wire types).
+pub(crate) fn json_response_body<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec())
+}

@@ -1,1 +1,223 @@
-//! placeholder
+//! Muster's storage interface and its embedded SQLite implementation.
+//!
+//! The store is a small document store: records live in [`Collection`]s, each record has a
+//! key (the case-folded id), an optional partition (for example the enrollment group of a
+//! registration record), a JSON body and an etag that the store assigns on every write.
+//! Typed meaning (enrollments, groups, registration records, ...) belongs to the callers; this
+//! keeps the interface small enough that a PostgreSQL implementation can follow without
+//! touching them.
+//!
+//! Layout:
+//! - [`Store`]: the interface every implementation provides.
+//! - [`records`]: typed access (enrollments, groups, registration records) with etags.
+//! - [`sqlite`]: the default implementation (one file under the data dir, WAL, migrations).
+//! - [`conformance`] (feature `conformance`): the shared test suite every implementation
+//!   must pass.
+//!
+//! Guarantees every implementation must keep:
+//! - a write is durable before the call returns;
+//! - a batch is applied in one transaction: items whose expectation fails are reported and
+//!   skipped, the others are applied together or not at all;
+//! - listing is ordered by key, so key-based paging is stable.
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod records;
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// The kinds of record Muster keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    /// Individual enrollments, keyed by lower-cased registration id.
+    Enrollments,
+    /// Enrollment groups, keyed by lower-cased group id.
+    EnrollmentGroups,
+    /// Device registration records, keyed by lower-cased registration id, partitioned by the
+    /// lower-cased enrollment group id when the device registered through a group.
+    Registrations,
+    /// Service settings (ID scope, access policies, ...), keyed by name.
+    Settings,
+    /// Hubs linked to the DPS, keyed by host name.
+    LinkedHubs,
+    /// Registration operations in flight or recently finished, keyed by operation id.
+    Operations,
+    /// Devices of the built-in hub, keyed by lower-cased device id, partitioned by hub.
+    HubDevices,
+    /// Verified and unverified CA certificates, keyed by name.
+    CaCertificates,
+}
+
+impl Collection {
+    pub const ALL: &'static [Collection] = &[
+        Collection::Enrollments,
+        Collection::EnrollmentGroups,
+        Collection::Registrations,
+        Collection::Settings,
+        Collection::LinkedHubs,
+        Collection::Operations,
+        Collection::HubDevices,
+        Collection::CaCertificates,
+    ];
+
+    /// Stable name used in storage; never change one once released.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Collection::Enrollments => "enrollments",
+            Collection::EnrollmentGroups => "enrollment_groups",
+            Collection::Registrations => "registrations",
+            Collection::Settings => "settings",
+            Collection::LinkedHubs => "linked_hubs",
+            Collection::Operations => "operations",
+            Collection::HubDevices => "hub_devices",
+            Collection::CaCertificates => "ca_certificates",
+        }
+    }
+}
+
+/// A stored record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub key: String,
+    pub partition: Option<String>,
+    /// Assigned by the store; changes on every write.
+    pub etag: String,
+    pub body: Value,
+}
+
+/// What must hold for a write to be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Apply unconditionally.
+    Any,
+    /// Apply only if no record has this key.
+    Absent,
+    /// Apply only if the record exists with exactly this etag.
+    Etag(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    Put {
+        partition: Option<String>,
+        body: Value,
+    },
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub collection: Collection,
+    pub key: String,
+    pub expect: Expect,
+    pub op: WriteOp,
+}
+
+impl Write {
+    pub fn put(
+        collection: Collection,
+        key: impl Into<String>,
+        expect: Expect,
+        body: Value,
+    ) -> Self {
+        Self {
+            collection,
+            key: key.into(),
+            expect,
+            op: WriteOp::Put {
+                partition: None,
+                body,
+            },
+        }
+    }
+
+    pub fn delete(collection: Collection, key: impl Into<String>, expect: Expect) -> Self {
+        Self {
+            collection,
+            key: key.into(),
+            expect,
+            op: WriteOp::Delete,
+        }
+    }
+
+    pub fn with_partition(mut self, partition: Option<String>) -> Self {
+        if let WriteOp::Put { partition: p, .. } = &mut self.op {
+            *p = partition;
+        }
+        self
+    }
+}
+
+/// The result of one write of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Put applied; the record's new etag.
+    Written { etag: String },
+    /// Delete applied.
+    Deleted,
+    /// `Expect::Absent` failed: the record exists.
+    AlreadyExists,
+    /// `Expect::Etag` failed: the record has another etag.
+    EtagMismatch,
+    /// `Expect::Etag` failed, or a delete found nothing: no such record.
+    NotFound,
+}
+
+impl WriteOutcome {
+    pub fn is_applied(&self) -> bool {
+        matches!(self, WriteOutcome::Written { .. } | WriteOutcome::Deleted)
+    }
+}
+
+/// Which records `list` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only records with this partition.
+    pub partition: Option<String>,
+    /// Only records whose key sorts after this one (the previous page's last key).
+    pub after: Option<String>,
+    /// At most this many records.
+    pub limit: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Backend(String),
+    #[error("stored record {collection}/{key} is corrupt: {reason}")]
+    Corrupt {
+        collection: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The storage interface. Implementations are cheap to clone (`Arc` inside) and usable from
+/// any task.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, collection: Collection, key: &str) -> Result<Option<Record>, StoreError>;
+
+    /// Applies `writes` in one transaction and returns one outcome per write, in order.
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<WriteOutcome>, StoreError>;
+
+    /// Records ordered by key.
+    async fn list(
+        &self,
+        collection: Collection,
+        query: ListQuery,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// Number of records, optionally within one partition.
+    async fn count(
+        &self,
+        collection: Collection,
+        partition: Option<&str>,
+    ) -> Result<u64, StoreError>;
+}

@@ -1,1 +1,149 @@
-fn main() {}
+//! `muster`: the Muster server (`muster serve`) and, in time, the operator CLI.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use muster_server::{Config, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "muster",
+    version,
+    about = "Self-hosted IoT device provisioning, compatible with Azure IoT Hub DPS clients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the provisioning service.
+    ///
+    /// On first start it creates the data dir, the SQLite database, a local CA with a server
+    /// certificate, an ID scope and the `provisioningserviceowner` policy key, then writes
+    /// DATA_DIR/connection.json.
+    ///
+    /// Examples:
+    ///   muster serve
+    ///   muster serve --data-dir /var/lib/muster --dps-host dps.example.lan
+    ///   muster serve --dps-host 127.0.0.2 --https-port 8443 --mqtt-port 18883
+    Serve(ServeArgs),
+}
+
+/// Each option overrides the config file, which overrides the defaults.
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; keys as the options below, e.g. `dps-host = "127.0.0.2"`.
+    #[arg(long, env = "MUSTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./muster-data]
+    #[arg(long, env = "MUSTER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Name or IP the DPS is reached at; listeners bind it [default: localhost]
+    #[arg(long, env = "MUSTER_DPS_HOST")]
+    dps_host: Option<String>,
+    /// HTTPS port (device API, service API) [default: 443]
+    #[arg(long, env = "MUSTER_HTTPS_PORT")]
+    https_port: Option<u16>,
+    /// MQTT over TLS port for devices [default: 8883]
+    #[arg(long, env = "MUSTER_MQTT_PORT")]
+    mqtt_port: Option<u16>,
+    /// PEM certificate chain to serve instead of the local CA's certificate
+    #[arg(long, env = "MUSTER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert
+    #[arg(long, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Extra host names or addresses for the server certificate (repeatable)
+    #[arg(long = "extra-host")]
+    extra_hosts: Vec<String>,
+    /// Print the effective configuration as TOML and exit
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl ServeArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.dps_host {
+            c.dps_host = v.clone();
+        }
+        if let Some(v) = self.https_port {
+            c.https_port = v;
+        }
+        if let Some(v) = self.mqtt_port {
+            c.mqtt_port = v;
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert.clone();
+            c.tls_key = self.tls_key.clone();
+        }
+        c.extra_hosts.extend(self.extra_hosts.iter().cloned());
+        Ok(c)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let server = Server::start(config.clone()).await?;
+    let c = &server.connection;
+    println!("Muster is running.");
+    println!("  ID scope:           {}", c.id_scope);
+    println!("  Device endpoint:    {}", c.device_endpoint);
+    println!("  Service endpoint:   {}", c.service_endpoint);
+    println!("  Trust this CA:      {}", c.ca_certificate.display());
+    println!(
+        "  Connection details: {} (holds the service connection string)",
+        config.data_dir.join("connection.json").display()
+    );
+    println!("Stop with Ctrl-C.");
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    Ok(())
+}

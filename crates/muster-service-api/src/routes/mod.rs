@@ -1,0 +1,31 @@
+//! The service API's routes, one module per route family.
+
+mod enrollment_groups;
+mod enrollments;
+mod generic;
+mod registrations;
+
+use axum::Router;
+
+use crate::error::ApiError;
+use crate::ServiceApi;
+use muster_proto::ErrorCode;
+
+/// The service API router. Wrap the final application in [`crate::normalize_path`].
+pub fn router(api: ServiceApi) -> Router {
+    Router::new()
+        .merge(enrollments::routes())
+        .merge(enrollment_groups::routes())
+        .merge(registrations::routes())
+        .with_state(api)
+}
+
+/// Fallback for paths no route serves, in the DPS error shape.
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such resource")
+}
+
+/// Fallback for a known path with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "this method is not allowed on this resource")
+}

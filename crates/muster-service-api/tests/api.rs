@@ -1,0 +1,434 @@
+//! The service API driven through its router without sockets: every behaviour the SDKs rely
+//! on, and every refusal with its DPS error code.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{Method, StatusCode};
+use axum::Router;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use http_body_util::BodyExt;
+use muster_proto::runtime::{ManualClock, SeededEntropy};
+use muster_proto::{AccessRights, SasToken, Timestamp};
+use muster_service_api::{AccessPolicy, Authorizer, Limits, ServiceApi};
+use muster_store::SqliteStore;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const HOST: &str = "dps.test";
+const OWNER_KEY: &[u8] = b"owner-key-owner-key-owner-key-00";
+const READER_KEY: &[u8] = b"reader-key-reader-key-reader-000";
+const NOW: i64 = 1_800_000_000;
+
+struct Harness {
+    app: Router,
+    clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("muster.db")).unwrap();
+    let clock = Arc::new(ManualClock::new(Timestamp::from_unix_millis(NOW * 1000).unwrap()));
+    let policies = vec![
+        AccessPolicy {
+            key_name: "provisioningserviceowner".into(),
+            primary_key: B64.encode(OWNER_KEY),
+            secondary_key: B64.encode(b"owner-secondary-owner-secondary-"),
+            rights: AccessRights::all(),
+        },
+        AccessPolicy {
+            key_name: "reader".into(),
+            primary_key: B64.encode(READER_KEY),
+            secondary_key: B64.encode(b"reader-secondary-reader-secondar"),
+            rights: AccessRights::parse("EnrollmentRead, RegistrationStatusRead").unwrap(),
+        },
+    ];
+    let api = ServiceApi {
+        store: Arc::new(store),
+        auth: Authorizer::new(policies, vec![HOST.into()]),
+        clock: clock.clone(),
+        entropy: Arc::new(SeededEntropy::new(7)),
+        limits: Limits::default(),
+    };
+    let inner = muster_service_api::router(api)
+        .fallback(muster_service_api::not_found)
+        .method_not_allowed_fallback(muster_service_api::method_not_allowed);
+    let app = Router::new().fallback_service(inner.map_request(muster_service_api::normalize_path));
+    Harness {
+        app,
+        clock,
+        _dir: dir,
+    }
+}
+
+fn owner_token() -> String {
+    SasToken::generate(HOST, OWNER_KEY, Some("provisioningserviceowner"), NOW + 3600)
+}
+
+impl Harness {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        self.call_as(&owner_token(), method, path, body, headers).await
+    }
+
+    async fn call_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let uri = if path.contains("api-version") {
+            path.to_string()
+        } else {
+            format!("{path}{sep}api-version=2021-10-01")
+        };
+        let mut req = Request::builder().method(method).uri(uri);
+        if !token.is_empty() {
+            req = req.header("authorization", token);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json; charset=utf-8")
+                .body(Body::from(serde_json::to_vec(&b).unwrap()))
+                .unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        self.send(req).await
+    }
+
+    async fn send(&self, req: Request) -> Reply {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Reply { status, headers, body }
+    }
+}
+
+fn assert_error(r: &Reply, status: u16, code: u64) {
+    assert_eq!(r.status.as_u16(), status, "body: {}", r.body);
+    assert_eq!(r.body["errorCode"], json!(code), "body: {}", r.body);
+    assert!(r.body["trackingId"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(r.body["message"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(r.body["timestampUtc"].as_str().is_some());
+    assert_eq!(r.headers["content-type"], "application/json; charset=utf-8");
+}
+
+fn sym_enrollment(id: &str) -> Value {
+    json!({"registrationId": id, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": null, "secondaryKey": null}},
+           "capabilities": null, "reprovisionPolicy": null, "initialTwin": null})
+}
+
+#[tokio::test]
+async fn symmetric_key_enrollment_lifecycle() {
+    let h = harness();
+    let r = h.call(Method::PUT, "/enrollments/Dev-01", Some(sym_enrollment("Dev-01")), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let keys = r.body["attestation"]["symmetricKey"].clone();
+    for k in ["primaryKey", "secondaryKey"] {
+        let key = keys[k].as_str().unwrap();
+        assert_eq!(key.len(), 88);
+        assert_eq!(B64.decode(key).unwrap().len(), 64);
+    }
+    assert_ne!(keys["primaryKey"], keys["secondaryKey"]);
+    assert_eq!(r.body["provisioningStatus"], "enabled");
+    assert_eq!(r.body["registrationId"], "Dev-01");
+    assert!(r.body.get("capabilities").is_none());
+    assert!(r.body.get("registrationState").is_none());
+    let etag = r.body["etag"].as_str().unwrap().to_string();
+    let created = r.body["createdDateTimeUtc"].as_str().unwrap().to_string();
+    assert!(created.ends_with('Z') && created.len() == 28, "{created}");
+
+    // GET hides keys, embeds registrationState; ids match case-insensitively.
+    let g = h.call(Method::GET, "/enrollments/dev-01", None, &[]).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body["attestation"], json!({"type": "symmetricKey"}));
+    assert_eq!(g.body["registrationState"], json!({"registrationId": "Dev-01", "status": "unassigned"}));
+    assert_eq!(g.body["etag"], json!(etag));
+
+    // The attestation mechanism shows the keys.
+    let a = h.call(Method::POST, "/enrollments/Dev-01/attestationmechanism", None, &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["symmetricKey"], keys);
+
+    // A blind PUT over an existing record is a conflict.
+    let c = h.call(Method::PUT, "/enrollments/Dev-01", Some(sym_enrollment("Dev-01")), &[]).await;
+    assert_error(&c, 409, 409201);
+
+    // A stale etag is refused; quoted and bare etags both match.
+    let s = h.call(Method::PUT, "/enrollments/Dev-01", Some(sym_enrollment("Dev-01")), &[("if-match", "stale")]).await;
+    assert_error(&s, 412, 412001);
+    h.clock.advance_secs(5);
+    let mut upd = sym_enrollment("Dev-01");
+    upd["initialTwin"] = json!({"tags": {"version": "1", "site": "a"}, "properties": {"desired": {"interval": 5}}});
+    let quoted = format!("\"{etag}\"");
+    let u = h.call(Method::PUT, "/enrollments/Dev-01", Some(upd.clone()), &[("if-match", &quoted)]).await;
+    assert_eq!(u.status, 200, "{}", u.body);
+    // Omitted keys are kept, not rotated; the created time stays, the update time moves.
+    assert_eq!(u.body["attestation"]["symmetricKey"], keys);
+    assert_eq!(u.body["createdDateTimeUtc"], json!(created));
+    assert_ne!(u.body["lastUpdatedDateTimeUtc"], json!(created));
+    assert_ne!(u.body["etag"], json!(etag));
+    assert_eq!(u.body["initialTwin"], upd["initialTwin"]);
+
+    // `*` updates unconditionally; explicit keys replace.
+    let mut with_keys = sym_enrollment("Dev-01");
+    let k1 = B64.encode([1u8; 32]);
+    let k2 = B64.encode([2u8; 16]);
+    with_keys["attestation"]["symmetricKey"] = json!({"primaryKey": k1, "secondaryKey": k2});
+    let w = h.call(Method::PUT, "/enrollments/Dev-01", Some(with_keys), &[("if-match", "*")]).await;
+    assert_eq!(w.status, 200);
+    assert_eq!(w.body["attestation"]["symmetricKey"]["primaryKey"], json!(k1));
+
+    // Delete with a stale etag fails; then succeeds; then 404.
+    let d = h.call(Method::DELETE, "/enrollments/Dev-01", None, &[("if-match", "stale")]).await;
+    assert_error(&d, 412, 412001);
+    let d = h.call(Method::DELETE, "/enrollments/Dev-01", None, &[("if-match", "*")]).await;
+    assert_eq!(d.status, 204);
+    assert_eq!(d.body, Value::Null);
+    assert!(d.headers.get("content-type").is_none());
+    let g = h.call(Method::GET, "/enrollments/Dev-01", None, &[]).await;
+    assert_error(&g, 404, 404201);
+}
+
+#[tokio::test]
+async fn provisioning_status_null_is_echoed_and_absent_defaults() {
+    let h = harness();
+    let mut e = sym_enrollment("a1");
+    e["provisioningStatus"] = Value::Null;
+    let r = h.call(Method::PUT, "/enrollments/a1", Some(e), &[]).await;
+    assert_eq!(r.body["provisioningStatus"], Value::Null);
+    let r = h
+        .call(Method::PUT, "/enrollments/a2", Some(json!({"attestation": {"type": "symmetricKey"}})), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["provisioningStatus"], "enabled");
+    assert_eq!(r.body["registrationId"], "a2");
+}
+
+#[tokio::test]
+async fn refusals_name_the_check_and_write_nothing() {
+    let h = harness();
+    let cases: Vec<(&str, Value, u16, u64)> = vec![
+        ("/enrollments/bad!id", sym_enrollment("bad!id"), 400, 400002),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "password"}}), 400, 400005),
+        ("/enrollments/ok1", json!({"registrationId": "ok1"}), 400, 400005),
+        ("/enrollments/ok1", json!({"registrationId": "other", "attestation": {"type": "symmetricKey"}}), 400, 400008),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}), 400, 400006),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "iotHubs": ["h1.example"]}), 400, 400004),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom"}), 400, 400012),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "not a certificate"}}}}}), 400, 400007),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "tpm"}}), 400, 400005),
+        ("/enrollmentGroups/g1", json!({"enrollmentGroupId": "g1", "attestation": {"type": "tpm", "tpm": {"endorsementKey": "AAAA"}}}), 400, 400005),
+        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "nearest"}), 400, 400001),
+    ];
+    for (path, body, status, code) in cases {
+        let r = h.call(Method::PUT, path, Some(body.clone()), &[]).await;
+        assert_error(&r, status, code);
+        let id = path.rsplit('/').next().unwrap();
+        let g = h.call(Method::GET, path, None, &[]).await;
+        assert!(g.status == 404 || g.status == 400, "{id} was written: {}", g.body);
+    }
+    // Malformed JSON.
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/enrollments/ok1?api-version=2021-10-01")
+        .header("authorization", owner_token())
+        .header("content-type", "application/json")
+        .body(Body::from("{\"registrationId\": \"ok1\", "))
+        .unwrap();
+    let r = h.send(req).await;
+    assert_error(&r, 400, 400001);
+    assert!(r.body["message"].as_str().unwrap().contains("not valid JSON"));
+    // Not JSON at all.
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/enrollments/ok1?api-version=2021-10-01")
+        .header("authorization", owner_token())
+        .header("content-type", "text/plain")
+        .body(Body::from("hello"))
+        .unwrap();
+    assert_error(&h.send(req).await, 415, 415001);
+    // Oversized body.
+    let big = json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "optionalDeviceInformation": {"pad": "x".repeat(2 * 1024 * 1024)}});
+    assert_error(&h.call(Method::PUT, "/enrollments/ok1", Some(big), &[]).await, 413, 413001);
+    // api-version.
+    let r = h.call(Method::GET, "/enrollments/ok1?api-version=2099-01-01", None, &[]).await;
+    assert_error(&r, 400, 400009);
+    let req = Request::builder()
+        .uri("/enrollments/ok1")
+        .header("authorization", owner_token())
+        .body(Body::empty())
+        .unwrap();
+    assert_error(&h.send(req).await, 400, 400009);
+    // Unknown route, wrong method.
+    assert_error(&h.call(Method::GET, "/nothing/here", None, &[]).await, 404, 404000);
+    assert_error(&h.call(Method::PATCH, "/enrollments/ok1", None, &[]).await, 405, 405000);
+}
+
+#[tokio::test]
+async fn authorization_failures() {
+    let h = harness();
+    let none = h.call_as("", Method::GET, "/enrollments/a", None, &[]).await;
+    assert_error(&none, 401, 401000);
+    let wrong = SasToken::generate(HOST, b"not-the-key-not-the-key-not-the-", Some("provisioningserviceowner"), NOW + 60);
+    assert_error(&h.call_as(&wrong, Method::GET, "/enrollments/a", None, &[]).await, 401, 401000);
+    let expired = SasToken::generate(HOST, OWNER_KEY, Some("provisioningserviceowner"), NOW - 3600);
+    assert_error(&h.call_as(&expired, Method::GET, "/enrollments/a", None, &[]).await, 401, 401003);
+    // The reader may read but not write, and may not delete registration records.
+    let reader = SasToken::generate(HOST, READER_KEY, Some("reader"), NOW + 60);
+    let r = h.call_as(&reader, Method::PUT, "/enrollments/a", Some(sym_enrollment("a")), &[]).await;
+    assert_error(&r, 403, 403001);
+    assert!(r.body["message"].as_str().unwrap().contains("EnrollmentWrite"));
+    assert_eq!(h.call(Method::GET, "/enrollments/a", None, &[]).await.status, 404, "nothing written");
+    assert_error(&h.call_as(&reader, Method::DELETE, "/registrations/a", None, &[]).await, 403, 403001);
+    assert_error(&h.call_as(&reader, Method::GET, "/enrollments/a", None, &[]).await, 404, 404201);
+    // Every client's form of sr: raw host (Node) and scheme-prefixed (Python with an https:// endpoint).
+    let node = {
+        let sig = muster_proto::sas::sign(OWNER_KEY, &format!("{HOST}\n{}", NOW + 60));
+        format!("SharedAccessSignature sr={HOST}&sig={}&skn=provisioningserviceowner&se={}", muster_proto::sas::encode_resource(&sig), NOW + 60)
+    };
+    assert_eq!(h.call_as(&node, Method::GET, "/enrollments/a", None, &[]).await.status, 404);
+    let py = SasToken::generate(&format!("https://{HOST}"), OWNER_KEY, Some("provisioningserviceowner"), NOW + 60);
+    assert_eq!(h.call_as(&py, Method::GET, "/enrollments/a", None, &[]).await.status, 404);
+}
+
+#[tokio::test]
+async fn paging_returns_each_record_once() {
+    let h = harness();
+    let items: Vec<Value> = (0..150).map(|i| sym_enrollment(&format!("page-{i:03}"))).collect();
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": items, "mode": "create"})), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, json!({"isSuccessful": true, "errors": []}));
+
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut headers = vec![("x-ms-max-item-count", "10".to_string())];
+        if let Some(t) = &token {
+            headers.push(("x-ms-continuation", t.clone()));
+        }
+        let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let p = h.call(Method::POST, "/enrollments/query", Some(json!({"query": "SELECT *"})), &hdrs).await;
+        assert_eq!(p.status, 200);
+        assert_eq!(p.headers["x-ms-item-type"], "Enrollment");
+        let arr = p.body.as_array().unwrap();
+        assert_eq!(arr.len(), 10);
+        for e in arr {
+            assert_eq!(e["attestation"], json!({"type": "symmetricKey"}), "query hides keys");
+            assert!(e.get("registrationState").is_none());
+            seen.push(e["registrationId"].as_str().unwrap().to_string());
+        }
+        pages += 1;
+        match p.headers.get("x-ms-continuation") {
+            Some(t) => token = Some(t.to_str().unwrap().to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 15);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 150);
+    assert_eq!(seen.len(), 150);
+
+    // An empty query body (Python sends none for registrations) and an empty result.
+    let g = h.call(Method::POST, "/enrollmentGroups/query", None, &[]).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body, json!([]));
+    assert_eq!(g.headers["x-ms-item-type"], "EnrollmentGroup");
+    assert!(g.headers.get("x-ms-continuation").is_none());
+    // A token from one query does not work on another.
+    let bad = h
+        .call(Method::POST, "/registrations/grp/query", None, &[("x-ms-continuation", token.as_deref().unwrap_or("x"))])
+        .await;
+    assert_error(&bad, 400, 400013);
+}
+
+#[tokio::test]
+async fn bulk_has_no_ten_item_cap_and_reports_per_item() {
+    let h = harness();
+    let items: Vec<Value> = (0..10_000).map(|i| sym_enrollment(&format!("bulk-{i}"))).collect();
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": items, "mode": "create"})), &[]).await;
+    assert_eq!(r.body["isSuccessful"], true, "{}", r.body["errors"][0]);
+    // Create again: per-item conflicts, plus one invalid item; nothing else changes.
+    let mut again: Vec<Value> = (0..3).map(|i| sym_enrollment(&format!("bulk-{i}"))).collect();
+    again.push(json!({"registrationId": "bad id", "attestation": {"type": "symmetricKey"}}));
+    again.push(sym_enrollment("bulk-new"));
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": again, "mode": "create"})), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["isSuccessful"], false);
+    let errors = r.body["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert_eq!(errors[0], json!({"registrationId": "bulk-0", "errorCode": 409201, "errorStatus": "Enrollment already exists."}));
+    assert_eq!(errors[3]["errorCode"], 400002);
+    assert_eq!(h.call(Method::GET, "/enrollments/bulk-new", None, &[]).await.status, 200);
+    // updateIfMatchEtag (Node's spelling) with a stale etag; update upserts; delete removes.
+    let mut stale = sym_enrollment("bulk-1");
+    stale["etag"] = json!("stale");
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": [stale], "mode": "updateIfMatchEtag"})), &[]).await;
+    assert_eq!(r.body["errors"][0]["errorCode"], 412001);
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": [sym_enrollment("bulk-1"), sym_enrollment("fresh")], "mode": "update"})), &[]).await;
+    assert_eq!(r.body["isSuccessful"], true);
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": [sym_enrollment("bulk-1"), sym_enrollment("missing")], "mode": "delete"})), &[]).await;
+    assert_eq!(r.body["errors"], json!([{"registrationId": "missing", "errorCode": 404201, "errorStatus": "enrollment 'missing' not found"}]));
+    assert_eq!(h.call(Method::GET, "/enrollments/bulk-1", None, &[]).await.status, 404);
+    // Over the limit, and a bad mode.
+    let too_many: Vec<Value> = (0..10_001).map(|_| json!({})).collect();
+    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": too_many, "mode": "create"})), &[]).await;
+    assert_error(&r, 400, 400011);
+    let r = h.call(Method::POST, "/enrollmentGroups", Some(json!({"enrollmentGroups": [], "mode": "merge"})), &[]).await;
+    assert_error(&r, 400, 400011);
+}
+
+#[tokio::test]
+async fn groups_routes_are_case_insensitive_and_registrations_empty() {
+    let h = harness();
+    let g = json!({"enrollmentGroupId": "Group-A", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "geolatency",
+                   "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": false}});
+    let r = h.call(Method::PUT, "/enrollmentgroups/Group-A", Some(g), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["allocationPolicy"], "geoLatency");
+    assert_eq!(r.body["reprovisionPolicy"], json!({"updateHubAssignment": true, "migrateDeviceData": false}));
+    let a = h.call(Method::POST, "/ENROLLMENTGROUPS/group-a/AttestationMechanism", None, &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["symmetricKey"]["primaryKey"], r.body["attestation"]["symmetricKey"]["primaryKey"]);
+    let q = h.call(Method::POST, "/registrations/Group-A/query", None, &[]).await;
+    assert_eq!(q.status, 200);
+    assert_eq!(q.body, json!([]));
+    assert_eq!(q.headers["x-ms-item-type"], "DeviceRegistration");
+    assert_error(&h.call(Method::GET, "/registrations/dev-x", None, &[]).await, 404, 404203);
+    assert_error(&h.call(Method::DELETE, "/registrations/dev-x", None, &[]).await, 404, 404203);
+    // Legacy api-versions work.
+    for v in ["2018-09-01-preview", "2019-03-31"] {
+        let r = h.call(Method::GET, &format!("/enrollmentGroups/Group-A?api-version={v}"), None, &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(r.body["attestation"].get("symmetricKey").is_none());
+    }
+}
