@@ -5,21 +5,21 @@
 //! both ends of every connection.
 //!
 //! Layout:
-//! - [`ids`]: [`RegistrationId`], [`EnrollmentGroupId`], [`IdScope`] and their validation.
-//! - [`time`]: [`Timestamp`], UTC with the 7 fractional digits DPS emits.
-//! - [`attestation`]: `AttestationMechanism` and its symmetric key, X.509 and TPM parts.
-//! - [`enrollment`]: `IndividualEnrollment`, `EnrollmentGroup` and their shared settings
+//! - [`ids`] — [`RegistrationId`], [`EnrollmentGroupId`], [`IdScope`] and their validation.
+//! - [`time`] — [`Timestamp`], UTC with the 7 fractional digits DPS emits.
+//! - [`attestation`] — `AttestationMechanism` and its symmetric key, X.509 and TPM parts.
+//! - [`enrollment`] — `IndividualEnrollment`, `EnrollmentGroup` and their shared settings
 //!   (allocation policy, reprovision policy, capabilities, custom allocation).
-//! - [`twin`]: `InitialTwin`.
-//! - [`registration`]: `DeviceRegistrationState` and its status enums.
-//! - [`bulk`] and [`query`]: bulk operations, query specification and paging headers.
-//! - [`error`]: the DPS error body and Muster's table of error codes.
-//! - [`sas`]: shared access signature tokens: parse, sign, verify.
-//! - [`connection_string`]: `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..`.
-//! - [`api_version`]: the api-versions Muster accepts.
-//! - [`rights`]: shared access policy rights.
+//! - [`twin`] — `InitialTwin`.
+//! - [`registration`] — `DeviceRegistrationState` and its status enums.
+//! - [`bulk`] and [`query`] — bulk operations, query specification and paging headers.
+//! - [`error`] — the DPS error body and Muster's table of error codes.
+//! - [`sas`] — shared access signature tokens: parse, sign, verify.
+//! - [`connection_string`] — `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..`.
+//! - [`api_version`] — the api-versions Muster accepts.
+//! - [`rights`] — shared access policy rights.
 //!
-//! - [`runtime`]: the `Clock` and `Entropy` traits that callers pass in.
+//! - [`runtime`] — the `Clock` and `Entropy` traits that callers pass in.
 //!
 //! This crate performs no I/O; only `runtime::SystemClock` and `runtime::OsEntropy` touch the
 //! real clock and random source.

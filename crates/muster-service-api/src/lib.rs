@@ -3,19 +3,19 @@
 //! Microsoft's service SDKs rely on.
 //!
 //! Layout:
-//! - [`router`]: the axum router; [`normalize_path`] makes routing case-insensitive and must
+//! - [`router`] — the axum router; [`normalize_path`] makes routing case-insensitive and must
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`: one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
-//! - [`kind`]: what differs between individual enrollments and groups.
-//! - [`prepare`]: validation and normalisation of an incoming enrollment (keys, certificates,
+//! - [`kind`] — what differs between individual enrollments and groups.
+//! - [`prepare`] — validation and normalisation of an incoming enrollment (keys, certificates,
 //!   allocation settings, timestamps).
-//! - [`redact`]: what each read path may show (service-api.md §5.7).
-//! - [`request`]: api-version, body limits, If-Match and paging helpers.
-//! - [`auth`]: shared access policies and SAS verification.
-//! - [`error`]: [`ApiError`], mapped once to the DPS error body.
+//! - [`redact`] — what each read path may show (service-api.md §5.7).
+//! - [`request`] — api-version, body limits, If-Match and paging helpers.
+//! - [`auth`] — shared access policies and SAS verification.
+//! - [`error`] — [`ApiError`], mapped once to the DPS error body.
 //!
 //! Handlers never read the clock or the random source directly: both come from [`ServiceApi`].
 

@@ -9,8 +9,8 @@
 //!
 //! Layout:
 //! - [`Store`]: the interface every implementation provides.
-//! - [`records`]: typed access (enrollments, groups, registration records) with etags.
-//! - [`sqlite`]: the default implementation (one file under the data dir, WAL, migrations).
+//! - [`records`] — typed access (enrollments, groups, registration records) with etags.
+//! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations).
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass.
 //!

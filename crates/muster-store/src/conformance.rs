@@ -1,0 +1,948 @@
+//! The conformance suite every [`Store`] implementation must pass.
+//!
+//! Run it with [`run_all`], giving a function that returns a fresh, empty store each time it
+//! is called; every check starts from its own store. Each check is also public so an
+//! implementation can run one alone while debugging. Checks panic with a message naming what
+//! was expected.
+//!
+//! ```ignore
+//! #[tokio::test(flavor = "multi_thread")]
+//! async fn conformance() {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let n = std::sync::atomic::AtomicUsize::new(0);
+//!     muster_store::conformance::run_all(|| {
+//!         let path = dir.path().join(format!("{}.db", n.fetch_add(1, Ordering::Relaxed)));
+//!         async move { SqliteStore::open(&path).unwrap() }
+//!     })
+//!     .await;
+//! }
+//! ```
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::{Collection, Expect, ListQuery, Record, Store, Write, WriteOutcome};
+
+const C: Collection = Collection::Enrollments;
+
+/// Runs every check, each on a fresh store from `make`.
+pub async fn run_all<S: Store, F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    macro_rules! run {
+        ($($check:ident),* $(,)?) => {
+            $(
+                eprintln!("store conformance: {}", stringify!($check));
+                $check(make().await).await;
+            )*
+        };
+    }
+    run!(
+        get_missing_is_none,
+        put_get_round_trip,
+        etag_changes_on_every_write,
+        expect_absent,
+        expect_etag,
+        expect_any_upserts,
+        put_replaces_partition,
+        delete_outcomes,
+        empty_batch,
+        batch_sees_earlier_items,
+        batch_failed_expectation_skips_only_that_item,
+        batch_spans_collections,
+        list_is_ordered_by_key,
+        list_limit,
+        list_paging_visits_each_record_once,
+        list_partition_filter,
+        count_with_and_without_partition,
+        collections_are_isolated,
+        concurrent_writes_all_land,
+        concurrent_conditional_creates_have_one_winner,
+        unicode_and_large_bodies,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+async fn put<S: Store>(store: &S, collection: Collection, key: &str, body: Value) -> String {
+    put_in(store, collection, key, None, body).await
+}
+
+async fn put_in<S: Store>(
+    store: &S,
+    collection: Collection,
+    key: &str,
+    partition: Option<&str>,
+    body: Value,
+) -> String {
+    let write =
+        Write::put(collection, key, Expect::Any, body).with_partition(partition.map(str::to_owned));
+    match one(store, write).await {
+        WriteOutcome::Written { etag } => etag,
+        other => panic!("unconditional put of {key} returned {other:?}, expected Written"),
+    }
+}
+
+async fn one<S: Store>(store: &S, write: Write) -> WriteOutcome {
+    let described = format!("{write:?}");
+    let mut outcomes = batch(store, vec![write]).await;
+    assert_eq!(
+        outcomes.len(),
+        1,
+        "a batch of one write must return one outcome ({described})"
+    );
+    outcomes.remove(0)
+}
+
+async fn batch<S: Store>(store: &S, writes: Vec<Write>) -> Vec<WriteOutcome> {
+    let n = writes.len();
+    let outcomes = store
+        .write(writes)
+        .await
+        .unwrap_or_else(|e| panic!("write of a {n}-item batch failed: {e}"));
+    assert_eq!(outcomes.len(), n, "write must return one outcome per item");
+    outcomes
+}
+
+async fn get<S: Store>(store: &S, collection: Collection, key: &str) -> Option<Record> {
+    store
+        .get(collection, key)
+        .await
+        .unwrap_or_else(|e| panic!("get {}/{key} failed: {e}", collection.as_str()))
+}
+
+async fn must_get<S: Store>(store: &S, collection: Collection, key: &str) -> Record {
+    get(store, collection, key)
+        .await
+        .unwrap_or_else(|| panic!("{}/{key} should exist", collection.as_str()))
+}
+
+async fn list<S: Store>(store: &S, collection: Collection, query: ListQuery) -> Vec<Record> {
+    let described = format!("{query:?}");
+    store
+        .list(collection, query)
+        .await
+        .unwrap_or_else(|e| panic!("list {} {described} failed: {e}", collection.as_str()))
+}
+
+async fn count<S: Store>(store: &S, collection: Collection, partition: Option<&str>) -> u64 {
+    store
+        .count(collection, partition)
+        .await
+        .unwrap_or_else(|e| panic!("count {} {partition:?} failed: {e}", collection.as_str()))
+}
+
+fn keys(records: &[Record]) -> Vec<String> {
+    records.iter().map(|r| r.key.clone()).collect()
+}
+
+fn all(limit: usize) -> ListQuery {
+    ListQuery {
+        limit,
+        ..ListQuery::default()
+    }
+}
+
+fn etag_of(outcome: &WriteOutcome) -> String {
+    match outcome {
+        WriteOutcome::Written { etag } => etag.clone(),
+        other => panic!("expected Written, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single records
+
+/// Getting a key that was never written returns `None`, not an error.
+pub async fn get_missing_is_none<S: Store>(store: S) {
+    assert_eq!(get(&store, C, "nobody").await, None, "get of a missing key");
+}
+
+/// What a put stores is what a get returns: key, partition, etag and body.
+pub async fn put_get_round_trip<S: Store>(store: S) {
+    let body = json!({
+        "registrationId": "device-1",
+        "attestation": {"type": "symmetricKey"},
+        "nested": [1, 2.5, null, true, {"a": "b"}],
+        "provisioningStatus": "enabled",
+    });
+    let etag = put_in(
+        &store,
+        Collection::Registrations,
+        "device-1",
+        Some("group-a"),
+        body.clone(),
+    )
+    .await;
+    assert!(!etag.is_empty(), "the store must assign a non-empty etag");
+    let record = must_get(&store, Collection::Registrations, "device-1").await;
+    assert_eq!(record.key, "device-1", "round-tripped key");
+    assert_eq!(
+        record.partition.as_deref(),
+        Some("group-a"),
+        "round-tripped partition"
+    );
+    assert_eq!(
+        record.etag, etag,
+        "get must return the etag the put returned"
+    );
+    assert_eq!(record.body, body, "round-tripped body");
+
+    put(&store, C, "no-partition", json!({})).await;
+    assert_eq!(
+        must_get(&store, C, "no-partition").await.partition,
+        None,
+        "a put without partition stores none"
+    );
+}
+
+/// Every put gets a new etag, even when the body is identical.
+pub async fn etag_changes_on_every_write<S: Store>(store: S) {
+    let mut seen = HashSet::new();
+    for i in 0..5 {
+        let etag = put(&store, C, "k", json!({"same": true})).await;
+        assert!(seen.insert(etag.clone()), "write {i} reused etag {etag}");
+        assert_eq!(
+            must_get(&store, C, "k").await.etag,
+            etag,
+            "get returns the latest etag"
+        );
+    }
+    // Writes to other keys never reuse an etag either.
+    let other = put(&store, C, "other", json!({"same": true})).await;
+    assert!(seen.insert(other), "a write to another key reused an etag");
+}
+
+/// `Expect::Absent` creates a missing record and refuses an existing one.
+pub async fn expect_absent<S: Store>(store: S) {
+    let created = one(&store, Write::put(C, "k", Expect::Absent, json!({"v": 1}))).await;
+    let etag = etag_of(&created);
+    let again = one(&store, Write::put(C, "k", Expect::Absent, json!({"v": 2}))).await;
+    assert_eq!(
+        again,
+        WriteOutcome::AlreadyExists,
+        "Absent on an existing record"
+    );
+    let record = must_get(&store, C, "k").await;
+    assert_eq!(
+        record.body,
+        json!({"v": 1}),
+        "a refused put must not change the body"
+    );
+    assert_eq!(record.etag, etag, "a refused put must not change the etag");
+}
+
+/// `Expect::Etag` applies on a match, refuses a stale etag and a missing record.
+pub async fn expect_etag<S: Store>(store: S) {
+    let first = put(&store, C, "k", json!({"v": 1})).await;
+    let second = etag_of(
+        &one(
+            &store,
+            Write::put(C, "k", Expect::Etag(first.clone()), json!({"v": 2})),
+        )
+        .await,
+    );
+    assert_ne!(first, second, "a conditional put must assign a new etag");
+
+    let stale = one(
+        &store,
+        Write::put(C, "k", Expect::Etag(first.clone()), json!({"v": 3})),
+    )
+    .await;
+    assert_eq!(stale, WriteOutcome::EtagMismatch, "put with a stale etag");
+    let record = must_get(&store, C, "k").await;
+    assert_eq!(
+        record.body,
+        json!({"v": 2}),
+        "a refused put must not change the body"
+    );
+    assert_eq!(
+        record.etag, second,
+        "a refused put must not change the etag"
+    );
+
+    let missing = one(
+        &store,
+        Write::put(C, "missing", Expect::Etag(second), json!({})),
+    )
+    .await;
+    assert_eq!(
+        missing,
+        WriteOutcome::NotFound,
+        "put with an etag on a missing record"
+    );
+    assert_eq!(
+        get(&store, C, "missing").await,
+        None,
+        "a refused put must not create"
+    );
+}
+
+/// `Expect::Any` creates and replaces.
+pub async fn expect_any_upserts<S: Store>(store: S) {
+    let created = put(&store, C, "k", json!({"v": 1})).await;
+    let replaced = put(&store, C, "k", json!({"v": 2})).await;
+    assert_ne!(created, replaced, "replacing must assign a new etag");
+    let record = must_get(&store, C, "k").await;
+    assert_eq!(record.body, json!({"v": 2}), "Any replaces the body");
+    assert_eq!(
+        count(&store, C, None).await,
+        1,
+        "replacing must not duplicate"
+    );
+}
+
+/// A put replaces the partition too (including clearing it).
+pub async fn put_replaces_partition<S: Store>(store: S) {
+    let c = Collection::Registrations;
+    put_in(&store, c, "d", Some("g1"), json!({})).await;
+    put_in(&store, c, "d", Some("g2"), json!({})).await;
+    assert_eq!(
+        must_get(&store, c, "d").await.partition.as_deref(),
+        Some("g2")
+    );
+    assert_eq!(
+        count(&store, c, Some("g1")).await,
+        0,
+        "the old partition must be empty"
+    );
+    assert_eq!(count(&store, c, Some("g2")).await, 1);
+    let in_g1 = list(
+        &store,
+        c,
+        ListQuery {
+            partition: Some("g1".into()),
+            after: None,
+            limit: 10,
+        },
+    )
+    .await;
+    assert!(
+        in_g1.is_empty(),
+        "the old partition must list nothing, got {:?}",
+        keys(&in_g1)
+    );
+
+    put_in(&store, c, "d", None, json!({})).await;
+    assert_eq!(
+        must_get(&store, c, "d").await.partition,
+        None,
+        "a put without partition clears it"
+    );
+    assert_eq!(count(&store, c, Some("g2")).await, 0);
+}
+
+/// Delete outcomes: missing, applied, etag mismatch, etag match, `Absent` on an existing one.
+pub async fn delete_outcomes<S: Store>(store: S) {
+    assert_eq!(
+        one(&store, Write::delete(C, "missing", Expect::Any)).await,
+        WriteOutcome::NotFound,
+        "delete of a missing record"
+    );
+    assert_eq!(
+        one(
+            &store,
+            Write::delete(C, "missing", Expect::Etag("x".into()))
+        )
+        .await,
+        WriteOutcome::NotFound,
+        "delete with an etag of a missing record"
+    );
+
+    put(&store, C, "a", json!({})).await;
+    assert_eq!(
+        one(&store, Write::delete(C, "a", Expect::Any)).await,
+        WriteOutcome::Deleted
+    );
+    assert_eq!(get(&store, C, "a").await, None, "a deleted record is gone");
+    assert_eq!(
+        one(&store, Write::delete(C, "a", Expect::Any)).await,
+        WriteOutcome::NotFound,
+        "deleting twice"
+    );
+
+    let etag = put(&store, C, "b", json!({})).await;
+    assert_eq!(
+        one(
+            &store,
+            Write::delete(C, "b", Expect::Etag(format!("{etag}-stale")))
+        )
+        .await,
+        WriteOutcome::EtagMismatch,
+        "delete with a wrong etag"
+    );
+    assert!(
+        get(&store, C, "b").await.is_some(),
+        "a refused delete must keep the record"
+    );
+    assert_eq!(
+        one(&store, Write::delete(C, "b", Expect::Absent)).await,
+        WriteOutcome::AlreadyExists,
+        "delete expecting absence of an existing record"
+    );
+    assert_eq!(
+        one(&store, Write::delete(C, "b", Expect::Etag(etag))).await,
+        WriteOutcome::Deleted,
+        "delete with the right etag"
+    );
+    assert_eq!(get(&store, C, "b").await, None);
+    assert_eq!(count(&store, C, None).await, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches
+
+/// An empty batch is fine and returns no outcomes.
+pub async fn empty_batch<S: Store>(store: S) {
+    assert!(batch(&store, Vec::new()).await.is_empty());
+}
+
+/// Later items of a batch see the effects of earlier ones.
+pub async fn batch_sees_earlier_items<S: Store>(store: S) {
+    // Put then delete the same key.
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(C, "k", Expect::Absent, json!({"v": 1})),
+            Write::delete(C, "k", Expect::Any),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(outcomes[0], WriteOutcome::Written { .. }),
+        "put: {:?}",
+        outcomes[0]
+    );
+    assert_eq!(
+        outcomes[1],
+        WriteOutcome::Deleted,
+        "delete after put in the same batch"
+    );
+    assert_eq!(
+        get(&store, C, "k").await,
+        None,
+        "put then delete leaves nothing"
+    );
+
+    // Create twice: the second sees the first.
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(C, "k", Expect::Absent, json!({"v": 1})),
+            Write::put(C, "k", Expect::Absent, json!({"v": 2})),
+        ],
+    )
+    .await;
+    let etag = etag_of(&outcomes[0]);
+    assert_eq!(
+        outcomes[1],
+        WriteOutcome::AlreadyExists,
+        "second create in the same batch"
+    );
+
+    // An etag taken before the batch is stale after an earlier item rewrote the record.
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(C, "k", Expect::Etag(etag.clone()), json!({"v": 3})),
+            Write::delete(C, "k", Expect::Etag(etag.clone())),
+            Write::put(C, "k", Expect::Etag(etag), json!({"v": 4})),
+        ],
+    )
+    .await;
+    let rewritten = etag_of(&outcomes[0]);
+    assert_eq!(
+        outcomes[1],
+        WriteOutcome::EtagMismatch,
+        "delete with the pre-batch etag"
+    );
+    assert_eq!(
+        outcomes[2],
+        WriteOutcome::EtagMismatch,
+        "put with the pre-batch etag"
+    );
+    let record = must_get(&store, C, "k").await;
+    assert_eq!((record.body, record.etag), (json!({"v": 3}), rewritten));
+
+    // Delete then recreate.
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::delete(C, "k", Expect::Any),
+            Write::put(C, "k", Expect::Absent, json!({"v": 5})),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes[0], WriteOutcome::Deleted);
+    let recreated = etag_of(&outcomes[1]);
+    let record = must_get(&store, C, "k").await;
+    assert_eq!((record.body, record.etag), (json!({"v": 5}), recreated));
+}
+
+/// A failed expectation is reported and skipped; the other items still apply.
+pub async fn batch_failed_expectation_skips_only_that_item<S: Store>(store: S) {
+    put(&store, C, "exists", json!({"v": 0})).await;
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(C, "a", Expect::Any, json!({"v": 1})),
+            Write::put(C, "exists", Expect::Absent, json!({"v": 99})),
+            Write::put(C, "b", Expect::Absent, json!({"v": 2})),
+            Write::delete(C, "missing", Expect::Any),
+            Write::put(C, "missing-2", Expect::Etag("nope".into()), json!({})),
+            Write::put(C, "c", Expect::Any, json!({"v": 3})),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(outcomes[0], WriteOutcome::Written { .. }),
+        "{:?}",
+        outcomes[0]
+    );
+    assert_eq!(outcomes[1], WriteOutcome::AlreadyExists);
+    assert!(
+        matches!(outcomes[2], WriteOutcome::Written { .. }),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(outcomes[3], WriteOutcome::NotFound);
+    assert_eq!(outcomes[4], WriteOutcome::NotFound);
+    assert!(
+        matches!(outcomes[5], WriteOutcome::Written { .. }),
+        "{:?}",
+        outcomes[5]
+    );
+    assert_eq!(
+        must_get(&store, C, "exists").await.body,
+        json!({"v": 0}),
+        "refused item applied"
+    );
+    for (key, v) in [("a", 1), ("b", 2), ("c", 3)] {
+        assert_eq!(
+            must_get(&store, C, key).await.body,
+            json!({"v": v}),
+            "{key} not applied"
+        );
+    }
+    assert_eq!(get(&store, C, "missing-2").await, None);
+    assert_eq!(count(&store, C, None).await, 4);
+}
+
+/// A batch may touch several collections.
+pub async fn batch_spans_collections<S: Store>(store: S) {
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(
+                Collection::Enrollments,
+                "k",
+                Expect::Absent,
+                json!({"e": 1}),
+            ),
+            Write::put(
+                Collection::Registrations,
+                "k",
+                Expect::Absent,
+                json!({"r": 1}),
+            )
+            .with_partition(Some("g".into())),
+            Write::put(
+                Collection::Operations,
+                "op",
+                Expect::Absent,
+                json!({"o": 1}),
+            ),
+        ],
+    )
+    .await;
+    assert!(
+        outcomes.iter().all(WriteOutcome::is_applied),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        must_get(&store, Collection::Enrollments, "k").await.body,
+        json!({"e": 1})
+    );
+    assert_eq!(
+        must_get(&store, Collection::Registrations, "k").await.body,
+        json!({"r": 1})
+    );
+    assert_eq!(
+        must_get(&store, Collection::Operations, "op").await.body,
+        json!({"o": 1})
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing and counting
+
+/// `list` orders by key in byte order (Rust's `str` order), whatever the insertion order.
+pub async fn list_is_ordered_by_key<S: Store>(store: S) {
+    let inserted = [
+        "m", "b", "a-1", "a", "aa", "a.b", "a0", "z", "B", "10", "9", "é",
+    ];
+    for key in inserted {
+        put(&store, C, key, json!({"key": key})).await;
+    }
+    let mut expected: Vec<String> = inserted.iter().map(|k| k.to_string()).collect();
+    expected.sort();
+    let records = list(&store, C, all(100)).await;
+    assert_eq!(
+        keys(&records),
+        expected,
+        "list must be ordered by key (byte order)"
+    );
+    for record in &records {
+        assert_eq!(
+            record.body,
+            json!({"key": record.key}),
+            "list returns each record's body"
+        );
+        assert_eq!(
+            must_get(&store, C, &record.key).await.etag,
+            record.etag,
+            "list etag"
+        );
+    }
+}
+
+/// `limit` caps the number of records, taking the first keys.
+pub async fn list_limit<S: Store>(store: S) {
+    for i in 0..20 {
+        put(&store, C, &format!("k{i:02}"), json!(i)).await;
+    }
+    let records = list(&store, C, all(5)).await;
+    assert_eq!(keys(&records), ["k00", "k01", "k02", "k03", "k04"]);
+    assert_eq!(
+        list(&store, C, all(1000)).await.len(),
+        20,
+        "a large limit returns everything"
+    );
+}
+
+/// Paging with `after` = the previous page's last key visits each record exactly once.
+pub async fn list_paging_visits_each_record_once<S: Store>(store: S) {
+    let total = 150;
+    // Written in a scrambled order, in batches.
+    let mut expected: Vec<String> = (0..total)
+        .map(|i| format!("device-{:03}", (i * 37) % total))
+        .collect();
+    for chunk in expected.chunks(25) {
+        let writes = chunk
+            .iter()
+            .map(|k| Write::put(C, k.clone(), Expect::Absent, json!({"id": k})))
+            .collect();
+        let outcomes = batch(&store, writes).await;
+        assert!(
+            outcomes.iter().all(WriteOutcome::is_applied),
+            "{outcomes:?}"
+        );
+    }
+    expected.sort();
+
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = list(
+            &store,
+            C,
+            ListQuery {
+                partition: None,
+                after: after.clone(),
+                limit: 10,
+            },
+        )
+        .await;
+        assert!(
+            page.len() <= 10,
+            "page {pages} has {} records, limit 10",
+            page.len()
+        );
+        pages += 1;
+        assert!(pages <= 16, "paging does not terminate");
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        seen.extend(keys(&page));
+    }
+    assert_eq!(
+        seen, expected,
+        "paging must visit every record exactly once, in order"
+    );
+}
+
+/// A partition filter returns only that partition's records, in key order, and pages.
+pub async fn list_partition_filter<S: Store>(store: S) {
+    let c = Collection::Registrations;
+    for i in 0..12 {
+        let partition = match i % 3 {
+            0 => Some("g1"),
+            1 => Some("g2"),
+            _ => None,
+        };
+        put_in(&store, c, &format!("d{i:02}"), partition, json!({"i": i})).await;
+    }
+    let g1 = list(
+        &store,
+        c,
+        ListQuery {
+            partition: Some("g1".into()),
+            after: None,
+            limit: 100,
+        },
+    )
+    .await;
+    assert_eq!(keys(&g1), ["d00", "d03", "d06", "d09"], "partition g1");
+    assert!(g1.iter().all(|r| r.partition.as_deref() == Some("g1")));
+
+    let page = list(
+        &store,
+        c,
+        ListQuery {
+            partition: Some("g2".into()),
+            after: Some("d04".into()),
+            limit: 2,
+        },
+    )
+    .await;
+    assert_eq!(
+        keys(&page),
+        ["d07", "d10"],
+        "partition g2 after d04, limit 2"
+    );
+
+    let none = list(
+        &store,
+        c,
+        ListQuery {
+            partition: Some("g3".into()),
+            after: None,
+            limit: 100,
+        },
+    )
+    .await;
+    assert!(none.is_empty(), "unknown partition lists nothing");
+    assert_eq!(
+        list(&store, c, all(100)).await.len(),
+        12,
+        "no filter lists every partition"
+    );
+}
+
+/// `count` counts a collection, or one partition of it.
+pub async fn count_with_and_without_partition<S: Store>(store: S) {
+    let c = Collection::HubDevices;
+    assert_eq!(count(&store, c, None).await, 0, "empty collection");
+    for i in 0..7 {
+        put_in(
+            &store,
+            c,
+            &format!("dev{i}"),
+            Some(if i < 5 { "hub-a" } else { "hub-b" }),
+            json!({}),
+        )
+        .await;
+    }
+    put(&store, c, "loose", json!({})).await;
+    assert_eq!(count(&store, c, None).await, 8);
+    assert_eq!(count(&store, c, Some("hub-a")).await, 5);
+    assert_eq!(count(&store, c, Some("hub-b")).await, 2);
+    assert_eq!(count(&store, c, Some("hub-c")).await, 0);
+    one(&store, Write::delete(c, "dev0", Expect::Any)).await;
+    assert_eq!(
+        count(&store, c, Some("hub-a")).await,
+        4,
+        "count after delete"
+    );
+}
+
+/// The same key in two collections is two records.
+pub async fn collections_are_isolated<S: Store>(store: S) {
+    let a = Collection::Enrollments;
+    let b = Collection::EnrollmentGroups;
+    let etag_a = put(&store, a, "same", json!({"in": "a"})).await;
+    let created_b = one(
+        &store,
+        Write::put(b, "same", Expect::Absent, json!({"in": "b"})),
+    )
+    .await;
+    assert!(
+        created_b.is_applied(),
+        "Absent in another collection must not see the key: {created_b:?}"
+    );
+    assert_eq!(must_get(&store, a, "same").await.body, json!({"in": "a"}));
+    assert_eq!(must_get(&store, b, "same").await.body, json!({"in": "b"}));
+    assert_eq!(get(&store, Collection::Settings, "same").await, None);
+
+    assert_eq!(
+        one(
+            &store,
+            Write::put(b, "same", Expect::Etag(etag_a.clone()), json!({}))
+        )
+        .await,
+        WriteOutcome::EtagMismatch,
+        "an etag from another collection must not match"
+    );
+    put(&store, a, "only-a", json!({})).await;
+    assert_eq!(count(&store, a, None).await, 2);
+    assert_eq!(count(&store, b, None).await, 1);
+    assert_eq!(keys(&list(&store, b, all(10)).await), ["same"]);
+
+    assert_eq!(
+        one(&store, Write::delete(a, "same", Expect::Etag(etag_a))).await,
+        WriteOutcome::Deleted
+    );
+    assert!(
+        get(&store, b, "same").await.is_some(),
+        "delete in one collection must not touch another"
+    );
+    for collection in Collection::ALL {
+        let n = count(&store, *collection, None).await;
+        let expected = match collection {
+            Collection::Enrollments | Collection::EnrollmentGroups => 1,
+            _ => 0,
+        };
+        assert_eq!(n, expected, "count of {}", collection.as_str());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency
+
+/// 50 tasks writing at once: every write lands, each with its own etag.
+pub async fn concurrent_writes_all_land<S: Store>(store: S) {
+    let store = Arc::new(store);
+    let tasks = 50;
+    let per_task = 4;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = Arc::clone(&store);
+        handles.push(tokio::spawn(async move {
+            let mut etags = Vec::new();
+            for i in 0..per_task {
+                let key = format!("t{t:02}-{i}");
+                let body = json!({"task": t, "i": i});
+                let write = Write::put(C, key.clone(), Expect::Absent, body)
+                    .with_partition(Some(format!("p{}", t % 5)));
+                etags.push((key, etag_of(&one(&*store, write).await)));
+            }
+            etags
+        }));
+    }
+    let mut all_etags = HashSet::new();
+    let mut written = Vec::new();
+    for handle in handles {
+        let etags = handle
+            .await
+            .unwrap_or_else(|e| panic!("writer task failed: {e}"));
+        for (key, etag) in etags {
+            assert!(
+                all_etags.insert(etag.clone()),
+                "etag {etag} handed out twice"
+            );
+            written.push((key, etag));
+        }
+    }
+    assert_eq!(
+        count(&*store, C, None).await,
+        (tasks * per_task) as u64,
+        "every write must land"
+    );
+    assert_eq!(
+        count(&*store, C, Some("p0")).await,
+        (tasks / 5 * per_task) as u64
+    );
+    for (key, etag) in written {
+        let record = must_get(&*store, C, &key).await;
+        assert_eq!(
+            record.etag, etag,
+            "{key} must carry the etag its write returned"
+        );
+    }
+}
+
+/// 50 tasks racing to create the same key: exactly one wins, the rest see `AlreadyExists`.
+pub async fn concurrent_conditional_creates_have_one_winner<S: Store>(store: S) {
+    let store = Arc::new(store);
+    let mut handles = Vec::new();
+    for t in 0..50 {
+        let store = Arc::clone(&store);
+        handles.push(tokio::spawn(async move {
+            one(
+                &*store,
+                Write::put(C, "contended", Expect::Absent, json!({"winner": t})),
+            )
+            .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for handle in handles {
+        match handle
+            .await
+            .unwrap_or_else(|e| panic!("writer task failed: {e}"))
+        {
+            WriteOutcome::Written { etag } => winners.push(etag),
+            WriteOutcome::AlreadyExists => {}
+            other => panic!("racing create returned {other:?}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one create must win, got {}",
+        winners.len()
+    );
+    assert_eq!(must_get(&*store, C, "contended").await.etag, winners[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contents
+
+/// Unicode keys, partitions and bodies, and a 1 MiB body, round-trip exactly.
+pub async fn unicode_and_large_bodies<S: Store>(store: S) {
+    let unicode = json!({
+        "text": "héllo wörld ✓ 日本語 🚀 \u{0} \"quoted\" \\ back\nslash",
+        "emoji-key-🔑": ["ä", "€", "𝄞"],
+    });
+    let key = "ключ-🔑";
+    put_in(&store, C, key, Some("раздел"), unicode.clone()).await;
+    let record = must_get(&store, C, key).await;
+    assert_eq!(record.body, unicode, "unicode body");
+    assert_eq!(
+        record.partition.as_deref(),
+        Some("раздел"),
+        "unicode partition"
+    );
+    assert_eq!(
+        keys(
+            &list(
+                &store,
+                C,
+                ListQuery {
+                    partition: Some("раздел".into()),
+                    after: None,
+                    limit: 10
+                }
+            )
+            .await
+        ),
+        [key]
+    );
+
+    let big = "x".repeat(1024 * 1024);
+    let large = json!({"payload": big, "tail": "end"});
+    put(&store, C, "large", large.clone()).await;
+    assert_eq!(must_get(&store, C, "large").await.body, large, "1 MiB body");
+    let listed = list(&store, C, all(10)).await;
+    let listed = listed
+        .iter()
+        .find(|r| r.key == "large")
+        .unwrap_or_else(|| panic!("large not listed"));
+    assert_eq!(listed.body, large, "1 MiB body via list");
+}

@@ -1,0 +1,359 @@
+//! Embedded SQLite implementation of [`crate::Store`]: one database file under the data dir.
+//!
+//! # Layout
+//!
+//! All records live in one table, `records(collection, key, partition, etag, body)`, keyed by
+//! `(collection, key)` (`WITHOUT ROWID`, so rows are stored in key order) with an index on
+//! `(collection, partition, key)` for partition-filtered listing and counting. Bodies are JSON
+//! text. Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
+//! as Rust's `str`. Etags come from a per-database counter in the `counters` table, rendered
+//! DPS-style (base64 of a quoted GUID-like string); every put gets a fresh one, even when the
+//! body did not change. The schema is versioned by `schema_migrations` (see `schema`).
+//!
+//! # Writes: one writer thread, group commit
+//!
+//! SQLite allows one writer at a time, and with `synchronous=FULL` every commit costs an
+//! fsync. A dedicated writer thread owns the only read-write connection; [`Store::write`]
+//! serializes the bodies on the caller's task, sends the batch over a channel and awaits the
+//! answer. The thread takes everything queued at that moment and commits it in a single
+//! transaction, so many concurrent registrations share one fsync, then answers each caller.
+//! Each batch runs in its own savepoint: expectations are checked against the state left by
+//! the writes before it (earlier items of the same batch, and earlier batches of the group),
+//! and a batch that hits a database error is rolled back alone. An answer is sent only once
+//! the transaction is committed and synced, so a write is durable before `write` returns.
+//!
+//! # Reads: a small pool
+//!
+//! Reads use a few read-only connections on the blocking thread pool. In WAL mode readers see
+//! the last committed state and neither block the writer nor wait for it.
+//!
+//! # Lifetime
+//!
+//! [`SqliteStore`] is a cheap handle (`Arc` inside). When the last clone is dropped the idle
+//! read connections are closed, the channel closes, the writer finishes what is queued, closes
+//! its connection (checkpointing the WAL) and the drop waits for it to exit.
+
+mod readers;
+mod schema;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+
+use crate::{Collection, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome};
+use readers::ReadPool;
+use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
+
+/// Read-only connections kept open for reads.
+const READ_POOL_SIZE: usize = 4;
+/// How long a connection waits for a lock held by another connection (for example another
+/// process holding the database) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQLite store. Cheap to clone; all clones share one writer thread and read pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    readers: Arc<ReadPool>,
+    /// `None` only while dropping.
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl SqliteStore {
+    /// The schema version this build creates and understands.
+    pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
+
+    /// Opens (creating it and its parent directories if missing) the database at `path`,
+    /// applies any missing migrations and starts the writer thread.
+    ///
+    /// Fails if the database was written by a newer Muster (a schema version this build does
+    /// not know). Blocking; call it at startup, not from a busy async task.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Backend(format!(
+                    "creating the directory {} for the SQLite database: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let mut conn = open_writer(path)?;
+        schema::migrate(&mut conn, path)?;
+        let etags = EtagCounter::load(&conn)?;
+        let readers = ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT)?;
+
+        let (requests, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("muster-store-writer".into())
+            .spawn(move || writer::run(conn, queue, etags))
+            .map_err(|e| StoreError::Backend(format!("starting the store writer thread: {e}")))?;
+        tracing::debug!(path = %path.display(), "opened SQLite store");
+
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                readers,
+                requests: Some(requests),
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Readers first, so the writer's connection is the last one and checkpoints the WAL.
+        self.readers.close_idle();
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!(path = %self.path.display(), "the store writer thread panicked");
+            }
+        }
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let context = |what: &str| format!("opening SQLite database {}: {what}", path.display());
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| db_err(&context("open"), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| db_err(&context("setting the busy timeout"), e))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| db_err(&context("enabling WAL"), e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Backend(context(&format!(
+            "could not enable WAL journal mode (the file system may not support it); got {mode}"
+        ))));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| db_err(&context("setting synchronous=FULL"), e))?;
+    Ok(conn)
+}
+
+/// A backend error with context. Never pass record bodies as context.
+fn db_err(context: &str, error: rusqlite::Error) -> StoreError {
+    StoreError::Backend(format!("{context}: {error}"))
+}
+
+fn decode_record(
+    collection: Collection,
+    key: String,
+    partition: Option<String>,
+    etag: String,
+    body: &str,
+) -> Result<Record, StoreError> {
+    match serde_json::from_str(body) {
+        Ok(body) => Ok(Record {
+            key,
+            partition,
+            etag,
+            body,
+        }),
+        Err(e) => Err(StoreError::Corrupt {
+            collection: collection.as_str(),
+            key,
+            reason: format!("body is not valid JSON: {e}"),
+        }),
+    }
+}
+
+fn prepare(write: Write) -> Result<PreparedWrite, StoreError> {
+    let op = match write.op {
+        WriteOp::Put { partition, body } => PreparedOp::Put {
+            partition,
+            body: serde_json::to_string(&body).map_err(|e| {
+                StoreError::Backend(format!(
+                    "serializing the body of {}/{}: {e}",
+                    write.collection.as_str(),
+                    write.key
+                ))
+            })?,
+        },
+        WriteOp::Delete => PreparedOp::Delete,
+    };
+    Ok(PreparedWrite {
+        collection: write.collection.as_str(),
+        key: write.key,
+        expect: write.expect,
+        op,
+    })
+}
+
+const GET_SQL: &str =
+    "SELECT partition, etag, body FROM records WHERE collection = ?1 AND key = ?2";
+
+/// Parameters are always `?1` collection, `?2` partition, `?3` after, `?4` limit; a variant
+/// that does not filter on one still binds it (SQLite ignores unreferenced parameters).
+fn list_sql(by_partition: bool, after: bool) -> &'static str {
+    match (by_partition, after) {
+        (false, false) => {
+            "SELECT key, partition, etag, body FROM records
+             WHERE collection = ?1 ORDER BY key LIMIT ?4"
+        }
+        (false, true) => {
+            "SELECT key, partition, etag, body FROM records
+             WHERE collection = ?1 AND key > ?3 ORDER BY key LIMIT ?4"
+        }
+        (true, false) => {
+            "SELECT key, partition, etag, body FROM records
+             WHERE collection = ?1 AND partition = ?2 ORDER BY key LIMIT ?4"
+        }
+        (true, true) => {
+            "SELECT key, partition, etag, body FROM records
+             WHERE collection = ?1 AND partition = ?2 AND key > ?3 ORDER BY key LIMIT ?4"
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, collection: Collection, key: &str) -> Result<Option<Record>, StoreError> {
+        let key = key.to_owned();
+        self.inner
+            .readers
+            .run(move |conn| {
+                let context = || format!("reading {}/{key}", collection.as_str());
+                let row = conn
+                    .prepare_cached(GET_SQL)
+                    .and_then(|mut stmt| {
+                        stmt.query_row(params![collection.as_str(), key], |row| {
+                            Ok((
+                                row.get::<_, Option<String>>(0)?,
+                                row.get::<_, String>(1)?,
+                                row.get::<_, String>(2)?,
+                            ))
+                        })
+                        .optional()
+                    })
+                    .map_err(|e| db_err(&context(), e))?;
+                match row {
+                    Some((partition, etag, body)) => {
+                        decode_record(collection, key, partition, etag, &body).map(Some)
+                    }
+                    None => Ok(None),
+                }
+            })
+            .await
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<WriteOutcome>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let writes = writes
+            .into_iter()
+            .map(prepare)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .requests
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Request { writes, reply })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn list(
+        &self,
+        collection: Collection,
+        query: ListQuery,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner
+            .readers
+            .run(move |conn| {
+                let context = || format!("listing {}", collection.as_str());
+                let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+                let sql = list_sql(query.partition.is_some(), query.after.is_some());
+                let mut stmt = conn
+                    .prepare_cached(sql)
+                    .map_err(|e| db_err(&context(), e))?;
+                let rows = stmt
+                    .query_map(
+                        params![collection.as_str(), query.partition, query.after, limit],
+                        |row| {
+                            Ok((
+                                row.get::<_, String>(0)?,
+                                row.get::<_, Option<String>>(1)?,
+                                row.get::<_, String>(2)?,
+                                row.get::<_, String>(3)?,
+                            ))
+                        },
+                    )
+                    .map_err(|e| db_err(&context(), e))?;
+                let mut records = Vec::new();
+                for row in rows {
+                    let (key, partition, etag, body) = row.map_err(|e| db_err(&context(), e))?;
+                    records.push(decode_record(collection, key, partition, etag, &body)?);
+                }
+                Ok(records)
+            })
+            .await
+    }
+
+    async fn count(
+        &self,
+        collection: Collection,
+        partition: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let partition = partition.map(str::to_owned);
+        self.inner
+            .readers
+            .run(move |conn| {
+                let context = || format!("counting {}", collection.as_str());
+                let count: i64 = match &partition {
+                    None => conn
+                        .prepare_cached("SELECT COUNT(*) FROM records WHERE collection = ?1")
+                        .and_then(|mut stmt| {
+                            stmt.query_row(params![collection.as_str()], |row| row.get(0))
+                        }),
+                    Some(partition) => conn
+                        .prepare_cached(
+                            "SELECT COUNT(*) FROM records WHERE collection = ?1 AND partition = ?2",
+                        )
+                        .and_then(|mut stmt| {
+                            stmt.query_row(params![collection.as_str(), partition], |row| {
+                                row.get(0)
+                            })
+                        }),
+                }
+                .map_err(|e| db_err(&context(), e))?;
+                u64::try_from(count)
+                    .map_err(|_| StoreError::Backend(format!("{}: negative count", context())))
+            })
+            .await
+    }
+}

@@ -1,0 +1,265 @@
+//! The writer thread: the only connection that writes, with group commit.
+//!
+//! Callers send a [`Request`] (a prepared batch and a oneshot for the answer) over an
+//! unbounded channel. The thread blocks for the first request, then drains whatever else is
+//! queued (up to [`MAX_GROUP`]) and applies the whole group in one `BEGIN IMMEDIATE`
+//! transaction, each batch inside its own savepoint, so one batch failing with a database
+//! error rolls back only that batch. Answers are sent only after `COMMIT` returned, i.e. after
+//! the WAL was synced (`synchronous=FULL`). When every sender is gone the thread finishes the
+//! queued requests, closes its connection and exits.
+
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use super::db_err;
+use crate::{Expect, StoreError, WriteOutcome};
+
+/// Most batches committed in one transaction; bounds the latency one group adds.
+const MAX_GROUP: usize = 256;
+
+pub(super) type Reply = Result<Vec<WriteOutcome>, StoreError>;
+
+/// A batch on its way to the writer thread, with its bodies already serialized.
+pub(super) struct Request {
+    pub(super) writes: Vec<PreparedWrite>,
+    pub(super) reply: oneshot::Sender<Reply>,
+}
+
+pub(super) struct PreparedWrite {
+    pub(super) collection: &'static str,
+    pub(super) key: String,
+    pub(super) expect: Expect,
+    pub(super) op: PreparedOp,
+}
+
+pub(super) enum PreparedOp {
+    Put {
+        partition: Option<String>,
+        body: String,
+    },
+    Delete,
+}
+
+/// The per-database etag counter; `last` is the value of the last etag handed out.
+pub(super) struct EtagCounter {
+    last: u64,
+}
+
+impl EtagCounter {
+    pub(super) fn load(conn: &Connection) -> Result<Self, StoreError> {
+        let last: i64 = conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'etag'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(|e| db_err("reading the etag counter", e))?;
+        let last = u64::try_from(last)
+            .map_err(|_| StoreError::Backend(format!("the etag counter is negative ({last})")))?;
+        Ok(Self { last })
+    }
+
+    /// A new etag, never handed out before by this database.
+    fn issue(&mut self) -> String {
+        self.last += 1;
+        format_etag(self.last)
+    }
+}
+
+/// DPS-style opaque etag: base64 of a quoted GUID-like string carrying the counter.
+pub(super) fn format_etag(counter: u64) -> String {
+    let text = format!(
+        "\"{:08x}-0000-0000-0000-{:012x}\"",
+        counter >> 48,
+        counter & 0xffff_ffff_ffff
+    );
+    base64(text.as_bytes())
+}
+
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let sextet = |n: u32, shift: u32| char::from(ALPHABET[((n >> shift) & 63) as usize]);
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+        out.push(sextet(n, 18));
+        out.push(sextet(n, 12));
+        out.push(if chunk.len() > 1 { sextet(n, 6) } else { '=' });
+        out.push(if chunk.len() > 2 { sextet(n, 0) } else { '=' });
+    }
+    out
+}
+
+/// The writer thread's main loop.
+pub(super) fn run(mut conn: Connection, requests: Receiver<Request>, mut etags: EtagCounter) {
+    while let Ok(first) = requests.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(request) => group.push(request),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        match commit_group(&mut conn, &group, &mut etags) {
+            Ok(replies) => {
+                for (request, reply) in group.into_iter().zip(replies) {
+                    // The caller may have gone away; its write is committed regardless.
+                    let _ = request.reply.send(reply);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, batches = group.len(), "store group commit failed");
+                let message = e.to_string();
+                for request in group {
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Backend(message.clone())));
+                }
+            }
+        }
+    }
+    tracing::debug!("store writer thread exiting");
+}
+
+/// Applies every batch of the group in one transaction. `Err` means nothing was committed.
+fn commit_group(
+    conn: &mut Connection,
+    group: &[Request],
+    etags: &mut EtagCounter,
+) -> Result<Vec<Reply>, StoreError> {
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| db_err("beginning the write transaction", e))?;
+    let first_etag = etags.last;
+    let mut replies = Vec::with_capacity(group.len());
+    for request in group {
+        let savepoint = tx
+            .savepoint()
+            .map_err(|e| db_err("opening a batch savepoint", e))?;
+        match apply_batch(&savepoint, &request.writes, etags) {
+            Ok(outcomes) => {
+                savepoint
+                    .commit()
+                    .map_err(|e| db_err("releasing a batch savepoint", e))?;
+                replies.push(Ok(outcomes));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store batch failed and was rolled back");
+                // Rolls back to the savepoint and releases it.
+                savepoint
+                    .finish()
+                    .map_err(|e| db_err("rolling back a failed batch", e))?;
+                replies.push(Err(e));
+            }
+        }
+    }
+    if etags.last != first_etag {
+        let last = i64::try_from(etags.last)
+            .map_err(|_| StoreError::Backend("the etag counter overflowed".into()))?;
+        tx.execute(
+            "UPDATE counters SET value = ?1 WHERE name = 'etag'",
+            params![last],
+        )
+        .map_err(|e| db_err("saving the etag counter", e))?;
+    }
+    tx.commit()
+        .map_err(|e| db_err("committing the write transaction", e))?;
+    tracing::trace!(batches = group.len(), "store group committed");
+    Ok(replies)
+}
+
+/// Applies one batch, each write seeing the effect of the earlier ones.
+fn apply_batch(
+    conn: &Connection,
+    writes: &[PreparedWrite],
+    etags: &mut EtagCounter,
+) -> Result<Vec<WriteOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for write in writes {
+        let context = |what: &str| format!("{what} {}/{}", write.collection, write.key);
+        let current: Option<String> = conn
+            .prepare_cached("SELECT etag FROM records WHERE collection = ?1 AND key = ?2")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![write.collection, write.key], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(|e| db_err(&context("reading"), e))?;
+
+        let refused = match (&write.expect, &current) {
+            (Expect::Any, _) | (Expect::Absent, None) => None,
+            (Expect::Absent, Some(_)) => Some(WriteOutcome::AlreadyExists),
+            (Expect::Etag(_), None) => Some(WriteOutcome::NotFound),
+            (Expect::Etag(expected), Some(actual)) if expected != actual => {
+                Some(WriteOutcome::EtagMismatch)
+            }
+            (Expect::Etag(_), Some(_)) => None,
+        };
+        if let Some(outcome) = refused {
+            outcomes.push(outcome);
+            continue;
+        }
+
+        let outcome = match &write.op {
+            PreparedOp::Delete if current.is_none() => WriteOutcome::NotFound,
+            PreparedOp::Delete => {
+                conn.prepare_cached("DELETE FROM records WHERE collection = ?1 AND key = ?2")
+                    .and_then(|mut stmt| stmt.execute(params![write.collection, write.key]))
+                    .map_err(|e| db_err(&context("deleting"), e))?;
+                WriteOutcome::Deleted
+            }
+            PreparedOp::Put { partition, body } => {
+                let etag = etags.issue();
+                conn.prepare_cached(
+                    "INSERT INTO records (collection, key, partition, etag, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (collection, key) DO UPDATE SET
+                         partition = excluded.partition,
+                         etag = excluded.etag,
+                         body = excluded.body",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![write.collection, write.key, partition, etag, body])
+                })
+                .map_err(|e| db_err(&context("writing"), e))?;
+                WriteOutcome::Written { etag }
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+            ("\"a\"", "ImEi"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(base64(input.as_bytes()), expected, "base64({input:?})");
+        }
+    }
+
+    #[test]
+    fn etags_are_distinct_and_dps_shaped() {
+        assert_eq!(
+            format_etag(1),
+            base64(b"\"00000000-0000-0000-0000-000000000001\"")
+        );
+        assert_ne!(format_etag(1), format_etag(2));
+        assert_ne!(format_etag(1), format_etag(1 << 48));
+    }
+}
