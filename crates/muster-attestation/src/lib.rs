@@ -1,1 +1,24 @@
-//! placeholder
+//! Attestation for Muster: how enrollments prove identity, independent of transport and storage.
+//!
+//! Layout:
+//! * [`symmetric_key`] — key validation (16–64 bytes of standard base64), generation of 64-byte
+//!   keys from caller-supplied randomness, the enrollment-group derived device key
+//!   `base64(HMAC-SHA256(base64decode(groupKey), registrationId))`, and [`hmac_sha256`].
+//! * [`x509`] — certificate input decoding (PEM, base64 of PEM, base64 DER) to DER, the
+//!   service API's computed `info` object ([`X509CertificateInfo`]) with .NET-style names, and
+//!   the owned [`Certificate`] helper used by device X.509 attestation.
+//!
+//! Errors are [`KeyError`] and [`CertificateError`]; neither ever contains secret material.
+//!
+//! [`X509CertificateInfo`]: muster_proto::attestation::X509CertificateInfo
+
+pub mod symmetric_key;
+pub mod x509;
+
+pub use symmetric_key::{
+    decode_key, derive_device_key, generate_key, hmac_sha256, validate_key, KeyError,
+    MAX_KEY_BYTES, MIN_KEY_BYTES,
+};
+pub use x509::{
+    certificate_info, decode_certificate, dotnet_name, format_time, Certificate, CertificateError,
+};

@@ -1,1 +1,204 @@
-//! placeholder
+//! Assembles a running Muster: configuration, data dir, store, local CA and TLS, listeners,
+//! and graceful shutdown.
+//!
+//! Layout:
+//! - [`config`]: the settings `muster serve` takes (TOML file, flags, environment).
+//! - [`bootstrap`]: the service identity kept in the store (ID scope, access policies).
+//! - [`tls`]: the local CA and the server certificate it issues.
+//! - [`app`]: the HTTPS router (service API today; device API, hub and console later).
+//! - [`listener`]: TLS accept loops, connection limits, draining.
+//! - [`connection_info`]: `connection.json`, what clients need to connect.
+//!
+//! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
+//! that sees the file can connect.
+
+pub mod app;
+pub mod bootstrap;
+pub mod config;
+pub mod connection_info;
+pub mod listener;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use muster_proto::runtime::{Clock, Entropy, OsEntropy, SystemClock};
+use muster_proto::ConnectionString;
+use muster_service_api::{Authorizer, Limits, ServiceApi};
+use muster_store::{SqliteStore, Store};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::info;
+
+pub use config::Config;
+pub use connection_info::ConnectionInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("could not create data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("could not open the store: {0}")]
+    Store(#[from] muster_store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("could not resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("could not bind the {what} listener on {addr}: {source}; {hint}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        hint: String,
+        source: std::io::Error,
+    },
+    #[error("could not write {path}: {source}")]
+    ConnectionInfo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A started server. Dropping it does not stop it: call [`Server::shutdown`].
+pub struct Server {
+    pub connection: ConnectionInfo,
+    pub https_addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Starts with the system clock and the OS random source.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        Self::start_with(config, Arc::new(SystemClock), Arc::new(OsEntropy)).await
+    }
+
+    pub async fn start_with(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let store = SqliteStore::open(&data_dir.join("muster.db"))?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
+
+        let ca = tls::LocalCa::load_or_create(&data_dir)?;
+        let mut hosts = vec![config.dps_host.clone()];
+        hosts.extend(config.extra_hosts.iter().cloned());
+        let server_identity = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
+            _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,
+        };
+        let tls_config = server_identity.rustls_config(&[b"http/1.1"])?;
+
+        let https_addrs = resolve(&config.dps_host, config.https_port).await?;
+        let https_listeners = listener::bind(&https_addrs, "HTTPS").await?;
+        let bound: Vec<SocketAddr> = https_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let https_port = bound.first().map(|a| a.port()).unwrap_or(config.https_port);
+
+        let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
+        let mut service_hosts = vec![endpoint.clone(), config.dps_host.clone()];
+        service_hosts.extend(config.extra_hosts.iter().cloned());
+        let api = ServiceApi {
+            store: store.clone(),
+            auth: Authorizer::new(identity.policies.clone(), service_hosts),
+            clock,
+            entropy,
+            limits: Limits::default(),
+        };
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let app = app::https_app(api);
+        for l in https_listeners {
+            tasks.spawn(listener::serve_https(
+                l,
+                tls_config.clone(),
+                app.clone(),
+                config.max_connections,
+                shutdown_rx.clone(),
+            ));
+        }
+
+        let owner = identity.owner().cloned();
+        let connection = ConnectionInfo {
+            id_scope: identity.id_scope.to_string(),
+            dps_host: config.dps_host.clone(),
+            https_port,
+            mqtt_port: config.mqtt_port,
+            device_endpoint: endpoint.clone(),
+            service_endpoint: format!("https://{endpoint}"),
+            service_connection_string: owner
+                .map(|p| {
+                    ConnectionString {
+                        host_name: endpoint.clone(),
+                        key_name: p.key_name,
+                        key: p.primary_key,
+                    }
+                    .to_string()
+                })
+                .unwrap_or_default(),
+            ca_certificate: absolute(ca.cert_path().to_path_buf()),
+        };
+        let path = data_dir.join(ConnectionInfo::FILE_NAME);
+        connection
+            .write(&data_dir)
+            .map_err(|source| ServerError::ConnectionInfo { path, source })?;
+        info!(addrs = ?bound, "listening for HTTPS");
+        Ok(Server {
+            connection,
+            https_addrs: bound,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets open requests finish (bounded by the drain timeout), and returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// Addresses `host` resolves to. `localhost` resolves to loopback without asking DNS.
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ServerError> {
+    if let Ok(ip) = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+    {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]);
+    }
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| ServerError::Resolve {
+            host: host.to_string(),
+            source,
+        })?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}

@@ -1,0 +1,121 @@
+//! Server configuration: serde types read from a TOML file, overridden by command-line
+//! options and `MUSTER_*` environment variables (the binary does that merge), with documented
+//! defaults ([`Config::default`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `muster serve` can be told. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Where the database, the local CA, certificates and `connection.json` live.
+    pub data_dir: PathBuf,
+    /// Name or IP address the DPS is reached at; listeners bind it and the server
+    /// certificate names it.
+    pub dps_host: String,
+    /// HTTPS port: device API, service API (and later WebSocket and the console).
+    pub https_port: u16,
+    /// MQTT over TLS port for device registration.
+    pub mqtt_port: u16,
+    /// PEM certificate chain to serve instead of one issued by the local CA.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Extra names and addresses the local CA's server certificate should carry.
+    pub extra_hosts: Vec<String>,
+    /// Most concurrent connections per listener; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("muster-data"),
+            dps_host: "localhost".into(),
+            https_port: 443,
+            mqtt_port: 8883,
+            tls_cert: None,
+            tls_key: None,
+            extra_hosts: Vec::new(),
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.dps_host.trim().is_empty() {
+            return Err(ConfigError::Invalid("dps-host must not be empty".into()));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls-cert and tls-key go together: give both or neither".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max-connections must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, for `muster serve --print-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("muster.toml");
+        std::fs::write(&p, "dps-host = \"127.0.0.2\"\nhttps-port = 8443\n").unwrap();
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!(c.dps_host, "127.0.0.2");
+        assert_eq!(c.https_port, 8443);
+        assert_eq!(c.mqtt_port, 8883);
+        std::fs::write(&p, "dps-hots = \"x\"\n").unwrap();
+        let e = Config::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("dps-hots"), "{e}");
+    }
+
+    #[test]
+    fn default_round_trips_through_toml() {
+        let c = Config::default();
+        assert_eq!(toml::from_str::<Config>(&c.to_toml()).unwrap(), c);
+    }
+}
