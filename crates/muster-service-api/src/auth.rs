@@ -173,8 +173,16 @@ mod tests {
     fn authz() -> Authorizer {
         Authorizer::new(
             vec![
-                policy("owner", b"owner-key-owner-key-owner-key-00", "EnrollmentRead, EnrollmentWrite"),
-                policy("reader", b"reader-key-reader-key-reader-000", "EnrollmentRead"),
+                policy(
+                    "owner",
+                    b"owner-key-owner-key-owner-key-00",
+                    "EnrollmentRead, EnrollmentWrite",
+                ),
+                policy(
+                    "reader",
+                    b"reader-key-reader-key-reader-000",
+                    "EnrollmentRead",
+                ),
             ],
             vec!["127.0.0.2".into(), "127.0.0.2:8443".into()],
         )
@@ -182,44 +190,106 @@ mod tests {
 
     #[test]
     fn accepts_valid_token_with_right() {
-        let t = SasToken::generate("127.0.0.2", b"owner-key-owner-key-owner-key-00", Some("owner"), 1000);
-        let c = authz().authorize(&headers(&t), AccessRight::EnrollmentWrite, 500).unwrap();
+        let t = SasToken::generate(
+            "127.0.0.2",
+            b"owner-key-owner-key-owner-key-00",
+            Some("owner"),
+            1000,
+        );
+        let c = authz()
+            .authorize(&headers(&t), AccessRight::EnrollmentWrite, 500)
+            .unwrap();
         assert_eq!(c.policy, "owner");
         // Without skn, any policy whose key verifies.
-        let t = SasToken::generate("https://127.0.0.2:8443", b"owner-key-owner-key-owner-key-00", None, 1000);
-        authz().authorize(&headers(&t), AccessRight::EnrollmentRead, 500).unwrap();
+        let t = SasToken::generate(
+            "https://127.0.0.2:8443",
+            b"owner-key-owner-key-owner-key-00",
+            None,
+            1000,
+        );
+        authz()
+            .authorize(&headers(&t), AccessRight::EnrollmentRead, 500)
+            .unwrap();
     }
 
     #[test]
     fn refuses_each_failure_with_its_code() {
         let a = authz();
-        let e = a.authorize(&HeaderMap::new(), AccessRight::EnrollmentRead, 0).unwrap_err();
+        let e = a
+            .authorize(&HeaderMap::new(), AccessRight::EnrollmentRead, 0)
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::Unauthorized);
 
-        let t = SasToken::generate("127.0.0.2", b"wrong-key-wrong-key-wrong-key-00", Some("owner"), 1000);
-        let e = a.authorize(&headers(&t), AccessRight::EnrollmentRead, 0).unwrap_err();
+        let t = SasToken::generate(
+            "127.0.0.2",
+            b"wrong-key-wrong-key-wrong-key-00",
+            Some("owner"),
+            1000,
+        );
+        let e = a
+            .authorize(&headers(&t), AccessRight::EnrollmentRead, 0)
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::Unauthorized);
         assert!(e.message.contains("signature"), "{}", e.message);
 
-        let t = SasToken::generate("127.0.0.2", b"owner-key-owner-key-owner-key-00", Some("owner"), 1000);
-        let e = a.authorize(&headers(&t), AccessRight::EnrollmentRead, 1000 + CLOCK_SKEW_SECS + 1).unwrap_err();
+        let t = SasToken::generate(
+            "127.0.0.2",
+            b"owner-key-owner-key-owner-key-00",
+            Some("owner"),
+            1000,
+        );
+        let e = a
+            .authorize(
+                &headers(&t),
+                AccessRight::EnrollmentRead,
+                1000 + CLOCK_SKEW_SECS + 1,
+            )
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::TokenExpired);
         // Inside the skew allowance it still passes.
-        a.authorize(&headers(&t), AccessRight::EnrollmentRead, 1000 + CLOCK_SKEW_SECS - 1).unwrap();
+        a.authorize(
+            &headers(&t),
+            AccessRight::EnrollmentRead,
+            1000 + CLOCK_SKEW_SECS - 1,
+        )
+        .unwrap();
 
-        let t = SasToken::generate("127.0.0.2", b"reader-key-reader-key-reader-000", Some("reader"), 1000);
-        let e = a.authorize(&headers(&t), AccessRight::EnrollmentWrite, 0).unwrap_err();
+        let t = SasToken::generate(
+            "127.0.0.2",
+            b"reader-key-reader-key-reader-000",
+            Some("reader"),
+            1000,
+        );
+        let e = a
+            .authorize(&headers(&t), AccessRight::EnrollmentWrite, 0)
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientRights);
         assert!(e.message.contains("EnrollmentWrite"));
 
-        let t = SasToken::generate("other.host", b"owner-key-owner-key-owner-key-00", Some("owner"), 1000);
-        let e = a.authorize(&headers(&t), AccessRight::EnrollmentRead, 0).unwrap_err();
+        let t = SasToken::generate(
+            "other.host",
+            b"owner-key-owner-key-owner-key-00",
+            Some("owner"),
+            1000,
+        );
+        let e = a
+            .authorize(&headers(&t), AccessRight::EnrollmentRead, 0)
+            .unwrap_err();
         assert!(e.message.contains("does not name this service"));
 
-        let t = SasToken::generate("127.0.0.2", b"owner-key-owner-key-owner-key-00", Some("nobody"), 1000);
-        let e = a.authorize(&headers(&t), AccessRight::EnrollmentRead, 0).unwrap_err();
+        let t = SasToken::generate(
+            "127.0.0.2",
+            b"owner-key-owner-key-owner-key-00",
+            Some("nobody"),
+            1000,
+        );
+        let e = a
+            .authorize(&headers(&t), AccessRight::EnrollmentRead, 0)
+            .unwrap_err();
         assert!(e.message.contains("nobody"));
         // No message ever carries key material.
-        assert!(!e.message.contains(&B64.encode(b"owner-key-owner-key-owner-key-00")));
+        assert!(!e
+            .message
+            .contains(&B64.encode(b"owner-key-owner-key-owner-key-00")));
     }
 }

@@ -23,7 +23,10 @@ impl ApiError {
 
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!(%err, "{context}");
-        Self::new(ErrorCode::Internal, format!("internal error while {context}"))
+        Self::new(
+            ErrorCode::Internal,
+            format!("internal error while {context}"),
+        )
     }
 }
 
@@ -62,5 +65,12 @@ impl IntoResponse for ApiError {
 fn tracking_id() -> String {
     let b: [u8; 16] = rand::random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -3,8 +3,8 @@
 
 use muster_proto::{
     AllocationPolicy, AttestationMechanism, CustomAllocationDefinition, DeviceRegistrationState,
-    EnrollmentGroup,
-    EnrollmentGroupId, ErrorCode, IndividualEnrollment, ItemType, RegistrationId, Timestamp,
+    EnrollmentGroup, EnrollmentGroupId, ErrorCode, IndividualEnrollment, ItemType, RegistrationId,
+    Timestamp,
 };
 use muster_store::records::Etagged;
 use muster_store::Collection;
@@ -37,7 +37,13 @@ pub trait EnrollmentKind:
     fn attestation_mut(&mut self) -> &mut AttestationMechanism;
     fn created(&self) -> Option<Timestamp>;
     fn set_timestamps(&mut self, created: Timestamp, updated: Timestamp);
-    fn allocation(&self) -> (Option<AllocationPolicy>, Option<&Vec<String>>, Option<&CustomAllocationDefinition>);
+    fn allocation(
+        &self,
+    ) -> (
+        Option<AllocationPolicy>,
+        Option<&Vec<String>>,
+        Option<&CustomAllocationDefinition>,
+    );
     /// Individual enrollments show their device's registration record on GET.
     fn set_registration_state(&mut self, state: Option<DeviceRegistrationState>);
     /// Clears fields clients may send but only the service sets.
@@ -78,8 +84,18 @@ impl EnrollmentKind for IndividualEnrollment {
         self.created_date_time_utc = Some(created);
         self.last_updated_date_time_utc = Some(updated);
     }
-    fn allocation(&self) -> (Option<AllocationPolicy>, Option<&Vec<String>>, Option<&CustomAllocationDefinition>) {
-        (self.allocation_policy, self.iot_hubs.as_ref(), self.custom_allocation_definition.as_ref())
+    fn allocation(
+        &self,
+    ) -> (
+        Option<AllocationPolicy>,
+        Option<&Vec<String>>,
+        Option<&CustomAllocationDefinition>,
+    ) {
+        (
+            self.allocation_policy,
+            self.iot_hubs.as_ref(),
+            self.custom_allocation_definition.as_ref(),
+        )
     }
     fn set_registration_state(&mut self, state: Option<DeviceRegistrationState>) {
         self.registration_state = state;
@@ -128,8 +144,18 @@ impl EnrollmentKind for EnrollmentGroup {
         self.created_date_time_utc = Some(created);
         self.last_updated_date_time_utc = Some(updated);
     }
-    fn allocation(&self) -> (Option<AllocationPolicy>, Option<&Vec<String>>, Option<&CustomAllocationDefinition>) {
-        (self.allocation_policy, self.iot_hubs.as_ref(), self.custom_allocation_definition.as_ref())
+    fn allocation(
+        &self,
+    ) -> (
+        Option<AllocationPolicy>,
+        Option<&Vec<String>>,
+        Option<&CustomAllocationDefinition>,
+    ) {
+        (
+            self.allocation_policy,
+            self.iot_hubs.as_ref(),
+            self.custom_allocation_definition.as_ref(),
+        )
     }
     fn set_registration_state(&mut self, _: Option<DeviceRegistrationState>) {}
     fn clear_read_only(&mut self) {

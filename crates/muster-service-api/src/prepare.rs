@@ -61,9 +61,8 @@ fn prepare_attestation<K: EnrollmentKind>(
             if tpm.endorsement_key.trim().is_empty() {
                 return Err(invalid("attestation.tpm.endorsementKey is required"));
             }
-            B64.decode(tpm.endorsement_key.trim()).map_err(|_| {
-                invalid("attestation.tpm.endorsementKey is not valid base64")
-            })?;
+            B64.decode(tpm.endorsement_key.trim())
+                .map_err(|_| invalid("attestation.tpm.endorsementKey is not valid base64"))?;
             if let Some(srk) = &tpm.storage_root_key {
                 B64.decode(srk.trim())
                     .map_err(|_| invalid("attestation.tpm.storageRootKey is not valid base64"))?;
@@ -79,7 +78,12 @@ fn prepare_attestation<K: EnrollmentKind>(
                 .unwrap_or_default();
             let given = a.symmetric_key.take().unwrap_or_default();
             a.symmetric_key = Some(SymmetricKeyAttestation {
-                primary_key: Some(key_or_keep("primaryKey", given.primary_key, old.primary_key, entropy)?),
+                primary_key: Some(key_or_keep(
+                    "primaryKey",
+                    given.primary_key,
+                    old.primary_key,
+                    entropy,
+                )?),
                 secondary_key: Some(key_or_keep(
                     "secondaryKey",
                     given.secondary_key,
@@ -128,7 +132,13 @@ fn prepare_attestation<K: EnrollmentKind>(
                 prepare_certificates("signingCertificates", set, old)?;
             }
             if let Some(refs) = &x.ca_references {
-                if refs.primary.as_deref().map(str::trim).unwrap_or("").is_empty() {
+                if refs
+                    .primary
+                    .as_deref()
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .is_empty()
+                {
                     return Err(invalid("attestation.x509.caReferences.primary is required"));
                 }
             }
@@ -145,7 +155,10 @@ fn key_or_keep(
     old: Option<String>,
     entropy: &dyn Entropy,
 ) -> Result<String, ApiError> {
-    match given.map(|k| k.trim().to_string()).filter(|k| !k.is_empty()) {
+    match given
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+    {
         Some(k) => {
             symmetric_key::validate_key(&k).map_err(|e| {
                 ApiError::new(
@@ -155,7 +168,9 @@ fn key_or_keep(
             })?;
             Ok(k)
         }
-        None => Ok(old.unwrap_or_else(|| symmetric_key::generate_key(&random_bytes::<64>(entropy)))),
+        None => {
+            Ok(old.unwrap_or_else(|| symmetric_key::generate_key(&random_bytes::<64>(entropy))))
+        }
     }
 }
 
@@ -165,21 +180,42 @@ fn prepare_certificates(
     old: Option<&X509Certificates>,
 ) -> Result<(), ApiError> {
     if set.primary.is_none() {
-        return Err(invalid(format!("attestation.x509.{set_name}.primary is required")));
+        return Err(invalid(format!(
+            "attestation.x509.{set_name}.primary is required"
+        )));
     }
     let stored: Vec<&X509CertificateWithInfo> = old
-        .map(|o| [o.primary.as_ref(), o.secondary.as_ref()].into_iter().flatten().collect())
+        .map(|o| {
+            [o.primary.as_ref(), o.secondary.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect()
+        })
         .unwrap_or_default();
-    for (slot, entry) in [("primary", &mut set.primary), ("secondary", &mut set.secondary)] {
+    for (slot, entry) in [
+        ("primary", &mut set.primary),
+        ("secondary", &mut set.secondary),
+    ] {
         let Some(entry) = entry else { continue };
         let path = format!("attestation.x509.{set_name}.{slot}");
-        match entry.certificate.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+        match entry
+            .certificate
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
             Some(text) => {
                 let der = x509::decode_certificate(text).map_err(|e| {
-                    ApiError::new(ErrorCode::InvalidCertificate, format!("{path}.certificate: {e}"))
+                    ApiError::new(
+                        ErrorCode::InvalidCertificate,
+                        format!("{path}.certificate: {e}"),
+                    )
                 })?;
                 let info = x509::certificate_info(&der).map_err(|e| {
-                    ApiError::new(ErrorCode::InvalidCertificate, format!("{path}.certificate: {e}"))
+                    ApiError::new(
+                        ErrorCode::InvalidCertificate,
+                        format!("{path}.certificate: {e}"),
+                    )
                 })?;
                 entry.certificate = Some(text.to_string());
                 entry.info = Some(info);

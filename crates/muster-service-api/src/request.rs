@@ -64,15 +64,23 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Parses a JSON body into a `serde_json::Value` object.
-pub fn parse_json_object(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+pub fn parse_json_object(
+    bytes: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
     let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(ErrorCode::MalformedBody, format!("the request body is not valid JSON: {e}"))
+        ApiError::new(
+            ErrorCode::MalformedBody,
+            format!("the request body is not valid JSON: {e}"),
+        )
     })?;
     match v {
         serde_json::Value::Object(m) => Ok(m),
         other => Err(ApiError::new(
             ErrorCode::MalformedBody,
-            format!("the request body must be a JSON object, not {}", json_kind(&other)),
+            format!(
+                "the request body must be a JSON object, not {}",
+                json_kind(&other)
+            ),
         )),
     }
 }
@@ -98,7 +106,10 @@ pub enum IfMatch {
 
 impl IfMatch {
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let Some(v) = headers.get(http::header::IF_MATCH).and_then(|v| v.to_str().ok()) else {
+        let Some(v) = headers
+            .get(http::header::IF_MATCH)
+            .and_then(|v| v.to_str().ok())
+        else {
             return IfMatch::None;
         };
         let v = v.trim();
@@ -153,12 +164,16 @@ pub fn page_request(
     let limit = match headers.get(HEADER_MAX_ITEM_COUNT) {
         None => default_size,
         Some(v) => {
-            let n: i64 = v.to_str().ok().and_then(|s| s.trim().parse().ok()).ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::InvalidPageSize,
-                    "x-ms-max-item-count must be a whole number",
-                )
-            })?;
+            let n: i64 = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidPageSize,
+                        "x-ms-max-item-count must be a whole number",
+                    )
+                })?;
             if n <= 0 {
                 // The CLI sends its remaining --top, never 0; a non-positive count means "default".
                 default_size
@@ -201,10 +216,17 @@ fn decode_continuation(token: &str, scope: &str) -> Result<String, ApiError> {
 
 /// A page of results: always a JSON array, `x-ms-item-type` always, `x-ms-continuation` only
 /// when another page exists (C# loops forever on an empty one).
-pub fn page_response<T: Serialize>(items: &[T], item_type: ItemType, continuation: Option<String>) -> Response {
+pub fn page_response<T: Serialize>(
+    items: &[T],
+    item_type: ItemType,
+    continuation: Option<String>,
+) -> Response {
     let mut resp = json_ok(&items);
     let h = resp.headers_mut();
-    h.insert(HEADER_ITEM_TYPE, HeaderValue::from_static(item_type.as_str()));
+    h.insert(
+        HEADER_ITEM_TYPE,
+        HeaderValue::from_static(item_type.as_str()),
+    );
     if let Some(c) = continuation.and_then(|c| HeaderValue::from_str(&c).ok()) {
         h.insert(HEADER_CONTINUATION, c);
     }
@@ -238,7 +260,10 @@ pub fn check_query_body(bytes: &[u8]) -> Result<(), ApiError> {
     } else {
         Err(ApiError::new(
             ErrorCode::InvalidQuery,
-            format!("unsupported query {:?}: Muster supports 'SELECT *'", spec.query),
+            format!(
+                "unsupported query {:?}: Muster supports 'SELECT *'",
+                spec.query
+            ),
         ))
     }
 }
@@ -268,13 +293,25 @@ mod tests {
         h.insert(HEADER_CONTINUATION, t.parse().unwrap());
         h.insert(HEADER_MAX_ITEM_COUNT, "10".parse().unwrap());
         let p = page_request(&h, "enrollments", 100, 1000).unwrap();
-        assert_eq!(p, PageRequest { limit: 10, after: Some("dev-9".into()) });
+        assert_eq!(
+            p,
+            PageRequest {
+                limit: 10,
+                after: Some("dev-9".into())
+            }
+        );
         let e = page_request(&h, "registrations:g1", 100, 1000).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidContinuationToken);
         h.insert(HEADER_MAX_ITEM_COUNT, "5000".parse().unwrap());
-        assert_eq!(page_request(&h, "enrollments", 100, 1000).unwrap().limit, 1000);
+        assert_eq!(
+            page_request(&h, "enrollments", 100, 1000).unwrap().limit,
+            1000
+        );
         h.insert(HEADER_MAX_ITEM_COUNT, "ten".parse().unwrap());
-        assert_eq!(page_request(&h, "enrollments", 100, 1000).unwrap_err().code, ErrorCode::InvalidPageSize);
+        assert_eq!(
+            page_request(&h, "enrollments", 100, 1000).unwrap_err().code,
+            ErrorCode::InvalidPageSize
+        );
     }
 
     #[test]
@@ -283,9 +320,14 @@ mod tests {
         check_query_body(br#"{"query":"SELECT *"}"#).unwrap();
         check_query_body(br#"{"query":"select  * from enrollments"}"#).unwrap();
         assert_eq!(
-            check_query_body(br#"{"query":"SELECT * WHERE x = 1"}"#).unwrap_err().code,
+            check_query_body(br#"{"query":"SELECT * WHERE x = 1"}"#)
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidQuery
         );
-        assert_eq!(check_query_body(b"{").unwrap_err().code, ErrorCode::MalformedBody);
+        assert_eq!(
+            check_query_body(b"{").unwrap_err().code,
+            ErrorCode::MalformedBody
+        );
     }
 }

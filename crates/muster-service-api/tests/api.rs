@@ -37,7 +37,9 @@ struct Reply {
 fn harness() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("muster.db")).unwrap();
-    let clock = Arc::new(ManualClock::new(Timestamp::from_unix_millis(NOW * 1000).unwrap()));
+    let clock = Arc::new(ManualClock::new(
+        Timestamp::from_unix_millis(NOW * 1000).unwrap(),
+    ));
     let policies = vec![
         AccessPolicy {
             key_name: "provisioningserviceowner".into(),
@@ -71,7 +73,12 @@ fn harness() -> Harness {
 }
 
 fn owner_token() -> String {
-    SasToken::generate(HOST, OWNER_KEY, Some("provisioningserviceowner"), NOW + 3600)
+    SasToken::generate(
+        HOST,
+        OWNER_KEY,
+        Some("provisioningserviceowner"),
+        NOW + 3600,
+    )
 }
 
 impl Harness {
@@ -82,7 +89,8 @@ impl Harness {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> Reply {
-        self.call_as(&owner_token(), method, path, body, headers).await
+        self.call_as(&owner_token(), method, path, body, headers)
+            .await
     }
 
     async fn call_as(
@@ -124,9 +132,14 @@ impl Harness {
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 }
 
@@ -147,7 +160,14 @@ fn sym_enrollment(id: &str) -> Value {
 #[tokio::test]
 async fn symmetric_key_enrollment_lifecycle() {
     let h = harness();
-    let r = h.call(Method::PUT, "/enrollments/Dev-01", Some(sym_enrollment("Dev-01")), &[]).await;
+    let r = h
+        .call(
+            Method::PUT,
+            "/enrollments/Dev-01",
+            Some(sym_enrollment("Dev-01")),
+            &[],
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let keys = r.body["attestation"]["symmetricKey"].clone();
     for k in ["primaryKey", "secondaryKey"] {
@@ -168,26 +188,58 @@ async fn symmetric_key_enrollment_lifecycle() {
     let g = h.call(Method::GET, "/enrollments/dev-01", None, &[]).await;
     assert_eq!(g.status, 200);
     assert_eq!(g.body["attestation"], json!({"type": "symmetricKey"}));
-    assert_eq!(g.body["registrationState"], json!({"registrationId": "Dev-01", "status": "unassigned"}));
+    assert_eq!(
+        g.body["registrationState"],
+        json!({"registrationId": "Dev-01", "status": "unassigned"})
+    );
     assert_eq!(g.body["etag"], json!(etag));
 
     // The attestation mechanism shows the keys.
-    let a = h.call(Method::POST, "/enrollments/Dev-01/attestationmechanism", None, &[]).await;
+    let a = h
+        .call(
+            Method::POST,
+            "/enrollments/Dev-01/attestationmechanism",
+            None,
+            &[],
+        )
+        .await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body["symmetricKey"], keys);
 
     // A blind PUT over an existing record is a conflict.
-    let c = h.call(Method::PUT, "/enrollments/Dev-01", Some(sym_enrollment("Dev-01")), &[]).await;
+    let c = h
+        .call(
+            Method::PUT,
+            "/enrollments/Dev-01",
+            Some(sym_enrollment("Dev-01")),
+            &[],
+        )
+        .await;
     assert_error(&c, 409, 409201);
 
     // A stale etag is refused; quoted and bare etags both match.
-    let s = h.call(Method::PUT, "/enrollments/Dev-01", Some(sym_enrollment("Dev-01")), &[("if-match", "stale")]).await;
+    let s = h
+        .call(
+            Method::PUT,
+            "/enrollments/Dev-01",
+            Some(sym_enrollment("Dev-01")),
+            &[("if-match", "stale")],
+        )
+        .await;
     assert_error(&s, 412, 412001);
     h.clock.advance_secs(5);
     let mut upd = sym_enrollment("Dev-01");
-    upd["initialTwin"] = json!({"tags": {"version": "1", "site": "a"}, "properties": {"desired": {"interval": 5}}});
+    upd["initialTwin"] =
+        json!({"tags": {"version": "1", "site": "a"}, "properties": {"desired": {"interval": 5}}});
     let quoted = format!("\"{etag}\"");
-    let u = h.call(Method::PUT, "/enrollments/Dev-01", Some(upd.clone()), &[("if-match", &quoted)]).await;
+    let u = h
+        .call(
+            Method::PUT,
+            "/enrollments/Dev-01",
+            Some(upd.clone()),
+            &[("if-match", &quoted)],
+        )
+        .await;
     assert_eq!(u.status, 200, "{}", u.body);
     // Omitted keys are kept, not rotated; the created time stays, the update time moves.
     assert_eq!(u.body["attestation"]["symmetricKey"], keys);
@@ -201,14 +253,38 @@ async fn symmetric_key_enrollment_lifecycle() {
     let k1 = B64.encode([1u8; 32]);
     let k2 = B64.encode([2u8; 16]);
     with_keys["attestation"]["symmetricKey"] = json!({"primaryKey": k1, "secondaryKey": k2});
-    let w = h.call(Method::PUT, "/enrollments/Dev-01", Some(with_keys), &[("if-match", "*")]).await;
+    let w = h
+        .call(
+            Method::PUT,
+            "/enrollments/Dev-01",
+            Some(with_keys),
+            &[("if-match", "*")],
+        )
+        .await;
     assert_eq!(w.status, 200);
-    assert_eq!(w.body["attestation"]["symmetricKey"]["primaryKey"], json!(k1));
+    assert_eq!(
+        w.body["attestation"]["symmetricKey"]["primaryKey"],
+        json!(k1)
+    );
 
     // Delete with a stale etag fails; then succeeds; then 404.
-    let d = h.call(Method::DELETE, "/enrollments/Dev-01", None, &[("if-match", "stale")]).await;
+    let d = h
+        .call(
+            Method::DELETE,
+            "/enrollments/Dev-01",
+            None,
+            &[("if-match", "stale")],
+        )
+        .await;
     assert_error(&d, 412, 412001);
-    let d = h.call(Method::DELETE, "/enrollments/Dev-01", None, &[("if-match", "*")]).await;
+    let d = h
+        .call(
+            Method::DELETE,
+            "/enrollments/Dev-01",
+            None,
+            &[("if-match", "*")],
+        )
+        .await;
     assert_eq!(d.status, 204);
     assert_eq!(d.body, Value::Null);
     assert!(d.headers.get("content-type").is_none());
@@ -224,7 +300,12 @@ async fn provisioning_status_null_is_echoed_and_absent_defaults() {
     let r = h.call(Method::PUT, "/enrollments/a1", Some(e), &[]).await;
     assert_eq!(r.body["provisioningStatus"], Value::Null);
     let r = h
-        .call(Method::PUT, "/enrollments/a2", Some(json!({"attestation": {"type": "symmetricKey"}})), &[])
+        .call(
+            Method::PUT,
+            "/enrollments/a2",
+            Some(json!({"attestation": {"type": "symmetricKey"}})),
+            &[],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["provisioningStatus"], "enabled");
@@ -236,23 +317,77 @@ async fn refusals_name_the_check_and_write_nothing() {
     let h = harness();
     let cases: Vec<(&str, Value, u16, u64)> = vec![
         ("/enrollments/bad!id", sym_enrollment("bad!id"), 400, 400002),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "password"}}), 400, 400005),
-        ("/enrollments/ok1", json!({"registrationId": "ok1"}), 400, 400005),
-        ("/enrollments/ok1", json!({"registrationId": "other", "attestation": {"type": "symmetricKey"}}), 400, 400008),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}), 400, 400006),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "iotHubs": ["h1.example"]}), 400, 400004),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom"}), 400, 400012),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "not a certificate"}}}}}), 400, 400007),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "tpm"}}), 400, 400005),
-        ("/enrollmentGroups/g1", json!({"enrollmentGroupId": "g1", "attestation": {"type": "tpm", "tpm": {"endorsementKey": "AAAA"}}}), 400, 400005),
-        ("/enrollments/ok1", json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "nearest"}), 400, 400001),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "password"}}),
+            400,
+            400005,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1"}),
+            400,
+            400005,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "other", "attestation": {"type": "symmetricKey"}}),
+            400,
+            400008,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}),
+            400,
+            400006,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "iotHubs": ["h1.example"]}),
+            400,
+            400004,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "custom"}),
+            400,
+            400012,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "not a certificate"}}}}}),
+            400,
+            400007,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "tpm"}}),
+            400,
+            400005,
+        ),
+        (
+            "/enrollmentGroups/g1",
+            json!({"enrollmentGroupId": "g1", "attestation": {"type": "tpm", "tpm": {"endorsementKey": "AAAA"}}}),
+            400,
+            400005,
+        ),
+        (
+            "/enrollments/ok1",
+            json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "nearest"}),
+            400,
+            400001,
+        ),
     ];
     for (path, body, status, code) in cases {
         let r = h.call(Method::PUT, path, Some(body.clone()), &[]).await;
         assert_error(&r, status, code);
         let id = path.rsplit('/').next().unwrap();
         let g = h.call(Method::GET, path, None, &[]).await;
-        assert!(g.status == 404 || g.status == 400, "{id} was written: {}", g.body);
+        assert!(
+            g.status == 404 || g.status == 400,
+            "{id} was written: {}",
+            g.body
+        );
     }
     // Malformed JSON.
     let req = Request::builder()
@@ -264,7 +399,10 @@ async fn refusals_name_the_check_and_write_nothing() {
         .unwrap();
     let r = h.send(req).await;
     assert_error(&r, 400, 400001);
-    assert!(r.body["message"].as_str().unwrap().contains("not valid JSON"));
+    assert!(r.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
     // Not JSON at all.
     let req = Request::builder()
         .method(Method::PUT)
@@ -276,9 +414,21 @@ async fn refusals_name_the_check_and_write_nothing() {
     assert_error(&h.send(req).await, 415, 415001);
     // Oversized body.
     let big = json!({"registrationId": "ok1", "attestation": {"type": "symmetricKey"}, "optionalDeviceInformation": {"pad": "x".repeat(2 * 1024 * 1024)}});
-    assert_error(&h.call(Method::PUT, "/enrollments/ok1", Some(big), &[]).await, 413, 413001);
+    assert_error(
+        &h.call(Method::PUT, "/enrollments/ok1", Some(big), &[])
+            .await,
+        413,
+        413001,
+    );
     // api-version.
-    let r = h.call(Method::GET, "/enrollments/ok1?api-version=2099-01-01", None, &[]).await;
+    let r = h
+        .call(
+            Method::GET,
+            "/enrollments/ok1?api-version=2099-01-01",
+            None,
+            &[],
+        )
+        .await;
     assert_error(&r, 400, 400009);
     let req = Request::builder()
         .uri("/enrollments/ok1")
@@ -287,42 +437,127 @@ async fn refusals_name_the_check_and_write_nothing() {
         .unwrap();
     assert_error(&h.send(req).await, 400, 400009);
     // Unknown route, wrong method.
-    assert_error(&h.call(Method::GET, "/nothing/here", None, &[]).await, 404, 404000);
-    assert_error(&h.call(Method::PATCH, "/enrollments/ok1", None, &[]).await, 405, 405000);
+    assert_error(
+        &h.call(Method::GET, "/nothing/here", None, &[]).await,
+        404,
+        404000,
+    );
+    assert_error(
+        &h.call(Method::PATCH, "/enrollments/ok1", None, &[]).await,
+        405,
+        405000,
+    );
 }
 
 #[tokio::test]
 async fn authorization_failures() {
     let h = harness();
-    let none = h.call_as("", Method::GET, "/enrollments/a", None, &[]).await;
+    let none = h
+        .call_as("", Method::GET, "/enrollments/a", None, &[])
+        .await;
     assert_error(&none, 401, 401000);
-    let wrong = SasToken::generate(HOST, b"not-the-key-not-the-key-not-the-", Some("provisioningserviceowner"), NOW + 60);
-    assert_error(&h.call_as(&wrong, Method::GET, "/enrollments/a", None, &[]).await, 401, 401000);
-    let expired = SasToken::generate(HOST, OWNER_KEY, Some("provisioningserviceowner"), NOW - 3600);
-    assert_error(&h.call_as(&expired, Method::GET, "/enrollments/a", None, &[]).await, 401, 401003);
+    let wrong = SasToken::generate(
+        HOST,
+        b"not-the-key-not-the-key-not-the-",
+        Some("provisioningserviceowner"),
+        NOW + 60,
+    );
+    assert_error(
+        &h.call_as(&wrong, Method::GET, "/enrollments/a", None, &[])
+            .await,
+        401,
+        401000,
+    );
+    let expired = SasToken::generate(
+        HOST,
+        OWNER_KEY,
+        Some("provisioningserviceowner"),
+        NOW - 3600,
+    );
+    assert_error(
+        &h.call_as(&expired, Method::GET, "/enrollments/a", None, &[])
+            .await,
+        401,
+        401003,
+    );
     // The reader may read but not write, and may not delete registration records.
     let reader = SasToken::generate(HOST, READER_KEY, Some("reader"), NOW + 60);
-    let r = h.call_as(&reader, Method::PUT, "/enrollments/a", Some(sym_enrollment("a")), &[]).await;
+    let r = h
+        .call_as(
+            &reader,
+            Method::PUT,
+            "/enrollments/a",
+            Some(sym_enrollment("a")),
+            &[],
+        )
+        .await;
     assert_error(&r, 403, 403001);
-    assert!(r.body["message"].as_str().unwrap().contains("EnrollmentWrite"));
-    assert_eq!(h.call(Method::GET, "/enrollments/a", None, &[]).await.status, 404, "nothing written");
-    assert_error(&h.call_as(&reader, Method::DELETE, "/registrations/a", None, &[]).await, 403, 403001);
-    assert_error(&h.call_as(&reader, Method::GET, "/enrollments/a", None, &[]).await, 404, 404201);
+    assert!(r.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("EnrollmentWrite"));
+    assert_eq!(
+        h.call(Method::GET, "/enrollments/a", None, &[])
+            .await
+            .status,
+        404,
+        "nothing written"
+    );
+    assert_error(
+        &h.call_as(&reader, Method::DELETE, "/registrations/a", None, &[])
+            .await,
+        403,
+        403001,
+    );
+    assert_error(
+        &h.call_as(&reader, Method::GET, "/enrollments/a", None, &[])
+            .await,
+        404,
+        404201,
+    );
     // Every client's form of sr: raw host (Node) and scheme-prefixed (Python with an https:// endpoint).
     let node = {
         let sig = muster_proto::sas::sign(OWNER_KEY, &format!("{HOST}\n{}", NOW + 60));
-        format!("SharedAccessSignature sr={HOST}&sig={}&skn=provisioningserviceowner&se={}", muster_proto::sas::encode_resource(&sig), NOW + 60)
+        format!(
+            "SharedAccessSignature sr={HOST}&sig={}&skn=provisioningserviceowner&se={}",
+            muster_proto::sas::encode_resource(&sig),
+            NOW + 60
+        )
     };
-    assert_eq!(h.call_as(&node, Method::GET, "/enrollments/a", None, &[]).await.status, 404);
-    let py = SasToken::generate(&format!("https://{HOST}"), OWNER_KEY, Some("provisioningserviceowner"), NOW + 60);
-    assert_eq!(h.call_as(&py, Method::GET, "/enrollments/a", None, &[]).await.status, 404);
+    assert_eq!(
+        h.call_as(&node, Method::GET, "/enrollments/a", None, &[])
+            .await
+            .status,
+        404
+    );
+    let py = SasToken::generate(
+        &format!("https://{HOST}"),
+        OWNER_KEY,
+        Some("provisioningserviceowner"),
+        NOW + 60,
+    );
+    assert_eq!(
+        h.call_as(&py, Method::GET, "/enrollments/a", None, &[])
+            .await
+            .status,
+        404
+    );
 }
 
 #[tokio::test]
 async fn paging_returns_each_record_once() {
     let h = harness();
-    let items: Vec<Value> = (0..150).map(|i| sym_enrollment(&format!("page-{i:03}"))).collect();
-    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": items, "mode": "create"})), &[]).await;
+    let items: Vec<Value> = (0..150)
+        .map(|i| sym_enrollment(&format!("page-{i:03}")))
+        .collect();
+    let r = h
+        .call(
+            Method::POST,
+            "/enrollments",
+            Some(json!({"enrollments": items, "mode": "create"})),
+            &[],
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, json!({"isSuccessful": true, "errors": []}));
 
@@ -335,13 +570,24 @@ async fn paging_returns_each_record_once() {
             headers.push(("x-ms-continuation", t.clone()));
         }
         let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let p = h.call(Method::POST, "/enrollments/query", Some(json!({"query": "SELECT *"})), &hdrs).await;
+        let p = h
+            .call(
+                Method::POST,
+                "/enrollments/query",
+                Some(json!({"query": "SELECT *"})),
+                &hdrs,
+            )
+            .await;
         assert_eq!(p.status, 200);
         assert_eq!(p.headers["x-ms-item-type"], "Enrollment");
         let arr = p.body.as_array().unwrap();
         assert_eq!(arr.len(), 10);
         for e in arr {
-            assert_eq!(e["attestation"], json!({"type": "symmetricKey"}), "query hides keys");
+            assert_eq!(
+                e["attestation"],
+                json!({"type": "symmetricKey"}),
+                "query hides keys"
+            );
             assert!(e.get("registrationState").is_none());
             seen.push(e["registrationId"].as_str().unwrap().to_string());
         }
@@ -359,14 +605,21 @@ async fn paging_returns_each_record_once() {
     assert_eq!(seen.len(), 150);
 
     // An empty query body (Python sends none for registrations) and an empty result.
-    let g = h.call(Method::POST, "/enrollmentGroups/query", None, &[]).await;
+    let g = h
+        .call(Method::POST, "/enrollmentGroups/query", None, &[])
+        .await;
     assert_eq!(g.status, 200);
     assert_eq!(g.body, json!([]));
     assert_eq!(g.headers["x-ms-item-type"], "EnrollmentGroup");
     assert!(g.headers.get("x-ms-continuation").is_none());
     // A token from one query does not work on another.
     let bad = h
-        .call(Method::POST, "/registrations/grp/query", None, &[("x-ms-continuation", token.as_deref().unwrap_or("x"))])
+        .call(
+            Method::POST,
+            "/registrations/grp/query",
+            None,
+            &[("x-ms-continuation", token.as_deref().unwrap_or("x"))],
+        )
         .await;
     assert_error(&bad, 400, 400013);
 }
@@ -374,36 +627,91 @@ async fn paging_returns_each_record_once() {
 #[tokio::test]
 async fn bulk_has_no_ten_item_cap_and_reports_per_item() {
     let h = harness();
-    let items: Vec<Value> = (0..10_000).map(|i| sym_enrollment(&format!("bulk-{i}"))).collect();
-    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": items, "mode": "create"})), &[]).await;
+    let items: Vec<Value> = (0..10_000)
+        .map(|i| sym_enrollment(&format!("bulk-{i}")))
+        .collect();
+    let r = h
+        .call(
+            Method::POST,
+            "/enrollments",
+            Some(json!({"enrollments": items, "mode": "create"})),
+            &[],
+        )
+        .await;
     assert_eq!(r.body["isSuccessful"], true, "{}", r.body["errors"][0]);
     // Create again: per-item conflicts, plus one invalid item; nothing else changes.
-    let mut again: Vec<Value> = (0..3).map(|i| sym_enrollment(&format!("bulk-{i}"))).collect();
+    let mut again: Vec<Value> = (0..3)
+        .map(|i| sym_enrollment(&format!("bulk-{i}")))
+        .collect();
     again.push(json!({"registrationId": "bad id", "attestation": {"type": "symmetricKey"}}));
     again.push(sym_enrollment("bulk-new"));
-    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": again, "mode": "create"})), &[]).await;
+    let r = h
+        .call(
+            Method::POST,
+            "/enrollments",
+            Some(json!({"enrollments": again, "mode": "create"})),
+            &[],
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["isSuccessful"], false);
     let errors = r.body["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 4, "{errors:?}");
-    assert_eq!(errors[0], json!({"registrationId": "bulk-0", "errorCode": 409201, "errorStatus": "Enrollment already exists."}));
+    assert_eq!(
+        errors[0],
+        json!({"registrationId": "bulk-0", "errorCode": 409201, "errorStatus": "Enrollment already exists."})
+    );
     assert_eq!(errors[3]["errorCode"], 400002);
-    assert_eq!(h.call(Method::GET, "/enrollments/bulk-new", None, &[]).await.status, 200);
+    assert_eq!(
+        h.call(Method::GET, "/enrollments/bulk-new", None, &[])
+            .await
+            .status,
+        200
+    );
     // updateIfMatchEtag (Node's spelling) with a stale etag; update upserts; delete removes.
     let mut stale = sym_enrollment("bulk-1");
     stale["etag"] = json!("stale");
-    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": [stale], "mode": "updateIfMatchEtag"})), &[]).await;
+    let r = h
+        .call(
+            Method::POST,
+            "/enrollments",
+            Some(json!({"enrollments": [stale], "mode": "updateIfMatchEtag"})),
+            &[],
+        )
+        .await;
     assert_eq!(r.body["errors"][0]["errorCode"], 412001);
     let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": [sym_enrollment("bulk-1"), sym_enrollment("fresh")], "mode": "update"})), &[]).await;
     assert_eq!(r.body["isSuccessful"], true);
     let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": [sym_enrollment("bulk-1"), sym_enrollment("missing")], "mode": "delete"})), &[]).await;
-    assert_eq!(r.body["errors"], json!([{"registrationId": "missing", "errorCode": 404201, "errorStatus": "enrollment 'missing' not found"}]));
-    assert_eq!(h.call(Method::GET, "/enrollments/bulk-1", None, &[]).await.status, 404);
+    assert_eq!(
+        r.body["errors"],
+        json!([{"registrationId": "missing", "errorCode": 404201, "errorStatus": "enrollment 'missing' not found"}])
+    );
+    assert_eq!(
+        h.call(Method::GET, "/enrollments/bulk-1", None, &[])
+            .await
+            .status,
+        404
+    );
     // Over the limit, and a bad mode.
     let too_many: Vec<Value> = (0..10_001).map(|_| json!({})).collect();
-    let r = h.call(Method::POST, "/enrollments", Some(json!({"enrollments": too_many, "mode": "create"})), &[]).await;
+    let r = h
+        .call(
+            Method::POST,
+            "/enrollments",
+            Some(json!({"enrollments": too_many, "mode": "create"})),
+            &[],
+        )
+        .await;
     assert_error(&r, 400, 400011);
-    let r = h.call(Method::POST, "/enrollmentGroups", Some(json!({"enrollmentGroups": [], "mode": "merge"})), &[]).await;
+    let r = h
+        .call(
+            Method::POST,
+            "/enrollmentGroups",
+            Some(json!({"enrollmentGroups": [], "mode": "merge"})),
+            &[],
+        )
+        .await;
     assert_error(&r, 400, 400011);
 }
 
@@ -412,23 +720,277 @@ async fn groups_routes_are_case_insensitive_and_registrations_empty() {
     let h = harness();
     let g = json!({"enrollmentGroupId": "Group-A", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "geolatency",
                    "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": false}});
-    let r = h.call(Method::PUT, "/enrollmentgroups/Group-A", Some(g), &[]).await;
+    let r = h
+        .call(Method::PUT, "/enrollmentgroups/Group-A", Some(g), &[])
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["allocationPolicy"], "geoLatency");
-    assert_eq!(r.body["reprovisionPolicy"], json!({"updateHubAssignment": true, "migrateDeviceData": false}));
-    let a = h.call(Method::POST, "/ENROLLMENTGROUPS/group-a/AttestationMechanism", None, &[]).await;
+    assert_eq!(
+        r.body["reprovisionPolicy"],
+        json!({"updateHubAssignment": true, "migrateDeviceData": false})
+    );
+    let a = h
+        .call(
+            Method::POST,
+            "/ENROLLMENTGROUPS/group-a/AttestationMechanism",
+            None,
+            &[],
+        )
+        .await;
     assert_eq!(a.status, 200);
-    assert_eq!(a.body["symmetricKey"]["primaryKey"], r.body["attestation"]["symmetricKey"]["primaryKey"]);
-    let q = h.call(Method::POST, "/registrations/Group-A/query", None, &[]).await;
+    assert_eq!(
+        a.body["symmetricKey"]["primaryKey"],
+        r.body["attestation"]["symmetricKey"]["primaryKey"]
+    );
+    let q = h
+        .call(Method::POST, "/registrations/Group-A/query", None, &[])
+        .await;
     assert_eq!(q.status, 200);
     assert_eq!(q.body, json!([]));
     assert_eq!(q.headers["x-ms-item-type"], "DeviceRegistration");
-    assert_error(&h.call(Method::GET, "/registrations/dev-x", None, &[]).await, 404, 404203);
-    assert_error(&h.call(Method::DELETE, "/registrations/dev-x", None, &[]).await, 404, 404203);
+    assert_error(
+        &h.call(Method::GET, "/registrations/dev-x", None, &[]).await,
+        404,
+        404203,
+    );
+    assert_error(
+        &h.call(Method::DELETE, "/registrations/dev-x", None, &[])
+            .await,
+        404,
+        404203,
+    );
     // Legacy api-versions work.
     for v in ["2018-09-01-preview", "2019-03-31"] {
-        let r = h.call(Method::GET, &format!("/enrollmentGroups/Group-A?api-version={v}"), None, &[]).await;
+        let r = h
+            .call(
+                Method::GET,
+                &format!("/enrollmentGroups/Group-A?api-version={v}"),
+                None,
+                &[],
+            )
+            .await;
         assert_eq!(r.status, 200);
         assert!(r.body["attestation"].get("symmetricKey").is_none());
     }
+}
+
+fn self_signed(cn: &str, ca: bool) -> (String, Vec<u8>) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), cert.der().to_vec())
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn x509_certificates_are_summarised_never_echoed() {
+    let h = harness();
+    let (root_pem, root_der) = self_signed("Muster Test Root", true);
+    let (second_pem, second_der) = self_signed("Second Root", true);
+    // Signing certificates as PEM (primary) and as base64 DER (secondary, as C# sends them).
+    let group = json!({"enrollmentGroupId": "x509-group", "attestation": {"type": "x509", "x509": {"signingCertificates": {
+        "primary": {"certificate": root_pem}, "secondary": {"certificate": B64.encode(&second_der)}}}}});
+    let r = h
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-group",
+            Some(group),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let primary = &r.body["attestation"]["x509"]["signingCertificates"]["primary"];
+    assert!(
+        primary.get("certificate").is_none(),
+        "certificate text is never returned"
+    );
+    assert_eq!(primary["info"]["subjectName"], "CN=Muster Test Root");
+    assert_eq!(primary["info"]["issuerName"], "CN=Muster Test Root");
+    assert_eq!(
+        primary["info"]["sha256Thumbprint"],
+        json!(sha256_hex(&root_der))
+    );
+    assert_eq!(primary["info"]["version"], 3);
+    let secondary = &r.body["attestation"]["x509"]["signingCertificates"]["secondary"];
+    assert_eq!(
+        secondary["info"]["sha256Thumbprint"],
+        json!(sha256_hex(&second_der))
+    );
+    let _ = second_pem;
+
+    // The CLI's update re-sends the info-only entries it got from GET: accepted, certificate kept.
+    let got = h
+        .call(Method::GET, "/enrollmentGroups/x509-group", None, &[])
+        .await;
+    let mut resend = got.body.clone();
+    resend["provisioningStatus"] = json!("disabled");
+    let u = h
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-group",
+            Some(resend),
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_eq!(u.status, 200, "{}", u.body);
+    assert_eq!(
+        u.body["attestation"]["x509"]["signingCertificates"]["primary"]["info"],
+        primary["info"]
+    );
+    // An info-only entry that matches nothing stored is refused.
+    let mut forged = got.body.clone();
+    forged["attestation"]["x509"]["signingCertificates"]["primary"]["info"]["sha256Thumbprint"] =
+        json!("00".repeat(32));
+    let f = h
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-group",
+            Some(forged),
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_error(&f, 400, 400007);
+
+    // Individual enrollments take client certificates, groups do not.
+    let (leaf_pem, leaf_der) = self_signed("device-x1", false);
+    let ind = json!({"registrationId": "device-x1", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": B64.encode(leaf_pem.as_bytes())}}}}});
+    let r = h
+        .call(Method::PUT, "/enrollments/device-x1", Some(ind), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["attestation"]["x509"]["clientCertificates"]["primary"]["info"]["sha256Thumbprint"],
+        json!(sha256_hex(&leaf_der))
+    );
+    let bad = json!({"enrollmentGroupId": "g2", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": leaf_pem}}}}});
+    assert_error(
+        &h.call(Method::PUT, "/enrollmentGroups/g2", Some(bad), &[])
+            .await,
+        400,
+        400005,
+    );
+    // CA references need a primary name.
+    let refs = json!({"enrollmentGroupId": "g3", "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "my-root"}}}});
+    let r = h
+        .call(Method::PUT, "/enrollmentGroups/g3", Some(refs), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["attestation"]["x509"]["caReferences"],
+        json!({"primary": "my-root"})
+    );
+}
+
+#[tokio::test]
+async fn deleting_an_individual_enrollment_removes_its_record_but_group_records_stay() {
+    use muster_store::{Collection, Expect, Store, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("m.db")).unwrap());
+    let h = {
+        let mut h = harness();
+        let api = ServiceApi {
+            store: store.clone(),
+            auth: Authorizer::new(
+                vec![AccessPolicy {
+                    key_name: "provisioningserviceowner".into(),
+                    primary_key: B64.encode(OWNER_KEY),
+                    secondary_key: B64.encode(OWNER_KEY),
+                    rights: AccessRights::all(),
+                }],
+                vec![HOST.into()],
+            ),
+            clock: h.clock.clone(),
+            entropy: Arc::new(SeededEntropy::new(3)),
+            limits: Limits::default(),
+        };
+        h.app = Router::new().fallback_service(
+            muster_service_api::router(api).map_request(muster_service_api::normalize_path),
+        );
+        h
+    };
+    let record = |id: &str| json!({"registrationId": id, "status": "assigned", "assignedHub": "hub.local", "deviceId": id});
+    store
+        .write(vec![
+            Write::put(
+                Collection::Registrations,
+                "solo",
+                Expect::Absent,
+                record("solo"),
+            ),
+            Write::put(
+                Collection::Registrations,
+                "member",
+                Expect::Absent,
+                record("member"),
+            )
+            .with_partition(Some("grp".into())),
+        ])
+        .await
+        .unwrap();
+    h.call(
+        Method::PUT,
+        "/enrollments/solo",
+        Some(sym_enrollment("solo")),
+        &[],
+    )
+    .await;
+    let g = h.call(Method::GET, "/enrollments/solo", None, &[]).await;
+    assert_eq!(g.body["registrationState"]["assignedHub"], "hub.local");
+    assert!(g.body["registrationState"]["etag"].is_string());
+    let q = h
+        .call(Method::POST, "/registrations/GRP/query", None, &[])
+        .await;
+    assert_eq!(q.body.as_array().unwrap().len(), 1);
+    assert_eq!(
+        h.call(Method::DELETE, "/enrollments/solo", None, &[])
+            .await
+            .status,
+        204
+    );
+    assert_error(
+        &h.call(Method::GET, "/registrations/solo", None, &[]).await,
+        404,
+        404203,
+    );
+    // Group records are only removed through the registrations API, with etag checks.
+    let m = h
+        .call(Method::GET, "/registrations/member", None, &[])
+        .await;
+    assert_eq!(m.status, 200);
+    assert_error(
+        &h.call(
+            Method::DELETE,
+            "/registrations/member",
+            None,
+            &[("if-match", "stale")],
+        )
+        .await,
+        412,
+        412001,
+    );
+    let etag = m.body["etag"].as_str().unwrap().to_string();
+    assert_eq!(
+        h.call(
+            Method::DELETE,
+            "/registrations/member",
+            None,
+            &[("if-match", &etag)]
+        )
+        .await
+        .status,
+        204
+    );
 }

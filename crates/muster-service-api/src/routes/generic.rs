@@ -206,7 +206,10 @@ pub(crate) async fn put<K: EnrollmentKind>(
 fn etag_mismatch<K: EnrollmentKind>(id: &str) -> ApiError {
     ApiError::new(
         ErrorCode::PreconditionFailed,
-        format!("If-Match does not match the current etag of {} '{id}'", K::NOUN),
+        format!(
+            "If-Match does not match the current etag of {} '{id}'",
+            K::NOUN
+        ),
     )
 }
 
@@ -398,9 +401,10 @@ pub(crate) async fn bulk<K: EnrollmentKind>(
     for (outcome, id) in outcomes.iter().zip(write_ids) {
         let err = match outcome {
             WriteOutcome::Written { .. } | WriteOutcome::Deleted => continue,
-            WriteOutcome::AlreadyExists => {
-                ApiError::new(K::EXISTS, format!("{} already exists.", capitalised(K::NOUN)))
-            }
+            WriteOutcome::AlreadyExists => ApiError::new(
+                K::EXISTS,
+                format!("{} already exists.", capitalised(K::NOUN)),
+            ),
             WriteOutcome::NotFound => not_found::<K>(&id),
             WriteOutcome::EtagMismatch => etag_mismatch::<K>(&id),
         };
@@ -496,6 +500,16 @@ async fn plan_bulk_item<K: EnrollmentKind>(
         (_, Some(s)) => Expect::Etag(s.etag.clone()),
         (_, None) => Expect::Absent,
     };
-    let prepared = prepare(incoming, existing.as_ref().map(|s| &s.value), now, &*api.entropy)?;
-    Ok(Write::put(K::COLLECTION, key, expect, stored_body(&prepared)?))
+    let prepared = prepare(
+        incoming,
+        existing.as_ref().map(|s| &s.value),
+        now,
+        &*api.entropy,
+    )?;
+    Ok(Write::put(
+        K::COLLECTION,
+        key,
+        expect,
+        stored_body(&prepared)?,
+    ))
 }

@@ -27,5 +27,8 @@ pub async fn not_found() -> ApiError {
 
 /// Fallback for a known path with the wrong method.
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed, "this method is not allowed on this resource")
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this method is not allowed on this resource",
+    )
 }

@@ -47,9 +47,10 @@ async fn get_state(
 ) -> Result<Response, ApiError> {
     admit(&api, &headers, &params, AccessRight::RegistrationStatusRead)?;
     let key = registration_key(&id)?;
-    let state = records::get::<DeviceRegistrationState>(&*api.store, Collection::Registrations, &key)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let state =
+        records::get::<DeviceRegistrationState>(&*api.store, Collection::Registrations, &key)
+            .await?
+            .ok_or_else(|| not_found(&id))?;
     Ok(json_ok(&state.value))
 }
 
@@ -59,7 +60,12 @@ async fn delete_state(
     Query(params): Query<QueryParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    admit(&api, &headers, &params, AccessRight::RegistrationStatusWrite)?;
+    admit(
+        &api,
+        &headers,
+        &params,
+        AccessRight::RegistrationStatusWrite,
+    )?;
     let key = registration_key(&id)?;
     let expect = match IfMatch::from_headers(&headers) {
         IfMatch::Etag(e) => Expect::Etag(e),
@@ -121,5 +127,9 @@ async fn query_group(
         None
     };
     let items: Vec<DeviceRegistrationState> = rows.into_iter().map(|r| r.value).collect();
-    Ok(page_response(&items, ItemType::DeviceRegistration, continuation))
+    Ok(page_response(
+        &items,
+        ItemType::DeviceRegistration,
+        continuation,
+    ))
 }
