@@ -86,10 +86,12 @@ const CANONICAL_SEGMENTS: &[&str] = &[
 /// Rewrites the fixed segments of service API paths to their canonical spelling so routing
 /// is case-insensitive; ids keep their spelling.
 pub fn normalize_path(mut req: Request) -> Request {
-    let path = req.uri().path();
+    let full = req.uri().path();
+    // Node's bulk call posts to `/enrollments/`: a trailing slash names the same resource.
+    let path = if full.len() > 1 { full.trim_end_matches('/') } else { full };
+    let mut changed = path.len() != full.len();
     let segments: Vec<&str> = path.split('/').collect();
     // Only the first segment and the segment after an id are fixed words.
-    let mut changed = false;
     let mut out: Vec<String> = Vec::with_capacity(segments.len());
     for (i, seg) in segments.iter().enumerate() {
         let fixed_position = i == 1 || i == 3;
@@ -110,6 +112,9 @@ pub fn normalize_path(mut req: Request) -> Request {
     }
     if changed {
         let mut new_path = out.join("/");
+        if new_path.is_empty() {
+            new_path.push('/');
+        }
         if let Some(q) = req.uri().query() {
             new_path.push('?');
             new_path.push_str(q);
