@@ -168,7 +168,10 @@ mod tests {
             "registrationId": "a", "attestation": {"type": "symmetricKey"}
         }))
         .unwrap();
-        assert_eq!(absent.provisioning_status, Some(ProvisioningStatus::Enabled));
+        assert_eq!(
+            absent.provisioning_status,
+            Some(ProvisioningStatus::Enabled)
+        );
         let null: IndividualEnrollment = serde_json::from_value(json!({
             "registrationId": "a", "attestation": {"type": "symmetricKey"}, "provisioningStatus": null,
             "capabilities": null, "iotHubs": null, "initialTwin": null
@@ -200,7 +203,10 @@ mod tests {
         }))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("unknown attestation type \"password\""), "{err}");
+        assert!(
+            err.contains("unknown attestation type \"password\""),
+            "{err}"
+        );
         assert!(err.contains("symmetricKey"), "{err}");
     }
 }

@@ -44,16 +44,27 @@ pub enum ErrorCode {
     CustomAllocationFailed = 400207,
     CustomAllocationIotHubNotSpecified = 400208,
     CustomAllocationUnauthorizedAccess = 400209,
+    /// No linked hub is eligible for this device.
+    NoHubAvailable = 400210,
+    /// The enrollment (or the webhook) names a hub that is not linked.
+    HubNotLinked = 400211,
     /// No or unreadable credentials, wrong signature, unknown policy.
     Unauthorized = 401000,
     /// The token's `se` lies in the past.
     TokenExpired = 401003,
+    /// The device presented an ID scope this service does not have.
+    UnknownIdScope = 401004,
+    /// No enrollment accepts this device's credentials.
+    DeviceNotAttested = 401005,
     /// The policy is valid but lacks the right the operation needs.
     InsufficientRights = 403001,
     NotFound = 404000,
     EnrollmentNotFound = 404201,
     EnrollmentGroupNotFound = 404202,
     RegistrationNotFound = 404203,
+    /// A status poll names an operation this device does not have.
+    OperationNotFound = 404204,
+    LinkedHubNotFound = 404205,
     MethodNotAllowed = 405000,
     EnrollmentExists = 409201,
     EnrollmentGroupExists = 409202,
@@ -62,6 +73,8 @@ pub enum ErrorCode {
     UnsupportedMediaType = 415001,
     Throttled = 429001,
     Internal = 500001,
+    /// Writing the device into its hub failed.
+    HubWriteFailed = 500002,
     Unavailable = 503001,
 }
 

@@ -151,7 +151,13 @@ mod tests {
 
     #[test]
     fn accepts_dps_ids() {
-        for ok in ["a", "dev-01", "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6", "a:b.c_d", "x-"] {
+        for ok in [
+            "a",
+            "dev-01",
+            "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
+            "a:b.c_d",
+            "x-",
+        ] {
             RegistrationId::new(ok).unwrap();
         }
         RegistrationId::new("a".repeat(128)).unwrap();
@@ -159,18 +165,34 @@ mod tests {
 
     #[test]
     fn refuses_bad_ids_naming_the_rule() {
-        assert!(matches!(RegistrationId::new(""), Err(IdError::Empty { .. })));
+        assert!(matches!(
+            RegistrationId::new(""),
+            Err(IdError::Empty { .. })
+        ));
         assert!(matches!(
             RegistrationId::new("a".repeat(129)),
             Err(IdError::TooLong { len: 129, .. })
         ));
         assert!(matches!(
             RegistrationId::new("bad!id"),
-            Err(IdError::BadCharacter { found: '!', position: 3, .. })
+            Err(IdError::BadCharacter {
+                found: '!',
+                position: 3,
+                ..
+            })
         ));
-        assert!(matches!(RegistrationId::new("-abc"), Err(IdError::BadEdge { .. })));
-        assert!(matches!(RegistrationId::new("abc."), Err(IdError::BadEdge { .. })));
-        assert!(matches!(RegistrationId::new("héllo"), Err(IdError::BadCharacter { .. })));
+        assert!(matches!(
+            RegistrationId::new("-abc"),
+            Err(IdError::BadEdge { .. })
+        ));
+        assert!(matches!(
+            RegistrationId::new("abc."),
+            Err(IdError::BadEdge { .. })
+        ));
+        assert!(matches!(
+            RegistrationId::new("héllo"),
+            Err(IdError::BadCharacter { .. })
+        ));
     }
 
     #[test]

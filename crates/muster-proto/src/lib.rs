@@ -11,6 +11,8 @@
 //! - [`enrollment`] — `IndividualEnrollment`, `EnrollmentGroup` and their shared settings
 //!   (allocation policy, reprovision policy, capabilities, custom allocation).
 //! - [`twin`] — `InitialTwin`.
+//! - [`device`] — device-facing register request, operation status and registration result.
+//! - [`linked_hub`] — linked IoT hubs as the `/linkedHubs` extension shows them.
 //! - [`registration`] — `DeviceRegistrationState` and its status enums.
 //! - [`bulk`] and [`query`] — bulk operations, query specification and paging headers.
 //! - [`error`] — the DPS error body and Muster's table of error codes.
@@ -30,9 +32,11 @@ pub mod api_version;
 pub mod attestation;
 pub mod bulk;
 pub mod connection_string;
+pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod ids;
+pub mod linked_hub;
 pub mod query;
 pub mod registration;
 pub mod rights;

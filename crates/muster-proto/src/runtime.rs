@@ -80,7 +80,10 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
-        self.0.lock().map(|g| *g).unwrap_or_else(|e| *e.into_inner())
+        self.0
+            .lock()
+            .map(|g| *g)
+            .unwrap_or_else(|e| *e.into_inner())
     }
 }
 

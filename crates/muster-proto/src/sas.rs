@@ -19,7 +19,11 @@ type HmacSha256 = Hmac<Sha256>;
 const PREFIX: &str = "SharedAccessSignature ";
 
 /// What `quote_plus` and `WebUtility.UrlEncode` leave alone.
-const QUOTE_PLUS: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const QUOTE_PLUS: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// Why a token was refused. Messages never contain key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,7 +180,12 @@ mod tests {
 
     #[test]
     fn generated_token_verifies() {
-        let t = SasToken::generate("127.0.0.2:8443", KEY, Some("provisioningserviceowner"), 2000);
+        let t = SasToken::generate(
+            "127.0.0.2:8443",
+            KEY,
+            Some("provisioningserviceowner"),
+            2000,
+        );
         let p = SasToken::parse(&t).unwrap();
         assert_eq!(p.resource, "127.0.0.2:8443");
         assert_eq!(p.sr_raw, "127.0.0.2%3A8443");

@@ -48,7 +48,11 @@ mod tests {
 
     #[test]
     fn dps_format_round_trips() {
-        let t = Timestamp(DateTime::parse_from_rfc3339("2023-05-19T23:10:45.1256254Z").unwrap().with_timezone(&Utc));
+        let t = Timestamp(
+            DateTime::parse_from_rfc3339("2023-05-19T23:10:45.1256254Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        );
         assert_eq!(t.to_dps_string(), "2023-05-19T23:10:45.1256254Z");
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);

@@ -88,7 +88,11 @@ const CANONICAL_SEGMENTS: &[&str] = &[
 pub fn normalize_path(mut req: Request) -> Request {
     let full = req.uri().path();
     // Node's bulk call posts to `/enrollments/`: a trailing slash names the same resource.
-    let path = if full.len() > 1 { full.trim_end_matches('/') } else { full };
+    let path = if full.len() > 1 {
+        full.trim_end_matches('/')
+    } else {
+        full
+    };
     let mut changed = path.len() != full.len();
     let segments: Vec<&str> = path.split('/').collect();
     // Only the first segment and the segment after an id are fixed words.

@@ -1,0 +1,864 @@
+//! [`Engine`]: authenticate → find the enrollment → apply the reprovision policy → allocate a
+//! hub → write the device and its twin into that hub → persist the record → answer.
+//!
+//! The first answer already says `assigned` when everything finished within the request; a
+//! registration throttled by its hub's rate limit is persisted as `assigning` with its plan and
+//! finished in order by that hub's worker (also after a restart: [`Engine::resume_pending`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use muster_attestation::symmetric_key;
+use muster_proto::device::{
+    DeviceRegistrationResult, RegistrationOperationStatus, SymmetricKeyRegistrationResult,
+};
+use muster_proto::linked_hub::LinkedHub;
+use muster_proto::runtime::{random_hex, Clock, Entropy};
+use muster_proto::{
+    AllocationPolicy, DeviceRegistrationState, EnrollmentGroup, ErrorCode, IdScope,
+    IndividualEnrollment, InitialTwin, RegistrationId, RegistrationStatus, RegistrationSubstatus,
+    ReprovisionPolicy,
+};
+use muster_store::records;
+use muster_store::{Collection, Expect, ListQuery, Record, Store, Write};
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{info, warn};
+
+use crate::allocation::{self, custom};
+use crate::device_auth::{self, Attestation, Attested, Matched};
+use crate::hub_client::{HubAuthentication, HubClient, HubDeviceSpec};
+use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinPlan};
+use crate::throttle::HubThrottle;
+use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub id_scope: IdScope,
+    /// Used when an enrollment sets no allocation policy (DPS's default is hashed).
+    pub default_policy: AllocationPolicy,
+    /// This node's region, for `geoLatency`.
+    pub region: Option<String>,
+    pub webhook: custom::WebhookPolicy,
+    /// Registrations processed at once; beyond it devices get 429 with `retry-after`.
+    pub max_in_flight: usize,
+    /// `retry-after` (seconds) for registrations left `assigning`.
+    pub retry_after_secs: u32,
+}
+
+impl EngineConfig {
+    pub fn new(id_scope: IdScope) -> Self {
+        Self {
+            id_scope,
+            default_policy: AllocationPolicy::Hashed,
+            region: None,
+            webhook: custom::WebhookPolicy::default(),
+            max_in_flight: 4096,
+            retry_after_secs: 2,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Engine(Arc<Inner>);
+
+struct Inner {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+    config: EngineConfig,
+    hubs: HubClient,
+    http: reqwest::Client,
+    throttle: HubThrottle,
+    in_flight: Semaphore,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<String>>>,
+}
+
+/// The enrollment settings that decide a registration, whichever kind matched.
+struct Settings {
+    policy: AllocationPolicy,
+    iot_hubs: Option<Vec<String>>,
+    legacy_hub: Option<String>,
+    reprovision: ReprovisionPolicy,
+    initial_twin: Option<InitialTwin>,
+    iot_edge: bool,
+    device_id: String,
+    webhook_url: Option<String>,
+    /// The enrollment as the webhook sees it (no secrets).
+    webhook_view: (&'static str, Value),
+}
+
+impl Engine {
+    /// `http` is used for hub REST calls and webhooks; it must trust the hubs' certificates.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+        http: reqwest::Client,
+        config: EngineConfig,
+    ) -> Self {
+        let in_flight = Semaphore::new(config.max_in_flight);
+        Self(Arc::new(Inner {
+            hubs: HubClient::new(http.clone(), clock.clone()),
+            store,
+            clock,
+            entropy,
+            config,
+            http,
+            throttle: HubThrottle::default(),
+            in_flight,
+            queues: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn failure_reply(&self, f: DeviceFailure) -> DeviceReply {
+        DeviceReply::error(
+            f.code,
+            f.message,
+            random_hex(&*self.0.entropy, 16),
+            self.0.clock.now(),
+        )
+    }
+
+    fn check_scope_and_id(&self, scope: &str, id: &str) -> Result<RegistrationId, DeviceFailure> {
+        if !scope.eq_ignore_ascii_case(self.0.config.id_scope.as_str()) {
+            return Err(DeviceFailure::new(
+                ErrorCode::UnknownIdScope,
+                format!("ID scope '{scope}' is not this service's"),
+            ));
+        }
+        RegistrationId::new(id)
+            .map_err(|e| DeviceFailure::new(ErrorCode::InvalidRegistrationId, e.to_string()))
+    }
+
+    async fn load_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<(RegistrationRecord, String)>, DeviceFailure> {
+        match self.0.store.get(Collection::Registrations, key).await? {
+            Some(r) => Ok(Some((decode_record(&r)?, r.etag))),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_record(
+        &self,
+        key: &str,
+        record: &RegistrationRecord,
+    ) -> Result<String, DeviceFailure> {
+        let mut body = record.clone();
+        body.state.etag = None;
+        let body = serde_json::to_value(&body)
+            .map_err(|e| DeviceFailure::internal("encoding a registration record", e))?;
+        let partition = record
+            .enrollment_group_id
+            .as_ref()
+            .map(|g| g.to_ascii_lowercase());
+        let outcome = self
+            .0
+            .store
+            .write(vec![Write::put(
+                Collection::Registrations,
+                key,
+                Expect::Any,
+                body,
+            )
+            .with_partition(partition)])
+            .await?;
+        match outcome.into_iter().next() {
+            Some(muster_store::WriteOutcome::Written { etag }) => Ok(etag),
+            _ => Err(DeviceFailure::internal(
+                "saving a registration record",
+                "not written",
+            )),
+        }
+    }
+
+    async fn do_register(&self, req: RegisterRequest) -> Result<DeviceReply, DeviceFailure> {
+        let rid = self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
+        if let Some(body_id) = &req.body.registration_id {
+            if !body_id.eq_ignore_ascii_case(rid.as_str()) {
+                return Err(DeviceFailure::new(
+                    ErrorCode::IdMismatch,
+                    format!(
+                        "registrationId '{body_id}' in the body differs from '{rid}' the device connected as"
+                    ),
+                ));
+            }
+        }
+        let _permit = self.0.in_flight.try_acquire().map_err(|_| {
+            DeviceFailure::new(
+                ErrorCode::Throttled,
+                "Muster is at its limit of registrations in progress; retry after the indicated time",
+            )
+        })?;
+        let now = self.0.clock.now();
+        let key = rid.key();
+        let previous = self.load_record(&key).await?;
+        let attestation = device_auth::attest(
+            &*self.0.store,
+            self.0.config.id_scope.as_str(),
+            &rid,
+            &req.credential,
+            now.unix_seconds(),
+        )
+        .await?;
+        let operation_id = format!(
+            "5.{}.{}",
+            random_hex(&*self.0.entropy, 8),
+            random_hex(&*self.0.entropy, 16)
+        );
+        let mut record = RegistrationRecord {
+            state: DeviceRegistrationState {
+                created_date_time_utc: previous
+                    .as_ref()
+                    .and_then(|(p, _)| p.state.created_date_time_utc)
+                    .or(Some(now)),
+                last_updated_date_time_utc: Some(now),
+                ..DeviceRegistrationState::unassigned(rid.clone())
+            },
+            operation_id: Some(operation_id.clone()),
+            enrollment_group_id: None,
+            pending: None,
+        };
+        let attested = match attestation {
+            Attestation::Disabled(matched) => {
+                record.enrollment_group_id = matched.group_id();
+                record.state.status = RegistrationStatus::Disabled;
+                if let Some((p, _)) = &previous {
+                    record.state.assigned_hub = p.state.assigned_hub.clone();
+                    record.state.device_id = p.state.device_id.clone();
+                }
+                let etag = self.save_record(&key, &record).await?;
+                record.state.etag = Some(etag);
+                return Ok(DeviceReply::registered(&operation(&record), None));
+            }
+            Attestation::Accepted(a) => a,
+        };
+        record.enrollment_group_id = attested.matched.group_id();
+        let previous_state = previous.map(|(p, _)| p.state);
+        match self
+            .plan(&attested, &rid, previous_state.as_ref(), req.body.payload)
+            .await
+        {
+            Err(f) if f.is_registration_outcome() => {
+                record.state.status = RegistrationStatus::Failed;
+                record.state.error_code = Some(f.code.code());
+                record.state.error_message = Some(f.message);
+                let etag = self.save_record(&key, &record).await?;
+                record.state.etag = Some(etag);
+                Ok(DeviceReply::registered(&operation(&record), None))
+            }
+            Err(f) => Err(f),
+            Ok(plan) => {
+                let linked = self.linked_hubs().await?;
+                let rate = linked
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
+                    .and_then(|h| h.max_registrations_per_second);
+                if self.0.throttle.try_take(&plan.hub, rate) {
+                    self.complete(&key, record, plan, &attested.hub_auth, &linked)
+                        .await
+                        .map(|r| DeviceReply::registered(&operation(&r), None))
+                } else {
+                    // Accept now, finish in order: durable before the device hears `assigning`.
+                    let hub = plan.hub.clone();
+                    record.state.status = RegistrationStatus::Assigning;
+                    record.pending = Some(plan);
+                    let etag = self.save_record(&key, &record).await?;
+                    record.state.etag = Some(etag);
+                    self.enqueue(hub.clone(), key);
+                    let wait = self.0.throttle.wait_hint(&hub).as_secs() as u32;
+                    Ok(DeviceReply::registered(
+                        &operation(&record),
+                        Some(wait.max(self.0.config.retry_after_secs)),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Runs the hub writes of `plan` and saves the outcome.
+    async fn complete(
+        &self,
+        key: &str,
+        mut record: RegistrationRecord,
+        plan: PendingAssignment,
+        hub_auth: &HubAuthentication,
+        linked: &[LinkedHub],
+    ) -> Result<RegistrationRecord, DeviceFailure> {
+        record.pending = None;
+        record.state.last_updated_date_time_utc = Some(self.0.clock.now());
+        match self.execute(&plan, hub_auth, linked).await {
+            Ok(substatus) => {
+                record.state.status = RegistrationStatus::Assigned;
+                record.state.substatus = substatus;
+                record.state.assigned_hub = Some(plan.hub.clone());
+                record.state.device_id = Some(plan.device_id.clone());
+                record.state.payload = plan.payload.clone();
+                record.state.error_code = None;
+                record.state.error_message = None;
+            }
+            Err(f) => {
+                warn!(hub = %plan.hub, error = %f.message, "assignment failed");
+                record.state.status = RegistrationStatus::Failed;
+                record.state.error_code = Some(f.code.code());
+                record.state.error_message = Some(f.message);
+            }
+        }
+        let etag = self.save_record(key, &record).await?;
+        record.state.etag = Some(etag);
+        Ok(record)
+    }
+
+    async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .0
+                .store
+                .list(
+                    Collection::LinkedHubs,
+                    ListQuery {
+                        partition: None,
+                        after: after.clone(),
+                        limit: 500,
+                    },
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for r in page {
+                let hub: LinkedHub = serde_json::from_value(r.body)
+                    .map_err(|e| DeviceFailure::internal("reading a linked hub", e))?;
+                out.push(hub);
+            }
+        }
+        Ok(out)
+    }
+
+    fn settings(&self, matched: &Matched, rid: &RegistrationId) -> Settings {
+        match matched {
+            Matched::Individual(stored) => {
+                let e = &stored.value;
+                let mut view = e.clone();
+                view.attestation.symmetric_key = None;
+                view.registration_state = None;
+                Settings {
+                    policy: effective_policy(
+                        e.allocation_policy,
+                        e.iot_hub_host_name.as_deref(),
+                        self.0.config.default_policy,
+                    ),
+                    iot_hubs: e.iot_hubs.clone(),
+                    legacy_hub: e.iot_hub_host_name.clone(),
+                    reprovision: e.reprovision_policy.unwrap_or_default(),
+                    initial_twin: e.initial_twin.clone(),
+                    iot_edge: e.capabilities.is_some_and(|c| c.iot_edge),
+                    device_id: e.device_id.clone().unwrap_or_else(|| rid.to_string()),
+                    webhook_url: e
+                        .custom_allocation_definition
+                        .as_ref()
+                        .map(|c| c.webhook_url.clone()),
+                    webhook_view: ("individualEnrollment", webhook_view(&view)),
+                }
+            }
+            Matched::Group(stored) => {
+                let g = &stored.value;
+                let mut view: EnrollmentGroup = g.clone();
+                view.attestation.symmetric_key = None;
+                Settings {
+                    policy: effective_policy(
+                        g.allocation_policy,
+                        g.iot_hub_host_name.as_deref(),
+                        self.0.config.default_policy,
+                    ),
+                    iot_hubs: g.iot_hubs.clone(),
+                    legacy_hub: g.iot_hub_host_name.clone(),
+                    reprovision: g.reprovision_policy.unwrap_or_default(),
+                    initial_twin: g.initial_twin.clone(),
+                    iot_edge: g.capabilities.is_some_and(|c| c.iot_edge),
+                    device_id: rid.to_string(),
+                    webhook_url: g
+                        .custom_allocation_definition
+                        .as_ref()
+                        .map(|c| c.webhook_url.clone()),
+                    webhook_view: ("enrollmentGroup", webhook_view(&view)),
+                }
+            }
+        }
+    }
+
+    /// Decides the hub and what happens to the twin (service-api.md §8.2, §8.4).
+    async fn plan(
+        &self,
+        attested: &Attested,
+        rid: &RegistrationId,
+        previous: Option<&DeviceRegistrationState>,
+        payload: Option<Value>,
+    ) -> Result<PendingAssignment, DeviceFailure> {
+        let s = self.settings(&attested.matched, rid);
+        let linked = self.linked_hubs().await?;
+        let current = previous
+            .filter(|p| p.status == RegistrationStatus::Assigned)
+            .and_then(|p| p.assigned_hub.clone().map(|h| (h, p.substatus)));
+        let stay = current.is_some() && !s.reprovision.update_hub_assignment;
+        let candidates = match (&current, stay) {
+            (Some((hub, _)), true) => {
+                allocation::candidates(Some(std::slice::from_ref(hub)), None, &linked)?
+            }
+            _ => allocation::candidates(s.iot_hubs.as_deref(), s.legacy_hub.as_deref(), &linked)?,
+        };
+        let key = rid.key();
+        let mut webhook_twin = None;
+        let mut out_payload = None;
+        let target = match s.policy {
+            AllocationPolicy::Custom => {
+                let url = s.webhook_url.clone().ok_or_else(|| {
+                    DeviceFailure::new(
+                        ErrorCode::CustomAllocationFailed,
+                        "the enrollment's custom allocation has no webhook URL",
+                    )
+                })?;
+                let device = custom::DeviceRuntimeContext {
+                    registration_id: rid.to_string(),
+                    current_hub: current.as_ref().map(|(h, _)| h.clone()),
+                    current_device_id: previous.and_then(|p| p.device_id.clone()),
+                    attestation: ("symmetricKey", json!({})),
+                    payload: payload.clone(),
+                };
+                let names: Vec<String> = candidates.iter().map(|h| h.name.clone()).collect();
+                let body = custom::request_body(
+                    s.webhook_view.0,
+                    s.webhook_view.1.clone(),
+                    &device,
+                    &names,
+                );
+                let answer = custom::call(&self.0.http, &url, &body, self.0.config.webhook).await?;
+                webhook_twin = answer.initial_twin;
+                out_payload = answer.payload;
+                candidates
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(&answer.iot_hub_host_name))
+                    .cloned()
+                    .ok_or_else(|| {
+                        DeviceFailure::new(
+                            ErrorCode::HubNotLinked,
+                            format!(
+                                "the custom allocation webhook chose '{}', which is not among the hubs this device may use",
+                                answer.iot_hub_host_name
+                            ),
+                        )
+                    })?
+            }
+            AllocationPolicy::Static => allocation::static_hub::choose(&candidates)?.clone(),
+            AllocationPolicy::Hashed => allocation::hashed::choose(&key, &candidates)
+                .cloned()
+                .ok_or_else(no_hub)?,
+            AllocationPolicy::GeoLatency => {
+                allocation::geo_latency::choose(&key, self.0.config.region.as_deref(), &candidates)
+                    .cloned()
+                    .ok_or_else(no_hub)?
+            }
+        };
+        let initial_twin = match webhook_twin {
+            Some(t) => Some(serde_json::from_value::<InitialTwin>(t).map_err(|e| {
+                DeviceFailure::new(
+                    ErrorCode::CustomAllocationFailed,
+                    format!("the custom allocation webhook's initialTwin is invalid: {e}"),
+                )
+            })?),
+            None => s.initial_twin.clone(),
+        };
+        let mut plan = PendingAssignment {
+            enrollment: attested.matched.reference(),
+            hub: target.name.clone(),
+            device_id: s.device_id.clone(),
+            iot_edge: s.iot_edge,
+            twin: TwinPlan::Initial {
+                twin: initial_twin.clone(),
+            },
+            remove_from: None,
+            initial: true,
+            substatus: None,
+            payload: out_payload,
+        };
+        if let Some((cur, cur_sub)) = current {
+            plan.initial = false;
+            let same = cur.eq_ignore_ascii_case(&target.name);
+            let migrate = s.reprovision.migrate_device_data || stay;
+            if same {
+                plan.twin = if migrate {
+                    TwinPlan::Keep
+                } else {
+                    TwinPlan::Initial { twin: initial_twin }
+                };
+                plan.substatus = cur_sub.or(Some(RegistrationSubstatus::InitialAssignment));
+            } else if migrate {
+                plan.twin = TwinPlan::Migrate {
+                    from_hub: cur.clone(),
+                };
+                plan.substatus = Some(RegistrationSubstatus::DeviceDataMigrated);
+                plan.remove_from = Some(cur);
+            } else {
+                plan.substatus = Some(RegistrationSubstatus::DeviceDataReset);
+                plan.remove_from = Some(cur);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The hub writes. Returns the substatus the record gets.
+    async fn execute(
+        &self,
+        plan: &PendingAssignment,
+        hub_auth: &HubAuthentication,
+        linked: &[LinkedHub],
+    ) -> Result<Option<RegistrationSubstatus>, DeviceFailure> {
+        let find = |name: &str| linked.iter().find(|h| h.name.eq_ignore_ascii_case(name));
+        let target = find(&plan.hub).ok_or_else(|| {
+            DeviceFailure::new(
+                ErrorCode::HubNotLinked,
+                format!("IoT hub '{}' is no longer linked", plan.hub),
+            )
+        })?;
+        let spec = HubDeviceSpec {
+            device_id: plan.device_id.clone(),
+            authentication: hub_auth.clone(),
+            iot_edge: plan.iot_edge,
+        };
+        let hub_failure = |e: crate::hub_client::HubError| {
+            DeviceFailure::new(ErrorCode::HubWriteFailed, e.to_string())
+        };
+        let existed = self
+            .0
+            .hubs
+            .put_device(&target.connection_string, &spec)
+            .await
+            .map_err(hub_failure)?;
+        match &plan.twin {
+            TwinPlan::Initial { twin } => {
+                // A device the hub already knew keeps its twin on an initial assignment.
+                if !(plan.initial && existed) {
+                    let (tags, desired) = twin_parts(twin.as_ref());
+                    self.0
+                        .hubs
+                        .replace_twin(&target.connection_string, &plan.device_id, &tags, &desired)
+                        .await
+                        .map_err(hub_failure)?;
+                }
+            }
+            TwinPlan::Migrate { from_hub } => {
+                let old = match find(from_hub) {
+                    Some(h) => self
+                        .0
+                        .hubs
+                        .get_twin(&h.connection_string, &plan.device_id)
+                        .await
+                        .map_err(hub_failure)?,
+                    None => None,
+                };
+                let (tags, desired) = match old {
+                    Some(t) => (
+                        t.get("tags").cloned().unwrap_or_else(|| json!({})),
+                        strip_metadata(t.pointer("/properties/desired")),
+                    ),
+                    None => (json!({}), json!({})),
+                };
+                self.0
+                    .hubs
+                    .replace_twin(&target.connection_string, &plan.device_id, &tags, &desired)
+                    .await
+                    .map_err(hub_failure)?;
+            }
+            TwinPlan::Keep => {}
+        }
+        if let Some(old) = plan.remove_from.as_deref().and_then(find) {
+            self.0
+                .hubs
+                .delete_device(&old.connection_string, &plan.device_id)
+                .await
+                .map_err(hub_failure)?;
+        }
+        Ok(if plan.initial {
+            Some(if existed {
+                RegistrationSubstatus::ReprovisionedToInitialAssignment
+            } else {
+                RegistrationSubstatus::InitialAssignment
+            })
+        } else {
+            plan.substatus
+        })
+    }
+
+    fn enqueue(&self, hub: String, key: String) {
+        let Ok(mut queues) = self.0.queues.lock() else {
+            return;
+        };
+        let hub_key = hub.to_ascii_lowercase();
+        if let Some(tx) = queues.get(&hub_key) {
+            if tx.send(key.clone()).is_ok() {
+                return;
+            }
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let _ = tx.send(key);
+        queues.insert(hub_key, tx);
+        let engine = self.clone();
+        tokio::spawn(async move {
+            while let Some(key) = rx.recv().await {
+                let rate = engine
+                    .linked_hubs()
+                    .await
+                    .ok()
+                    .and_then(|l| l.into_iter().find(|h| h.name.eq_ignore_ascii_case(&hub)))
+                    .and_then(|h| h.max_registrations_per_second);
+                engine.0.throttle.take(&hub, rate).await;
+                if let Err(f) = engine.finish_pending(&key).await {
+                    warn!(registration = %key, error = %f.message, "could not finish a pending assignment");
+                }
+            }
+        });
+    }
+
+    /// Finishes a throttled or interrupted assignment from its stored plan.
+    async fn finish_pending(&self, key: &str) -> Result<(), DeviceFailure> {
+        let Some((record, _)) = self.load_record(key).await? else {
+            return Ok(());
+        };
+        let Some(plan) = record.pending.clone() else {
+            return Ok(());
+        };
+        let rid = record.state.registration_id.clone();
+        let auth = self.hub_auth_for(&plan.enrollment, &rid).await?;
+        let linked = self.linked_hubs().await?;
+        self.complete(key, record, plan, &auth, &linked).await?;
+        Ok(())
+    }
+
+    async fn hub_auth_for(
+        &self,
+        enrollment: &EnrollmentRef,
+        rid: &RegistrationId,
+    ) -> Result<HubAuthentication, DeviceFailure> {
+        let gone = || {
+            DeviceFailure::new(
+                ErrorCode::DeviceNotAttested,
+                "the enrollment was deleted before the assignment finished",
+            )
+        };
+        let keys = match enrollment {
+            EnrollmentRef::Individual(id) => {
+                let e = records::get::<IndividualEnrollment>(
+                    &*self.0.store,
+                    Collection::Enrollments,
+                    &id.to_ascii_lowercase(),
+                )
+                .await?
+                .ok_or_else(gone)?;
+                let sk = e.value.attestation.symmetric_key.ok_or_else(gone)?;
+                (
+                    sk.primary_key.unwrap_or_default(),
+                    sk.secondary_key.unwrap_or_default(),
+                )
+            }
+            EnrollmentRef::Group(id) => {
+                let g = records::get::<EnrollmentGroup>(
+                    &*self.0.store,
+                    Collection::EnrollmentGroups,
+                    &id.to_ascii_lowercase(),
+                )
+                .await?
+                .ok_or_else(gone)?;
+                let sk = g.value.attestation.symmetric_key.ok_or_else(gone)?;
+                let derive = |k: Option<String>| {
+                    k.and_then(|k| symmetric_key::derive_device_key(&k, rid.as_str()).ok())
+                        .unwrap_or_default()
+                };
+                (derive(sk.primary_key), derive(sk.secondary_key))
+            }
+        };
+        Ok(HubAuthentication::Sas {
+            primary_key: keys.0,
+            secondary_key: keys.1,
+        })
+    }
+
+    /// Re-queues every accepted assignment that had not finished (after a restart).
+    pub async fn resume_pending(&self) -> Result<usize, DeviceFailure> {
+        let mut pending: Vec<(String, String, Option<muster_proto::Timestamp>)> = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .0
+                .store
+                .list(
+                    Collection::Registrations,
+                    ListQuery {
+                        partition: None,
+                        after: after.clone(),
+                        limit: 1000,
+                    },
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for r in &page {
+                let rec = decode_record(r)?;
+                if let Some(p) = rec.pending {
+                    pending.push((r.key.clone(), p.hub, rec.state.last_updated_date_time_utc));
+                }
+            }
+        }
+        pending.sort_by_key(|p| p.2);
+        let n = pending.len();
+        for (key, hub, _) in pending {
+            self.enqueue(hub, key);
+        }
+        if n > 0 {
+            info!(count = n, "resumed pending assignments");
+        }
+        Ok(n)
+    }
+
+    async fn do_status(&self, req: StatusRequest) -> Result<DeviceReply, DeviceFailure> {
+        let rid = self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
+        let now = self.0.clock.now();
+        // Polls are authenticated like registrations; a disabled device may still read its answer.
+        device_auth::attest(
+            &*self.0.store,
+            self.0.config.id_scope.as_str(),
+            &rid,
+            &req.credential,
+            now.unix_seconds(),
+        )
+        .await?;
+        let not_found = || {
+            DeviceFailure::new(
+                ErrorCode::OperationNotFound,
+                format!(
+                    "registration '{rid}' has no operation '{}'",
+                    req.operation_id
+                ),
+            )
+        };
+        let (mut record, etag) = self.load_record(&rid.key()).await?.ok_or_else(not_found)?;
+        if record.operation_id.as_deref() != Some(req.operation_id.as_str()) {
+            return Err(not_found());
+        }
+        record.state.etag = Some(etag);
+        let retry = (record.state.status == RegistrationStatus::Assigning)
+            .then_some(self.0.config.retry_after_secs);
+        Ok(DeviceReply::polled(&operation(&record), retry))
+    }
+}
+
+fn no_hub() -> DeviceFailure {
+    DeviceFailure::new(
+        ErrorCode::NoHubAvailable,
+        "no linked IoT hub is eligible for this device",
+    )
+}
+
+/// A legacy `iotHubHostName` with no policy behaves as static.
+fn effective_policy(
+    policy: Option<AllocationPolicy>,
+    legacy_hub: Option<&str>,
+    default: AllocationPolicy,
+) -> AllocationPolicy {
+    match (policy, legacy_hub) {
+        (Some(p), _) => p,
+        (None, Some(h)) if !h.trim().is_empty() => AllocationPolicy::Static,
+        _ => default,
+    }
+}
+
+fn webhook_view<T: serde::Serialize>(v: &T) -> Value {
+    let mut value = serde_json::to_value(v).unwrap_or(Value::Null);
+    // Certificate text never leaves Muster.
+    if let Some(x) = value.pointer_mut("/attestation/x509") {
+        for set in ["clientCertificates", "signingCertificates"] {
+            for slot in ["primary", "secondary"] {
+                if let Some(Value::Object(c)) = x.get_mut(set).and_then(|s| s.get_mut(slot)) {
+                    c.remove("certificate");
+                }
+            }
+        }
+    }
+    value
+}
+
+fn twin_parts(twin: Option<&InitialTwin>) -> (Value, Value) {
+    let tags = twin
+        .and_then(|t| t.tags.clone())
+        .map(Value::Object)
+        .unwrap_or_else(|| json!({}));
+    let desired = twin
+        .and_then(|t| t.properties.as_ref())
+        .and_then(|p| p.desired.clone())
+        .map(|d| strip_metadata(Some(&Value::Object(d))))
+        .unwrap_or_else(|| json!({}));
+    (tags, desired)
+}
+
+/// Drops `$version`, `$metadata` and other service-owned `$` keys.
+fn strip_metadata(v: Option<&Value>) -> Value {
+    match v {
+        Some(Value::Object(m)) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| !k.starts_with('$'))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Map<String, Value>>(),
+        ),
+        _ => json!({}),
+    }
+}
+
+fn decode_record(r: &Record) -> Result<RegistrationRecord, DeviceFailure> {
+    serde_json::from_value(r.body.clone())
+        .map_err(|e| DeviceFailure::internal("reading a registration record", e))
+}
+
+/// The device-facing view of a record.
+fn operation(record: &RegistrationRecord) -> RegistrationOperationStatus {
+    let s = &record.state;
+    let mut result = DeviceRegistrationResult::new(s.registration_id.to_string(), s.status);
+    result.created_date_time_utc = s.created_date_time_utc;
+    result.assigned_hub = s.assigned_hub.clone();
+    result.device_id = s.device_id.clone();
+    result.substatus = s.substatus;
+    result.error_code = s.error_code;
+    result.error_message = s.error_message.clone();
+    result.last_updated_date_time_utc = s.last_updated_date_time_utc;
+    result.etag = s.etag.clone();
+    result.payload = s.payload.clone();
+    if s.status == RegistrationStatus::Assigned {
+        result.symmetric_key = Some(SymmetricKeyRegistrationResult {
+            enrollment_group_id: record.enrollment_group_id.clone(),
+        });
+    }
+    RegistrationOperationStatus {
+        operation_id: record.operation_id.clone().unwrap_or_default(),
+        status: s.status,
+        registration_state: result,
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceRegistrar for Engine {
+    async fn register(&self, request: RegisterRequest) -> DeviceReply {
+        match self.do_register(request).await {
+            Ok(r) => r,
+            Err(f) => self.failure_reply(f),
+        }
+    }
+
+    async fn operation_status(&self, request: StatusRequest) -> DeviceReply {
+        match self.do_status(request).await {
+            Ok(r) => r,
+            Err(f) => self.failure_reply(f),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The IoT Hub registry REST client Muster uses to write devices into hubs
+//! (service-api.md §9.2): the same code path for the built-in hub and for a real Azure IoT hub.
+//!
+//! Each call signs a fresh hub SAS token from the linked hub's connection string.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use muster_proto::runtime::Clock;
+use muster_proto::{ConnectionString, SasToken};
+use serde_json::{json, Value};
+
+/// The hub REST api-version Muster sends (the C# SDK's default; accepted by Azure hubs).
+pub const HUB_API_VERSION: &str = "2021-04-12";
+
+/// How long a hub call may take.
+const HUB_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HubError {
+    #[error("hub {hub} could not be reached: {reason}")]
+    Unreachable { hub: String, reason: String },
+    #[error("hub {hub} answered {status} to {action}: {message}")]
+    Refused {
+        hub: String,
+        action: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("the connection string of hub {0} is invalid")]
+    BadConnectionString(String),
+}
+
+impl HubError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            HubError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// How a device authenticates to its hub.
+#[derive(Clone, PartialEq, Eq)]
+pub enum HubAuthentication {
+    Sas {
+        primary_key: String,
+        secondary_key: String,
+    },
+    SelfSigned {
+        primary_thumbprint: String,
+        secondary_thumbprint: String,
+    },
+}
+
+impl std::fmt::Debug for HubAuthentication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HubAuthentication::Sas { .. } => f.write_str("Sas(..)"),
+            HubAuthentication::SelfSigned {
+                primary_thumbprint, ..
+            } => {
+                write!(f, "SelfSigned({primary_thumbprint})")
+            }
+        }
+    }
+}
+
+impl HubAuthentication {
+    fn to_json(&self) -> Value {
+        match self {
+            HubAuthentication::Sas {
+                primary_key,
+                secondary_key,
+            } => {
+                json!({"type": "sas", "symmetricKey": {"primaryKey": primary_key, "secondaryKey": secondary_key}})
+            }
+            HubAuthentication::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => json!({"type": "selfSigned", "x509Thumbprint": {
+                "primaryThumbprint": primary_thumbprint, "secondaryThumbprint": secondary_thumbprint}}),
+        }
+    }
+}
+
+/// The device identity Muster writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubDeviceSpec {
+    pub device_id: String,
+    pub authentication: HubAuthentication,
+    pub iot_edge: bool,
+}
+
+#[derive(Clone)]
+pub struct HubClient {
+    http: reqwest::Client,
+    clock: Arc<dyn Clock>,
+}
+
+struct Target {
+    host: String,
+    key_name: String,
+    key: Vec<u8>,
+}
+
+fn encode_id(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+impl HubClient {
+    pub fn new(http: reqwest::Client, clock: Arc<dyn Clock>) -> Self {
+        Self { http, clock }
+    }
+
+    fn target(connection_string: &str) -> Result<Target, HubError> {
+        let cs = ConnectionString::parse(connection_string)
+            .map_err(|_| HubError::BadConnectionString("(unparsable)".into()))?;
+        let key = B64
+            .decode(cs.key.as_bytes())
+            .map_err(|_| HubError::BadConnectionString(cs.host_name.clone()))?;
+        Ok(Target {
+            host: cs.host_name,
+            key_name: cs.key_name,
+            key,
+        })
+    }
+
+    async fn call(
+        &self,
+        connection_string: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+        action: &'static str,
+    ) -> Result<(u16, Value), HubError> {
+        let t = Self::target(connection_string)?;
+        let token = SasToken::generate(
+            &t.host,
+            &t.key,
+            Some(&t.key_name),
+            self.clock.now().unix_seconds() + 3600,
+        );
+        let url = format!("https://{}{path}?api-version={HUB_API_VERSION}", t.host);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .timeout(HUB_TIMEOUT)
+            .header("authorization", token);
+        if let Some(m) = if_match {
+            req = req.header("if-match", m);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| HubError::Unreachable {
+            hub: t.host.clone(),
+            reason: error_chain(&e),
+        })?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| HubError::Unreachable {
+            hub: t.host.clone(),
+            reason: error_chain(&e),
+        })?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status >= 300 {
+            let message = value
+                .get("Message")
+                .or_else(|| value.get("message"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(300).collect());
+            return Err(HubError::Refused {
+                hub: t.host,
+                action,
+                status,
+                message,
+            });
+        }
+        Ok((status, value))
+    }
+
+    /// Creates the device; when it already exists, overwrites its identity and reports so.
+    /// Returns whether the device existed before.
+    pub async fn put_device(&self, cs: &str, spec: &HubDeviceSpec) -> Result<bool, HubError> {
+        let body = json!({
+            "deviceId": spec.device_id,
+            "status": "enabled",
+            "authentication": spec.authentication.to_json(),
+            "capabilities": {"iotEdge": spec.iot_edge},
+        });
+        let path = format!("/devices/{}", encode_id(&spec.device_id));
+        match self
+            .call(
+                cs,
+                reqwest::Method::PUT,
+                &path,
+                Some(&body),
+                None,
+                "create device",
+            )
+            .await
+        {
+            Ok(_) => Ok(false),
+            Err(e) if e.status() == Some(409) => {
+                self.call(
+                    cs,
+                    reqwest::Method::PUT,
+                    &path,
+                    Some(&body),
+                    Some("*"),
+                    "update device",
+                )
+                .await?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn delete_device(&self, cs: &str, device_id: &str) -> Result<(), HubError> {
+        let path = format!("/devices/{}", encode_id(device_id));
+        match self
+            .call(
+                cs,
+                reqwest::Method::DELETE,
+                &path,
+                None,
+                Some("*"),
+                "delete device",
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get_twin(&self, cs: &str, device_id: &str) -> Result<Option<Value>, HubError> {
+        let path = format!("/twins/{}", encode_id(device_id));
+        match self
+            .call(cs, reqwest::Method::GET, &path, None, None, "read twin")
+            .await
+        {
+            Ok((_, v)) => Ok(Some(v)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces tags and desired properties.
+    pub async fn replace_twin(
+        &self,
+        cs: &str,
+        device_id: &str,
+        tags: &Value,
+        desired: &Value,
+    ) -> Result<(), HubError> {
+        let path = format!("/twins/{}", encode_id(device_id));
+        let body = json!({"tags": tags, "properties": {"desired": desired}});
+        self.call(
+            cs,
+            reqwest::Method::PUT,
+            &path,
+            Some(&body),
+            Some("*"),
+            "write twin",
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,126 @@
+//! The registration engine, independent of transport.
+//!
+//! A device transport (HTTPS, MQTT, MQTT over WebSocket, later AMQP) turns what arrived on
+//! the wire into a [`RegisterRequest`] or [`StatusRequest`] and hands it to a
+//! [`DeviceRegistrar`]; the [`DeviceReply`] it gets back carries the status code (HTTP status,
+//! or the `{status}` of the MQTT response topic), an optional `retry-after` and the JSON body
+//! (a `RegistrationOperationStatus` or the DPS error body). Transports add nothing else.
+//!
+//! Layout:
+//! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled queues.
+//! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 to come).
+//! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
+//!   `geo_latency`, `custom` (the webhook).
+//! - [`hub_client`] — the IoT Hub registry REST client that writes devices and twins.
+//! - [`record`] — the stored registration record and the plan of a pending assignment.
+//! - [`throttle`] — per-hub token buckets.
+//! - [`reply`] — [`DeviceReply`], what transports send back.
+
+pub mod allocation;
+pub mod device_auth;
+pub mod engine;
+pub mod hub_client;
+pub mod record;
+pub mod reply;
+pub mod throttle;
+
+use async_trait::async_trait;
+use muster_proto::device::DeviceRegistration;
+use muster_proto::ErrorCode;
+
+pub use engine::{Engine, EngineConfig};
+pub use hub_client::HubClient;
+pub use reply::DeviceReply;
+
+/// Why a registration did not succeed: a code that names the failed check and a message
+/// without secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DeviceFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl DeviceFailure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
+        tracing::error!(%err, "{context}");
+        Self::new(
+            ErrorCode::Internal,
+            format!("internal error while {context}"),
+        )
+    }
+
+    /// Failures that end as a `failed` registration record (the device authenticated, but no
+    /// hub could be chosen) rather than as an error answer.
+    pub fn is_registration_outcome(&self) -> bool {
+        matches!(
+            self.code,
+            ErrorCode::CustomAllocationFailed
+                | ErrorCode::CustomAllocationIotHubNotSpecified
+                | ErrorCode::CustomAllocationUnauthorizedAccess
+                | ErrorCode::NoHubAvailable
+                | ErrorCode::HubNotLinked
+        )
+    }
+}
+
+impl From<muster_store::StoreError> for DeviceFailure {
+    fn from(e: muster_store::StoreError) -> Self {
+        DeviceFailure::internal("accessing the store", e)
+    }
+}
+
+/// How the device authenticated on its connection or request.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DeviceCredential {
+    /// A SAS token (`SharedAccessSignature sr=..&sig=..&se=..[&skn=registration]`), exactly as sent.
+    Sas(String),
+    /// The client certificate chain from the TLS handshake, leaf first, DER.
+    X509 { chain: Vec<Vec<u8>> },
+    /// Nothing presented.
+    None,
+}
+
+impl std::fmt::Debug for DeviceCredential {
+    /// Never prints token text.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceCredential::Sas(_) => f.write_str("Sas(..)"),
+            DeviceCredential::X509 { chain } => write!(f, "X509({} certificates)", chain.len()),
+            DeviceCredential::None => f.write_str("None"),
+        }
+    }
+}
+
+/// `PUT /{idScope}/registrations/{registrationId}/register`, or the MQTT register publish.
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    pub id_scope: String,
+    /// From the URL path, MQTT username or link address: authoritative over the body.
+    pub registration_id: String,
+    pub credential: DeviceCredential,
+    pub body: DeviceRegistration,
+}
+
+/// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`, or the MQTT poll.
+#[derive(Debug, Clone)]
+pub struct StatusRequest {
+    pub id_scope: String,
+    pub registration_id: String,
+    pub operation_id: String,
+    pub credential: DeviceCredential,
+}
+
+/// What device transports need from the registration engine.
+#[async_trait]
+pub trait DeviceRegistrar: Send + Sync + 'static {
+    async fn register(&self, request: RegisterRequest) -> DeviceReply;
+    async fn operation_status(&self, request: StatusRequest) -> DeviceReply;
+}
