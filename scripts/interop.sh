@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Interop tests: Microsoft's DPS service SDKs (Python and Node), unchanged,
-# against a real Muster server. See tests/interop/README.md.
+# Interop tests: Microsoft's DPS service SDKs, device SDKs (device registration
+# over MQTT, MQTT-WS and HTTPS) and IoT hub service SDK (Python and Node),
+# unchanged, against a real Muster server. See tests/interop/README.md.
 #
 # Usage: scripts/interop.sh [--python-only | --node-only] [--no-build] [-- PYTEST_ARGS...]
 #
 #   --python-only   run only the pytest suites
-#   --node-only     run only the node:test suite
+#   --node-only     run only the node:test suites (service.test.js, device.test.js)
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
 #
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     --node-only) run_python=0 ;;
     --no-build) build=0 ;;
     --) shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -63,7 +64,7 @@ else
   echo "$py_want" > "$py_marker"
 fi
 "$VENV/bin/python" -m pip --disable-pip-version-check freeze \
-  | grep -Ei '^(azure-iot-deviceprovisioning|azure-iothub-provisioningserviceclient|pytest|cryptography)==' || true
+  | grep -Ei '^(azure-iot-deviceprovisioning|azure-iothub-provisioningserviceclient|azure-iot-device|azure-iot-hub|pytest|cryptography)==' || true
 
 # ---------------------------------------------------------------------------
 if [[ $run_node -eq 1 ]]; then
@@ -80,7 +81,10 @@ if [[ $run_node -eq 1 ]]; then
     (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
     echo "$node_want" > "$node_marker"
   fi
-  node -e "console.log('azure-iot-provisioning-service ' + require('$NODE_DIR/node_modules/azure-iot-provisioning-service/package.json').version)"
+  for pkg in azure-iot-provisioning-service azure-iot-provisioning-device azure-iot-provisioning-device-http \
+             azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key; do
+    node -e "console.log('$pkg ' + require('$NODE_DIR/node_modules/$pkg/package.json').version)"
+  done
 fi
 
 # ---------------------------------------------------------------------------
@@ -106,7 +110,7 @@ node_status="skipped"
 failed=0
 
 if [[ $run_python -eq 1 ]]; then
-  section "Python: azure-iot-deviceprovisioning 1.0.0b1 + azure-iothub-provisioningserviceclient 1.2.0 (pytest)"
+  section "Python: azure-iot-deviceprovisioning 1.0.0b1, azure-iothub-provisioningserviceclient 1.2.0, azure-iot-device 2.14.0, azure-iot-hub 2.7.0 (pytest)"
   set +e
   (cd "$INTEROP/python" && PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest \
       -p no:cacheprovider -v -rfE --durations=5 ${pytest_args[@]+"${pytest_args[@]}"})
@@ -120,9 +124,11 @@ if [[ $run_python -eq 1 ]]; then
 fi
 
 if [[ $run_node -eq 1 ]]; then
-  section "Node: azure-iot-provisioning-service 1.11.2 (node --test)"
+  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1) (node --test)"
   # NODE_EXTRA_CA_CERTS is read only when node starts, so the server is started
   # first (by muster_server.py) and node is launched with the CA in its env.
+  # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js),
+  # all against that one server.
   shopt -s nullglob
   node_tests=("$NODE_DIR"/*.test.js)
   shopt -u nullglob

@@ -11,7 +11,9 @@ Used two ways:
 
   The wrapper starts a server on a fresh temporary data dir, waits until it is
   ready, runs the command with ``MUSTER_CONNECTION_STRING``, ``MUSTER_CA_CERT``,
-  ``MUSTER_CONNECTION_JSON``, ``MUSTER_DPS_HOST`` and ``NODE_EXTRA_CA_CERTS`` set,
+  ``MUSTER_CONNECTION_JSON``, ``MUSTER_DPS_HOST``, ``MUSTER_ID_SCOPE`` and
+  ``NODE_EXTRA_CA_CERTS`` set (plus ``MUSTER_HUB_HOST`` and
+  ``MUSTER_HUB_CONNECTION_STRING`` when connection.json lists a built-in hub),
   stops the server (SIGTERM to its process group, SIGKILL after a grace period)
   and exits with the command's exit code.
 
@@ -95,6 +97,18 @@ class MusterServer:
     @property
     def connection_json(self) -> Path:
         return self.data_dir / "connection.json"
+
+    @property
+    def hubs(self) -> list:
+        """connection.json ``hubs``: [{hostName, connectionString, builtIn}, ...] ([] if absent)."""
+        return list(self.info.get("hubs") or [])
+
+    def builtin_hub(self) -> Optional[dict]:
+        """The built-in IoT hub's entry in ``hubs``, if the server reports one."""
+        for hub in self.hubs:
+            if hub.get("builtIn"):
+                return hub
+        return None
 
     def cs_parts(self) -> dict:
         """The service connection string split into its parts."""
@@ -273,6 +287,12 @@ def main(argv: list[str]) -> int:
             MUSTER_ID_SCOPE=server.id_scope,
             NODE_EXTRA_CA_CERTS=server.ca_cert,
         )
+        hub = server.builtin_hub()
+        if hub is not None:
+            env.update(
+                MUSTER_HUB_HOST=hub.get("hostName", ""),
+                MUSTER_HUB_CONNECTION_STRING=hub.get("connectionString", ""),
+            )
         loopback_no_proxy(env)
         rc = subprocess.call(argv, env=env)
     except MusterStartError as e:

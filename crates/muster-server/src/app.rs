@@ -1,15 +1,38 @@
-//! The HTTPS application: every route family merged into one router, wrapped so routing is
-//! case-insensitive.
+//! The HTTPS application: every route family merged into one router (their paths do not
+//! overlap), wrapped so routing is case-insensitive.
+//!
+//! - service API: `/enrollments`, `/enrollmentGroups`, `/registrations`, `/linkedHubs`
+//! - device API: `/{idScope}/registrations/{registrationId}/...`
+//! - built-in hub REST: `/devices`, `/twins`
+//! - MQTT over WebSocket: `/$iothub/websocket`
+
+use std::sync::Arc;
 
 use axum::extract::Request;
+use axum::routing::get;
 use axum::Router;
+use muster_device_api::websocket;
+use muster_registration::DeviceRegistrar;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
 /// The router served on the HTTPS port.
-pub fn https_app(service_api: ServiceApi) -> Router {
+pub fn https_app(
+    service_api: ServiceApi,
+    registrar: Arc<dyn DeviceRegistrar>,
+    hub: muster_hub::HubRegistry,
+) -> Router {
     let inner = Router::new()
         .merge(muster_service_api::router(service_api))
+        .merge(muster_device_api::https::router(registrar.clone()))
+        .merge(
+            Router::new()
+                .route("/$iothub/websocket", get(websocket::mqtt_websocket))
+                // C# connects its WebSocket to `/`.
+                .route("/", get(websocket::mqtt_websocket))
+                .with_state(registrar),
+        )
+        .merge(muster_hub::router(hub))
         .fallback(muster_service_api::not_found)
         .method_not_allowed_fallback(muster_service_api::method_not_allowed);
     // Path normalisation must run before routing, so it wraps the whole router.

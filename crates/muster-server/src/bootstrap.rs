@@ -13,6 +13,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
+pub const HUB_OWNER_POLICY: &str = "iothubowner";
+const HUB_POLICIES_KEY: &str = "hub_policies";
 
 const ID_SCOPE_KEY: &str = "id_scope";
 const POLICIES_KEY: &str = "access_policies";
@@ -79,4 +81,102 @@ async fn get_or_insert<T: Serialize + DeserializeOwned>(
         .await?
         .ok_or_else(|| corrupt("missing right after it was written".into()))?;
     serde_json::from_value(r.body).map_err(|e| corrupt(e.to_string()))
+}
+
+/// The built-in hub's shared access policies, created on first start.
+pub async fn hub_policies(
+    store: &dyn Store,
+    entropy: &dyn Entropy,
+) -> Result<Vec<muster_hub::HubPolicy>, StoreError> {
+    let defaults = muster_hub::default_policies(entropy);
+    get_or_insert(store, HUB_POLICIES_KEY, &defaults).await
+}
+
+/// Links the built-in hub and the configured hubs. The built-in hub keeps its weight and
+/// allocation flag if an operator changed them; its connection string follows the config.
+pub async fn link_hubs(
+    store: &dyn Store,
+    built_in_name: &str,
+    built_in_connection_string: &str,
+    configured: &[crate::config::LinkedHubConfig],
+) -> Result<(), StoreError> {
+    use muster_proto::linked_hub::LinkedHub;
+    let mut wanted = vec![LinkedHub {
+        name: built_in_name.to_string(),
+        connection_string: built_in_connection_string.to_string(),
+        allocation_weight: 1,
+        apply_allocation_policy: true,
+        location: None,
+        max_registrations_per_second: None,
+        built_in: true,
+    }];
+    for h in configured {
+        let Ok(cs) = muster_proto::ConnectionString::parse(&h.connection_string) else {
+            continue;
+        };
+        wanted.push(LinkedHub {
+            name: cs.host_name,
+            connection_string: h.connection_string.clone(),
+            allocation_weight: h.allocation_weight,
+            apply_allocation_policy: h.apply_allocation_policy,
+            location: h.location.clone(),
+            max_registrations_per_second: h.max_registrations_per_second,
+            built_in: false,
+        });
+    }
+    // A built-in hub that was renamed (new host or port) leaves a stale entry nobody serves.
+    let mut after = None;
+    loop {
+        let page = store
+            .list(
+                Collection::LinkedHubs,
+                muster_store::ListQuery {
+                    partition: None,
+                    after: after.clone(),
+                    limit: 500,
+                },
+            )
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for r in page {
+            if let Ok(old) = serde_json::from_value::<LinkedHub>(r.body.clone()) {
+                if old.built_in && !old.name.eq_ignore_ascii_case(built_in_name) {
+                    tracing::warn!(old = %old.name, new = %built_in_name, "the built-in hub's address changed; unlinking the old one");
+                    store
+                        .write(vec![Write::delete(
+                            Collection::LinkedHubs,
+                            r.key,
+                            Expect::Etag(r.etag),
+                        )])
+                        .await?;
+                }
+            }
+        }
+    }
+    for mut hub in wanted {
+        let key = LinkedHub::key(&hub.name);
+        let existing = store.get(Collection::LinkedHubs, &key).await?;
+        let expect = match &existing {
+            Some(r) => {
+                if hub.built_in {
+                    if let Ok(old) = serde_json::from_value::<LinkedHub>(r.body.clone()) {
+                        hub.allocation_weight = old.allocation_weight;
+                        hub.apply_allocation_policy = old.apply_allocation_policy;
+                        hub.location = old.location;
+                        hub.max_registrations_per_second = old.max_registrations_per_second;
+                    }
+                }
+                Expect::Etag(r.etag.clone())
+            }
+            None => Expect::Absent,
+        };
+        let body = serde_json::to_value(&hub).map_err(|e| StoreError::Backend(e.to_string()))?;
+        if existing.as_ref().map(|r| &r.body) != Some(&body) {
+            store
+                .write(vec![Write::put(Collection::LinkedHubs, key, expect, body)])
+                .await?;
+        }
+    }
+    Ok(())
 }

@@ -15,7 +15,9 @@ pub struct Config {
     /// Name or IP address the DPS is reached at; listeners bind it and the server
     /// certificate names it.
     pub dps_host: String,
-    /// HTTPS port: device API, service API (and later WebSocket and the console).
+    /// Name or IP of the built-in IoT hub; its listeners bind it. `None`: the DPS host.
+    pub hub_host: Option<String>,
+    /// HTTPS port: device API, service API, hub REST, MQTT over WebSocket.
     pub https_port: u16,
     /// MQTT over TLS port for device registration.
     pub mqtt_port: u16,
@@ -27,6 +29,45 @@ pub struct Config {
     pub extra_hosts: Vec<String>,
     /// Most concurrent connections per listener; more wait in the accept queue.
     pub max_connections: usize,
+    /// This node's region, matched against linked hubs' `location` by `geoLatency`.
+    pub region: Option<String>,
+    /// How long one call to a custom allocation webhook may take.
+    pub webhook_timeout_ms: u64,
+    /// Further attempts after a webhook timed out, was unreachable or answered ≥ 429.
+    pub webhook_retries: u32,
+    /// Hubs to link at start (besides the built-in one); updated when they change.
+    pub linked_hubs: Vec<LinkedHubConfig>,
+}
+
+/// A `[[linked-hubs]]` entry of the config file.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LinkedHubConfig {
+    pub connection_string: String,
+    #[serde(default = "one")]
+    pub allocation_weight: u32,
+    #[serde(default = "yes")]
+    pub apply_allocation_policy: bool,
+    #[serde(default)]
+    pub location: Option<String>,
+    #[serde(default)]
+    pub max_registrations_per_second: Option<u32>,
+}
+
+impl std::fmt::Debug for LinkedHubConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkedHubConfig")
+            .field("allocation_weight", &self.allocation_weight)
+            .finish_non_exhaustive()
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for Config {
@@ -34,12 +75,17 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("muster-data"),
             dps_host: "localhost".into(),
+            hub_host: None,
             https_port: 443,
             mqtt_port: 8883,
             tls_cert: None,
             tls_key: None,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
+            region: None,
+            webhook_timeout_ms: 10_000,
+            webhook_retries: 3,
+            linked_hubs: Vec::new(),
         }
     }
 }
@@ -80,6 +126,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "tls-cert and tls-key go together: give both or neither".into(),
             ));
+        }
+        for h in &self.linked_hubs {
+            muster_proto::ConnectionString::parse(&h.connection_string).map_err(|e| {
+                ConfigError::Invalid(format!("linked-hubs: connection-string: {e}"))
+            })?;
+            if !(1..=1000).contains(&h.allocation_weight) {
+                return Err(ConfigError::Invalid(
+                    "linked-hubs: allocation-weight must be 1 to 1000".into(),
+                ));
+            }
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(

@@ -20,6 +20,19 @@ pub struct ConnectionInfo {
     pub service_connection_string: String,
     /// Path of the PEM file clients must trust.
     pub ca_certificate: PathBuf,
+    /// IoT hubs this server runs (the built-in one).
+    #[serde(default)]
+    pub hubs: Vec<HubInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubInfo {
+    /// What devices are told to connect to (`assignedHub`).
+    pub host_name: String,
+    /// `iothubowner` connection string for the hub's service API.
+    pub connection_string: String,
+    pub built_in: bool,
 }
 
 impl ConnectionInfo {

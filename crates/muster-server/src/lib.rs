@@ -2,12 +2,12 @@
 //! and graceful shutdown.
 //!
 //! Layout:
-//! - [`config`]: the settings `muster serve` takes (TOML file, flags, environment).
-//! - [`bootstrap`]: the service identity kept in the store (ID scope, access policies).
-//! - [`tls`]: the local CA and the server certificate it issues.
-//! - [`app`]: the HTTPS router (service API today; device API, hub and console later).
-//! - [`listener`]: TLS accept loops, connection limits, draining.
-//! - [`connection_info`]: `connection.json`, what clients need to connect.
+//! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
+//! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
+//! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
+//! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, draining.
+//! - [`connection_info`] — `connection.json`, what clients need to connect.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use muster_proto::runtime::{Clock, Entropy, OsEntropy, SystemClock};
 use muster_proto::ConnectionString;
+use muster_registration::{DeviceRegistrar, Engine, EngineConfig};
 use muster_service_api::{Authorizer, Limits, ServiceApi};
 use muster_store::{SqliteStore, Store};
 use tokio::sync::watch;
@@ -59,6 +60,10 @@ pub enum ServerError {
         hint: String,
         source: std::io::Error,
     },
+    #[error("could not start the registration engine: {0}")]
+    Engine(String),
+    #[error("could not build the outbound HTTPS client: {0}")]
+    Outbound(String),
     #[error("could not write {path}: {source}")]
     ConnectionInfo {
         path: PathBuf,
@@ -70,6 +75,7 @@ pub enum ServerError {
 pub struct Server {
     pub connection: ConnectionInfo,
     pub https_addrs: Vec<SocketAddr>,
+    pub mqtt_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -87,61 +93,136 @@ impl Server {
     ) -> Result<Server, ServerError> {
         config.validate()?;
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+        create_private_dir(&data_dir).map_err(|source| ServerError::DataDir {
             path: data_dir.clone(),
             source,
         })?;
         let store = SqliteStore::open(&data_dir.join("muster.db"))?;
         let store: Arc<dyn Store> = Arc::new(store);
         let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
+        let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
 
+        let hub_host = config
+            .hub_host
+            .clone()
+            .unwrap_or_else(|| config.dps_host.clone());
         let ca = tls::LocalCa::load_or_create(&data_dir)?;
-        let mut hosts = vec![config.dps_host.clone()];
+        let mut hosts = vec![config.dps_host.clone(), hub_host.clone()];
         hosts.extend(config.extra_hosts.iter().cloned());
+        hosts.dedup();
         let server_identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
             _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,
         };
-        let tls_config = server_identity.rustls_config(&[b"http/1.1"])?;
+        let https_tls = server_identity.rustls_config(&[b"http/1.1"])?;
+        let mqtt_tls = server_identity.rustls_config(&[])?;
 
-        let https_addrs = resolve(&config.dps_host, config.https_port).await?;
+        // Bind everything before anything is announced.
+        let mut https_addrs = resolve(&config.dps_host, config.https_port).await?;
+        let mut mqtt_addrs = resolve(&config.dps_host, config.mqtt_port).await?;
+        if !hub_host.eq_ignore_ascii_case(&config.dps_host) {
+            https_addrs.extend(resolve(&hub_host, config.https_port).await?);
+            mqtt_addrs.extend(resolve(&hub_host, config.mqtt_port).await?);
+        }
         let https_listeners = listener::bind(&https_addrs, "HTTPS").await?;
+        let mqtt_listeners = listener::bind(&mqtt_addrs, "MQTT").await?;
         let bound: Vec<SocketAddr> = https_listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let mqtt_bound: Vec<SocketAddr> = mqtt_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         let https_port = bound.first().map(|a| a.port()).unwrap_or(config.https_port);
+        let mqtt_port = mqtt_bound
+            .first()
+            .map(|a| a.port())
+            .unwrap_or(config.mqtt_port);
 
         let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
+        let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
+
+        // The built-in hub, linked like any other hub.
+        let hub = muster_hub::HubRegistry::new(
+            store.clone(),
+            hub_endpoint.clone(),
+            hub_policies.clone(),
+            clock.clone(),
+            entropy.clone(),
+        );
+        let hub_owner = hub_policies
+            .iter()
+            .find(|p| p.key_name == bootstrap::HUB_OWNER_POLICY)
+            .cloned();
+        let hub_connection_string = hub_owner
+            .map(|p| {
+                ConnectionString {
+                    host_name: hub_endpoint.clone(),
+                    key_name: p.key_name.clone(),
+                    key: p.primary_key.clone(),
+                }
+                .to_string()
+            })
+            .unwrap_or_default();
+        bootstrap::link_hubs(
+            &*store,
+            &hub_endpoint,
+            &hub_connection_string,
+            &config.linked_hubs,
+        )
+        .await?;
+
         let mut service_hosts = vec![endpoint.clone(), config.dps_host.clone()];
         service_hosts.extend(config.extra_hosts.iter().cloned());
         let api = ServiceApi {
             store: store.clone(),
             auth: Authorizer::new(identity.policies.clone(), service_hosts),
-            clock,
-            entropy,
+            clock: clock.clone(),
+            entropy: entropy.clone(),
             limits: Limits::default(),
         };
 
+        let http = outbound_client(&ca)?;
+        let mut engine_config = EngineConfig::new(identity.id_scope.clone());
+        engine_config.region = config.region.clone();
+        engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
+        engine_config.webhook.retries = config.webhook_retries;
+        let engine = Engine::new(store.clone(), clock, entropy, http, engine_config);
+        let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
+
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let app = app::https_app(api);
+        let app = app::https_app(api, registrar.clone(), hub);
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
                 l,
-                tls_config.clone(),
+                https_tls.clone(),
                 app.clone(),
                 config.max_connections,
                 shutdown_rx.clone(),
             ));
         }
+        for l in mqtt_listeners {
+            tasks.spawn(listener::serve_mqtt(
+                l,
+                mqtt_tls.clone(),
+                registrar.clone(),
+                config.max_connections,
+                shutdown_rx.clone(),
+            ));
+        }
+        engine
+            .resume_pending()
+            .await
+            .map_err(|f| ServerError::Engine(f.message))?;
 
         let owner = identity.owner().cloned();
         let connection = ConnectionInfo {
             id_scope: identity.id_scope.to_string(),
             dps_host: config.dps_host.clone(),
             https_port,
-            mqtt_port: config.mqtt_port,
+            mqtt_port,
             device_endpoint: endpoint.clone(),
             service_endpoint: format!("https://{endpoint}"),
             service_connection_string: owner
@@ -155,15 +236,21 @@ impl Server {
                 })
                 .unwrap_or_default(),
             ca_certificate: absolute(ca.cert_path().to_path_buf()),
+            hubs: vec![connection_info::HubInfo {
+                host_name: hub_endpoint,
+                connection_string: hub_connection_string,
+                built_in: true,
+            }],
         };
         let path = data_dir.join(ConnectionInfo::FILE_NAME);
         connection
             .write(&data_dir)
             .map_err(|source| ServerError::ConnectionInfo { path, source })?;
-        info!(addrs = ?bound, "listening for HTTPS");
+        info!(https = ?bound, mqtt = ?mqtt_bound, "listening");
         Ok(Server {
             connection,
             https_addrs: bound,
+            mqtt_addrs: mqtt_bound,
             shutdown,
             tasks,
         })
@@ -174,6 +261,45 @@ impl Server {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// The data dir holds keys: owner-only on creation.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+/// HTTPS client for hub REST calls and webhooks: trusts the system's roots and the local CA
+/// (the built-in hub's certificate comes from it).
+fn outbound_client(ca: &tls::LocalCa) -> Result<reqwest::Client, ServerError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    roots
+        .add(ca.cert_der().clone())
+        .map_err(|e| ServerError::Outbound(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Outbound(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .pool_max_idle_per_host(64)
+        .build()
+        .map_err(|e| ServerError::Outbound(e.to_string()))
 }
 
 fn absolute(p: PathBuf) -> PathBuf {

@@ -129,3 +129,73 @@ pub async fn serve_https(
         warn!("connections still open after the drain timeout; closing them");
     }
 }
+
+/// Serves MQTT over TLS on `listener`: each connection goes to the device MQTT transport.
+/// On shutdown, accepting stops and open sessions get the drain timeout to end.
+pub async fn serve_mqtt(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    registrar: Arc<dyn muster_registration::DeviceRegistrar>,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let registrar = registrar.clone();
+        // Reap finished sessions so the set does not grow.
+        while sessions.try_join_next().is_some() {}
+        sessions.spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let certs: Vec<Vec<u8>> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
+                .unwrap_or_default();
+            muster_device_api::mqtt::serve_connection(
+                tls,
+                registrar,
+                certs,
+                muster_device_api::mqtt::MqttLimits::default(),
+            )
+            .await;
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        sessions.abort_all();
+    }
+}

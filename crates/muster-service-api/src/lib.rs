@@ -5,7 +5,8 @@
 //! Layout:
 //! - [`router`] — the axum router; [`normalize_path`] makes routing case-insensitive and must
 //!   wrap whatever router this one is merged into.
-//! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`: one
+//! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
+//!   `routes/linked_hubs.rs` (Muster's extension): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
@@ -79,6 +80,7 @@ const CANONICAL_SEGMENTS: &[&str] = &[
     "enrollments",
     "enrollmentGroups",
     "registrations",
+    "linkedHubs",
     "attestationmechanism",
     "query",
 ];
@@ -98,7 +100,14 @@ pub fn normalize_path(mut req: Request) -> Request {
     // Only the first segment and the segment after an id are fixed words.
     let mut out: Vec<String> = Vec::with_capacity(segments.len());
     for (i, seg) in segments.iter().enumerate() {
-        let fixed_position = i == 1 || i == 3;
+        // Position 3 is fixed only under a service collection (device paths put a
+        // registration id there).
+        let under_collection = segments.get(1).is_some_and(|first| {
+            CANONICAL_SEGMENTS[..4]
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(first))
+        });
+        let fixed_position = i == 1 || (i == 3 && under_collection);
         let canon = if fixed_position {
             CANONICAL_SEGMENTS
                 .iter()

@@ -44,7 +44,13 @@ struct ServeArgs {
     /// Name or IP the DPS is reached at; listeners bind it [default: localhost]
     #[arg(long, env = "MUSTER_DPS_HOST")]
     dps_host: Option<String>,
-    /// HTTPS port (device API, service API) [default: 443]
+    /// Name or IP of the built-in IoT hub; its listeners bind it [default: the DPS host]
+    #[arg(long, env = "MUSTER_HUB_HOST")]
+    hub_host: Option<String>,
+    /// This node's region, for the geoLatency allocation policy
+    #[arg(long, env = "MUSTER_REGION")]
+    region: Option<String>,
+    /// HTTPS port (device API, service API, hub REST, MQTT over WebSocket) [default: 443]
     #[arg(long, env = "MUSTER_HTTPS_PORT")]
     https_port: Option<u16>,
     /// MQTT over TLS port for devices [default: 8883]
@@ -75,6 +81,12 @@ impl ServeArgs {
         }
         if let Some(v) = &self.dps_host {
             c.dps_host = v.clone();
+        }
+        if let Some(v) = &self.hub_host {
+            c.hub_host = Some(v.clone());
+        }
+        if let Some(v) = &self.region {
+            c.region = Some(v.clone());
         }
         if let Some(v) = self.https_port {
             c.https_port = v;
@@ -120,6 +132,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("Muster is running.");
     println!("  ID scope:           {}", c.id_scope);
     println!("  Device endpoint:    {}", c.device_endpoint);
+    for h in &c.hubs {
+        println!("  Built-in IoT hub:   {}", h.host_name);
+    }
     println!("  Service endpoint:   {}", c.service_endpoint);
     println!("  Trust this CA:      {}", c.ca_certificate.display());
     println!(

@@ -69,6 +69,30 @@ def muster_factory(request, tmp_path, monkeypatch):
             _report_log_if_failed(request, server)
 
 
+# (test id, what was measured, seconds): filled by the `registration_timer` fixture and
+# printed at the end of the run (timings are reported, never asserted).
+_REGISTRATION_TIMINGS: list[tuple[str, str, float]] = []
+
+
+@pytest.fixture
+def registration_timer(request):
+    """record(label, seconds): report a device registration's duration in the run summary."""
+
+    def record(label: str, seconds: float) -> None:
+        _REGISTRATION_TIMINGS.append((request.node.nodeid, label, seconds))
+        print(f"{label}: register() took {seconds * 1000:.0f} ms")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _REGISTRATION_TIMINGS:
+        return
+    terminalreporter.section("device registration timings (register() call to result)")
+    for nodeid, label, seconds in _REGISTRATION_TIMINGS:
+        terminalreporter.write_line(f"{seconds * 1000:8.0f} ms  {label}  ({nodeid.split('::')[-1]})")
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

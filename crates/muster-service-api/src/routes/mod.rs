@@ -3,6 +3,7 @@
 mod enrollment_groups;
 mod enrollments;
 mod generic;
+mod linked_hubs;
 mod registrations;
 
 use axum::Router;
@@ -17,6 +18,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(enrollments::routes())
         .merge(enrollment_groups::routes())
         .merge(registrations::routes())
+        .merge(linked_hubs::routes())
         .with_state(api)
 }
 

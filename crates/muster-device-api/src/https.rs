@@ -1,0 +1,138 @@
+//! The device HTTPS API (device-protocol.md §2):
+//! `PUT /{idScope}/registrations/{registrationId}/register` and
+//! `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
+//!
+//! The SAS token comes from `Authorization`; the body is optional (Node polls with `{}`, C#
+//! MQTT sends nothing); every answer is JSON with `retry-after` when the device should wait.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::Router;
+use muster_proto::device::DeviceRegistration;
+use muster_proto::{ErrorBody, ErrorCode, Timestamp};
+use muster_registration::{
+    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
+};
+
+/// Largest register body (DPS allows 96 KB messages).
+pub const MAX_BODY_BYTES: usize = 128 * 1024;
+
+/// The device API routes; merge into the HTTPS router.
+pub fn router(registrar: Arc<dyn DeviceRegistrar>) -> Router {
+    Router::new()
+        .route(
+            "/{id_scope}/registrations/{registration_id}/register",
+            put(register),
+        )
+        .route(
+            "/{id_scope}/registrations/{registration_id}/operations/{operation_id}",
+            get(operation_status),
+        )
+        .with_state(registrar)
+}
+
+fn credential(headers: &HeaderMap) -> DeviceCredential {
+    match headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(t) if !t.trim().is_empty() => DeviceCredential::Sas(t.to_string()),
+        _ => DeviceCredential::None,
+    }
+}
+
+/// Writes a [`DeviceReply`] as HTTP.
+pub fn reply_response(reply: DeviceReply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(&reply.body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Some(r) = reply.retry_after {
+        if let Ok(v) = HeaderValue::from_str(&r.to_string()) {
+            h.insert("retry-after", v);
+        }
+    }
+    resp
+}
+
+fn bad_request(code: ErrorCode, message: String) -> Response {
+    let body = ErrorBody {
+        error_code: code.code(),
+        tracking_id: String::new(),
+        message,
+        info: None,
+        timestamp_utc: Timestamp(chrono_now()).to_dps_string(),
+    };
+    reply_response(DeviceReply {
+        status: code.status(),
+        retry_after: None,
+        body: serde_json::to_value(&body).unwrap_or_default(),
+    })
+}
+
+fn chrono_now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+/// Parses a register body; empty means "no fields".
+pub fn parse_registration(bytes: &[u8]) -> Result<DeviceRegistration, String> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(DeviceRegistration::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("the register body is not valid JSON: {e}"))
+}
+
+async fn register(
+    State(registrar): State<Arc<dyn DeviceRegistrar>>,
+    Path((id_scope, registration_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes: Bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return bad_request(
+                ErrorCode::PayloadTooLarge,
+                format!("the register body is larger than {MAX_BODY_BYTES} bytes"),
+            )
+        }
+    };
+    let registration = match parse_registration(&bytes) {
+        Ok(r) => r,
+        Err(m) => return bad_request(ErrorCode::MalformedBody, m),
+    };
+    let reply = registrar
+        .register(RegisterRequest {
+            id_scope,
+            registration_id,
+            credential: credential(&headers),
+            body: registration,
+        })
+        .await;
+    reply_response(reply)
+}
+
+async fn operation_status(
+    State(registrar): State<Arc<dyn DeviceRegistrar>>,
+    Path((id_scope, registration_id, operation_id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let reply = registrar
+        .operation_status(StatusRequest {
+            id_scope,
+            registration_id,
+            operation_id,
+            credential: credential(&headers),
+        })
+        .await;
+    reply_response(reply)
+}

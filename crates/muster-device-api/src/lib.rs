@@ -1,0 +1,12 @@
+//! Device transports into the registration engine. Each one turns what arrived on the wire
+//! into a `muster_registration::RegisterRequest` or `StatusRequest`, calls the
+//! [`muster_registration::DeviceRegistrar`], and writes its `DeviceReply` back unchanged.
+//!
+//! Layout:
+//! - [`https`] — `PUT …/register`, `GET …/operations/{id}` (device-protocol.md §2).
+//! - [`mqtt`] — MQTT 3.1.1 sessions: CONNECT, SUBSCRIBE, register and poll publishes (§4).
+//! - [`websocket`] — MQTT over WebSocket at `/$iothub/websocket`, adapted onto [`mqtt`].
+
+pub mod https;
+pub mod mqtt;
+pub mod websocket;

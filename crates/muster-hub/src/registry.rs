@@ -1,0 +1,700 @@
+//! [`HubRegistry`]: the built-in hub's identity registry and twins, as typed operations over
+//! the [`Store`], plus the desired-property notification channel.
+//!
+//! Storage: one record per device in `Collection::HubDevices`, key
+//! `"{hub host, lower-case}/{device id, lower-case}"`, partition = the lower-case hub host.
+//! The store's keys are unique per collection whatever the partition, so the host is part of
+//! the key; device ids can't contain `/`, so the key is unambiguous, and listing one
+//! partition in key order lists one hub's devices by lower-cased id. The body holds the
+//! identity and its twin together (`{"device": Device, "twin": TwinState}`), so creating a
+//! device creates its twin in the same write, deleting removes both, and every change is one
+//! conditional write (`Expect::Etag` of the record, retried on a concurrent change).
+//!
+//! Etags: the device etag (`Device::etag`) is IoT Hub-shaped (base64 of a decimal number),
+//! drawn fresh on every identity write and kept in the body; the twin etag is base64 of the
+//! big-endian twin version (`AAAAAAAAAAE=` for version 1), as IoT Hub forms it. The store's
+//! own etag is only used for the conditional writes.
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use muster_proto::runtime::{Clock, Entropy};
+use muster_store::{Collection, Expect, ListQuery, Record, Store, Write, WriteOutcome};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::broadcast;
+
+use crate::auth::{HubAuthorizer, HubPolicy};
+use crate::error::{HubError, HubErrorCode};
+use crate::model::{
+    resolve_authentication, twin_etag, validate_device_id, ConnectionState, Device, DeviceInput,
+    DeviceStatus, HubTime, Twin, TwinProperties, TwinUpdate,
+};
+use crate::properties::{self, PropertySet};
+use crate::request::IfMatch;
+
+/// Largest request body the REST API reads.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Most devices one `GET /devices` returns (and the default for `top`).
+pub const MAX_LIST: usize = 1000;
+/// Capacity of the desired-change channel; a subscriber that falls further behind gets
+/// `RecvError::Lagged` and should re-read the twin.
+pub const DESIRED_CHANNEL_CAPACITY: usize = 1024;
+/// Conditional writes retried this often when another writer got there first.
+const MAX_ATTEMPTS: usize = 16;
+
+/// A change of a device's desired properties, for the device endpoints to push:
+/// `patch` is the effective change (`null` = deleted) and includes `"$version": version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredChange {
+    /// As the device was created (original casing).
+    pub device_id: String,
+    pub version: u64,
+    pub patch: Map<String, Value>,
+}
+
+/// Tags, desired and reported properties, and the twin version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TwinState {
+    pub version: u64,
+    pub tags: Map<String, Value>,
+    pub desired: PropertySet,
+    pub reported: PropertySet,
+}
+
+impl TwinState {
+    fn new(now: &str) -> Self {
+        Self {
+            version: 1,
+            tags: Map::new(),
+            desired: PropertySet::new(now, true),
+            reported: PropertySet::new(now, false),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredDevice {
+    device: Device,
+    twin: TwinState,
+}
+
+/// The built-in hub's registry. Cheap to clone.
+#[derive(Clone)]
+pub struct HubRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    host_name: String,
+    /// Lower-case host name: the partition and key prefix.
+    partition: String,
+    auth: HubAuthorizer,
+    clock: Arc<dyn Clock>,
+    entropy: Arc<dyn Entropy>,
+    desired_tx: broadcast::Sender<DesiredChange>,
+}
+
+impl std::fmt::Debug for HubRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubRegistry")
+            .field("host_name", &self.inner.host_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubRegistry {
+    pub fn new(
+        store: Arc<dyn Store>,
+        host_name: String,
+        policies: Vec<HubPolicy>,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+    ) -> Self {
+        let (desired_tx, _) = broadcast::channel(DESIRED_CHANNEL_CAPACITY);
+        let partition = host_name.to_ascii_lowercase();
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                auth: HubAuthorizer::new(&host_name, policies),
+                host_name,
+                partition,
+                clock,
+                entropy,
+                desired_tx,
+            }),
+        }
+    }
+
+    pub fn host_name(&self) -> &str {
+        &self.inner.host_name
+    }
+
+    pub fn authorizer(&self) -> &HubAuthorizer {
+        &self.inner.auth
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
+    /// The store key of a device of this hub.
+    pub fn store_key(&self, device_id: &str) -> String {
+        format!(
+            "{}/{}",
+            self.inner.partition,
+            device_id.to_ascii_lowercase()
+        )
+    }
+
+    /// Subscribes to desired-property changes of every device of this hub.
+    pub fn subscribe_desired(&self) -> broadcast::Receiver<DesiredChange> {
+        self.inner.desired_tx.subscribe()
+    }
+
+    /// `PUT /devices/{id}`: creates (no If-Match, or `*`) or updates (`*` or the current
+    /// device etag) an identity. No If-Match on an existing device → 409
+    /// `DeviceAlreadyExists`; another etag → 412 `PreconditionFailed` (also when the device
+    /// does not exist). Keys a `sas` device is created without are generated (32 random
+    /// bytes); an update without keys keeps the current ones.
+    pub async fn create_or_update_device(
+        &self,
+        input: DeviceInput,
+        if_match: &IfMatch,
+    ) -> Result<Device, HubError> {
+        self.put_device(input, if_match, None).await.map(|(d, _)| d)
+    }
+
+    /// As [`Self::create_or_update_device`], and in the same write replaces the twin's tags
+    /// and desired properties (on create: the initial twin).
+    pub async fn create_or_update_device_with_twin(
+        &self,
+        input: DeviceInput,
+        if_match: &IfMatch,
+        twin: TwinUpdate,
+    ) -> Result<(Device, Twin), HubError> {
+        twin.validate()?;
+        self.put_device(input, if_match, Some(twin)).await
+    }
+
+    async fn put_device(
+        &self,
+        input: DeviceInput,
+        if_match: &IfMatch,
+        twin_update: Option<TwinUpdate>,
+    ) -> Result<(Device, Twin), HubError> {
+        validate_device_id(&input.device_id)?;
+        let id = input.device_id.clone();
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.load(&id).await?;
+            let now = self.inner.clock.now();
+            let now_s = now.to_dps_string();
+            let (stored, expect, existed) = match current {
+                None => {
+                    if let IfMatch::Etag(_) = if_match {
+                        return Err(HubError::new(
+                            HubErrorCode::PreconditionFailed,
+                            format!("Device '{id}' does not exist, so If-Match cannot match."),
+                        ));
+                    }
+                    let device = self.new_device(&input, now)?;
+                    (
+                        StoredDevice {
+                            device,
+                            twin: TwinState::new(&now_s),
+                        },
+                        Expect::Absent,
+                        false,
+                    )
+                }
+                Some((stored, record_etag)) => {
+                    match if_match {
+                        IfMatch::None => {
+                            return Err(HubError::new(
+                                HubErrorCode::DeviceAlreadyExists,
+                                format!(
+                                    "A device with ID '{}' is already registered.",
+                                    stored.device.device_id
+                                ),
+                            ))
+                        }
+                        IfMatch::Etag(e) if *e != stored.device.etag => {
+                            return Err(precondition_failed("device", &stored.device.device_id))
+                        }
+                        _ => {}
+                    }
+                    let device = self.updated_device(&stored.device, &input, now)?;
+                    (
+                        StoredDevice {
+                            device,
+                            twin: stored.twin.clone(),
+                        },
+                        Expect::Etag(record_etag),
+                        true,
+                    )
+                }
+            };
+            let mut stored = stored;
+            let mut desired_change = Map::new();
+            if let Some(update) = &twin_update {
+                let (tags_changed, change) = replace_twin_state(&mut stored.twin, update, &now_s)?;
+                if tags_changed || !change.is_empty() {
+                    stored.twin.version += 1;
+                }
+                desired_change = change;
+            }
+            if self.write(&id, &stored, expect).await? {
+                // Only an existing device's connected session can care about the change.
+                if existed {
+                    self.notify(&stored, desired_change);
+                }
+                let twin = render_twin(&stored);
+                return Ok((stored.device, twin));
+            }
+        }
+        Err(contention(&id))
+    }
+
+    fn new_device(
+        &self,
+        input: &DeviceInput,
+        now: muster_proto::Timestamp,
+    ) -> Result<Device, HubError> {
+        let authentication =
+            resolve_authentication(input.authentication.as_ref(), None, || self.new_key())?;
+        let capabilities = input.capabilities.unwrap_or_default();
+        let generation_id = self.generation_id(now);
+        let device_scope = input
+            .device_scope
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| {
+                capabilities
+                    .iot_edge
+                    .then(|| format!("ms-azure-iot-edge://{}-{}", input.device_id, generation_id))
+            });
+        Ok(Device {
+            device_id: input.device_id.clone(),
+            generation_id,
+            etag: self.device_etag(None),
+            connection_state: ConnectionState::Disconnected,
+            status: input.status.unwrap_or(DeviceStatus::Enabled),
+            status_reason: input.status_reason.clone(),
+            connection_state_updated_time: HubTime::NEVER,
+            status_updated_time: HubTime::NEVER,
+            last_activity_time: HubTime::NEVER,
+            cloud_to_device_message_count: 0,
+            authentication,
+            capabilities,
+            device_scope,
+            parent_scopes: input.parent_scopes.clone().unwrap_or_default(),
+        })
+    }
+
+    fn updated_device(
+        &self,
+        current: &Device,
+        input: &DeviceInput,
+        now: muster_proto::Timestamp,
+    ) -> Result<Device, HubError> {
+        let mut d = current.clone();
+        d.authentication = resolve_authentication(
+            input.authentication.as_ref(),
+            Some(&current.authentication),
+            || self.new_key(),
+        )?;
+        if let Some(status) = input.status {
+            if status != current.status {
+                d.status_updated_time = HubTime(Some(now));
+            }
+            d.status = status;
+        }
+        d.status_reason = input.status_reason.clone();
+        if let Some(c) = input.capabilities {
+            d.capabilities = c;
+        }
+        if let Some(scope) = input.device_scope.clone().filter(|s| !s.is_empty()) {
+            d.device_scope = Some(scope);
+        } else if d.capabilities.iot_edge && d.device_scope.is_none() {
+            d.device_scope = Some(format!(
+                "ms-azure-iot-edge://{}-{}",
+                d.device_id, d.generation_id
+            ));
+        }
+        if let Some(p) = input.parent_scopes.clone() {
+            d.parent_scopes = p;
+        }
+        d.etag = self.device_etag(Some(&current.etag));
+        Ok(d)
+    }
+
+    /// `GET /devices/{id}`.
+    pub async fn get_device(&self, device_id: &str) -> Result<Device, HubError> {
+        validate_device_id(device_id)?;
+        match self.load(device_id).await? {
+            Some((s, _)) => Ok(s.device),
+            None => Err(HubError::device_not_found(device_id)),
+        }
+    }
+
+    /// `DELETE /devices/{id}`: removes the identity and its twin. If-Match `*`, absent or
+    /// the current device etag; another etag → 412.
+    pub async fn delete_device(&self, device_id: &str, if_match: &IfMatch) -> Result<(), HubError> {
+        validate_device_id(device_id)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((stored, record_etag)) = self.load(device_id).await? else {
+                return Err(HubError::device_not_found(device_id));
+            };
+            if !if_match.matches(&stored.device.etag) {
+                return Err(precondition_failed("device", &stored.device.device_id));
+            }
+            let outcome = self
+                .write_one(Write::delete(
+                    Collection::HubDevices,
+                    self.store_key(device_id),
+                    Expect::Etag(record_etag),
+                ))
+                .await?;
+            if outcome.is_applied() {
+                return Ok(());
+            }
+        }
+        Err(contention(device_id))
+    }
+
+    /// `GET /devices?top=N`: up to `top` devices (1..=1000; anything else means 1000),
+    /// ordered by lower-cased id.
+    pub async fn list_devices(&self, top: Option<i64>) -> Result<Vec<Device>, HubError> {
+        let limit = match top {
+            Some(n) if (1..=MAX_LIST as i64).contains(&n) => n as usize,
+            _ => MAX_LIST,
+        };
+        let records = self
+            .inner
+            .store
+            .list(
+                Collection::HubDevices,
+                ListQuery {
+                    partition: Some(self.inner.partition.clone()),
+                    after: None,
+                    limit,
+                },
+            )
+            .await?;
+        records
+            .into_iter()
+            .map(|r| decode(r).map(|(s, _)| s.device))
+            .collect()
+    }
+
+    /// `GET /twins/{id}`.
+    pub async fn get_twin(&self, device_id: &str) -> Result<Twin, HubError> {
+        validate_device_id(device_id)?;
+        match self.load(device_id).await? {
+            Some((s, _)) => Ok(render_twin(&s)),
+            None => Err(HubError::device_not_found(device_id)),
+        }
+    }
+
+    /// The device-side twin document (MQTT `$iothub/twin/GET`):
+    /// `{"desired": {..., "$version": n}, "reported": {..., "$version": m}}`.
+    pub async fn device_twin_document(&self, device_id: &str) -> Result<Value, HubError> {
+        validate_device_id(device_id)?;
+        match self.load(device_id).await? {
+            Some((s, _)) => Ok(serde_json::json!({
+                "desired": s.twin.desired.render(false),
+                "reported": s.twin.reported.render(false),
+            })),
+            None => Err(HubError::device_not_found(device_id)),
+        }
+    }
+
+    /// `PATCH /twins/{id}`: merges tags and desired properties (`null` deletes a key).
+    /// A change bumps the twin `version`; a desired change also bumps desired `$version` and
+    /// is published to [`Self::subscribe_desired`]. If-Match: absent, `*` or the twin etag.
+    pub async fn update_twin(
+        &self,
+        device_id: &str,
+        update: TwinUpdate,
+        if_match: &IfMatch,
+    ) -> Result<Twin, HubError> {
+        update.validate()?;
+        self.twin_write(device_id, if_match, |twin, now| {
+            let tags_changed = match &update.tags {
+                Some(patch) => {
+                    let mut tags = twin.tags.clone();
+                    let changed = properties::merge(&mut tags, patch);
+                    if changed {
+                        properties::check_size(&tags, "tags", properties::MAX_TAGS_BYTES)?;
+                        twin.tags = tags;
+                    }
+                    changed
+                }
+                None => false,
+            };
+            let change = match &update.desired {
+                Some(patch) => twin.desired.apply_patch(patch, now, true),
+                None => Map::new(),
+            };
+            if !change.is_empty() {
+                properties::check_size(
+                    &twin.desired.values,
+                    "desired properties",
+                    properties::MAX_PROPERTIES_BYTES,
+                )?;
+            }
+            Ok((tags_changed || !change.is_empty(), change))
+        })
+        .await
+    }
+
+    /// `PUT /twins/{id}`: replaces tags and desired properties (a part not sent is cleared).
+    /// Versions and notification as for [`Self::update_twin`]; the published patch is the
+    /// difference, with `null` for removed keys.
+    pub async fn replace_twin(
+        &self,
+        device_id: &str,
+        update: TwinUpdate,
+        if_match: &IfMatch,
+    ) -> Result<Twin, HubError> {
+        update.validate()?;
+        self.twin_write(device_id, if_match, |twin, now| {
+            let (tags_changed, change) = replace_twin_state(twin, &update, now)?;
+            Ok((tags_changed || !change.is_empty(), change))
+        })
+        .await
+    }
+
+    /// A device's reported-properties patch (MQTT `$iothub/twin/PATCH/properties/reported/`):
+    /// merges it (`null` deletes) and returns the reported `$version` afterwards (unchanged
+    /// when the patch changed nothing).
+    pub async fn update_reported(
+        &self,
+        device_id: &str,
+        mut patch: Map<String, Value>,
+    ) -> Result<u64, HubError> {
+        properties::strip_system_keys(&mut patch);
+        properties::validate_collection(&patch, "reported")?;
+        let mut version = 0;
+        self.twin_write(device_id, &IfMatch::None, |twin, now| {
+            let change = twin.reported.apply_patch(&patch, now, false);
+            if !change.is_empty() {
+                properties::check_size(
+                    &twin.reported.values,
+                    "reported properties",
+                    properties::MAX_PROPERTIES_BYTES,
+                )?;
+            }
+            version = twin.reported.version;
+            // Reported changes are never pushed to the device.
+            Ok((!change.is_empty(), Map::new()))
+        })
+        .await?;
+        Ok(version)
+    }
+
+    /// Read, change, conditionally write the twin; retried on a concurrent change. `change`
+    /// returns whether anything changed and the desired change to publish.
+    async fn twin_write<F>(
+        &self,
+        device_id: &str,
+        if_match: &IfMatch,
+        mut change: F,
+    ) -> Result<Twin, HubError>
+    where
+        F: FnMut(&mut TwinState, &str) -> Result<(bool, Map<String, Value>), HubError>,
+    {
+        validate_device_id(device_id)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((mut stored, record_etag)) = self.load(device_id).await? else {
+                return Err(HubError::device_not_found(device_id));
+            };
+            if !if_match.matches(&twin_etag(stored.twin.version)) {
+                return Err(precondition_failed("twin", &stored.device.device_id));
+            }
+            let now = self.inner.clock.now().to_dps_string();
+            let mut twin = stored.twin.clone();
+            let (changed, desired_change) = change(&mut twin, &now)?;
+            if !changed {
+                return Ok(render_twin(&stored));
+            }
+            twin.version += 1;
+            stored.twin = twin;
+            if self
+                .write(device_id, &stored, Expect::Etag(record_etag))
+                .await?
+            {
+                self.notify(&stored, desired_change);
+                return Ok(render_twin(&stored));
+            }
+        }
+        Err(contention(device_id))
+    }
+
+    fn notify(&self, stored: &StoredDevice, change: Map<String, Value>) {
+        if change.is_empty() {
+            return;
+        }
+        let version = stored.twin.desired.version;
+        let mut patch = change;
+        patch.insert("$version".into(), Value::from(version));
+        // No subscriber is not an error.
+        let _ = self.inner.desired_tx.send(DesiredChange {
+            device_id: stored.device.device_id.clone(),
+            version,
+            patch,
+        });
+    }
+
+    async fn load(&self, device_id: &str) -> Result<Option<(StoredDevice, String)>, HubError> {
+        let record = self
+            .inner
+            .store
+            .get(Collection::HubDevices, &self.store_key(device_id))
+            .await?;
+        record.map(decode).transpose()
+    }
+
+    /// One conditional put; `false` when another writer changed the record first.
+    async fn write(
+        &self,
+        device_id: &str,
+        stored: &StoredDevice,
+        expect: Expect,
+    ) -> Result<bool, HubError> {
+        let body = serde_json::to_value(stored)
+            .map_err(|e| HubError::internal("encoding a device record", e))?;
+        let outcome = self
+            .write_one(
+                Write::put(
+                    Collection::HubDevices,
+                    self.store_key(device_id),
+                    expect,
+                    body,
+                )
+                .with_partition(Some(self.inner.partition.clone())),
+            )
+            .await?;
+        Ok(outcome.is_applied())
+    }
+
+    async fn write_one(&self, write: Write) -> Result<WriteOutcome, HubError> {
+        let mut outcomes = self.inner.store.write(vec![write]).await?;
+        outcomes.pop().ok_or_else(|| {
+            HubError::internal("writing a device record", "the store returned no outcome")
+        })
+    }
+
+    fn new_key(&self) -> String {
+        let mut b = [0u8; 32];
+        self.inner.entropy.fill(&mut b);
+        B64.encode(b)
+    }
+
+    /// IoT Hub-shaped: base64 of a decimal number, different from the previous one.
+    fn device_etag(&self, previous: Option<&str>) -> String {
+        loop {
+            let mut b = [0u8; 8];
+            self.inner.entropy.fill(&mut b);
+            let n = u64::from_le_bytes(b) % 9_000_000_000 + 1_000_000_000;
+            let etag = B64.encode(n.to_string());
+            if previous != Some(etag.as_str()) {
+                return etag;
+            }
+        }
+    }
+
+    /// IoT Hub-shaped: .NET ticks of the creation time with the last four digits random.
+    fn generation_id(&self, now: muster_proto::Timestamp) -> String {
+        const UNIX_EPOCH_TICKS: i64 = 621_355_968_000_000_000;
+        let ticks = now.0.timestamp() * 10_000_000
+            + i64::from(now.0.timestamp_subsec_nanos() / 100)
+            + UNIX_EPOCH_TICKS;
+        let mut b = [0u8; 2];
+        self.inner.entropy.fill(&mut b);
+        let low = i64::from(u16::from_le_bytes(b) % 10_000);
+        (ticks - ticks.rem_euclid(10_000) + low).to_string()
+    }
+}
+
+/// Replaces tags and desired properties; returns whether the tags changed and the desired
+/// change.
+fn replace_twin_state(
+    twin: &mut TwinState,
+    update: &TwinUpdate,
+    now: &str,
+) -> Result<(bool, Map<String, Value>), HubError> {
+    let tags = update
+        .tags
+        .as_ref()
+        .map(properties::drop_nulls)
+        .unwrap_or_default();
+    properties::check_size(&tags, "tags", properties::MAX_TAGS_BYTES)?;
+    let tags_changed = tags != twin.tags;
+    twin.tags = tags;
+    let empty = Map::new();
+    let desired = update.desired.as_ref().unwrap_or(&empty);
+    let change = twin.desired.replace(desired, now, true);
+    properties::check_size(
+        &twin.desired.values,
+        "desired properties",
+        properties::MAX_PROPERTIES_BYTES,
+    )?;
+    Ok((tags_changed, change))
+}
+
+fn render_twin(s: &StoredDevice) -> Twin {
+    let d = &s.device;
+    Twin {
+        device_id: d.device_id.clone(),
+        model_id: String::new(),
+        etag: twin_etag(s.twin.version),
+        device_etag: d.etag.clone(),
+        status: d.status,
+        status_reason: d.status_reason.clone(),
+        status_update_time: d.status_updated_time,
+        connection_state: d.connection_state,
+        last_activity_time: d.last_activity_time,
+        cloud_to_device_message_count: d.cloud_to_device_message_count,
+        authentication_type: d.authentication.auth_type,
+        x509_thumbprint: d.authentication.x509_thumbprint.clone(),
+        version: s.twin.version,
+        tags: s.twin.tags.clone(),
+        properties: TwinProperties {
+            desired: s.twin.desired.render(true),
+            reported: s.twin.reported.render(true),
+        },
+        capabilities: d.capabilities,
+        device_scope: d.device_scope.clone(),
+        parent_scopes: d.parent_scopes.clone(),
+    }
+}
+
+fn decode(record: Record) -> Result<(StoredDevice, String), HubError> {
+    let stored: StoredDevice = serde_json::from_value(record.body).map_err(|e| {
+        HubError::internal(
+            "reading a device record",
+            format!("record {} is corrupt: {e}", record.key),
+        )
+    })?;
+    Ok((stored, record.etag))
+}
+
+fn precondition_failed(what: &str, device_id: &str) -> HubError {
+    HubError::new(
+        HubErrorCode::PreconditionFailed,
+        format!(
+            "Precondition failed: the {what} etag of device '{device_id}' does not match If-Match."
+        ),
+    )
+}
+
+fn contention(device_id: &str) -> HubError {
+    HubError::new(
+        HubErrorCode::ServerError,
+        format!("device '{device_id}' kept changing during the write; retry"),
+    )
+}
