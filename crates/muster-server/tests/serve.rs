@@ -138,6 +138,23 @@ async fn serves_the_service_api_over_tls_and_keeps_data_across_restarts() {
     let att: Value = r.json().await.unwrap();
     assert_eq!(att["symmetricKey"], created["attestation"]["symmetricKey"]);
     again.shutdown().await;
+
+    // Keys of access policies and linked hubs are sealed at rest: not in the database files.
+    let hub_key = ConnectionString::parse(&info.hubs[0].connection_string).unwrap().key;
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with("muster.db") && !p.to_string_lossy().ends_with(".key") {
+            stored.extend(std::fs::read(&p).unwrap());
+        }
+    }
+    assert!(!stored.is_empty());
+    for secret in [k1.as_str(), hub_key.as_str()] {
+        assert!(
+            !stored.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "a key is stored in the clear"
+        );
+    }
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 //! Layout:
 //! - [`Store`]: the interface every implementation provides.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
+//! - [`sealing`] — secret collections (settings, linked hubs) sealed at rest.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations).
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass.
@@ -26,6 +27,7 @@ use serde_json::Value;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod records;
+pub mod sealing;
 pub mod sqlite;
 
 pub use sqlite::SqliteStore;

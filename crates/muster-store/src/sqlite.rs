@@ -48,6 +48,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
+use crate::sealing::Sealer;
 use crate::{Collection, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome};
 use readers::ReadPool;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
@@ -67,6 +68,8 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     readers: Arc<ReadPool>,
+    /// Seals the bodies of secret collections (see `crate::sealing`).
+    sealer: Arc<Sealer>,
     /// `None` only while dropping.
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
@@ -90,6 +93,7 @@ impl SqliteStore {
                 ))
             })?;
         }
+        let sealer = Arc::new(Sealer::load_or_create(&key_file_path(path))?);
         let mut conn = open_writer(path)?;
         schema::migrate(&mut conn, path)?;
         let etags = EtagCounter::load(&conn)?;
@@ -106,6 +110,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 readers,
+                sealer,
                 requests: Some(requests),
                 writer: Some(writer),
             }),
@@ -168,13 +173,28 @@ fn db_err(context: &str, error: rusqlite::Error) -> StoreError {
     StoreError::Backend(format!("{context}: {error}"))
 }
 
+/// The key file that seals secret collections: `muster.db` → `muster.db.key`.
+pub fn key_file_path(db: &Path) -> PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".key");
+    db.with_file_name(name)
+}
+
 fn decode_record(
+    sealer: &Sealer,
     collection: Collection,
     key: String,
     partition: Option<String>,
     etag: String,
     body: &str,
 ) -> Result<Record, StoreError> {
+    let opened;
+    let body = if collection.is_secret() {
+        opened = sealer.open(collection, &key, body)?;
+        opened.as_str()
+    } else {
+        body
+    };
     match serde_json::from_str(body) {
         Ok(body) => Ok(Record {
             key,
@@ -190,18 +210,23 @@ fn decode_record(
     }
 }
 
-fn prepare(write: Write) -> Result<PreparedWrite, StoreError> {
+fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
     let op = match write.op {
-        WriteOp::Put { partition, body } => PreparedOp::Put {
-            partition,
-            body: serde_json::to_string(&body).map_err(|e| {
+        WriteOp::Put { partition, body } => {
+            let text = serde_json::to_string(&body).map_err(|e| {
                 StoreError::Backend(format!(
                     "serializing the body of {}/{}: {e}",
                     write.collection.as_str(),
                     write.key
                 ))
-            })?,
-        },
+            })?;
+            let body = if write.collection.is_secret() {
+                sealer.seal(write.collection, &write.key, &text)?
+            } else {
+                text
+            };
+            PreparedOp::Put { partition, body }
+        }
         WriteOp::Delete => PreparedOp::Delete,
     };
     Ok(PreparedWrite {
@@ -242,6 +267,7 @@ fn list_sql(by_partition: bool, after: bool) -> &'static str {
 impl Store for SqliteStore {
     async fn get(&self, collection: Collection, key: &str) -> Result<Option<Record>, StoreError> {
         let key = key.to_owned();
+        let sealer = self.inner.sealer.clone();
         self.inner
             .readers
             .run(move |conn| {
@@ -261,7 +287,7 @@ impl Store for SqliteStore {
                     .map_err(|e| db_err(&context(), e))?;
                 match row {
                     Some((partition, etag, body)) => {
-                        decode_record(collection, key, partition, etag, &body).map(Some)
+                        decode_record(&sealer, collection, key, partition, etag, &body).map(Some)
                     }
                     None => Ok(None),
                 }
@@ -275,7 +301,7 @@ impl Store for SqliteStore {
         }
         let writes = writes
             .into_iter()
-            .map(prepare)
+            .map(|w| prepare(&self.inner.sealer, w))
             .collect::<Result<Vec<_>, _>>()?;
         let (reply, answer) = oneshot::channel();
         self.inner
@@ -292,6 +318,7 @@ impl Store for SqliteStore {
         collection: Collection,
         query: ListQuery,
     ) -> Result<Vec<Record>, StoreError> {
+        let sealer = self.inner.sealer.clone();
         self.inner
             .readers
             .run(move |conn| {
@@ -317,7 +344,9 @@ impl Store for SqliteStore {
                 let mut records = Vec::new();
                 for row in rows {
                     let (key, partition, etag, body) = row.map_err(|e| db_err(&context(), e))?;
-                    records.push(decode_record(collection, key, partition, etag, &body)?);
+                    records.push(decode_record(
+                        &sealer, collection, key, partition, etag, &body,
+                    )?);
                 }
                 Ok(records)
             })
