@@ -31,6 +31,7 @@
 //! isn't a broker; a misdirected client learns at once rather than waiting for a response that
 //! never comes), a second CONNECT, and packets only a server sends.
 
+pub mod dispatch;
 mod session;
 pub mod topic;
 
