@@ -194,6 +194,26 @@ pub fn page_request(
     Ok(PageRequest { limit, after })
 }
 
+/// Splits a fetched `limit + 1` rows into the page and the continuation token (present only
+/// when there was a further row).
+pub fn paginate<T>(
+    mut rows: Vec<T>,
+    page: &PageRequest,
+    scope: &str,
+    key_of: impl Fn(&T) -> Option<String>,
+) -> (Vec<T>, Option<String>) {
+    let more = rows.len() > page.limit;
+    rows.truncate(page.limit);
+    let continuation = if more {
+        rows.last()
+            .and_then(key_of)
+            .map(|k| encode_continuation(scope, &k))
+    } else {
+        None
+    };
+    (rows, continuation)
+}
+
 pub fn encode_continuation(scope: &str, last_key: &str) -> String {
     B64URL.encode(format!("v1\n{scope}\n{last_key}"))
 }

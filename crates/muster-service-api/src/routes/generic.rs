@@ -18,8 +18,8 @@ use crate::kind::EnrollmentKind;
 use crate::prepare::prepare;
 use crate::redact;
 use crate::request::{
-    api_version, check_query_body, encode_continuation, json_kind, json_ok, page_request,
-    page_response, parse_json_object, read_body, require_json, IfMatch, QueryParams,
+    api_version, check_query_body, json_kind, json_ok, page_request, page_response, paginate,
+    parse_json_object, read_body, require_json, IfMatch, QueryParams,
 };
 use crate::ServiceApi;
 
@@ -300,25 +300,17 @@ pub(crate) async fn query<K: EnrollmentKind>(
         api.limits.default_page_size,
         api.limits.max_page_size,
     )?;
-    let mut rows: Vec<Stored<K>> = records::list(
+    let rows: Vec<Stored<K>> = records::list(
         &*api.store,
         K::COLLECTION,
         ListQuery {
             partition: None,
-            after: page.after,
+            after: page.after.clone(),
             limit: page.limit + 1,
         },
     )
     .await?;
-    let more = rows.len() > page.limit;
-    rows.truncate(page.limit);
-    let continuation = if more {
-        rows.last()
-            .and_then(|r| K::id_key(r.value.id()).ok())
-            .map(|k| encode_continuation(scope, &k))
-    } else {
-        None
-    };
+    let (rows, continuation) = paginate(rows, &page, scope, |r| K::id_key(r.value.id()).ok());
     let items: Vec<K> = rows
         .into_iter()
         .map(|r| {

@@ -15,8 +15,8 @@ use muster_store::{Collection, Expect, ListQuery, Write, WriteOutcome};
 use super::generic::admit;
 use crate::error::ApiError;
 use crate::request::{
-    check_query_body, encode_continuation, json_ok, page_request, page_response, read_body,
-    IfMatch, QueryParams,
+    check_query_body, json_ok, page_request, page_response, paginate, read_body, IfMatch,
+    QueryParams,
 };
 use crate::ServiceApi;
 
@@ -108,24 +108,18 @@ async fn query_group(
         api.limits.default_page_size,
         api.limits.max_page_size,
     )?;
-    let mut rows = records::list::<DeviceRegistrationState>(
+    let rows = records::list::<DeviceRegistrationState>(
         &*api.store,
         Collection::Registrations,
         ListQuery {
             partition: Some(group_key),
-            after: page.after,
+            after: page.after.clone(),
             limit: page.limit + 1,
         },
     )
     .await?;
-    let more = rows.len() > page.limit;
-    rows.truncate(page.limit);
-    let continuation = if more {
-        rows.last()
-            .map(|r| encode_continuation(&scope, &r.value.registration_id.key()))
-    } else {
-        None
-    };
+    let (rows, continuation) =
+        paginate(rows, &page, &scope, |r| Some(r.value.registration_id.key()));
     let items: Vec<DeviceRegistrationState> = rows.into_iter().map(|r| r.value).collect();
     Ok(page_response(
         &items,
