@@ -92,6 +92,19 @@ async function assertServiceRecord(registrationId, deviceId) {
   assert.equal(state.deviceId, deviceId, JSON.stringify(state));
 }
 
+// Records what the transport hands the SDK for each register request (test-only
+// instrumentation; the SDK's behaviour is unchanged). Http: (err, result, response);
+// Mqtt: (err, result, pollingInterval).
+function spyOnRegistrationResponses(transport) {
+  const seen = [];
+  const original = transport.registrationRequest.bind(transport);
+  transport.registrationRequest = (request, callback) => original(request, (err, result, response, ...rest) => {
+    seen.push({ err, result, response });
+    callback(err, result, response, ...rest);
+  });
+  return seen;
+}
+
 async function expectRejection(fn) {
   try {
     const r = await fn();
@@ -120,10 +133,34 @@ describe('device registration (symmetric key)', () => {
         });
         const key = created.attestation.symmetricKey.primaryKey;
 
-        const { result, ms } = await register(make(), registrationId, key);
+        const transport = make();
+        const responses = spyOnRegistrationResponses(transport);
+        const { result, ms } = await register(transport, registrationId, key);
         t.diagnostic(`${name} individual: register() took ${ms.toFixed(0)} ms`);
         assertAssigned(result, registrationId, registrationId);
         await assertServiceRecord(registrationId, registrationId);
+        assert.equal(responses.length, 1, 'expected exactly one register request (answered assigned)');
+        if (name === 'Http') {
+          // device-protocol.md §2.3/§2.4: PUT register answers 202 (C# and IIS accept only
+          // 202), JSON content type (Node parses nothing otherwise).
+          const { response } = responses[0];
+          assert.equal(response.statusCode, 202);
+          assert.match(response.headers['content-type'], /^application\/json/);
+        }
+      });
+
+      test(`${name}: registration id with '.' and ':' (group, derived key)`, { timeout: TEST_TIMEOUT_MS }, async () => {
+        const groupId = unique(`node-grp-chars-${name.toLowerCase()}`);
+        const { responseBody: group } = await service.createOrUpdateEnrollmentGroup({
+          enrollmentGroupId: groupId,
+          attestation: { type: 'symmetricKey' },
+        });
+        // Node signs sr raw (not URL-encoded) and puts the raw id in the HTTP path and
+        // the MQTT username.
+        const registrationId = `node.dev:${crypto.randomBytes(4).toString('hex')}:${name.toLowerCase()}`;
+        const deviceKey = deriveDeviceKey(group.attestation.symmetricKey.primaryKey, registrationId);
+        const { result } = await register(make(), registrationId, deviceKey);
+        assertAssigned(result, registrationId, registrationId);
       });
 
       test(`${name}: enrollment group, derived key, custom payload`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
@@ -169,6 +206,24 @@ describe('device registration (symmetric key)', () => {
 
         const { responseBody: enrollment } = await service.getIndividualEnrollment(registrationId);
         assert.equal(enrollment.registrationState.status, 'unassigned', JSON.stringify(enrollment));
+      });
+
+      test(`${name}: disabled enrollment fails with SyntaxError('status is disabled')`, { timeout: TEST_TIMEOUT_MS }, async () => {
+        const registrationId = unique(`node-disabled-${name.toLowerCase()}`);
+        const { responseBody: created } = await service.createOrUpdateIndividualEnrollment({
+          registrationId,
+          attestation: { type: 'symmetricKey' },
+          provisioningStatus: 'disabled',
+        });
+        const key = created.attestation.symmetricKey.primaryKey;
+        const err = await expectRejection(() => register(make(), registrationId, key));
+        // The polling state machine knows assigning/assigned/failed/registering; any other
+        // status fails with SyntaxError('status is <status>'), err.result = the body.
+        assert.ok(err instanceof SyntaxError, `got ${err && err.stack}`);
+        assert.equal(err.message, 'status is disabled');
+        assert.equal(err.result.status, 'disabled', JSON.stringify(err.result));
+        const { responseBody: state } = await service.getDeviceRegistrationState(registrationId);
+        assert.equal(state.status, 'disabled', JSON.stringify(state));
       });
     });
   }

@@ -398,3 +398,81 @@ def test_disabled_enrollment(muster, dps, registry):
 
     assert_registration_record(dps, registration_id, registration_id, status="disabled")
     assert_hub_has_no_device(registry, registration_id)
+
+
+# --------------------------------------------------------------------------------------------
+# registration ids with '.' and ':'; re-registration
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("websockets", TRANSPORTS)
+def test_registration_id_with_dot_and_colon(muster, dps, registry, registration_timer, websockets):
+    """'.' and ':' are legal in registration ids. The Python client signs
+    sr=quote(scope/registrations/id, safe="") (':' -> %3A) and puts the raw id in the
+    MQTT username; the group key is derived over the raw id; azure-iot-hub quotes the
+    device id in the REST path (/devices/...%3A...)."""
+    _group_id, group_keys, initial_twin = _create_group(dps, websockets, "chars")
+    registration_id = f"py.dev:{secrets.token_hex(4)}:x"
+    device_key = derive_device_key(group_keys["primaryKey"], registration_id)
+
+    client = make_device_client(muster, registration_id, device_key, websockets)
+    result = timed_register(client, f"group id with .:/{transport_name(websockets)}", registration_timer)
+
+    assert_assigned(result, muster, registration_id)
+    assert_hub_device(
+        registry,
+        registration_id,
+        device_key,
+        derive_device_key(group_keys["secondaryKey"], registration_id),
+        initial_twin,
+    )
+
+
+@pytest.mark.parametrize("migrate", [True, False], ids=["migrate", "reset"])
+def test_reregistration_same_hub(muster, dps, registry, registration_timer, migrate):
+    """Registering again (same hub): still assigned, same device and keys. With
+    reprovisionPolicy.migrateDeviceData the hub twin keeps what changed since; without it
+    the twin is reset to the enrollment's initialTwin (DPS "deviceDataReset")."""
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    registration_id = unique("py-rereg")
+    initial_twin = {"tags": {"round": 1}, "properties": {"desired": {"interval": 30}}}
+    created = dps.enrollment.create_or_update(
+        id=registration_id,
+        enrollment={
+            "registrationId": registration_id,
+            "attestation": {"type": "symmetricKey"},
+            "initialTwin": initial_twin,
+            "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": migrate},
+        },
+    )
+    keys = created["attestation"]["symmetricKey"]
+
+    first = timed_register(
+        make_device_client(muster, registration_id, keys["primaryKey"], False),
+        "re-registration: first/MQTT", registration_timer,
+    )
+    assert_assigned(first, muster, registration_id)
+
+    registry.update_twin(
+        registration_id,
+        Twin(tags={"round": 2}, properties=TwinProperties(desired={"interval": 99})),
+        etag="*",
+    )
+
+    second = timed_register(
+        make_device_client(muster, registration_id, keys["primaryKey"], False),
+        "re-registration: second/MQTT", registration_timer,
+    )
+    assert second.status == "assigned", str(second)
+    assert second.registration_state.assigned_hub == "127.0.0.2", str(second.registration_state)
+    assert second.registration_state.device_id == registration_id, str(second.registration_state)
+    assert second.registration_state.created_date_time == first.registration_state.created_date_time
+
+    device = registry.get_device(registration_id)
+    assert device.authentication.type == "sas"
+    assert device.authentication.symmetric_key.primary_key == keys["primaryKey"]
+    twin = registry.get_twin(registration_id)
+    desired = {k: v for k, v in (twin.properties.desired or {}).items() if not k.startswith("$")}
+    if migrate:
+        assert (twin.tags, desired) == ({"round": 2}, {"interval": 99}), (twin.tags, desired)
+    else:
+        assert (twin.tags, desired) == ({"round": 1}, {"interval": 30}), (twin.tags, desired)
