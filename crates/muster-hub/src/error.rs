@@ -23,18 +23,25 @@ pub enum HubErrorCode {
     IotHubUnauthorizedAccess,
     /// 404: no device with this id.
     DeviceNotFound,
+    /// 404: a direct method was invoked on a device that is not connected (or has not
+    /// subscribed to `$iothub/methods/POST/#`).
+    DeviceNotOnline,
     /// 404: no such route.
     NotFound,
     /// 405: the route exists but not with this method.
     MethodNotAllowed,
     /// 409: PUT without If-Match on an existing device.
     DeviceAlreadyExists,
+    /// 403: the device's cloud-to-device queue is full.
+    DeviceMaximumQueueDepthExceeded,
     /// 412: If-Match names another etag.
     PreconditionFailed,
     /// 413: the body is larger than the limit.
     MessageTooLarge,
     /// 500: storage failure or contention that did not resolve.
     ServerError,
+    /// 504: the device did not answer a direct method in time.
+    GatewayTimeout,
 }
 
 impl HubErrorCode {
@@ -45,6 +52,9 @@ impl HubErrorCode {
             HubErrorCode::IotHubFormatError => "IotHubFormatError",
             HubErrorCode::IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
             HubErrorCode::DeviceNotFound => "DeviceNotFound",
+            HubErrorCode::DeviceNotOnline => "DeviceNotOnline",
+            HubErrorCode::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
+            HubErrorCode::GatewayTimeout => "GatewayTimeout",
             HubErrorCode::NotFound => "NotFound",
             HubErrorCode::MethodNotAllowed => "MethodNotAllowed",
             HubErrorCode::DeviceAlreadyExists => "DeviceAlreadyExists",
@@ -60,12 +70,16 @@ impl HubErrorCode {
             | HubErrorCode::ArgumentInvalid
             | HubErrorCode::IotHubFormatError => 400,
             HubErrorCode::IotHubUnauthorizedAccess => 401,
-            HubErrorCode::DeviceNotFound | HubErrorCode::NotFound => 404,
+            HubErrorCode::DeviceMaximumQueueDepthExceeded => 403,
+            HubErrorCode::DeviceNotFound
+            | HubErrorCode::DeviceNotOnline
+            | HubErrorCode::NotFound => 404,
             HubErrorCode::MethodNotAllowed => 405,
             HubErrorCode::DeviceAlreadyExists => 409,
             HubErrorCode::PreconditionFailed => 412,
             HubErrorCode::MessageTooLarge => 413,
             HubErrorCode::ServerError => 500,
+            HubErrorCode::GatewayTimeout => 504,
         }
     }
 }

@@ -1,7 +1,8 @@
-//! The built-in IoT hub's registry: device identities and twins as typed operations (for the
+//! The built-in IoT hub: device identities and twins as typed operations (for the
 //! provisioning engine and the device endpoints) and as IoT Hub's service REST API (for
 //! Microsoft's `azure-iot-hub` Python `IoTHubRegistryManager`, Node `azure-iothub`
-//! `Registry`, C# `RegistryManager` and the Azure CLI), service-api.md §9.2.
+//! `Registry`/`Client`, C# `RegistryManager` and the Azure CLI), service-api.md §9.2; and
+//! the device MQTT endpoint (§10): telemetry, twin, cloud-to-device messages, direct methods.
 //!
 //! Layout:
 //! - [`registry`] — [`HubRegistry`]: create/update/get/delete/list devices, get/patch/replace
@@ -14,6 +15,14 @@
 //!   what clients may send (`DeviceInput`, `TwinUpdate`).
 //! - [`properties`] — twin collections: validation, merge with `null` deletes, diffs,
 //!   `$metadata` and `$version`.
+//! - [`device_mqtt`] — one device's MQTT session ([`device_mqtt::serve_connection`]).
+//! - [`telemetry`] — device-to-cloud messages: storage, retention, REST and Server-Sent Events
+//!   (Muster's equivalent of IoT Hub's Event Hubs endpoint).
+//! - [`c2d`] — cloud-to-device messages: per-device queue, REST send (Muster's extension;
+//!   the Azure SDKs use AMQP).
+//! - [`methods`] — direct methods: [`HubRegistry::invoke_method`] and `POST /twins/{id}/methods`.
+//! - [`DeviceEndpointLimits`] — retention, queue depths and timeouts (`endpoint.rs` also holds
+//!   the table of connected sessions).
 //! - [`auth`] — hub policies (`HubPolicy`, `HubRights`, [`default_policies`]) and SAS checks.
 //! - [`request`] — api-version, If-Match, body limit, JSON replies.
 //! - [`error`] — [`HubError`], rendered as IoT Hub errors
@@ -32,29 +41,42 @@
 //! | GET | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | PATCH | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | PUT | `/twins/{id}` | ServiceConnect | 200 Twin |
+//! | POST | `/twins/{id}/methods` | ServiceConnect | 200 `{"status","payload"}` (404 `DeviceNotOnline`, 504 `GatewayTimeout`) |
+//! | POST | `/devices/{id}/messages/deviceBound` | ServiceConnect | 204 (Muster extension) |
+//! | GET | `/devices/{id}/messages/events?after=&limit=` | ServiceConnect | 200 [TelemetryMessage] |
+//! | GET | `/devices/{id}/messages/events/stream` | ServiceConnect | 200 `text/event-stream` |
+//! | GET | `/messages/events/stream` | ServiceConnect | 200 `text/event-stream` (all devices) |
 //!
 //! Every check happens before anything is written; handlers never read the real clock or
 //! random source (both are injected into [`HubRegistry`]).
 
 pub mod auth;
+pub mod c2d;
+pub mod device_mqtt;
 mod devices;
+mod endpoint;
 pub mod error;
+pub mod methods;
 pub mod model;
 pub mod properties;
 pub mod registry;
 pub mod request;
 mod routes;
+pub mod telemetry;
 mod twins;
 
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use auth::{default_policies, HubAuthorizer, HubPolicy, HubRight, HubRights};
+pub use c2d::{CloudToDeviceInput, CloudToDeviceMessage};
+pub use endpoint::DeviceEndpointLimits;
 pub use error::{HubError, HubErrorCode};
 pub use model::{Device, DeviceInput, Twin, TwinUpdate};
 pub use registry::{DesiredChange, HubRegistry};
 pub use request::IfMatch;
 pub use routes::{method_not_allowed, not_found};
+pub use telemetry::{BodyEncoding, TelemetryMessage};
 
 /// The hub registry routes. No fallbacks are set, so it can be merged; add
 /// [`not_found`] / [`method_not_allowed`] where the final router is assembled.
@@ -70,5 +92,14 @@ pub fn router(registry: HubRegistry) -> Router {
             "/twins/{id}",
             get(twins::get).patch(twins::patch).put(twins::replace),
         )
+        .route("/twins/{id}/methods", post(methods::invoke))
+        .route("/devices/{id}/messages/deviceBound", post(c2d::send))
+        .route("/devices/{id}/messages/devicebound", post(c2d::send))
+        .route("/devices/{id}/messages/events", get(telemetry::list))
+        .route(
+            "/devices/{id}/messages/events/stream",
+            get(telemetry::device_stream),
+        )
+        .route("/messages/events/stream", get(telemetry::all_stream))
         .with_state(registry)
 }

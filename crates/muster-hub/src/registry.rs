@@ -26,6 +26,7 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use crate::auth::{HubAuthorizer, HubPolicy};
+use crate::endpoint::{DeviceEndpointLimits, EndpointState};
 use crate::error::{HubError, HubErrorCode};
 use crate::model::{
     resolve_authentication, twin_etag, validate_device_id, ConnectionState, Device, DeviceInput,
@@ -96,6 +97,7 @@ struct Inner {
     clock: Arc<dyn Clock>,
     entropy: Arc<dyn Entropy>,
     desired_tx: broadcast::Sender<DesiredChange>,
+    endpoint: EndpointState,
 }
 
 impl std::fmt::Debug for HubRegistry {
@@ -107,12 +109,33 @@ impl std::fmt::Debug for HubRegistry {
 }
 
 impl HubRegistry {
+    /// A registry with the default [`DeviceEndpointLimits`].
     pub fn new(
         store: Arc<dyn Store>,
         host_name: String,
         policies: Vec<HubPolicy>,
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
+    ) -> Self {
+        Self::with_limits(
+            store,
+            host_name,
+            policies,
+            clock,
+            entropy,
+            DeviceEndpointLimits::default(),
+        )
+    }
+
+    /// A registry whose device endpoint uses `limits` (telemetry retention, queue depths,
+    /// timeouts).
+    pub fn with_limits(
+        store: Arc<dyn Store>,
+        host_name: String,
+        policies: Vec<HubPolicy>,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+        limits: DeviceEndpointLimits,
     ) -> Self {
         let (desired_tx, _) = broadcast::channel(DESIRED_CHANNEL_CAPACITY);
         let partition = host_name.to_ascii_lowercase();
@@ -125,8 +148,59 @@ impl HubRegistry {
                 clock,
                 entropy,
                 desired_tx,
+                endpoint: EndpointState::new(limits),
             }),
         }
+    }
+
+    /// The device endpoint's limits.
+    pub fn limits(&self) -> &DeviceEndpointLimits {
+        &self.inner.endpoint.limits
+    }
+
+    pub(crate) fn endpoint(&self) -> &EndpointState {
+        &self.inner.endpoint
+    }
+
+    pub(crate) fn store(&self) -> &dyn Store {
+        &*self.inner.store
+    }
+
+    /// The partition of a device's messages: `"{hub host}/{device id}"`, lower-cased (the
+    /// same text as [`Self::store_key`]).
+    pub(crate) fn device_partition(&self, device_id: &str) -> String {
+        self.store_key(device_id)
+    }
+
+    /// Whether the device has a connected MQTT session on this node.
+    pub fn is_connected(&self, device_id: &str) -> bool {
+        self.inner.endpoint.is_connected(&self.store_key(device_id))
+    }
+
+    /// Records a connection state change (`connectionState`, `connectionStateUpdatedTime`,
+    /// `lastActivityTime`). Neither etag changes, as in IoT Hub. A deleted device is not an
+    /// error.
+    pub async fn set_connection_state(
+        &self,
+        device_id: &str,
+        state: ConnectionState,
+    ) -> Result<(), HubError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((mut stored, record_etag)) = self.load(device_id).await? else {
+                return Ok(());
+            };
+            let now = HubTime(Some(self.inner.clock.now()));
+            stored.device.connection_state = state;
+            stored.device.connection_state_updated_time = now;
+            stored.device.last_activity_time = now;
+            if self
+                .write(device_id, &stored, Expect::Etag(record_etag))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(contention(device_id))
     }
 
     pub fn host_name(&self) -> &str {
@@ -249,6 +323,9 @@ impl HubRegistry {
             if self.write(&id, &stored, expect).await? {
                 // Only an existing device's connected session can care about the change.
                 if existed {
+                    if stored.device.status == DeviceStatus::Disabled {
+                        self.inner.endpoint.close_session(&self.store_key(&id));
+                    }
                     self.notify(&stored, desired_change);
                 }
                 let twin = render_twin(&stored);
@@ -359,6 +436,9 @@ impl HubRegistry {
                 ))
                 .await?;
             if outcome.is_applied() {
+                self.inner
+                    .endpoint
+                    .close_session(&self.store_key(device_id));
                 return Ok(());
             }
         }

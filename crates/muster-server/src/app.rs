@@ -11,10 +11,11 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::routing::get;
 use axum::Router;
-use muster_device_api::websocket;
 use muster_registration::DeviceRegistrar;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
+
+use crate::mqtt_dispatch::{self, MqttServices};
 
 /// The router served on the HTTPS port.
 pub fn https_app(
@@ -27,10 +28,13 @@ pub fn https_app(
         .merge(muster_device_api::https::router(registrar.clone()))
         .merge(
             Router::new()
-                .route("/$iothub/websocket", get(websocket::mqtt_websocket))
+                .route("/$iothub/websocket", get(mqtt_dispatch::websocket))
                 // C# connects its WebSocket to `/`.
-                .route("/", get(websocket::mqtt_websocket))
-                .with_state(registrar),
+                .route("/", get(mqtt_dispatch::websocket))
+                .with_state(MqttServices {
+                    registrar,
+                    hub: hub.clone(),
+                }),
         )
         .merge(muster_hub::router(hub))
         .fallback(muster_service_api::not_found)

@@ -7,6 +7,7 @@
 //! - [`tls`] — the local CA and the server certificate it issues.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, draining.
+//! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
@@ -17,6 +18,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod connection_info;
 pub mod listener;
+pub mod mqtt_dispatch;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -193,6 +195,10 @@ impl Server {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let mqtt_services = mqtt_dispatch::MqttServices {
+            registrar: registrar.clone(),
+            hub: hub.clone(),
+        };
         let app = app::https_app(api, registrar.clone(), hub);
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
@@ -207,7 +213,7 @@ impl Server {
             tasks.spawn(listener::serve_mqtt(
                 l,
                 mqtt_tls.clone(),
-                registrar.clone(),
+                mqtt_services.clone(),
                 config.max_connections,
                 shutdown_rx.clone(),
             ));

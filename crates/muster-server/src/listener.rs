@@ -1,9 +1,10 @@
-//! HTTPS listeners: accept TCP, complete TLS, serve HTTP/1.1 with hyper, and drain
-//! gracefully on shutdown.
+//! Listeners: accept TCP, complete TLS, then serve HTTP/1.1 with hyper ([`serve_https`]) or a
+//! device MQTT session ([`serve_mqtt`]), and drain gracefully on shutdown.
 //!
 //! A semaphore bounds concurrent connections (further ones wait in the kernel's accept queue)
 //! and a handshake timeout stops idle sockets from holding a slot.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +12,11 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -65,17 +67,22 @@ fn bind_hint(addr: &SocketAddr, e: &std::io::Error) -> String {
     }
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` turns true, then drains.
-pub async fn serve_https(
+/// Accepts TCP connections under the connection limit, completes TLS within the handshake
+/// timeout and runs `session` on each, until `shutdown` turns true; then gives open sessions
+/// the drain timeout (they see `shutdown` too) before aborting them.
+async fn accept_tls<F, Fut>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    app: Router,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
-) {
+    session: F,
+) where
+    F: Fn(TlsStream<TcpStream>, SocketAddr, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let acceptor = TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(max_connections));
+    let mut sessions = JoinSet::new();
     let local = listener.local_addr().ok();
     loop {
         let permit = tokio::select! {
@@ -95,107 +102,96 @@ pub async fn serve_https(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let app = app.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let session = session.clone();
+        let stop = shutdown.clone();
+        // Reap finished sessions so the set does not grow.
+        while sessions.try_join_next().is_some() {}
+        sessions.spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = TowerToHyperService::new(app);
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                debug!(%peer, error = %e, "connection ended with an error");
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => session(stream, peer, stop).await,
+                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
     drop(listener);
     if let Some(addr) = local {
-        info!(%addr, "HTTPS listener closed; draining connections");
+        info!(%addr, "listener closed; draining connections");
     }
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("connections still open after the drain timeout; closing them");
-    }
-}
-
-/// Serves MQTT over TLS on `listener`: each connection goes to the device MQTT transport.
-/// On shutdown, accepting stops and open sessions get the drain timeout to end.
-pub async fn serve_mqtt(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    registrar: Arc<dyn muster_registration::DeviceRegistrar>,
-    max_connections: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let mut sessions = tokio::task::JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let registrar = registrar.clone();
-        // Reap finished sessions so the set does not grow.
-        while sessions.try_join_next().is_some() {}
-        sessions.spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let certs: Vec<Vec<u8>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
-                .unwrap_or_default();
-            muster_device_api::mqtt::serve_connection(
-                tls,
-                registrar,
-                certs,
-                muster_device_api::mqtt::MqttLimits::default(),
-            )
-            .await;
-        });
-    }
-    drop(listener);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while sessions.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
+        warn!("connections still open after the drain timeout; closing them");
         sessions.abort_all();
     }
+}
+
+/// Serves `app` over TLS (HTTP/1.1, upgrades allowed) until `shutdown`; open connections
+/// finish their request and close.
+pub async fn serve_https(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    max_connections: usize,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_tls(
+        listener,
+        tls,
+        max_connections,
+        shutdown,
+        move |stream, peer, mut stop| {
+            let service = TowerToHyperService::new(app.clone());
+            async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    // The guard `wait_for` returns must not live across an await.
+                    _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// Serves device MQTT over TLS: each connection goes to registration or to the hub's device
+/// endpoint, by its CONNECT (`mqtt_dispatch`).
+pub async fn serve_mqtt(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    services: crate::mqtt_dispatch::MqttServices,
+    max_connections: usize,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_tls(
+        listener,
+        tls,
+        max_connections,
+        shutdown,
+        move |stream, _peer, _stop| {
+            let services = services.clone();
+            async move {
+                let certs: Vec<Vec<u8>> = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
+                    .unwrap_or_default();
+                crate::mqtt_dispatch::serve(stream, services, certs).await;
+            }
+        },
+    )
+    .await;
 }

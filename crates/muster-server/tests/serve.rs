@@ -140,11 +140,18 @@ async fn serves_the_service_api_over_tls_and_keeps_data_across_restarts() {
     again.shutdown().await;
 
     // Keys of access policies and linked hubs are sealed at rest: not in the database files.
-    let hub_key = ConnectionString::parse(&info.hubs[0].connection_string).unwrap().key;
+    let hub_key = ConnectionString::parse(&info.hubs[0].connection_string)
+        .unwrap()
+        .key;
     let mut stored = Vec::new();
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let p = entry.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().starts_with("muster.db") && !p.to_string_lossy().ends_with(".key") {
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("muster.db")
+            && !p.to_string_lossy().ends_with(".key")
+        {
             stored.extend(std::fs::read(&p).unwrap());
         }
     }

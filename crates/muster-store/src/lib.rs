@@ -52,6 +52,16 @@ pub enum Collection {
     HubDevices,
     /// Verified and unverified CA certificates, keyed by name.
     CaCertificates,
+    /// Device-to-cloud messages (telemetry) of the built-in hub, keyed
+    /// `{hub host}/{device id}/{sequence number, 20 digits}` (lower-cased), partitioned by
+    /// `{hub host}/{device id}`.
+    HubTelemetry,
+    /// Cloud-to-device messages of the built-in hub waiting for delivery, keyed and
+    /// partitioned as [`Collection::HubTelemetry`].
+    HubC2dMessages,
+    /// Per-device counters of the built-in hub (the last telemetry and cloud-to-device
+    /// sequence numbers), keyed `{kind}/{hub host}/{device id}` (lower-cased).
+    HubCounters,
 }
 
 impl Collection {
@@ -64,6 +74,9 @@ impl Collection {
         Collection::Operations,
         Collection::HubDevices,
         Collection::CaCertificates,
+        Collection::HubTelemetry,
+        Collection::HubC2dMessages,
+        Collection::HubCounters,
     ];
 
     /// Stable name used in storage; never change one once released.
@@ -77,6 +90,9 @@ impl Collection {
             Collection::Operations => "operations",
             Collection::HubDevices => "hub_devices",
             Collection::CaCertificates => "ca_certificates",
+            Collection::HubTelemetry => "hub_telemetry",
+            Collection::HubC2dMessages => "hub_c2d_messages",
+            Collection::HubCounters => "hub_counters",
         }
     }
 }

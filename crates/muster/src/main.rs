@@ -1,16 +1,30 @@
-//! `muster`: the Muster server (`muster serve`) and, in time, the operator CLI.
+//! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
+//! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
+//! of devices, deprovisioning with cascade, the built-in hub's devices and twins.
 
-use std::path::PathBuf;
+mod conn;
+mod device;
+mod enrollment;
+mod hub;
+mod linked_hub;
+mod output;
+mod provision;
+mod registration;
+mod serve;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use muster_server::{Config, Server};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "muster",
     version,
-    about = "Self-hosted IoT device provisioning, compatible with Azure IoT Hub DPS clients"
+    about = "Self-hosted IoT device provisioning, compatible with Azure IoT Hub DPS clients",
+    after_help = "Service commands find the server with --connection-string, \
+        MUSTER_CONNECTION_STRING, or --data-dir (default ./muster-data), whose connection.json \
+        `muster serve` writes.\n\nExamples:\n  muster serve\n  muster enrollment-group create \
+        --group-id line-1 --initial-twin-tags '{\"site\":\"lyon\"}'\n  muster provision \
+        --group-key \"$KEY\" --prefix dev- --count 1000 --out devices.csv"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,86 +43,74 @@ enum Command {
     ///   muster serve
     ///   muster serve --data-dir /var/lib/muster --dps-host dps.example.lan
     ///   muster serve --dps-host 127.0.0.2 --https-port 8443 --mqtt-port 18883
-    Serve(ServeArgs),
-}
-
-/// Each option overrides the config file, which overrides the defaults.
-#[derive(Args)]
-struct ServeArgs {
-    /// TOML config file; keys as the options below, e.g. `dps-host = "127.0.0.2"`.
-    #[arg(long, env = "MUSTER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory [default: ./muster-data]
-    #[arg(long, env = "MUSTER_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Name or IP the DPS is reached at; listeners bind it [default: localhost]
-    #[arg(long, env = "MUSTER_DPS_HOST")]
-    dps_host: Option<String>,
-    /// Name or IP of the built-in IoT hub; its listeners bind it [default: the DPS host]
-    #[arg(long, env = "MUSTER_HUB_HOST")]
-    hub_host: Option<String>,
-    /// This node's region, for the geoLatency allocation policy
-    #[arg(long, env = "MUSTER_REGION")]
-    region: Option<String>,
-    /// HTTPS port (device API, service API, hub REST, MQTT over WebSocket) [default: 443]
-    #[arg(long, env = "MUSTER_HTTPS_PORT")]
-    https_port: Option<u16>,
-    /// MQTT over TLS port for devices [default: 8883]
-    #[arg(long, env = "MUSTER_MQTT_PORT")]
-    mqtt_port: Option<u16>,
-    /// PEM certificate chain to serve instead of the local CA's certificate
-    #[arg(long, env = "MUSTER_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert
-    #[arg(long, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// Extra host names or addresses for the server certificate (repeatable)
-    #[arg(long = "extra-host")]
-    extra_hosts: Vec<String>,
-    /// Print the effective configuration as TOML and exit
-    #[arg(long)]
-    print_config: bool,
-}
-
-impl ServeArgs {
-    fn config(&self) -> anyhow::Result<Config> {
-        let mut c = match &self.config {
-            Some(p) => Config::from_file(p)?,
-            None => Config::default(),
-        };
-        if let Some(v) = &self.data_dir {
-            c.data_dir = v.clone();
-        }
-        if let Some(v) = &self.dps_host {
-            c.dps_host = v.clone();
-        }
-        if let Some(v) = &self.hub_host {
-            c.hub_host = Some(v.clone());
-        }
-        if let Some(v) = &self.region {
-            c.region = Some(v.clone());
-        }
-        if let Some(v) = self.https_port {
-            c.https_port = v;
-        }
-        if let Some(v) = self.mqtt_port {
-            c.mqtt_port = v;
-        }
-        if self.tls_cert.is_some() {
-            c.tls_cert = self.tls_cert.clone();
-            c.tls_key = self.tls_key.clone();
-        }
-        c.extra_hosts.extend(self.extra_hosts.iter().cloned());
-        Ok(c)
-    }
+    Serve(serve::ServeArgs),
+    /// Manage individual enrollments (like `az iot dps enrollment`).
+    #[command(subcommand)]
+    Enrollment(enrollment::IndividualCommand),
+    /// Manage enrollment groups (like `az iot dps enrollment-group`).
+    #[command(subcommand, name = "enrollment-group")]
+    EnrollmentGroup(enrollment::GroupCommand),
+    /// Show, list and delete device registration records.
+    #[command(subcommand)]
+    Registration(registration::RegistrationCommand),
+    /// Remove devices completely: registration record and hub identity (optionally blocking
+    /// re-registration).
+    ///
+    /// Examples:
+    ///   muster deprovision dev-001 dev-002
+    ///   muster deprovision dev-001 --block
+    ///   muster deprovision dev-001 --hub-connection-string "HostName=myhub.azure-devices.net;..."
+    Deprovision(registration::DeprovisionArgs),
+    /// Manage the IoT hubs devices may be assigned to.
+    #[command(subcommand, name = "linked-hub")]
+    LinkedHub(linked_hub::LinkedHubCommand),
+    /// Act as a device: register with the provisioning service.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
+    /// Register many devices of an enrollment group on their behalf and write their
+    /// assignments (and derived keys) to a CSV file.
+    ///
+    /// A rerun skips the devices already in the out file, so an interrupted run resumes.
+    /// Failed attempts (throttling, unavailability) are retried honouring retry-after.
+    ///
+    /// Examples:
+    ///   muster provision --group-key "$KEY" --prefix dev- --count 10000 --out devices.csv
+    ///   muster provision --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
+    ///       --group-key "$KEY" --ids ids.txt --concurrency 64 --out devices.csv
+    Provision(provision::ProvisionArgs),
+    /// Compute a device's key from an enrollment group key (HMAC-SHA256 of the registration id).
+    ///
+    /// Same result as `az iot dps enrollment-group compute-device-key` and
+    /// `echo -n "$REG_ID" | openssl dgst -sha256 -mac HMAC -macopt hexkey:$(echo "$KEY" | base64 -d | xxd -p -c256) -binary | base64`.
+    ///
+    /// Example:
+    ///   muster compute-device-key --key "$GROUP_KEY" --registration-id dev-001
+    ComputeDeviceKey(device::ComputeKeyArgs),
+    /// The built-in IoT hub (or any hub, with --hub-connection-string): devices and twins.
+    #[command(subcommand)]
+    Hub(hub::HubCommand),
+    /// Print a shell completion script.
+    ///
+    /// Examples:
+    ///   muster completions bash > /etc/bash_completion.d/muster
+    ///   muster completions zsh > "${fpath[1]}/_muster"
+    ///   muster completions fish > ~/.config/fish/completions/muster.fish
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -116,51 +118,35 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
-    }
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
-    if args.print_config {
-        print!("{}", config.to_toml());
-        return Ok(());
-    }
-    let server = Server::start(config.clone()).await?;
-    let c = &server.connection;
-    println!("Muster is running.");
-    println!("  ID scope:           {}", c.id_scope);
-    println!("  Device endpoint:    {}", c.device_endpoint);
-    for h in &c.hubs {
-        println!("  Built-in IoT hub:   {}", h.host_name);
-    }
-    println!("  Service endpoint:   {}", c.service_endpoint);
-    println!("  Trust this CA:      {}", c.ca_certificate.display());
-    println!(
-        "  Connection details: {} (holds the service connection string)",
-        config.data_dir.join("connection.json").display()
-    );
-    println!("Stop with Ctrl-C.");
-    wait_for_signal().await?;
-    tracing::info!("shutting down");
-    server.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-            _ = term.recv() => {}
+    let result = match cli.command {
+        Command::Serve(args) => return runtime.block_on(serve::serve(args)),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "muster", &mut std::io::stdout());
+            Ok(())
         }
+        Command::ComputeDeviceKey(args) => device::compute_device_key(args),
+        Command::Enrollment(c) => runtime.block_on(enrollment::run_individual(c)),
+        Command::EnrollmentGroup(c) => runtime.block_on(enrollment::run_group(c)),
+        Command::Registration(c) => runtime.block_on(registration::run(c)),
+        Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
+        Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
+        Command::Device(c) => runtime.block_on(device::run(c)),
+        Command::Provision(a) => runtime.block_on(provision::run(a)),
+        Command::Hub(c) => runtime.block_on(hub::run(c)),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {}", output::describe(&e));
+        std::process::exit(1);
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
 }

@@ -241,7 +241,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 
 /// Why reading stopped.
 #[derive(Debug, thiserror::Error)]
-enum ReadEnd {
+pub enum ReadEnd {
     #[error("peer closed the connection")]
     Eof,
     #[error("nothing received in time")]
@@ -256,7 +256,8 @@ enum ReadEnd {
     Panicked,
 }
 
-enum ConnectProtocol {
+/// What the first packet of a stream is.
+pub enum ConnectProtocol {
     NotConnect,
     /// `MQTT` level 4.
     V311,
@@ -264,17 +265,18 @@ enum ConnectProtocol {
     Unsupported(u8),
 }
 
-/// Frames packets from a byte stream with rumqttc's v4 codec, under a size limit.
-struct PacketReader {
+/// Frames packets from a byte stream with rumqttc's v4 codec, under a size limit. Public so
+/// the built-in hub's device session (`muster_hub::device_mqtt`) reads packets the same way.
+pub struct PacketReader {
     buf: BytesMut,
     max_packet_size: usize,
     /// Until CONNECT is read: refuse a stream whose first byte isn't CONNECT's at once,
     /// rather than waiting for a "packet" whose length is made of garbage.
-    expect_connect: bool,
+    pub expect_connect: bool,
 }
 
 impl PacketReader {
-    fn new(max_packet_size: usize) -> Self {
+    pub fn new(max_packet_size: usize) -> Self {
         Self {
             buf: BytesMut::with_capacity(4096),
             max_packet_size,
@@ -284,7 +286,7 @@ impl PacketReader {
 
     /// Reads until the buffer starts with one complete packet (or fails: the size limit is
     /// checked from the fixed header, before the body is read).
-    async fn next_frame<R: AsyncRead + Unpin>(
+    pub async fn next_frame<R: AsyncRead + Unpin>(
         &mut self,
         rd: &mut R,
         deadline: Instant,
@@ -309,7 +311,7 @@ impl PacketReader {
     }
 
     /// Decodes the complete packet at the start of the buffer.
-    fn take_packet(&mut self) -> Result<Packet, ReadEnd> {
+    pub fn take_packet(&mut self) -> Result<Packet, ReadEnd> {
         let (buf, max) = (&mut self.buf, self.max_packet_size);
         // rumqttc's decoder is written not to panic on bad input; this keeps a bug there from
         // taking more than this connection down.
@@ -320,7 +322,7 @@ impl PacketReader {
         }
     }
 
-    async fn next_packet<R: AsyncRead + Unpin>(
+    pub async fn next_packet<R: AsyncRead + Unpin>(
         &mut self,
         rd: &mut R,
         deadline: Instant,
@@ -331,7 +333,7 @@ impl PacketReader {
 
     /// Looks at the complete frame at the start of the buffer: is it a CONNECT, and of which
     /// protocol? (rumqttc's v4 decoder would misread a level-5 CONNECT rather than refuse it.)
-    fn connect_protocol(&self) -> ConnectProtocol {
+    pub fn connect_protocol(&self) -> ConnectProtocol {
         let frame = &self.buf[..];
         let is_connect = mqttbytes::check(frame.iter(), self.max_packet_size)
             .and_then(|h| h.packet_type())

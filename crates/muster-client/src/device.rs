@@ -1,0 +1,434 @@
+//! [`DeviceClient`]: device registration over HTTPS (`PUT /{idScope}/registrations/{id}/register`,
+//! `GET .../operations/{operationId}`) or MQTT over TLS, with a symmetric key or a key derived
+//! from an enrollment-group key.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use muster_attestation::symmetric_key;
+use muster_proto::device::{DeviceRegistrationResult, RegistrationOperationStatus};
+use muster_proto::{RegistrationStatus, SasToken};
+use reqwest::Response;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::service::{read_json, retry_after, segment, service_error};
+
+/// The api-version devices send over HTTPS.
+pub const DEVICE_API_VERSION: &str = "2021-06-01";
+/// The api-version devices name in the MQTT user name.
+pub const MQTT_API_VERSION: &str = "2019-03-31";
+
+/// How the device reaches the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    #[default]
+    Https,
+    /// MQTT 3.1.1 over TLS (port 8883 by default).
+    Mqtt,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "https" | "http" => Ok(Transport::Https),
+            "mqtt" => Ok(Transport::Mqtt),
+            _ => Err(format!("unknown transport {s:?}; expected https or mqtt")),
+        }
+    }
+}
+
+/// The key a device signs its SAS token with. Debug never shows it.
+#[derive(Clone)]
+pub enum DeviceKey {
+    /// The device's own key (an individual enrollment's, or one already derived).
+    Symmetric(String),
+    /// An enrollment group's key: the device key is derived per registration id.
+    Group(String),
+}
+
+impl std::fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKey::Symmetric(_) => "DeviceKey::Symmetric(..)",
+            DeviceKey::Group(_) => "DeviceKey::Group(..)",
+        })
+    }
+}
+
+impl DeviceKey {
+    /// The base64 key this device signs with.
+    pub fn device_key(&self, registration_id: &str) -> Result<String> {
+        match self {
+            DeviceKey::Symmetric(k) => {
+                symmetric_key::decode_key(k)
+                    .map_err(|e| Error::InvalidInput(format!("device key: {e}")))?;
+                Ok(k.clone())
+            }
+            DeviceKey::Group(g) => symmetric_key::derive_device_key(g, registration_id)
+                .map_err(|e| Error::InvalidInput(format!("group key: {e}"))),
+        }
+    }
+}
+
+/// A device SAS token for `{idScope}/registrations/{registrationId}`, signed as the SDKs sign.
+pub fn device_token(
+    id_scope: &str,
+    registration_id: &str,
+    device_key_b64: &str,
+    ttl_secs: i64,
+) -> Result<String> {
+    let key = B64
+        .decode(device_key_b64)
+        .map_err(|_| Error::InvalidInput("the device key is not base64".into()))?;
+    Ok(SasToken::generate(
+        &format!("{id_scope}/registrations/{registration_id}"),
+        &key,
+        Some("registration"),
+        crate::unix_now() + ttl_secs,
+    ))
+}
+
+/// Retries and polling.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Register attempts in all (≥ 1): throttled (429), unavailable (5xx) and transport
+    /// failures are retried after `retry-after` (or a backoff).
+    pub max_attempts: u32,
+    /// Status polls while `assigning`.
+    pub max_polls: u32,
+    /// Wait when the service sends no `retry-after`.
+    pub default_wait: Duration,
+    /// Longest wait honoured (a larger `retry-after` is reduced to this).
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            max_polls: 60,
+            default_wait: Duration::from_secs(2),
+            max_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn wait(&self, retry_after: Option<Duration>, attempt: u32) -> Duration {
+        match retry_after {
+            Some(d) => d.min(self.max_wait),
+            None => (self.default_wait * attempt.max(1)).min(self.max_wait),
+        }
+    }
+}
+
+/// What to send with a registration.
+#[derive(Debug, Clone, Default)]
+pub struct RegisterOptions {
+    pub transport: Transport,
+    /// JSON for a custom allocation webhook (`payload` of the register body).
+    pub payload: Option<Value>,
+}
+
+/// The outcome of a registration that got an answer: `assigned`, or `failed` / `disabled`
+/// with the reason in `state.error_code` / `state.error_message`.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub operation_id: String,
+    pub status: RegistrationStatus,
+    pub state: DeviceRegistrationResult,
+    /// Register attempts made (1 when nothing was retried).
+    pub attempts: u32,
+}
+
+impl Registration {
+    pub fn is_assigned(&self) -> bool {
+        self.status == RegistrationStatus::Assigned
+    }
+}
+
+/// A device-side client of one ID scope at one endpoint.
+#[derive(Clone)]
+pub struct DeviceClient {
+    http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+    endpoint: String,
+    mqtt_port: u16,
+    id_scope: String,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for DeviceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceClient")
+            .field("endpoint", &self.endpoint)
+            .field("mqtt_port", &self.mqtt_port)
+            .field("id_scope", &self.id_scope)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceClient {
+    /// `endpoint` is the global device endpoint, `host` or `host:port` (HTTPS port; 443 when
+    /// absent); MQTT uses port 8883 unless [`Self::with_mqtt_port`] says otherwise.
+    pub fn new(endpoint: &str, id_scope: &str, ca_pem: Option<&Path>) -> Result<Self> {
+        let tls = crate::tls::client_config(ca_pem)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.clone())
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        Ok(Self::with_clients(endpoint, id_scope, http, Arc::new(tls)))
+    }
+
+    /// With your own HTTP client and TLS configuration (used for MQTT).
+    pub fn with_clients(
+        endpoint: &str,
+        id_scope: &str,
+        http: reqwest::Client,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        Self {
+            http,
+            tls,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            mqtt_port: 8883,
+            id_scope: id_scope.to_string(),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_mqtt_port(mut self, port: u16) -> Self {
+        self.mqtt_port = port;
+        self
+    }
+
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn id_scope(&self) -> &str {
+        &self.id_scope
+    }
+
+    /// The host of the endpoint, without a port.
+    pub fn host(&self) -> &str {
+        split_host_port(&self.endpoint).0
+    }
+
+    /// Registers `registration_id`, retrying transient failures and polling while the
+    /// service answers `assigning`. `Ok` for every final status (assigned, failed, disabled);
+    /// `Err` for refusals (unauthorized, not attested, bad request) and exhausted retries.
+    pub async fn register(
+        &self,
+        registration_id: &str,
+        key: &DeviceKey,
+        options: &RegisterOptions,
+    ) -> Result<Registration> {
+        let device_key = key.device_key(registration_id)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match options.transport {
+                Transport::Https => {
+                    self.register_https(registration_id, &device_key, options)
+                        .await
+                }
+                Transport::Mqtt => {
+                    crate::mqtt::register(
+                        self,
+                        registration_id,
+                        &device_key,
+                        options.payload.as_ref(),
+                    )
+                    .await
+                }
+            };
+            match result {
+                Ok(mut r) => {
+                    r.attempts = attempt;
+                    return Ok(r);
+                }
+                Err(e) if e.is_transient() && attempt < self.retry.max_attempts.max(1) => {
+                    tokio::time::sleep(self.retry.wait(e.retry_after(), attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub(crate) fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    pub(crate) fn tls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
+    pub(crate) fn mqtt_port(&self) -> u16 {
+        self.mqtt_port
+    }
+
+    pub(crate) fn token(&self, registration_id: &str, device_key: &str) -> Result<String> {
+        device_token(&self.id_scope, registration_id, device_key, 3600)
+    }
+
+    fn device_url(&self, registration_id: &str, tail: &str) -> String {
+        format!(
+            "https://{}/{}/registrations/{}/{tail}?api-version={DEVICE_API_VERSION}",
+            self.endpoint,
+            segment(&self.id_scope),
+            segment(registration_id)
+        )
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Response> {
+        req.send().await.map_err(|source| Error::Transport {
+            url: format!("https://{}", self.endpoint),
+            source,
+        })
+    }
+
+    async fn register_https(
+        &self,
+        registration_id: &str,
+        device_key: &str,
+        options: &RegisterOptions,
+    ) -> Result<Registration> {
+        let mut body = json!({ "registrationId": registration_id });
+        if let Some(p) = &options.payload {
+            body["payload"] = p.clone();
+        }
+        let resp = self
+            .send(
+                self.http
+                    .put(self.device_url(registration_id, "register"))
+                    .header("authorization", self.token(registration_id, device_key)?)
+                    .json(&body),
+            )
+            .await?;
+        let (mut op, mut wait) = operation("register", resp).await?;
+        let mut polls = 0;
+        while !is_final(op.status) {
+            if polls >= self.retry.max_polls {
+                return Err(Error::StillAssigning {
+                    registration_id: registration_id.to_string(),
+                    status: op.status.to_string(),
+                    polls,
+                });
+            }
+            polls += 1;
+            tokio::time::sleep(self.retry.wait(wait, 1)).await;
+            let url = self.device_url(
+                registration_id,
+                &format!("operations/{}", segment(&op.operation_id)),
+            );
+            let resp = self
+                .send(
+                    self.http
+                        .get(url)
+                        .header("authorization", self.token(registration_id, device_key)?),
+                )
+                .await;
+            match resp {
+                Ok(resp) => match operation("operation status", resp).await {
+                    Ok((next, w)) => {
+                        op = next;
+                        wait = w;
+                    }
+                    Err(e) if e.is_transient() => wait = e.retry_after(),
+                    Err(e) => return Err(e),
+                },
+                Err(_) => wait = None,
+            }
+        }
+        Ok(Registration {
+            operation_id: op.operation_id,
+            status: op.status,
+            state: op.registration_state,
+            attempts: 1,
+        })
+    }
+}
+
+/// `assigned`, `failed` and `disabled` end a registration.
+pub(crate) fn is_final(status: RegistrationStatus) -> bool {
+    matches!(
+        status,
+        RegistrationStatus::Assigned | RegistrationStatus::Failed | RegistrationStatus::Disabled
+    )
+}
+
+/// Reads a register / status answer: 200 or 202 with the operation status, else an error.
+async fn operation(
+    what: &str,
+    resp: Response,
+) -> Result<(RegistrationOperationStatus, Option<Duration>)> {
+    let status = resp.status().as_u16();
+    if status == 200 || status == 202 {
+        let wait = retry_after(&resp);
+        let op: RegistrationOperationStatus = read_json(what, resp).await?;
+        Ok((op, wait))
+    } else {
+        Err(service_error(what, resp).await)
+    }
+}
+
+/// `host:port` → (`host`, port); `[v6]:port` too.
+pub(crate) fn split_host_port(endpoint: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = endpoint.strip_prefix('[') {
+        if let Some((host, tail)) = rest.split_once(']') {
+            let port = tail.strip_prefix(':').and_then(|p| p.parse().ok());
+            return (host, port);
+        }
+    }
+    match endpoint.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (endpoint, None),
+        },
+        _ => (endpoint, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("h.example"), ("h.example", None));
+        assert_eq!(split_host_port("127.0.0.1:8443"), ("127.0.0.1", Some(8443)));
+        assert_eq!(split_host_port("[::1]:8443"), ("::1", Some(8443)));
+    }
+
+    #[test]
+    fn group_key_derives() {
+        let k = DeviceKey::Group("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into());
+        assert_eq!(
+            k.device_key("my-device-01").unwrap(),
+            "JOHsAb4JNdWTiD28P3nwHp6eyIyRvBG156Qxg/6ugAo="
+        );
+        assert!(DeviceKey::Group("not base64!".into())
+            .device_key("x")
+            .is_err());
+    }
+
+    #[test]
+    fn waits_honour_retry_after_within_bounds() {
+        let p = RetryPolicy::default();
+        assert_eq!(
+            p.wait(Some(Duration::from_secs(3)), 1),
+            Duration::from_secs(3)
+        );
+        assert_eq!(p.wait(Some(Duration::from_secs(600)), 1), p.max_wait);
+        assert_eq!(p.wait(None, 2), Duration::from_secs(4));
+    }
+}

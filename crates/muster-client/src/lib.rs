@@ -1,0 +1,39 @@
+//! Rust clients for Muster, which speaks the Azure IoT Hub Device Provisioning Service (DPS)
+//! protocols, so these clients also work against DPS-compatible services.
+//!
+//! - [`ServiceClient`] — the DPS service REST API: individual enrollments, enrollment groups,
+//!   registration records (get, create or update with ETags, delete, attestation mechanism,
+//!   paged queries, bulk) and Muster's `/linkedHubs` extension. Every request is signed with a
+//!   fresh SAS token from the connection string's policy.
+//! - [`DeviceClient`] — device registration over HTTPS or MQTT (TLS) with a symmetric key, or
+//!   a key derived from an enrollment-group key; polls while `assigning`, honouring
+//!   `retry-after`, and retries throttled requests a bounded number of times.
+//! - [`HubClient`] — the IoT hub registry and twin REST API (devices, twins), for Muster's
+//!   built-in hub or any hub whose `iothubowner`-style connection string you have.
+//! - [`ConnectionFile`] — `DATA_DIR/connection.json` as `muster serve` writes it.
+//! - [`tls`] — building a `reqwest::Client` / rustls config that trusts a CA PEM file.
+//!
+//! Errors ([`Error`]) carry the DPS `errorCode` and message (or the hub's error code), never a
+//! key.
+
+pub mod connection;
+pub mod device;
+pub mod error;
+pub mod hub;
+mod mqtt;
+pub mod service;
+pub mod tls;
+
+pub use connection::{ConnectionFile, ConnectionHub};
+pub use device::{DeviceClient, DeviceKey, RegisterOptions, Registration, RetryPolicy, Transport};
+pub use error::{Error, Result};
+pub use hub::HubClient;
+pub use service::{EnrollmentKind, Pager, ServiceClient};
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,65 @@
+//! Device MQTT on one port for two services: registration (DPS) and the built-in hub's device
+//! endpoint. The first packet's user name decides (`muster_device_api::mqtt::dispatch`); the
+//! chosen session gets the whole stream. The same dispatch serves MQTT over WebSocket at
+//! `/$iothub/websocket` (and `/` for C#).
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use muster_device_api::mqtt::dispatch::{peek_connect, Destination, Rewind};
+use muster_device_api::mqtt::{self, MqttLimits};
+use muster_device_api::websocket::{mqtt_subprotocol, WsByteStream};
+use muster_registration::DeviceRegistrar;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+/// What an MQTT connection can be handed to.
+#[derive(Clone)]
+pub struct MqttServices {
+    pub registrar: Arc<dyn DeviceRegistrar>,
+    pub hub: muster_hub::HubRegistry,
+}
+
+/// Serves one MQTT connection, whichever service it is for.
+pub async fn serve<S>(mut stream: S, services: MqttServices, client_certs: Vec<Vec<u8>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = MqttLimits::default();
+    let deadline = Instant::now() + limits.connect_timeout;
+    let Some((prefix, username)) =
+        peek_connect(&mut stream, limits.max_packet_size, deadline).await
+    else {
+        tracing::debug!("MQTT connection closed before a CONNECT");
+        return;
+    };
+    let stream = Rewind::new(prefix, stream);
+    match Destination::of(username.as_deref()) {
+        Destination::Dps => {
+            mqtt::serve_connection(stream, services.registrar, client_certs, limits).await
+        }
+        Destination::Hub => {
+            muster_hub::device_mqtt::serve_connection(stream, services.hub, client_certs).await
+        }
+    }
+}
+
+/// `GET /$iothub/websocket`: MQTT over WebSocket for either service.
+pub async fn websocket(State(services): State<MqttServices>, ws: WebSocketUpgrade) -> Response {
+    let Some(protocol) = mqtt_subprotocol(&ws) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "MQTT over WebSocket needs the subprotocol `mqtt` (Sec-WebSocket-Protocol)",
+        )
+            .into_response();
+    };
+    let max = 512 * 1024;
+    let mut ws = ws.max_message_size(max).max_frame_size(max);
+    ws.set_selected_protocol(protocol);
+    ws.on_upgrade(move |socket| async move {
+        serve(WsByteStream::new(socket), services, Vec::new()).await;
+    })
+}

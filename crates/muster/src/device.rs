@@ -1,0 +1,124 @@
+//! `muster device register` and `muster compute-device-key`.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use muster_client::{DeviceKey, RegisterOptions, Transport};
+use serde_json::{json, Value};
+
+use crate::conn::DeviceConn;
+use crate::output::{print_object, Format, OutputArgs};
+
+#[derive(Args, Debug)]
+pub struct ComputeKeyArgs {
+    /// The enrollment group's key (base64)
+    #[arg(long, visible_alias = "group-key")]
+    pub key: String,
+    /// The device's registration id
+    #[arg(long, visible_alias = "rid")]
+    pub registration_id: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+pub fn compute_device_key(a: ComputeKeyArgs) -> anyhow::Result<()> {
+    let key = DeviceKey::Group(a.key).device_key(&a.registration_id)?;
+    match a.out.output {
+        Format::Table => crate::output::emit(&key),
+        Format::Json => crate::output::print_json(
+            &json!({"registrationId": a.registration_id, "derivedKey": key}),
+        ),
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("credential").required(true).args(["key", "group_key"])))]
+pub struct RegisterArgs {
+    /// The device's registration id
+    #[arg(long, visible_alias = "rid")]
+    pub registration_id: String,
+    /// The device's symmetric key (individual enrollment, or an already derived key)
+    #[arg(long, env = "MUSTER_DEVICE_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// The enrollment group's key; the device key is derived from it
+    #[arg(long, env = "MUSTER_GROUP_KEY", hide_env_values = true)]
+    pub group_key: Option<String>,
+    /// https or mqtt
+    #[arg(long, default_value = "https")]
+    pub transport: Transport,
+    /// JSON payload for a custom allocation webhook
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Register attempts when throttled or unavailable
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    #[command(flatten)]
+    pub conn: DeviceConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Register a device and print its assignment.
+    ///
+    /// Examples:
+    ///   muster device register --registration-id dev-001 --group-key "$GROUP_KEY"
+    ///   muster device register --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
+    ///       --registration-id dev-002 --key "$DEVICE_KEY" --transport mqtt --payload '{"model":"x1"}'
+    Register(RegisterArgs),
+}
+
+pub async fn run(c: DeviceCommand) -> anyhow::Result<()> {
+    match c {
+        DeviceCommand::Register(a) => register(a).await,
+    }
+}
+
+async fn register(a: RegisterArgs) -> anyhow::Result<()> {
+    let key = match (&a.key, &a.group_key) {
+        (Some(k), _) => DeviceKey::Symmetric(k.clone()),
+        (None, Some(g)) => DeviceKey::Group(g.clone()),
+        (None, None) => bail!("pass --key or --group-key"),
+    };
+    let payload = match &a.payload {
+        Some(p) => Some(serde_json::from_str::<Value>(p).context("--payload is not valid JSON")?),
+        None => None,
+    };
+    let client = a
+        .conn
+        .client()?
+        .with_retry_policy(muster_client::RetryPolicy {
+            max_attempts: a.retries.max(1),
+            ..Default::default()
+        });
+    let r = client
+        .register(
+            &a.registration_id,
+            &key,
+            &RegisterOptions {
+                transport: a.transport,
+                payload,
+            },
+        )
+        .await
+        .with_context(|| format!("registering '{}'", a.registration_id))?;
+    let mut v = serde_json::to_value(&r.state)?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("operationId".into(), json!(r.operation_id));
+    }
+    print_object(a.out.output, &v);
+    if !r.is_assigned() {
+        bail!(
+            "registration of '{}' ended {}{}",
+            a.registration_id,
+            r.status,
+            r.state
+                .error_message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}

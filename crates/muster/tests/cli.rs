@@ -1,0 +1,903 @@
+//! The `muster` binary against a real server started in-process on 127.0.0.1 (port 0, a
+//! temporary data dir): every command at least once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use muster_client::HubClient;
+use muster_server::{Config, ConnectionInfo, Server};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+const BIN: &str = env!("CARGO_BIN_EXE_muster");
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+    info: ConnectionInfo,
+}
+
+impl Env {
+    fn start() -> Env {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            dps_host: "127.0.0.1".into(),
+            https_port: 0,
+            mqtt_port: 0,
+            ..Config::default()
+        };
+        let server = rt.block_on(Server::start(config)).expect("server starts");
+        let info = server.connection.clone();
+        Env {
+            rt,
+            server: Some(server),
+            dir,
+            info,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).current_dir(self.dir.path());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("MUSTER_") {
+                c.env_remove(k);
+            }
+        }
+        c.env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs a service or device command with `--data-dir`.
+    fn run(&self, args: &[&str]) -> Output {
+        let dd = self.data_dir();
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--data-dir");
+        all.push(dd.to_str().expect("utf-8 path"));
+        self.command(&all).output().expect("muster runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "muster {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let text = self.ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+
+    /// A command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "muster {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn hub(&self) -> HubClient {
+        HubClient::from_connection_string(
+            &self.info.hubs[0].connection_string,
+            Some(&self.info.ca_certificate),
+        )
+        .expect("hub client")
+    }
+
+    fn hub_has_device(&self, id: &str) -> bool {
+        let hub = self.hub();
+        match self.rt.block_on(hub.get_device(id)) {
+            Ok(d) => d["deviceId"] == id,
+            Err(e) if e.is_not_found() => false,
+            Err(e) => panic!("hub REST: {e}"),
+        }
+    }
+
+    fn group_key(&self, group: &str) -> String {
+        let g = self.json(&["enrollment-group", "show", group, "--show-keys"]);
+        g["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .expect("group key shown with --show-keys")
+            .to_string()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            self.rt.block_on(s.shutdown());
+        }
+    }
+}
+
+fn hmac_b64(key_b64: &str, msg: &str) -> String {
+    let key = B64.decode(key_b64).expect("base64");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(msg.as_bytes());
+    B64.encode(mac.finalize().into_bytes())
+}
+
+#[test]
+fn compute_device_key_matches_hmac_sha256_and_openssl() {
+    let key = "c2VjcmV0LWdyb3VwLWtleS1mb3ItbXVzdGVyLWNsaS10ZXN0cw==";
+    let id = "factory-7:cam.0042";
+    let out = Command::new(BIN)
+        .args(["compute-device-key", "--key", key, "--registration-id", id])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(got, hmac_b64(key, id));
+    // echo -n factory-7:cam.0042 | openssl dgst -sha256 -mac HMAC \
+    //   -macopt hexkey:$(echo -n $KEY | base64 -d | xxd -p -c256) -binary | base64
+    assert_eq!(got, "N40RwpvgkRTf3zSMBXLtUOwCFc39VXxQLlnXdxHD5Ls=");
+
+    let out = Command::new(BIN)
+        .args([
+            "compute-device-key",
+            "--key",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            "--registration-id",
+            "my-device-01",
+            "--output",
+            "json",
+        ])
+        .output()
+        .expect("runs");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        v["derivedKey"],
+        "JOHsAb4JNdWTiD28P3nwHp6eyIyRvBG156Qxg/6ugAo="
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "compute-device-key",
+            "--key",
+            "not base64!",
+            "--registration-id",
+            "x",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("base64"));
+}
+
+#[test]
+fn enrollment_commands() {
+    let env = Env::start();
+    let pk = B64.encode([7u8; 32]);
+    let sk = B64.encode([9u8; 32]);
+    let created = env.json(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "dev-1",
+        "--device-id",
+        "device-one",
+        "--primary-key",
+        &pk,
+        "--secondary-key",
+        &sk,
+        "--initial-twin-tags",
+        r#"{"site":"lyon"}"#,
+        "--initial-twin-properties",
+        r#"{"interval":30}"#,
+        "--reprovision-policy",
+        "reprovisionandresetdata",
+        "--edge-enabled",
+        "true",
+        "--allocation-policy",
+        "hashed",
+        "--iot-hubs",
+        &env.info.hubs[0].host_name,
+    ]);
+    assert_eq!(created["registrationId"], "dev-1");
+    assert_eq!(created["deviceId"], "device-one");
+    assert!(
+        created["attestation"]["symmetricKey"]
+            .get("primaryKey")
+            .is_none(),
+        "keys hidden without --show-keys"
+    );
+    assert_eq!(created["initialTwin"]["tags"]["site"], "lyon");
+    assert_eq!(
+        created["initialTwin"]["properties"]["desired"]["interval"],
+        30
+    );
+    assert_eq!(created["reprovisionPolicy"]["migrateDeviceData"], false);
+    assert_eq!(created["capabilities"]["iotEdge"], true);
+
+    // Exists already: a clear refusal.
+    let err = env.fails(&["enrollment", "create", "--enrollment-id", "dev-1"]);
+    assert!(err.contains("409201"), "{err}");
+
+    let shown = env.json(&["enrollment", "show", "dev-1", "--show-keys"]);
+    assert_eq!(
+        shown["attestation"]["symmetricKey"]["primaryKey"],
+        pk.as_str()
+    );
+    let table = env.ok(&["enrollment", "show", "dev-1"]);
+    assert!(
+        table.contains("registrationId") && !table.contains(&pk),
+        "{table}"
+    );
+
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "dev-2",
+        "--provisioning-status",
+        "disabled",
+    ]);
+    let list = env.json(&["enrollment", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    let table = env.ok(&["enrollment", "list", "--top", "1"]);
+    assert_eq!(table.lines().count(), 2, "{table}");
+
+    let updated = env.json(&[
+        "enrollment",
+        "update",
+        "--enrollment-id",
+        "dev-1",
+        "--provisioning-status",
+        "disabled",
+        "--reprovision-policy",
+        "never",
+    ]);
+    assert_eq!(updated["provisioningStatus"], "disabled");
+    assert_eq!(updated["reprovisionPolicy"]["updateHubAssignment"], false);
+    assert_eq!(
+        updated["initialTwin"]["tags"]["site"], "lyon",
+        "unchanged settings kept"
+    );
+    let shown = env.json(&["enrollment", "show", "dev-1", "--show-keys"]);
+    assert_eq!(
+        shown["attestation"]["symmetricKey"]["primaryKey"],
+        pk.as_str(),
+        "keys kept"
+    );
+
+    // Export with keys, delete everything, import, and the keys are back.
+    let file = env.dir.path().join("enrollments.ndjson");
+    env.ok(&[
+        "enrollment",
+        "export",
+        "--show-keys",
+        "--out-file",
+        file.to_str().expect("utf-8"),
+    ]);
+    let text = std::fs::read_to_string(&file).expect("export written");
+    assert_eq!(text.lines().count(), 2);
+    env.ok(&["enrollment", "delete", "dev-1"]);
+    env.ok(&["enrollment", "delete", "dev-2"]);
+    let err = env.fails(&["enrollment", "show", "dev-1"]);
+    assert!(err.contains("404201"), "{err}");
+    let summary = env.json(&[
+        "enrollment",
+        "import",
+        file.to_str().expect("utf-8"),
+        "--chunk-size",
+        "1",
+    ]);
+    assert_eq!(summary["succeeded"], 2);
+    let shown = env.json(&["enrollment", "show", "dev-1", "--show-keys"]);
+    assert_eq!(
+        shown["attestation"]["symmetricKey"]["primaryKey"],
+        pk.as_str()
+    );
+    // Importing again in create mode reports per-item failures and exits non-zero.
+    let err = env.fails(&["enrollment", "import", file.to_str().expect("utf-8")]);
+    assert!(err.contains("2 of 2 items failed"), "{err}");
+}
+
+#[test]
+fn enrollment_group_commands() {
+    let env = Env::start();
+    let created = env.json(&[
+        "enrollment-group",
+        "create",
+        "--group-id",
+        "line-1",
+        "--initial-twin-tags",
+        r#"{"line":1}"#,
+        "--provisioning-status",
+        "enabled",
+        "--reprovision-policy",
+        "reprovisionandmigratedata",
+        "--show-keys",
+    ]);
+    let key = created["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("generated key shown with --show-keys")
+        .to_string();
+    assert_eq!(env.group_key("line-1"), key);
+    env.ok(&[
+        "enrollment-group",
+        "create",
+        "--group-id",
+        "hooked",
+        "--webhook-url",
+        "https://alloc.example/api",
+    ]);
+    let hooked = env.json(&["enrollment-group", "show", "hooked"]);
+    assert_eq!(hooked["allocationPolicy"], "custom");
+    assert_eq!(
+        hooked["customAllocationDefinition"]["webhookUrl"],
+        "https://alloc.example/api"
+    );
+
+    let table = env.ok(&["enrollment-group", "list"]);
+    assert!(
+        table.starts_with("GROUP ID") && table.contains("line-1") && table.contains("hooked"),
+        "{table}"
+    );
+    let updated = env.json(&[
+        "enrollment-group",
+        "update",
+        "--group-id",
+        "line-1",
+        "--iot-hubs",
+        &env.info.hubs[0].host_name,
+        "--allocation-policy",
+        "static",
+        "--edge-enabled",
+        "false",
+    ]);
+    assert_eq!(updated["allocationPolicy"], "static");
+    assert_eq!(env.group_key("line-1"), key, "update keeps the keys");
+
+    let file = env.dir.path().join("groups.ndjson");
+    env.ok(&[
+        "enrollment-group",
+        "export",
+        "--show-keys",
+        "--out-file",
+        file.to_str().expect("utf-8"),
+    ]);
+    env.ok(&["enrollment-group", "delete", "line-1"]);
+    env.ok(&["enrollment-group", "delete", "hooked"]);
+    assert_eq!(env.json(&["enrollment-group", "list"]), json!([]));
+    env.ok(&["enrollment-group", "import", file.to_str().expect("utf-8")]);
+    assert_eq!(env.group_key("line-1"), key);
+    let err = env.fails(&[
+        "enrollment-group",
+        "update",
+        "--group-id",
+        "nope",
+        "--provisioning-status",
+        "disabled",
+    ]);
+    assert!(err.contains("404202"), "{err}");
+}
+
+#[test]
+fn linked_hub_commands() {
+    let env = Env::start();
+    let cs = format!(
+        "HostName=hub2.example;SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+        B64.encode([3u8; 32])
+    );
+    let added = env.json(&[
+        "linked-hub",
+        "add",
+        "--hub-connection-string",
+        &cs,
+        "--allocation-weight",
+        "3",
+    ]);
+    assert_eq!(added["name"], "hub2.example");
+    assert_eq!(added["allocationWeight"], 3);
+    let err = env.fails(&["linked-hub", "add", "--hub-connection-string", &cs]);
+    assert!(err.contains("already linked"), "{err}");
+    let list = env.json(&["linked-hub", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    assert!(!serde_json::to_string(&list)
+        .expect("json")
+        .contains("SharedAccessKey"));
+    let updated = env.json(&[
+        "linked-hub",
+        "update",
+        "hub2.example",
+        "--apply-allocation-policy",
+        "false",
+        "--location",
+        "eu-west",
+    ]);
+    assert_eq!(updated["applyAllocationPolicy"], false);
+    assert_eq!(updated["location"], "eu-west");
+    env.ok(&["linked-hub", "remove", "hub2.example"]);
+    let table = env.ok(&["linked-hub", "list"]);
+    assert!(!table.contains("hub2.example"), "{table}");
+    let err = env.fails(&["linked-hub", "remove", &env.info.hubs[0].host_name]);
+    assert!(err.contains("built-in"), "{err}");
+}
+
+#[test]
+fn device_register_and_hub_commands() {
+    let env = Env::start();
+    env.ok(&["enrollment-group", "create", "--group-id", "g"]);
+    let gk = env.group_key("g");
+    let r = env.json(&[
+        "device",
+        "register",
+        "--registration-id",
+        "dev-https",
+        "--group-key",
+        &gk,
+    ]);
+    assert_eq!(r["status"], "assigned");
+    assert_eq!(r["assignedHub"], env.info.hubs[0].host_name.as_str());
+    let r = env.json(&[
+        "device",
+        "register",
+        "--registration-id",
+        "dev-mqtt",
+        "--group-key",
+        &gk,
+        "--transport",
+        "mqtt",
+        "--payload",
+        r#"{"model":"x1"}"#,
+    ]);
+    assert_eq!(r["status"], "assigned");
+    assert_eq!(r["deviceId"], "dev-mqtt");
+
+    // An individual enrollment, registering with its own key and explicit endpoint flags.
+    let key = B64.encode([5u8; 32]);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "solo",
+        "--primary-key",
+        &key,
+    ]);
+    let ca = env.info.ca_certificate.to_str().expect("utf-8").to_string();
+    let out = env
+        .command(&[
+            "device",
+            "register",
+            "--id-scope",
+            &env.info.id_scope,
+            "--endpoint",
+            &env.info.device_endpoint,
+            "--ca-cert",
+            &ca,
+            "--registration-id",
+            "solo",
+            "--key",
+            &key,
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("assigned"));
+
+    // A wrong key: non-zero, the DPS code and a hint.
+    let err = env.fails(&[
+        "device",
+        "register",
+        "--registration-id",
+        "x",
+        "--key",
+        &B64.encode([1u8; 32]),
+    ]);
+    assert!(err.contains("401005") && err.contains("hint:"), "{err}");
+    // No CA: TLS refuses and the hint names --ca-cert.
+    let out = env
+        .command(&[
+            "device",
+            "register",
+            "--id-scope",
+            &env.info.id_scope,
+            "--endpoint",
+            &env.info.device_endpoint,
+            "--registration-id",
+            "solo",
+            "--key",
+            &key,
+            "--retries",
+            "1",
+        ])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca-cert"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Hub commands against the built-in hub.
+    let devices = env.json(&["hub", "device", "list"]);
+    assert_eq!(devices.as_array().map(Vec::len), Some(3));
+    let d = env.json(&["hub", "device", "show", "dev-https"]);
+    assert_eq!(d["deviceId"], "dev-https");
+    assert!(d["authentication"]["symmetricKey"]
+        .get("primaryKey")
+        .is_none());
+    let d = env.json(&["hub", "device", "show", "dev-https", "--show-keys"]);
+    assert_eq!(
+        d["authentication"]["symmetricKey"]["primaryKey"],
+        hmac_b64(&gk, "dev-https").as_str()
+    );
+    let t = env.json(&[
+        "hub",
+        "twin",
+        "update",
+        "dev-https",
+        "--tags",
+        r#"{"floor":3}"#,
+        "--desired",
+        r#"{"interval":60}"#,
+    ]);
+    assert_eq!(t["tags"]["floor"], 3);
+    let t = env.json(&["hub", "twin", "show", "dev-https"]);
+    assert_eq!(t["properties"]["desired"]["interval"], 60);
+    env.ok(&["hub", "device", "delete", "dev-mqtt"]);
+    assert!(!env.hub_has_device("dev-mqtt"));
+}
+
+#[test]
+fn registration_commands_and_cascade() {
+    let env = Env::start();
+    env.ok(&["enrollment-group", "create", "--group-id", "g"]);
+    let gk = env.group_key("g");
+    for id in ["r1", "r2", "r3", "r4"] {
+        env.ok(&[
+            "device",
+            "register",
+            "--registration-id",
+            id,
+            "--group-key",
+            &gk,
+        ]);
+    }
+    let r = env.json(&["registration", "show", "r1"]);
+    assert_eq!(r["status"], "assigned");
+    let list = env.json(&["registration", "list", "--group-id", "g"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(4));
+    let table = env.ok(&["registration", "list", "--group-id", "g", "--top", "2"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+
+    // Without --cascade the device stays in its hub.
+    env.ok(&["registration", "delete", "r1"]);
+    assert!(env.hub_has_device("r1"));
+    let err = env.fails(&["registration", "show", "r1"]);
+    assert!(err.contains("404203"), "{err}");
+
+    // --cascade removes the record and the hub device.
+    assert!(env.hub_has_device("r2"));
+    env.ok(&["registration", "delete", "r2", "--cascade"]);
+    assert!(!env.hub_has_device("r2"));
+    env.fails(&["registration", "show", "r2"]);
+
+    // deprovision --block: gone, and it cannot come back.
+    env.ok(&["deprovision", "r3", "--block"]);
+    assert!(!env.hub_has_device("r3"));
+    let blocked = env.json(&["enrollment", "show", "r3"]);
+    assert_eq!(blocked["provisioningStatus"], "disabled");
+    let err = env.fails(&[
+        "device",
+        "register",
+        "--registration-id",
+        "r3",
+        "--group-key",
+        &gk,
+    ]);
+    assert!(err.contains("disabled"), "{err}");
+    // r4 can still register again after a plain deprovision.
+    env.ok(&["deprovision", "r4"]);
+    assert!(!env.hub_has_device("r4"));
+    env.ok(&[
+        "device",
+        "register",
+        "--registration-id",
+        "r4",
+        "--group-key",
+        &gk,
+    ]);
+    assert!(env.hub_has_device("r4"));
+
+    let err = env.fails(&["deprovision", "never-registered"]);
+    assert!(err.contains("no registration record"), "{err}");
+}
+
+fn csv_rows(path: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut rdr = csv::ReaderBuilder::new().from_reader(text.as_bytes());
+    rdr.records()
+        .map(|r| r.expect("csv row").iter().map(str::to_string).collect())
+        .collect()
+}
+
+fn complete_rows(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.matches('\n').count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+#[test]
+fn provision_resumes_and_skips() {
+    let env = Env::start();
+    env.ok(&["enrollment-group", "create", "--group-id", "fleet"]);
+    let gk = env.group_key("fleet");
+    let out = env.dir.path().join("fleet.csv");
+    let out_s = out.to_str().expect("utf-8").to_string();
+
+    let summary = env.json(&[
+        "provision",
+        "--group-key",
+        &gk,
+        "--prefix",
+        "dev-",
+        "--count",
+        "200",
+        "--out",
+        &out_s,
+    ]);
+    assert_eq!(summary["assigned"], 200);
+    let rows = csv_rows(&out);
+    assert_eq!(rows.len(), 200);
+    for r in &rows {
+        assert_eq!(r[4], "assigned", "{r:?}");
+        assert_eq!(r[1], r[0]);
+        assert_eq!(r[2], env.info.hubs[0].host_name);
+        assert_eq!(r[3], hmac_b64(&gk, &r[0]));
+    }
+    // A rerun registers nothing new.
+    let summary = env.json(&[
+        "provision",
+        "--group-key",
+        &gk,
+        "--prefix",
+        "dev-",
+        "--count",
+        "200",
+        "--out",
+        &out_s,
+    ]);
+    assert_eq!(summary["assigned"], 0);
+    assert_eq!(summary["skipped"], 200);
+    assert_eq!(csv_rows(&out).len(), 200);
+
+    // Killed part-way through, then rerun: all 400 end assigned, each once.
+    let out2 = env.dir.path().join("killed.csv");
+    let out2_s = out2.to_str().expect("utf-8").to_string();
+    let dd = env.data_dir();
+    let mut child = env
+        .command(&[
+            "provision",
+            "--group-key",
+            &gk,
+            "--prefix",
+            "k-",
+            "--count",
+            "400",
+            "--concurrency",
+            "1",
+            "--out",
+            &out2_s,
+            "--data-dir",
+            dd.to_str().expect("utf-8"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawns");
+    // Poll the out file (every 5 ms) until ~100 complete rows are there, then kill.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tick = env
+        .rt
+        .block_on(async { tokio::time::interval(Duration::from_millis(5)) });
+    while complete_rows(&out2) < 100 {
+        assert!(Instant::now() < deadline, "no progress in 60 s");
+        env.rt.block_on(tick.tick());
+    }
+    child.kill().expect("kill");
+    let _ = child.wait();
+    let after_kill = complete_rows(&out2);
+    assert!(
+        (100..400).contains(&after_kill),
+        "killed after {after_kill} rows"
+    );
+    let summary = env.json(&[
+        "provision",
+        "--group-key",
+        &gk,
+        "--prefix",
+        "k-",
+        "--count",
+        "400",
+        "--out",
+        &out2_s,
+    ]);
+    let skipped = summary["skipped"].as_u64().expect("skipped");
+    assert!(skipped >= 100, "{summary}");
+    assert_eq!(
+        summary["assigned"].as_u64().expect("assigned") + skipped,
+        400
+    );
+    let rows = csv_rows(&out2);
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids.len(), 400);
+    assert_eq!(rows.len(), 400, "no id written twice");
+    assert!(rows.iter().all(|r| r[4] == "assigned"));
+
+    // --ids FILE, with one id already done and a wrong group key for a failure row.
+    let ids_file = env.dir.path().join("ids.txt");
+    std::fs::write(&ids_file, "# fleet\nk-0\nnew-1\n\nnew-2\n").expect("write ids");
+    let out3 = env.dir.path().join("ids.csv");
+    std::fs::copy(&out2, &out3).expect("copy");
+    let s = env.json(&[
+        "provision",
+        "--group-key",
+        &gk,
+        "--ids",
+        ids_file.to_str().expect("utf-8"),
+        "--out",
+        out3.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        (s["assigned"].as_u64(), s["skipped"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let bad = B64.encode([8u8; 32]);
+    let err = env.fails(&[
+        "provision",
+        "--group-key",
+        &bad,
+        "--prefix",
+        "bad-",
+        "--count",
+        "2",
+        "--retries",
+        "1",
+        "--out",
+        out3.to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("did not end assigned"), "{err}");
+    let rows = csv_rows(&out3);
+    let bad_rows: Vec<_> = rows.iter().filter(|r| r[0].starts_with("bad-")).collect();
+    assert_eq!(bad_rows.len(), 2);
+    assert!(
+        bad_rows
+            .iter()
+            .all(|r| r[4] == "error" && r[5].contains("401005")),
+        "{bad_rows:?}"
+    );
+}
+
+#[test]
+fn completions_and_help() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .expect("runs");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("enrollment-group") && text.contains("provision"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["provision", "--help"])
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("Examples:") && help.contains("--concurrency"),
+        "{help}"
+    );
+    // serve keeps its flags.
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--data-dir",
+        "--dps-host",
+        "--https-port",
+        "--mqtt-port",
+        "--print-config",
+    ] {
+        assert!(help.contains(flag), "{flag}");
+    }
+    assert!(!help.contains("--output"));
+}
+
+#[test]
+fn errors_are_short_and_actionable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["enrollment", "list"])
+        .current_dir(dir.path())
+        .env_remove("MUSTER_CONNECTION_STRING")
+        .env_remove("MUSTER_DATA_DIR")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--connection-string") && err.lines().count() <= 3,
+        "{err}"
+    );
+
+    // A server that is not there.
+    let cs = format!(
+        "HostName=127.0.0.1:9;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey={}",
+        B64.encode([1u8; 32])
+    );
+    let out = Command::new(BIN)
+        .args(["enrollment-group", "list", "--connection-string", &cs])
+        .current_dir(dir.path())
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hint:"), "{err}");
+    assert!(!err.contains(&B64.encode([1u8; 32])), "no key in errors");
+}
+
+#[test]
+fn service_commands_take_a_connection_string_from_the_environment() {
+    let env = Env::start();
+    let ca = env.info.ca_certificate.to_str().expect("utf-8").to_string();
+    let out = env
+        .command(&[
+            "enrollment-group",
+            "create",
+            "--group-id",
+            "from-env",
+            "--ca-cert",
+            &ca,
+        ])
+        .env(
+            "MUSTER_CONNECTION_STRING",
+            &env.info.service_connection_string,
+        )
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.ok(&["enrollment-group", "list"]).contains("from-env"));
+}
