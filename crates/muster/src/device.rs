@@ -66,6 +66,7 @@ pub enum DeviceCommand {
     ///   muster device register --registration-id dev-001 --group-key "$GROUP_KEY"
     ///   muster device register --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
     ///       --registration-id dev-002 --key "$DEVICE_KEY" --transport mqtt --payload '{"model":"x1"}'
+    #[command(verbatim_doc_comment)]
     Register(RegisterArgs),
 }
 

@@ -728,36 +728,43 @@ pub enum IndividualCommand {
     ///   muster enrollment create --enrollment-id dev-003 --attestation-type x509 --certificate-path dev-003.pem
     ///   muster enrollment create --enrollment-id dev-004 --iot-hubs hub1.example,hub2.example \
     ///       --allocation-policy hashed --reprovision-policy never --edge-enabled true
+    #[command(verbatim_doc_comment)]
     Create(IndividualWrite),
     /// Show an individual enrollment (keys only with --show-keys).
     ///
     /// Example:
     ///   muster enrollment show dev-001 --show-keys --output json
+    #[command(verbatim_doc_comment)]
     Show(ShowArgs),
     /// List individual enrollments.
     ///
     /// Example:
     ///   muster enrollment list --top 50
+    #[command(verbatim_doc_comment)]
     List(ListArgs),
     /// Change an individual enrollment; options not given keep their value.
     ///
     /// Example:
     ///   muster enrollment update --enrollment-id dev-001 --provisioning-status disabled
+    #[command(verbatim_doc_comment)]
     Update(IndividualUpdate),
     /// Delete an individual enrollment (and its registration record).
     ///
     /// Example:
     ///   muster enrollment delete dev-001
+    #[command(verbatim_doc_comment)]
     Delete(DeleteArgs),
     /// Write every individual enrollment as NDJSON (one JSON object per line).
     ///
     /// Example:
     ///   muster enrollment export --show-keys --out-file enrollments.ndjson
+    #[command(verbatim_doc_comment)]
     Export(ExportArgs),
     /// Create (or update, delete) individual enrollments from NDJSON through the bulk API.
     ///
     /// Example:
     ///   muster enrollment import enrollments.ndjson --mode update
+    #[command(verbatim_doc_comment)]
     Import(ImportArgs),
 }
 
@@ -772,11 +779,13 @@ pub enum GroupCommand {
     ///   muster enrollment-group create --group-id cam --attestation-type x509 --certificate-path signer.pem
     ///   muster enrollment-group create --group-id ca --attestation-type x509 --root-ca-name my-root
     ///   muster enrollment-group create --group-id hooked --webhook-url https://alloc.example/api
+    #[command(verbatim_doc_comment)]
     Create(GroupWrite),
     /// Show an enrollment group (keys only with --show-keys).
     ///
     /// Example:
     ///   muster enrollment-group show line-1 --show-keys
+    #[command(verbatim_doc_comment)]
     Show(ShowArgs),
     /// List enrollment groups.
     List(ListArgs),
@@ -784,6 +793,7 @@ pub enum GroupCommand {
     ///
     /// Example:
     ///   muster enrollment-group update --group-id line-1 --iot-hubs hub1.example --allocation-policy static
+    #[command(verbatim_doc_comment)]
     Update(GroupUpdate),
     /// Delete an enrollment group (its devices' registration records stay).
     Delete(DeleteArgs),

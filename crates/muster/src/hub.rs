@@ -90,6 +90,7 @@ pub enum HubTwinCommand {
     ///
     /// Example:
     ///   muster hub twin update dev-001 --tags '{"floor":3}' --desired '{"interval":60}'
+    #[command(verbatim_doc_comment)]
     Update(TwinUpdateArgs),
 }
 
@@ -100,6 +101,7 @@ pub enum HubCommand {
     /// Examples:
     ///   muster hub device list
     ///   muster hub device show dev-001
+    #[command(verbatim_doc_comment)]
     #[command(subcommand)]
     Device(HubDeviceCommand),
     /// Device twins.

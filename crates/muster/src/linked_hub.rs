@@ -84,6 +84,7 @@ pub enum LinkedHubCommand {
     ///
     /// Example:
     ///   muster linked-hub add --hub-connection-string "HostName=hub2.example;SharedAccessKeyName=iothubowner;SharedAccessKey=..." --allocation-weight 2
+    #[command(verbatim_doc_comment)]
     Add(AddArgs),
     /// List linked hubs (connection strings are never shown).
     List(ListArgs),
@@ -91,11 +92,13 @@ pub enum LinkedHubCommand {
     ///
     /// Example:
     ///   muster linked-hub update hub2.example --apply-allocation-policy false
+    #[command(verbatim_doc_comment)]
     Update(UpdateArgs),
     /// Unlink a hub (the built-in hub cannot be unlinked).
     ///
     /// Example:
     ///   muster linked-hub remove hub2.example
+    #[command(verbatim_doc_comment)]
     Remove(RemoveArgs),
 }
 

@@ -43,6 +43,7 @@ enum Command {
     ///   muster serve
     ///   muster serve --data-dir /var/lib/muster --dps-host dps.example.lan
     ///   muster serve --dps-host 127.0.0.2 --https-port 8443 --mqtt-port 18883
+    #[command(verbatim_doc_comment)]
     Serve(serve::ServeArgs),
     /// Manage individual enrollments (like `az iot dps enrollment`).
     #[command(subcommand)]
@@ -60,6 +61,7 @@ enum Command {
     ///   muster deprovision dev-001 dev-002
     ///   muster deprovision dev-001 --block
     ///   muster deprovision dev-001 --hub-connection-string "HostName=myhub.azure-devices.net;..."
+    #[command(verbatim_doc_comment)]
     Deprovision(registration::DeprovisionArgs),
     /// Manage the IoT hubs devices may be assigned to.
     #[command(subcommand, name = "linked-hub")]
@@ -77,6 +79,7 @@ enum Command {
     ///   muster provision --group-key "$KEY" --prefix dev- --count 10000 --out devices.csv
     ///   muster provision --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
     ///       --group-key "$KEY" --ids ids.txt --concurrency 64 --out devices.csv
+    #[command(verbatim_doc_comment)]
     Provision(provision::ProvisionArgs),
     /// Compute a device's key from an enrollment group key (HMAC-SHA256 of the registration id).
     ///
@@ -85,6 +88,7 @@ enum Command {
     ///
     /// Example:
     ///   muster compute-device-key --key "$GROUP_KEY" --registration-id dev-001
+    #[command(verbatim_doc_comment)]
     ComputeDeviceKey(device::ComputeKeyArgs),
     /// The built-in IoT hub (or any hub, with --hub-connection-string): devices and twins.
     #[command(subcommand)]
@@ -95,6 +99,7 @@ enum Command {
     ///   muster completions bash > /etc/bash_completion.d/muster
     ///   muster completions zsh > "${fpath[1]}/_muster"
     ///   muster completions fish > ~/.config/fish/completions/muster.fish
+    #[command(verbatim_doc_comment)]
     Completions {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,

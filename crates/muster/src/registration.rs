@@ -89,11 +89,13 @@ pub enum RegistrationCommand {
     ///
     /// Example:
     ///   muster registration show dev-001
+    #[command(verbatim_doc_comment)]
     Show(ShowArgs),
     /// List the registration records of an enrollment group's devices.
     ///
     /// Example:
     ///   muster registration list --group-id line-1 --output json
+    #[command(verbatim_doc_comment)]
     List(ListArgs),
     /// Delete a registration record; with --cascade also the device in its hub.
     ///
@@ -104,6 +106,7 @@ pub enum RegistrationCommand {
     ///   muster registration delete dev-001
     ///   muster registration delete dev-001 --cascade
     ///   muster registration delete dev-001 --cascade --block
+    #[command(verbatim_doc_comment)]
     Delete(DeleteArgs),
 }
 
