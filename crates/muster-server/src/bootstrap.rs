@@ -12,12 +12,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-pub const OWNER_POLICY: &str = "provisioningserviceowner";
+pub use muster_service_api::OWNER_POLICY;
 pub const HUB_OWNER_POLICY: &str = "iothubowner";
 const HUB_POLICIES_KEY: &str = "hub_policies";
 
 const ID_SCOPE_KEY: &str = "id_scope";
-const POLICIES_KEY: &str = "access_policies";
+use muster_service_api::POLICIES_KEY;
 
 /// The service identity read from (or created in) the store.
 #[derive(Debug, Clone)]

@@ -200,3 +200,121 @@ async fn refuses_clients_that_do_not_speak_tls() {
     assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn least_privilege_policies_through_the_access_policies_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), 0)).await.unwrap();
+    let info = server.connection.clone();
+    let c = client(&info.ca_certificate, &[&rustls::version::TLS13]);
+    let url = |p: &str| format!("{}{p}?api-version=2021-10-01", info.service_endpoint);
+    let owner = token(&info);
+
+    let r = c
+        .put(url("/accessPolicies/reader"))
+        .header("authorization", &owner)
+        .json(&json!({"rights": "EnrollmentRead, RegistrationStatusRead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["rights"], "EnrollmentRead, RegistrationStatusRead");
+    let reader_cs = format!(
+        "HostName={};SharedAccessKeyName=reader;SharedAccessKey={}",
+        info.device_endpoint,
+        created["primaryKey"].as_str().unwrap()
+    );
+    let reader = token(&ConnectionInfo {
+        service_connection_string: reader_cs,
+        ..info.clone()
+    });
+    // The listing shows no keys.
+    let list: Value = c
+        .get(url("/accessPolicies"))
+        .header("authorization", &owner)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(list[1].get("primaryKey").is_none(), "{list}");
+
+    // The reader reads, but can neither write enrollments nor manage policies.
+    let r = c
+        .get(url("/enrollments/x"))
+        .header("authorization", &reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .put(url("/enrollments/x"))
+        .header("authorization", &reader)
+        .json(&json!({"attestation": {"type": "symmetricKey"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errorCode"], 403001);
+    let r = c
+        .get(url("/accessPolicies"))
+        .header("authorization", &reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // The owner can't lock itself out.
+    let r = c
+        .delete(url("/accessPolicies/provisioningserviceowner"))
+        .header("authorization", &owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .put(url("/accessPolicies/provisioningserviceowner"))
+        .header("authorization", &owner)
+        .json(&json!({"rights": "EnrollmentRead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Deleting the reader revokes its tokens at once, and the change survives a restart.
+    let r = c
+        .delete(url("/accessPolicies/reader"))
+        .header("authorization", &owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = c
+        .get(url("/enrollments/x"))
+        .header("authorization", &reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    server.shutdown().await;
+    let again = Server::start(config(dir.path(), 0)).await.unwrap();
+    let c = client(&again.connection.ca_certificate, &[&rustls::version::TLS13]);
+    let list: Value = c
+        .get(format!(
+            "{}/accessPolicies?api-version=2021-10-01",
+            again.connection.service_endpoint
+        ))
+        .header("authorization", token(&again.connection))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    again.shutdown().await;
+}

@@ -59,6 +59,13 @@ impl Authorizer {
         }
     }
 
+    /// Replaces the policies (after `/accessPolicies` changed them in the store).
+    pub fn set_policies(&self, policies: Vec<AccessPolicy>) {
+        if let Ok(mut p) = self.policies.write() {
+            *p = policies;
+        }
+    }
+
     pub fn policies(&self) -> Vec<AccessPolicy> {
         self.policies.read().map(|p| p.clone()).unwrap_or_default()
     }

@@ -6,7 +6,7 @@
 //! - [`router`] — the axum router; [`normalize_path`] makes routing case-insensitive and must
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
-//!   `routes/linked_hubs.rs` (Muster's extension): one
+//!   `routes/linked_hubs.rs` and `routes/access_policies.rs` (Muster's extensions): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
@@ -36,7 +36,7 @@ use muster_store::Store;
 
 pub use auth::{AccessPolicy, Authorizer};
 pub use error::ApiError;
-pub use routes::{method_not_allowed, not_found, router};
+pub use routes::{method_not_allowed, not_found, router, OWNER_POLICY, POLICIES_KEY};
 
 /// Limits the service API enforces; documented in the README.
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +81,7 @@ const CANONICAL_SEGMENTS: &[&str] = &[
     "enrollmentGroups",
     "registrations",
     "linkedHubs",
+    "accessPolicies",
     "attestationmechanism",
     "query",
 ];
@@ -103,7 +104,7 @@ pub fn normalize_path(mut req: Request) -> Request {
         // Position 3 is fixed only under a service collection (device paths put a
         // registration id there).
         let under_collection = segments.get(1).is_some_and(|first| {
-            CANONICAL_SEGMENTS[..4]
+            CANONICAL_SEGMENTS[..5]
                 .iter()
                 .any(|c| c.eq_ignore_ascii_case(first))
         });

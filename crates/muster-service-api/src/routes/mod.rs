@@ -1,5 +1,6 @@
 //! The service API's routes, one module per route family.
 
+mod access_policies;
 mod enrollment_groups;
 mod enrollments;
 mod generic;
@@ -7,6 +8,8 @@ mod linked_hubs;
 mod registrations;
 
 use axum::Router;
+
+pub use access_policies::{OWNER_POLICY, POLICIES_KEY};
 
 use crate::error::ApiError;
 use crate::ServiceApi;
@@ -19,6 +22,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(enrollment_groups::routes())
         .merge(registrations::routes())
         .merge(linked_hubs::routes())
+        .merge(access_policies::routes())
         .with_state(api)
 }
 
