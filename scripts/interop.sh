@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Interop tests: Microsoft's DPS service SDKs, device SDKs (device registration
-# over MQTT, MQTT-WS and HTTPS) and IoT hub service SDK (Python and Node),
-# unchanged, against a real Muster server. See tests/interop/README.md.
+# over MQTT, MQTT-WS and HTTPS; the built-in hub's device endpoint over MQTT and
+# MQTT-WS) and IoT hub service SDKs (Python and Node), unchanged, against a real
+# Muster server. See tests/interop/README.md.
 #
 # Usage: scripts/interop.sh [--python-only | --node-only] [--no-build] [-- PYTEST_ARGS...]
 #
 #   --python-only   run only the pytest suites
-#   --node-only     run only the node:test suites (service.test.js, device.test.js)
+#   --node-only     run only the node:test suites (service, device, tutorial .test.js)
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
 #
@@ -36,7 +37,7 @@ while [[ $# -gt 0 ]]; do
     --node-only) run_python=0 ;;
     --no-build) build=0 ;;
     --) shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -82,7 +83,8 @@ if [[ $run_node -eq 1 ]]; then
     echo "$node_want" > "$node_marker"
   fi
   for pkg in azure-iot-provisioning-service azure-iot-provisioning-device azure-iot-provisioning-device-http \
-             azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key; do
+             azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key \
+             azure-iot-device azure-iot-device-mqtt azure-iothub; do
     node -e "console.log('$pkg ' + require('$NODE_DIR/node_modules/$pkg/package.json').version)"
   done
 fi
@@ -124,11 +126,11 @@ if [[ $run_python -eq 1 ]]; then
 fi
 
 if [[ $run_node -eq 1 ]]; then
-  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1) (node --test)"
+  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
   # NODE_EXTRA_CA_CERTS is read only when node starts, so the server is started
   # first (by muster_server.py) and node is launched with the CA in its env.
-  # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js),
-  # all against that one server.
+  # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js,
+  # tutorial.test.js), all against that one server.
   shopt -s nullglob
   node_tests=("$NODE_DIR"/*.test.js)
   shopt -u nullglob

@@ -163,3 +163,34 @@ def assert_cert_info(info: dict, tc: TestCert) -> None:
     assert info.get("version") == 3, info
     assert parse_utc(info["notBeforeUtc"]) == tc.cert.not_valid_before_utc, info
     assert parse_utc(info["notAfterUtc"]) == tc.cert.not_valid_after_utc, info
+
+
+# --------------------------------------------------------------------------------------------
+# symmetric keys and SAS tokens (computed in the tests, never by the server)
+# --------------------------------------------------------------------------------------------
+def derive_device_key(group_key: str, registration_id: str) -> str:
+    """DPS group key derivation: base64(HMAC-SHA256(b64decode(groupKey), UTF-8(registrationId)))."""
+    import hashlib
+    import hmac
+
+    digest = hmac.new(base64.b64decode(group_key), registration_id.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def service_sas_token(connection_string: str, ttl: int = 600) -> str:
+    """A hub/DPS service SAS token as the Python SDKs sign it: sr=quote_plus(host), skn=policy."""
+    import hashlib
+    import hmac
+    import time
+    import urllib.parse
+
+    parts = dict(p.split("=", 1) for p in connection_string.split(";"))
+    expiry = int(time.time()) + ttl
+    sr = urllib.parse.quote_plus(parts["HostName"])
+    sig = base64.b64encode(
+        hmac.new(base64.b64decode(parts["SharedAccessKey"]), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()
+    ).decode()
+    return (
+        f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote_plus(sig)}"
+        f"&se={expiry}&skn={parts['SharedAccessKeyName']}"
+    )
