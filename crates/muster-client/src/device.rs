@@ -180,7 +180,7 @@ impl DeviceClient {
         let tls = crate::tls::client_config(ca_pem)?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls.clone())
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(4096)
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| Error::Tls(e.to_string()))?;

@@ -41,6 +41,9 @@ pub enum Error {
     /// MQTT transport failure (connect refused, closed, timeout, protocol error).
     #[error("MQTT: {0}")]
     Mqtt(String),
+    /// A server-sent event stream broke off (connection reset, no keep-alive in time).
+    #[error("event stream from {url}: {detail}")]
+    Stream { url: String, detail: String },
     /// The registration did not finish within the client's polling budget.
     #[error("registration of '{registration_id}' still {status} after {polls} polls")]
     StillAssigning {
@@ -91,7 +94,7 @@ impl Error {
     /// Worth retrying: throttled, unavailable, a server error or a transport failure.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Transport { .. } | Error::Mqtt(_) => true,
+            Error::Transport { .. } | Error::Mqtt(_) | Error::Stream { .. } => true,
             Error::Service { status, .. } | Error::Hub { status, .. } => {
                 *status == 429 || *status >= 500
             }

@@ -54,7 +54,11 @@ impl HubClient {
         &self.host_name
     }
 
-    fn request(&self, method: Method, path: &str, query: &str) -> RequestBuilder {
+    pub(crate) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub(crate) fn request(&self, method: Method, path: &str, query: &str) -> RequestBuilder {
         let token = SasToken::generate(
             &self.host_name,
             &self.key,
@@ -72,7 +76,7 @@ impl HubClient {
             .header("authorization", token)
     }
 
-    async fn send(&self, what: &str, req: RequestBuilder) -> Result<Response> {
+    pub(crate) async fn send(&self, what: &str, req: RequestBuilder) -> Result<Response> {
         let resp = req.send().await.map_err(|source| Error::Transport {
             url: self.base_url.clone(),
             source,
@@ -146,7 +150,7 @@ impl HubClient {
 }
 
 /// An IoT hub error: `iothub-errorcode` header, body `{"Message":"ErrorCode:<code>;<text>"}`.
-async fn hub_error(what: &str, resp: Response) -> Error {
+pub(crate) async fn hub_error(what: &str, resp: Response) -> Error {
     let status = resp.status().as_u16();
     let header_code = resp
         .headers()

@@ -9,7 +9,10 @@
 //!   a key derived from an enrollment-group key; polls while `assigning`, honouring
 //!   `retry-after`, and retries throttled requests a bounded number of times.
 //! - [`HubClient`] — the IoT hub registry and twin REST API (devices, twins), for Muster's
-//!   built-in hub or any hub whose `iothubowner`-style connection string you have.
+//!   built-in hub or any hub whose `iothubowner`-style connection string you have; and the
+//!   built-in hub's telemetry: stored pages and the live Server-Sent Events stream
+//!   ([`HubClient::telemetry_stream`]).
+//! - [`HubDeviceConnection`] — a device's MQTT connection to a hub, to send telemetry.
 //! - [`ConnectionFile`] — `DATA_DIR/connection.json` as `muster serve` writes it.
 //! - [`tls`] — building a `reqwest::Client` / rustls config that trusts a CA PEM file.
 //!
@@ -20,15 +23,19 @@ pub mod connection;
 pub mod device;
 pub mod error;
 pub mod hub;
+pub mod hub_device;
 mod mqtt;
 pub mod service;
+pub mod telemetry;
 pub mod tls;
 
 pub use connection::{ConnectionFile, ConnectionHub};
 pub use device::{DeviceClient, DeviceKey, RegisterOptions, Registration, RetryPolicy, Transport};
 pub use error::{Error, Result};
 pub use hub::HubClient;
+pub use hub_device::HubDeviceConnection;
 pub use service::{EnrollmentKind, Pager, ServiceClient};
+pub use telemetry::{TelemetryEvent, TelemetryMessage, TelemetryStream};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_now() -> i64 {

@@ -3,6 +3,7 @@
 //! `$dps/registrations/res/#`, PUBLISH the register request, then status requests while the
 //! answer says `assigning`. Packets are framed with rumqttc's v4 codec.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -22,17 +23,40 @@ use crate::error::{Error, Result};
 const MAX_PACKET: usize = 256 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn mqtt_err(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn mqtt_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Mqtt(format!("{what}: {e}"))
 }
 
-struct Conn<S> {
-    stream: S,
+pub(crate) struct Conn<S> {
+    pub(crate) stream: S,
     buf: BytesMut,
 }
 
+/// A TLS connection to `host:port`, the certificate checked against `host`.
+pub(crate) async fn tls_connect(
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Conn<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| mqtt_err(&format!("connecting to {host}:{port}"), e))?;
+    let _ = tcp.set_nodelay(true);
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| Error::InvalidInput(format!("endpoint host {host:?}: {e}")))?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let stream = connector
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| mqtt_err(&format!("TLS with {host}:{port}"), e))?;
+    Ok(Conn {
+        stream,
+        buf: BytesMut::new(),
+    })
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    async fn send(&mut self, packet: Packet) -> Result<()> {
+    pub(crate) async fn send(&mut self, packet: Packet) -> Result<()> {
         let mut b = BytesMut::new();
         packet
             .write(&mut b, MAX_PACKET)
@@ -47,7 +71,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             .map_err(|e| mqtt_err("writing", e))
     }
 
-    async fn recv(&mut self) -> Result<Packet> {
+    pub(crate) async fn recv(&mut self) -> Result<Packet> {
         tokio::time::timeout(READ_TIMEOUT, self.recv_inner())
             .await
             .map_err(|_| Error::Mqtt(format!("no answer within {}s", READ_TIMEOUT.as_secs())))?
@@ -170,23 +194,7 @@ pub(crate) async fn register(
     device_key: &str,
     payload: Option<&Value>,
 ) -> Result<Registration> {
-    let host = client.host().to_string();
-    let port = client.mqtt_port();
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| mqtt_err(&format!("connecting to {host}:{port}"), e))?;
-    let _ = tcp.set_nodelay(true);
-    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
-        .map_err(|e| Error::InvalidInput(format!("endpoint host {host:?}: {e}")))?;
-    let connector = tokio_rustls::TlsConnector::from(client.tls_config());
-    let tls = connector
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| mqtt_err(&format!("TLS with {host}:{port}"), e))?;
-    let mut conn = Conn {
-        stream: tls,
-        buf: BytesMut::new(),
-    };
+    let mut conn = tls_connect(client.host(), client.mqtt_port(), client.tls_config()).await?;
 
     let username = format!(
         "{}/registrations/{registration_id}/api-version={MQTT_API_VERSION}&ClientVersion=muster-client%2F{}",

@@ -62,6 +62,9 @@ pub struct RegisterArgs {
 pub enum DeviceCommand {
     /// Register a device and print its assignment.
     ///
+    /// Symmetric keys only: X.509 attestation (--cert/--cert-key) is not available yet,
+    /// because the server does not attest device certificates at registration yet.
+    ///
     /// Examples:
     ///   muster device register --registration-id dev-001 --group-key "$GROUP_KEY"
     ///   muster device register --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \

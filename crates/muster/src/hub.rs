@@ -5,7 +5,9 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
 use crate::conn::HubConn;
-use crate::output::{print_list, print_object, redact, OutputArgs};
+use crate::output::{emit, print_list, print_object, redact, Format, OutputArgs};
+use muster_client::{Error as ClientError, HubClient, TelemetryEvent, TelemetryMessage};
+use std::time::Duration;
 
 const DEVICE_COLUMNS: &[(&str, &str)] = &[
     ("DEVICE ID", "/deviceId"),
@@ -72,6 +74,26 @@ pub struct TwinUpdateArgs {
     pub out: OutputArgs,
 }
 
+#[derive(Args, Debug)]
+pub struct TailArgs {
+    /// Only this device's messages [default: every device's, live only]
+    pub device_id: Option<String>,
+    /// First replay the device's stored messages (the hub keeps the last 10,000 per device)
+    #[arg(long, requires = "device_id")]
+    pub from_start: bool,
+    /// First replay the device's stored messages after this sequence number
+    #[arg(long, requires = "device_id", conflicts_with = "from_start")]
+    pub after: Option<u64>,
+    /// Stop after this many messages [default: follow until Ctrl-C]
+    #[arg(long)]
+    pub count: Option<u64>,
+    #[command(flatten)]
+    pub conn: HubConn,
+    /// Output format: one line per message, or `-o json` for one JSON object per line
+    #[arg(long, short = 'o', value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum HubDeviceCommand {
     /// List device identities.
@@ -107,6 +129,21 @@ pub enum HubCommand {
     /// Device twins.
     #[command(subcommand)]
     Twin(HubTwinCommand),
+    /// Follow the built-in hub's live telemetry (device-to-cloud messages) until Ctrl-C.
+    ///
+    /// One line per message: device id, sequence number, enqueued time, body (base64: when
+    /// it is not UTF-8), then application and system properties as JSON; `-o json` prints
+    /// each message as one JSON object per line. With a DEVICE_ID, --from-start (or --after
+    /// SEQ) first replays the device's stored messages, and a dropped connection resumes
+    /// after the last message shown; without one, every device's messages are shown live.
+    ///
+    /// Examples:
+    ///   muster hub tail
+    ///   muster hub tail dev-001 --from-start
+    ///   muster hub tail dev-001 --after 120 -o json | jq .body
+    ///   muster hub tail dev-001 --from-start --count 10
+    #[command(verbatim_doc_comment)]
+    Tail(TailArgs),
 }
 
 fn object(flag: &str, text: &str) -> anyhow::Result<Map<String, Value>> {
@@ -120,6 +157,7 @@ fn object(flag: &str, text: &str) -> anyhow::Result<Map<String, Value>> {
 
 pub async fn run(c: HubCommand) -> anyhow::Result<()> {
     match c {
+        HubCommand::Tail(a) => return tail(a).await,
         HubCommand::Device(HubDeviceCommand::List(a)) => {
             let hub = a.conn.client()?;
             let mut devices = hub.list_devices(a.top).await.context("listing devices")?;
@@ -172,4 +210,114 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One message as a line: `DEVICE #SEQ TIME BODY [properties=JSON] [system=JSON]`.
+fn message_line(m: &TelemetryMessage) -> String {
+    let body = if m.body_encoding.eq_ignore_ascii_case("base64") {
+        format!("base64:{}", m.body)
+    } else {
+        m.body.replace('\n', "\\n").replace('\r', "\\r")
+    };
+    let mut line = format!(
+        "{}  #{}  {}  {}",
+        m.device_id, m.sequence_number, m.enqueued_time, body
+    );
+    if !m.properties.is_empty() {
+        line.push_str(&format!(
+            "  properties={}",
+            Value::Object(m.properties.clone())
+        ));
+    }
+    if !m.system_properties.is_empty() {
+        line.push_str(&format!(
+            "  system={}",
+            Value::Object(m.system_properties.clone())
+        ));
+    }
+    line
+}
+
+/// Refusals that reconnecting cannot fix.
+fn is_permanent(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Hub { status, .. } if *status < 500 && *status != 429
+    ) || matches!(e, ClientError::InvalidInput(_) | ClientError::Tls(_))
+}
+
+async fn tail(a: TailArgs) -> anyhow::Result<()> {
+    let hub = a.conn.client()?;
+    let what = match &a.device_id {
+        Some(d) => format!("the telemetry of '{d}'"),
+        None => "the telemetry of every device".to_string(),
+    };
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    tokio::select! {
+        r = follow(&hub, &a, &what) => r,
+        _ = &mut stop => Ok(()),
+    }
+}
+
+async fn follow(hub: &HubClient, a: &TailArgs, what: &str) -> anyhow::Result<()> {
+    // Per device: the last sequence number shown, to resume after it.
+    let mut after = match (a.from_start, a.after) {
+        (true, _) => Some(0),
+        (false, n) => n,
+    };
+    let mut shown = 0u64;
+    let mut connected_once = false;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if a.count.is_some_and(|c| shown >= c) {
+            return Ok(());
+        }
+        let opened = hub.telemetry_stream(a.device_id.as_deref(), after).await;
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) if connected_once && !is_permanent(&e) => {
+                eprintln!("warning: reconnecting to {what} failed ({e}); retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("following {what}"))),
+        };
+        if connected_once {
+            eprintln!("reconnected to {what}");
+        }
+        connected_once = true;
+        backoff = Duration::from_secs(1);
+        let ended = loop {
+            match stream.next().await {
+                Ok(Some(TelemetryEvent::Message { message, .. })) => {
+                    if a.device_id.is_some() {
+                        after = Some(message.sequence_number);
+                    }
+                    match a.output {
+                        Format::Json => emit(
+                            &serde_json::to_string(&message)
+                                .context("encoding a message as JSON")?,
+                        ),
+                        Format::Table => emit(&message_line(&message)),
+                    }
+                    shown += 1;
+                    if a.count.is_some_and(|c| shown >= c) {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(TelemetryEvent::Notice(n))) => eprintln!("note: {n}"),
+                Ok(None) => break "the hub ended the stream".to_string(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        let gap = if a.device_id.is_some() {
+            ""
+        } else {
+            " (messages sent meanwhile are not shown)"
+        };
+        eprintln!("warning: {ended}; reconnecting{gap}");
+        tokio::time::sleep(backoff).await;
+    }
 }

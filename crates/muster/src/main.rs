@@ -74,6 +74,8 @@ enum Command {
     ///
     /// A rerun skips the devices already in the out file, so an interrupted run resumes.
     /// Failed attempts (throttling, unavailability) are retried honouring retry-after.
+    /// Symmetric-key groups only: X.509 (--cert/--cert-key) is not available yet, because the
+    /// server does not attest device certificates at registration yet.
     ///
     /// Examples:
     ///   muster provision --group-key "$KEY" --prefix dev- --count 10000 --out devices.csv

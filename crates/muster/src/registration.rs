@@ -10,7 +10,7 @@ use muster_proto::{
 use serde_json::{json, Value};
 
 use crate::conn::ServiceConn;
-use crate::output::{print_list, print_object, Format, OutputArgs};
+use crate::output::{print_list, print_object, OutputArgs};
 
 const COLUMNS: &[(&str, &str)] = &[
     ("REGISTRATION ID", "/registrationId"),
@@ -70,6 +70,8 @@ pub struct DeleteArgs {
     pub cascade_args: CascadeArgs,
     #[command(flatten)]
     pub conn: ServiceConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +83,8 @@ pub struct DeprovisionArgs {
     pub cascade_args: CascadeArgs,
     #[command(flatten)]
     pub conn: ServiceConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,7 +161,7 @@ pub async fn run(c: RegistrationCommand) -> anyhow::Result<()> {
                     a.cascade,
                 )
                 .await?;
-                print_object(Format::Table, &done);
+                print_object(a.out.output, &done);
             } else {
                 client
                     .delete_registration(&a.registration_id, a.etag.as_deref())
@@ -198,7 +202,7 @@ pub async fn deprovision(a: DeprovisionArgs) -> anyhow::Result<()> {
         }
     }
     print_list(
-        Format::Table,
+        a.out.output,
         &rows,
         &[
             ("REGISTRATION ID", "/registrationId"),

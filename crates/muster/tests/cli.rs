@@ -635,6 +635,185 @@ fn registration_commands_and_cascade() {
     assert!(err.contains("no registration record"), "{err}");
 }
 
+/// Reads `child`'s stdout lines on a thread until `n` arrived or `deadline` passed.
+fn read_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn next_line(rx: &std::sync::mpsc::Receiver<String>, deadline: Instant) -> Option<String> {
+    let left = deadline.checked_duration_since(Instant::now())?;
+    rx.recv_timeout(left).ok()
+}
+
+#[test]
+fn hub_tail_follows_telemetry() {
+    let env = Env::start();
+    let key = B64.encode([6u8; 32]);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "tele-1",
+        "--primary-key",
+        &key,
+    ]);
+    let r = env.json(&[
+        "device",
+        "register",
+        "--registration-id",
+        "tele-1",
+        "--key",
+        &key,
+    ]);
+    assert_eq!(r["status"], "assigned", "{r}");
+    let device = env.json(&["hub", "device", "show", "tele-1", "--show-keys"]);
+    let device_key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("device key shown with --show-keys")
+        .to_string();
+
+    // The device connects to the hub over MQTT (TLS) and sends two messages before anyone
+    // listens.
+    let hub_host = env.info.hubs[0].host_name.clone();
+    let mut conn = env
+        .rt
+        .block_on(muster_client::HubDeviceConnection::connect(
+            &hub_host,
+            env.info.mqtt_port,
+            "tele-1",
+            &device_key,
+            Some(&env.info.ca_certificate),
+        ))
+        .expect("device connects to the hub");
+    for (i, body) in [r#"{"t":21.5}"#, "second"].iter().enumerate() {
+        let n = (i + 1).to_string();
+        env.rt
+            .block_on(conn.send_event(body.as_bytes(), &[("n", &n), ("$.mid", "m-1")]))
+            .expect("telemetry sent");
+    }
+
+    // `hub tail DEV --from-start -o json` replays those two, then shows the third live.
+    let dd = env.data_dir();
+    let mut child = env
+        .command(&[
+            "hub",
+            "tail",
+            "tele-1",
+            "--from-start",
+            "-o",
+            "json",
+            "--data-dir",
+            dd.to_str().expect("utf-8"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let rx = read_lines(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got: Vec<Value> = Vec::new();
+    while got.len() < 3 {
+        let Some(line) = next_line(&rx, deadline) else {
+            break;
+        };
+        got.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
+        if got.len() == 2 {
+            env.rt
+                .block_on(conn.send_event(&[0xff, 0x00], &[("n", "3")]))
+                .expect("live telemetry sent");
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got.len(), 3, "three messages within 60 s: {got:?}");
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m["deviceId"], "tele-1");
+        assert_eq!(m["sequenceNumber"], i as u64 + 1);
+        assert_eq!(m["properties"]["n"], (i + 1).to_string());
+        assert!(
+            m["enqueuedTime"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{m}"
+        );
+    }
+    assert_eq!(got[0]["body"], r#"{"t":21.5}"#);
+    assert_eq!(got[0]["systemProperties"]["messageId"], "m-1");
+    assert_eq!(got[1]["body"], "second");
+    assert_eq!(got[2]["bodyEncoding"], "base64");
+    assert_eq!(got[2]["body"], B64.encode([0xff, 0x00]));
+
+    // Lines by default; --after and --count end by themselves.
+    let text = env.ok(&["hub", "tail", "tele-1", "--after", "1", "--count", "2"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("tele-1  #2  ") && lines[0].contains("second"),
+        "{text}"
+    );
+    assert!(lines[0].contains(r#"properties={"n":"2"}"#), "{text}");
+    assert!(
+        lines[1].contains("#3") && lines[1].contains("base64:/wA="),
+        "{text}"
+    );
+
+    // Every device, live: a message sent after the stream opened.
+    let mut child = env
+        .command(&[
+            "hub",
+            "tail",
+            "-o",
+            "json",
+            "--data-dir",
+            dd.to_str().expect("utf-8"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let rx = read_lines(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = None;
+    // The stream may open after a send: keep sending until one arrives.
+    while seen.is_none() && Instant::now() < deadline {
+        env.rt
+            .block_on(conn.send_event(b"all", &[]))
+            .expect("telemetry sent");
+        seen = next_line(&rx, Instant::now() + Duration::from_millis(500));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let m: Value = serde_json::from_str(&seen.expect("a live message within 60 s")).expect("json");
+    assert_eq!(
+        (m["deviceId"].as_str(), m["body"].as_str()),
+        (Some("tele-1"), Some("all"))
+    );
+    env.rt.block_on(conn.close());
+
+    // --from-start needs a device; a wrong device key is refused with the hub's code.
+    let err = env.fails(&["hub", "tail", "--from-start"]);
+    assert!(err.contains("DEVICE_ID"), "{err}");
+    let err = env.fails(&[
+        "hub",
+        "tail",
+        "--hub-connection-string",
+        &format!(
+            "HostName={hub_host};SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+            B64.encode([1u8; 32])
+        ),
+    ]);
+    assert!(err.contains("401") && err.contains("hint:"), "{err}");
+}
+
 fn csv_rows(path: &Path) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut rdr = csv::ReaderBuilder::new().from_reader(text.as_bytes());
@@ -649,6 +828,17 @@ fn complete_rows(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Devices `provision_resumes_and_skips` provisions (twice: one run, one killed run): the
+/// acceptance run's 10,000. `MUSTER_PROVISION_TEST_COUNT` overrides it.
+const PROVISION_COUNT: u64 = 10_000;
+
+fn provision_count() -> u64 {
+    std::env::var("MUSTER_PROVISION_TEST_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PROVISION_COUNT)
+}
+
 #[test]
 fn provision_resumes_and_skips() {
     let env = Env::start();
@@ -656,7 +846,10 @@ fn provision_resumes_and_skips() {
     let gk = env.group_key("fleet");
     let out = env.dir.path().join("fleet.csv");
     let out_s = out.to_str().expect("utf-8").to_string();
+    let n = provision_count();
+    let n_s = n.to_string();
 
+    let started = Instant::now();
     let summary = env.json(&[
         "provision",
         "--group-key",
@@ -664,19 +857,27 @@ fn provision_resumes_and_skips() {
         "--prefix",
         "dev-",
         "--count",
-        "200",
+        &n_s,
         "--out",
         &out_s,
     ]);
-    assert_eq!(summary["assigned"], 200);
+    eprintln!(
+        "provisioned {n} devices in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(summary["assigned"], n);
     let rows = csv_rows(&out);
-    assert_eq!(rows.len(), 200);
+    assert_eq!(rows.len() as u64, n);
     for r in &rows {
         assert_eq!(r[4], "assigned", "{r:?}");
         assert_eq!(r[1], r[0]);
         assert_eq!(r[2], env.info.hubs[0].host_name);
+    }
+    for r in rows.iter().step_by(97) {
         assert_eq!(r[3], hmac_b64(&gk, &r[0]));
     }
+    let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids.len() as u64, n);
     // A rerun registers nothing new.
     let summary = env.json(&[
         "provision",
@@ -685,18 +886,19 @@ fn provision_resumes_and_skips() {
         "--prefix",
         "dev-",
         "--count",
-        "200",
+        &n_s,
         "--out",
         &out_s,
     ]);
     assert_eq!(summary["assigned"], 0);
-    assert_eq!(summary["skipped"], 200);
-    assert_eq!(csv_rows(&out).len(), 200);
+    assert_eq!(summary["skipped"], n);
+    assert_eq!(csv_rows(&out).len() as u64, n);
 
-    // Killed part-way through, then rerun: all 400 end assigned, each once.
+    // Killed halfway, then rerun: all end assigned, each once.
     let out2 = env.dir.path().join("killed.csv");
     let out2_s = out2.to_str().expect("utf-8").to_string();
     let dd = env.data_dir();
+    let started = Instant::now();
     let mut child = env
         .command(&[
             "provision",
@@ -705,9 +907,7 @@ fn provision_resumes_and_skips() {
             "--prefix",
             "k-",
             "--count",
-            "400",
-            "--concurrency",
-            "1",
+            &n_s,
             "--out",
             &out2_s,
             "--data-dir",
@@ -717,20 +917,21 @@ fn provision_resumes_and_skips() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawns");
-    // Poll the out file (every 5 ms) until ~100 complete rows are there, then kill.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Poll the out file until half the rows are there, then kill.
+    let half = (n / 2) as usize;
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut tick = env
         .rt
-        .block_on(async { tokio::time::interval(Duration::from_millis(5)) });
-    while complete_rows(&out2) < 100 {
-        assert!(Instant::now() < deadline, "no progress in 60 s");
+        .block_on(async { tokio::time::interval(Duration::from_millis(20)) });
+    while complete_rows(&out2) < half {
+        assert!(Instant::now() < deadline, "not halfway in 300 s");
         env.rt.block_on(tick.tick());
     }
     child.kill().expect("kill");
     let _ = child.wait();
     let after_kill = complete_rows(&out2);
     assert!(
-        (100..400).contains(&after_kill),
+        (half..n as usize).contains(&after_kill),
         "killed after {after_kill} rows"
     );
     let summary = env.json(&[
@@ -740,21 +941,30 @@ fn provision_resumes_and_skips() {
         "--prefix",
         "k-",
         "--count",
-        "400",
+        &n_s,
         "--out",
         &out2_s,
     ]);
-    let skipped = summary["skipped"].as_u64().expect("skipped");
-    assert!(skipped >= 100, "{summary}");
-    assert_eq!(
-        summary["assigned"].as_u64().expect("assigned") + skipped,
-        400
+    eprintln!(
+        "killed after {after_kill} rows; killed run and rerun took {:.1} s",
+        started.elapsed().as_secs_f64()
     );
+    let skipped = summary["skipped"].as_u64().expect("skipped");
+    assert!(skipped >= half as u64, "{summary}");
+    assert_eq!(summary["assigned"].as_u64().expect("assigned") + skipped, n);
     let rows = csv_rows(&out2);
     let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r[0].as_str()).collect();
-    assert_eq!(ids.len(), 400);
-    assert_eq!(rows.len(), 400, "no id written twice");
+    assert_eq!(ids.len() as u64, n);
+    assert_eq!(rows.len() as u64, n, "no id written twice");
     assert!(rows.iter().all(|r| r[4] == "assigned"));
+    // The service agrees: every device has its registration record and its hub device.
+    let hub = env.hub();
+    let devices = env
+        .rt
+        .block_on(hub.list_devices(Some(5)))
+        .expect("hub devices");
+    assert_eq!(devices.len(), 5);
+    assert!(env.hub_has_device(&format!("k-{}", n - 1)));
 
     // --ids FILE, with one id already done and a wrong group key for a failure row.
     let ids_file = env.dir.path().join("ids.txt");
