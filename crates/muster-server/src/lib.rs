@@ -5,6 +5,7 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`client_cert`] — optional device client certificates, judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, draining.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
@@ -15,6 +16,7 @@
 
 pub mod app;
 pub mod bootstrap;
+pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod listener;
@@ -116,8 +118,9 @@ impl Server {
             (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
             _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,
         };
-        let https_tls = server_identity.rustls_config(&[b"http/1.1"])?;
-        let mqtt_tls = server_identity.rustls_config(&[])?;
+        // Devices may present X.509 client certificates on both listeners.
+        let https_tls = server_identity.rustls_config_with(&[b"http/1.1"], true)?;
+        let mqtt_tls = server_identity.rustls_config_with(&[], true)?;
 
         // Bind everything before anything is announced.
         let mut https_addrs = resolve(&config.dps_host, config.https_port).await?;

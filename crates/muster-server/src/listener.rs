@@ -13,11 +13,13 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use muster_device_api::websocket::ClientCertChain;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 /// How long a client may take to complete the TLS handshake.
@@ -144,7 +146,17 @@ pub async fn serve_https(
         max_connections,
         shutdown,
         move |stream, peer, mut stop| {
-            let service = TowerToHyperService::new(app.clone());
+            // The device's certificate chain rides along with each request (MQTT over
+            // WebSocket reads it).
+            let chain = ClientCertChain(peer_chain(&stream));
+            let service = TowerToHyperService::new(app.clone().map_request(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    if !chain.0.is_empty() {
+                        req.extensions_mut().insert(chain.clone());
+                    }
+                    req
+                },
+            ));
             async move {
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -194,4 +206,14 @@ pub async fn serve_mqtt(
         },
     )
     .await;
+}
+
+/// The client certificate chain of a TLS connection, leaf first (empty when none was sent).
+fn peer_chain(stream: &TlsStream<TcpStream>) -> Vec<Vec<u8>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
+        .unwrap_or_default()
 }

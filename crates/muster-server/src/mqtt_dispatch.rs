@@ -9,9 +9,10 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use muster_device_api::mqtt::dispatch::{peek_connect, Destination, Rewind};
 use muster_device_api::mqtt::{self, MqttLimits};
-use muster_device_api::websocket::{mqtt_subprotocol, WsByteStream};
+use muster_device_api::websocket::{mqtt_subprotocol, ClientCertChain, WsByteStream};
 use muster_registration::DeviceRegistrar;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -48,7 +49,12 @@ where
 }
 
 /// `GET /$iothub/websocket`: MQTT over WebSocket for either service.
-pub async fn websocket(State(services): State<MqttServices>, ws: WebSocketUpgrade) -> Response {
+pub async fn websocket(
+    State(services): State<MqttServices>,
+    chain: Option<Extension<ClientCertChain>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let certs = chain.map(|Extension(c)| c.0).unwrap_or_default();
     let Some(protocol) = mqtt_subprotocol(&ws) else {
         return (
             StatusCode::BAD_REQUEST,
@@ -60,6 +66,6 @@ pub async fn websocket(State(services): State<MqttServices>, ws: WebSocketUpgrad
     let mut ws = ws.max_message_size(max).max_frame_size(max);
     ws.set_selected_protocol(protocol);
     ws.on_upgrade(move |socket| async move {
-        serve(WsByteStream::new(socket), services, Vec::new()).await;
+        serve(WsByteStream::new(socket), services, certs).await;
     })
 }

@@ -536,14 +536,32 @@ impl ServerIdentity {
     /// A rustls server configuration (ring provider, TLS 1.2 and 1.3, no client
     /// authentication) offering `alpn` in order of preference.
     pub fn rustls_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+        self.rustls_config_with(alpn, false)
+    }
+
+    /// Like [`Self::rustls_config`]; with `device_certificates` the handshake also asks devices
+    /// for an optional client certificate (`crate::client_cert`).
+    pub fn rustls_config_with(
+        &self,
+        alpn: &[&[u8]],
+        device_certificates: bool,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let rustls_err = |source| TlsError::Rustls {
             cert: self.cert_path.clone(),
             source,
         };
-        let mut config = ServerConfig::builder_with_provider(provider())
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(rustls_err)?
-            .with_no_client_auth()
+            .map_err(rustls_err)?;
+        let builder = if device_certificates {
+            builder.with_client_cert_verifier(Arc::new(
+                crate::client_cert::DeviceCertificateVerifier::new(provider),
+            ))
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
             .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
             .map_err(rustls_err)?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
