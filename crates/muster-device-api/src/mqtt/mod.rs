@@ -214,29 +214,42 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             Outgoing::Close => break,
         };
-        buf.clear();
-        if let Err(e) = packet.write(&mut buf, usize::MAX) {
-            tracing::debug!(error = %e, "MQTT packet could not be encoded");
+        if !write_packet(&mut wr, &mut buf, &packet, write_timeout).await {
             return;
-        }
-        let written = timeout(write_timeout, async {
-            wr.write_all(&buf).await?;
-            wr.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "MQTT write failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("MQTT write timed out");
-                return;
-            }
         }
     }
     let _ = timeout(write_timeout, wr.shutdown()).await;
+}
+
+/// Encodes `packet` into `buf` and writes it within `write_timeout`; false when the peer is
+/// gone (or too slow), after logging why. Shared by the registration and hub sessions.
+pub async fn write_packet<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut BytesMut,
+    packet: &Packet,
+    write_timeout: Duration,
+) -> bool {
+    buf.clear();
+    if let Err(e) = packet.write(buf, usize::MAX) {
+        tracing::debug!(error = %e, "MQTT packet could not be encoded");
+        return false;
+    }
+    let written = timeout(write_timeout, async {
+        wr.write_all(buf).await?;
+        wr.flush().await
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "MQTT write failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("MQTT write timed out");
+            false
+        }
+    }
 }
 
 /// Why reading stopped.

@@ -250,26 +250,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     let mut buf = BytesMut::with_capacity(1024);
     while let Some(packet) = rx.recv().await {
-        buf.clear();
-        if let Err(e) = packet.write(&mut buf, usize::MAX) {
-            tracing::debug!(error = %e, "hub MQTT packet could not be encoded");
+        if !muster_device_api::mqtt::write_packet(&mut wr, &mut buf, &packet, write_timeout).await {
             return;
-        }
-        let written = timeout(write_timeout, async {
-            wr.write_all(&buf).await?;
-            wr.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "hub MQTT write failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("hub MQTT write timed out");
-                return;
-            }
         }
     }
     let _ = timeout(write_timeout, wr.shutdown()).await;
