@@ -17,7 +17,7 @@ use crate::auth::{HubRight, Scope};
 use crate::error::HubError;
 use crate::model::DeviceInput;
 use crate::registry::{HubRegistry, MAX_BODY_BYTES};
-use crate::request::{json_ok, parse_json, read_body, IfMatch, QueryParams};
+use crate::request::{if_match, json_ok, parse_json, read_body, QueryParams};
 use crate::routes::{admit, path_id};
 
 pub(crate) async fn put(
@@ -48,7 +48,7 @@ pub(crate) async fn put(
             )));
         }
         let device = hub
-            .create_or_update_device(input, &IfMatch::from_headers(&headers))
+            .create_or_update_device(input, &if_match(&headers))
             .await?;
         Ok(json_ok(&device, Some(&device.etag)))
     }
@@ -93,8 +93,7 @@ pub(crate) async fn delete(
             HubRight::RegistryWrite,
             Scope::Device(&id),
         )?;
-        hub.delete_device(&id, &IfMatch::from_headers(&headers))
-            .await?;
+        hub.delete_device(&id, &if_match(&headers)).await?;
         Ok::<_, HubError>(StatusCode::NO_CONTENT.into_response())
     }
     .await;

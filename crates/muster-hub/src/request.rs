@@ -41,50 +41,15 @@ pub fn api_version(params: &QueryParams) -> Result<String, HubError> {
     }
 }
 
-/// `If-Match`, normalised: one pair of quotes and a `W/` prefix removed. Python and Node
-/// quote every value they send (`"*"`, `"AAAAAAAAAAE="`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IfMatch {
-    None,
-    Any,
-    Etag(String),
-}
+pub use muster_proto::IfMatch;
 
-impl IfMatch {
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        let Some(v) = headers
+/// The request's `If-Match`.
+pub fn if_match(headers: &HeaderMap) -> IfMatch {
+    IfMatch::from_header(
+        headers
             .get(http::header::IF_MATCH)
-            .and_then(|v| v.to_str().ok())
-        else {
-            return IfMatch::None;
-        };
-        Self::parse(v)
-    }
-
-    pub fn parse(v: &str) -> Self {
-        let v = v.trim();
-        if v.is_empty() {
-            return IfMatch::None;
-        }
-        let v = v.strip_prefix("W/").unwrap_or(v);
-        let v = v
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-            .unwrap_or(v);
-        if v == "*" {
-            IfMatch::Any
-        } else {
-            IfMatch::Etag(v.to_string())
-        }
-    }
-
-    /// `None` and `*` match anything; an etag matches itself.
-    pub fn matches(&self, etag: &str) -> bool {
-        match self {
-            IfMatch::None | IfMatch::Any => true,
-            IfMatch::Etag(e) => e == etag,
-        }
-    }
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 /// Reads the body up to `limit` bytes; a larger body is refused with 413, not truncated.

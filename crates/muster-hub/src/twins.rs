@@ -20,7 +20,7 @@ use crate::auth::{HubRight, Scope};
 use crate::error::HubError;
 use crate::model::{Twin, TwinUpdate};
 use crate::registry::{HubRegistry, MAX_BODY_BYTES};
-use crate::request::{json_ok, parse_json, read_body, IfMatch, QueryParams};
+use crate::request::{if_match, json_ok, parse_json, read_body, QueryParams};
 use crate::routes::{admit, path_id};
 
 fn reply(twin: &Twin) -> Response {
@@ -86,7 +86,7 @@ async fn write(
         }
     }
     let update = TwinUpdate::from_json(&json)?;
-    let if_match = IfMatch::from_headers(&headers);
+    let if_match = if_match(&headers);
     let twin = match mode {
         Mode::Patch => hub.update_twin(&id, update, &if_match).await?,
         Mode::Replace => hub.replace_twin(&id, update, &if_match).await?,

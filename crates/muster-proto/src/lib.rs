@@ -6,6 +6,7 @@
 //!
 //! Layout:
 //! - [`ids`] — [`RegistrationId`], [`EnrollmentGroupId`], [`IdScope`] and their validation.
+//! - [`if_match`] — `If-Match` in every client's form.
 //! - [`time`] — [`Timestamp`], UTC with the 7 fractional digits DPS emits.
 //! - [`attestation`] — `AttestationMechanism` and its symmetric key, X.509 and TPM parts.
 //! - [`enrollment`] — `IndividualEnrollment`, `EnrollmentGroup` and their shared settings
@@ -36,6 +37,7 @@ pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod ids;
+pub mod if_match;
 pub mod linked_hub;
 pub mod query;
 pub mod registration;
@@ -62,6 +64,7 @@ pub use enrollment::{
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};
+pub use if_match::IfMatch;
 pub use query::{ItemType, QuerySpecification};
 pub use registration::{DeviceRegistrationState, RegistrationStatus, RegistrationSubstatus};
 pub use rights::{AccessRight, AccessRights};

@@ -96,44 +96,15 @@ pub fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// `If-Match`, normalised: one pair of quotes and a `W/` prefix removed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IfMatch {
-    None,
-    Any,
-    Etag(String),
-}
+pub use muster_proto::IfMatch;
 
-impl IfMatch {
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        let Some(v) = headers
+/// The request's `If-Match`.
+pub fn if_match(headers: &HeaderMap) -> IfMatch {
+    IfMatch::from_header(
+        headers
             .get(http::header::IF_MATCH)
-            .and_then(|v| v.to_str().ok())
-        else {
-            return IfMatch::None;
-        };
-        let v = v.trim();
-        if v.is_empty() {
-            return IfMatch::None;
-        }
-        let v = v.strip_prefix("W/").unwrap_or(v);
-        let v = v
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-            .unwrap_or(v);
-        if v == "*" {
-            IfMatch::Any
-        } else {
-            IfMatch::Etag(v.to_string())
-        }
-    }
-
-    pub fn matches(&self, etag: &str) -> bool {
-        match self {
-            IfMatch::None | IfMatch::Any => true,
-            IfMatch::Etag(e) => e == etag,
-        }
-    }
+            .and_then(|v| v.to_str().ok()),
+    )
 }
 
 /// A 200 JSON response.
@@ -295,15 +266,15 @@ mod tests {
     #[test]
     fn if_match_forms() {
         let mut h = HeaderMap::new();
-        assert_eq!(IfMatch::from_headers(&h), IfMatch::None);
+        assert_eq!(if_match(&h), IfMatch::None);
         h.insert(http::header::IF_MATCH, "\"*\"".parse().unwrap());
-        assert_eq!(IfMatch::from_headers(&h), IfMatch::Any);
+        assert_eq!(if_match(&h), IfMatch::Any);
         h.insert(http::header::IF_MATCH, "\"abc=\"".parse().unwrap());
-        assert_eq!(IfMatch::from_headers(&h), IfMatch::Etag("abc=".into()));
+        assert_eq!(if_match(&h), IfMatch::Etag("abc=".into()));
         h.insert(http::header::IF_MATCH, "W/\"abc=\"".parse().unwrap());
-        assert_eq!(IfMatch::from_headers(&h), IfMatch::Etag("abc=".into()));
+        assert_eq!(if_match(&h), IfMatch::Etag("abc=".into()));
         h.insert(http::header::IF_MATCH, "abc=".parse().unwrap());
-        assert_eq!(IfMatch::from_headers(&h), IfMatch::Etag("abc=".into()));
+        assert_eq!(if_match(&h), IfMatch::Etag("abc=".into()));
     }
 
     #[test]

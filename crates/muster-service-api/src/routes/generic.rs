@@ -18,8 +18,8 @@ use crate::kind::EnrollmentKind;
 use crate::prepare::prepare;
 use crate::redact;
 use crate::request::{
-    api_version, check_query_body, json_kind, json_ok, page_request, page_response, paginate,
-    parse_json_object, read_body, require_json, IfMatch, QueryParams,
+    api_version, check_query_body, if_match, json_kind, json_ok, page_request, page_response,
+    paginate, parse_json_object, read_body, require_json, IfMatch, QueryParams,
 };
 use crate::ServiceApi;
 
@@ -160,7 +160,7 @@ pub(crate) async fn put<K: EnrollmentKind>(
     let bytes = read_body(body, api.limits.max_body_bytes).await?;
     let incoming = parse_enrollment::<K>(parse_json_object(&bytes)?, Some(&id))?;
     let existing = records::get::<K>(&*api.store, K::COLLECTION, &key).await?;
-    let expect = match (&existing, IfMatch::from_headers(&headers)) {
+    let expect = match (&existing, if_match(&headers)) {
         (None, IfMatch::Etag(_)) => {
             return Err(ApiError::new(
                 ErrorCode::PreconditionFailed,
@@ -226,7 +226,7 @@ pub(crate) async fn delete<K: EnrollmentKind>(
         .get(K::COLLECTION, &key)
         .await?
         .ok_or_else(|| not_found::<K>(&id))?;
-    let if_match = IfMatch::from_headers(&headers);
+    let if_match = if_match(&headers);
     if !if_match.matches(&existing.etag) {
         return Err(etag_mismatch::<K>(&id));
     }

@@ -15,7 +15,7 @@ use muster_store::{Collection, Expect, ListQuery, Write, WriteOutcome};
 use super::generic::admit;
 use crate::error::ApiError;
 use crate::request::{
-    check_query_body, json_ok, page_request, page_response, paginate, read_body, IfMatch,
+    check_query_body, if_match, json_ok, page_request, page_response, paginate, read_body, IfMatch,
     QueryParams,
 };
 use crate::ServiceApi;
@@ -67,7 +67,7 @@ async fn delete_state(
         AccessRight::RegistrationStatusWrite,
     )?;
     let key = registration_key(&id)?;
-    let expect = match IfMatch::from_headers(&headers) {
+    let expect = match if_match(&headers) {
         IfMatch::Etag(e) => Expect::Etag(e),
         IfMatch::None | IfMatch::Any => Expect::Any,
     };
