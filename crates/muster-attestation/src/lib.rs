@@ -7,13 +7,22 @@
 //! * [`x509`] — certificate input decoding (PEM, base64 of PEM, base64 DER) to DER, the
 //!   service API's computed `info` object ([`X509CertificateInfo`]) with .NET-style names, and
 //!   the owned [`Certificate`] helper used by device X.509 attestation.
+//! * [`chain`] — certificate path verification (rustls-webpki with ring): leaf → the
+//!   intermediates a device sent → a trusted certificate, with validity, basic constraints,
+//!   key usage and signatures; and one certificate signed by another (proof of possession).
+//! * [`ca`] — CA certificates registered on the service and their proof of possession.
 //!
-//! Errors are [`KeyError`] and [`CertificateError`]; neither ever contains secret material.
+//! Errors are [`KeyError`], [`CertificateError`], [`ChainError`] and [`ProofError`]; none ever contains secret material.
 //!
 //! [`X509CertificateInfo`]: muster_proto::attestation::X509CertificateInfo
 
+pub mod ca;
+pub mod chain;
 pub mod symmetric_key;
 pub mod x509;
+
+pub use ca::{check_proof_of_possession, CaCertificate, ProofError};
+pub use chain::{verify_path, verify_signed_by, ChainError};
 
 pub use symmetric_key::{
     decode_key, derive_device_key, generate_key, hmac_sha256, validate_key, KeyError,

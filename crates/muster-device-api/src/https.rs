@@ -2,16 +2,19 @@
 //! `PUT /{idScope}/registrations/{registrationId}/register` and
 //! `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
 //!
-//! The SAS token comes from `Authorization`; the body is optional (Node polls with `{}`, C#
+//! The SAS token comes from `Authorization`; without one, an X.509 device is identified by the
+//! TLS client chain the listener attaches as a [`ClientCertChain`] request extension. The body is optional (Node polls with `{}`, C#
 //! MQTT sends nothing); every answer is JSON with `retry-after` when the device should wait.
 
 use std::sync::Arc;
 
+use crate::websocket::ClientCertChain;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use axum::Extension;
 use axum::Router;
 use muster_proto::device::DeviceRegistration;
 use muster_proto::{ErrorBody, ErrorCode, Timestamp};
@@ -36,13 +39,19 @@ pub fn router(registrar: Arc<dyn DeviceRegistrar>) -> Router {
         .with_state(registrar)
 }
 
-fn credential(headers: &HeaderMap) -> DeviceCredential {
+/// The `Authorization` header's SAS token, else the TLS client chain, else nothing.
+fn credential(headers: &HeaderMap, certs: Option<Extension<ClientCertChain>>) -> DeviceCredential {
     match headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
         Some(t) if !t.trim().is_empty() => DeviceCredential::Sas(t.to_string()),
-        _ => DeviceCredential::None,
+        _ => match certs {
+            Some(Extension(ClientCertChain(chain))) if !chain.is_empty() => {
+                DeviceCredential::X509 { chain }
+            }
+            _ => DeviceCredential::None,
+        },
     }
 }
 
@@ -94,6 +103,7 @@ pub fn parse_registration(bytes: &[u8]) -> Result<DeviceRegistration, String> {
 async fn register(
     State(registrar): State<Arc<dyn DeviceRegistrar>>,
     Path((id_scope, registration_id)): Path<(String, String)>,
+    certs: Option<Extension<ClientCertChain>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -114,7 +124,7 @@ async fn register(
         .register(RegisterRequest {
             id_scope,
             registration_id,
-            credential: credential(&headers),
+            credential: credential(&headers, certs),
             body: registration,
         })
         .await;
@@ -124,6 +134,7 @@ async fn register(
 async fn operation_status(
     State(registrar): State<Arc<dyn DeviceRegistrar>>,
     Path((id_scope, registration_id, operation_id)): Path<(String, String, String)>,
+    certs: Option<Extension<ClientCertChain>>,
     headers: HeaderMap,
 ) -> Response {
     let reply = registrar
@@ -131,8 +142,38 @@ async fn operation_status(
             id_scope,
             registration_id,
             operation_id,
-            credential: credential(&headers),
+            credential: credential(&headers, certs),
         })
         .await;
     reply_response(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_prefers_the_token_then_the_chain() {
+        let chain = || Some(Extension(ClientCertChain(vec![vec![1], vec![2]])));
+        let mut h = HeaderMap::new();
+        assert_eq!(credential(&h, None), DeviceCredential::None);
+        assert_eq!(
+            credential(&h, Some(Extension(ClientCertChain(Vec::new())))),
+            DeviceCredential::None
+        );
+        assert_eq!(
+            credential(&h, chain()),
+            DeviceCredential::X509 {
+                chain: vec![vec![1], vec![2]]
+            }
+        );
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("SharedAccessSignature sr=x"),
+        );
+        assert_eq!(
+            credential(&h, chain()),
+            DeviceCredential::Sas("SharedAccessSignature sr=x".into())
+        );
+    }
 }

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     InvalidPageSize = 400014,
     InvalidField = 400015,
     InvalidIotHubs = 400016,
+    /// A CA certificate's proof of possession failed (wrong code, not signed by the CA, no code).
+    ProofOfPossessionFailed = 400017,
     CustomAllocationFailed = 400207,
     CustomAllocationIotHubNotSpecified = 400208,
     CustomAllocationUnauthorizedAccess = 400209,
@@ -50,12 +52,30 @@ pub enum ErrorCode {
     HubNotLinked = 400211,
     /// No or unreadable credentials, wrong signature, unknown policy.
     Unauthorized = 401000,
+    /// DPS: "CA certificate not found." The device's chain leads to no certificate an
+    /// enrollment group trusts.
+    UnknownCa = 401002,
     /// The token's `se` lies in the past.
     TokenExpired = 401003,
     /// The device presented an ID scope this service does not have.
     UnknownIdScope = 401004,
     /// No enrollment accepts this device's credentials.
     DeviceNotAttested = 401005,
+    /// The device sent a chain that stops below the enrollment's certificate (an intermediate
+    /// is missing).
+    CertificateChainIncomplete = 401006,
+    /// The leaf certificate's CN is not the registration id the device connected as.
+    CertificateNameMismatch = 401007,
+    /// A certificate of the chain is expired or not yet valid.
+    CertificateExpired = 401008,
+    /// The leaf is not the enrollment's primary or secondary client certificate.
+    CertificateThumbprintMismatch = 401009,
+    /// A signature in the chain does not verify with its issuer's key.
+    CertificateSignatureInvalid = 401010,
+    /// The chain leads to a CA certificate that has not been verified (proof of possession).
+    CaNotVerified = 401011,
+    /// The chain breaks another rule: basic constraints, key usage, unsupported algorithm, ...
+    CertificateInvalid = 401012,
     /// The policy is valid but lacks the right the operation needs.
     InsufficientRights = 403001,
     NotFound = 404000,
@@ -65,6 +85,7 @@ pub enum ErrorCode {
     /// A status poll names an operation this device does not have.
     OperationNotFound = 404204,
     LinkedHubNotFound = 404205,
+    CaCertificateNotFound = 404206,
     MethodNotAllowed = 405000,
     EnrollmentExists = 409201,
     EnrollmentGroupExists = 409202,

@@ -5,10 +5,13 @@
 //! sent (and its other encodings) with the individual enrollment's keys, or with keys derived
 //! from each symmetric-key group's keys. An individual enrollment wins over groups; a disabled
 //! individual enrollment blocks a device its group would accept.
+//!
+//! X.509 (device-protocol.md §6): the TLS client chain, judged in [`crate::x509`].
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use muster_attestation::symmetric_key;
+use muster_proto::device::X509RegistrationResult;
 use muster_proto::{
     AttestationType, EnrollmentGroup, ErrorCode, IndividualEnrollment, RegistrationId, SasError,
     SasToken,
@@ -60,6 +63,8 @@ impl Matched {
 pub struct Attested {
     pub matched: Matched,
     pub hub_auth: HubAuthentication,
+    /// X.509 devices: the leaf's and the signing certificate's info for the record and answer.
+    pub x509: Option<Box<X509RegistrationResult>>,
 }
 
 pub enum Attestation {
@@ -101,10 +106,9 @@ pub async fn attest(
             }
             attest_symmetric(store, registration_id, &token, now_unix).await
         }
-        DeviceCredential::X509 { .. } => Err(DeviceFailure::new(
-            ErrorCode::DeviceNotAttested,
-            "X.509 device attestation is not available yet on this server",
-        )),
+        DeviceCredential::X509 { chain } => {
+            crate::x509::attest(store, registration_id, chain, now_unix).await
+        }
         DeviceCredential::None => Err(unauthorized(
             "the device presented no credentials (no SAS token, no client certificate)",
         )),
@@ -171,6 +175,7 @@ async fn attest_symmetric(
                         primary_key: sk.primary_key.unwrap_or_default(),
                         secondary_key: sk.secondary_key.unwrap_or_default(),
                     },
+                    x509: None,
                 }));
             }
         }
@@ -200,6 +205,7 @@ async fn attest_symmetric(
                     primary_key,
                     secondary_key,
                 },
+                x509: None,
             }))
         }
         None => Err(not_attested()),

@@ -220,6 +220,7 @@ impl Engine {
             },
             operation_id: Some(operation_id.clone()),
             enrollment_group_id: None,
+            x509: None,
             pending: None,
         };
         let attested = match attestation {
@@ -237,6 +238,7 @@ impl Engine {
             Attestation::Accepted(a) => a,
         };
         record.enrollment_group_id = attested.matched.group_id();
+        record.x509 = attested.x509.as_deref().cloned();
         let previous_state = previous.map(|(p, _)| p.state);
         match self
             .plan(&attested, &rid, previous_state.as_ref(), req.body.payload)
@@ -426,7 +428,11 @@ impl Engine {
                     registration_id: rid.to_string(),
                     current_hub: current.as_ref().map(|(h, _)| h.clone()),
                     current_device_id: previous.and_then(|p| p.device_id.clone()),
-                    attestation: ("symmetricKey", json!({})),
+                    attestation: if attested.x509.is_some() {
+                        ("x509", json!({}))
+                    } else {
+                        ("symmetricKey", json!({}))
+                    },
                     payload: payload.clone(),
                 };
                 let names: Vec<String> = candidates.iter().map(|h| h.name.clone()).collect();
@@ -484,6 +490,12 @@ impl Engine {
             initial: true,
             substatus: None,
             payload: out_payload,
+            thumbprint: match &attested.hub_auth {
+                HubAuthentication::SelfSigned {
+                    primary_thumbprint, ..
+                } => Some(primary_thumbprint.clone()),
+                HubAuthentication::Sas { .. } => None,
+            },
         };
         if let Some((cur, cur_sub)) = current {
             plan.initial = false;
@@ -632,17 +644,23 @@ impl Engine {
             return Ok(());
         };
         let rid = record.state.registration_id.clone();
-        let auth = self.hub_auth_for(&plan.enrollment, &rid).await?;
+        let auth = self.hub_auth_for(&plan, &rid).await?;
         let linked = self.linked_hubs().await?;
         self.complete(key, record, plan, &auth, &linked).await?;
         Ok(())
     }
 
+    /// The hub credentials of a pending assignment: X.509 devices from the thumbprint kept in
+    /// the plan, symmetric-key devices recomputed from the enrollment.
     async fn hub_auth_for(
         &self,
-        enrollment: &EnrollmentRef,
+        plan: &PendingAssignment,
         rid: &RegistrationId,
     ) -> Result<HubAuthentication, DeviceFailure> {
+        if let Some(t) = &plan.thumbprint {
+            return Ok(crate::x509::hub_auth(t));
+        }
+        let enrollment = &plan.enrollment;
         let gone = || {
             DeviceFailure::new(
                 ErrorCode::DeviceNotAttested,
@@ -835,9 +853,14 @@ fn operation(record: &RegistrationRecord) -> RegistrationOperationStatus {
     result.etag = s.etag.clone();
     result.payload = s.payload.clone();
     if s.status == RegistrationStatus::Assigned {
-        result.symmetric_key = Some(SymmetricKeyRegistrationResult {
-            enrollment_group_id: record.enrollment_group_id.clone(),
-        });
+        match &record.x509 {
+            Some(x) => result.x509 = Some(x.clone()),
+            None => {
+                result.symmetric_key = Some(SymmetricKeyRegistrationResult {
+                    enrollment_group_id: record.enrollment_group_id.clone(),
+                })
+            }
+        }
     }
     RegistrationOperationStatus {
         operation_id: record.operation_id.clone().unwrap_or_default(),

@@ -8,7 +8,8 @@
 //!
 //! Layout:
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled queues.
-//! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 to come).
+//! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
+//! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
 //! - [`hub_client`] — the IoT Hub registry REST client that writes devices and twins.
@@ -23,6 +24,7 @@ pub mod hub_client;
 pub mod record;
 pub mod reply;
 pub mod throttle;
+pub mod x509;
 
 use async_trait::async_trait;
 use muster_proto::device::DeviceRegistration;

@@ -6,7 +6,8 @@
 //! - [`router`] — the axum router; [`normalize_path`] makes routing case-insensitive and must
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
-//!   `routes/linked_hubs.rs` and `routes/access_policies.rs` (Muster's extensions): one
+//!   `routes/linked_hubs.rs`, `routes/access_policies.rs` and `routes/ca_certificates.rs`
+//!   (Muster's extensions): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
@@ -82,6 +83,7 @@ const CANONICAL_SEGMENTS: &[&str] = &[
     "registrations",
     "linkedHubs",
     "accessPolicies",
+    "caCertificates",
     "attestationmechanism",
     "query",
 ];
@@ -104,7 +106,7 @@ pub fn normalize_path(mut req: Request) -> Request {
         // Position 3 is fixed only under a service collection (device paths put a
         // registration id there).
         let under_collection = segments.get(1).is_some_and(|first| {
-            CANONICAL_SEGMENTS[..5]
+            CANONICAL_SEGMENTS[..6]
                 .iter()
                 .any(|c| c.eq_ignore_ascii_case(first))
         });

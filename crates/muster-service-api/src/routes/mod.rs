@@ -1,6 +1,7 @@
 //! The service API's routes, one module per route family.
 
 mod access_policies;
+mod ca_certificates;
 mod enrollment_groups;
 mod enrollments;
 mod generic;
@@ -23,6 +24,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(registrations::routes())
         .merge(linked_hubs::routes())
         .merge(access_policies::routes())
+        .merge(ca_certificates::routes())
         .with_state(api)
 }
 
