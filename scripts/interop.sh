@@ -7,7 +7,7 @@
 # Usage: scripts/interop.sh [--python-only | --node-only] [--no-build] [-- PYTEST_ARGS...]
 #
 #   --python-only   run only the pytest suites
-#   --node-only     run only the node:test suites (service, device, tutorial .test.js)
+#   --node-only     run only the node:test suites (service, device, tutorial, x509 .test.js)
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
 #
@@ -15,8 +15,8 @@
 #   MUSTER_BIN        muster binary to test (default: target/debug/muster, built here)
 #   MUSTER_DPS_HOST   loopback address for the servers (default 127.0.0.2)
 #
-# Needs: python3 (with venv), node >= 20 and npm, cargo; root (or
-# CAP_NET_BIND_SERVICE) because the clients require port 443.
+# Needs: python3 (with venv), node >= 20 and npm, cargo, openssl (node/x509.test.js
+# makes its certificates with it); root (or CAP_NET_BIND_SERVICE): port 443.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,6 +72,7 @@ if [[ $run_node -eq 1 ]]; then
   section "Node environment (tests/interop/node/node_modules)"
   command -v node >/dev/null || die "node not found"
   command -v npm >/dev/null || die "npm not found"
+  command -v openssl >/dev/null || die "openssl not found (node/x509.test.js makes its certificates with it)"
   echo "node $(node --version), npm $(npm --version)"
   node_marker="$NODE_DIR/node_modules/.muster-interop-lock"
   node_want="$(hash_of "$NODE_DIR/package.json" "$NODE_DIR/package-lock.json")"
@@ -83,7 +84,7 @@ if [[ $run_node -eq 1 ]]; then
     echo "$node_want" > "$node_marker"
   fi
   for pkg in azure-iot-provisioning-service azure-iot-provisioning-device azure-iot-provisioning-device-http \
-             azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key \
+             azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key azure-iot-security-x509 \
              azure-iot-device azure-iot-device-mqtt azure-iothub; do
     node -e "console.log('$pkg ' + require('$NODE_DIR/node_modules/$pkg/package.json').version)"
   done
@@ -126,11 +127,11 @@ if [[ $run_python -eq 1 ]]; then
 fi
 
 if [[ $run_node -eq 1 ]]; then
-  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
+  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1, azure-iot-security-x509 1.7.12), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
   # NODE_EXTRA_CA_CERTS is read only when node starts, so the server is started
   # first (by muster_server.py) and node is launched with the CA in its env.
   # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js,
-  # tutorial.test.js), all against that one server.
+  # tutorial.test.js, x509.test.js), all against that one server.
   shopt -s nullglob
   node_tests=("$NODE_DIR"/*.test.js)
   shopt -u nullglob

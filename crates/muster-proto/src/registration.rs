@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::device::X509RegistrationResult;
 use crate::ids::RegistrationId;
 use crate::str_enum;
 use crate::time::Timestamp;
@@ -49,6 +50,10 @@ pub struct DeviceRegistrationState {
     pub etag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// X.509 devices: the leaf's and the signing certificate's info and the group (Muster adds
+    /// this to the record; DPS shows it only in the device's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
 }
 
 impl DeviceRegistrationState {
@@ -66,6 +71,7 @@ impl DeviceRegistrationState {
             last_updated_date_time_utc: None,
             etag: None,
             payload: None,
+            x509: None,
         }
     }
 }

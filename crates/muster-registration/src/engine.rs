@@ -220,7 +220,6 @@ impl Engine {
             },
             operation_id: Some(operation_id.clone()),
             enrollment_group_id: None,
-            x509: None,
             pending: None,
         };
         let attested = match attestation {
@@ -238,7 +237,7 @@ impl Engine {
             Attestation::Accepted(a) => a,
         };
         record.enrollment_group_id = attested.matched.group_id();
-        record.x509 = attested.x509.as_deref().cloned();
+        record.state.x509 = attested.x509.as_deref().cloned();
         let previous_state = previous.map(|(p, _)| p.state);
         match self
             .plan(&attested, &rid, previous_state.as_ref(), req.body.payload)
@@ -853,7 +852,7 @@ fn operation(record: &RegistrationRecord) -> RegistrationOperationStatus {
     result.etag = s.etag.clone();
     result.payload = s.payload.clone();
     if s.status == RegistrationStatus::Assigned {
-        match &record.x509 {
+        match &s.x509 {
             Some(x) => result.x509 = Some(x.clone()),
             None => {
                 result.symmetric_key = Some(SymmetricKeyRegistrationResult {

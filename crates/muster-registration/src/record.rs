@@ -2,7 +2,6 @@
 //! plus what the engine needs to answer polls and finish throttled assignments. The extra
 //! fields are ignored by readers that decode only the state.
 
-use muster_proto::device::X509RegistrationResult;
 use muster_proto::{DeviceRegistrationState, InitialTwin};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,9 +17,6 @@ pub struct RegistrationRecord {
     /// Set when the device registered through a group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_group_id: Option<String>,
-    /// X.509 devices: the certificate info the answer carries (`registrationState.x509`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509: Option<X509RegistrationResult>,
     /// An accepted assignment still waiting for its hub (throttled); finished in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingAssignment>,

@@ -353,6 +353,12 @@ async fn assert_assigned(dps: &Dps, body: &Value, id: &str, device: &Device, gro
     let t = &dev["authentication"]["x509Thumbprint"];
     assert_eq!(t["primaryThumbprint"], json!(device.thumbprint()));
     assert_eq!(t["secondaryThumbprint"], json!(device.thumbprint()));
+    // The registration record carries the same certificate info.
+    let (s, record) = dps
+        .service(Method::GET, &format!("/registrations/{id}"), None)
+        .await;
+    assert_eq!(s, 200, "{record}");
+    assert_eq!(record["x509"], *x, "{record}");
 }
 
 // ---------------------------------------------------------------------------------------------
