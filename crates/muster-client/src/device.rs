@@ -1,6 +1,6 @@
 //! [`DeviceClient`]: device registration over HTTPS (`PUT /{idScope}/registrations/{id}/register`,
-//! `GET .../operations/{operationId}`) or MQTT over TLS, with a symmetric key or a key derived
-//! from an enrollment-group key.
+//! `GET .../operations/{operationId}`) or MQTT over TLS, with a symmetric key, a key derived
+//! from an enrollment-group key, or an X.509 certificate presented in the TLS handshake.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,13 +42,18 @@ impl std::str::FromStr for Transport {
     }
 }
 
-/// The key a device signs its SAS token with. Debug never shows it.
+/// How a device attests: a key it signs its SAS token with, or an X.509 certificate it
+/// presents in the TLS handshake. Debug never shows a secret.
 #[derive(Clone)]
 pub enum DeviceKey {
     /// The device's own key (an individual enrollment's, or one already derived).
     Symmetric(String),
     /// An enrollment group's key: the device key is derived per registration id.
     Group(String),
+    /// An X.509 identity: `chain_pem` holds the device's certificate first, then the
+    /// intermediates it sends; `key_pem` the certificate's private key (PKCS#8, SEC1 EC or
+    /// PKCS#1 RSA PEM). The registration id is the leaf's subject CN.
+    X509 { chain_pem: String, key_pem: String },
 }
 
 impl std::fmt::Debug for DeviceKey {
@@ -56,12 +61,39 @@ impl std::fmt::Debug for DeviceKey {
         f.write_str(match self {
             DeviceKey::Symmetric(_) => "DeviceKey::Symmetric(..)",
             DeviceKey::Group(_) => "DeviceKey::Group(..)",
+            DeviceKey::X509 { .. } => "DeviceKey::X509 { .. }",
         })
     }
 }
 
 impl DeviceKey {
-    /// The base64 key this device signs with.
+    /// An X.509 identity read from a PEM chain file (leaf first) and a PEM key file.
+    pub fn x509_from_files(chain_pem: &Path, key_pem: &Path) -> Result<Self> {
+        let read = |p: &Path, what: &str| {
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::io(format!("reading {what} {}", p.display()), e))
+        };
+        Ok(DeviceKey::X509 {
+            chain_pem: read(chain_pem, "certificate file")?,
+            key_pem: read(key_pem, "key file")?,
+        })
+    }
+
+    /// For an X.509 identity, the subject CN of its leaf certificate (the registration id the
+    /// service expects); `None` for keys, or a leaf without a CN.
+    pub fn common_name(&self) -> Result<Option<String>> {
+        match self {
+            DeviceKey::X509 { chain_pem, .. } => {
+                let chain = crate::tls::parse_chain_pem(chain_pem)?;
+                let leaf = muster_attestation::x509::Certificate::from_der(chain[0].to_vec())
+                    .map_err(|e| Error::InvalidInput(format!("the device certificate: {e}")))?;
+                Ok(leaf.common_name())
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The base64 key this device signs with (an error for an X.509 identity, which has none).
     pub fn device_key(&self, registration_id: &str) -> Result<String> {
         match self {
             DeviceKey::Symmetric(k) => {
@@ -71,6 +103,9 @@ impl DeviceKey {
             }
             DeviceKey::Group(g) => symmetric_key::derive_device_key(g, registration_id)
                 .map_err(|e| Error::InvalidInput(format!("group key: {e}"))),
+            DeviceKey::X509 { .. } => Err(Error::InvalidInput(
+                "an X.509 identity has no symmetric key".into(),
+            )),
         }
     }
 }
@@ -152,6 +187,16 @@ impl Registration {
     }
 }
 
+/// How one registration authenticates: a SAS token signed with the device key, or a client
+/// certificate (an HTTP client and a TLS configuration presenting it).
+pub(crate) enum Auth {
+    Sas(String),
+    X509 {
+        http: reqwest::Client,
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
 /// A device-side client of one ID scope at one endpoint.
 #[derive(Clone)]
 pub struct DeviceClient {
@@ -178,16 +223,12 @@ impl DeviceClient {
     /// absent); MQTT uses port 8883 unless [`Self::with_mqtt_port`] says otherwise.
     pub fn new(endpoint: &str, id_scope: &str, ca_pem: Option<&Path>) -> Result<Self> {
         let tls = crate::tls::client_config(ca_pem)?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls.clone())
-            .pool_max_idle_per_host(4096)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| Error::Tls(e.to_string()))?;
+        let http = http_client(tls.clone(), 4096)?;
         Ok(Self::with_clients(endpoint, id_scope, http, Arc::new(tls)))
     }
 
-    /// With your own HTTP client and TLS configuration (used for MQTT).
+    /// With your own HTTP client and TLS configuration (used for MQTT, and as the base of the
+    /// configurations that present an X.509 device certificate).
     pub fn with_clients(
         endpoint: &str,
         id_scope: &str,
@@ -226,29 +267,25 @@ impl DeviceClient {
     /// Registers `registration_id`, retrying transient failures and polling while the
     /// service answers `assigning`. `Ok` for every final status (assigned, failed, disabled);
     /// `Err` for refusals (unauthorized, not attested, bad request) and exhausted retries.
+    ///
+    /// With [`DeviceKey::X509`] the certificate is presented in the TLS handshake (HTTPS and
+    /// MQTT) and no SAS token is sent; the service takes the registration id from the leaf's
+    /// CN, so `registration_id` must match it.
     pub async fn register(
         &self,
         registration_id: &str,
         key: &DeviceKey,
         options: &RegisterOptions,
     ) -> Result<Registration> {
-        let device_key = key.device_key(registration_id)?;
+        let auth = self.auth(registration_id, key)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let result = match options.transport {
-                Transport::Https => {
-                    self.register_https(registration_id, &device_key, options)
-                        .await
-                }
+                Transport::Https => self.register_https(registration_id, &auth, options).await,
                 Transport::Mqtt => {
-                    crate::mqtt::register(
-                        self,
-                        registration_id,
-                        &device_key,
-                        options.payload.as_ref(),
-                    )
-                    .await
+                    crate::mqtt::register(self, registration_id, &auth, options.payload.as_ref())
+                        .await
                 }
             };
             match result {
@@ -262,6 +299,38 @@ impl DeviceClient {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn auth(&self, registration_id: &str, key: &DeviceKey) -> Result<Auth> {
+        match key {
+            DeviceKey::X509 { chain_pem, key_pem } => {
+                let tls = crate::tls::with_client_cert(&self.tls, chain_pem, key_pem)?;
+                let http = http_client(tls.clone(), 4)?;
+                Ok(Auth::X509 {
+                    http,
+                    tls: Arc::new(tls),
+                })
+            }
+            _ => Ok(Auth::Sas(key.device_key(registration_id)?)),
+        }
+    }
+
+    /// A request with the registration's credentials: its client, and a SAS token unless
+    /// the certificate authenticates.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        registration_id: &str,
+        auth: &Auth,
+    ) -> Result<reqwest::RequestBuilder> {
+        Ok(match auth {
+            Auth::Sas(device_key) => self
+                .http
+                .request(method, url)
+                .header("authorization", self.token(registration_id, device_key)?),
+            Auth::X509 { http, .. } => http.request(method, url),
+        })
     }
 
     pub(crate) fn retry_policy(&self) -> &RetryPolicy {
@@ -299,7 +368,7 @@ impl DeviceClient {
     async fn register_https(
         &self,
         registration_id: &str,
-        device_key: &str,
+        auth: &Auth,
         options: &RegisterOptions,
     ) -> Result<Registration> {
         let mut body = json!({ "registrationId": registration_id });
@@ -308,10 +377,13 @@ impl DeviceClient {
         }
         let resp = self
             .send(
-                self.http
-                    .put(self.device_url(registration_id, "register"))
-                    .header("authorization", self.token(registration_id, device_key)?)
-                    .json(&body),
+                self.request(
+                    reqwest::Method::PUT,
+                    self.device_url(registration_id, "register"),
+                    registration_id,
+                    auth,
+                )?
+                .json(&body),
             )
             .await?;
         let (mut op, mut wait) = operation("register", resp).await?;
@@ -331,11 +403,7 @@ impl DeviceClient {
                 &format!("operations/{}", segment(&op.operation_id)),
             );
             let resp = self
-                .send(
-                    self.http
-                        .get(url)
-                        .header("authorization", self.token(registration_id, device_key)?),
-                )
+                .send(self.request(reqwest::Method::GET, url, registration_id, auth)?)
                 .await;
             match resp {
                 Ok(resp) => match operation("operation status", resp).await {
@@ -356,6 +424,15 @@ impl DeviceClient {
             attempts: 1,
         })
     }
+}
+
+fn http_client(tls: rustls::ClientConfig, idle_per_host: usize) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .pool_max_idle_per_host(idle_per_host)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| Error::Tls(e.to_string()))
 }
 
 /// `assigned`, `failed` and `disabled` end a registration.

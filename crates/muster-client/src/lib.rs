@@ -6,7 +6,8 @@
 //!   paged queries, bulk) and Muster's `/linkedHubs` extension. Every request is signed with a
 //!   fresh SAS token from the connection string's policy.
 //! - [`DeviceClient`] — device registration over HTTPS or MQTT (TLS) with a symmetric key, or
-//!   a key derived from an enrollment-group key; polls while `assigning`, honouring
+//!   a key derived from an enrollment-group key, or an X.509 certificate (TLS client
+//!   authentication; [`DeviceKey::X509`]); polls while `assigning`, honouring
 //!   `retry-after`, and retries throttled requests a bounded number of times.
 //! - [`HubClient`] — the IoT hub registry and twin REST API (devices, twins), for Muster's
 //!   built-in hub or any hub whose `iothubowner`-style connection string you have; and the

@@ -1,5 +1,6 @@
 //! Device registration over MQTT 3.1.1 over TLS (the DPS MQTT protocol): CONNECT with the
-//! `{idScope}/registrations/{id}/api-version=..` user name and a SAS password, SUBSCRIBE to
+//! `{idScope}/registrations/{id}/api-version=..` user name and a SAS password (or, with an
+//! X.509 identity, the client certificate in the TLS handshake and no password), SUBSCRIBE to
 //! `$dps/registrations/res/#`, PUBLISH the register request, then status requests while the
 //! answer says `assigning`. Packets are framed with rumqttc's v4 codec.
 
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::device::{is_final, DeviceClient, Registration, MQTT_API_VERSION};
+use crate::device::{is_final, Auth, DeviceClient, Registration, MQTT_API_VERSION};
 use crate::error::{Error, Result};
 
 const MAX_PACKET: usize = 256 * 1024;
@@ -191,10 +192,17 @@ fn operation(
 pub(crate) async fn register(
     client: &DeviceClient,
     registration_id: &str,
-    device_key: &str,
+    auth: &Auth,
     payload: Option<&Value>,
 ) -> Result<Registration> {
-    let mut conn = tls_connect(client.host(), client.mqtt_port(), client.tls_config()).await?;
+    let (tls, password) = match auth {
+        Auth::Sas(device_key) => (
+            client.tls_config(),
+            client.token(registration_id, device_key)?,
+        ),
+        Auth::X509 { tls, .. } => (tls.clone(), String::new()),
+    };
+    let mut conn = tls_connect(client.host(), client.mqtt_port(), tls).await?;
 
     let username = format!(
         "{}/registrations/{registration_id}/api-version={MQTT_API_VERSION}&ClientVersion=muster-client%2F{}",
@@ -204,10 +212,7 @@ pub(crate) async fn register(
     let mut connect = Connect::new(registration_id);
     connect.keep_alive = 60;
     connect.clean_session = true;
-    connect.login = Some(Login::new(
-        username,
-        client.token(registration_id, device_key)?,
-    ));
+    connect.login = Some(Login::new(username, password));
     conn.send(Packet::Connect(connect)).await?;
     match conn.recv().await? {
         Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}

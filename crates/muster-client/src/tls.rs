@@ -58,3 +58,115 @@ pub fn https_client(ca_pem: Option<&Path>) -> Result<reqwest::Client> {
         .build()
         .map_err(|e| Error::Tls(e.to_string()))
 }
+
+/// Parses a PEM certificate chain (leaf first, then intermediates).
+pub fn parse_chain_pem(chain_pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let chain = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidInput(format!("the certificate chain is not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(Error::InvalidInput(
+            "the certificate file holds no PEM certificate".into(),
+        ));
+    }
+    Ok(chain)
+}
+
+/// Parses a PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`) or PKCS#1
+/// (`RSA PRIVATE KEY`).
+pub fn parse_key_pem(key_pem: &str) -> Result<rustls::pki_types::PrivateKeyDer<'static>> {
+    rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| Error::InvalidInput(format!("the private key is not PEM: {e}")))?
+        .ok_or_else(|| {
+            Error::InvalidInput("the key file holds no PEM private key (PKCS#8, EC or RSA)".into())
+        })
+}
+
+/// Always presents one certificate chain and key as the client's identity.
+#[derive(Debug)]
+struct ClientIdentity(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `base` (its trusted roots, protocol versions and crypto provider) presenting the X.509
+/// identity `chain_pem` (leaf first) / `key_pem` as its client certificate; the same as
+/// building it with `with_client_auth_cert(chain, key)`. Session resumption is off, so a
+/// connection never resumes a session made with another identity.
+pub fn with_client_cert(
+    base: &rustls::ClientConfig,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ClientConfig> {
+    let chain = parse_chain_pem(chain_pem)?;
+    let key = parse_key_pem(key_pem)?;
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, base.crypto_provider())
+        .map_err(|e| Error::InvalidInput(format!("the certificate and key: {e}")))?;
+    let mut config = base.clone();
+    config.client_auth_cert_resolver = Arc::new(ClientIdentity(Arc::new(certified)));
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_pem_is_invalid_input() {
+        assert!(matches!(
+            parse_chain_pem("nothing here"),
+            Err(Error::InvalidInput(_))
+        ));
+        assert!(matches!(
+            parse_key_pem("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    /// Test-only identities made with openssl: a SEC1 EC key and a PKCS#1 RSA key.
+    #[test]
+    fn sec1_and_rsa_keys_make_identities() {
+        let base = client_config(Some(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/ec.pem"
+        ))))
+        .unwrap();
+        for (chain, key) in [
+            (
+                include_str!("../tests/data/ec.pem"),
+                include_str!("../tests/data/ec-sec1.key"),
+            ),
+            (
+                include_str!("../tests/data/rsa.pem"),
+                include_str!("../tests/data/rsa-pkcs1.key"),
+            ),
+        ] {
+            let config = with_client_cert(&base, chain, key).unwrap();
+            assert!(config.client_auth_cert_resolver.has_certs());
+        }
+        // A key that is not the certificate's.
+        assert!(with_client_cert(
+            &base,
+            include_str!("../tests/data/ec.pem"),
+            include_str!("../tests/data/rsa-pkcs1.key")
+        )
+        .is_err());
+        let id = crate::DeviceKey::X509 {
+            chain_pem: include_str!("../tests/data/rsa.pem").into(),
+            key_pem: String::new(),
+        };
+        assert_eq!(id.common_name().unwrap().as_deref(), Some("rsa-dev"));
+    }
+}

@@ -1,5 +1,7 @@
 //! `muster device register` and `muster compute-device-key`.
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use muster_client::{DeviceKey, RegisterOptions, Transport};
@@ -32,17 +34,23 @@ pub fn compute_device_key(a: ComputeKeyArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("credential").required(true).args(["key", "group_key"])))]
+#[command(group(clap::ArgGroup::new("credential").required(true).args(["key", "group_key", "cert"])))]
 pub struct RegisterArgs {
-    /// The device's registration id
+    /// The device's registration id [with --cert, default: the certificate's subject CN]
     #[arg(long, visible_alias = "rid")]
-    pub registration_id: String,
+    pub registration_id: Option<String>,
     /// The device's symmetric key (individual enrollment, or an already derived key)
     #[arg(long, env = "MUSTER_DEVICE_KEY", hide_env_values = true)]
     pub key: Option<String>,
     /// The enrollment group's key; the device key is derived from it
     #[arg(long, env = "MUSTER_GROUP_KEY", hide_env_values = true)]
     pub group_key: Option<String>,
+    /// X.509: PEM file with the device certificate first, then any intermediates to send
+    #[arg(long, requires = "cert_key")]
+    pub cert: Option<PathBuf>,
+    /// X.509: PEM file with the certificate's private key (PKCS#8, EC or RSA)
+    #[arg(long, requires = "cert")]
+    pub cert_key: Option<PathBuf>,
     /// https or mqtt
     #[arg(long, default_value = "https")]
     pub transport: Transport,
@@ -62,11 +70,13 @@ pub struct RegisterArgs {
 pub enum DeviceCommand {
     /// Register a device and print its assignment.
     ///
-    /// Symmetric keys only: X.509 attestation (--cert/--cert-key) is not available yet,
-    /// because the server does not attest device certificates at registration yet.
+    /// With --key or --group-key the device signs a SAS token; with --cert/--cert-key it
+    /// presents its X.509 certificate in the TLS handshake (HTTPS and MQTT), and the
+    /// registration id is the certificate's subject CN.
     ///
     /// Examples:
     ///   muster device register --registration-id dev-001 --group-key "$GROUP_KEY"
+    ///   muster device register --cert dev-003-chain.pem --cert-key dev-003.key --transport mqtt
     ///   muster device register --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
     ///       --registration-id dev-002 --key "$DEVICE_KEY" --transport mqtt --payload '{"model":"x1"}'
     #[command(verbatim_doc_comment)]
@@ -80,10 +90,22 @@ pub async fn run(c: DeviceCommand) -> anyhow::Result<()> {
 }
 
 async fn register(a: RegisterArgs) -> anyhow::Result<()> {
-    let key = match (&a.key, &a.group_key) {
-        (Some(k), _) => DeviceKey::Symmetric(k.clone()),
-        (None, Some(g)) => DeviceKey::Group(g.clone()),
-        (None, None) => bail!("pass --key or --group-key"),
+    let key = match (&a.cert, &a.cert_key, &a.key, &a.group_key) {
+        (Some(cert), Some(cert_key), _, _) => DeviceKey::x509_from_files(cert, cert_key)?,
+        (Some(_), None, _, _) | (None, Some(_), _, _) => {
+            bail!("--cert and --cert-key go together")
+        }
+        (None, None, Some(k), _) => DeviceKey::Symmetric(k.clone()),
+        (None, None, None, Some(g)) => DeviceKey::Group(g.clone()),
+        (None, None, None, None) => bail!("pass --key, --group-key, or --cert and --cert-key"),
+    };
+    let registration_id = match (&a.registration_id, &key) {
+        (Some(r), _) => r.clone(),
+        (None, DeviceKey::X509 { .. }) => key
+            .common_name()
+            .context("reading --cert")?
+            .context("the certificate has no subject CN; pass --registration-id")?,
+        (None, _) => bail!("pass --registration-id"),
     };
     let payload = match &a.payload {
         Some(p) => Some(serde_json::from_str::<Value>(p).context("--payload is not valid JSON")?),
@@ -98,7 +120,7 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
         });
     let r = client
         .register(
-            &a.registration_id,
+            &registration_id,
             &key,
             &RegisterOptions {
                 transport: a.transport,
@@ -106,7 +128,7 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
             },
         )
         .await
-        .with_context(|| format!("registering '{}'", a.registration_id))?;
+        .with_context(|| format!("registering '{registration_id}'"))?;
     let mut v = serde_json::to_value(&r.state)?;
     if let Some(m) = v.as_object_mut() {
         m.insert("operationId".into(), json!(r.operation_id));
@@ -115,7 +137,7 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
     if !r.is_assigned() {
         bail!(
             "registration of '{}' ended {}{}",
-            a.registration_id,
+            registration_id,
             r.status,
             r.state
                 .error_message

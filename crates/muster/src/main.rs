@@ -74,8 +74,8 @@ enum Command {
     ///
     /// A rerun skips the devices already in the out file, so an interrupted run resumes.
     /// Failed attempts (throttling, unavailability) are retried honouring retry-after.
-    /// Symmetric-key groups only: X.509 (--cert/--cert-key) is not available yet, because the
-    /// server does not attest device certificates at registration yet.
+    /// Symmetric-key groups only: an X.509 device holds its own private key, so it registers
+    /// itself (`muster device register --cert CHAIN.pem --cert-key KEY.pem`).
     ///
     /// Examples:
     ///   muster provision --group-key "$KEY" --prefix dev- --count 10000 --out devices.csv

@@ -1033,6 +1033,16 @@ fn completions_and_help() {
         help.contains("Examples:") && help.contains("--concurrency"),
         "{help}"
     );
+    assert!(!help.contains("not available yet"), "{help}");
+    let out = Command::new(BIN)
+        .args(["device", "register", "--help"])
+        .output()
+        .expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--cert-key") && !help.contains("not available yet"),
+        "{help}"
+    );
     // serve keeps its flags.
     let out = Command::new(BIN)
         .args(["serve", "--help"])
@@ -1110,4 +1120,162 @@ fn service_commands_take_a_connection_string_from_the_environment() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(env.ok(&["enrollment-group", "list"]).contains("from-env"));
+}
+
+/// A leaf certificate with CN `cn` and the clientAuth EKU, self-signed or signed by `by`:
+/// (certificate PEM, PKCS#8 key PEM).
+fn x509_leaf(cn: &str, by: Option<(&rcgen::Certificate, &rcgen::KeyPair)>) -> (String, String) {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = match by {
+        Some((ca, ca_key)) => p.signed_by(&key, ca, ca_key),
+        None => p.self_signed(&key),
+    }
+    .expect("certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// Writes a certificate and key pair into `dir`: (certificate path, key path).
+fn write_pair(dir: &Path, name: &str, (cert, key): &(String, String)) -> (String, String) {
+    let c = dir.join(format!("{name}.pem"));
+    let k = dir.join(format!("{name}.key"));
+    std::fs::write(&c, cert).expect("write cert");
+    std::fs::write(&k, key).expect("write key");
+    (
+        c.to_str().expect("utf-8").to_string(),
+        k.to_str().expect("utf-8").to_string(),
+    )
+}
+
+#[test]
+fn device_register_with_x509_certificates() {
+    let env = Env::start();
+    let dir = env.dir.path().to_path_buf();
+
+    // An individual enrollment with a self-signed leaf, over HTTPS and MQTT.
+    let solo = x509_leaf("x509-solo", None);
+    let (solo_cert, solo_key) = write_pair(&dir, "x509-solo", &solo);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "x509-solo",
+        "--attestation-type",
+        "x509",
+        "--certificate-path",
+        &solo_cert,
+    ]);
+    let e = env.json(&["enrollment", "show", "x509-solo"]);
+    assert!(
+        e["attestation"]["x509"]["clientCertificates"]["primary"].is_object(),
+        "{e}"
+    );
+    for transport in ["https", "mqtt"] {
+        let r = env.json(&[
+            "device",
+            "register",
+            "--registration-id",
+            "x509-solo",
+            "--cert",
+            &solo_cert,
+            "--cert-key",
+            &solo_key,
+            "--transport",
+            transport,
+        ]);
+        assert_eq!(r["status"], "assigned", "{transport}: {r}");
+        assert_eq!(r["deviceId"], "x509-solo", "{transport}: {r}");
+        assert_eq!(
+            r["x509"]["certificateInfo"]["subjectName"], "CN=x509-solo",
+            "{transport}: {r}"
+        );
+    }
+    // The registration id defaults to the certificate's CN.
+    let r = env.json(&[
+        "device",
+        "register",
+        "--cert",
+        &solo_cert,
+        "--cert-key",
+        &solo_key,
+    ]);
+    assert_eq!(r["deviceId"], "x509-solo", "{r}");
+    let d = env.json(&["hub", "device", "show", "x509-solo"]);
+    assert_eq!(d["authentication"]["type"], "selfSigned", "{d}");
+
+    // A group with a root signing certificate; the device sends its leaf.
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "muster test root");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root_key = rcgen::KeyPair::generate().expect("key");
+    let root = ca.self_signed(&root_key).expect("root");
+    let root_path = dir.join("root.pem");
+    std::fs::write(&root_path, root.pem()).expect("write root");
+    env.ok(&[
+        "enrollment-group",
+        "create",
+        "--group-id",
+        "x509-fleet",
+        "--attestation-type",
+        "x509",
+        "--certificate-path",
+        root_path.to_str().expect("utf-8"),
+    ]);
+    let member = x509_leaf("fleet-001", Some((&root, &root_key)));
+    let (member_cert, member_key) = write_pair(&dir, "fleet-001", &member);
+    for transport in ["https", "mqtt"] {
+        let r = env.json(&[
+            "device",
+            "register",
+            "--registration-id",
+            "fleet-001",
+            "--cert",
+            &member_cert,
+            "--cert-key",
+            &member_key,
+            "--transport",
+            transport,
+        ]);
+        assert_eq!(r["status"], "assigned", "{transport}: {r}");
+        assert_eq!(r["x509"]["enrollmentGroupId"], "x509-fleet", "{r}");
+    }
+
+    // Another certificate with the enrolled CN: refused with the service's code, both ways.
+    let impostor = x509_leaf("x509-solo", None);
+    let (imp_cert, imp_key) = write_pair(&dir, "impostor", &impostor);
+    for transport in ["https", "mqtt"] {
+        let err = env.fails(&[
+            "device",
+            "register",
+            "--registration-id",
+            "x509-solo",
+            "--cert",
+            &imp_cert,
+            "--cert-key",
+            &imp_key,
+            "--transport",
+            transport,
+        ]);
+        assert!(err.contains("401009"), "{transport}: {err}");
+    }
+    // A certificate whose key is not the certificate's: refused before connecting.
+    let err = env.fails(&[
+        "device",
+        "register",
+        "--cert",
+        &solo_cert,
+        "--cert-key",
+        &imp_key,
+    ]);
+    assert!(err.contains("key"), "{err}");
+    // --cert without --cert-key is a usage error.
+    let err = env.fails(&["device", "register", "--cert", &solo_cert]);
+    assert!(err.contains("--cert-key"), "{err}");
 }
