@@ -239,8 +239,16 @@ impl Engine {
         record.enrollment_group_id = attested.matched.group_id();
         record.state.x509 = attested.x509.as_deref().cloned();
         let previous_state = previous.map(|(p, _)| p.state);
+        // One read of the linked hubs serves both the plan and its execution.
+        let linked = self.linked_hubs().await?;
         match self
-            .plan(&attested, &rid, previous_state.as_ref(), req.body.payload)
+            .plan(
+                &attested,
+                &rid,
+                previous_state.as_ref(),
+                req.body.payload,
+                &linked,
+            )
             .await
         {
             Err(f) if f.is_registration_outcome() => {
@@ -253,7 +261,6 @@ impl Engine {
             }
             Err(f) => Err(f),
             Ok(plan) => {
-                let linked = self.linked_hubs().await?;
                 let rate = linked
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
@@ -399,18 +406,18 @@ impl Engine {
         rid: &RegistrationId,
         previous: Option<&DeviceRegistrationState>,
         payload: Option<Value>,
+        linked: &[LinkedHub],
     ) -> Result<PendingAssignment, DeviceFailure> {
         let s = self.settings(&attested.matched, rid);
-        let linked = self.linked_hubs().await?;
         let current = previous
             .filter(|p| p.status == RegistrationStatus::Assigned)
             .and_then(|p| p.assigned_hub.clone().map(|h| (h, p.substatus)));
         let stay = current.is_some() && !s.reprovision.update_hub_assignment;
         let candidates = match (&current, stay) {
             (Some((hub, _)), true) => {
-                allocation::candidates(Some(std::slice::from_ref(hub)), None, &linked)?
+                allocation::candidates(Some(std::slice::from_ref(hub)), None, linked)?
             }
-            _ => allocation::candidates(s.iot_hubs.as_deref(), s.legacy_hub.as_deref(), &linked)?,
+            _ => allocation::candidates(s.iot_hubs.as_deref(), s.legacy_hub.as_deref(), linked)?,
         };
         let key = rid.key();
         let mut webhook_twin = None;
