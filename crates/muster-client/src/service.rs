@@ -535,6 +535,14 @@ impl<T: DeserializeOwned> Pager<T> {
     pub fn continuation(&self) -> Option<&str> {
         self.continuation.as_deref()
     }
+
+    /// Starts this query at a continuation token an earlier page of the same query returned
+    /// (a query resumed later, or read from a saved position).
+    pub fn resume_from(mut self, continuation: impl Into<String>) -> Self {
+        self.continuation = Some(continuation.into());
+        self.done = false;
+        self
+    }
 }
 
 impl<T> std::fmt::Debug for Pager<T> {
