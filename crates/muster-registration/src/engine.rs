@@ -27,7 +27,9 @@ use tracing::{info, warn};
 
 use crate::allocation::{self, custom};
 use crate::device_auth::{self, Attestation, Attested, Matched};
-use crate::hub_client::{HubAuthentication, HubClient, HubDeviceSpec};
+use crate::hub_client::{
+    HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
+};
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinPlan};
 use crate::throttle::HubThrottle;
 use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
@@ -69,6 +71,8 @@ struct Inner {
     entropy: Arc<dyn Entropy>,
     config: EngineConfig,
     hubs: HubClient,
+    /// Hubs reached in process (the built-in hub), by lower-case host name.
+    local_hubs: HashMap<String, Arc<dyn HubConnection>>,
     http: reqwest::Client,
     throttle: HubThrottle,
     in_flight: Semaphore,
@@ -105,11 +109,37 @@ impl Engine {
             clock,
             entropy,
             config,
+            local_hubs: HashMap::new(),
             http,
             throttle: HubThrottle::default(),
             in_flight,
             queues: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Reaches the hub named `host` through `connection` instead of its REST API. Call before
+    /// the engine is cloned or shared.
+    ///
+    /// # Panics
+    /// If the engine was already cloned (a start-up wiring error).
+    #[must_use]
+    pub fn with_local_hub(mut self, host: &str, connection: Arc<dyn HubConnection>) -> Self {
+        let inner = Arc::get_mut(&mut self.0).expect("with_local_hub before the engine is shared");
+        inner
+            .local_hubs
+            .insert(host.to_ascii_lowercase(), connection);
+        self
+    }
+
+    /// How to reach a linked hub: in process when it is a local hub, else over REST.
+    fn connection(&self, hub: &LinkedHub) -> Arc<dyn HubConnection> {
+        match self.0.local_hubs.get(&hub.name.to_ascii_lowercase()) {
+            Some(c) => c.clone(),
+            None => Arc::new(RestHub::new(
+                self.0.hubs.clone(),
+                hub.connection_string.clone(),
+            )),
+        }
     }
 
     fn failure_reply(&self, f: DeviceFailure) -> DeviceReply {
@@ -550,30 +580,28 @@ impl Engine {
         let hub_failure = |e: crate::hub_client::HubError| {
             DeviceFailure::new(ErrorCode::HubWriteFailed, e.to_string())
         };
-        let existed = self
-            .0
-            .hubs
-            .put_device(&target.connection_string, &spec)
-            .await
-            .map_err(hub_failure)?;
-        match &plan.twin {
+        let hub = self.connection(target);
+        let existed = match &plan.twin {
             TwinPlan::Initial { twin } => {
-                // A device the hub already knew keeps its twin on an initial assignment.
-                if !(plan.initial && existed) {
-                    let (tags, desired) = twin_parts(twin.as_ref());
-                    self.0
-                        .hubs
-                        .replace_twin(&target.connection_string, &plan.device_id, &tags, &desired)
-                        .await
-                        .map_err(hub_failure)?;
-                }
+                let (tags, desired) = twin_parts(twin.as_ref());
+                let write = if plan.initial {
+                    TwinWrite::ReplaceIfCreated {
+                        tags: &tags,
+                        desired: &desired,
+                    }
+                } else {
+                    TwinWrite::Replace {
+                        tags: &tags,
+                        desired: &desired,
+                    }
+                };
+                hub.put_device(&spec, write).await
             }
             TwinPlan::Migrate { from_hub } => {
                 let old = match find(from_hub) {
                     Some(h) => self
-                        .0
-                        .hubs
-                        .get_twin(&h.connection_string, &plan.device_id)
+                        .connection(h)
+                        .get_twin(&plan.device_id)
                         .await
                         .map_err(hub_failure)?,
                     None => None,
@@ -585,18 +613,21 @@ impl Engine {
                     ),
                     None => (json!({}), json!({})),
                 };
-                self.0
-                    .hubs
-                    .replace_twin(&target.connection_string, &plan.device_id, &tags, &desired)
-                    .await
-                    .map_err(hub_failure)?;
+                hub.put_device(
+                    &spec,
+                    TwinWrite::Replace {
+                        tags: &tags,
+                        desired: &desired,
+                    },
+                )
+                .await
             }
-            TwinPlan::Keep => {}
+            TwinPlan::Keep => hub.put_device(&spec, TwinWrite::Keep).await,
         }
+        .map_err(hub_failure)?;
         if let Some(old) = plan.remove_from.as_deref().and_then(find) {
-            self.0
-                .hubs
-                .delete_device(&old.connection_string, &plan.device_id)
+            self.connection(old)
+                .delete_device(&plan.device_id)
                 .await
                 .map_err(hub_failure)?;
         }

@@ -1,7 +1,10 @@
-//! The IoT Hub registry REST client Muster uses to write devices into hubs
-//! (service-api.md §9.2): the same code path for the built-in hub and for a real Azure IoT hub.
+//! How the engine writes devices and twins into hubs.
 //!
-//! Each call signs a fresh hub SAS token from the linked hub's connection string.
+//! [`HubConnection`] is what the engine needs from one hub. [`RestHub`] implements it over IoT
+//! Hub's registry REST API (service-api.md §9.2) for any linked hub, Azure's included; each
+//! call signs a fresh hub SAS token from the linked hub's connection string. The server adds
+//! an in-process connection for its own built-in hub (the same registry operations without a
+//! TLS round trip to itself) through [`crate::Engine::with_local_hub`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +72,8 @@ impl std::fmt::Debug for HubAuthentication {
 }
 
 impl HubAuthentication {
-    fn to_json(&self) -> Value {
+    /// The `authentication` object of an IoT Hub `Device`.
+    pub fn to_json(&self) -> Value {
         match self {
             HubAuthentication::Sas {
                 primary_key,
@@ -92,6 +96,101 @@ pub struct HubDeviceSpec {
     pub device_id: String,
     pub authentication: HubAuthentication,
     pub iot_edge: bool,
+}
+
+impl HubDeviceSpec {
+    /// The `Device` body of `PUT /devices/{id}`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "deviceId": self.device_id,
+            "status": "enabled",
+            "authentication": self.authentication.to_json(),
+            "capabilities": {"iotEdge": self.iot_edge},
+        })
+    }
+}
+
+/// What a device write does to the device's twin.
+#[derive(Debug, Clone, Copy)]
+pub enum TwinWrite<'a> {
+    /// Leave tags and desired properties as they are.
+    Keep,
+    /// Replace tags and desired properties.
+    Replace { tags: &'a Value, desired: &'a Value },
+    /// Replace them only if the device is new: an initial assignment keeps the twin of a
+    /// device the hub already knew.
+    ReplaceIfCreated { tags: &'a Value, desired: &'a Value },
+}
+
+impl TwinWrite<'_> {
+    /// The tags and desired properties to write, given whether the device existed.
+    pub fn parts(&self, existed: bool) -> Option<(&Value, &Value)> {
+        match *self {
+            TwinWrite::Keep => None,
+            TwinWrite::Replace { tags, desired } => Some((tags, desired)),
+            TwinWrite::ReplaceIfCreated { tags, desired } => (!existed).then_some((tags, desired)),
+        }
+    }
+}
+
+/// One hub, as the engine uses it.
+#[async_trait::async_trait]
+pub trait HubConnection: Send + Sync {
+    /// Creates the device, or overwrites the identity of an existing one, and writes its twin
+    /// as `twin` says. Returns whether the device existed before.
+    async fn put_device(&self, spec: &HubDeviceSpec, twin: TwinWrite<'_>)
+        -> Result<bool, HubError>;
+
+    /// Deletes the device; a device that is not there is not an error.
+    async fn delete_device(&self, device_id: &str) -> Result<(), HubError>;
+
+    /// The device's twin (`GET /twins/{id}`), `None` when the device is not there.
+    async fn get_twin(&self, device_id: &str) -> Result<Option<Value>, HubError>;
+}
+
+/// A linked hub reached over its registry REST API.
+pub struct RestHub {
+    client: HubClient,
+    connection_string: String,
+}
+
+impl RestHub {
+    pub fn new(client: HubClient, connection_string: impl Into<String>) -> Self {
+        Self {
+            client,
+            connection_string: connection_string.into(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl HubConnection for RestHub {
+    async fn put_device(
+        &self,
+        spec: &HubDeviceSpec,
+        twin: TwinWrite<'_>,
+    ) -> Result<bool, HubError> {
+        let cs = &self.connection_string;
+        let existed = self.client.put_device(cs, spec).await?;
+        if let Some((tags, desired)) = twin.parts(existed) {
+            self.client
+                .replace_twin(cs, &spec.device_id, tags, desired)
+                .await?;
+        }
+        Ok(existed)
+    }
+
+    async fn delete_device(&self, device_id: &str) -> Result<(), HubError> {
+        self.client
+            .delete_device(&self.connection_string, device_id)
+            .await
+    }
+
+    async fn get_twin(&self, device_id: &str) -> Result<Option<Value>, HubError> {
+        self.client
+            .get_twin(&self.connection_string, device_id)
+            .await
+    }
 }
 
 #[derive(Clone)]
@@ -186,12 +285,7 @@ impl HubClient {
     /// Creates the device; when it already exists, overwrites its identity and reports so.
     /// Returns whether the device existed before.
     pub async fn put_device(&self, cs: &str, spec: &HubDeviceSpec) -> Result<bool, HubError> {
-        let body = json!({
-            "deviceId": spec.device_id,
-            "status": "enabled",
-            "authentication": spec.authentication.to_json(),
-            "capabilities": {"iotEdge": spec.iot_edge},
-        });
+        let body = spec.to_json();
         let path = format!("/devices/{}", encode_id(&spec.device_id));
         match self
             .call(

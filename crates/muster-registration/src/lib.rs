@@ -12,7 +12,8 @@
 //! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
-//! - [`hub_client`] — the IoT Hub registry REST client that writes devices and twins.
+//! - [`hub_client`] — [`HubConnection`], how the engine writes devices and twins into a hub,
+//!   and its IoT Hub registry REST implementation.
 //! - [`record`] — the stored registration record and the plan of a pending assignment.
 //! - [`throttle`] — per-hub token buckets.
 //! - [`reply`] — [`DeviceReply`], what transports send back.
@@ -31,7 +32,7 @@ use muster_proto::device::DeviceRegistration;
 use muster_proto::ErrorCode;
 
 pub use engine::{Engine, EngineConfig};
-pub use hub_client::HubClient;
+pub use hub_client::{HubClient, HubConnection};
 pub use reply::DeviceReply;
 
 /// Why a registration did not succeed: a code that names the failed check and a message

@@ -7,6 +7,7 @@
 //! - [`tls`] — the local CA and the server certificate it issues.
 //! - [`client_cert`] — optional device client certificates, judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
+//! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, draining.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
@@ -20,6 +21,7 @@ pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod listener;
+pub mod local_hub;
 pub mod mqtt_dispatch;
 pub mod tls;
 
@@ -193,7 +195,12 @@ impl Server {
         engine_config.region = config.region.clone();
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
-        let engine = Engine::new(store.clone(), clock, entropy, http, engine_config);
+        // The built-in hub is written in process; other linked hubs over their REST API.
+        let engine = Engine::new(store.clone(), clock, entropy, http, engine_config)
+            .with_local_hub(
+                &hub_endpoint,
+                Arc::new(local_hub::LocalHub::new(hub.clone())),
+            );
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
 
         let (shutdown, shutdown_rx) = watch::channel(false);

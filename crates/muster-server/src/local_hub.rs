@@ -1,0 +1,234 @@
+//! The built-in hub as the registration engine's in-process [`HubConnection`].
+//!
+//! The engine writes linked hubs through their registry REST API; for the hub that lives in
+//! this process that would be an HTTPS call (and a TLS handshake when the pool is cold) to
+//! itself. This adapter runs the same registry operations directly, with the same bodies the
+//! REST client sends, so the semantics cannot drift: the device and its twin go into the store
+//! in one write instead of two calls.
+
+use async_trait::async_trait;
+use muster_hub::error::HubErrorCode;
+use muster_hub::model::{DeviceInput, TwinUpdate};
+use muster_hub::HubRegistry;
+use muster_proto::IfMatch;
+use muster_registration::hub_client::{HubDeviceSpec, HubError, TwinWrite};
+use muster_registration::HubConnection;
+use serde_json::{json, Value};
+
+/// The built-in hub, reached without leaving the process.
+pub struct LocalHub {
+    registry: HubRegistry,
+}
+
+impl LocalHub {
+    pub fn new(registry: HubRegistry) -> Self {
+        Self { registry }
+    }
+
+    fn refused(&self, action: &'static str, e: muster_hub::error::HubError) -> HubError {
+        HubError::Refused {
+            hub: self.registry.host_name().to_string(),
+            action,
+            status: e.code.status(),
+            message: e.wire_message(),
+        }
+    }
+}
+
+fn twin_update(tags: &Value, desired: &Value) -> Result<TwinUpdate, muster_hub::error::HubError> {
+    TwinUpdate::from_json(&json!({"tags": tags, "properties": {"desired": desired}}))
+}
+
+#[async_trait]
+impl HubConnection for LocalHub {
+    async fn put_device(
+        &self,
+        spec: &HubDeviceSpec,
+        twin: TwinWrite<'_>,
+    ) -> Result<bool, HubError> {
+        let input: DeviceInput = serde_json::from_value(spec.to_json()).map_err(|e| {
+            self.refused(
+                "create device",
+                muster_hub::error::HubError::invalid(e.to_string()),
+            )
+        })?;
+        // Try to create; an existing device is overwritten with If-Match `*`, as over REST.
+        let mut existed = false;
+        for if_match in [IfMatch::None, IfMatch::Any] {
+            let action = if existed {
+                "update device"
+            } else {
+                "create device"
+            };
+            let result = match twin.parts(existed) {
+                Some((tags, desired)) => {
+                    let update = twin_update(tags, desired).map_err(|e| self.refused(action, e))?;
+                    self.registry
+                        .create_or_update_device_with_twin(input.clone(), &if_match, update)
+                        .await
+                        .map(|_| ())
+                }
+                None => self
+                    .registry
+                    .create_or_update_device(input.clone(), &if_match)
+                    .await
+                    .map(|_| ()),
+            };
+            match result {
+                Ok(()) => return Ok(existed),
+                Err(e) if e.code == HubErrorCode::DeviceAlreadyExists && !existed => {
+                    existed = true;
+                }
+                Err(e) => return Err(self.refused(action, e)),
+            }
+        }
+        Err(HubError::Refused {
+            hub: self.registry.host_name().to_string(),
+            action: "update device",
+            status: 409,
+            message: "the device kept changing while it was written".into(),
+        })
+    }
+
+    async fn delete_device(&self, device_id: &str) -> Result<(), HubError> {
+        match self.registry.delete_device(device_id, &IfMatch::Any).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code == HubErrorCode::DeviceNotFound => Ok(()),
+            Err(e) => Err(self.refused("delete device", e)),
+        }
+    }
+
+    async fn get_twin(&self, device_id: &str) -> Result<Option<Value>, HubError> {
+        match self.registry.get_twin(device_id).await {
+            Ok(t) => serde_json::to_value(t).map(Some).map_err(|e| {
+                self.refused(
+                    "read twin",
+                    muster_hub::error::HubError::invalid(e.to_string()),
+                )
+            }),
+            Err(e) if e.code == HubErrorCode::DeviceNotFound => Ok(None),
+            Err(e) => Err(self.refused("read twin", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use muster_proto::runtime::{ManualClock, SeededEntropy};
+    use muster_proto::Timestamp;
+    use muster_registration::hub_client::HubAuthentication;
+    use muster_store::SqliteStore;
+
+    use super::*;
+
+    async fn hub(dir: &tempfile::TempDir) -> (LocalHub, HubRegistry) {
+        let store = Arc::new(SqliteStore::open(&dir.path().join("hub.db")).expect("store"));
+        let entropy = Arc::new(SeededEntropy::new(7));
+        let clock = Arc::new(ManualClock::new(
+            Timestamp::from_unix_millis(1_700_000_000_000).expect("time"),
+        ));
+        let policies = muster_hub::auth::default_policies(&*entropy);
+        let registry = HubRegistry::new(store, "hub.test".into(), policies, clock, entropy);
+        (LocalHub::new(registry.clone()), registry)
+    }
+
+    // 16-byte keys, base64.
+    const KEY_A: &str = "AAAAAAAAAAAAAAAAAAAAAA==";
+    const KEY_B: &str = "BBBBBBBBBBBBBBBBBBBBBA==";
+    const KEY_C: &str = "CCCCCCCCCCCCCCCCCCCCCA==";
+
+    fn spec(id: &str, key: &str) -> HubDeviceSpec {
+        HubDeviceSpec {
+            device_id: id.into(),
+            authentication: HubAuthentication::Sas {
+                primary_key: key.into(),
+                secondary_key: key.into(),
+            },
+            iot_edge: false,
+        }
+    }
+
+    fn tags(registry_twin: &Value) -> Value {
+        registry_twin.get("tags").cloned().unwrap_or(Value::Null)
+    }
+
+    #[tokio::test]
+    async fn writes_device_and_twin_like_the_rest_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (local, registry) = hub(&dir).await;
+        let (t1, d1) = (json!({"line": "a"}), json!({"interval": 5}));
+        let initial = TwinWrite::ReplaceIfCreated {
+            tags: &t1,
+            desired: &d1,
+        };
+
+        // New device: created with its initial twin.
+        assert!(!local
+            .put_device(&spec("d1", KEY_A), initial)
+            .await
+            .expect("create"));
+        let twin = local.get_twin("d1").await.expect("twin").expect("exists");
+        assert_eq!(tags(&twin), t1);
+        assert_eq!(
+            twin.pointer("/properties/desired/interval"),
+            Some(&json!(5))
+        );
+
+        // Existing device on an initial assignment: identity overwritten, twin kept.
+        let (t2, d2) = (json!({"line": "b"}), json!({}));
+        let again = TwinWrite::ReplaceIfCreated {
+            tags: &t2,
+            desired: &d2,
+        };
+        assert!(local
+            .put_device(&spec("d1", KEY_B), again)
+            .await
+            .expect("update"));
+        let device = registry.get_device("d1").await.expect("device");
+        assert_eq!(
+            device.authentication.symmetric_key.primary_key.as_deref(),
+            Some(KEY_B)
+        );
+        let twin = local.get_twin("d1").await.expect("twin").expect("exists");
+        assert_eq!(tags(&twin), t1);
+
+        // Replace overwrites the twin of an existing device; Keep leaves it.
+        let replace = TwinWrite::Replace {
+            tags: &t2,
+            desired: &d2,
+        };
+        assert!(local
+            .put_device(&spec("d1", KEY_B), replace)
+            .await
+            .expect("replace"));
+        let twin = local.get_twin("d1").await.expect("twin").expect("exists");
+        assert_eq!(tags(&twin), t2);
+        assert!(twin.pointer("/properties/desired/interval").is_none());
+        assert!(local
+            .put_device(&spec("d1", KEY_C), TwinWrite::Keep)
+            .await
+            .expect("keep"));
+        assert_eq!(
+            tags(&local.get_twin("d1").await.expect("twin").expect("exists")),
+            t2
+        );
+
+        // Delete is idempotent; a missing twin is None, not an error.
+        local.delete_device("d1").await.expect("delete");
+        local.delete_device("d1").await.expect("delete again");
+        assert!(local.get_twin("d1").await.expect("twin").is_none());
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_hub_status() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (local, _) = hub(&dir).await;
+        let err = local
+            .put_device(&spec("bad id/with slash", KEY_A), TwinWrite::Keep)
+            .await
+            .expect_err("invalid id");
+        assert_eq!(err.status(), Some(400), "{err}");
+    }
+}
