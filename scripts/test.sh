@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test Muster has: formatting, lints, Rust unit and integration tests, and the
-# interop tests with Microsoft's own SDKs (which install their pinned packages themselves).
+# interop tests with Microsoft's own SDKs (which install their pinned packages themselves), and
+# the web console's browser test (chromium driven by playwright-core).
 #
-# Usage: scripts/test.sh [--no-interop]
+# Usage: scripts/test.sh [--no-interop] [--no-browser]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 interop=1
-[[ "${1:-}" == "--no-interop" ]] && interop=0
+browser=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-interop) interop=0 ;;
+    --no-browser) browser=0 ;;
+    *) echo "unknown argument: $arg (use --no-interop, --no-browser)" >&2; exit 2 ;;
+  esac
+done
 
 section() { printf '\n========== %s ==========\n' "$*"; }
 
@@ -23,4 +31,9 @@ cargo test --workspace --locked
 if [[ $interop -eq 1 ]]; then
   section "interop: Microsoft SDKs against a running Muster"
   bash scripts/interop.sh
+fi
+
+if [[ $browser -eq 1 ]]; then
+  section "web console in a real browser (chromium + playwright-core)"
+  bash scripts/console-test.sh
 fi

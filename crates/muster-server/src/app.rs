@@ -5,6 +5,7 @@
 //! - device API: `/{idScope}/registrations/{registrationId}/...`
 //! - built-in hub REST: `/devices`, `/twins`
 //! - MQTT over WebSocket: `/$iothub/websocket`
+//! - web console: `/console` (`muster-console`)
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ pub fn https_app(
     service_api: ServiceApi,
     registrar: Arc<dyn DeviceRegistrar>,
     hub: muster_hub::HubRegistry,
+    console: muster_console::Console,
 ) -> Router {
     let inner = Router::new()
         .merge(muster_service_api::router(service_api))
@@ -37,6 +39,7 @@ pub fn https_app(
                 }),
         )
         .merge(muster_hub::router(hub))
+        .merge(muster_console::router(console))
         .fallback(muster_service_api::not_found)
         .method_not_allowed_fallback(muster_service_api::method_not_allowed);
     // Path normalisation must run before routing, so it wraps the whole router.

@@ -20,6 +20,9 @@ pub struct ConnectionInfo {
     pub service_connection_string: String,
     /// Path of the PEM file clients must trust.
     pub ca_certificate: PathBuf,
+    /// The web console's URL (`{serviceEndpoint}/console`).
+    #[serde(default)]
+    pub console_url: String,
     /// IoT hubs this server runs (the built-in one).
     #[serde(default)]
     pub hubs: Vec<HubInfo>,

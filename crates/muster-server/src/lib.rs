@@ -209,7 +209,18 @@ impl Server {
             registrar: registrar.clone(),
             hub: hub.clone(),
         };
-        let app = app::https_app(api, registrar.clone(), hub);
+        let console = muster_console::Console::new(
+            muster_console::ConsoleConfig {
+                id_scope: identity.id_scope.to_string(),
+                device_endpoint: endpoint.clone(),
+                service_endpoint: format!("https://{endpoint}"),
+                service_host: endpoint.clone(),
+                ca_pem_path: absolute(ca.cert_path().to_path_buf()),
+            },
+            api.clone(),
+            hub.clone(),
+        );
+        let app = app::https_app(api, registrar.clone(), hub, console);
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
                 l,
@@ -252,6 +263,7 @@ impl Server {
                 })
                 .unwrap_or_default(),
             ca_certificate: absolute(ca.cert_path().to_path_buf()),
+            console_url: format!("https://{endpoint}{}", muster_console::BASE),
             hubs: vec![connection_info::HubInfo {
                 host_name: hub_endpoint,
                 connection_string: hub_connection_string,
@@ -262,7 +274,7 @@ impl Server {
         connection
             .write(&data_dir)
             .map_err(|source| ServerError::ConnectionInfo { path, source })?;
-        info!(https = ?bound, mqtt = ?mqtt_bound, "listening");
+        info!(https = ?bound, mqtt = ?mqtt_bound, console = %connection.console_url, "listening");
         Ok(Server {
             connection,
             https_addrs: bound,

@@ -93,6 +93,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     println!("  Service endpoint:   {}", c.service_endpoint);
     println!("  Trust this CA:      {}", c.ca_certificate.display());
+    println!("  Web console:        {}", c.console_url);
     println!(
         "  Connection details: {} (holds the service connection string)",
         config.data_dir.join("connection.json").display()

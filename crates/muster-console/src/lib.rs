@@ -1,0 +1,170 @@
+//! Muster's web console: server-rendered HTML pages under `/console` on the DPS HTTPS port.
+//!
+//! The console is a *client* of Muster's own APIs, called in process: every page that reads or
+//! changes enrollments, registration records or linked hubs sends a request to the service API's
+//! axum router ([`muster_service_api::router`]) with a SAS token minted from the signed-in
+//! policy's key, and the built-in hub's pages call the hub's REST router ([`muster_hub::router`])
+//! with a token of the hub's `iothubowner` policy. Rights, validation and error codes are
+//! therefore exactly the API's; the DPS error body is shown next to the field that caused it.
+//!
+//! Layout:
+//! - [`session`] — sign-in with a shared access policy (name + key), in-memory sessions with
+//!   idle expiry, sign-out; the cookie only carries a random id.
+//! - [`csrf`] — the per-session token every form carries, the `Origin` check, form parsing
+//!   (url-encoded and multipart) behind one guard every POST handler calls first.
+//! - [`api`] — the in-process calls into the service API and hub routers.
+//! - [`overview`] — ID scope, endpoints, CA download, counts, registrations per minute.
+//! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
+//!   details (settings, registration records), enable/disable, delete with cascade.
+//! - [`registrations`] — registration records filtered by status, group and hub, paged.
+//! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
+//! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
+//! - [`device_key`] — derive a device key from a group key.
+//! - [`assets`] — the embedded CSS and JavaScript (no inline scripts or styles: the CSP
+//!   forbids them).
+//! - [`page`] — what every page's layout needs, rendering, security headers.
+//!
+//! What it must never do: put a key in a cookie, a URL or a log line; accept a POST without
+//! the session's CSRF token; read the real clock or random source (both come from the
+//! [`ServiceApi`]).
+
+pub mod api;
+pub mod assets;
+pub mod csrf;
+pub mod device_key;
+pub mod enrollments;
+pub mod hub_devices;
+pub mod linked_hubs;
+pub mod overview;
+pub mod page;
+pub mod registrations;
+pub mod session;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use muster_hub::HubRegistry;
+use muster_service_api::ServiceApi;
+
+/// Where the console lives on the HTTPS port.
+pub const BASE: &str = "/console";
+
+/// What the overview shows and what tokens must name.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    pub id_scope: String,
+    /// The global device endpoint (`host` or `host:port`).
+    pub device_endpoint: String,
+    /// The service API base URL.
+    pub service_endpoint: String,
+    /// The host (optionally `host:port`) service tokens name in `sr`; one the service API's
+    /// Authorizer accepts.
+    pub service_host: String,
+    /// The local CA certificate clients must trust (offered for download).
+    pub ca_pem_path: PathBuf,
+}
+
+/// The console's state, cheap to clone.
+#[derive(Clone)]
+pub struct Console {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ConsoleConfig,
+    api: ServiceApi,
+    service: Router,
+    hub: HubRegistry,
+    hub_router: Router,
+    sessions: session::Sessions,
+    stats: overview::StatsCache,
+}
+
+impl Console {
+    pub fn new(config: ConsoleConfig, api: ServiceApi, hub: HubRegistry) -> Self {
+        let service = muster_service_api::router(api.clone());
+        let hub_router = muster_hub::router(hub.clone());
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                api,
+                service,
+                hub,
+                hub_router,
+                sessions: session::Sessions::new(session::Limits::default()),
+                stats: overview::StatsCache::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ConsoleConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn api(&self) -> &ServiceApi {
+        &self.inner.api
+    }
+
+    pub(crate) fn sessions(&self) -> &session::Sessions {
+        &self.inner.sessions
+    }
+
+    pub(crate) fn now_unix(&self) -> i64 {
+        self.inner.api.clock.now().unix_seconds()
+    }
+}
+
+/// The console's routes, all under [`BASE`]. Merge into the HTTPS app.
+pub fn router(console: Console) -> Router {
+    Router::new()
+        .route("/console", get(overview::page))
+        .route("/console/ca.pem", get(overview::ca_pem))
+        .route(
+            "/console/sign-in",
+            get(session::sign_in_page).post(session::sign_in),
+        )
+        .route("/console/sign-out", post(session::sign_out))
+        .route("/console/static/console.css", get(assets::css))
+        .route("/console/static/console.js", get(assets::js))
+        .route("/console/enrollments", get(enrollments::list))
+        .route(
+            "/console/enrollments/new",
+            get(enrollments::new_page).post(enrollments::create),
+        )
+        .route(
+            "/console/enrollments/{kind}/{id}",
+            get(enrollments::details).post(enrollments::save_settings),
+        )
+        .route(
+            "/console/enrollments/{kind}/{id}/status",
+            post(enrollments::set_status),
+        )
+        .route(
+            "/console/enrollments/{kind}/{id}/delete",
+            post(enrollments::delete),
+        )
+        .route("/console/registrations", get(registrations::list))
+        .route(
+            "/console/linked-hubs",
+            get(linked_hubs::list).post(linked_hubs::add),
+        )
+        .route("/console/linked-hubs/{name}", post(linked_hubs::update))
+        .route(
+            "/console/linked-hubs/{name}/delete",
+            post(linked_hubs::remove),
+        )
+        .route("/console/hub/devices", get(hub_devices::list))
+        .route("/console/hub/devices/{id}", get(hub_devices::details))
+        .route(
+            "/console/device-key",
+            get(device_key::page).post(device_key::compute),
+        )
+        .route(
+            "/console/{*rest}",
+            get(page::not_found).post(page::not_found),
+        )
+        .layer(axum::middleware::map_response(page::security_headers))
+        .with_state(console)
+}

@@ -1,0 +1,138 @@
+//! What every page shares: the layout's data, rendering, redirects, message pages and the
+//! security headers on every console response.
+
+use askama::Template;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+
+/// The layout's data (`templates/base.html`).
+#[derive(Debug, Clone, Default)]
+pub struct PageCtx {
+    pub title: String,
+    /// Which navigation entry is current ("" for none).
+    pub nav: &'static str,
+    /// The session's CSRF token, for the sign-out form and `<meta name="csrf-token">`.
+    pub csrf: String,
+    /// The signed-in policy, `None` on the sign-in page.
+    pub policy: Option<String>,
+    /// A one-shot message from the previous POST.
+    pub flash: Option<String>,
+}
+
+impl PageCtx {
+    /// `aria-current="page"` for the current navigation entry.
+    pub fn current(&self, nav: &str) -> &'static str {
+        if self.nav == nav {
+            "page"
+        } else {
+            "false"
+        }
+    }
+}
+
+/// Renders a template as a 200 HTML page.
+pub fn render<T: Template>(t: &T) -> Response {
+    render_status(StatusCode::OK, t)
+}
+
+pub fn render_status<T: Template>(status: StatusCode, t: &T) -> Response {
+    match t.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "console template failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be rendered",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// 303 See Other: the Post/Redirect/Get answer to every successful form.
+pub fn redirect(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    r
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct MessagePage {
+    page: PageCtx,
+    heading: String,
+    message: String,
+}
+
+/// A page with a heading and one paragraph (errors, refusals).
+pub fn message_page(page: PageCtx, status: StatusCode, heading: &str, message: String) -> Response {
+    render_status(
+        status,
+        &MessagePage {
+            page,
+            heading: heading.into(),
+            message,
+        },
+    )
+}
+
+/// 404 for console paths no route serves.
+pub async fn not_found() -> Response {
+    message_page(
+        PageCtx {
+            title: "Not found".into(),
+            ..PageCtx::default()
+        },
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "There is no console page at this address.".into(),
+    )
+}
+
+/// Headers on every console response. Pages are never cached (several show keys); the
+/// static assets set their own long `Cache-Control` first.
+pub async fn security_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        http::header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("DENY"),
+    );
+    if !h.contains_key(http::header::CACHE_CONTROL) {
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+    }
+    resp
+}
+
+/// Percent-encodes one path segment (ids may hold `:`, `.`, `-`, `_`).
+pub fn seg(s: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
+}
+
+/// Percent-encodes a query value.
+pub fn q(s: &str) -> String {
+    seg(s)
+}

@@ -1,0 +1,216 @@
+//! Registration records: filter by status, enrollment group and assigned hub, paged.
+//!
+//! With a group the page is the service API's `POST /registrations/{groupId}/query`, paged
+//! with `x-ms-continuation` (status and hub filter each page). Without one, the DPS API has no
+//! "all records" query, so the console reads the store's `registrations` collection in key
+//! order after checking, with the API's own Authorizer, that the policy holds
+//! `RegistrationStatusRead`; each request reads at most [`SCAN_LIMIT`] records and the next
+//! link continues after the last key read, so large sets page without a full scan.
+
+use askama::Template;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use muster_proto::AccessRight;
+use muster_store::{Collection, ListQuery};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::enrollments::{reg_row, RegRow};
+use crate::page::{q, render_status, seg, PageCtx};
+use crate::Console;
+
+/// Rows per page.
+const PAGE_SIZE: usize = 50;
+/// Most records one request reads from the store when filtering.
+const SCAN_LIMIT: usize = 10_000;
+
+#[derive(Deserialize, Default)]
+pub struct Filter {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    hub: Option<String>,
+    #[serde(default)]
+    page: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "registrations.html")]
+struct RegistrationsPage {
+    page: PageCtx,
+    status: String,
+    group: String,
+    hub: String,
+    rows: Vec<RegRow>,
+    next: Option<String>,
+    error: Option<String>,
+    hubs: Vec<String>,
+}
+
+impl RegistrationsPage {
+    fn statuses(&self) -> [&'static str; 5] {
+        ["assigned", "assigning", "failed", "disabled", "unassigned"]
+    }
+
+    /// The next page's URL.
+    fn next_url(&self, token: &str) -> String {
+        format!(
+            "/console/registrations?status={}&group={}&hub={}&page={}",
+            q(&self.status),
+            q(&self.group),
+            q(&self.hub),
+            q(token)
+        )
+    }
+}
+
+fn keep(r: &RegRow, status: &str, hub: &str) -> bool {
+    (status.is_empty() || r.status == status)
+        && (hub.is_empty() || r.assigned_hub.eq_ignore_ascii_case(hub))
+}
+
+pub async fn list(
+    State(c): State<Console>,
+    Query(f): Query<Filter>,
+    headers: HeaderMap,
+) -> Response {
+    let s = match c.require_session(&headers) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let status = f.status.unwrap_or_default().trim().to_string();
+    let group = f.group.unwrap_or_default().trim().to_string();
+    let hub = f.hub.unwrap_or_default().trim().to_string();
+    let token = f.page.unwrap_or_default();
+    let mut rows = Vec::new();
+    let mut next = None;
+    let mut error = None;
+    if !group.is_empty() {
+        let mut extra = vec![("x-ms-max-item-count", PAGE_SIZE.to_string())];
+        if let Some(t) = token.strip_prefix("c:") {
+            extra.push(("x-ms-continuation", t.to_string()));
+        }
+        match c
+            .service(
+                &s,
+                Method::POST,
+                &format!("/registrations/{}/query", seg(&group)),
+                None,
+                &extra,
+            )
+            .await
+        {
+            Ok(r) => {
+                next = r.continuation().map(|t| format!("c:{t}"));
+                rows = r
+                    .body
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(reg_row)
+                            .filter(|r| keep(r, &status, &hub))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+            Err(f) => error = Some(f.text()),
+        }
+    } else {
+        match c.has_right(&s, AccessRight::RegistrationStatusRead) {
+            Err(f) => error = Some(f.text()),
+            Ok(()) => {
+                let mut after = token.strip_prefix("k:").map(str::to_string);
+                let mut scanned = 0usize;
+                'scan: loop {
+                    let page = match c
+                        .api()
+                        .store
+                        .list(
+                            Collection::Registrations,
+                            ListQuery {
+                                partition: None,
+                                after: after.clone(),
+                                limit: 500,
+                            },
+                        )
+                        .await
+                    {
+                        Ok(p) => p,
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    };
+                    let n = page.len();
+                    for rec in page {
+                        scanned += 1;
+                        after = Some(rec.key.clone());
+                        let row = reg_row(&rec.body);
+                        if keep(&row, &status, &hub) {
+                            rows.push(row);
+                            if rows.len() == PAGE_SIZE {
+                                next = after.as_ref().map(|k| format!("k:{k}"));
+                                break 'scan;
+                            }
+                        }
+                    }
+                    if n < 500 {
+                        break;
+                    }
+                    if scanned >= SCAN_LIMIT {
+                        next = after.as_ref().map(|k| format!("k:{k}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let hubs = linked_hub_names(&c).await;
+    let code = if error.is_some() {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::OK
+    };
+    render_status(
+        code,
+        &RegistrationsPage {
+            page: c.page_ctx(&s, "Registration records", "registrations"),
+            status,
+            group,
+            hub,
+            rows,
+            next,
+            error,
+            hubs,
+        },
+    )
+}
+
+/// Host names of the linked hubs (not secret), for the hub filter's suggestions.
+pub async fn linked_hub_names(c: &Console) -> Vec<String> {
+    c.api()
+        .store
+        .list(
+            Collection::LinkedHubs,
+            ListQuery {
+                partition: None,
+                after: None,
+                limit: 1000,
+            },
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| {
+                    r.body
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

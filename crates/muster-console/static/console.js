@@ -1,0 +1,63 @@
+// Muster console: small progressive enhancements. Every flow works without this file.
+(function () {
+  "use strict";
+  document.documentElement.classList.add("js");
+
+  // Copy buttons: data-copy="<id of the element whose text to copy>".
+  document.addEventListener("click", function (ev) {
+    var btn = ev.target.closest("button[data-copy]");
+    if (!btn) return;
+    var el = document.getElementById(btn.getAttribute("data-copy"));
+    if (!el || !navigator.clipboard) return;
+    var label = btn.textContent;
+    navigator.clipboard.writeText(el.textContent.trim()).then(function () {
+      btn.textContent = "Copied";
+      setTimeout(function () { btn.textContent = label; }, 1500);
+    });
+  });
+
+  // Confirmation for destructive forms: data-confirm="question".
+  document.addEventListener("submit", function (ev) {
+    var form = ev.target;
+    var q = form.getAttribute && form.getAttribute("data-confirm");
+    if (q && !window.confirm(q)) ev.preventDefault();
+  });
+
+  // JSON editors: validate as the user types; block submit while invalid.
+  function checkJson(area) {
+    var out = document.getElementById(area.getAttribute("aria-describedby"));
+    var text = area.value.trim();
+    var msg = "";
+    if (text) {
+      try {
+        var v = JSON.parse(text);
+        if (v === null || typeof v !== "object" || Array.isArray(v)) msg = "The initial twin must be a JSON object.";
+      } catch (e) { msg = "Not valid JSON: " + e.message; }
+    }
+    area.setAttribute("aria-invalid", msg ? "true" : "false");
+    if (out) out.textContent = msg;
+    return !msg;
+  }
+  document.querySelectorAll("textarea[data-json]").forEach(function (area) {
+    area.addEventListener("input", function () { checkJson(area); });
+    if (area.form) area.form.addEventListener("submit", function (ev) {
+      if (!checkJson(area)) { ev.preventDefault(); area.focus(); }
+    });
+  });
+
+  // Show only the attestation fields of the chosen mechanism.
+  function syncAttestation() {
+    var chosen = document.querySelector("input[name=attestation]:checked");
+    document.querySelectorAll("fieldset[data-attestation]").forEach(function (fs) {
+      fs.hidden = !!chosen && fs.getAttribute("data-attestation") !== chosen.value;
+    });
+    var auto = document.getElementById("auto_keys");
+    document.querySelectorAll("input[data-manual-key]").forEach(function (i) {
+      i.disabled = !!auto && auto.checked;
+    });
+  }
+  document.addEventListener("change", function (ev) {
+    if (ev.target.name === "attestation" || ev.target.id === "auto_keys") syncAttestation();
+  });
+  syncAttestation();
+})();

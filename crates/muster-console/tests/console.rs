@@ -1,0 +1,481 @@
+//! The console driven over HTTPS against a real `muster_server::Server` on loopback: sign-in,
+//! CSRF, sign-out, rights enforced by the API, forms re-rendered with the user's values.
+
+use std::sync::Arc;
+
+use muster_proto::{ConnectionString, SasToken};
+use muster_server::{Config, ConnectionInfo, Server};
+use serde_json::{json, Value};
+
+struct Harness {
+    server: Server,
+    info: ConnectionInfo,
+    http: reqwest::Client,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Config {
+        data_dir: dir.path().to_path_buf(),
+        dps_host: "127.0.0.1".into(),
+        https_port: 0,
+        mqtt_port: 0,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let info = server.connection.clone();
+    let pem = std::fs::read(&info.ca_certificate).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = info.service_endpoint.clone();
+    assert_eq!(info.console_url, format!("{base}/console"));
+    Harness {
+        server,
+        info,
+        http,
+        base,
+        _dir: dir,
+    }
+}
+
+/// A browser-like user: a cookie and the page's CSRF token.
+struct User {
+    cookie: String,
+    csrf: String,
+}
+
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_string)
+}
+
+fn cookie_value(set_cookie: &str) -> String {
+    set_cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_string()
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let i = s.find(start)? + start.len();
+    let j = s[i..].find(end)? + i;
+    Some(&s[i..j])
+}
+
+fn meta_csrf(html: &str) -> String {
+    between(html, "<meta name=\"csrf-token\" content=\"", "\"")
+        .unwrap()
+        .to_string()
+}
+
+fn owner(info: &ConnectionInfo) -> (String, String) {
+    let cs = ConnectionString::parse(&info.service_connection_string).unwrap();
+    (cs.key_name, cs.key)
+}
+
+impl Harness {
+    async fn post_form(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        fields: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let body: String = fields
+            .iter()
+            .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str, cookie: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Signs in; returns the response of the sign-in POST.
+    async fn try_sign_in(&self, policy: &str, key: &str) -> (reqwest::Response, String) {
+        let page = self.get("/console/sign-in", None).await;
+        assert_eq!(page.status(), 200);
+        let pre = cookie_value(&set_cookie(&page, "muster_console_signin").unwrap());
+        let html = page.text().await.unwrap();
+        let token = between(&html, "name=\"csrf\" value=\"", "\"")
+            .unwrap()
+            .to_string();
+        assert_eq!(token, pre);
+        let cookie = format!("muster_console_signin={pre}");
+        let r = self
+            .post_form(
+                "/console/sign-in",
+                Some(&cookie),
+                &[("csrf", &token), ("policy", policy), ("key", key)],
+            )
+            .await;
+        (r, cookie)
+    }
+
+    async fn sign_in(&self, policy: &str, key: &str) -> User {
+        let (r, _) = self.try_sign_in(policy, key).await;
+        assert_eq!(r.status(), 303);
+        assert_eq!(r.headers()["location"], "/console");
+        let sc = set_cookie(&r, "muster_console").unwrap();
+        for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/console"] {
+            assert!(sc.contains(attr), "{sc}");
+        }
+        let cookie = format!("muster_console={}", cookie_value(&sc));
+        let page = self.get("/console", Some(&cookie)).await;
+        assert_eq!(page.status(), 200);
+        let html = page.text().await.unwrap();
+        assert!(html.contains("<h1>Overview</h1>"), "{html}");
+        User {
+            csrf: meta_csrf(&html),
+            cookie,
+        }
+    }
+
+    /// A service API token for the owner policy.
+    fn owner_token(&self) -> String {
+        let cs = ConnectionString::parse(&self.info.service_connection_string).unwrap();
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&cs.key)
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        SasToken::generate(&cs.host_name, &key, Some(&cs.key_name), now + 600)
+    }
+
+    async fn api_get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}?api-version=2021-10-01", self.base))
+            .header("authorization", self.owner_token())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[tokio::test]
+async fn wrong_key_cannot_sign_in_and_sessions_end_at_sign_out() {
+    let h = start().await;
+    let (name, key) = owner(&h.info);
+
+    // Unsigned: every page sends you to sign in.
+    let r = h.get("/console", None).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/console/sign-in");
+
+    // A wrong key (the secondary key of nothing, a truncated key, another policy's name).
+    for (p, k) in [
+        (
+            name.as_str(),
+            "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktMDA=",
+        ),
+        (name.as_str(), &key[..key.len() - 2]),
+        ("nobody", key.as_str()),
+        (name.as_str(), ""),
+    ] {
+        let (r, _) = h.try_sign_in(p, k).await;
+        assert_eq!(r.status(), 401, "{p}");
+        assert!(set_cookie(&r, "muster_console").is_none());
+        let html = r.text().await.unwrap();
+        assert!(
+            html.contains("do not match a shared access policy"),
+            "{html}"
+        );
+        // The name is kept, the key is not echoed.
+        assert!(html.contains(&format!("value=\"{p}\"")));
+        assert!(!html.contains(&key));
+    }
+
+    // The sign-in form itself needs its CSRF token.
+    let (_, cookie) = h.try_sign_in(&name, &key).await;
+    let r = h
+        .post_form(
+            "/console/sign-in",
+            Some(&cookie),
+            &[("policy", &name), ("key", &key)],
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+
+    let user = h.sign_in(&name, &key).await;
+    let r = h.get("/console", Some(&user.cookie)).await;
+    assert_eq!(r.status(), 200);
+    for (header, want) in [
+        (
+            "content-security-policy",
+            "default-src 'self'; frame-ancestors 'none'",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "same-origin"),
+        ("cache-control", "no-store"),
+    ] {
+        let got = r.headers()[header].to_str().unwrap();
+        assert!(got.starts_with(want), "{header}: {got}");
+    }
+    let html = r.text().await.unwrap();
+    assert!(html.contains(&h.info.id_scope));
+    assert!(!html.contains(&key), "the key never reaches a page");
+
+    // Sign-out without the token is refused and keeps the session.
+    let r = h
+        .post_form("/console/sign-out", Some(&user.cookie), &[])
+        .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(h.get("/console", Some(&user.cookie)).await.status(), 200);
+
+    let r = h
+        .post_form(
+            "/console/sign-out",
+            Some(&user.cookie),
+            &[("csrf", &user.csrf)],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    let r = h.get("/console", Some(&user.cookie)).await;
+    assert_eq!(r.status(), 303, "the old cookie no longer works");
+    assert_eq!(r.headers()["location"], "/console/sign-in");
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn posts_without_the_csrf_token_or_from_another_origin_are_refused() {
+    let h = start().await;
+    let (name, key) = owner(&h.info);
+    let user = h.sign_in(&name, &key).await;
+    let fields = |csrf: &'static str| {
+        vec![
+            ("csrf", csrf),
+            ("kind", "groups"),
+            ("id", "csrf-victim"),
+            ("attestation", "symmetricKey"),
+            ("auto_keys", "1"),
+            ("allocation_policy", "hashed"),
+            ("reprovision", "reprovisionAndMigrate"),
+            ("enabled", "1"),
+            ("initial_twin", "{}"),
+        ]
+    };
+    // No token, a wrong token.
+    for f in [fields(""), fields("bm90LXRoZS10b2tlbg")] {
+        let f: Vec<(&str, &str)> = f.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        let r = h
+            .post_form("/console/enrollments/new", Some(&user.cookie), &f)
+            .await;
+        assert_eq!(r.status(), 403);
+        assert!(r.text().await.unwrap().contains("CSRF check failed"));
+    }
+    // The right token from another origin.
+    let mut f = fields("x");
+    f[0].1 = &user.csrf;
+    let body: String = f
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let r = h
+        .http
+        .post(format!("{}/console/enrollments/new", h.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("cookie", &user.cookie)
+        .header("origin", "https://evil.example")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        h.api_get("/enrollmentGroups/csrf-victim").await.status(),
+        404,
+        "nothing was created"
+    );
+    // The same form with the token is accepted.
+    let r = h
+        .http
+        .post(format!("{}/console/enrollments/new", h.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("cookie", &user.cookie)
+        .header("origin", &h.base)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        "/console/enrollments/groups/csrf-victim"
+    );
+    let created: Value = h
+        .api_get("/enrollmentGroups/csrf-victim")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(created["attestation"]["type"], "symmetricKey");
+    // Its details show the generated keys behind the reveal.
+    let html = h
+        .get(
+            "/console/enrollments/groups/csrf-victim",
+            Some(&user.cookie),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("Created enrollment group 'csrf-victim'."));
+    let primary = between(&html, "<code id=\"primary-key\">", "</code>").unwrap();
+    assert_eq!(primary.len(), 88, "64 random bytes, base64: {primary}");
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_read_only_policy_cannot_create_and_failed_forms_keep_their_values() {
+    let h = start().await;
+    let (name, key) = owner(&h.info);
+    // A read-only policy, created through the API.
+    let r = h
+        .http
+        .put(format!(
+            "{}/accessPolicies/reader?api-version=2021-10-01",
+            h.base
+        ))
+        .header("authorization", h.owner_token())
+        .json(&json!({"rights": "EnrollmentRead, RegistrationStatusRead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let reader_key = r.json::<Value>().await.unwrap()["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let reader = h.sign_in("reader", &reader_key).await;
+    let form = |csrf: &str, id: &str, twin: &str| -> Vec<(String, String)> {
+        [
+            ("csrf", csrf),
+            ("kind", "groups"),
+            ("id", id),
+            ("attestation", "symmetricKey"),
+            ("auto_keys", "1"),
+            ("allocation_policy", "hashed"),
+            ("reprovision", "reprovisionAndReset"),
+            ("initial_twin", twin),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    let post = |cookie: String, f: Vec<(String, String)>| {
+        let h = &h;
+        async move {
+            let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            h.post_form("/console/enrollments/new", Some(&cookie), &f)
+                .await
+        }
+    };
+    let r = post(
+        reader.cookie.clone(),
+        form(&reader.csrf, "line-7", r#"{"tags":{"site":"lyon"}}"#),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains(
+            "does not have the EnrollmentWrite right this operation needs (error 403001)"
+        ),
+        "{html}"
+    );
+    assert!(html.contains("value=\"line-7\""), "the id is kept");
+    assert!(
+        html.contains("&quot;site&quot;:&quot;lyon&quot;") || html.contains("&#34;site&#34;"),
+        "{html}"
+    );
+    assert!(html.contains("value=\"reprovisionAndReset\" selected"));
+    // Reading works for the reader; the hub pages need ServiceConfig.
+    assert_eq!(
+        h.get("/console/enrollments", Some(&reader.cookie))
+            .await
+            .status(),
+        200
+    );
+    let r = h.get("/console/hub/devices", Some(&reader.cookie)).await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("ServiceConfig"));
+    let r = h.get("/console/linked-hubs", Some(&reader.cookie)).await;
+    assert_eq!(r.status(), 403);
+
+    // The owner: a twin that is not JSON is caught before the API, a bad id by the API.
+    let owner = h.sign_in(&name, &key).await;
+    let r = post(
+        owner.cookie.clone(),
+        form(&owner.csrf, "line-8", r#"{"tags": {"site": "#),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("The initial twin is not valid JSON"),
+        "{html}"
+    );
+    assert!(html.contains("value=\"line-8\""));
+    assert!(
+        html.contains("{&quot;tags&quot;: {&quot;site&quot;: ") || html.contains("{&#34;tags&#34;"),
+        "{html}"
+    );
+    let r = post(owner.cookie.clone(), form(&owner.csrf, "bad id!", "{}")).await;
+    assert_eq!(r.status(), 400);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("(error 400003)"), "{html}");
+    assert!(
+        html.contains("aria-describedby=\"id-error\""),
+        "shown at the id field"
+    );
+    assert!(html.contains("value=\"bad id!\""));
+    assert_eq!(h.api_get("/enrollmentGroups/line-8").await.status(), 404);
+    h.server.shutdown().await;
+}
