@@ -2,6 +2,7 @@
 //! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
 //! of devices, deprovisioning with cascade, the built-in hub's devices and twins.
 
+mod bench;
 mod conn;
 mod device;
 mod enrollment;
@@ -95,6 +96,9 @@ enum Command {
     /// The built-in IoT hub (or any hub, with --hub-connection-string): devices and twins.
     #[command(subcommand)]
     Hub(hub::HubCommand),
+    /// Benchmarks: load generator, TLS reference, service API at scale.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Print a shell completion script.
     ///
     /// Examples:
@@ -140,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
+        Command::Bench(c) => runtime.block_on(bench::run(c)),
     };
     if let Err(e) = result {
         eprintln!("error: {}", output::describe(&e));

@@ -1,0 +1,77 @@
+//! `muster bench`: the benchmark tools of issue #8, run against a real server.
+//!
+//! - [`register`] — the load generator (`muster bench register --mode ...`): simulated
+//!   devices of a symmetric-key group over HTTPS (fresh TLS per device, or keep-alive) or MQTT
+//!   (fresh TLS per device), closed loop or at a fixed rate, with latency percentiles and the
+//!   server's CPU and memory.
+//! - [`reference`] — `muster bench tls-reference`: a TLS server with the HTTPS listener's
+//!   settings that only handshakes and answers, the physical limit to compare with.
+//! - [`service_api`] — bulk enrollment creation and paging-query latency at scale.
+//! - [`seed`] — `muster bench seed-records`: registration records written straight into a
+//!   stopped server's store.
+//! - [`latency`], [`schedule`], [`server_usage`], [`target`], [`report`] — percentiles, the
+//!   arrival-rate scheduler, `/proc` sampling, connection settings per mode, output.
+
+pub mod latency;
+pub mod reference;
+pub mod register;
+pub mod report;
+pub mod schedule;
+pub mod seed;
+pub mod server_usage;
+pub mod service_api;
+pub mod target;
+
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Register simulated devices of an enrollment group and measure throughput and latency.
+    ///
+    /// Modes: https-fresh (new TCP+TLS per device, no session resumption), https-keepalive
+    /// (a pool of persistent connections), mqtt-fresh (new TCP+TLS+MQTT session per device).
+    /// Closed loop with --concurrency workers, or open loop with --rate devices/s. Latency runs
+    /// from a device's start (open loop: its due time) to its `assigned` answer.
+    ///
+    /// Examples:
+    ///   muster bench register --data-dir d --group-key "$KEY" --mode https-fresh --count 5000
+    ///   muster bench register --data-dir d --group-key "$KEY" --mode https-keepalive \
+    ///       --count 20000 --concurrency 64 --server-pid "$PID" --json
+    ///   muster bench register --data-dir d --group-key "$KEY" --mode mqtt-fresh --rate 500
+    ///   muster bench register --data-dir d --target tls-reference --endpoint 127.0.0.9:18444 \
+    ///       --mode https-fresh --count 5000
+    #[command(verbatim_doc_comment)]
+    Register(register::RegisterArgs),
+    /// Serve TLS handshakes and one fixed DPS-like answer per request: the physical limit.
+    ///
+    /// Presents DATA_DIR/server.pem with the HTTPS listener's TLS settings. Counts
+    /// connections, resumed handshakes and requests (GET /_reference/stats); prints them on
+    /// SIGINT or SIGTERM.
+    ///
+    /// Example:
+    ///   muster bench tls-reference --data-dir d --listen 127.0.0.9:18444
+    #[command(verbatim_doc_comment, name = "tls-reference")]
+    TlsReference(reference::TlsReferenceArgs),
+    /// Bulk-create individual enrollments and measure paging-query latency.
+    ///
+    /// Examples:
+    ///   muster bench service-api --data-dir d --enrollments 100000 --queries 0
+    ///   muster bench service-api --data-dir d --enrollments 0 --group-id bench --queries 200
+    #[command(verbatim_doc_comment, name = "service-api")]
+    ServiceApi(service_api::ServiceApiArgs),
+    /// Write registration records of a group straight into a stopped server's database.
+    ///
+    /// Example:
+    ///   muster bench seed-records --data-dir d --group-id bench --count 1000000
+    #[command(verbatim_doc_comment, name = "seed-records")]
+    SeedRecords(seed::SeedRecordsArgs),
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Register(a) => register::run(a).await,
+        BenchCommand::TlsReference(a) => reference::run(a).await,
+        BenchCommand::ServiceApi(a) => service_api::run(a).await,
+        BenchCommand::SeedRecords(a) => seed::run(a).await,
+    }
+}

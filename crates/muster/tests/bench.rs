@@ -1,0 +1,365 @@
+//! `muster bench` against real servers started in-process on 127.0.0.1 (port 0, temporary
+//! data dirs): the load generator in every mode, the TLS reference's handshake counts, and
+//! the service API benchmark over seeded registration records.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use muster_server::{Config, Server};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_muster");
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn start_server(rt: &tokio::runtime::Runtime, data_dir: &Path) -> Server {
+    let config = Config {
+        data_dir: data_dir.to_path_buf(),
+        dps_host: "127.0.0.1".into(),
+        https_port: 0,
+        mqtt_port: 0,
+        ..Config::default()
+    };
+    rt.block_on(Server::start(config)).expect("server starts")
+}
+
+fn muster(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MUSTER_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c
+}
+
+fn json_of(args: &[&str]) -> Value {
+    let out = muster(args).output().expect("muster runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "muster {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+fn group_key(data_dir: &str, group: &str) -> String {
+    let g = json_of(&[
+        "enrollment-group",
+        "create",
+        "--data-dir",
+        data_dir,
+        "--group-id",
+        group,
+        "--show-keys",
+        "-o",
+        "json",
+    ]);
+    g["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("the group key")
+        .to_string()
+}
+
+fn ms(v: &Value, field: &str) -> f64 {
+    v["latency"][field].as_f64().unwrap_or(-1.0)
+}
+
+fn assert_sane_latency(report: &Value) {
+    let (p50, p90, p99, max) = (
+        ms(report, "p50_ms"),
+        ms(report, "p90_ms"),
+        ms(report, "p99_ms"),
+        ms(report, "max_ms"),
+    );
+    assert!(
+        0.0 < p50 && p50 <= p90 && p90 <= p99 && p99 <= max && max < 60_000.0,
+        "{report:#}"
+    );
+    assert_eq!(report["latency"]["samples"], report["assigned"]);
+}
+
+#[test]
+fn every_mode_assigns_every_device_with_sane_percentiles() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start_server(&rt, &data);
+    let data_dir = data.to_str().expect("utf-8 path");
+    let key = group_key(data_dir, "bench");
+    let pid = std::process::id().to_string();
+    for mode in ["https-fresh", "https-keepalive", "mqtt-fresh"] {
+        let prefix = format!("{mode}-");
+        let report = json_of(&[
+            "bench",
+            "register",
+            "--data-dir",
+            data_dir,
+            "--group-key",
+            &key,
+            "--mode",
+            mode,
+            "--prefix",
+            &prefix,
+            "--count",
+            "12",
+            "--concurrency",
+            "3",
+            "--server-pid",
+            &pid,
+            "--json",
+        ]);
+        assert_eq!(report["attempted"], 12, "{report:#}");
+        assert_eq!(report["assigned"], 12, "{mode}: {report:#}");
+        assert_eq!(report["errors"], 0, "{report:#}");
+        assert_sane_latency(&report);
+        assert!(report["throughput_per_sec"].as_f64().unwrap_or(0.0) > 0.0);
+        let server_usage = &report["server"];
+        assert!(server_usage["cpu_secs"].as_f64().unwrap_or(-1.0) >= 0.0);
+        assert!(server_usage["peak_rss_kib"].as_u64().unwrap_or(0) > 0);
+        assert!(server_usage["hwm_kib"].as_u64().unwrap_or(0) > 0);
+    }
+    // At a fixed rate: 10 devices at 40/s take about 0.225 s to start.
+    let report = json_of(&[
+        "bench",
+        "register",
+        "--data-dir",
+        data_dir,
+        "--group-key",
+        &key,
+        "--mode",
+        "https-keepalive",
+        "--prefix",
+        "rate-",
+        "--count",
+        "10",
+        "--rate",
+        "40",
+        "--json",
+    ]);
+    assert_eq!(report["assigned"], 10, "{report:#}");
+    assert!(
+        report["wall_secs"].as_f64().unwrap_or(0.0) >= 0.2,
+        "{report:#}"
+    );
+    assert!(report["max_start_lag_ms"].as_f64().is_some());
+    assert_sane_latency(&report);
+    // A wrong key: every device refused, counted by kind, and the command fails.
+    let out = muster(&[
+        "bench",
+        "register",
+        "--data-dir",
+        data_dir,
+        "--group-key",
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "--mode",
+        "https-keepalive",
+        "--count",
+        "3",
+        "--json",
+    ])
+    .output()
+    .expect("muster runs");
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(
+        report["errors_by_kind"]["http 401 / 401005"], 3,
+        "{report:#}"
+    );
+    rt.block_on(server.shutdown());
+}
+
+/// Stops the reference server when the test ends, however it ends.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits for the reference's "listening" line: it is printed once the port is bound.
+fn wait_until_listening(stderr: std::process::ChildStderr) {
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("reading the TLS reference's stderr");
+    assert!(
+        line.contains("listening on"),
+        "the TLS reference said: {line}"
+    );
+}
+
+#[test]
+fn tls_reference_sees_one_full_handshake_per_fresh_device() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start_server(&rt, &data);
+    let data_dir = data.to_str().expect("utf-8 path");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = muster(&[
+        "bench",
+        "tls-reference",
+        "--data-dir",
+        data_dir,
+        "--listen",
+        &listen,
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("the TLS reference starts");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let _guard = ChildGuard(child);
+    wait_until_listening(stderr);
+    let reference_run = |mode: &str| {
+        json_of(&[
+            "bench",
+            "register",
+            "--data-dir",
+            data_dir,
+            "--target",
+            "tls-reference",
+            "--endpoint",
+            &listen,
+            "--mode",
+            mode,
+            "--count",
+            "20",
+            "--concurrency",
+            "4",
+            "--json",
+        ])
+    };
+    let fresh = reference_run("https-fresh");
+    assert_eq!(fresh["assigned"], 20, "{fresh:#}");
+    assert_sane_latency(&fresh);
+    let seen = &fresh["reference"];
+    assert_eq!(seen["requests"], 20, "{fresh:#}");
+    assert_eq!(
+        seen["connections"], 20,
+        "one connection per device: {fresh:#}"
+    );
+    assert_eq!(
+        seen["resumed_handshakes"], 0,
+        "no session resumption: {fresh:#}"
+    );
+    let kept = reference_run("https-keepalive");
+    assert_eq!(kept["assigned"], 20, "{kept:#}");
+    let seen = &kept["reference"];
+    assert_eq!(seen["requests"], 20, "{kept:#}");
+    let connections = seen["connections"].as_u64().unwrap_or(0);
+    // One per worker, and now and then one more when a request starts just before the
+    // previous answer's connection is back in the pool; never one per request.
+    assert!(
+        (1..=10).contains(&connections),
+        "connections are reused: {kept:#}"
+    );
+    // MQTT has no reference.
+    let out = muster(&[
+        "bench",
+        "register",
+        "--data-dir",
+        data_dir,
+        "--target",
+        "tls-reference",
+        "--endpoint",
+        &listen,
+        "--mode",
+        "mqtt-fresh",
+        "--count",
+        "1",
+    ])
+    .output()
+    .expect("muster runs");
+    assert!(!out.status.success());
+    rt.block_on(server.shutdown());
+}
+
+#[test]
+fn service_api_pages_through_seeded_records() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data: PathBuf = dir.path().join("data");
+    let data_dir = data.to_str().expect("utf-8 path");
+    let server = start_server(&rt, &data);
+    group_key(data_dir, "seeded");
+    rt.block_on(server.shutdown());
+
+    let seeded = json_of(&[
+        "bench",
+        "seed-records",
+        "--data-dir",
+        data_dir,
+        "--group-id",
+        "seeded",
+        "--count",
+        "2500",
+        "--batch",
+        "1000",
+        "--json",
+    ]);
+    assert_eq!(seeded["records"], 2500);
+    assert_eq!(seeded["batches"], 3);
+
+    let server = start_server(&rt, &data);
+    let report = json_of(&[
+        "bench",
+        "service-api",
+        "--data-dir",
+        data_dir,
+        "--enrollments",
+        "1500",
+        "--batch",
+        "1000",
+        "--queries",
+        "6",
+        "--group-id",
+        "seeded",
+        "--server-pid",
+        &std::process::id().to_string(),
+        "--json",
+    ]);
+    let bulk = &report["bulk_create"];
+    assert_eq!(bulk["enrollments"], 1500, "{report:#}");
+    assert_eq!(bulk["calls"], 2);
+    assert_eq!(bulk["failed_items"], 0);
+    let queries = report["queries"].as_array().expect("query reports");
+    assert_eq!(queries.len(), 2);
+    assert_eq!(queries[0]["collection"], "enrollments");
+    assert_eq!(queries[0]["items"], 1500);
+    assert_eq!(queries[1]["collection"], "registrations/seeded");
+    assert_eq!(queries[1]["items"], 2500, "{report:#}");
+    assert_eq!(queries[1]["walk_pages"], 3);
+    assert_eq!(queries[1]["max_offset"], 2000);
+    for q in queries {
+        assert_eq!(q["queries"], 6);
+        let l = &q["latency"];
+        assert!(
+            l["p50_ms"].as_f64().unwrap_or(0.0) > 0.0
+                && l["max_ms"].as_f64() >= l["p99_ms"].as_f64(),
+            "{q:#}"
+        );
+    }
+    rt.block_on(server.shutdown());
+}
