@@ -110,6 +110,10 @@ test("create a symmetric-key group with generated keys and read its key", async 
   assert.match(groupKey, /^[A-Za-z0-9+/]{86}==$/);
   assert.ok(await page.getByRole("button", { name: "Copy primary key" }).isVisible());
   await screenshot("group-settings");
+  // The list shows it, and its search finds it.
+  await page.goto(`${base}/enrollments?tab=groups&q=${suffix}`);
+  await page.getByRole("link", { name: groupId }).waitFor();
+  assert.equal(await page.locator("p.error").count(), 0);
 });
 
 test("individual enrollments tab and a failed form keeps its values", async () => {
@@ -180,6 +184,7 @@ test("a form posted without the CSRF token is refused", async () => {
   assert.match(await r.text(), /CSRF check failed/);
   await page.goto(`${base}/enrollments?tab=groups&q=no-csrf-token`);
   await page.getByText("None yet.").waitFor();
+  assert.equal(await page.locator("p.error").count(), 0);
 });
 
 test("disable the group, then delete it with its records", async () => {
@@ -193,6 +198,7 @@ test("disable the group, then delete it with its records", async () => {
   await page.getByText(`Deleted enrollment group '${groupId}'.`).waitFor();
   await page.getByText("1 registration record(s) and 1 device(s) in the built-in hub deleted.").waitFor();
   assert.equal(await page.getByRole("link", { name: groupId }).count(), 0);
+  assert.equal(await page.locator("p.error").count(), 0);
   await screenshot("group-deleted");
 });
 

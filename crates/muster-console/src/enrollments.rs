@@ -295,7 +295,7 @@ impl EnrollmentForm {
     }
 
     /// The body of a new enrollment, or the errors found before asking the API.
-    fn to_new_body(&self, kind: Kind) -> Result<Value, FormErrors> {
+    fn to_new_body(&self, kind: Kind) -> Result<Value, Box<FormErrors>> {
         let mut errors = FormErrors::default();
         if self.id.is_empty() {
             errors.id = Some(format!(
@@ -357,7 +357,7 @@ impl EnrollmentForm {
         obj.insert("attestation".into(), attestation);
         self.apply_settings(&mut obj, &mut errors);
         if errors.any() {
-            Err(errors)
+            Err(Box::new(errors))
         } else {
             Ok(Value::Object(obj))
         }
@@ -489,7 +489,7 @@ async fn query_page(
         s,
         Method::POST,
         &format!("{}/query", kind.api()),
-        Some(&json!({"query": "*"})),
+        Some(&json!({"query": "SELECT *"})),
         &extra,
     )
     .await
@@ -649,7 +649,7 @@ pub async fn create(State(c): State<Console>, req: Request) -> Response {
             )
             .await
             .map_err(|f| FormErrors::from_failure(&f)),
-        Err(e) => Err(e),
+        Err(e) => Err(*e),
     };
     match result {
         Ok(_) => {

@@ -365,7 +365,10 @@ async fn posts_without_the_csrf_token_or_from_another_origin_are_refused() {
         .text()
         .await
         .unwrap();
-    assert!(html.contains("Created enrollment group 'csrf-victim'."));
+    assert!(
+        html.contains("Created enrollment group &#39;csrf-victim&#39;."),
+        "{html}"
+    );
     let primary = between(&html, "<code id=\"primary-key\">", "</code>").unwrap();
     assert_eq!(primary.len(), 88, "64 random bytes, base64: {primary}");
     h.server.shutdown().await;
@@ -437,12 +440,10 @@ async fn a_read_only_policy_cannot_create_and_failed_forms_keep_their_values() {
     );
     assert!(html.contains("value=\"reprovisionAndReset\" selected"));
     // Reading works for the reader; the hub pages need ServiceConfig.
-    assert_eq!(
-        h.get("/console/enrollments", Some(&reader.cookie))
-            .await
-            .status(),
-        200
-    );
+    let r = h.get("/console/enrollments", Some(&reader.cookie)).await;
+    let status = r.status();
+    let html = r.text().await.unwrap();
+    assert_eq!(status, 200, "{html}");
     let r = h.get("/console/hub/devices", Some(&reader.cookie)).await;
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("ServiceConfig"));
