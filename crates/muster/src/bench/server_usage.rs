@@ -130,8 +130,12 @@ impl UsageMonitor {
         let (stop, mut stopped) = watch::channel(false);
         let sampling = probe.clone();
         let sampler = tokio::spawn(async move {
-            let (mut peak, mut samples) = (0u64, 0u64);
+            let (mut peak, mut samples) = match sampling.memory_kib("VmRSS") {
+                Ok(kib) => (kib, 1u64),
+                Err(_) => (0, 0),
+            };
             let mut tick = tokio::time::interval(RSS_SAMPLE_INTERVAL);
+            tick.tick().await; // the first tick is immediate: the sample above
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -200,7 +204,7 @@ mod tests {
         assert_eq!(parse_status_kib("VmRSS:\tlots kB\n", "VmRSS"), None);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn monitors_this_process() {
         let monitor = UsageMonitor::start(std::process::id()).unwrap();
         // Burn a little CPU so the delta is visible at 10 ms resolution.
