@@ -27,6 +27,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 section "cargo test"
 cargo test --workspace --locked
+section "benchmark smoke run" && bash scripts/bench.sh --smoke
 
 if [[ $interop -eq 1 ]]; then
   section "interop: Microsoft SDKs against a running Muster"

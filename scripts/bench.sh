@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# The benchmark suite of issue #8, from a fresh clone: builds `muster`, starts `muster serve` on
+# a loopback address with a fresh data dir and one symmetric-key enrollment group, then
+#   1. the load generator in each mode (https-fresh, https-keepalive, mqtt-fresh): a warm-up,
+#      then the measured run, with the server's CPU time and memory;
+#   2. the TLS reference (handshake + fixed answer only) with the same connection behaviour,
+#      so registration rates can be read as a fraction of it;
+#   3. an open-loop run at half the measured keep-alive rate, for latency percentiles;
+#   4. the service API: bulk creation of individual enrollments and paging-query latency,
+#      then again after seeding registration records into the group (server stopped).
+# It prints a summary and writes every report into one JSON file. Every process it starts is
+# stopped on exit.
+#
+# Usage: scripts/bench.sh [--smoke] [--out FILE]
+#   --smoke   tiny counts (20 devices, 1,000 enrollments, 10,000 records) with the debug
+#             build, to prove the commands run (scripts/test.sh does this)
+#   --out     JSON results [default: $CARGO_TARGET_DIR/bench/results.json]
+# Sizes can be overridden: BENCH_COUNT, BENCH_WARMUP, BENCH_CONCURRENCY, BENCH_ENROLLMENTS,
+# BENCH_RECORDS, BENCH_QUERIES; addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+smoke=0
+out=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --smoke) smoke=1 ;;
+    --out) out="$2"; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+if [[ $smoke -eq 1 ]]; then
+  count=${BENCH_COUNT:-20}; warmup=${BENCH_WARMUP:-5}; conc=${BENCH_CONCURRENCY:-4}
+  enrollments=${BENCH_ENROLLMENTS:-1000}; records=${BENCH_RECORDS:-10000}; queries=${BENCH_QUERIES:-10}
+  host=${BENCH_HOST:-127.0.0.10}; base=${BENCH_PORT_BASE:-18450}
+  cargo build -p muster --locked --quiet
+  bin="$target_dir/debug/muster"
+else
+  count=${BENCH_COUNT:-10000}; warmup=${BENCH_WARMUP:-1000}; conc=${BENCH_CONCURRENCY:-64}
+  enrollments=${BENCH_ENROLLMENTS:-100000}; records=${BENCH_RECORDS:-1000000}; queries=${BENCH_QUERIES:-200}
+  host=${BENCH_HOST:-127.0.0.9}; base=${BENCH_PORT_BASE:-18440}
+  cargo build --release -p muster --locked --quiet
+  bin="$target_dir/release/muster"
+fi
+https_port=$((base + 3)); mqtt_port=$((base + 4)); ref_port=$((base + 5))
+out="${out:-$target_dir/bench/results.json}"
+mkdir -p "$(dirname "$out")"
+
+work=$(mktemp -d)
+data="$work/server"
+results="$work/results"
+mkdir -p "$results"
+server_pid=""
+ref_pid=""
+stop_pid() { # PID: SIGTERM, then wait for it
+  [[ -n "$1" ]] || return 0
+  kill -TERM "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+cleanup() {
+  stop_pid "$ref_pid"
+  stop_pid "$server_pid"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits until HOST:PORT accepts connections while process PID lives.
+wait_port() {
+  local port="$1" pid="$2" log="$3"
+  for _ in $(seq 1 300); do
+    if (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; then return 0; fi
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; echo "process $pid exited" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "nothing listens on $host:$port" >&2; exit 1
+}
+
+start_server() {
+  rm -f "$data/connection.json"
+  "$bin" serve --data-dir "$data" --dps-host "$host" --https-port "$https_port" \
+    --mqtt-port "$mqtt_port" >>"$work/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 300); do
+    [[ -f "$data/connection.json" ]] && return 0
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "muster serve did not start" >&2; exit 1
+}
+stop_server() { stop_pid "$server_pid"; server_pid=""; }
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+# register NAME ARGS...: a measured run whose JSON report goes to results/NAME.json.
+register() {
+  local name="$1"; shift
+  "$bin" bench register --data-dir "$data" --label "$name" --json "$@" >"$results/$name.json"
+  python3 - "$results/$name.json" <<'PY' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["latency"]
+print(f'   {r["assigned"]}/{r["attempted"]} assigned, {r["throughput_per_sec"]:.0f}/s, '
+      f'p50 {l["p50_ms"]:.1f} p99 {l["p99_ms"]:.1f} max {l["max_ms"]:.1f} ms, errors {r["errors_by_kind"]}')
+PY
+}
+
+step "muster serve on $host:$https_port (MQTT $mqtt_port), data in $data"
+start_server
+key=$("$bin" enrollment-group create --data-dir "$data" --group-id bench --show-keys -o json \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])')
+export MUSTER_GROUP_KEY="$key"
+
+for mode in https-fresh https-keepalive mqtt-fresh; do
+  step "$mode: warm-up ($warmup), then $count devices, concurrency $conc"
+  "$bin" bench register --data-dir "$data" --mode "$mode" --prefix "warm-$mode-" \
+    --count "$warmup" --concurrency "$conc" --json >/dev/null
+  register "$mode" --mode "$mode" --prefix "$mode-" --count "$count" --concurrency "$conc" \
+    --server-pid "$server_pid"
+done
+
+step "TLS reference on $host:$ref_port (handshake + fixed answer)"
+"$bin" bench tls-reference --data-dir "$data" --listen "$host:$ref_port" \
+  >"$work/reference.out" 2>"$work/reference.log" &
+ref_pid=$!
+wait_port "$ref_port" "$ref_pid" "$work/reference.log"
+for mode in https-fresh https-keepalive; do
+  step "reference $mode: warm-up, then $count requests"
+  "$bin" bench register --data-dir "$data" --target tls-reference --endpoint "$host:$ref_port" \
+    --mode "$mode" --count "$warmup" --concurrency "$conc" --json >/dev/null
+  register "reference-$mode" --target tls-reference --endpoint "$host:$ref_port" --mode "$mode" \
+    --count "$count" --concurrency "$conc" --server-pid "$ref_pid"
+done
+stop_pid "$ref_pid"; ref_pid=""
+
+rate=$(python3 -c 'import json,sys; print("%.1f" % max(1.0, json.load(open(sys.argv[1]))["throughput_per_sec"] / 2))' \
+  "$results/https-keepalive.json")
+step "https-keepalive at a fixed $rate devices/s (half the measured maximum)"
+register "https-keepalive-half-rate" --mode https-keepalive --prefix "rate-" --count "$count" \
+  --rate "$rate" --concurrency $((conc * 4)) --server-pid "$server_pid"
+
+step "service API: bulk-create $enrollments enrollments, $queries paging queries"
+"$bin" bench service-api --data-dir "$data" --enrollments "$enrollments" --queries "$queries" \
+  --group-id bench --server-pid "$server_pid" --json >"$results/service-api.json"
+
+step "seed $records registration records into group bench (server stopped)"
+stop_server
+"$bin" bench seed-records --data-dir "$data" --group-id bench --count "$records" --json \
+  >"$results/seed-records.json"
+start_server
+step "service API: $queries paging queries over $records+ records"
+"$bin" bench service-api --data-dir "$data" --enrollments 0 --queries "$queries" \
+  --group-id bench --server-pid "$server_pid" --json >"$results/service-api-seeded.json"
+stop_server
+
+python3 - "$results" "$out" "$smoke" <<'PY'
+import json, os, platform, sys
+results, out, smoke = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+runs = {}
+for name in sorted(os.listdir(results)):
+    with open(os.path.join(results, name)) as f:
+        runs[name[:-5]] = json.load(f)
+summary = {"smoke": smoke, "machine": {"cpus": os.cpu_count(), "kernel": platform.release()}, "runs": runs}
+ref = {m: runs.get(f"reference-{m}", {}).get("throughput_per_sec") for m in ("https-fresh", "https-keepalive")}
+print("\n%-26s %13s %9s %8s %8s %8s %8s %10s %9s" % (
+    "run", "assigned", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU ms/dev", "peak MiB"))
+for name in ("https-fresh", "https-keepalive", "mqtt-fresh", "reference-https-fresh",
+             "reference-https-keepalive", "https-keepalive-half-rate"):
+    r = runs.get(name)
+    if not r:
+        continue
+    l, s = r["latency"], r.get("server") or {}
+    cpu = (s.get("cpu_secs", 0) * 1000 / r["assigned"]) if r["assigned"] else 0
+    print("%-26s %13s %9.0f %8.1f %8.1f %8.1f %8.1f %10.3f %9.1f" % (
+        name, f'{r["assigned"]}/{r["attempted"]}', r["throughput_per_sec"], l["p50_ms"], l["p90_ms"],
+        l["p99_ms"], l["max_ms"], cpu, s.get("peak_rss_kib", 0) / 1024))
+fractions = {}
+for mode, ref_rate in ref.items():
+    if ref_rate and mode in runs:
+        fractions[mode] = runs[mode]["throughput_per_sec"] / ref_rate
+        c = runs[f"reference-{mode}"].get("reference") or {}
+        print(f"{mode}: {fractions[mode]:.0%} of the TLS reference "
+              f"(reference saw {c.get('connections')} connections, {c.get('resumed_handshakes')} resumed)")
+summary["fraction_of_reference"] = fractions
+for name in ("service-api", "service-api-seeded"):
+    r = runs.get(name, {})
+    b = r.get("bulk_create")
+    if b:
+        print(f"bulk create: {b['enrollments'] - b['failed_items']} enrollments in {b['secs']:.2f} s "
+              f"({b['enrollments_per_sec']:.0f}/s, {b['calls']} calls)")
+    for q in r.get("queries", []):
+        l = q["latency"]
+        rss = (q.get("server") or {}).get("peak_rss_kib", 0) / 1024
+        print(f"query {q['collection']} ({q['items']} items, {name}): p50 {l['p50_ms']:.1f} p90 {l['p90_ms']:.1f} "
+              f"p99 {l['p99_ms']:.1f} max {l['max_ms']:.1f} ms over {q['queries']} pages of {q['page_size']}, "
+              f"server peak RSS {rss:.1f} MiB")
+s = runs.get("seed-records")
+if s:
+    print(f"seed-records: {s['records']} in {s['secs']:.2f} s ({s['records_per_sec']:.0f}/s)")
+with open(out, "w") as f:
+    json.dump(summary, f, indent=2)
+print(f"\nresults: {out}")
+PY
