@@ -351,6 +351,8 @@ impl Engine {
     }
 
     async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
+        // Small pages: the store reads them inline; a short page is the last one.
+        const PAGE: usize = 32;
         let mut out = Vec::new();
         let mut after = None;
         loop {
@@ -362,16 +364,19 @@ impl Engine {
                     ListQuery {
                         partition: None,
                         after: after.clone(),
-                        limit: 500,
+                        limit: PAGE,
                     },
                 )
                 .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
+            let full = page.len() >= PAGE;
+            after = page.last().map(|r| r.key.clone());
             for r in page {
                 let hub: LinkedHub = serde_json::from_value(r.body)
                     .map_err(|e| DeviceFailure::internal("reading a linked hub", e))?;
                 out.push(hub);
+            }
+            if !full {
+                break;
             }
         }
         Ok(out)

@@ -55,6 +55,8 @@ use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
 /// Read-only connections kept open for reads.
 const READ_POOL_SIZE: usize = 4;
+/// Lists of at most this many rows are short enough to read inline (see `readers`).
+const INLINE_LIST_LIMIT: usize = 32;
 /// How long a connection waits for a lock held by another connection (for example another
 /// process holding the database) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -270,7 +272,7 @@ impl Store for SqliteStore {
         let sealer = self.inner.sealer.clone();
         self.inner
             .readers
-            .run(move |conn| {
+            .run_inline(move |conn| {
                 let context = || format!("reading {}/{key}", collection.as_str());
                 let row = conn
                     .prepare_cached(GET_SQL)
@@ -319,38 +321,40 @@ impl Store for SqliteStore {
         query: ListQuery,
     ) -> Result<Vec<Record>, StoreError> {
         let sealer = self.inner.sealer.clone();
-        self.inner
-            .readers
-            .run(move |conn| {
-                let context = || format!("listing {}", collection.as_str());
-                let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-                let sql = list_sql(query.partition.is_some(), query.after.is_some());
-                let mut stmt = conn
-                    .prepare_cached(sql)
-                    .map_err(|e| db_err(&context(), e))?;
-                let rows = stmt
-                    .query_map(
-                        params![collection.as_str(), query.partition, query.after, limit],
-                        |row| {
-                            Ok((
-                                row.get::<_, String>(0)?,
-                                row.get::<_, Option<String>>(1)?,
-                                row.get::<_, String>(2)?,
-                                row.get::<_, String>(3)?,
-                            ))
-                        },
-                    )
-                    .map_err(|e| db_err(&context(), e))?;
-                let mut records = Vec::new();
-                for row in rows {
-                    let (key, partition, etag, body) = row.map_err(|e| db_err(&context(), e))?;
-                    records.push(decode_record(
-                        &sealer, collection, key, partition, etag, &body,
-                    )?);
-                }
-                Ok(records)
-            })
-            .await
+        let read = move |conn: &Connection| {
+            let context = || format!("listing {}", collection.as_str());
+            let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+            let sql = list_sql(query.partition.is_some(), query.after.is_some());
+            let mut stmt = conn
+                .prepare_cached(sql)
+                .map_err(|e| db_err(&context(), e))?;
+            let rows = stmt
+                .query_map(
+                    params![collection.as_str(), query.partition, query.after, limit],
+                    |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, Option<String>>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, String>(3)?,
+                        ))
+                    },
+                )
+                .map_err(|e| db_err(&context(), e))?;
+            let mut records = Vec::new();
+            for row in rows {
+                let (key, partition, etag, body) = row.map_err(|e| db_err(&context(), e))?;
+                records.push(decode_record(
+                    &sealer, collection, key, partition, etag, &body,
+                )?);
+            }
+            Ok(records)
+        };
+        if query.limit <= INLINE_LIST_LIMIT {
+            self.inner.readers.run_inline(read).await
+        } else {
+            self.inner.readers.run(read).await
+        }
     }
 
     async fn count(
