@@ -17,8 +17,9 @@ use muster_proto::{
     SasToken,
 };
 use muster_store::records::{self, Stored};
-use muster_store::{Collection, ListQuery, Store};
+use muster_store::{Collection, Store};
 
+use crate::group_cache::GroupCache;
 use crate::hub_client::HubAuthentication;
 use crate::record::EnrollmentRef;
 use crate::{DeviceCredential, DeviceFailure};
@@ -79,6 +80,7 @@ fn unauthorized(msg: impl Into<String>) -> DeviceFailure {
 
 pub async fn attest(
     store: &dyn Store,
+    groups: &GroupCache,
     id_scope: &str,
     registration_id: &RegistrationId,
     credential: &DeviceCredential,
@@ -104,10 +106,10 @@ pub async fn attest(
                     )));
                 }
             }
-            attest_symmetric(store, registration_id, &token, now_unix).await
+            attest_symmetric(store, groups, registration_id, &token, now_unix).await
         }
         DeviceCredential::X509 { chain } => {
-            crate::x509::attest(store, registration_id, chain, now_unix).await
+            crate::x509::attest(store, groups, registration_id, chain, now_unix).await
         }
         DeviceCredential::None => Err(unauthorized(
             "the device presented no credentials (no SAS token, no client certificate)",
@@ -150,6 +152,7 @@ fn derived_keys(group: &EnrollmentGroup, registration_id: &str) -> Option<(Strin
 
 async fn attest_symmetric(
     store: &dyn Store,
+    groups: &GroupCache,
     registration_id: &RegistrationId,
     token: &SasToken,
     now_unix: i64,
@@ -189,12 +192,12 @@ async fn attest_symmetric(
             ));
         }
         // A disabled individual enrollment blocks the device if its group accepts it.
-        return match find_group(store, registration_id, token, now_unix).await? {
+        return match find_group(&groups.all(store).await?, registration_id, token, now_unix) {
             Some((group, _)) => Ok(Attestation::Disabled(Matched::Group(Box::new(group)))),
             None => Err(not_attested()),
         };
     }
-    match find_group(store, registration_id, token, now_unix).await? {
+    match find_group(&groups.all(store).await?, registration_id, token, now_unix) {
         Some((group, (primary_key, secondary_key))) => {
             if !group.value.is_enabled() {
                 return Ok(Attestation::Disabled(Matched::Group(Box::new(group))));
@@ -220,38 +223,22 @@ fn not_attested() -> DeviceFailure {
 }
 
 /// The first symmetric-key group whose derived key signed the token, in group id order.
-async fn find_group(
-    store: &dyn Store,
+fn find_group(
+    groups: &[Stored<EnrollmentGroup>],
     registration_id: &RegistrationId,
     token: &SasToken,
     now_unix: i64,
-) -> Result<Option<(Stored<EnrollmentGroup>, (String, String))>, DeviceFailure> {
-    let mut after = None;
-    loop {
-        let page: Vec<Stored<EnrollmentGroup>> = records::list(
-            store,
-            Collection::EnrollmentGroups,
-            ListQuery {
-                partition: None,
-                after: after.clone(),
-                limit: 500,
-            },
-        )
-        .await?;
-        let Some(last) = page.last() else {
-            return Ok(None);
-        };
-        after = Some(last.value.enrollment_group_id.key());
-        for g in page {
-            if g.value.attestation.kind != AttestationType::SymmetricKey {
-                continue;
-            }
-            // Devices derive from the id as they send it.
-            if let Some((p, s)) = derived_keys(&g.value, registration_id.as_str()) {
-                if verifies(token, Some(&p), now_unix) || verifies(token, Some(&s), now_unix) {
-                    return Ok(Some((g, (p, s))));
-                }
+) -> Option<(Stored<EnrollmentGroup>, (String, String))> {
+    for g in groups {
+        if g.value.attestation.kind != AttestationType::SymmetricKey {
+            continue;
+        }
+        // Devices derive from the id as they send it.
+        if let Some((p, s)) = derived_keys(&g.value, registration_id.as_str()) {
+            if verifies(token, Some(&p), now_unix) || verifies(token, Some(&s), now_unix) {
+                return Some((g.clone(), (p, s)));
             }
         }
     }
+    None
 }

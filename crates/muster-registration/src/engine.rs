@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::allocation::{self, custom};
 use crate::device_auth::{self, Attestation, Attested, Matched};
+use crate::group_cache::GroupCache;
 use crate::hub_client::{
     HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
 };
@@ -73,6 +74,7 @@ struct Inner {
     hubs: HubClient,
     /// Hubs reached in process (the built-in hub), by lower-case host name.
     local_hubs: HashMap<String, Arc<dyn HubConnection>>,
+    groups: GroupCache,
     http: reqwest::Client,
     throttle: HubThrottle,
     in_flight: Semaphore,
@@ -110,6 +112,7 @@ impl Engine {
             entropy,
             config,
             local_hubs: HashMap::new(),
+            groups: GroupCache::default(),
             http,
             throttle: HubThrottle::default(),
             in_flight,
@@ -228,6 +231,7 @@ impl Engine {
         let previous = self.load_record(&key).await?;
         let attestation = device_auth::attest(
             &*self.0.store,
+            &self.0.groups,
             self.0.config.id_scope.as_str(),
             &rid,
             &req.credential,
@@ -789,6 +793,7 @@ impl Engine {
         // Polls are authenticated like registrations; a disabled device may still read its answer.
         device_auth::attest(
             &*self.0.store,
+            &self.0.groups,
             self.0.config.id_scope.as_str(),
             &rid,
             &req.credential,

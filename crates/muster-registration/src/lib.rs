@@ -9,6 +9,7 @@
 //! Layout:
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled queues.
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
+//! - [`group_cache`] — every enrollment group, decoded once and kept until one is written.
 //! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
@@ -21,6 +22,7 @@
 pub mod allocation;
 pub mod device_auth;
 pub mod engine;
+pub mod group_cache;
 pub mod hub_client;
 pub mod record;
 pub mod reply;

@@ -25,9 +25,10 @@ use muster_proto::{
     X509Certificates,
 };
 use muster_store::records::{self, Stored};
-use muster_store::{Collection, ListQuery, Store};
+use muster_store::{Collection, Store};
 
 use crate::device_auth::{Attestation, Attested, Matched};
+use crate::group_cache::GroupCache;
 use crate::hub_client::HubAuthentication;
 use crate::DeviceFailure;
 
@@ -104,6 +105,7 @@ fn parse_chain(chain: &[Vec<u8>]) -> Result<Presented, DeviceFailure> {
 
 pub async fn attest(
     store: &dyn Store,
+    groups: &GroupCache,
     registration_id: &RegistrationId,
     chain: &[Vec<u8>],
     now_unix: i64,
@@ -187,12 +189,12 @@ pub async fn attest(
             });
         }
         // A disabled individual enrollment blocks the device if its group accepts it.
-        return match find_group(store, &presented, now_unix).await? {
+        return match find_group(store, groups, &presented, now_unix).await? {
             GroupMatch::Found(group, _) => Ok(Attestation::Disabled(Matched::Group(group))),
             GroupMatch::Refused(f) => Err(f),
         };
     }
-    match find_group(store, &presented, now_unix).await? {
+    match find_group(store, groups, &presented, now_unix).await? {
         GroupMatch::Found(group, signing_info) => {
             if !group.value.is_enabled() {
                 return Ok(Attestation::Disabled(Matched::Group(group)));
@@ -231,70 +233,57 @@ struct Trusted {
 /// Every X.509 group and the certificates it trusts, in group id order.
 async fn x509_groups(
     store: &dyn Store,
+    cache: &GroupCache,
 ) -> Result<(Vec<Stored<EnrollmentGroup>>, Vec<Trusted>), DeviceFailure> {
     let mut groups = Vec::new();
     let mut trusted = Vec::new();
-    let mut after = None;
-    loop {
-        let page: Vec<Stored<EnrollmentGroup>> = records::list(
-            store,
-            Collection::EnrollmentGroups,
-            ListQuery {
-                partition: None,
-                after: after.clone(),
-                limit: 500,
-            },
-        )
-        .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.value.enrollment_group_id.key());
-        for g in page {
-            if g.value.attestation.kind != AttestationType::X509 {
-                continue;
-            }
-            let Some(x) = g.value.attestation.x509.clone() else {
-                continue;
-            };
-            let index = groups.len();
-            for der in set_ders(x.signing_certificates.as_ref()) {
-                trusted.push(Trusted {
-                    group: index,
-                    der,
-                    ca: None,
-                });
-            }
-            if let Some(refs) = &x.ca_references {
-                for name in [refs.primary.as_ref(), refs.secondary.as_ref()]
-                    .into_iter()
-                    .flatten()
-                {
-                    let rec = store
-                        .get(Collection::CaCertificates, &CaCertificate::key(name))
-                        .await?
-                        .and_then(|r| serde_json::from_value::<CaCertificate>(r.body).ok());
-                    if let Some(rec) = rec {
-                        if let Ok(der) = rec.der() {
-                            trusted.push(Trusted {
-                                group: index,
-                                der,
-                                ca: Some((rec.name.clone(), rec.is_verified)),
-                            });
-                        }
+    for g in cache.all(store).await?.iter() {
+        if g.value.attestation.kind != AttestationType::X509 {
+            continue;
+        }
+        let Some(x) = g.value.attestation.x509.clone() else {
+            continue;
+        };
+        let index = groups.len();
+        for der in set_ders(x.signing_certificates.as_ref()) {
+            trusted.push(Trusted {
+                group: index,
+                der,
+                ca: None,
+            });
+        }
+        if let Some(refs) = &x.ca_references {
+            for name in [refs.primary.as_ref(), refs.secondary.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                let rec = store
+                    .get(Collection::CaCertificates, &CaCertificate::key(name))
+                    .await?
+                    .and_then(|r| serde_json::from_value::<CaCertificate>(r.body).ok());
+                if let Some(rec) = rec {
+                    if let Ok(der) = rec.der() {
+                        trusted.push(Trusted {
+                            group: index,
+                            der,
+                            ca: Some((rec.name.clone(), rec.is_verified)),
+                        });
                     }
                 }
             }
-            groups.push(g);
         }
+        groups.push(g.clone());
     }
     Ok((groups, trusted))
 }
 
 async fn find_group(
     store: &dyn Store,
+    cache: &GroupCache,
     presented: &Presented,
     now_unix: i64,
 ) -> Result<GroupMatch, DeviceFailure> {
-    let (groups, trusted) = x509_groups(store).await?;
+    let (groups, trusted) = x509_groups(store, cache).await?;
     let chain = &presented.chain;
     let n = chain.len();
     let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.der().to_vec()).collect();

@@ -79,6 +79,14 @@ impl Collection {
         Collection::HubCounters,
     ];
 
+    /// Position in [`Collection::ALL`].
+    pub fn index(&self) -> usize {
+        Collection::ALL
+            .iter()
+            .position(|c| c == self)
+            .unwrap_or_default()
+    }
+
     /// Stable name used in storage; never change one once released.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -238,4 +246,13 @@ pub trait Store: Send + Sync + 'static {
         collection: Collection,
         partition: Option<&str>,
     ) -> Result<u64, StoreError>;
+
+    /// A counter that moves whenever a write to `collection` may have committed, before the
+    /// writer hears of it; callers may keep what they decoded from the collection while it
+    /// stands still. `None` (the default) means this store cannot tell, so nothing may be
+    /// kept: a store shared by several processes must return `None` or a shared counter.
+    fn changes(&self, collection: Collection) -> Option<u64> {
+        let _ = collection;
+        None
+    }
 }

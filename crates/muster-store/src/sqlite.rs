@@ -70,6 +70,7 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     readers: Arc<ReadPool>,
+    changes: Arc<writer::ChangeCounters>,
     /// Seals the bodies of secret collections (see `crate::sealing`).
     sealer: Arc<Sealer>,
     /// `None` only while dropping.
@@ -102,9 +103,11 @@ impl SqliteStore {
         let readers = ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT)?;
 
         let (requests, queue) = mpsc::channel();
+        let changes = Arc::new(writer::ChangeCounters::new());
+        let writer_changes = changes.clone();
         let writer = std::thread::Builder::new()
             .name("muster-store-writer".into())
-            .spawn(move || writer::run(conn, queue, etags))
+            .spawn(move || writer::run(conn, queue, etags, writer_changes))
             .map_err(|e| StoreError::Backend(format!("starting the store writer thread: {e}")))?;
         tracing::debug!(path = %path.display(), "opened SQLite store");
 
@@ -112,6 +115,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 readers,
+                changes,
                 sealer,
                 requests: Some(requests),
                 writer: Some(writer),
@@ -355,6 +359,11 @@ impl Store for SqliteStore {
         } else {
             self.inner.readers.run(read).await
         }
+    }
+
+    fn changes(&self, collection: Collection) -> Option<u64> {
+        // Only this process writes the database while it is open (the server holds it).
+        Some(self.inner.changes.get(collection))
     }
 
     async fn count(

@@ -8,13 +8,37 @@
 //! the WAL was synced (`synchronous=FULL`). When every sender is gone the thread finishes the
 //! queued requests, closes its connection and exits.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::db_err;
-use crate::{Expect, StoreError, WriteOutcome};
+use crate::{Collection, Expect, StoreError, WriteOutcome};
+
+/// One counter per collection, moved by every group that wrote to it (see `Store::changes`).
+pub(super) struct ChangeCounters(Vec<AtomicU64>);
+
+impl ChangeCounters {
+    pub(super) fn new() -> Self {
+        Self(Collection::ALL.iter().map(|_| AtomicU64::new(0)).collect())
+    }
+
+    pub(super) fn get(&self, collection: Collection) -> u64 {
+        self.0
+            .get(collection.index())
+            .map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    fn bump(&self, name: &str) {
+        if let Some(i) = Collection::ALL.iter().position(|c| c.as_str() == name) {
+            if let Some(c) = self.0.get(i) {
+                c.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
 
 /// Most batches committed in one transaction; bounds the latency one group adds.
 const MAX_GROUP: usize = 256;
@@ -94,7 +118,12 @@ fn base64(input: &[u8]) -> String {
 }
 
 /// The writer thread's main loop.
-pub(super) fn run(mut conn: Connection, requests: Receiver<Request>, mut etags: EtagCounter) {
+pub(super) fn run(
+    mut conn: Connection,
+    requests: Receiver<Request>,
+    mut etags: EtagCounter,
+    changes: std::sync::Arc<ChangeCounters>,
+) {
     while let Ok(first) = requests.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -103,7 +132,14 @@ pub(super) fn run(mut conn: Connection, requests: Receiver<Request>, mut etags: 
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        match commit_group(&mut conn, &group, &mut etags) {
+        let result = commit_group(&mut conn, &group, &mut etags);
+        // Before anyone hears of the write, and also after a failed commit (conservative).
+        for request in &group {
+            for w in &request.writes {
+                changes.bump(w.collection);
+            }
+        }
+        match result {
             Ok(replies) => {
                 for (request, reply) in group.into_iter().zip(replies) {
                     // The caller may have gone away; its write is committed regardless.
