@@ -7,7 +7,12 @@
 #      so registration rates can be read as a fraction of it;
 #   3. an open-loop run at half the measured keep-alive rate, for latency percentiles;
 #   4. the service API: bulk creation of individual enrollments and paging-query latency,
-#      then again after seeding registration records into the group (server stopped).
+#      then again after seeding registration records into the group (server stopped);
+#   5. (full runs, when scripts/interop.sh has made .interop/venv) Microsoft's Python SDK
+#      registering devices one process at a time, process start to `assigned`, against a
+#      second server on the standard ports 443/8883 of BENCH_SDK_HOST (127.0.0.11), since the
+#      SDK has no port option.
+# The server's idle resident set is read once it has started, before any load.
 # It prints a summary and writes every report into one JSON file. Every process it starts is
 # stopped on exit.
 #
@@ -16,7 +21,7 @@
 #             build, to prove the commands run (scripts/test.sh does this)
 #   --out     JSON results [default: $CARGO_TARGET_DIR/bench/results.json]
 # Sizes can be overridden: BENCH_COUNT, BENCH_WARMUP, BENCH_CONCURRENCY, BENCH_ENROLLMENTS,
-# BENCH_RECORDS, BENCH_QUERIES; addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
+# BENCH_RECORDS, BENCH_QUERIES, BENCH_SDK_COUNT (10); addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,7 +31,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1 ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -111,6 +116,8 @@ PY
 
 step "muster serve on $host:$https_port (MQTT $mqtt_port), data in $data"
 start_server
+# Idle: started, nothing asked of it yet.
+awk '/^VmRSS/ {print "{\"idle_rss_kib\": " $2 "}"}' "/proc/$server_pid/status" >"$results/idle.json"
 key=$("$bin" enrollment-group create --data-dir "$data" --group-id bench --show-keys -o json \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])')
 export MUSTER_GROUP_KEY="$key"
@@ -157,6 +164,21 @@ step "service API: $queries paging queries over $records+ records"
   --group-id bench --server-pid "$server_pid" --json >"$results/service-api-seeded.json"
 stop_server
 
+sdk_python="$PWD/.interop/venv/bin/python"
+if [[ $smoke -eq 0 && -x "$sdk_python" ]] && "$sdk_python" -c 'import azure.iot.device' 2>/dev/null; then
+  sdk_count=${BENCH_SDK_COUNT:-10}
+  host=${BENCH_SDK_HOST:-127.0.0.11}; https_port=443; mqtt_port=8883; data="$work/sdk-server"
+  step "Python SDK (azure-iot-device): $sdk_count devices, one process each, on $host:443/8883"
+  start_server
+  sdk_key=$("$bin" enrollment-group create --data-dir "$data" --group-id sdk --show-keys -o json \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])')
+  NO_PROXY="127.0.0.0/8,localhost" python3 scripts/bench_python_sdk.py "$sdk_python" \
+    "$data/connection.json" "$sdk_key" "$sdk_count" >"$results/python-sdk.json"
+  stop_server
+else
+  step "Python SDK step skipped (smoke run, or no .interop/venv: run scripts/interop.sh once)"
+fi
+
 python3 - "$results" "$out" "$smoke" <<'PY'
 import json, os, platform, sys
 results, out, smoke = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -186,6 +208,14 @@ for mode, ref_rate in ref.items():
         print(f"{mode}: {fractions[mode]:.0%} of the TLS reference "
               f"(reference saw {c.get('connections')} connections, {c.get('resumed_handshakes')} resumed)")
 summary["fraction_of_reference"] = fractions
+idle = runs.get("idle", {}).get("idle_rss_kib")
+if idle:
+    print(f"idle RSS after start: {idle / 1024:.1f} MiB")
+sdk = runs.get("python-sdk")
+if sdk and "start_to_assigned_ms" in sdk:
+    a, e = sdk["start_to_assigned_ms"], sdk["start_to_exit_ms"]
+    print(f"Python SDK, process start to assigned: p50 {a['p50']:.0f} max {a['max']:.0f} ms "
+          f"(to exit: p50 {e['p50']:.0f} ms), {sdk['assigned']}/{sdk['devices']} assigned")
 for name in ("service-api", "service-api-seeded"):
     r = runs.get(name, {})
     b = r.get("bulk_create")
