@@ -188,16 +188,25 @@ impl Engine {
             .enrollment_group_id
             .as_ref()
             .map(|g| g.to_ascii_lowercase());
+        // The marker that lets a restart find this record without scanning them all moves in
+        // the same transaction as the record.
+        let marker = match &record.pending {
+            Some(plan) => Write::put(
+                Collection::PendingAssignments,
+                key,
+                Expect::Any,
+                json!({"hub": plan.hub, "since": record.state.last_updated_date_time_utc}),
+            ),
+            None => Write::delete(Collection::PendingAssignments, key, Expect::Any),
+        };
         let outcome = self
             .0
             .store
-            .write(vec![Write::put(
-                Collection::Registrations,
-                key,
-                Expect::Any,
-                body,
-            )
-            .with_partition(partition)])
+            .write(vec![
+                Write::put(Collection::Registrations, key, Expect::Any, body)
+                    .with_partition(partition),
+                marker,
+            ])
             .await?;
         match outcome.into_iter().next() {
             Some(muster_store::WriteOutcome::Written { etag }) => Ok(etag),
@@ -683,8 +692,20 @@ impl Engine {
 
     /// Finishes a throttled or interrupted assignment from its stored plan.
     async fn finish_pending(&self, key: &str) -> Result<(), DeviceFailure> {
-        let Some((record, _)) = self.load_record(key).await? else {
-            return Ok(());
+        let record = match self.load_record(key).await? {
+            Some((record, _)) if record.pending.is_some() => record,
+            // Deleted or finished meanwhile: the marker is stale.
+            _ => {
+                self.0
+                    .store
+                    .write(vec![Write::delete(
+                        Collection::PendingAssignments,
+                        key,
+                        Expect::Any,
+                    )])
+                    .await?;
+                return Ok(());
+            }
         };
         let Some(plan) = record.pending.clone() else {
             return Ok(());
@@ -752,12 +773,67 @@ impl Engine {
 
     /// Re-queues every accepted assignment that had not finished (after a restart).
     pub async fn resume_pending(&self) -> Result<usize, DeviceFailure> {
-        let mut pending: Vec<(String, String, Option<muster_proto::Timestamp>)> = Vec::new();
+        let pending = self.pending_assignments().await?;
+        let n = pending.len();
+        for p in pending {
+            self.enqueue(p.hub, p.key);
+        }
+        if n > 0 {
+            info!(count = n, "resumed pending assignments");
+        }
+        Ok(n)
+    }
+
+    /// The accepted, unfinished assignments, oldest first, from their markers. A database
+    /// written before the markers existed is scanned once and given them.
+    pub async fn pending_assignments(&self) -> Result<Vec<PendingMarker>, DeviceFailure> {
+        let store = &*self.0.store;
+        if store
+            .get(Collection::Settings, PENDING_MARKERS_SETTING)
+            .await?
+            .is_none()
+        {
+            self.mark_legacy_pending().await?;
+        }
+        let mut pending = Vec::new();
         let mut after = None;
         loop {
-            let page = self
-                .0
-                .store
+            let page = store
+                .list(
+                    Collection::PendingAssignments,
+                    ListQuery {
+                        partition: None,
+                        after: after.clone(),
+                        limit: 1000,
+                    },
+                )
+                .await?;
+            let full = page.len() >= 1000;
+            after = page.last().map(|r| r.key.clone());
+            for r in page {
+                let marker: MarkerBody = serde_json::from_value(r.body)
+                    .map_err(|e| DeviceFailure::internal("reading a pending assignment", e))?;
+                pending.push(PendingMarker {
+                    key: r.key,
+                    hub: marker.hub,
+                    since: marker.since,
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+        pending.sort_by_key(|p| p.since);
+        Ok(pending)
+    }
+
+    /// One full scan of the registration records for pending plans saved before markers
+    /// existed; writes their markers, then the setting that says it was done.
+    async fn mark_legacy_pending(&self) -> Result<(), DeviceFailure> {
+        let store = &*self.0.store;
+        let mut after = None;
+        loop {
+            let page = store
                 .list(
                     Collection::Registrations,
                     ListQuery {
@@ -769,22 +845,31 @@ impl Engine {
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
+            let mut markers = Vec::new();
             for r in &page {
                 let rec = decode_record(r)?;
                 if let Some(p) = rec.pending {
-                    pending.push((r.key.clone(), p.hub, rec.state.last_updated_date_time_utc));
+                    markers.push(Write::put(
+                        Collection::PendingAssignments,
+                        r.key.clone(),
+                        Expect::Any,
+                        json!({"hub": p.hub, "since": rec.state.last_updated_date_time_utc}),
+                    ));
                 }
             }
+            if !markers.is_empty() {
+                store.write(markers).await?;
+            }
         }
-        pending.sort_by_key(|p| p.2);
-        let n = pending.len();
-        for (key, hub, _) in pending {
-            self.enqueue(hub, key);
-        }
-        if n > 0 {
-            info!(count = n, "resumed pending assignments");
-        }
-        Ok(n)
+        store
+            .write(vec![Write::put(
+                Collection::Settings,
+                PENDING_MARKERS_SETTING,
+                Expect::Any,
+                json!({"since": self.0.clock.now()}),
+            )])
+            .await?;
+        Ok(())
     }
 
     async fn do_status(&self, req: StatusRequest) -> Result<DeviceReply, DeviceFailure> {
@@ -879,6 +964,25 @@ fn strip_metadata(v: Option<&Value>) -> Value {
         ),
         _ => json!({}),
     }
+}
+
+/// The setting that says every pending assignment has its marker.
+const PENDING_MARKERS_SETTING: &str = "pendingAssignmentMarkers";
+
+/// An accepted assignment not yet finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingMarker {
+    /// The registration record's key.
+    pub key: String,
+    pub hub: String,
+    pub since: Option<muster_proto::Timestamp>,
+}
+
+#[derive(serde::Deserialize)]
+struct MarkerBody {
+    hub: String,
+    #[serde(default)]
+    since: Option<muster_proto::Timestamp>,
 }
 
 fn decode_record(r: &Record) -> Result<RegistrationRecord, DeviceFailure> {

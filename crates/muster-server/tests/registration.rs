@@ -553,6 +553,19 @@ async fn custom_allocation_uses_the_webhook_and_fails_cleanly() {
 
 #[tokio::test]
 async fn throttled_registrations_are_accepted_and_finish_in_order_even_across_a_restart() {
+    throttled_then_restart(false).await;
+}
+
+/// A database from before pending-assignment markers: the first start finds the pending
+/// plans by one full scan, finishes them, and records that the scan was done.
+#[tokio::test]
+async fn pending_plans_saved_before_markers_existed_are_found_once_and_finished() {
+    throttled_then_restart(true).await;
+}
+
+async fn throttled_then_restart(legacy: bool) {
+    use muster_store::{Collection, Expect, SqliteStore, Store, Write};
+    const MARKERS_SETTING: &str = "pendingAssignmentMarkers";
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), "127.0.0.1", None).await;
     let dps = Dps::new(&server.connection);
@@ -607,6 +620,44 @@ async fn throttled_registrations_are_accepted_and_finish_in_order_even_across_a_
     let port = server.https_addrs[0].port();
     let mqtt_port = server.mqtt_addrs[0].port();
     server.shutdown().await;
+    let db = dir.path().join("muster.db");
+    {
+        let store = SqliteStore::open(&db).unwrap();
+        let markers = store
+            .count(Collection::PendingAssignments, None)
+            .await
+            .unwrap();
+        assert!(
+            markers >= 2 && markers <= assigning,
+            "one marker per unfinished assignment: {markers} for {assigning} accepted"
+        );
+        if legacy {
+            let mut writes = vec![Write::delete(
+                Collection::Settings,
+                MARKERS_SETTING,
+                Expect::Any,
+            )];
+            for r in store
+                .list(
+                    Collection::PendingAssignments,
+                    muster_store::ListQuery {
+                        partition: None,
+                        after: None,
+                        limit: 100,
+                    },
+                )
+                .await
+                .unwrap()
+            {
+                writes.push(Write::delete(
+                    Collection::PendingAssignments,
+                    r.key,
+                    Expect::Any,
+                ));
+            }
+            store.write(writes).await.unwrap();
+        }
+    }
     let mut cfg = common::config(dir.path(), "127.0.0.1");
     cfg.https_port = port;
     cfg.mqtt_port = mqtt_port;
@@ -644,4 +695,18 @@ async fn throttled_registrations_are_accepted_and_finish_in_order_even_across_a_
         "completed in the order they were accepted"
     );
     server.shutdown().await;
+    let store = SqliteStore::open(&db).unwrap();
+    assert_eq!(
+        store
+            .count(Collection::PendingAssignments, None)
+            .await
+            .unwrap(),
+        0,
+        "finished assignments leave no marker"
+    );
+    assert!(store
+        .get(Collection::Settings, MARKERS_SETTING)
+        .await
+        .unwrap()
+        .is_some());
 }

@@ -62,6 +62,10 @@ pub enum Collection {
     /// Per-device counters of the built-in hub (the last telemetry and cloud-to-device
     /// sequence numbers), keyed `{kind}/{hub host}/{device id}` (lower-cased).
     HubCounters,
+    /// One marker per registration whose assignment was accepted but not finished (a
+    /// throttled hub, or a crash in between), keyed like its registration record; written and
+    /// removed in the same transaction as the record, so a restart reads only these.
+    PendingAssignments,
 }
 
 impl Collection {
@@ -77,6 +81,7 @@ impl Collection {
         Collection::HubTelemetry,
         Collection::HubC2dMessages,
         Collection::HubCounters,
+        Collection::PendingAssignments,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -101,6 +106,7 @@ impl Collection {
             Collection::HubTelemetry => "hub_telemetry",
             Collection::HubC2dMessages => "hub_c2d_messages",
             Collection::HubCounters => "hub_counters",
+            Collection::PendingAssignments => "pending_assignments",
         }
     }
 }
