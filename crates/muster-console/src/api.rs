@@ -68,6 +68,12 @@ impl Failure {
         self.status == 404
     }
 
+    /// The HTTP status a page showing this failure answers with.
+    pub fn status_code(&self) -> axum::http::StatusCode {
+        axum::http::StatusCode::from_u16(self.status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
     /// One line for the user.
     pub fn text(&self) -> String {
         match &self.code {

@@ -514,13 +514,17 @@ pub async fn list(
     let mut next = None;
     let mut error = None;
     let mut searched_all = true;
+    let mut error_status = StatusCode::OK;
     if needle.is_empty() {
         match query_page(&c, &s, kind, PAGE_SIZE, lq.page.as_deref()).await {
             Ok(r) => {
                 next = r.continuation();
                 rows = items(&r.body).iter().map(|v| row(kind, v)).collect();
             }
-            Err(f) => error = Some(f.text()),
+            Err(f) => {
+                error_status = f.status_code();
+                error = Some(f.text());
+            }
         }
     } else {
         let lower = needle.to_lowercase();
@@ -537,6 +541,7 @@ pub async fn list(
                     token = r.continuation();
                 }
                 Err(f) => {
+                    error_status = f.status_code();
                     error = Some(f.text());
                     break;
                 }
@@ -554,7 +559,7 @@ pub async fn list(
         Kind::Individual => "Individual enrollments",
     };
     let status = if error.is_some() {
-        StatusCode::FORBIDDEN
+        error_status
     } else {
         StatusCode::OK
     };

@@ -80,6 +80,7 @@ async fn view(
     status: StatusCode,
 ) -> Response {
     let (mut rows, mut error) = (Vec::new(), None);
+    let mut error_status = StatusCode::OK;
     match c.service(s, Method::GET, "/linkedHubs", None, &[]).await {
         Ok(r) => {
             rows = r
@@ -88,7 +89,10 @@ async fn view(
                 .map(|a| a.iter().map(row).collect())
                 .unwrap_or_default()
         }
-        Err(f) => error = Some(f.text()),
+        Err(f) => {
+            error_status = f.status_code();
+            error = Some(f.text());
+        }
     }
     if let Some((name, typed)) = row_error {
         if let Some(r) = rows.iter_mut().find(|r| r.name.eq_ignore_ascii_case(&name)) {
@@ -96,7 +100,7 @@ async fn view(
         }
     }
     let status = if error.is_some() && status == StatusCode::OK {
-        StatusCode::FORBIDDEN
+        error_status
     } else {
         status
     };

@@ -88,6 +88,7 @@ pub async fn list(
     let mut rows = Vec::new();
     let mut next = None;
     let mut error = None;
+    let mut error_status = StatusCode::OK;
     if !group.is_empty() {
         let mut extra = vec![("x-ms-max-item-count", PAGE_SIZE.to_string())];
         if let Some(t) = token.strip_prefix("c:") {
@@ -116,11 +117,17 @@ pub async fn list(
                     })
                     .unwrap_or_default();
             }
-            Err(f) => error = Some(f.text()),
+            Err(f) => {
+                error_status = f.status_code();
+                error = Some(f.text());
+            }
         }
     } else {
         match c.has_right(&s, AccessRight::RegistrationStatusRead) {
-            Err(f) => error = Some(f.text()),
+            Err(f) => {
+                error_status = f.status_code();
+                error = Some(f.text());
+            }
             Ok(()) => {
                 let mut after = token.strip_prefix("k:").map(str::to_string);
                 let mut scanned = 0usize;
@@ -140,6 +147,7 @@ pub async fn list(
                     {
                         Ok(p) => p,
                         Err(e) => {
+                            error_status = StatusCode::INTERNAL_SERVER_ERROR;
                             error = Some(e.to_string());
                             break;
                         }
@@ -170,7 +178,7 @@ pub async fn list(
     }
     let hubs = linked_hub_names(&c).await;
     let code = if error.is_some() {
-        StatusCode::FORBIDDEN
+        error_status
     } else {
         StatusCode::OK
     };

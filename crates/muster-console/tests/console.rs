@@ -452,6 +452,16 @@ async fn a_read_only_policy_cannot_create_and_failed_forms_keep_their_values() {
 
     // The owner: a twin that is not JSON is caught before the API, a bad id by the API.
     let owner = h.sign_in(&name, &key).await;
+    // A list page answers with the status of the API's refusal: a malformed group id is a 400.
+    let r = h
+        .get(
+            "/console/registrations?group=bad%20group%21",
+            Some(&owner.cookie),
+        )
+        .await;
+    let status = r.status();
+    let html = r.text().await.unwrap();
+    assert_eq!(status, 400, "{html}");
     let r = post(
         owner.cookie.clone(),
         form(&owner.csrf, "line-8", r#"{"tags": {"site": "#),
