@@ -196,7 +196,7 @@ test("disable the group, then delete it with its records", async () => {
   await page.getByLabel(/Also delete its registration records/).check();
   await page.getByRole("button", { name: "Delete enrollment group" }).click();
   await page.getByText(`Deleted enrollment group '${groupId}'.`).waitFor();
-  await page.getByText("1 registration record(s) and 1 device(s) in the built-in hub deleted.").waitFor();
+  await page.getByText("1 registration record(s) and 1 device(s) in their hubs deleted.").waitFor();
   assert.equal(await page.getByRole("link", { name: groupId }).count(), 0);
   assert.equal(await page.locator("p.error").count(), 0);
   await screenshot("group-deleted");

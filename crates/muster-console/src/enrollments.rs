@@ -1175,8 +1175,8 @@ pub async fn delete(
     redirect(&format!("/console/enrollments?tab={}", kind.slug()))
 }
 
-/// Deletes the enrollment's registration records, and their devices when they are in the
-/// built-in hub (the console holds no credentials for other hubs; those devices stay).
+/// Deletes the enrollment's registration records and their devices in whichever linked hub
+/// holds them; a device that could not be deleted is named in the message.
 async fn cascade_delete(
     c: &Console,
     s: &Session,
@@ -1213,8 +1213,8 @@ async fn cascade_delete(
         // The API already deleted an individual enrollment's record; its device remains.
         Kind::Individual => records.extend(individual_record),
     }
-    let built_in = c.inner.hub.host_name().to_ascii_lowercase();
-    let (mut deleted_records, mut deleted_devices, mut elsewhere) = (0, 0, 0);
+    let (mut deleted_records, mut deleted_devices) = (0, 0);
+    let mut left = Vec::new();
     for r in &records {
         if kind == Kind::Group {
             match c
@@ -1235,25 +1235,20 @@ async fn cascade_delete(
         if r.device_id.is_empty() || r.assigned_hub.is_empty() {
             continue;
         }
-        if r.assigned_hub.to_ascii_lowercase() == built_in {
-            match c
-                .hub(Method::DELETE, &format!("/devices/{}", seg(&r.device_id)))
-                .await
-            {
-                Ok(_) => deleted_devices += 1,
-                Err(f) if f.is_not_found() => {}
-                Err(f) => return Err(f),
-            }
-        } else {
-            elsewhere += 1;
+        // Every linked hub, the built-in one included, through the engine's hub connections.
+        match c.inner.remover.remove(&r.assigned_hub, &r.device_id).await {
+            Ok(()) => deleted_devices += 1,
+            Err(e) => left.push(format!("{} on {}: {e}", r.device_id, r.assigned_hub)),
         }
     }
     let mut out = format!(
-        "{deleted_records} registration record(s) and {deleted_devices} device(s) in the built-in hub deleted."
+        "{deleted_records} registration record(s) and {deleted_devices} device(s) in their hubs deleted."
     );
-    if elsewhere > 0 {
+    if !left.is_empty() {
         out.push_str(&format!(
-            " {elsewhere} device(s) on other linked hubs were left there (use `muster registration delete --cascade`)."
+            " {} device(s) could not be deleted: {}.",
+            left.len(),
+            left.join("; ")
         ));
     }
     Ok(out)

@@ -48,6 +48,15 @@ use axum::Router;
 use muster_hub::HubRegistry;
 use muster_service_api::ServiceApi;
 
+/// Removes a device from whichever linked hub holds it: the cascade of a deprovisioning.
+/// The server implements it with the registration engine, which holds the linked hubs'
+/// credentials (the console never sees them).
+#[async_trait::async_trait]
+pub trait HubDeviceRemover: Send + Sync {
+    /// A device that is not there is not an error.
+    async fn remove(&self, hub: &str, device_id: &str) -> Result<(), String>;
+}
+
 /// Where the console lives on the HTTPS port.
 pub const BASE: &str = "/console";
 
@@ -78,12 +87,18 @@ struct Inner {
     service: Router,
     hub: HubRegistry,
     hub_router: Router,
+    remover: Arc<dyn HubDeviceRemover>,
     sessions: session::Sessions,
     stats: overview::StatsCache,
 }
 
 impl Console {
-    pub fn new(config: ConsoleConfig, api: ServiceApi, hub: HubRegistry) -> Self {
+    pub fn new(
+        config: ConsoleConfig,
+        api: ServiceApi,
+        hub: HubRegistry,
+        remover: Arc<dyn HubDeviceRemover>,
+    ) -> Self {
         let service = muster_service_api::router(api.clone());
         let hub_router = muster_hub::router(hub.clone());
         Self {
@@ -93,6 +108,7 @@ impl Console {
                 service,
                 hub,
                 hub_router,
+                remover,
                 sessions: session::Sessions::new(session::Limits::default()),
                 stats: overview::StatsCache::default(),
             }),

@@ -490,3 +490,124 @@ async fn a_read_only_policy_cannot_create_and_failed_forms_keep_their_values() {
     assert_eq!(h.api_get("/enrollmentGroups/line-8").await.status(), 404);
     h.server.shutdown().await;
 }
+
+/// Delete with cascade removes devices from every linked hub, not only the built-in one: a
+/// second server's hub, linked by connection string, loses the device the group put there.
+#[tokio::test]
+async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
+    let h = start().await;
+    // A second server sharing the first one's CA, so the first one's engine trusts its hub.
+    let dir_b = tempfile::tempdir().unwrap();
+    let a_dir = h.info.ca_certificate.parent().unwrap().to_path_buf();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(a_dir.join(f), dir_b.path().join(f)).unwrap();
+    }
+    let b = Server::start(Config {
+        data_dir: dir_b.path().to_path_buf(),
+        dps_host: "127.0.0.1".into(),
+        https_port: 0,
+        mqtt_port: 0,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let hub_b = b.connection.hubs[0].clone();
+    let api = |method: reqwest::Method, path: &str| {
+        h.http
+            .request(method, format!("{}{path}?api-version=2021-10-01", h.base))
+            .header("authorization", h.owner_token())
+    };
+    let r = api(
+        reqwest::Method::PUT,
+        &format!("/linkedHubs/{}", hub_b.host_name),
+    )
+    .json(&json!({"connectionString": hub_b.connection_string}))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = api(reqwest::Method::PUT, "/enrollmentGroups/far-away")
+        .json(&json!({
+            "enrollmentGroupId": "far-away",
+            "attestation": {"type": "symmetricKey"},
+            "allocationPolicy": "hashed",
+            "iotHubs": [hub_b.host_name],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let group: Value = r.json().await.unwrap();
+    let group_key = group["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A device registers and lands on the second server's hub.
+    let rid = "far-device";
+    let device_key = muster_attestation::symmetric_key::derive_device_key(&group_key, rid).unwrap();
+    use base64::Engine;
+    let key_bytes = base64::engine::general_purpose::STANDARD
+        .decode(device_key)
+        .unwrap();
+    let token = SasToken::generate(
+        &format!("{}/registrations/{rid}", h.info.id_scope),
+        &key_bytes,
+        Some("registration"),
+        4_000_000_000,
+    );
+    let r = h
+        .http
+        .put(format!(
+            "https://{}/{}/registrations/{rid}/register?api-version=2021-06-01",
+            h.info.device_endpoint, h.info.id_scope
+        ))
+        .header("authorization", token)
+        .json(&json!({"registrationId": rid}))
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["status"], "assigned", "{answer}");
+    assert_eq!(answer["registrationState"]["assignedHub"], hub_b.host_name);
+    let hub_device = || async {
+        let cs = ConnectionString::parse(&hub_b.connection_string).unwrap();
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&cs.key)
+            .unwrap();
+        h.http
+            .get(format!(
+                "https://{}/devices/{rid}?api-version=2021-04-12",
+                cs.host_name
+            ))
+            .header(
+                "authorization",
+                SasToken::generate(&cs.host_name, &key, Some(&cs.key_name), 4_000_000_000),
+            )
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(hub_device().await, 200);
+
+    // The console deletes the group with cascade: record and remote device are gone.
+    let (name, key) = owner(&h.info);
+    let user = h.sign_in(&name, &key).await;
+    let r = h
+        .post_form(
+            "/console/enrollments/groups/far-away/delete",
+            Some(&user.cookie),
+            &[("csrf", &user.csrf), ("cascade", "1")],
+        )
+        .await;
+    assert_eq!(r.status(), 303, "{}", r.text().await.unwrap());
+    assert_eq!(hub_device().await, 404, "the device left the far hub");
+    let r = api(reqwest::Method::GET, &format!("/registrations/{rid}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the record is gone");
+    b.shutdown().await;
+    h.server.shutdown().await;
+}

@@ -145,6 +145,26 @@ impl Engine {
         }
     }
 
+    /// Deletes a device from a linked hub, the way assignments write it (in process for the
+    /// built-in hub, REST with the stored connection string otherwise): the cascade of a
+    /// deprovisioning. A device that is not there is not an error.
+    pub async fn remove_hub_device(&self, hub: &str, device_id: &str) -> Result<(), DeviceFailure> {
+        let linked = self.linked_hubs().await?;
+        let target = linked
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(hub))
+            .ok_or_else(|| {
+                DeviceFailure::new(
+                    ErrorCode::HubNotLinked,
+                    format!("IoT hub '{hub}' is not linked"),
+                )
+            })?;
+        self.connection(target)
+            .delete_device(device_id)
+            .await
+            .map_err(|e| DeviceFailure::new(ErrorCode::HubWriteFailed, e.to_string()))
+    }
+
     fn failure_reply(&self, f: DeviceFailure) -> DeviceReply {
         DeviceReply::error(
             f.code,

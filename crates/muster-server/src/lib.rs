@@ -219,6 +219,7 @@ impl Server {
             },
             api.clone(),
             hub.clone(),
+            Arc::new(local_hub::EngineHubDevices(engine.clone())),
         );
         let app = app::https_app(api, registrar.clone(), hub, console);
         for l in https_listeners {

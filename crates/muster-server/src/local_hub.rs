@@ -5,6 +5,8 @@
 //! itself. This adapter runs the same registry operations directly, with the same bodies the
 //! REST client sends, so the semantics cannot drift: the device and its twin go into the store
 //! in one write instead of two calls.
+//!
+//! [`EngineHubDevices`] lends the engine's hub connections to the web console's cascade.
 
 use async_trait::async_trait;
 use muster_hub::error::HubErrorCode;
@@ -14,6 +16,20 @@ use muster_proto::IfMatch;
 use muster_registration::hub_client::{HubDeviceSpec, HubError, TwinWrite};
 use muster_registration::HubConnection;
 use serde_json::{json, Value};
+
+/// The console's cascade: devices deleted from any linked hub through the engine, which holds
+/// the linked hubs' credentials and reaches the built-in hub in process.
+pub struct EngineHubDevices(pub muster_registration::Engine);
+
+#[async_trait]
+impl muster_console::HubDeviceRemover for EngineHubDevices {
+    async fn remove(&self, hub: &str, device_id: &str) -> Result<(), String> {
+        self.0
+            .remove_hub_device(hub, device_id)
+            .await
+            .map_err(|f| f.message)
+    }
+}
 
 /// The built-in hub, reached without leaving the process.
 pub struct LocalHub {
