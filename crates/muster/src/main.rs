@@ -112,6 +112,11 @@ enum Command {
     },
 }
 
+/// mimalloc instead of glibc's malloc: under registration load glibc's allocator was a fifth
+/// of the server's CPU (arena locks, consolidation); see BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_filter = match cli.command {
