@@ -89,6 +89,7 @@ struct Inner {
     hub_router: Router,
     remover: Arc<dyn HubDeviceRemover>,
     sessions: session::Sessions,
+    sign_ins: session::SignInThrottle,
     stats: overview::StatsCache,
 }
 
@@ -110,6 +111,7 @@ impl Console {
                 hub_router,
                 remover,
                 sessions: session::Sessions::new(session::Limits::default()),
+                sign_ins: session::SignInThrottle::default(),
                 stats: overview::StatsCache::default(),
             }),
         }
@@ -125,6 +127,10 @@ impl Console {
 
     pub(crate) fn sessions(&self) -> &session::Sessions {
         &self.inner.sessions
+    }
+
+    pub(crate) fn sign_ins(&self) -> &session::SignInThrottle {
+        &self.inner.sign_ins
     }
 
     pub(crate) fn now_unix(&self) -> i64 {

@@ -9,6 +9,11 @@
 //! Sessions expire after [`Limits::idle_secs`] without a request (judged by the injected
 //! `Clock`); at most [`Limits::max_sessions`] exist, the longest idle one is dropped first.
 //! Sign-out deletes the session.
+//!
+//! Failed sign-ins are counted per policy name ([`SignInThrottle`]): after
+//! [`SignInThrottle::MAX_FAILURES`] in a window the policy's sign-in answers 429 with
+//! `Retry-After` until the window ends, without looking at the key, so a key cannot be guessed
+//! at speed. Only names of existing policies are counted, which bounds the table.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,6 +69,38 @@ impl std::fmt::Debug for Session {
         f.debug_struct("Session")
             .field("policy", &self.policy)
             .finish_non_exhaustive()
+    }
+}
+
+/// Failed sign-ins per policy name, in fixed windows.
+#[derive(Default)]
+pub struct SignInThrottle {
+    failures: Mutex<HashMap<String, (i64, u32)>>,
+}
+
+impl SignInThrottle {
+    /// Failed attempts a policy may have in one window.
+    pub const MAX_FAILURES: u32 = 10;
+    /// Window length, seconds.
+    pub const WINDOW_SECS: i64 = 60;
+
+    /// `Some(seconds to wait)` while `policy` is locked out at `now`.
+    pub fn locked_for(&self, policy: &str, now: i64) -> Option<i64> {
+        let table = self.failures.lock().ok()?;
+        let (start, n) = *table.get(&policy.to_ascii_lowercase())?;
+        let end = start + Self::WINDOW_SECS;
+        (n >= Self::MAX_FAILURES && now < end).then_some(end - now)
+    }
+
+    /// Counts a failed attempt for `policy` at `now`.
+    pub fn failed(&self, policy: &str, now: i64) {
+        if let Ok(mut table) = self.failures.lock() {
+            let entry = table.entry(policy.to_ascii_lowercase()).or_insert((now, 0));
+            if now >= entry.0 + Self::WINDOW_SECS {
+                *entry = (now, 0);
+            }
+            entry.1 = entry.1.saturating_add(1);
+        }
     }
 }
 
@@ -201,6 +238,14 @@ impl Console {
         }
     }
 
+    fn policy_exists(&self, name: &str) -> bool {
+        self.api()
+            .auth
+            .policies()
+            .iter()
+            .any(|p| p.key_name.eq_ignore_ascii_case(name.trim()))
+    }
+
     /// Whether `name` + `key` name a current policy; the key is compared in constant time
     /// with both of its keys.
     fn check_policy(&self, name: &str, key: &str) -> Option<String> {
@@ -288,7 +333,27 @@ pub async fn sign_in(State(c): State<Console>, req: Request) -> Response {
     }
     let name = fields.get("policy").trim().to_string();
     let key = fields.get("key").to_string();
+    let now = c.now_unix();
+    if let Some(wait) = c.sign_ins().locked_for(&name, now) {
+        tracing::warn!(policy = %name, "console sign-in locked after repeated failures");
+        let mut resp = sign_in_form(
+            &c,
+            name,
+            Some(format!(
+                "Too many failed sign-ins for this policy; try again in {wait} s."
+            )),
+            None,
+            StatusCode::TOO_MANY_REQUESTS,
+        );
+        if let Ok(v) = wait.to_string().parse() {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
     let Some(policy) = c.check_policy(&name, &key) else {
+        if c.policy_exists(&name) {
+            c.sign_ins().failed(&name, now);
+        }
         tracing::info!(policy = %name, "console sign-in refused");
         return sign_in_form(
             &c,
@@ -346,6 +411,29 @@ pub fn forbidden_page(c: &Console, s: &Session, nav: &'static str, message: Stri
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn repeated_failures_lock_a_policy_for_the_rest_of_its_window() {
+        let t = super::SignInThrottle::default();
+        let max = super::SignInThrottle::MAX_FAILURES;
+        for i in 0..max {
+            assert_eq!(t.locked_for("Owner", 100), None, "after {i} failures");
+            t.failed("owner", 100 + i64::from(i));
+        }
+        assert_eq!(t.locked_for("OWNER", 110), Some(50));
+        assert_eq!(
+            t.locked_for("reader", 110),
+            None,
+            "other policies are not affected"
+        );
+        assert_eq!(t.locked_for("owner", 160), None, "the window ended");
+        t.failed("owner", 160);
+        assert_eq!(
+            t.locked_for("owner", 161),
+            None,
+            "a new window counts from zero"
+        );
+    }
+
     use super::*;
 
     #[test]

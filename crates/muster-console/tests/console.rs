@@ -611,3 +611,49 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
     b.shutdown().await;
     h.server.shutdown().await;
 }
+
+/// Guessing keys is slowed down: after ten wrong keys for one policy, even the right key gets
+/// 429 with Retry-After for the rest of the minute; another policy is unaffected.
+#[tokio::test]
+async fn repeated_wrong_keys_lock_the_policy_for_a_while() {
+    let h = start().await;
+    let (name, key) = owner(&h.info);
+    for _ in 0..10 {
+        let (r, _) = h
+            .try_sign_in(&name, "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktMDA=")
+            .await;
+        assert_eq!(r.status(), 401);
+    }
+    let (r, _) = h.try_sign_in(&name, &key).await;
+    assert_eq!(r.status(), 429);
+    let wait: i64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert!(set_cookie(&r, "muster_console").is_none());
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("Too many failed sign-ins for this policy"));
+
+    // Another policy still signs in.
+    let created = h
+        .http
+        .put(format!(
+            "{}/accessPolicies/reader?api-version=2021-10-01",
+            h.base
+        ))
+        .header("authorization", h.owner_token())
+        .json(&json!({"rights": "EnrollmentRead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let body: Value = created.json().await.unwrap();
+    let reader_key = body["primaryKey"].as_str().unwrap().to_string();
+    h.sign_in("reader", &reader_key).await;
+    h.server.shutdown().await;
+}
