@@ -384,35 +384,15 @@ impl Engine {
     }
 
     async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
-        // Small pages: the store reads them inline; a short page is the last one.
-        const PAGE: usize = 32;
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .0
-                .store
-                .list(
-                    Collection::LinkedHubs,
-                    ListQuery {
-                        partition: None,
-                        after: after.clone(),
-                        limit: PAGE,
-                    },
-                )
-                .await?;
-            let full = page.len() >= PAGE;
-            after = page.last().map(|r| r.key.clone());
-            for r in page {
-                let hub: LinkedHub = serde_json::from_value(r.body)
-                    .map_err(|e| DeviceFailure::internal("reading a linked hub", e))?;
-                out.push(hub);
-            }
-            if !full {
-                break;
-            }
-        }
-        Ok(out)
+        // Small pages: the store reads them inline.
+        records::list_all(&*self.0.store, Collection::LinkedHubs, 32)
+            .await?
+            .into_iter()
+            .map(|r| {
+                serde_json::from_value(r.body)
+                    .map_err(|e| DeviceFailure::internal("reading a linked hub", e))
+            })
+            .collect()
     }
 
     fn settings(&self, matched: &Matched, rid: &RegistrationId) -> Settings {
@@ -712,22 +692,17 @@ impl Engine {
 
     /// Finishes a throttled or interrupted assignment from its stored plan.
     async fn finish_pending(&self, key: &str) -> Result<(), DeviceFailure> {
-        let record = match self.load_record(key).await? {
-            Some((record, _)) if record.pending.is_some() => record,
+        let loaded = self.load_record(key).await?.map(|(record, _)| record);
+        let Some((record, plan)) = loaded.and_then(|r| r.pending.clone().map(|p| (r, p))) else {
             // Deleted or finished meanwhile: the marker is stale.
-            _ => {
-                self.0
-                    .store
-                    .write(vec![Write::delete(
-                        Collection::PendingAssignments,
-                        key,
-                        Expect::Any,
-                    )])
-                    .await?;
-                return Ok(());
-            }
-        };
-        let Some(plan) = record.pending.clone() else {
+            self.0
+                .store
+                .write(vec![Write::delete(
+                    Collection::PendingAssignments,
+                    key,
+                    Expect::Any,
+                )])
+                .await?;
             return Ok(());
         };
         let rid = record.state.registration_id.clone();
@@ -815,34 +790,19 @@ impl Engine {
         {
             self.mark_legacy_pending().await?;
         }
-        let mut pending = Vec::new();
-        let mut after = None;
-        loop {
-            let page = store
-                .list(
-                    Collection::PendingAssignments,
-                    ListQuery {
-                        partition: None,
-                        after: after.clone(),
-                        limit: 1000,
-                    },
-                )
-                .await?;
-            let full = page.len() >= 1000;
-            after = page.last().map(|r| r.key.clone());
-            for r in page {
+        let mut pending = records::list_all(store, Collection::PendingAssignments, 1000)
+            .await?
+            .into_iter()
+            .map(|r| {
                 let marker: MarkerBody = serde_json::from_value(r.body)
                     .map_err(|e| DeviceFailure::internal("reading a pending assignment", e))?;
-                pending.push(PendingMarker {
+                Ok(PendingMarker {
                     key: r.key,
                     hub: marker.hub,
                     since: marker.since,
-                });
-            }
-            if !full {
-                break;
-            }
-        }
+                })
+            })
+            .collect::<Result<Vec<_>, DeviceFailure>>()?;
         pending.sort_by_key(|p| p.since);
         Ok(pending)
     }

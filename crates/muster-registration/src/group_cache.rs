@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use muster_proto::EnrollmentGroup;
 use muster_store::records::{self, Stored};
-use muster_store::{Collection, ListQuery, Store, StoreError};
+use muster_store::{Collection, Store, StoreError};
 
 /// More groups than this are read page by page each time instead of being held in memory.
 const MAX_CACHED_GROUPS: usize = 10_000;
@@ -36,27 +36,12 @@ impl GroupCache {
                 }
             }
         }
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let page: Vec<Stored<EnrollmentGroup>> = records::list(
-                store,
-                Collection::EnrollmentGroups,
-                ListQuery {
-                    partition: None,
-                    after: after.clone(),
-                    limit: PAGE,
-                },
-            )
-            .await?;
-            let full = page.len() >= PAGE;
-            after = page.last().map(|g| g.value.enrollment_group_id.key());
-            all.extend(page);
-            if !full {
-                break;
-            }
-        }
-        let groups: Groups = all.into();
+        let groups: Groups = records::list_all(store, Collection::EnrollmentGroups, PAGE)
+            .await?
+            .into_iter()
+            .map(|r| records::decode(Collection::EnrollmentGroups, r))
+            .collect::<Result<Vec<Stored<EnrollmentGroup>>, _>>()?
+            .into();
         if let (Some(g), true) = (generation, groups.len() <= MAX_CACHED_GROUPS) {
             if let Ok(mut cached) = self.cached.lock() {
                 *cached = Some((g, groups.clone()));

@@ -49,6 +49,33 @@ impl LocalHub {
             message: e.wire_message(),
         }
     }
+
+    /// One registry write of the device, with its twin when `twin` says so for a device that
+    /// `existed` or not.
+    async fn write(
+        &self,
+        input: &DeviceInput,
+        twin: TwinWrite<'_>,
+        if_match: &IfMatch,
+        existed: bool,
+    ) -> Result<(), muster_hub::error::HubError> {
+        match twin.parts(existed) {
+            Some((tags, desired)) => self
+                .registry
+                .create_or_update_device_with_twin(
+                    input.clone(),
+                    if_match,
+                    twin_update(tags, desired)?,
+                )
+                .await
+                .map(|_| ()),
+            None => self
+                .registry
+                .create_or_update_device(input.clone(), if_match)
+                .await
+                .map(|_| ()),
+        }
+    }
 }
 
 fn twin_update(tags: &Value, desired: &Value) -> Result<TwinUpdate, muster_hub::error::HubError> {
@@ -68,42 +95,17 @@ impl HubConnection for LocalHub {
                 muster_hub::error::HubError::invalid(e.to_string()),
             )
         })?;
-        // Try to create; an existing device is overwritten with If-Match `*`, as over REST.
-        let mut existed = false;
-        for if_match in [IfMatch::None, IfMatch::Any] {
-            let action = if existed {
-                "update device"
-            } else {
-                "create device"
-            };
-            let result = match twin.parts(existed) {
-                Some((tags, desired)) => {
-                    let update = twin_update(tags, desired).map_err(|e| self.refused(action, e))?;
-                    self.registry
-                        .create_or_update_device_with_twin(input.clone(), &if_match, update)
-                        .await
-                        .map(|_| ())
-                }
-                None => self
-                    .registry
-                    .create_or_update_device(input.clone(), &if_match)
+        // Create; an existing device is overwritten with If-Match `*`, as over REST.
+        match self.write(&input, twin, &IfMatch::None, false).await {
+            Ok(()) => Ok(false),
+            Err(e) if e.code == HubErrorCode::DeviceAlreadyExists => {
+                self.write(&input, twin, &IfMatch::Any, true)
                     .await
-                    .map(|_| ()),
-            };
-            match result {
-                Ok(()) => return Ok(existed),
-                Err(e) if e.code == HubErrorCode::DeviceAlreadyExists && !existed => {
-                    existed = true;
-                }
-                Err(e) => return Err(self.refused(action, e)),
+                    .map_err(|e| self.refused("update device", e))?;
+                Ok(true)
             }
+            Err(e) => Err(self.refused("create device", e)),
         }
-        Err(HubError::Refused {
-            hub: self.registry.host_name().to_string(),
-            action: "update device",
-            status: 409,
-            message: "the device kept changing while it was written".into(),
-        })
     }
 
     async fn delete_device(&self, device_id: &str) -> Result<(), HubError> {

@@ -65,6 +65,35 @@ pub async fn get<T: DeserializeOwned + Etagged>(
     }
 }
 
+/// Every record of a collection known to be small (linked hubs, enrollment groups, pending
+/// markers), in key order, read in pages of `page`; a short page is the last one.
+pub async fn list_all(
+    store: &dyn Store,
+    collection: Collection,
+    page: usize,
+) -> Result<Vec<Record>, StoreError> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let records = store
+            .list(
+                collection,
+                ListQuery {
+                    partition: None,
+                    after: after.take(),
+                    limit: page,
+                },
+            )
+            .await?;
+        let full = records.len() >= page;
+        after = records.last().map(|r| r.key.clone());
+        out.extend(records);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
 pub async fn list<T: DeserializeOwned + Etagged>(
     store: &dyn Store,
     collection: Collection,
