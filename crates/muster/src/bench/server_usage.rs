@@ -72,8 +72,9 @@ impl ProcessProbe {
         Ok(probe)
     }
 
-    pub fn cpu(&self) -> anyhow::Result<CpuTime> {
-        let path = self.dir.join("stat");
+    /// The text of `/proc/<pid>/<file>`, and its path for messages.
+    fn read(&self, file: &str) -> anyhow::Result<(std::path::PathBuf, String)> {
+        let path = self.dir.join(file);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
                 "reading {} (is process {} running?)",
@@ -81,18 +82,16 @@ impl ProcessProbe {
                 self.pid
             )
         })?;
+        Ok((path, text))
+    }
+
+    pub fn cpu(&self) -> anyhow::Result<CpuTime> {
+        let (path, text) = self.read("stat")?;
         parse_stat_cpu(&text).with_context(|| format!("{}: unexpected format", path.display()))
     }
 
     pub fn memory_kib(&self, name: &str) -> anyhow::Result<u64> {
-        let path = self.dir.join("status");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (is process {} running?)",
-                path.display(),
-                self.pid
-            )
-        })?;
+        let (path, text) = self.read("status")?;
         parse_status_kib(&text, name).with_context(|| format!("{}: no {name} line", path.display()))
     }
 }
