@@ -34,7 +34,7 @@ if (!CONNECTION_STRING || !CONNECTION_JSON || !process.env.NODE_EXTRA_CA_CERTS) 
 const INFO = JSON.parse(fs.readFileSync(CONNECTION_JSON, 'utf8'));
 const DPS_HOST = INFO.dpsHost;
 const ID_SCOPE = INFO.idScope;
-const EXPECTED_HUB = '127.0.0.2';
+const EXPECTED_HUB = process.env.MUSTER_DPS_HOST || '127.0.0.2';
 
 const service = ProvisioningServiceClient.fromConnectionString(CONNECTION_STRING);
 

@@ -45,7 +45,7 @@ if (!CONNECTION_STRING || !CONNECTION_JSON || !HUB_CONNECTION_STRING || !process
 const INFO = JSON.parse(fs.readFileSync(CONNECTION_JSON, 'utf8'));
 const DPS_HOST = INFO.dpsHost;
 const ID_SCOPE = INFO.idScope;
-const EXPECTED_HUB = '127.0.0.2';
+const EXPECTED_HUB = process.env.MUSTER_DPS_HOST || '127.0.0.2';
 const HUB_API_VERSION = '2021-04-12';
 const TUTORIAL_REGISTRATION_ID = 'sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6';
 const TEST_TIMEOUT_MS = 90000;

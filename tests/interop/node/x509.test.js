@@ -56,7 +56,7 @@ if (!CONNECTION_STRING || !CONNECTION_JSON || !HUB_CONNECTION_STRING || !process
 const INFO = JSON.parse(fs.readFileSync(CONNECTION_JSON, 'utf8'));
 const DPS_HOST = INFO.dpsHost;
 const ID_SCOPE = INFO.idScope;
-const EXPECTED_HUB = '127.0.0.2';
+const EXPECTED_HUB = process.env.MUSTER_DPS_HOST || '127.0.0.2';
 const HUB_API_VERSION = '2021-04-12';
 const SERVICE_API_VERSION = '2021-10-01';
 const TEST_TIMEOUT_MS = 60000;

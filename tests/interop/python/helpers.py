@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -12,6 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# The loopback address the servers bind (scripts/interop.sh, muster_server.py).
+DPS_HOST = os.environ.get("MUSTER_DPS_HOST") or "127.0.0.2"
 
 # Sample TPM endorsement key from the azure-iot-deviceprovisioning samples/tests.
 TEST_ENDORSEMENT_KEY = (

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from msrest.exceptions import HttpOperationError
 
-from helpers import parse_utc, unique
+from helpers import DPS_HOST, parse_utc, unique
 
 SELECT_ALL = {"query": "SELECT *"}
 
@@ -137,7 +137,7 @@ def assert_assigned(result, muster, device_id: str) -> None:
     assert result.status == "assigned", f"status {result.status!r}: {result}"
     state = result.registration_state
     assert state is not None, f"no registration_state: {result}"
-    assert state.assigned_hub == muster.info["dpsHost"] == "127.0.0.2", str(state)
+    assert state.assigned_hub == muster.info["dpsHost"] == DPS_HOST, str(state)
     assert state.device_id == device_id, str(state)
     assert result.operation_id, "no operationId"
     assert state.sub_status == "initialAssignment", str(state)
@@ -173,7 +173,7 @@ def assert_registration_record(dps, registration_id: str, device_id: str, status
     assert state["registrationId"] == registration_id, state
     assert state["status"] == status, state
     if status == "assigned":
-        assert state["assignedHub"] == "127.0.0.2", state
+        assert state["assignedHub"] == DPS_HOST, state
         assert state["deviceId"] == device_id, state
 
 
@@ -463,7 +463,7 @@ def test_reregistration_same_hub(muster, dps, registry, registration_timer, migr
         "re-registration: second/MQTT", registration_timer,
     )
     assert second.status == "assigned", str(second)
-    assert second.registration_state.assigned_hub == "127.0.0.2", str(second.registration_state)
+    assert second.registration_state.assigned_hub == DPS_HOST, str(second.registration_state)
     assert second.registration_state.device_id == registration_id, str(second.registration_state)
     assert second.registration_state.created_date_time == first.registration_state.created_date_time
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import derive_device_key, service_sas_token, unique
+from helpers import DPS_HOST, derive_device_key, service_sas_token, unique
 
 # The registration id of the tutorial ("Provision a device using symmetric keys", group
 # enrollment): a serial number and a MAC address.
@@ -168,7 +168,7 @@ def provision(muster, hub, dps, websockets: bool, registration_id: str = TUTORIA
     result = client.register()
     assert result.status == "assigned", str(result)
     state = result.registration_state
-    assert state.assigned_hub == hub["hostName"] == "127.0.0.2", str(state)
+    assert state.assigned_hub == hub["hostName"] == DPS_HOST, str(state)
     assert state.device_id == registration_id, str(state)
     return Tutorial(muster, hub, group_id, group_keys, initial_twin, device_key, result)
 

@@ -35,7 +35,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from cryptography.hazmat.primitives import serialization
 from msrest.exceptions import HttpOperationError
 
-from helpers import TestCert, assert_cert_info, make_cert, service_sas_token, unique
+from helpers import DPS_HOST, TestCert, assert_cert_info, make_cert, service_sas_token, unique
 
 HUB_API_VERSION = "2021-04-12"
 SERVICE_API_VERSION = "2021-10-01"
@@ -156,7 +156,7 @@ def register_and_check(muster, dps, files: DeviceFiles, websockets: bool, group_
     assert result is not None, "register() returned None"
     assert result.status == "assigned", f"status {result.status!r}: {result}"
     state = result.registration_state
-    assert state.assigned_hub == muster.info["dpsHost"] == "127.0.0.2", str(state)
+    assert state.assigned_hub == muster.info["dpsHost"] == DPS_HOST, str(state)
     assert state.device_id == registration_id, str(state)
     assert state.sub_status == "initialAssignment", str(state)
 
@@ -165,7 +165,7 @@ def register_and_check(muster, dps, files: DeviceFiles, websockets: bool, group_
     record = dps.device_registration_state.get(id=registration_id)
     assert record["status"] == "assigned", record
     assert record["deviceId"] == registration_id, record
-    assert record["assignedHub"] == "127.0.0.2", record
+    assert record["assignedHub"] == DPS_HOST, record
     if group_id is not None:
         regs = list(dps.device_registration_state.query(id=group_id))
         assert registration_id in [r["registrationId"] for r in regs], regs
