@@ -23,6 +23,8 @@
 //! - [`rights`] — shared access policy rights.
 //!
 //! - [`runtime`] — the `Clock` and `Entropy` traits that callers pass in.
+//! - [`log_limit`] — [`log_limit::LogLimiter`]: one log line per interval, with a count of the
+//!   lines held back, for warnings a flood of requests could repeat.
 //!
 //! This crate performs no I/O; only `runtime::SystemClock` and `runtime::OsEntropy` touch the
 //! real clock and random source.
@@ -39,6 +41,7 @@ pub mod error;
 pub mod ids;
 pub mod if_match;
 pub mod linked_hub;
+pub mod log_limit;
 pub mod query;
 pub mod registration;
 pub mod rights;
