@@ -68,7 +68,7 @@ pub use enrollment::{
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};
 pub use if_match::IfMatch;
-pub use query::{ItemType, QuerySpecification};
+pub use query::{ItemType, QuerySpecification, UnsupportedQuery};
 pub use registration::{DeviceRegistrationState, RegistrationStatus, RegistrationSubstatus};
 pub use rights::{AccessRight, AccessRights};
 pub use sas::{SasError, SasToken};

@@ -224,8 +224,8 @@ pub fn page_response<T: Serialize>(
     resp
 }
 
-/// Checks an optional QuerySpecification body. Every client sends `SELECT *`; Muster also
-/// accepts `SELECT * FROM <name>`. Anything else is refused rather than silently ignored.
+/// Checks an optional QuerySpecification body against the query forms Muster accepts
+/// (`muster_proto::query`). Anything else is refused rather than silently ignored.
 pub fn check_query_body(bytes: &[u8]) -> Result<(), ApiError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(());
@@ -236,27 +236,8 @@ pub fn check_query_body(bytes: &[u8]) -> Result<(), ApiError> {
             format!("the body must be a query specification {{\"query\": \"SELECT *\"}}: {e}"),
         )
     })?;
-    let words: Vec<String> = spec
-        .query
-        .split_whitespace()
-        .map(|w| w.to_ascii_lowercase())
-        .collect();
-    let ok = match words.as_slice() {
-        [s, star] => s == "select" && star == "*",
-        [s, star, from, _name] => s == "select" && star == "*" && from == "from",
-        _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorCode::InvalidQuery,
-            format!(
-                "unsupported query {:?}: Muster supports 'SELECT *'",
-                spec.query
-            ),
-        ))
-    }
+    spec.check()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.to_string()))
 }
 
 #[cfg(test)]
@@ -310,6 +291,7 @@ mod tests {
         check_query_body(b"").unwrap();
         check_query_body(br#"{"query":"SELECT *"}"#).unwrap();
         check_query_body(br#"{"query":"select  * from enrollments"}"#).unwrap();
+        check_query_body(br#"{"query":"*"}"#).unwrap();
         assert_eq!(
             check_query_body(br#"{"query":"SELECT * WHERE x = 1"}"#)
                 .unwrap_err()

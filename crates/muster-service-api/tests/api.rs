@@ -624,6 +624,79 @@ async fn paging_returns_each_record_once() {
     assert_error(&bad, 400, 400013);
 }
 
+/// Every query form an official SDK or sample sends lists the records, on all three query
+/// operations; other query text is a 400010 that echoes the query.
+#[tokio::test]
+async fn query_forms_the_sdks_send() {
+    let h = harness();
+    let r = h
+        .call(
+            Method::PUT,
+            "/enrollments/q-1",
+            Some(sym_enrollment("q-1")),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let group = json!({"enrollmentGroupId": "q-g", "attestation": {"type": "symmetricKey"}});
+    let r = h
+        .call(Method::PUT, "/enrollmentGroups/q-g", Some(group), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let accepted = [
+        "*",
+        "SELECT *",
+        "select * from enrollments",
+        "SELECT * FROM enrollmentGroups",
+    ];
+    for q in accepted {
+        let e = h
+            .call(
+                Method::POST,
+                "/enrollments/query",
+                Some(json!({ "query": q })),
+                &[],
+            )
+            .await;
+        assert_eq!(e.status, 200, "{q}: {}", e.body);
+        assert_eq!(e.body.as_array().map(Vec::len), Some(1), "{q}");
+        let g = h
+            .call(
+                Method::POST,
+                "/enrollmentGroups/query",
+                Some(json!({ "query": q })),
+                &[],
+            )
+            .await;
+        assert_eq!(g.status, 200, "{q}: {}", g.body);
+        assert_eq!(g.body.as_array().map(Vec::len), Some(1), "{q}");
+        let d = h
+            .call(
+                Method::POST,
+                "/registrations/q-g/query",
+                Some(json!({ "query": q })),
+                &[],
+            )
+            .await;
+        assert_eq!(d.status, 200, "{q}: {}", d.body);
+        assert_eq!(d.body, json!([]), "{q}");
+    }
+    for path in [
+        "/enrollments/query",
+        "/enrollmentGroups/query",
+        "/registrations/q-g/query",
+    ] {
+        let q = "SELECT * FROM enrollments WHERE registrationId = 'q-1'";
+        let r = h
+            .call(Method::POST, path, Some(json!({ "query": q })), &[])
+            .await;
+        assert_error(&r, 400, 400010);
+        let message = r.body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("WHERE registrationId"), "{message}");
+        assert!(message.contains("'*'"), "{message}");
+    }
+}
+
 #[tokio::test]
 async fn bulk_has_no_ten_item_cap_and_reports_per_item() {
     let h = harness();
