@@ -31,7 +31,7 @@ use crate::group_cache::GroupCache;
 use crate::hub_client::{
     HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
 };
-use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinPlan};
+use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
 use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
 
@@ -541,6 +541,7 @@ impl Engine {
                 twin: initial_twin.clone(),
             },
             remove_from: None,
+            previous_device_id: None,
             initial: true,
             substatus: None,
             payload: out_payload,
@@ -554,10 +555,15 @@ impl Engine {
         if let Some((cur, cur_sub)) = current {
             plan.initial = false;
             let same = cur.eq_ignore_ascii_case(&target.name);
+            // Hub device ids are case-sensitive, registration ids are not: a device id spelt
+            // differently from the previous one is another identity, and the old one goes.
+            plan.previous_device_id = previous
+                .and_then(|p| p.device_id.clone())
+                .filter(|old| *old != plan.device_id);
             let migrate = s.reprovision.migrate_device_data || stay;
-            if same {
+            if same && plan.previous_device_id.is_none() {
                 plan.twin = if migrate {
-                    TwinPlan::Keep
+                    TwinPlan::Keep { twin: initial_twin }
                 } else {
                     TwinPlan::Initial { twin: initial_twin }
                 };
@@ -565,6 +571,7 @@ impl Engine {
             } else if migrate {
                 plan.twin = TwinPlan::Migrate {
                     from_hub: cur.clone(),
+                    twin: initial_twin,
                 };
                 plan.substatus = Some(RegistrationSubstatus::DeviceDataMigrated);
                 plan.remove_from = Some(cur);
@@ -599,65 +606,73 @@ impl Engine {
             DeviceFailure::new(ErrorCode::HubWriteFailed, e.to_string())
         };
         let hub = self.connection(target);
-        let existed = match &plan.twin {
-            TwinPlan::Initial { twin } => {
-                let (tags, desired) = twin_parts(twin.as_ref());
-                let write = if plan.initial {
-                    TwinWrite::ReplaceIfCreated {
-                        tags: &tags,
-                        desired: &desired,
-                    }
-                } else {
-                    TwinWrite::Replace {
-                        tags: &tags,
-                        desired: &desired,
-                    }
-                };
-                hub.put_device(&spec, write).await
-            }
-            TwinPlan::Migrate { from_hub } => {
-                let old = match find(from_hub) {
-                    Some(h) => self
-                        .connection(h)
-                        .get_twin(&plan.device_id)
-                        .await
-                        .map_err(hub_failure)?,
-                    None => None,
-                };
-                let (tags, desired) = match old {
-                    Some(t) => (
-                        t.get("tags").cloned().unwrap_or_else(|| json!({})),
-                        strip_metadata(t.pointer("/properties/desired")),
-                    ),
-                    None => (json!({}), json!({})),
-                };
-                hub.put_device(
-                    &spec,
-                    TwinWrite::Replace {
-                        tags: &tags,
-                        desired: &desired,
-                    },
-                )
-                .await
-            }
-            TwinPlan::Keep => hub.put_device(&spec, TwinWrite::Keep).await,
-        }
-        .map_err(hub_failure)?;
-        if let Some(old) = plan.remove_from.as_deref().and_then(find) {
-            self.connection(old)
-                .delete_device(&plan.device_id)
+        let old_hub = plan.remove_from.as_deref().and_then(find);
+        // The twin to migrate is read before anything is removed.
+        let migrated = match &plan.twin {
+            TwinPlan::Migrate { from_hub, .. } => match find(from_hub) {
+                Some(h) => self
+                    .connection(h)
+                    .get_twin(plan.old_device_id())
+                    .await
+                    .map_err(hub_failure)?,
+                None => None,
+            },
+            _ => None,
+        };
+        // A renamed identity on the same hub goes first: the built-in hub, like DPS, folds
+        // case, so the new spelling would otherwise overwrite the old device in place.
+        let renamed_in_place = plan.previous_device_id.is_some()
+            && old_hub.is_some_and(|h| h.name.eq_ignore_ascii_case(&target.name));
+        if renamed_in_place {
+            hub.delete_device(plan.old_device_id())
                 .await
                 .map_err(hub_failure)?;
         }
-        Ok(if plan.initial {
-            Some(if existed {
-                RegistrationSubstatus::ReprovisionedToInitialAssignment
-            } else {
-                RegistrationSubstatus::InitialAssignment
-            })
-        } else {
-            plan.substatus
-        })
+        let (initial_tags, initial_desired) = twin_parts(plan.twin.initial_twin());
+        let (existed, outcome) = match (&plan.twin, migrated) {
+            (TwinPlan::Migrate { .. }, Some(old)) => {
+                let tags = old.get("tags").cloned().unwrap_or_else(|| json!({}));
+                let desired = strip_metadata(old.pointer("/properties/desired"));
+                let write = TwinWrite::Replace {
+                    tags: &tags,
+                    desired: &desired,
+                };
+                let existed = hub.put_device(&spec, write).await.map_err(hub_failure)?;
+                (existed, TwinOutcome::Migrated)
+            }
+            (plan_twin, _) => {
+                // Nothing to migrate, or the initial twin for a reset, or the twin kept: a
+                // device the hub does not have gets the initial twin (record.rs, TwinPlan).
+                let write = match plan_twin {
+                    TwinPlan::Initial { .. } if !plan.initial => TwinWrite::Replace {
+                        tags: &initial_tags,
+                        desired: &initial_desired,
+                    },
+                    TwinPlan::Migrate { .. } => TwinWrite::Replace {
+                        tags: &initial_tags,
+                        desired: &initial_desired,
+                    },
+                    _ => TwinWrite::ReplaceIfCreated {
+                        tags: &initial_tags,
+                        desired: &initial_desired,
+                    },
+                };
+                let existed = hub.put_device(&spec, write).await.map_err(hub_failure)?;
+                let outcome = if write.parts(existed).is_some() {
+                    TwinOutcome::Initial
+                } else {
+                    TwinOutcome::Kept
+                };
+                (existed, outcome)
+            }
+        };
+        if let Some(old) = old_hub.filter(|_| !renamed_in_place) {
+            self.connection(old)
+                .delete_device(plan.old_device_id())
+                .await
+                .map_err(hub_failure)?;
+        }
+        Ok(plan.substatus(existed, outcome))
     }
 
     fn enqueue(&self, hub: String, key: String) {

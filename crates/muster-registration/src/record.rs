@@ -2,7 +2,7 @@
 //! plus what the engine needs to answer polls and finish throttled assignments. The extra
 //! fields are ignored by readers that decode only the state.
 
-use muster_proto::{DeviceRegistrationState, InitialTwin};
+use muster_proto::{DeviceRegistrationState, InitialTwin, RegistrationSubstatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -31,15 +31,53 @@ pub enum EnrollmentRef {
 }
 
 /// What to do with the twin on the target hub.
+///
+/// The rule every variant follows: **a device absent from the target hub always gets the
+/// enrollment's initial twin** (`twin`, the current enrollment's or the webhook's). Whether the
+/// device was absent is learnt from the hub write itself (a create that reports
+/// created-vs-existing, the twin written only on create: [`crate::hub_client::TwinWrite`]), so
+/// the rule holds for every hub the same way. `twin` is absent only in plans stored before
+/// the rule existed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "action")]
 pub enum TwinPlan {
     /// Write the initial twin (first assignment, or reset).
     Initial { twin: Option<InitialTwin> },
-    /// Copy tags and desired properties from the device on the previous hub.
-    Migrate { from_hub: String },
-    /// Leave the twin as it is.
-    Keep,
+    /// Copy tags and desired properties from the device on the previous hub; a device the
+    /// previous hub no longer has gets the initial twin instead.
+    Migrate {
+        from_hub: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        twin: Option<InitialTwin>,
+    },
+    /// Leave the twin of a device the hub has as it is; a device the hub no longer has is
+    /// created with the initial twin.
+    Keep {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        twin: Option<InitialTwin>,
+    },
+}
+
+impl TwinPlan {
+    /// The enrollment's (or webhook's) initial twin, for a device the hub does not have.
+    pub fn initial_twin(&self) -> Option<&InitialTwin> {
+        match self {
+            TwinPlan::Initial { twin }
+            | TwinPlan::Migrate { twin, .. }
+            | TwinPlan::Keep { twin } => twin.as_ref(),
+        }
+    }
+}
+
+/// Where the tags and desired properties on the target hub came from after the hub write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwinOutcome {
+    /// The enrollment's (or the webhook's) initial twin was written.
+    Initial,
+    /// Copied from the device on the previous hub.
+    Migrated,
+    /// The device existed and its twin was left as it was.
+    Kept,
 }
 
 /// Everything needed to finish an assignment after a crash or a throttling delay.
@@ -54,14 +92,54 @@ pub struct PendingAssignment {
     /// The hub to remove the device from once it is on `hub`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remove_from: Option<String>,
+    /// The hub identity the device had before, when it differs from `device_id` (a group
+    /// device that registers with its id spelt in another case, or an individual enrollment
+    /// whose `deviceId` changed): removed from `remove_from` so no stale identity remains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_device_id: Option<String>,
     /// Whether this is an initial assignment (substatus decided by whether the hub knew the device).
     pub initial: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub substatus: Option<muster_proto::RegistrationSubstatus>,
+    pub substatus: Option<RegistrationSubstatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
     /// X.509 devices: the leaf's SHA-256 thumbprint, the hub identity's `selfSigned`
     /// thumbprint (the certificate itself is not kept, so it can't be recomputed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thumbprint: Option<String>,
+}
+
+impl PendingAssignment {
+    /// The hub identity to read the migrated twin from and to remove: the previous one.
+    pub fn old_device_id(&self) -> &str {
+        self.previous_device_id
+            .as_deref()
+            .unwrap_or(&self.device_id)
+    }
+
+    /// The substatus of the finished assignment, given whether the device `existed` on the
+    /// target hub before the write and where its twin came from.
+    ///
+    /// A first assignment says whether the hub knew the device. On a reprovisioning (DPS
+    /// knew the device), a twin copied from the previous hub is `deviceDataMigrated`, and a
+    /// device whose twin was set from the enrollment's initial twin because it was created
+    /// anew or moved is `deviceDataReset` — Azure's values: `initialAssignment` and
+    /// `reprovisionedToInitialAssignment` are for registrations DPS had no record of (C#
+    /// SDK PR 2397). A device left where it was with its twin keeps the previous substatus.
+    pub fn substatus(&self, existed: bool, twin: TwinOutcome) -> Option<RegistrationSubstatus> {
+        if self.initial {
+            return Some(if existed {
+                RegistrationSubstatus::ReprovisionedToInitialAssignment
+            } else {
+                RegistrationSubstatus::InitialAssignment
+            });
+        }
+        match twin {
+            TwinOutcome::Migrated => Some(RegistrationSubstatus::DeviceDataMigrated),
+            TwinOutcome::Initial if !existed || self.remove_from.is_some() => {
+                Some(RegistrationSubstatus::DeviceDataReset)
+            }
+            TwinOutcome::Initial | TwinOutcome::Kept => self.substatus,
+        }
+    }
 }

@@ -710,3 +710,195 @@ async fn throttled_then_restart(legacy: bool) {
         .unwrap()
         .is_some());
 }
+
+/// `DELETE /devices/{id}` on a hub, as an operator would.
+async fn delete_hub_device(dps: &Dps, connection_string: &str, device_id: &str) {
+    let cs = muster_proto::ConnectionString::parse(connection_string).unwrap();
+    let r = dps
+        .http
+        .delete(format!(
+            "https://{}/devices/{device_id}?api-version=2021-04-12",
+            cs.host_name
+        ))
+        .header("authorization", common::policy_token(connection_string))
+        .header("if-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "delete {device_id}");
+}
+
+/// Issue 11 item 2: a registration record remains, the hub device and the group were deleted,
+/// the group comes back with another initial twin. The device is created anew with the
+/// *current* group's initial twin and the substatus says its data was reset, on the built-in
+/// hub (in process) and on a hub reached over the registry REST API alike.
+#[tokio::test]
+async fn a_device_absent_from_its_hub_gets_the_current_enrollments_initial_twin() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers = linked_servers(2, &dirs).await;
+    let dps = Dps::new(&servers[0].connection);
+    let scope = dps.info.id_scope.clone();
+    for (n, hub) in [
+        &servers[0].connection.hubs[0],
+        &servers[1].connection.hubs[0],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let gid = format!("recreated-{n}");
+        let rid = format!("phoenix-{n}");
+        let body = |generation: &str, keys: Option<&Value>| {
+            let mut g = json!({"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"},
+                "allocationPolicy": "static", "iotHubs": [hub.host_name],
+                "initialTwin": {"tags": {"gen": generation},
+                                "properties": {"desired": {"gen": generation}}}});
+            if let Some(k) = keys {
+                g["attestation"]["symmetricKey"] = k.clone();
+            }
+            g
+        };
+        let (s, created) = dps
+            .service(
+                Method::PUT,
+                &format!("/enrollmentGroups/{gid}"),
+                Some(body("first", None)),
+            )
+            .await;
+        assert_eq!(s, 200, "{created}");
+        let keys = created["attestation"]["symmetricKey"].clone();
+        let group_key = keys["primaryKey"].as_str().unwrap();
+        let device_key = derive_device_key(group_key, &rid).unwrap();
+        let token = device_token(&scope, &rid, &device_key, now() + 600);
+        let (_, _, first) = dps.register(&rid, &token, json!({})).await;
+        assert_eq!(
+            first["registrationState"]["assignedHub"],
+            json!(hub.host_name),
+            "{first}"
+        );
+        assert_eq!(first["registrationState"]["substatus"], "initialAssignment");
+
+        delete_hub_device(&dps, &hub.connection_string, &rid).await;
+        let (s, _) = dps
+            .service(Method::DELETE, &format!("/enrollmentGroups/{gid}"), None)
+            .await;
+        assert_eq!(s, 204);
+        let (s, b) = dps
+            .service(
+                Method::PUT,
+                &format!("/enrollmentGroups/{gid}"),
+                Some(body("second", Some(&keys))),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+
+        let (_, _, again) = dps.register(&rid, &token, json!({})).await;
+        let state = &again["registrationState"];
+        assert_eq!(state["status"], "assigned", "{again}");
+        assert_eq!(state["assignedHub"], json!(hub.host_name));
+        assert_eq!(state["substatus"], "deviceDataReset", "{again}");
+        let (s, twin) = dps
+            .hub_call(&hub.connection_string, &format!("/twins/{rid}"))
+            .await;
+        assert_eq!(s, 200, "{twin}");
+        assert_eq!(twin["tags"], json!({"gen": "second"}), "{twin}");
+        assert_eq!(twin["properties"]["desired"]["gen"], "second", "{twin}");
+
+        // A device the hub still has keeps its twin (migrateDeviceData, same hub) and the
+        // substatus it had.
+        let (s, _) = dps
+            .service(
+                Method::PUT,
+                &format!("/enrollmentGroups/{gid}"),
+                Some(body("third", Some(&keys))),
+            )
+            .await;
+        assert_eq!(s, 409, "no If-Match on an existing group");
+        let (_, _, kept) = dps.register(&rid, &token, json!({})).await;
+        assert_eq!(kept["registrationState"]["substatus"], "deviceDataReset");
+        let (_, twin) = dps
+            .hub_call(&hub.connection_string, &format!("/twins/{rid}"))
+            .await;
+        assert_eq!(twin["tags"], json!({"gen": "second"}), "{twin}");
+    }
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+/// Issue 11 item 4: registration ids are case-insensitive (one record), hub device ids are
+/// case-sensitive. The spelling of the latest registration is the record's, the answer's
+/// `deviceId` and the hub identity's, with the key derived from it; no identity remains under
+/// the other spelling, on the built-in hub and on a hub reached over REST.
+#[tokio::test]
+async fn registration_ids_differing_in_case_leave_one_hub_identity() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers = linked_servers(2, &dirs).await;
+    let dps = Dps::new(&servers[0].connection);
+    let scope = dps.info.id_scope.clone();
+    for (n, hub) in [
+        &servers[0].connection.hubs[0],
+        &servers[1].connection.hubs[0],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let gid = format!("cased-{n}");
+        let mut g = group(&gid);
+        g["allocationPolicy"] = json!("static");
+        g["iotHubs"] = json!([hub.host_name]);
+        let group_key = group_key(&dps, &gid, g).await;
+        let upper = format!("Sensor-{n}A");
+        let lower = upper.to_ascii_lowercase();
+        for (spelling, previous) in [
+            (&upper, None),
+            (&lower, Some(&upper)),
+            (&upper, Some(&lower)),
+        ] {
+            let device_key = derive_device_key(&group_key, spelling).unwrap();
+            let token = device_token(&scope, spelling, &device_key, now() + 600);
+            let (_, _, r) = dps.register(spelling, &token, json!({})).await;
+            let state = &r["registrationState"];
+            assert_eq!(state["status"], "assigned", "{r}");
+            assert_eq!(state["registrationId"], json!(spelling), "{r}");
+            assert_eq!(state["deviceId"], json!(spelling), "{r}");
+            let (_, record) = dps
+                .service(Method::GET, &format!("/registrations/{lower}"), None)
+                .await;
+            assert_eq!(record["registrationId"], json!(spelling), "{record}");
+            assert_eq!(record["deviceId"], json!(spelling), "{record}");
+            let (s, devices) = dps.hub_call(&hub.connection_string, "/devices").await;
+            assert_eq!(s, 200, "{devices}");
+            let ids: Vec<&str> = devices
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|d| d["deviceId"].as_str())
+                .filter(|id| id.eq_ignore_ascii_case(&upper))
+                .collect();
+            assert_eq!(
+                ids,
+                vec![spelling.as_str()],
+                "one identity, the latest spelling"
+            );
+            let (_, device) = dps
+                .hub_call(&hub.connection_string, &format!("/devices/{spelling}"))
+                .await;
+            assert_eq!(
+                device["authentication"]["symmetricKey"]["primaryKey"],
+                json!(device_key),
+                "{device}"
+            );
+            if previous.is_some() {
+                // The twin moved with the identity (migrateDeviceData, the default).
+                assert_eq!(state["substatus"], "deviceDataMigrated", "{r}");
+                let (_, twin) = dps
+                    .hub_call(&hub.connection_string, &format!("/twins/{spelling}"))
+                    .await;
+                assert_eq!(twin["tags"]["line"], "7", "{twin}");
+            }
+        }
+    }
+    for s in servers {
+        s.shutdown().await;
+    }
+}
