@@ -15,7 +15,8 @@
 //!   `geo_latency`, `custom` (the webhook).
 //! - [`hub_client`] — [`HubConnection`], how the engine writes devices and twins into a hub,
 //!   and its IoT Hub registry REST implementation.
-//! - [`record`] — the stored registration record and the plan of a pending assignment.
+//! - [`record`] — the stored registration record and the plan of a pending assignment, with
+//!   the twin rule (`TwinPlan`) and the substatus it yields.
 //! - [`throttle`] — per-hub token buckets.
 //! - [`reply`] — [`DeviceReply`], what transports send back.
 
