@@ -143,3 +143,100 @@ impl PendingAssignment {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use RegistrationSubstatus::*;
+
+    fn plan(
+        initial: bool,
+        remove_from: Option<&str>,
+        substatus: Option<RegistrationSubstatus>,
+    ) -> PendingAssignment {
+        PendingAssignment {
+            enrollment: EnrollmentRef::Group("g".into()),
+            hub: "hub-a".into(),
+            device_id: "dev".into(),
+            iot_edge: false,
+            twin: TwinPlan::Keep { twin: None },
+            remove_from: remove_from.map(str::to_string),
+            previous_device_id: None,
+            initial,
+            substatus,
+            payload: None,
+            thumbprint: None,
+        }
+    }
+
+    #[test]
+    fn substatus_says_what_the_hub_write_did() {
+        // First assignment: whether the hub knew the device.
+        let first = plan(true, None, None);
+        assert_eq!(
+            first.substatus(false, TwinOutcome::Initial),
+            Some(InitialAssignment)
+        );
+        assert_eq!(
+            first.substatus(true, TwinOutcome::Kept),
+            Some(ReprovisionedToInitialAssignment)
+        );
+        // Same hub, device still there: the previous substatus stays.
+        let same = plan(false, None, Some(InitialAssignment));
+        assert_eq!(
+            same.substatus(true, TwinOutcome::Kept),
+            Some(InitialAssignment)
+        );
+        assert_eq!(
+            same.substatus(true, TwinOutcome::Initial),
+            Some(InitialAssignment)
+        );
+        // Same hub, device gone: created anew with the initial twin.
+        assert_eq!(
+            same.substatus(false, TwinOutcome::Initial),
+            Some(DeviceDataReset)
+        );
+        // A move: migrated, or reset (also when there was nothing to migrate).
+        let moved = plan(false, Some("hub-b"), Some(DeviceDataMigrated));
+        assert_eq!(
+            moved.substatus(false, TwinOutcome::Migrated),
+            Some(DeviceDataMigrated)
+        );
+        assert_eq!(
+            moved.substatus(false, TwinOutcome::Initial),
+            Some(DeviceDataReset)
+        );
+        assert_eq!(
+            moved.substatus(true, TwinOutcome::Initial),
+            Some(DeviceDataReset)
+        );
+    }
+
+    #[test]
+    fn plans_stored_before_the_twin_rule_still_decode() {
+        let old = json!({"enrollment": {"kind": "group", "id": "g"}, "hub": "h", "deviceId": "d",
+            "iotEdge": false, "twin": {"action": "keep"}, "initial": false});
+        let p: PendingAssignment = serde_json::from_value(old).expect("old keep plan");
+        assert_eq!(p.twin, TwinPlan::Keep { twin: None });
+        assert_eq!(p.previous_device_id, None);
+        assert_eq!(p.old_device_id(), "d");
+        let migrate = json!({"action": "migrate", "from_hub": "a"});
+        let t: TwinPlan = serde_json::from_value(migrate).expect("old migrate plan");
+        assert_eq!(
+            t,
+            TwinPlan::Migrate {
+                from_hub: "a".into(),
+                twin: None
+            }
+        );
+        // And a new plan round-trips with its initial twin.
+        let twin: InitialTwin = serde_json::from_value(json!({"tags": {"a": 1}})).expect("twin");
+        let keep = TwinPlan::Keep {
+            twin: Some(twin.clone()),
+        };
+        let back: TwinPlan =
+            serde_json::from_value(serde_json::to_value(&keep).expect("encode")).expect("decode");
+        assert_eq!(back.initial_twin(), Some(&twin));
+    }
+}
