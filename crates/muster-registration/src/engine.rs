@@ -640,23 +640,10 @@ impl Engine {
                 let existed = hub.put_device(&spec, write).await.map_err(hub_failure)?;
                 (existed, TwinOutcome::Migrated)
             }
-            (plan_twin, _) => {
-                // Nothing to migrate, or the initial twin for a reset, or the twin kept: a
-                // device the hub does not have gets the initial twin (record.rs, TwinPlan).
-                let write = match plan_twin {
-                    TwinPlan::Initial { .. } if !plan.initial => TwinWrite::Replace {
-                        tags: &initial_tags,
-                        desired: &initial_desired,
-                    },
-                    TwinPlan::Migrate { .. } => TwinWrite::Replace {
-                        tags: &initial_tags,
-                        desired: &initial_desired,
-                    },
-                    _ => TwinWrite::ReplaceIfCreated {
-                        tags: &initial_tags,
-                        desired: &initial_desired,
-                    },
-                };
+            (_, _) => {
+                // Nothing to migrate, a reset, or the twin kept: the initial twin as the
+                // plan's rule says (record.rs).
+                let write = plan.initial_twin_write(&initial_tags, &initial_desired);
                 let existed = hub.put_device(&spec, write).await.map_err(hub_failure)?;
                 let outcome = if write.parts(existed).is_some() {
                     TwinOutcome::Initial

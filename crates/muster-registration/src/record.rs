@@ -6,6 +6,8 @@ use muster_proto::{DeviceRegistrationState, InitialTwin, RegistrationSubstatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::hub_client::TwinWrite;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrationRecord {
@@ -117,6 +119,22 @@ impl PendingAssignment {
             .unwrap_or(&self.device_id)
     }
 
+    /// How the enrollment's initial twin is written when nothing is migrated: replaced on a
+    /// reset and when a migration found nothing to copy; otherwise (a first assignment, a
+    /// device kept on its hub) only if the hub write creates the device.
+    pub fn initial_twin_write<'a>(&self, tags: &'a Value, desired: &'a Value) -> TwinWrite<'a> {
+        let replace = match self.twin {
+            TwinPlan::Initial { .. } => !self.initial,
+            TwinPlan::Migrate { .. } => true,
+            TwinPlan::Keep { .. } => false,
+        };
+        if replace {
+            TwinWrite::Replace { tags, desired }
+        } else {
+            TwinWrite::ReplaceIfCreated { tags, desired }
+        }
+    }
+
     /// The substatus of the finished assignment, given whether the device `existed` on the
     /// target hub before the write and where its twin came from.
     ///
@@ -210,6 +228,38 @@ mod tests {
         assert_eq!(
             moved.substatus(true, TwinOutcome::Initial),
             Some(DeviceDataReset)
+        );
+    }
+
+    #[test]
+    fn a_device_the_hub_creates_always_gets_the_initial_twin() {
+        let (tags, desired) = (json!({"gen": 2}), json!({}));
+        let written = |p: &PendingAssignment, existed: bool| {
+            p.initial_twin_write(&tags, &desired)
+                .parts(existed)
+                .is_some()
+        };
+        let mut p = plan(false, None, Some(InitialAssignment));
+        for twin in [
+            TwinPlan::Keep { twin: None },
+            TwinPlan::Initial { twin: None },
+            TwinPlan::Migrate {
+                from_hub: "hub-b".into(),
+                twin: None,
+            },
+        ] {
+            p.twin = twin;
+            assert!(written(&p, false), "{:?}: created", p.twin);
+        }
+        // An existing device: kept only where the plan keeps it.
+        p.twin = TwinPlan::Keep { twin: None };
+        assert!(!written(&p, true));
+        p.twin = TwinPlan::Initial { twin: None };
+        assert!(written(&p, true), "a reset replaces");
+        p.initial = true;
+        assert!(
+            !written(&p, true),
+            "a first assignment keeps a known device's twin"
         );
     }
 
