@@ -117,8 +117,9 @@ pub enum TwinWrite<'a> {
     Keep,
     /// Replace tags and desired properties.
     Replace { tags: &'a Value, desired: &'a Value },
-    /// Replace them only if the device is new: an initial assignment keeps the twin of a
-    /// device the hub already knew.
+    /// Replace them only if the device is new: an initial assignment or a device kept on its
+    /// hub keeps the twin of a device the hub already knew, and a device the hub no longer
+    /// has gets the initial twin (`record::TwinPlan`).
     ReplaceIfCreated { tags: &'a Value, desired: &'a Value },
 }
 
