@@ -326,7 +326,9 @@ impl HubRegistry {
                     if stored.device.status == DeviceStatus::Disabled {
                         self.inner.endpoint.close_session(&self.store_key(&id));
                     }
-                    self.notify(&stored, desired_change);
+                    if !desired_change.is_empty() {
+                        self.notify(&stored, desired_change);
+                    }
                 }
                 let twin = render_twin(&stored);
                 return Ok((stored.device, twin));
@@ -436,9 +438,9 @@ impl HubRegistry {
                 ))
                 .await?;
             if outcome.is_applied() {
-                self.inner
-                    .endpoint
-                    .close_session(&self.store_key(device_id));
+                let key = self.store_key(device_id);
+                self.inner.endpoint.close_session(&key);
+                self.inner.endpoint.forget_session(&key);
                 return Ok(());
             }
         }
@@ -515,18 +517,25 @@ impl HubRegistry {
                 }
                 None => false,
             };
-            let change = match &update.desired {
-                Some(patch) => twin.desired.apply_patch(patch, now, true),
-                None => Map::new(),
+            // Every desired update counts, equal values included: IoT Hub bumps `$version`
+            // and notifies the device each time.
+            let change = if update.clear_desired {
+                Some(twin.desired.clear(now, true))
+            } else {
+                match &update.desired {
+                    Some(patch) if !patch.is_empty() => {
+                        let change = twin.desired.apply_update(patch, now, true);
+                        properties::check_size(
+                            &twin.desired.values,
+                            "desired properties",
+                            properties::MAX_PROPERTIES_BYTES,
+                        )?;
+                        Some(change)
+                    }
+                    _ => None,
+                }
             };
-            if !change.is_empty() {
-                properties::check_size(
-                    &twin.desired.values,
-                    "desired properties",
-                    properties::MAX_PROPERTIES_BYTES,
-                )?;
-            }
-            Ok((tags_changed || !change.is_empty(), change))
+            Ok((tags_changed || change.is_some(), change))
         })
         .await
     }
@@ -543,7 +552,16 @@ impl HubRegistry {
         update.validate()?;
         self.twin_write(device_id, if_match, |twin, now| {
             let (tags_changed, change) = replace_twin_state(twin, &update, now)?;
-            Ok((tags_changed || !change.is_empty(), change))
+            let desired_sent = update.desired.is_some() || update.clear_desired;
+            if desired_sent && change.is_empty() {
+                // Replaced with equal values: still an update (version and notification).
+                twin.desired.version += 1;
+                let stamp_version = twin.desired.version;
+                twin.desired.stamp_root(now, stamp_version);
+                return Ok((true, Some(Map::new())));
+            }
+            let change = (!change.is_empty()).then_some(change);
+            Ok((tags_changed || change.is_some(), change))
         })
         .await
     }
@@ -570,7 +588,7 @@ impl HubRegistry {
             }
             version = twin.reported.version;
             // Reported changes are never pushed to the device.
-            Ok((!change.is_empty(), Map::new()))
+            Ok((!change.is_empty(), None))
         })
         .await?;
         Ok(version)
@@ -585,7 +603,7 @@ impl HubRegistry {
         mut change: F,
     ) -> Result<Twin, HubError>
     where
-        F: FnMut(&mut TwinState, &str) -> Result<(bool, Map<String, Value>), HubError>,
+        F: FnMut(&mut TwinState, &str) -> Result<(bool, Option<Map<String, Value>>), HubError>,
     {
         validate_device_id(device_id)?;
         for _ in 0..MAX_ATTEMPTS {
@@ -607,20 +625,29 @@ impl HubRegistry {
                 .write(device_id, &stored, Expect::Etag(record_etag))
                 .await?
             {
-                self.notify(&stored, desired_change);
+                if let Some(change) = desired_change {
+                    self.notify(&stored, change);
+                }
                 return Ok(render_twin(&stored));
             }
         }
         Err(contention(device_id))
     }
 
+    /// Publishes a desired update (possibly with no values: an update that changed none
+    /// still carries the new `$version`).
     fn notify(&self, stored: &StoredDevice, change: Map<String, Value>) {
-        if change.is_empty() {
-            return;
-        }
         let version = stored.twin.desired.version;
         let mut patch = change;
         patch.insert("$version".into(), Value::from(version));
+        // A device away with a persistent session gets it when it resumes.
+        if let Ok(body) = serde_json::to_vec(&patch) {
+            self.inner.endpoint.queue_for_absent(
+                &self.store_key(&stored.device.device_id),
+                format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+                body,
+            );
+        }
         // No subscriber is not an error.
         let _ = self.inner.desired_tx.send(DesiredChange {
             device_id: stored.device.device_id.clone(),
@@ -716,7 +743,11 @@ fn replace_twin_state(
     let tags_changed = tags != twin.tags;
     twin.tags = tags;
     let empty = Map::new();
-    let desired = update.desired.as_ref().unwrap_or(&empty);
+    let desired = if update.clear_desired {
+        &empty
+    } else {
+        update.desired.as_ref().unwrap_or(&empty)
+    };
     let change = twin.desired.replace(desired, now, true);
     properties::check_size(
         &twin.desired.values,

@@ -578,7 +578,8 @@ async fn twin_patch_replace_versions_and_null_deletes() {
         .await;
     assert_eq!(r.body["version"], 4);
     assert_eq!(r.body["properties"]["desired"]["$version"], 3);
-    // A no-op patch changes nothing.
+    // A desired update that changes no value is still an update, as in IoT Hub: both
+    // versions grow.
     let r = h
         .twin_write(
             Method::PATCH,
@@ -587,7 +588,13 @@ async fn twin_patch_replace_versions_and_null_deletes() {
             "*",
         )
         .await;
-    assert_eq!(r.body["version"], 4);
+    assert_eq!(r.body["version"], 5);
+    assert_eq!(r.body["properties"]["desired"]["$version"], 4);
+    // A tags patch that changes nothing is not.
+    let r = h
+        .twin_write(Method::PATCH, "t1", json!({"tags": {"owner": "ops"}}), "*")
+        .await;
+    assert_eq!(r.body["version"], 5);
 
     // PUT replaces tags and desired; a twin from GET can be sent back as is.
     let mut full = h.get("/twins/t1").await.body;
@@ -595,10 +602,10 @@ async fn twin_patch_replace_versions_and_null_deletes() {
     full["properties"]["desired"] = json!({"mode": "turbo", "$version": 3, "$metadata": {}});
     let r = h.twin_write(Method::PUT, "t1", full, "*").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    assert_eq!(r.body["version"], 5);
+    assert_eq!(r.body["version"], 6);
     assert_eq!(r.body["tags"], json!({"replaced": true}));
     let desired = &r.body["properties"]["desired"];
-    assert_eq!(desired["$version"], 4);
+    assert_eq!(desired["$version"], 5);
     assert_eq!(desired["mode"], "turbo");
     assert!(desired.get("telemetry").is_none());
     // A replace without tags clears them.
@@ -611,8 +618,9 @@ async fn twin_patch_replace_versions_and_null_deletes() {
         )
         .await;
     assert_eq!(r.body["tags"], json!({}));
-    assert_eq!(r.body["version"], 6);
-    assert_eq!(r.body["properties"]["desired"]["$version"], 4);
+    assert_eq!(r.body["version"], 7);
+    // Equal desired values replaced: still a desired update.
+    assert_eq!(r.body["properties"]["desired"]["$version"], 6);
 
     // Identity writes don't touch the twin version but show in the twin.
     let r = h
@@ -620,7 +628,7 @@ async fn twin_patch_replace_versions_and_null_deletes() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let t = h.get("/twins/t1").await.body;
-    assert_eq!(t["version"], 6);
+    assert_eq!(t["version"], 7);
     assert_eq!(t["status"], "disabled");
     assert_eq!(t["deviceEtag"], r.body["etag"]);
 
@@ -761,6 +769,7 @@ async fn in_process_create_with_initial_twin_is_one_write() {
     let twin = TwinUpdate {
         tags: json!({"env": "prod"}).as_object().cloned(),
         desired: json!({"interval": 30}).as_object().cloned(),
+        ..Default::default()
     };
     let (device, t) = h
         .hub

@@ -146,6 +146,12 @@ where
     let mut desired_rx = hub.subscribe_desired();
     let handles = hub.endpoint().register(&device_key);
     let mut methods_rx = handles.methods;
+    let resumed = hub.endpoint().open_session(
+        &device_key,
+        handles.conn_id,
+        connect.clean_session,
+        hub.clock().now().0.timestamp_millis(),
+    );
 
     // Recorded before CONNACK, so a service reading the device once the device has its
     // CONNACK finds it connected.
@@ -160,20 +166,31 @@ where
     let _ = tx
         .send(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
-            false,
+            resumed.is_some(),
         )))
         .await;
 
     let mut session = Session::new(
         hub.clone(),
         identity.device_id.clone(),
+        handles.conn_id,
         tx.clone(),
         handles.methods_subscribed.clone(),
     );
+    let mut first = match resumed {
+        Some(state) => {
+            tracing::debug!(device = %identity.device_id, "persistent session resumed");
+            session.resume(state).await
+        }
+        None => Flow::Continue,
+    };
     let token_sleep = sleep_until(token_deadline);
     tokio::pin!(token_sleep);
     let mut last_rx = Instant::now();
     let reason = loop {
+        if let Flow::Close(reason) = std::mem::replace(&mut first, Flow::Continue) {
+            break reason;
+        }
         let flow = tokio::select! {
             () = handles.close.notified() => {
                 break "replaced by a new connection, or the device was deleted or disabled".to_string();
@@ -206,6 +223,11 @@ where
     while let Ok(call) = methods_rx.try_recv() {
         hub.endpoint().forget_method(&call.rid);
     }
+    hub.endpoint().close_saved_session(
+        session.device_key(),
+        handles.conn_id,
+        hub.clock().now().0.timestamp_millis(),
+    );
     if hub
         .endpoint()
         .unregister(session.device_key(), handles.conn_id)
