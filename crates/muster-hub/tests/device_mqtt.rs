@@ -1452,7 +1452,7 @@ async fn persistent_session_resumes_subscriptions_and_redelivers_unacknowledged(
 
     // CleanSession=1 discards it: nothing is resumed, and a method now finds the device
     // connected but not subscribed.
-    let mut clean = h.connected("dev-1").await;
+    let clean = h.connected("dev-1").await;
     let (status, body) = h.invoke("dev-1", "reboot").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let message = body["Message"].as_str().unwrap();
@@ -1479,7 +1479,7 @@ async fn persistent_session_expires_after_the_idle_time() {
     m.subscribe(&["$iothub/methods/POST/#"]).await;
     m.disconnect().await;
     h.clock.advance_secs(59);
-    let (mut m, present) = h.connected_persistent("dev-1").await;
+    let (m, present) = h.connected_persistent("dev-1").await;
     assert!(present, "resumed within the expiry");
     m.disconnect().await;
     h.clock.advance_secs(61);

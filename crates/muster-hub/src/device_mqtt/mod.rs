@@ -7,10 +7,13 @@
 //!
 //! 1. **CONNECT** within [`DeviceEndpointLimits::connect_timeout`]; protocol level 4 (another
 //!    level gets CONNACK 1). Who may connect and the refusal codes: see [`connect`].
-//!    CONNACK is 0 with **session-present 0** always: sessions are not persistent, so a
-//!    device re-subscribes after every connect (clean session or not) and unacknowledged
-//!    cloud-to-device messages are redelivered from the store. A SAS-authenticated connection
-//!    is closed when its token expires. A second connection of the same device replaces
+//!    CONNACK is 0 with session-present 1 when a CleanSession=0 connection resumes a saved
+//!    session (see `crate::endpoint`): its subscriptions are restored without a SUBSCRIBE,
+//!    the QoS 1 twin responses and desired patches it had not PUBACKed are sent again (same
+//!    packet id, DUP), then the desired patches queued while it was away, then waiting
+//!    cloud-to-device messages (those are redelivered from the store on every connection that
+//!    subscribes, clean or not). CleanSession=1 discards any saved session and keeps nothing
+//!    after it closes. A SAS-authenticated connection is closed when its token expires. A second connection of the same device replaces
 //!    (closes) the first. The device's `connectionState`, `connectionStateUpdatedTime` and
 //!    `lastActivityTime` are written on connect and disconnect (not on every message).
 //!    Deleting or disabling the device closes its connection. The Will message is ignored.
@@ -40,7 +43,8 @@
 //!    sends close the connection (debug log); nothing else is affected.
 //!
 //! Not implemented: modules (`{host}/{deviceId}/{moduleId}`, refused with CONNACK 5),
-//! persistent sessions, the 5-subscription limit, `certificateAuthority` devices.
+//! the 5-subscription limit, `certificateAuthority` devices; method calls are not part of
+//! a persistent session (IoT Hub does not queue them either).
 //!
 //! [`DeviceEndpointLimits::connect_timeout`]: crate::DeviceEndpointLimits::connect_timeout
 //! [`DeviceEndpointLimits::max_idle`]: crate::DeviceEndpointLimits::max_idle
