@@ -1316,3 +1316,63 @@ async fn device_scope_must_name_an_edge_device_of_this_hub() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
 }
+
+#[tokio::test]
+async fn equal_desired_updates_and_desired_null_bump_the_version_and_notify() {
+    let h = harness();
+    let mut rx = h.hub.subscribe_desired();
+    h.put_device("t2", python_sas_device("t2"), None).await;
+    let patch = |desired: Value| {
+        h.twin_write(
+            Method::PATCH,
+            "t2",
+            json!({ "properties": { "desired": desired } }),
+            "*",
+        )
+    };
+    let r = patch(json!({"a": 1, "b": {"c": 2}})).await;
+    assert_eq!(r.body["properties"]["desired"]["$version"], 2);
+    assert_eq!(rx.recv().await.unwrap().version, 2);
+
+    // The same value again: a new version, fresh metadata for what was sent, a notification.
+    h.clock.advance_secs(7);
+    let r = patch(json!({"a": 1})).await;
+    let desired = &r.body["properties"]["desired"];
+    assert_eq!(desired["$version"], 3);
+    assert_eq!(desired["$metadata"]["a"]["$lastUpdatedVersion"], 3);
+    assert_eq!(desired["$metadata"]["$lastUpdatedVersion"], 3);
+    assert_eq!(desired["$metadata"]["b"]["$lastUpdatedVersion"], 2);
+    assert_ne!(
+        desired["$metadata"]["a"]["$lastUpdated"],
+        desired["$metadata"]["b"]["$lastUpdated"]
+    );
+    let change = rx.recv().await.unwrap();
+    assert_eq!(Value::Object(change.patch), json!({"a": 1, "$version": 3}));
+
+    // desired: null clears every desired property.
+    let r = patch(Value::Null).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let desired = &r.body["properties"]["desired"];
+    assert_eq!(desired["$version"], 4);
+    assert!(
+        desired.get("a").is_none() && desired.get("b").is_none(),
+        "{desired}"
+    );
+    assert_eq!(desired["$metadata"]["$lastUpdatedVersion"], 4);
+    assert!(desired["$metadata"].get("a").is_none());
+    let change = rx.recv().await.unwrap();
+    assert_eq!(
+        Value::Object(change.patch),
+        json!({"a": null, "b": null, "$version": 4})
+    );
+    // An If-Match with the old twin etag is still refused.
+    let r = h
+        .twin_write(
+            Method::PATCH,
+            "t2",
+            json!({"properties": {"desired": {"a": 1}}}),
+            "\"AAAAAAAAAAI=\"",
+        )
+        .await;
+    assert_hub_error(&r, StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
+}
