@@ -13,9 +13,12 @@
 //!    packet id, DUP), then the desired patches queued while it was away, then waiting
 //!    cloud-to-device messages (those are redelivered from the store on every connection that
 //!    subscribes, clean or not). CleanSession=1 discards any saved session and keeps nothing
-//!    after it closes. A SAS-authenticated connection is closed when its token expires. A second connection of the same device replaces
-//!    (closes) the first. The device's `connectionState`, `connectionStateUpdatedTime` and
-//!    `lastActivityTime` are written on connect and disconnect (not on every message).
+//!    after it closes; a saved session expires [`DeviceEndpointLimits::session_expiry`]
+//!    (1 h) after its device left. A SAS-authenticated connection is closed when its token
+//!    expires (the SDKs reconnect with a fresh one before). A second connection of the same
+//!    device replaces (closes) the first, and takes its session over. The device's
+//!    `connectionState`, `connectionStateUpdatedTime` and `lastActivityTime` are written on
+//!    connect and disconnect (not on every message).
 //!    Deleting or disabling the device closes its connection. The Will message is ignored.
 //! 2. **SUBSCRIBE** (granted QoS ≤ 1, other filters `0x80`): `devices/{id}/messages/devicebound/#`,
 //!    `$iothub/twin/res/#`, `$iothub/twin/PATCH/properties/desired/#`, `$iothub/methods/POST/#`.
@@ -48,6 +51,7 @@
 //!
 //! [`DeviceEndpointLimits::connect_timeout`]: crate::DeviceEndpointLimits::connect_timeout
 //! [`DeviceEndpointLimits::max_idle`]: crate::DeviceEndpointLimits::max_idle
+//! [`DeviceEndpointLimits::session_expiry`]: crate::DeviceEndpointLimits::session_expiry
 //! [`DeviceEndpointLimits::max_packet_size`]: crate::DeviceEndpointLimits::max_packet_size
 
 pub mod connect;
@@ -181,7 +185,7 @@ where
         tx.clone(),
         handles.methods_subscribed.clone(),
     );
-    let mut first = match resumed {
+    let mut resume_flow = match resumed {
         Some(state) => {
             tracing::debug!(device = %identity.device_id, "persistent session resumed");
             session.resume(state).await
@@ -192,7 +196,7 @@ where
     tokio::pin!(token_sleep);
     let mut last_rx = Instant::now();
     let reason = loop {
-        if let Flow::Close(reason) = std::mem::replace(&mut first, Flow::Continue) {
+        if let Flow::Close(reason) = std::mem::replace(&mut resume_flow, Flow::Continue) {
             break reason;
         }
         let flow = tokio::select! {

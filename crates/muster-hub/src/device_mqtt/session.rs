@@ -105,14 +105,16 @@ impl Session {
         }
     }
 
-    fn snapshot(&self, desired_resync: bool) -> SessionState {
+    /// The state to keep; `desired_resync` is only ever set by the endpoint table, for a
+    /// device that missed patches while away.
+    fn snapshot(&self) -> SessionState {
         SessionState {
             twin_responses: qos_code(self.twin_res),
             desired: qos_code(self.desired),
             methods: qos_code(self.methods),
             c2d: qos_code(self.c2d),
             unacked: self.unacked.clone(),
-            desired_resync,
+            desired_resync: false,
         }
     }
 
@@ -120,7 +122,7 @@ impl Session {
     fn persist(&self) {
         self.hub
             .endpoint()
-            .save_session(&self.device_key, self.conn_id, &self.snapshot(false));
+            .save_session(&self.device_key, self.conn_id, &self.snapshot());
     }
 
     /// Resumes a saved session: its subscriptions, then what it still owes the device
