@@ -1487,3 +1487,52 @@ async fn persistent_session_expires_after_the_idle_time() {
     assert!(!present, "expired 61 s after the device left");
     m.disconnect().await;
 }
+
+#[tokio::test]
+async fn patches_missed_beyond_the_session_queue_end_with_the_whole_desired_collection() {
+    let h = harness_with(DeviceEndpointLimits {
+        session_queue_depth: 2,
+        ..DeviceEndpointLimits::default()
+    });
+    h.sas_device("dev-1").await;
+    let (mut m, _) = h.connected_persistent("dev-1").await;
+    m.subscribe(&["$iothub/twin/PATCH/properties/desired/#"])
+        .await;
+    m.disconnect().await;
+    for (k, v) in [("a", 1), ("b", 2), ("c", 3)] {
+        h.hub
+            .update_twin(
+                "dev-1",
+                TwinUpdate::from_json(&json!({"properties": {"desired": {k: v}}})).unwrap(),
+                &IfMatch::None,
+            )
+            .await
+            .unwrap();
+    }
+    let (mut m, present) = h.connected_persistent("dev-1").await;
+    assert!(present);
+    // The two newest patches (the oldest was dropped), then the whole collection.
+    for (version, body) in [
+        (3, json!({"b": 2, "$version": 3})),
+        (4, json!({"c": 3, "$version": 4})),
+    ] {
+        let p = m.recv_publish().await;
+        assert_eq!(
+            p.topic,
+            format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
+        );
+        assert_eq!(serde_json::from_slice::<Value>(&p.payload).unwrap(), body);
+        m.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    }
+    let full = m.recv_publish().await;
+    assert_eq!(
+        full.topic,
+        "$iothub/twin/PATCH/properties/desired/?$version=4"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&full.payload).unwrap(),
+        json!({"a": 1, "b": 2, "c": 3, "$version": 4})
+    );
+    m.send(Packet::PubAck(PubAck::new(full.pkid))).await;
+    m.disconnect().await;
+}
