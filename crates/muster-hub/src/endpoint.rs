@@ -7,6 +7,18 @@
 //! devices connected to this process (one Muster node; a shared store between nodes would
 //! need a message bus for these).
 //!
+//! **Persistent MQTT sessions** (CleanSession=0, MQTT 3.1.1 §3.1.2.4): the table of
+//! [`SavedSession`]s keeps, per device, the granted subscriptions, the QoS 1 publishes sent
+//! and not yet PUBACKed (twin responses, desired-property patches) and the desired patches
+//! published while the device was away. The connection writes its state through to the table
+//! on every change, so a reconnect (an SDK renewing its SAS token) resumes it even when the
+//! old connection has not finished closing. A session not resumed within
+//! [`DeviceEndpointLimits::session_expiry`] after its device disconnected is dropped; a
+//! CleanSession=1 connection discards it and keeps nothing after it closes. Cloud-to-device
+//! messages are not part of it: they wait in the store until PUBACKed. [`SavedSession`] is
+//! plain serde data keyed by the device's store key, so a multi-node store can hold it
+//! instead of this map (ARCHITECTURE.md).
+//!
 //! [`HubRegistry`]: crate::HubRegistry
 
 use std::collections::HashMap;
@@ -14,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
@@ -51,6 +64,15 @@ pub struct DeviceEndpointLimits {
     pub max_idle: Duration,
     /// Largest direct-method payload (request or response, IoT Hub: 128 KB).
     pub method_max_payload: usize,
+    /// How long a persistent (CleanSession=0) session is kept after its device disconnected.
+    /// IoT Hub documents no figure; one hour covers the SDKs' token renewal and ordinary
+    /// network drops, as AWS IoT's default does.
+    pub session_expiry: Duration,
+    /// QoS 1 publishes a persistent session holds for a disconnected device (desired-property
+    /// patches published while it was away, plus the ones it had not acknowledged); beyond
+    /// this the oldest are dropped and the device is sent its whole desired collection when
+    /// it comes back.
+    pub session_queue_depth: usize,
 }
 
 impl Default for DeviceEndpointLimits {
@@ -68,8 +90,51 @@ impl Default for DeviceEndpointLimits {
             write_timeout: Duration::from_secs(30),
             max_idle: Duration::from_secs(1767),
             method_max_payload: 128 * 1024,
+            session_expiry: Duration::from_secs(3600),
+            session_queue_depth: 50,
         }
     }
+}
+
+/// A QoS 1 publish a persistent session owes its device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PendingPublish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// The packet id it was sent with; `None` when it was queued while the device was away
+    /// (then it has not been sent yet and goes out without DUP).
+    pub pkid: Option<u16>,
+}
+
+/// What a session keeps between connections: granted subscriptions (QoS 0 or 1; `None` =
+/// not subscribed) and the QoS 1 publishes the device has not acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SessionState {
+    pub twin_responses: Option<u8>,
+    pub desired: Option<u8>,
+    pub methods: Option<u8>,
+    pub c2d: Option<u8>,
+    pub unacked: Vec<PendingPublish>,
+    /// Publishes were dropped from `unacked` (queue full): send the whole desired collection
+    /// on resume.
+    pub desired_resync: bool,
+}
+
+/// One device's session in the table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SavedSession {
+    pub state: SessionState,
+    /// CleanSession=0: kept after the connection closes.
+    pub persistent: bool,
+    /// The connection that owns it (writes from a replaced connection are ignored); `None`
+    /// while the device is disconnected.
+    #[serde(skip)]
+    pub owner: Option<u64>,
+    /// Unix milliseconds when the device disconnected (expiry counts from here).
+    pub disconnected_at_ms: Option<i64>,
 }
 
 /// A direct-method call on its way to a device session.
@@ -126,6 +191,8 @@ pub(crate) struct EndpointState {
     pub telemetry_seqs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<u64>>>>>,
     /// Per device (store key), the last cloud-to-device sequence number once loaded.
     pub c2d_seqs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<u64>>>>>,
+    /// MQTT session state by store key (see the module doc).
+    saved_sessions: Mutex<HashMap<String, SavedSession>>,
 }
 
 /// Method calls queued per session before invokers wait.
@@ -143,7 +210,96 @@ impl EndpointState {
             telemetry_tx,
             telemetry_seqs: Mutex::new(HashMap::new()),
             c2d_seqs: Mutex::new(HashMap::new()),
+            saved_sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Starts connection `conn_id`'s session: a CleanSession=1 connection discards any saved
+    /// one and starts empty; a CleanSession=0 connection resumes the saved session if it has
+    /// not expired. Returns the resumed state (`Some` = session present).
+    pub fn open_session(
+        &self,
+        device_key: &str,
+        conn_id: u64,
+        clean: bool,
+        now_ms: i64,
+    ) -> Option<SessionState> {
+        let expiry_ms = i64::try_from(self.limits.session_expiry.as_millis()).unwrap_or(i64::MAX);
+        let mut sessions = lock(&self.saved_sessions);
+        let saved = sessions.remove(device_key).filter(|s| {
+            !clean
+                && s.disconnected_at_ms
+                    .is_none_or(|at| now_ms.saturating_sub(at) < expiry_ms)
+        });
+        let resumed = saved.map(|s| s.state);
+        sessions.insert(
+            device_key.to_string(),
+            SavedSession {
+                state: resumed.clone().unwrap_or_default(),
+                persistent: !clean,
+                owner: Some(conn_id),
+                disconnected_at_ms: None,
+            },
+        );
+        resumed
+    }
+
+    /// Writes the connection's session state through to the table (ignored once another
+    /// connection of the device took the session over).
+    pub fn save_session(&self, device_key: &str, conn_id: u64, state: &SessionState) {
+        if let Some(s) = lock(&self.saved_sessions).get_mut(device_key) {
+            if s.owner == Some(conn_id) {
+                s.state = state.clone();
+            }
+        }
+    }
+
+    /// The connection closed: a persistent session starts its expiry, another is dropped.
+    /// Expired sessions of other devices are swept on the way.
+    pub fn close_saved_session(&self, device_key: &str, conn_id: u64, now_ms: i64) {
+        let expiry_ms = i64::try_from(self.limits.session_expiry.as_millis()).unwrap_or(i64::MAX);
+        let mut sessions = lock(&self.saved_sessions);
+        if let Some(s) = sessions.get_mut(device_key) {
+            if s.owner == Some(conn_id) {
+                if s.persistent {
+                    s.owner = None;
+                    s.disconnected_at_ms = Some(now_ms);
+                } else {
+                    sessions.remove(device_key);
+                }
+            }
+        }
+        sessions.retain(|_, s| {
+            s.disconnected_at_ms
+                .is_none_or(|at| now_ms.saturating_sub(at) < expiry_ms)
+        });
+    }
+
+    /// Drops the device's session (device deleted).
+    pub fn forget_session(&self, device_key: &str) {
+        lock(&self.saved_sessions).remove(device_key);
+    }
+
+    /// Queues a desired-property patch for a device that is away but holds a persistent
+    /// session subscribed to desired patches at QoS 1 (delivered when it resumes).
+    pub fn queue_for_absent(&self, device_key: &str, topic: String, payload: Vec<u8>) {
+        let depth = self.limits.session_queue_depth.max(1);
+        let mut sessions = lock(&self.saved_sessions);
+        let Some(s) = sessions.get_mut(device_key) else {
+            return;
+        };
+        if s.owner.is_some() || s.state.desired != Some(1) {
+            return;
+        }
+        if s.state.unacked.len() >= depth {
+            s.state.unacked.remove(0);
+            s.state.desired_resync = true;
+        }
+        s.state.unacked.push(PendingPublish {
+            topic,
+            payload,
+            pkid: None,
+        });
     }
 
     /// Registers a new session for `device_key`, closing the one it replaces.

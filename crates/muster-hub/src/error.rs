@@ -19,6 +19,16 @@ pub enum HubErrorCode {
     ArgumentInvalid,
     /// 400: the body is not JSON of the expected shape.
     IotHubFormatError,
+    /// 400: `deviceScope` names no IoT Edge device of this hub, an IoT Edge device's own
+    /// scope was set, or `parentScopes` does not agree with `deviceScope`.
+    InvalidDeviceScope,
+    /// 400: a bulk registry request names a device more than once.
+    DeviceDefinedMultipleTimes,
+    /// 400: a bulk registry request holds more operations than the hub takes at once.
+    TooManyDevices,
+    /// 400: one or more operations of a bulk registry request failed (the body is the
+    /// `BulkRegistryOperationResult`, not an error body).
+    BulkRegistryOperationFailure,
     /// 401: no token, a bad or expired token, a token for another hub, or a policy lacking the right.
     IotHubUnauthorizedAccess,
     /// 404: no device with this id.
@@ -50,6 +60,10 @@ impl HubErrorCode {
             HubErrorCode::InvalidProtocolVersion => "InvalidProtocolVersion",
             HubErrorCode::ArgumentInvalid => "ArgumentInvalid",
             HubErrorCode::IotHubFormatError => "IotHubFormatError",
+            HubErrorCode::InvalidDeviceScope => "InvalidDeviceScope",
+            HubErrorCode::DeviceDefinedMultipleTimes => "DeviceDefinedMultipleTimes",
+            HubErrorCode::TooManyDevices => "TooManyDevices",
+            HubErrorCode::BulkRegistryOperationFailure => "BulkRegistryOperationFailure",
             HubErrorCode::IotHubUnauthorizedAccess => "IotHubUnauthorizedAccess",
             HubErrorCode::DeviceNotFound => "DeviceNotFound",
             HubErrorCode::DeviceNotOnline => "DeviceNotOnline",
@@ -68,7 +82,11 @@ impl HubErrorCode {
         match self {
             HubErrorCode::InvalidProtocolVersion
             | HubErrorCode::ArgumentInvalid
-            | HubErrorCode::IotHubFormatError => 400,
+            | HubErrorCode::IotHubFormatError
+            | HubErrorCode::InvalidDeviceScope
+            | HubErrorCode::DeviceDefinedMultipleTimes
+            | HubErrorCode::TooManyDevices
+            | HubErrorCode::BulkRegistryOperationFailure => 400,
             HubErrorCode::IotHubUnauthorizedAccess => 401,
             HubErrorCode::DeviceMaximumQueueDepthExceeded => 403,
             HubErrorCode::DeviceNotFound

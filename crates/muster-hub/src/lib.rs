@@ -11,6 +11,8 @@
 //! - [`router`] — the axum routes; `devices.rs` (`/devices`, `/devices/{id}`) and `twins.rs`
 //!   (`/twins/{id}`) hold the handlers and their method/right/status tables; `routes.rs` the
 //!   admission every route shares.
+//! - [`bulk`] — the bulk registry API (`POST /devices`): many creates, updates and deletes
+//!   in one store transaction, per-device errors in IoT Hub's shape.
 //! - [`model`] — `Device`, `Twin`, authentication types, device id/key/thumbprint rules and
 //!   what clients may send (`DeviceInput`, `TwinUpdate`).
 //! - [`properties`] — twin collections: validation, merge with `null` deletes, diffs,
@@ -38,6 +40,7 @@
 //! | GET | `/devices/{id}` | RegistryRead (or RegistryWrite) | 200 Device |
 //! | DELETE | `/devices/{id}` | RegistryWrite | 204 |
 //! | GET | `/devices[/]?top=N` | RegistryRead (or RegistryWrite) | 200 [Device] |
+//! | POST | `/devices[/]` (bulk registry, [`bulk`]) | RegistryWrite | 200 / 400 `BulkRegistryOperationResult` |
 //! | GET | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | PATCH | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | PUT | `/twins/{id}` | ServiceConnect | 200 Twin |
@@ -51,6 +54,7 @@
 //! random source (both are injected into [`HubRegistry`]).
 
 pub mod auth;
+pub mod bulk;
 pub mod c2d;
 pub mod device_mqtt;
 mod devices;
@@ -82,8 +86,8 @@ pub use telemetry::{BodyEncoding, TelemetryMessage};
 /// [`not_found`] / [`method_not_allowed`] where the final router is assembled.
 pub fn router(registry: HubRegistry) -> Router {
     Router::new()
-        .route("/devices", get(devices::list))
-        .route("/devices/", get(devices::list))
+        .route("/devices", get(devices::list).post(bulk::apply))
+        .route("/devices/", get(devices::list).post(bulk::apply))
         .route(
             "/devices/{id}",
             put(devices::put).get(devices::get).delete(devices::delete),

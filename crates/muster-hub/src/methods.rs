@@ -10,7 +10,10 @@
 //! "connectTimeoutInSeconds": m}`. `responseTimeoutInSeconds` missing or 0 means 30, at most
 //! 300 (IoT Hub's minimum is 5; Muster accepts from 1). `connectTimeoutInSeconds` (default 0,
 //! at most 300) is how long to wait for a device that is not connected (and subscribed to
-//! `$iothub/methods/POST/#`) before answering 404 `DeviceNotOnline`.
+//! `$iothub/methods/POST/#`) before answering 404 `DeviceNotOnline` (IoT Hub's 404103). A
+//! device that is connected but has not subscribed gets the same code, with a message that
+//! says so rather than "waiting for the device to connect". A persistent session resumed
+//! after a reconnect keeps its subscription, so the SDKs' token renewal does not lose it.
 //!
 //! The device gets `$iothub/methods/POST/{methodName}/?$rid={rid}` with the payload JSON and
 //! answers `$iothub/methods/res/{status}/?$rid={rid}` with a JSON body (empty → `null`; text
@@ -111,6 +114,9 @@ impl HubRegistry {
                 break s;
             }
             if Instant::now() >= connect_deadline {
+                if self.endpoint().is_connected(&key) {
+                    return Err(not_subscribed(&device.device_id));
+                }
                 return Err(not_online(&device.device_id));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -155,6 +161,17 @@ fn not_online(device_id: &str) -> HubError {
     HubError::new(
         HubErrorCode::DeviceNotOnline,
         format!("Timed out waiting for device '{device_id}' to connect."),
+    )
+}
+
+/// Connected, but no `$iothub/methods/POST/#` subscription: IoT Hub answers this with the
+/// same 404 `DeviceNotOnline` (404103), as the device cannot receive the call.
+fn not_subscribed(device_id: &str) -> HubError {
+    HubError::new(
+        HubErrorCode::DeviceNotOnline,
+        format!(
+            "Device '{device_id}' is connected but has not subscribed to direct methods ($iothub/methods/POST/#)."
+        ),
     )
 }
 

@@ -447,6 +447,9 @@ pub struct TwinUpdate {
     pub tags: Option<Map<String, Value>>,
     /// `None`: not sent (patch: unchanged; replace: cleared).
     pub desired: Option<Map<String, Value>>,
+    /// `"properties": {"desired": null}` was sent: remove every desired property (IoT Hub
+    /// clears the collection and bumps its `$version`).
+    pub clear_desired: bool,
 }
 
 impl TwinUpdate {
@@ -465,6 +468,10 @@ impl TwinUpdate {
             Some(Value::Object(m)) => Some(m.clone()),
             Some(_) => return Err(HubError::invalid("twin 'tags' must be a JSON object")),
         };
+        let clear_desired = obj
+            .get("properties")
+            .and_then(Value::as_object)
+            .is_some_and(|p| p.get("desired").is_some_and(Value::is_null));
         let desired = match obj.get("properties") {
             None | Some(Value::Null) => None,
             Some(Value::Object(p)) => match p.get("desired") {
@@ -482,7 +489,11 @@ impl TwinUpdate {
             },
             Some(_) => return Err(HubError::invalid("twin 'properties' must be a JSON object")),
         };
-        let update = Self { tags, desired };
+        let update = Self {
+            tags,
+            desired,
+            clear_desired,
+        };
         update.validate()?;
         Ok(update)
     }

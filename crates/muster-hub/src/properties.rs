@@ -273,6 +273,28 @@ fn merge_with_metadata(
     changed
 }
 
+/// Refreshes the metadata of every node `patch` names with a value (not `null`), changed
+/// or not: IoT Hub stamps what a service wrote, not only what differed.
+fn touch(meta: &mut Map<String, Value>, patch: &Map<String, Value>, stamp: &Stamp) {
+    for (key, value) in patch {
+        if value.is_null() {
+            continue;
+        }
+        let node = meta
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !node.is_object() {
+            *node = Value::Object(Map::new());
+        }
+        if let Some(node) = node.as_object_mut() {
+            stamp.apply(node);
+            if let Value::Object(child) = value {
+                touch(node, child, stamp);
+            }
+        }
+    }
+}
+
 /// Desired or reported properties with their version and metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -325,6 +347,54 @@ impl PropertySet {
         self.metadata = metadata;
         self.version += 1;
         change
+    }
+
+    /// A service's desired-properties update, as IoT Hub treats it: the version grows and
+    /// every property the patch names gets fresh metadata even when its value is unchanged.
+    /// Returns the notification for the device: the patch as sent.
+    pub fn apply_update(
+        &mut self,
+        patch: &Map<String, Value>,
+        now: &str,
+        track_version: bool,
+    ) -> Map<String, Value> {
+        let stamp = Stamp {
+            now: Some(now.to_string()),
+            version: track_version.then_some(self.version + 1),
+        };
+        merge_with_metadata(&mut self.values, Some(&mut self.metadata), patch, &stamp);
+        touch(&mut self.metadata, patch, &stamp);
+        stamp.apply(&mut self.metadata);
+        self.version += 1;
+        patch.clone()
+    }
+
+    /// Stamps the collection's root metadata (an update that changed no value).
+    pub fn stamp_root(&mut self, now: &str, version: u64) {
+        Stamp {
+            now: Some(now.to_string()),
+            version: Some(version),
+        }
+        .apply(&mut self.metadata);
+    }
+
+    /// Removes every value (`"desired": null`); the version grows even when there was
+    /// nothing to remove. Returns the notification: `null` for every removed key.
+    pub fn clear(&mut self, now: &str, track_version: bool) -> Map<String, Value> {
+        let removed: Map<String, Value> = self
+            .values
+            .keys()
+            .map(|k| (k.clone(), Value::Null))
+            .collect();
+        self.version += 1;
+        self.values = Map::new();
+        self.metadata = Map::new();
+        Stamp {
+            now: Some(now.to_string()),
+            version: track_version.then_some(self.version),
+        }
+        .apply(&mut self.metadata);
+        removed
     }
 
     /// Replaces every value. Returns the effective change (see [`Self::apply_patch`]).

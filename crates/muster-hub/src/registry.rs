@@ -15,6 +15,7 @@
 //! big-endian twin version (`AAAAAAAAAAE=` for version 1), as IoT Hub forms it. The store's
 //! own etag is only used for the conditional writes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -77,9 +78,41 @@ impl TwinState {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredDevice {
-    device: Device,
-    twin: TwinState,
+pub(crate) struct StoredDevice {
+    pub device: Device,
+    pub twin: TwinState,
+}
+
+/// A create-or-update, checked and ready to write.
+pub(crate) struct PlannedPut {
+    pub stored: StoredDevice,
+    /// The condition of the write (absent, or the record etag it was planned from).
+    pub expect: Expect,
+    pub existed: bool,
+    /// The stored device's scope (`""` for none); `None` on create.
+    pub previous_scope: Option<String>,
+    pub desired_change: Map<String, Value>,
+}
+
+/// The scheme of an IoT Edge device's own scope: `ms-azure-iot-edge://{id}-{generationId}`.
+pub const EDGE_SCOPE_PREFIX: &str = "ms-azure-iot-edge://";
+
+fn edge_scope(device_id: &str, generation_id: &str) -> String {
+    format!("{EDGE_SCOPE_PREFIX}{device_id}-{generation_id}")
+}
+
+/// A device that is not an IoT Edge device and names a parent has `parentScopes` =
+/// `[deviceScope]` (IoT Hub fills it in when a client leaves it empty); anything else a
+/// client sent is kept for [`HubRegistry::check_scopes`] to judge.
+fn leaf_parent_scopes(iot_edge: bool, scope: Option<&str>, sent: Vec<String>) -> Vec<String> {
+    match scope {
+        Some(s) if !iot_edge && sent.is_empty() => vec![s.to_string()],
+        _ => sent,
+    }
+}
+
+fn scope_error(message: impl Into<String>) -> HubError {
+    HubError::new(HubErrorCode::InvalidDeviceScope, message)
 }
 
 /// The built-in hub's registry. Cheap to clone.
@@ -264,75 +297,207 @@ impl HubRegistry {
         let id = input.device_id.clone();
         for _ in 0..MAX_ATTEMPTS {
             let current = self.load(&id).await?;
-            let now = self.inner.clock.now();
-            let now_s = now.to_dps_string();
-            let (stored, expect, existed) = match current {
-                None => {
-                    if let IfMatch::Etag(_) = if_match {
-                        return Err(HubError::new(
-                            HubErrorCode::PreconditionFailed,
-                            format!("Device '{id}' does not exist, so If-Match cannot match."),
-                        ));
-                    }
-                    let device = self.new_device(&input, now)?;
-                    (
-                        StoredDevice {
-                            device,
-                            twin: TwinState::new(&now_s),
-                        },
-                        Expect::Absent,
-                        false,
-                    )
-                }
-                Some((stored, record_etag)) => {
-                    match if_match {
-                        IfMatch::None => {
-                            return Err(HubError::new(
-                                HubErrorCode::DeviceAlreadyExists,
-                                format!(
-                                    "A device with ID '{}' is already registered.",
-                                    stored.device.device_id
-                                ),
-                            ))
-                        }
-                        IfMatch::Etag(e) if *e != stored.device.etag => {
-                            return Err(precondition_failed("device", &stored.device.device_id))
-                        }
-                        _ => {}
-                    }
-                    let device = self.updated_device(&stored.device, &input, now)?;
-                    (
-                        StoredDevice {
-                            device,
-                            twin: stored.twin.clone(),
-                        },
-                        Expect::Etag(record_etag),
-                        true,
-                    )
-                }
-            };
-            let mut stored = stored;
-            let mut desired_change = Map::new();
-            if let Some(update) = &twin_update {
-                let (tags_changed, change) = replace_twin_state(&mut stored.twin, update, &now_s)?;
-                if tags_changed || !change.is_empty() {
-                    stored.twin.version += 1;
-                }
-                desired_change = change;
-            }
-            if self.write(&id, &stored, expect).await? {
-                // Only an existing device's connected session can care about the change.
-                if existed {
-                    if stored.device.status == DeviceStatus::Disabled {
-                        self.inner.endpoint.close_session(&self.store_key(&id));
-                    }
-                    self.notify(&stored, desired_change);
-                }
-                let twin = render_twin(&stored);
-                return Ok((stored.device, twin));
+            let planned = self.plan_put(&input, if_match, twin_update.as_ref(), current)?;
+            self.check_scopes(
+                &planned.stored.device,
+                planned.previous_scope.as_deref(),
+                &HashMap::new(),
+            )
+            .await?;
+            let write = self.device_write(&id, &planned.stored, planned.expect.clone())?;
+            if self.write_one(write).await?.is_applied() {
+                self.after_put(&planned);
+                let twin = render_twin(&planned.stored);
+                return Ok((planned.stored.device, twin));
             }
         }
         Err(contention(&id))
+    }
+
+    /// What a create-or-update writes, checked against the current record (`None`: absent)
+    /// and If-Match; the scope checks that need the store come after
+    /// ([`Self::check_scopes`]).
+    pub(crate) fn plan_put(
+        &self,
+        input: &DeviceInput,
+        if_match: &IfMatch,
+        twin_update: Option<&TwinUpdate>,
+        current: Option<(StoredDevice, String)>,
+    ) -> Result<PlannedPut, HubError> {
+        let id = &input.device_id;
+        let now = self.inner.clock.now();
+        let now_s = now.to_dps_string();
+        let (mut stored, expect, previous_scope) = match current {
+            None => {
+                if let IfMatch::Etag(_) = if_match {
+                    return Err(HubError::new(
+                        HubErrorCode::PreconditionFailed,
+                        format!("Device '{id}' does not exist, so If-Match cannot match."),
+                    ));
+                }
+                let device = self.new_device(input, now)?;
+                (
+                    StoredDevice {
+                        device,
+                        twin: TwinState::new(&now_s),
+                    },
+                    Expect::Absent,
+                    None,
+                )
+            }
+            Some((stored, record_etag)) => {
+                match if_match {
+                    IfMatch::None => {
+                        return Err(HubError::new(
+                            HubErrorCode::DeviceAlreadyExists,
+                            format!(
+                                "A device with ID '{}' is already registered.",
+                                stored.device.device_id
+                            ),
+                        ))
+                    }
+                    IfMatch::Etag(e) if *e != stored.device.etag => {
+                        return Err(precondition_failed("device", &stored.device.device_id))
+                    }
+                    _ => {}
+                }
+                let device = self.updated_device(&stored.device, input, now)?;
+                let previous_scope = Some(stored.device.device_scope.clone().unwrap_or_default());
+                (
+                    StoredDevice {
+                        device,
+                        twin: stored.twin.clone(),
+                    },
+                    Expect::Etag(record_etag),
+                    previous_scope,
+                )
+            }
+        };
+        let existed = previous_scope.is_some();
+        let mut desired_change = Map::new();
+        if let Some(update) = twin_update {
+            let (tags_changed, change) = replace_twin_state(&mut stored.twin, update, &now_s)?;
+            if tags_changed || !change.is_empty() {
+                stored.twin.version += 1;
+            }
+            desired_change = change;
+        }
+        Ok(PlannedPut {
+            stored,
+            expect,
+            existed,
+            previous_scope,
+            desired_change,
+        })
+    }
+
+    /// After a planned put was written: a disabled device's connection closes, a connected
+    /// device hears of its desired change.
+    pub(crate) fn after_put(&self, planned: &PlannedPut) {
+        // Only an existing device's connected session can care.
+        if planned.existed {
+            let id = &planned.stored.device.device_id;
+            if planned.stored.device.status == DeviceStatus::Disabled {
+                self.inner.endpoint.close_session(&self.store_key(id));
+            }
+            if !planned.desired_change.is_empty() {
+                self.notify(&planned.stored, planned.desired_change.clone());
+            }
+        }
+    }
+
+    /// After a device was deleted: its connection closes and its MQTT session is dropped.
+    pub(crate) fn after_delete(&self, device_id: &str) {
+        let key = self.store_key(device_id);
+        self.inner.endpoint.close_session(&key);
+        self.inner.endpoint.forget_session(&key);
+    }
+
+    /// Device-scope rules, as IoT Hub applies them:
+    /// - a device that is not an IoT Edge device may name a parent with `deviceScope`, which
+    ///   must be the scope of an existing IoT Edge device of this hub; its `parentScopes` is
+    ///   then `[deviceScope]` (empty or that one entry may be sent) and empty without one;
+    /// - an IoT Edge device's `deviceScope` is its own, generated by the hub (checked in
+    ///   `new_device` / `updated_device`); its `parentScopes` may name one parent IoT Edge
+    ///   device (not itself) by that device's scope.
+    ///
+    /// Scopes are only checked when they change (`previous_scope`: the stored device's, `None`
+    /// on create), so an unrelated update of a device whose parent is gone still works.
+    /// `batch` holds devices a bulk request creates, updates (`Some`) or deletes (`None`) before
+    /// this one, by lower-cased id.
+    pub(crate) async fn check_scopes(
+        &self,
+        device: &Device,
+        previous_scope: Option<&str>,
+        batch: &HashMap<String, Option<Device>>,
+    ) -> Result<(), HubError> {
+        let scope = device.device_scope.as_deref().unwrap_or("");
+        let changed = previous_scope != Some(scope);
+        if device.capabilities.iot_edge {
+            match device.parent_scopes.as_slice() {
+                [] => {}
+                [parent] => {
+                    if device.device_scope.as_deref() == Some(parent.as_str()) {
+                        return Err(scope_error(format!(
+                            "parentScopes of IoT Edge device '{}' names the device itself",
+                            device.device_id
+                        )));
+                    }
+                    if self.edge_device_with_scope(parent, batch).await?.is_none() {
+                        return Err(scope_error(format!(
+                            "parentScopes entry '{parent}' is not the deviceScope of an IoT Edge device of this hub"
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(scope_error(
+                        "an IoT Edge device has at most one parent: parentScopes holds at most one scope",
+                    ))
+                }
+            }
+            return Ok(());
+        }
+        if scope.is_empty() {
+            if !device.parent_scopes.is_empty() {
+                return Err(scope_error(
+                    "parentScopes must be empty for a device without a deviceScope",
+                ));
+            }
+            return Ok(());
+        }
+        if device.parent_scopes.as_slice() != [scope.to_string()] {
+            return Err(scope_error(format!(
+                "parentScopes of a device that is not an IoT Edge device must be [deviceScope] ('{scope}')"
+            )));
+        }
+        if changed && self.edge_device_with_scope(scope, batch).await?.is_none() {
+            return Err(scope_error(format!(
+                "deviceScope '{scope}' is not the scope of an IoT Edge device of this hub"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The IoT Edge device whose own scope is `scope` (`ms-azure-iot-edge://{id}-{generation}`).
+    async fn edge_device_with_scope(
+        &self,
+        scope: &str,
+        batch: &HashMap<String, Option<Device>>,
+    ) -> Result<Option<Device>, HubError> {
+        let Some((owner, _generation)) = scope
+            .strip_prefix(EDGE_SCOPE_PREFIX)
+            .and_then(|rest| rest.rsplit_once('-'))
+        else {
+            return Ok(None);
+        };
+        if validate_device_id(owner).is_err() {
+            return Ok(None);
+        }
+        let device = match batch.get(&owner.to_ascii_lowercase()) {
+            Some(planned) => planned.clone(),
+            None => self.load(owner).await?.map(|(s, _)| s.device),
+        };
+        Ok(device.filter(|d| d.capabilities.iot_edge && d.device_scope.as_deref() == Some(scope)))
     }
 
     fn new_device(
@@ -344,15 +509,23 @@ impl HubRegistry {
             resolve_authentication(input.authentication.as_ref(), None, || self.new_key())?;
         let capabilities = input.capabilities.unwrap_or_default();
         let generation_id = self.generation_id(now);
-        let device_scope = input
-            .device_scope
-            .clone()
-            .filter(|s| !s.is_empty())
-            .or_else(|| {
-                capabilities
-                    .iot_edge
-                    .then(|| format!("ms-azure-iot-edge://{}-{}", input.device_id, generation_id))
-            });
+        let given_scope = input.device_scope.clone().filter(|s| !s.is_empty());
+        let device_scope = if capabilities.iot_edge {
+            if given_scope.is_some() {
+                return Err(scope_error(format!(
+                    "the deviceScope of IoT Edge device '{}' is generated by the hub and cannot be set (name a parent with parentScopes)",
+                    input.device_id
+                )));
+            }
+            Some(edge_scope(&input.device_id, &generation_id))
+        } else {
+            given_scope
+        };
+        let parent_scopes = leaf_parent_scopes(
+            capabilities.iot_edge,
+            device_scope.as_deref(),
+            input.parent_scopes.clone().unwrap_or_default(),
+        );
         Ok(Device {
             device_id: input.device_id.clone(),
             generation_id,
@@ -367,7 +540,7 @@ impl HubRegistry {
             authentication,
             capabilities,
             device_scope,
-            parent_scopes: input.parent_scopes.clone().unwrap_or_default(),
+            parent_scopes,
         })
     }
 
@@ -393,17 +566,32 @@ impl HubRegistry {
         if let Some(c) = input.capabilities {
             d.capabilities = c;
         }
-        if let Some(scope) = input.device_scope.clone().filter(|s| !s.is_empty()) {
+        let given_scope = input.device_scope.clone().filter(|s| !s.is_empty());
+        if d.capabilities.iot_edge {
+            let own = edge_scope(&d.device_id, &d.generation_id);
+            if given_scope.as_ref().is_some_and(|s| *s != own) {
+                return Err(scope_error(format!(
+                    "the deviceScope of IoT Edge device '{}' is its own ('{own}') and cannot be changed (name a parent with parentScopes)",
+                    d.device_id
+                )));
+            }
+            d.device_scope = Some(own);
+        } else if current.capabilities.iot_edge {
+            // No longer an edge device: its own scope goes; a parent may be given.
+            d.device_scope = given_scope;
+        } else if let Some(scope) = given_scope {
             d.device_scope = Some(scope);
-        } else if d.capabilities.iot_edge && d.device_scope.is_none() {
-            d.device_scope = Some(format!(
-                "ms-azure-iot-edge://{}-{}",
-                d.device_id, d.generation_id
-            ));
         }
         if let Some(p) = input.parent_scopes.clone() {
             d.parent_scopes = p;
+        } else if !d.capabilities.iot_edge && d.device_scope != current.device_scope {
+            d.parent_scopes = Vec::new();
         }
+        d.parent_scopes = leaf_parent_scopes(
+            d.capabilities.iot_edge,
+            d.device_scope.as_deref(),
+            std::mem::take(&mut d.parent_scopes),
+        );
         d.etag = self.device_etag(Some(&current.etag));
         Ok(d)
     }
@@ -436,9 +624,7 @@ impl HubRegistry {
                 ))
                 .await?;
             if outcome.is_applied() {
-                self.inner
-                    .endpoint
-                    .close_session(&self.store_key(device_id));
+                self.after_delete(device_id);
                 return Ok(());
             }
         }
@@ -515,18 +701,25 @@ impl HubRegistry {
                 }
                 None => false,
             };
-            let change = match &update.desired {
-                Some(patch) => twin.desired.apply_patch(patch, now, true),
-                None => Map::new(),
+            // Every desired update counts, equal values included: IoT Hub bumps `$version`
+            // and notifies the device each time.
+            let change = if update.clear_desired {
+                Some(twin.desired.clear(now, true))
+            } else {
+                match &update.desired {
+                    Some(patch) if !patch.is_empty() => {
+                        let change = twin.desired.apply_update(patch, now, true);
+                        properties::check_size(
+                            &twin.desired.values,
+                            "desired properties",
+                            properties::MAX_PROPERTIES_BYTES,
+                        )?;
+                        Some(change)
+                    }
+                    _ => None,
+                }
             };
-            if !change.is_empty() {
-                properties::check_size(
-                    &twin.desired.values,
-                    "desired properties",
-                    properties::MAX_PROPERTIES_BYTES,
-                )?;
-            }
-            Ok((tags_changed || !change.is_empty(), change))
+            Ok((tags_changed || change.is_some(), change))
         })
         .await
     }
@@ -543,7 +736,16 @@ impl HubRegistry {
         update.validate()?;
         self.twin_write(device_id, if_match, |twin, now| {
             let (tags_changed, change) = replace_twin_state(twin, &update, now)?;
-            Ok((tags_changed || !change.is_empty(), change))
+            let desired_sent = update.desired.is_some() || update.clear_desired;
+            if desired_sent && change.is_empty() {
+                // Replaced with equal values: still an update (version and notification).
+                twin.desired.version += 1;
+                let stamp_version = twin.desired.version;
+                twin.desired.stamp_root(now, stamp_version);
+                return Ok((true, Some(Map::new())));
+            }
+            let change = (!change.is_empty()).then_some(change);
+            Ok((tags_changed || change.is_some(), change))
         })
         .await
     }
@@ -570,7 +772,7 @@ impl HubRegistry {
             }
             version = twin.reported.version;
             // Reported changes are never pushed to the device.
-            Ok((!change.is_empty(), Map::new()))
+            Ok((!change.is_empty(), None))
         })
         .await?;
         Ok(version)
@@ -585,7 +787,7 @@ impl HubRegistry {
         mut change: F,
     ) -> Result<Twin, HubError>
     where
-        F: FnMut(&mut TwinState, &str) -> Result<(bool, Map<String, Value>), HubError>,
+        F: FnMut(&mut TwinState, &str) -> Result<(bool, Option<Map<String, Value>>), HubError>,
     {
         validate_device_id(device_id)?;
         for _ in 0..MAX_ATTEMPTS {
@@ -607,20 +809,29 @@ impl HubRegistry {
                 .write(device_id, &stored, Expect::Etag(record_etag))
                 .await?
             {
-                self.notify(&stored, desired_change);
+                if let Some(change) = desired_change {
+                    self.notify(&stored, change);
+                }
                 return Ok(render_twin(&stored));
             }
         }
         Err(contention(device_id))
     }
 
+    /// Publishes a desired update (possibly with no values: an update that changed none
+    /// still carries the new `$version`).
     fn notify(&self, stored: &StoredDevice, change: Map<String, Value>) {
-        if change.is_empty() {
-            return;
-        }
         let version = stored.twin.desired.version;
         let mut patch = change;
         patch.insert("$version".into(), Value::from(version));
+        // A device away with a persistent session gets it when it resumes.
+        if let Ok(body) = serde_json::to_vec(&patch) {
+            self.inner.endpoint.queue_for_absent(
+                &self.store_key(&stored.device.device_id),
+                format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+                body,
+            );
+        }
         // No subscriber is not an error.
         let _ = self.inner.desired_tx.send(DesiredChange {
             device_id: stored.device.device_id.clone(),
@@ -629,7 +840,10 @@ impl HubRegistry {
         });
     }
 
-    async fn load(&self, device_id: &str) -> Result<Option<(StoredDevice, String)>, HubError> {
+    pub(crate) async fn load(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<(StoredDevice, String)>, HubError> {
         let record = self
             .inner
             .store
@@ -645,23 +859,34 @@ impl HubRegistry {
         stored: &StoredDevice,
         expect: Expect,
     ) -> Result<bool, HubError> {
-        let body = serde_json::to_value(stored)
-            .map_err(|e| HubError::internal("encoding a device record", e))?;
-        let outcome = self
-            .write_one(
-                Write::put(
-                    Collection::HubDevices,
-                    self.store_key(device_id),
-                    expect,
-                    body,
-                )
-                .with_partition(Some(self.inner.partition.clone())),
-            )
-            .await?;
-        Ok(outcome.is_applied())
+        let write = self.device_write(device_id, stored, expect)?;
+        Ok(self.write_one(write).await?.is_applied())
     }
 
-    async fn write_one(&self, write: Write) -> Result<WriteOutcome, HubError> {
+    /// The store write that puts a device record.
+    pub(crate) fn device_write(
+        &self,
+        device_id: &str,
+        stored: &StoredDevice,
+        expect: Expect,
+    ) -> Result<Write, HubError> {
+        let body = serde_json::to_value(stored)
+            .map_err(|e| HubError::internal("encoding a device record", e))?;
+        Ok(Write::put(
+            Collection::HubDevices,
+            self.store_key(device_id),
+            expect,
+            body,
+        )
+        .with_partition(Some(self.inner.partition.clone())))
+    }
+
+    /// The store write that deletes a device record.
+    pub(crate) fn device_delete(&self, device_id: &str, expect: Expect) -> Write {
+        Write::delete(Collection::HubDevices, self.store_key(device_id), expect)
+    }
+
+    pub(crate) async fn write_one(&self, write: Write) -> Result<WriteOutcome, HubError> {
         let mut outcomes = self.inner.store.write(vec![write]).await?;
         outcomes.pop().ok_or_else(|| {
             HubError::internal("writing a device record", "the store returned no outcome")
@@ -716,7 +941,11 @@ fn replace_twin_state(
     let tags_changed = tags != twin.tags;
     twin.tags = tags;
     let empty = Map::new();
-    let desired = update.desired.as_ref().unwrap_or(&empty);
+    let desired = if update.clear_desired {
+        &empty
+    } else {
+        update.desired.as_ref().unwrap_or(&empty)
+    };
     let change = twin.desired.replace(desired, now, true);
     properties::check_size(
         &twin.desired.values,

@@ -578,7 +578,8 @@ async fn twin_patch_replace_versions_and_null_deletes() {
         .await;
     assert_eq!(r.body["version"], 4);
     assert_eq!(r.body["properties"]["desired"]["$version"], 3);
-    // A no-op patch changes nothing.
+    // A desired update that changes no value is still an update, as in IoT Hub: both
+    // versions grow.
     let r = h
         .twin_write(
             Method::PATCH,
@@ -587,7 +588,13 @@ async fn twin_patch_replace_versions_and_null_deletes() {
             "*",
         )
         .await;
-    assert_eq!(r.body["version"], 4);
+    assert_eq!(r.body["version"], 5);
+    assert_eq!(r.body["properties"]["desired"]["$version"], 4);
+    // A tags patch that changes nothing is not.
+    let r = h
+        .twin_write(Method::PATCH, "t1", json!({"tags": {"owner": "ops"}}), "*")
+        .await;
+    assert_eq!(r.body["version"], 5);
 
     // PUT replaces tags and desired; a twin from GET can be sent back as is.
     let mut full = h.get("/twins/t1").await.body;
@@ -595,10 +602,10 @@ async fn twin_patch_replace_versions_and_null_deletes() {
     full["properties"]["desired"] = json!({"mode": "turbo", "$version": 3, "$metadata": {}});
     let r = h.twin_write(Method::PUT, "t1", full, "*").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    assert_eq!(r.body["version"], 5);
+    assert_eq!(r.body["version"], 6);
     assert_eq!(r.body["tags"], json!({"replaced": true}));
     let desired = &r.body["properties"]["desired"];
-    assert_eq!(desired["$version"], 4);
+    assert_eq!(desired["$version"], 5);
     assert_eq!(desired["mode"], "turbo");
     assert!(desired.get("telemetry").is_none());
     // A replace without tags clears them.
@@ -611,8 +618,9 @@ async fn twin_patch_replace_versions_and_null_deletes() {
         )
         .await;
     assert_eq!(r.body["tags"], json!({}));
-    assert_eq!(r.body["version"], 6);
-    assert_eq!(r.body["properties"]["desired"]["$version"], 4);
+    assert_eq!(r.body["version"], 7);
+    // Equal desired values replaced: still a desired update.
+    assert_eq!(r.body["properties"]["desired"]["$version"], 6);
 
     // Identity writes don't touch the twin version but show in the twin.
     let r = h
@@ -620,7 +628,7 @@ async fn twin_patch_replace_versions_and_null_deletes() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let t = h.get("/twins/t1").await.body;
-    assert_eq!(t["version"], 6);
+    assert_eq!(t["version"], 7);
     assert_eq!(t["status"], "disabled");
     assert_eq!(t["deviceEtag"], r.body["etag"]);
 
@@ -761,6 +769,7 @@ async fn in_process_create_with_initial_twin_is_one_write() {
     let twin = TwinUpdate {
         tags: json!({"env": "prod"}).as_object().cloned(),
         desired: json!({"interval": 30}).as_object().cloned(),
+        ..Default::default()
     };
     let (device, t) = h
         .hub
@@ -1051,4 +1060,319 @@ async fn request_checks() {
         )
         .await;
     assert_hub_error(&r, StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed");
+}
+
+impl Harness {
+    async fn bulk(&self, ops: Value) -> Reply {
+        self.call(
+            Method::POST,
+            &format!("/devices?{V}"),
+            Some(&owner()),
+            &[("content-type", "application/json; charset=utf-8")],
+            Some(ops.to_string()),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn bulk_registry_create_update_delete_with_per_device_errors() {
+    let h = harness();
+    // Create two devices, one with an initial twin (Python's ExportImportDevice shape).
+    let r = h
+        .bulk(json!([
+            {"id": "b1", "importMode": "create", "status": "enabled",
+             "authentication": {"type": "sas", "symmetricKey": {"primaryKey": null, "secondaryKey": null}}},
+            {"id": "b2", "importMode": "create", "tags": {"site": "x"},
+             "properties": {"desired": {"interval": 5}}},
+            {"id": "b0", "importMode": "create"},
+        ]))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        r.body,
+        json!({"isSuccessful": true, "errors": [], "warnings": []})
+    );
+    let b2 = h.get("/twins/b2").await.body;
+    assert_eq!(b2["tags"], json!({"site": "x"}));
+    assert_eq!(b2["properties"]["desired"]["interval"], 5);
+    let b1 = h.get("/devices/b1").await.body;
+    assert!(b1["authentication"]["symmetricKey"]["primaryKey"].is_string());
+
+    // Node's update shapes (capitalised modes, `etag`): one good, one stale etag, one
+    // creating, one for a device that does not exist; and a create of an existing device.
+    let r = h
+        .bulk(json!([
+            {"id": "b1", "importMode": "UpdateIfMatchETag", "etag": b1["etag"], "status": "disabled"},
+            {"id": "b2", "importMode": "UpdateIfMatchETag", "etag": "bm9wZQ==", "status": "disabled"},
+            {"id": "b3", "importMode": "Update", "status": "enabled"},
+            {"id": "ghost", "importMode": "updateIfMatchETag", "eTag": "bm9wZQ=="},
+            {"id": "b1", "importMode": "create"},
+        ]))
+        .await;
+    // b1 twice: refused whole, nothing written.
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.body["isSuccessful"], false);
+    assert_eq!(
+        r.body["errors"][0]["errorCode"],
+        "DeviceDefinedMultipleTimes"
+    );
+    assert_eq!(h.get("/devices/b1").await.body["status"], "enabled");
+    let r = h
+        .bulk(json!([
+            {"id": "b1", "importMode": "UpdateIfMatchETag", "etag": b1["etag"], "status": "disabled"},
+            {"id": "b2", "importMode": "UpdateIfMatchETag", "etag": "bm9wZQ==", "status": "disabled"},
+            {"id": "b3", "importMode": "Update", "status": "enabled"},
+            {"id": "ghost", "importMode": "updateIfMatchETag", "eTag": "bm9wZQ=="},
+            {"id": "B0", "importMode": "create"},
+        ]))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.body["isSuccessful"], false);
+    assert_eq!(r.body["warnings"], json!([]));
+    let errors: Vec<(String, String)> = r.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["errorStatus"].is_string());
+            (
+                e["deviceId"].as_str().unwrap().to_string(),
+                e["errorCode"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            ("b2".to_string(), "PreconditionFailed".to_string()),
+            ("ghost".to_string(), "DeviceNotFound".to_string()),
+            ("B0".to_string(), "DeviceAlreadyExists".to_string()),
+        ]
+    );
+    // The operations that passed were applied.
+    assert_eq!(h.get("/devices/b1").await.body["status"], "disabled");
+    assert_eq!(h.get("/devices/b2").await.body["status"], "enabled");
+    assert_eq!(h.get("/devices/b3").await.status, StatusCode::OK);
+
+    // Deletes: forced, etag-checked, missing.
+    let b3 = h.get("/devices/b3").await.body;
+    let r = h
+        .bulk(json!([
+            {"id": "b1", "importMode": "Delete"},
+            {"id": "b3", "importMode": "DeleteIfMatchETag", "etag": b3["etag"]},
+            {"id": "b2", "importMode": "deleteIfMatchETag", "eTag": "bm9wZQ=="},
+            {"id": "ghost", "importMode": "delete"},
+            {"id": "bad id", "importMode": "delete"},
+            {"id": "b9", "importMode": "updateTwin"},
+        ]))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let codes: Vec<&str> = r.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["errorCode"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            "ArgumentInvalid",
+            "ArgumentInvalid",
+            "PreconditionFailed",
+            "DeviceNotFound"
+        ]
+    );
+    assert_eq!(h.get("/devices/b1").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.get("/devices/b3").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.get("/devices/b2").await.status, StatusCode::OK);
+
+    // Not an array; too many operations; no RegistryWrite.
+    let r = h.bulk(json!({"id": "x"})).await;
+    assert_hub_error(&r, StatusCode::BAD_REQUEST, "IotHubFormatError");
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({"id": format!("m{i}"), "importMode": "create"}))
+        .collect();
+    let r = h.bulk(Value::Array(many)).await;
+    assert_hub_error(&r, StatusCode::BAD_REQUEST, "TooManyDevices");
+    let r = h
+        .call(
+            Method::POST,
+            &format!("/devices?{V}"),
+            Some(&token(HOST, READ_KEY, "registryRead", NOW + 3600)),
+            &[],
+            Some("[]".into()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // 150 creates in one request (more than IoT Hub's 100).
+    let ops: Vec<Value> = (0..150)
+        .map(|i| json!({"id": format!("m{i}"), "importMode": "create"}))
+        .collect();
+    let r = h.bulk(Value::Array(ops)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(h.get("/devices/m149").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn device_scope_must_name_an_edge_device_of_this_hub() {
+    let h = harness();
+    let r = h
+        .put_device("edge-1", json!({"capabilities": {"iotEdge": true}}), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let edge_scope = r.body["deviceScope"].as_str().unwrap().to_string();
+    let r = h.put_device("leaf-0", json!({}), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let leaf_etag = r.body["etag"].as_str().unwrap().to_string();
+
+    // A leaf under the edge device: parentScopes is filled in.
+    let r = h
+        .put_device("leaf-1", json!({"deviceScope": edge_scope}), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["deviceScope"], edge_scope.as_str());
+    assert_eq!(r.body["parentScopes"], json!([edge_scope]));
+
+    // Refusals: a scope naming nobody, a non-edge device, another generation; parentScopes
+    // that disagree; setting an edge device's own scope; on create and on update.
+    let fake = "ms-azure-iot-edge://edge-1-637000000000000000".to_string();
+    for (id, body, if_match) in [
+        (
+            "leaf-2",
+            json!({"deviceScope": "ms-azure-iot-edge://nobody-1"}),
+            None,
+        ),
+        ("leaf-2", json!({"deviceScope": "not-a-scope"}), None),
+        ("leaf-2", json!({"deviceScope": fake}), None),
+        (
+            "leaf-2",
+            json!({"deviceScope": edge_scope, "parentScopes": ["ms-azure-iot-edge://x-1"]}),
+            None,
+        ),
+        ("leaf-2", json!({"parentScopes": [edge_scope]}), None),
+        (
+            "edge-2",
+            json!({"capabilities": {"iotEdge": true}, "deviceScope": edge_scope}),
+            None,
+        ),
+        (
+            "edge-2",
+            json!({"capabilities": {"iotEdge": true}, "parentScopes": ["ms-azure-iot-edge://nobody-1"]}),
+            None,
+        ),
+        (
+            "leaf-0",
+            json!({"deviceScope": "ms-azure-iot-edge://leaf-0-1"}),
+            Some(leaf_etag.as_str()),
+        ),
+    ] {
+        let r = h.put_device(id, body.clone(), if_match).await;
+        assert_hub_error(&r, StatusCode::BAD_REQUEST, "InvalidDeviceScope");
+        assert!(
+            r.body["Message"].as_str().unwrap().contains("cope"),
+            "{body}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(h.get("/devices/leaf-2").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.get("/devices/edge-2").await.status, StatusCode::NOT_FOUND);
+    assert!(h.get("/devices/leaf-0").await.body["deviceScope"].is_null());
+
+    // An edge device under another edge device names it in parentScopes.
+    let r = h
+        .put_device(
+            "edge-2",
+            json!({"capabilities": {"iotEdge": true}, "parentScopes": [edge_scope]}),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_ne!(r.body["deviceScope"], edge_scope.as_str());
+
+    // Bulk: a leaf may name an edge device created earlier in the same request; a bad scope
+    // is a per-device InvalidDeviceScope.
+    let r = h
+        .bulk(json!([
+            {"id": "edge-3", "importMode": "create", "capabilities": {"iotEdge": true}},
+            {"id": "leaf-3", "importMode": "create", "deviceScope": "ms-azure-iot-edge://nobody-1"},
+        ]))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.body["errors"],
+        json!([{"deviceId": "leaf-3", "errorCode": "InvalidDeviceScope",
+                "errorStatus": r.body["errors"][0]["errorStatus"]}])
+    );
+    let edge3_scope = h.get("/devices/edge-3").await.body["deviceScope"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = h
+        .bulk(json!([
+            {"id": "edge-4", "importMode": "create", "capabilities": {"iotEdge": true}},
+            {"id": "leaf-4", "importMode": "create", "deviceScope": edge3_scope},
+        ]))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn equal_desired_updates_and_desired_null_bump_the_version_and_notify() {
+    let h = harness();
+    let mut rx = h.hub.subscribe_desired();
+    h.put_device("t2", python_sas_device("t2"), None).await;
+    let patch = |desired: Value| {
+        h.twin_write(
+            Method::PATCH,
+            "t2",
+            json!({ "properties": { "desired": desired } }),
+            "*",
+        )
+    };
+    let r = patch(json!({"a": 1, "b": {"c": 2}})).await;
+    assert_eq!(r.body["properties"]["desired"]["$version"], 2);
+    assert_eq!(rx.recv().await.unwrap().version, 2);
+
+    // The same value again: a new version, fresh metadata for what was sent, a notification.
+    h.clock.advance_secs(7);
+    let r = patch(json!({"a": 1})).await;
+    let desired = &r.body["properties"]["desired"];
+    assert_eq!(desired["$version"], 3);
+    assert_eq!(desired["$metadata"]["a"]["$lastUpdatedVersion"], 3);
+    assert_eq!(desired["$metadata"]["$lastUpdatedVersion"], 3);
+    assert_eq!(desired["$metadata"]["b"]["$lastUpdatedVersion"], 2);
+    assert_ne!(
+        desired["$metadata"]["a"]["$lastUpdated"],
+        desired["$metadata"]["b"]["$lastUpdated"]
+    );
+    let change = rx.recv().await.unwrap();
+    assert_eq!(Value::Object(change.patch), json!({"a": 1, "$version": 3}));
+
+    // desired: null clears every desired property.
+    let r = patch(Value::Null).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let desired = &r.body["properties"]["desired"];
+    assert_eq!(desired["$version"], 4);
+    assert!(
+        desired.get("a").is_none() && desired.get("b").is_none(),
+        "{desired}"
+    );
+    assert_eq!(desired["$metadata"]["$lastUpdatedVersion"], 4);
+    assert!(desired["$metadata"].get("a").is_none());
+    let change = rx.recv().await.unwrap();
+    assert_eq!(
+        Value::Object(change.patch),
+        json!({"a": null, "b": null, "$version": 4})
+    );
+    // An If-Match with the old twin etag is still refused.
+    let r = h
+        .twin_write(
+            Method::PATCH,
+            "t2",
+            json!({"properties": {"desired": {"a": 1}}}),
+            "\"AAAAAAAAAAI=\"",
+        )
+        .await;
+    assert_hub_error(&r, StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
 }

@@ -37,6 +37,9 @@ pub struct Config {
     pub webhook_retries: u32,
     /// Hubs to link at start (besides the built-in one); updated when they change.
     pub linked_hubs: Vec<LinkedHubConfig>,
+    /// How long the built-in hub keeps a device's persistent MQTT session (CleanSession=0)
+    /// after the device disconnected.
+    pub hub_session_expiry_secs: u64,
 }
 
 /// A `[[linked-hubs]]` entry of the config file.
@@ -86,6 +89,7 @@ impl Default for Config {
             webhook_timeout_ms: 10_000,
             webhook_retries: 3,
             linked_hubs: Vec::new(),
+            hub_session_expiry_secs: 3600,
         }
     }
 }
@@ -121,6 +125,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.dps_host.trim().is_empty() {
             return Err(ConfigError::Invalid("dps-host must not be empty".into()));
+        }
+        if self.hub_session_expiry_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "hub-session-expiry-secs must be at least 1".into(),
+            ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Invalid(

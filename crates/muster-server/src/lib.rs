@@ -151,12 +151,16 @@ impl Server {
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
 
         // The built-in hub, linked like any other hub.
-        let hub = muster_hub::HubRegistry::new(
+        let hub = muster_hub::HubRegistry::with_limits(
             store.clone(),
             hub_endpoint.clone(),
             hub_policies.clone(),
             clock.clone(),
             entropy.clone(),
+            muster_hub::DeviceEndpointLimits {
+                session_expiry: std::time::Duration::from_secs(config.hub_session_expiry_secs),
+                ..muster_hub::DeviceEndpointLimits::default()
+            },
         );
         let hub_owner = hub_policies
             .iter()

@@ -7,7 +7,7 @@
 //! | a module (`{host}/{deviceId}/{moduleId}/…`): modules are not supported yet | 5 |
 //! | client id ≠ device id of the user name (ASCII case ignored), or an invalid device id | 2 identifier rejected |
 //! | unknown device, disabled device | 5 |
-//! | password present: not a SAS token | 4 |
+//! | password present: not a SAS token (a bad credential, as a bad signature is) | 5 |
 //! | SAS token: `sr` not `{host}/devices/{deviceId}` (any encoding; a `skn` DeviceConnect policy token may also name `{host}` or `{host}/devices`), signature matching neither device key (or the policy's keys), expired (30 s skew allowed), or the device is not a `sas` device | 5 |
 //! | no password, X.509 client certificate: the device is not `selfSigned`, or the leaf's SHA-1 / SHA-256 thumbprint matches neither registered thumbprint (`certificateAuthority` devices are refused until CA verification exists) | 5 |
 //! | neither password nor certificate | 4 |
@@ -117,8 +117,10 @@ pub(crate) async fn authenticate(
     }
     let now = hub.clock().now().unix_seconds();
     let token_expiry = if !login.password.is_empty() {
+        // A password that is not a SAS token is a bad credential like a bad signature:
+        // IoT Hub answers both with 5.
         let token = SasToken::parse(&login.password)
-            .map_err(|e| refuse(BadUserNamePassword, format!("password: {e}")))?;
+            .map_err(|e| refuse(NotAuthorized, format!("password: {e}")))?;
         verify_sas(hub, &hub_host, &device, &token, now)?;
         Some(token.expiry)
     } else if let Some(leaf) = client_certs.first() {

@@ -7,12 +7,18 @@
 //!
 //! 1. **CONNECT** within [`DeviceEndpointLimits::connect_timeout`]; protocol level 4 (another
 //!    level gets CONNACK 1). Who may connect and the refusal codes: see [`connect`].
-//!    CONNACK is 0 with **session-present 0** always: sessions are not persistent, so a
-//!    device re-subscribes after every connect (clean session or not) and unacknowledged
-//!    cloud-to-device messages are redelivered from the store. A SAS-authenticated connection
-//!    is closed when its token expires. A second connection of the same device replaces
-//!    (closes) the first. The device's `connectionState`, `connectionStateUpdatedTime` and
-//!    `lastActivityTime` are written on connect and disconnect (not on every message).
+//!    CONNACK is 0 with session-present 1 when a CleanSession=0 connection resumes a saved
+//!    session (see `crate::endpoint`): its subscriptions are restored without a SUBSCRIBE,
+//!    the QoS 1 twin responses and desired patches it had not PUBACKed are sent again (same
+//!    packet id, DUP), then the desired patches queued while it was away, then waiting
+//!    cloud-to-device messages (those are redelivered from the store on every connection that
+//!    subscribes, clean or not). CleanSession=1 discards any saved session and keeps nothing
+//!    after it closes; a saved session expires [`DeviceEndpointLimits::session_expiry`]
+//!    (1 h) after its device left. A SAS-authenticated connection is closed when its token
+//!    expires (the SDKs reconnect with a fresh one before). A second connection of the same
+//!    device replaces (closes) the first, and takes its session over. The device's
+//!    `connectionState`, `connectionStateUpdatedTime` and `lastActivityTime` are written on
+//!    connect and disconnect (not on every message).
 //!    Deleting or disabling the device closes its connection. The Will message is ignored.
 //! 2. **SUBSCRIBE** (granted QoS ≤ 1, other filters `0x80`): `devices/{id}/messages/devicebound/#`,
 //!    `$iothub/twin/res/#`, `$iothub/twin/PATCH/properties/desired/#`, `$iothub/methods/POST/#`.
@@ -40,10 +46,12 @@
 //!    sends close the connection (debug log); nothing else is affected.
 //!
 //! Not implemented: modules (`{host}/{deviceId}/{moduleId}`, refused with CONNACK 5),
-//! persistent sessions, the 5-subscription limit, `certificateAuthority` devices.
+//! the 5-subscription limit, `certificateAuthority` devices; method calls are not part of
+//! a persistent session (IoT Hub does not queue them either).
 //!
 //! [`DeviceEndpointLimits::connect_timeout`]: crate::DeviceEndpointLimits::connect_timeout
 //! [`DeviceEndpointLimits::max_idle`]: crate::DeviceEndpointLimits::max_idle
+//! [`DeviceEndpointLimits::session_expiry`]: crate::DeviceEndpointLimits::session_expiry
 //! [`DeviceEndpointLimits::max_packet_size`]: crate::DeviceEndpointLimits::max_packet_size
 
 pub mod connect;
@@ -146,6 +154,12 @@ where
     let mut desired_rx = hub.subscribe_desired();
     let handles = hub.endpoint().register(&device_key);
     let mut methods_rx = handles.methods;
+    let resumed = hub.endpoint().open_session(
+        &device_key,
+        handles.conn_id,
+        connect.clean_session,
+        hub.clock().now().0.timestamp_millis(),
+    );
 
     // Recorded before CONNACK, so a service reading the device once the device has its
     // CONNACK finds it connected.
@@ -160,20 +174,31 @@ where
     let _ = tx
         .send(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
-            false,
+            resumed.is_some(),
         )))
         .await;
 
     let mut session = Session::new(
         hub.clone(),
         identity.device_id.clone(),
+        handles.conn_id,
         tx.clone(),
         handles.methods_subscribed.clone(),
     );
+    let mut resume_flow = match resumed {
+        Some(state) => {
+            tracing::debug!(device = %identity.device_id, "persistent session resumed");
+            session.resume(state).await
+        }
+        None => Flow::Continue,
+    };
     let token_sleep = sleep_until(token_deadline);
     tokio::pin!(token_sleep);
     let mut last_rx = Instant::now();
     let reason = loop {
+        if let Flow::Close(reason) = std::mem::replace(&mut resume_flow, Flow::Continue) {
+            break reason;
+        }
         let flow = tokio::select! {
             () = handles.close.notified() => {
                 break "replaced by a new connection, or the device was deleted or disabled".to_string();
@@ -206,6 +231,11 @@ where
     while let Ok(call) = methods_rx.try_recv() {
         hub.endpoint().forget_method(&call.rid);
     }
+    hub.endpoint().close_saved_session(
+        session.device_key(),
+        handles.conn_id,
+        hub.clock().now().0.timestamp_millis(),
+    );
     if hub
         .endpoint()
         .unregister(session.device_key(), handles.conn_id)

@@ -13,7 +13,7 @@ use rumqttc::mqttbytes::QoS;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::endpoint::{MethodAnswer, MethodCall};
+use crate::endpoint::{MethodAnswer, MethodCall, PendingPublish, SessionState};
 use crate::error::HubError;
 use crate::registry::DesiredChange;
 use crate::HubRegistry;
@@ -40,6 +40,8 @@ pub(crate) struct Session {
     device_id: String,
     /// Lower-cased store key / partition.
     device_key: String,
+    /// This connection's id in the endpoint tables.
+    conn_id: u64,
     tx: mpsc::Sender<Packet>,
     twin_res: Option<QoS>,
     desired: Option<QoS>,
@@ -49,7 +51,22 @@ pub(crate) struct Session {
     /// Our packet id → store key of a cloud-to-device message awaiting PUBACK.
     c2d_inflight: HashMap<u16, String>,
     c2d_sent: HashSet<String>,
+    /// QoS 1 twin responses and desired patches sent and not yet PUBACKed, in order: the
+    /// part of the session state a reconnect must redeliver.
+    unacked: Vec<PendingPublish>,
     last_pkid: u16,
+}
+
+fn qos_code(q: Option<QoS>) -> Option<u8> {
+    q.map(|q| q as u8)
+}
+
+fn qos_of(code: Option<u8>) -> Option<QoS> {
+    match code {
+        Some(0) => Some(QoS::AtMostOnce),
+        Some(_) => Some(QoS::AtLeastOnce),
+        None => None,
+    }
 }
 
 /// Granted QoS: never more than 1, never more than asked.
@@ -65,6 +82,7 @@ impl Session {
     pub(crate) fn new(
         hub: HubRegistry,
         device_id: String,
+        conn_id: u64,
         tx: mpsc::Sender<Packet>,
         methods_subscribed: Arc<AtomicBool>,
     ) -> Self {
@@ -73,6 +91,7 @@ impl Session {
             hub,
             device_id,
             device_key,
+            conn_id,
             tx,
             twin_res: None,
             desired: None,
@@ -81,8 +100,75 @@ impl Session {
             c2d: None,
             c2d_inflight: HashMap::new(),
             c2d_sent: HashSet::new(),
+            unacked: Vec::new(),
             last_pkid: 0,
         }
+    }
+
+    /// The state to keep; `desired_resync` is only ever set by the endpoint table, for a
+    /// device that missed patches while away.
+    fn snapshot(&self) -> SessionState {
+        SessionState {
+            twin_responses: qos_code(self.twin_res),
+            desired: qos_code(self.desired),
+            methods: qos_code(self.methods),
+            c2d: qos_code(self.c2d),
+            unacked: self.unacked.clone(),
+            desired_resync: false,
+        }
+    }
+
+    /// Writes the session state through to the endpoint's table.
+    fn persist(&self) {
+        self.hub
+            .endpoint()
+            .save_session(&self.device_key, self.conn_id, &self.snapshot());
+    }
+
+    /// Resumes a saved session: its subscriptions, then what it still owes the device
+    /// (unacknowledged publishes again with DUP, publishes queued while it was away, the
+    /// whole desired collection if some were dropped, waiting cloud-to-device messages).
+    pub(crate) async fn resume(&mut self, state: SessionState) -> Flow {
+        self.twin_res = qos_of(state.twin_responses);
+        self.desired = qos_of(state.desired);
+        self.methods = qos_of(state.methods);
+        self.c2d = qos_of(state.c2d);
+        self.methods_subscribed
+            .store(self.methods.is_some(), Ordering::SeqCst);
+        self.last_pkid = state
+            .unacked
+            .iter()
+            .filter_map(|p| p.pkid)
+            .max()
+            .unwrap_or(0);
+        self.unacked = Vec::with_capacity(state.unacked.len());
+        for pending in state.unacked {
+            let (pkid, dup) = match pending.pkid {
+                Some(p) => (p, true),
+                None => (self.next_pkid(), false),
+            };
+            let mut p = Publish::from_bytes(
+                pending.topic.clone(),
+                QoS::AtLeastOnce,
+                Bytes::from(pending.payload.clone()),
+            );
+            p.pkid = pkid;
+            p.dup = dup;
+            self.unacked.push(PendingPublish {
+                pkid: Some(pkid),
+                ..pending
+            });
+            if let Flow::Close(r) = self.send(Packet::Publish(p)).await {
+                return Flow::Close(r);
+            }
+        }
+        self.persist();
+        if state.desired_resync {
+            if let Flow::Close(r) = self.resync_desired().await {
+                return Flow::Close(r);
+            }
+        }
+        self.deliver_c2d().await
     }
 
     pub(crate) fn device_key(&self) -> &str {
@@ -112,8 +198,11 @@ impl Session {
     fn next_pkid(&mut self) -> u16 {
         loop {
             self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
-            if !self.c2d_inflight.contains_key(&self.last_pkid) {
-                return self.last_pkid;
+            let pkid = self.last_pkid;
+            if !self.c2d_inflight.contains_key(&pkid)
+                && !self.unacked.iter().any(|p| p.pkid == Some(pkid))
+            {
+                return pkid;
             }
         }
     }
@@ -125,8 +214,34 @@ impl Session {
             p.pkid = self.next_pkid();
         }
         let pkid = p.pkid;
+        self.send_publish(p).await.map(|()| pkid)
+    }
+
+    /// Publishes at `qos` and, at QoS 1, keeps the publish in the session state until the
+    /// device acknowledges it (twin responses and desired patches).
+    async fn publish_kept(&mut self, topic: String, payload: Bytes, qos: QoS) -> Result<u16, Flow> {
+        if qos == QoS::AtMostOnce {
+            return self.publish(topic, payload, qos).await;
+        }
+        let pkid = self.next_pkid();
+        if self.unacked.len() >= self.hub.limits().session_queue_depth.max(1) {
+            // A device that never acknowledges must not grow the session without bound.
+            self.unacked.remove(0);
+        }
+        self.unacked.push(PendingPublish {
+            topic: topic.clone(),
+            payload: payload.to_vec(),
+            pkid: Some(pkid),
+        });
+        self.persist();
+        let mut p = Publish::from_bytes(topic, qos, payload);
+        p.pkid = pkid;
+        self.send_publish(p).await.map(|()| pkid)
+    }
+
+    async fn send_publish(&mut self, p: Publish) -> Result<(), Flow> {
         match self.send(Packet::Publish(p)).await {
-            Flow::Continue => Ok(pkid),
+            Flow::Continue => Ok(()),
             close => Err(close),
         }
     }
@@ -242,7 +357,7 @@ impl Session {
             tracing::debug!(device = %self.device_id, topic, "twin response dropped: not subscribed");
             return Flow::Continue;
         };
-        match self.publish(topic, Bytes::from(body), qos).await {
+        match self.publish_kept(topic, Bytes::from(body), qos).await {
             Ok(_) => Flow::Continue,
             Err(f) => f,
         }
@@ -281,6 +396,7 @@ impl Session {
             }
             codes.push(SubscribeReasonCode::Success(qos));
         }
+        self.persist();
         if let Flow::Close(r) = self.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await {
             return Flow::Close(r);
         }
@@ -303,12 +419,19 @@ impl Session {
                 None => {}
             }
         }
+        self.persist();
         self.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
     }
 
     async fn on_puback(&mut self, pkid: u16) -> Flow {
         let Some(key) = self.c2d_inflight.remove(&pkid) else {
-            // A twin response, desired patch or method call: nothing to do.
+            // A twin response or desired patch leaves the session state; a method call
+            // was never kept.
+            let before = self.unacked.len();
+            self.unacked.retain(|p| p.pkid != Some(pkid));
+            if self.unacked.len() != before {
+                self.persist();
+            }
             return Flow::Continue;
         };
         if let Err(e) = self.hub.complete_cloud_to_device(&key).await {
@@ -398,7 +521,7 @@ impl Session {
         };
         let body = serde_json::to_vec(patch).unwrap_or_default();
         let topic = format!("$iothub/twin/PATCH/properties/desired/?$version={version}");
-        match self.publish(topic, Bytes::from(body), qos).await {
+        match self.publish_kept(topic, Bytes::from(body), qos).await {
             Ok(_) => Flow::Continue,
             Err(f) => f,
         }
