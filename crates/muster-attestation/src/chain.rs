@@ -275,7 +275,8 @@ pub fn issued_by_name(cert: &[u8], issuer: &[u8]) -> bool {
 }
 
 /// `cert` is signed with the key of `issuer` (any supported algorithm), and names `issuer` as
-/// its issuer. Nothing else is checked (no validity, no constraints).
+/// its issuer. Nothing else is checked (no validity, no constraints), except that `issuer` is
+/// v3: a v1 certificate cannot be a CA, so a CA's proof of possession fails clearly too.
 pub fn verify_signed_by(cert: &[u8], issuer: &[u8]) -> Result<(), ChainError> {
     let c = parsed(cert)?;
     let i = parsed(issuer)?;
@@ -285,6 +286,7 @@ pub fn verify_signed_by(cert: &[u8], issuer: &[u8]) -> Result<(), ChainError> {
             anchor: dotnet_name(i.subject()),
         });
     }
+    check_issuer_version(issuer)?;
     let issuer_der = CertificateDer::from(issuer);
     let key = EndEntityCert::try_from(&issuer_der)
         .map_err(|e| ChainError::Invalid(format!("the issuing certificate is unusable: {e}")))?;
@@ -566,7 +568,10 @@ mod tests {
             e => panic!("{e:?}"),
         }
         let r = root("root");
-        let e = verify_path(&leaf, &[v1_ca.clone()], &r.der(), now()).unwrap_err();
+        let e = verify_path(&leaf, std::slice::from_ref(&v1_ca), &r.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::Version1Issuer { .. }), "{e:?}");
+        // Nor can it prove possession of its key by signing a verification certificate.
+        let e = verify_signed_by(&leaf, &v1_ca).unwrap_err();
         assert!(matches!(e, ChainError::Version1Issuer { .. }), "{e:?}");
         // Whatever the leaf: the issuer's version is judged first.
         let v3_leaf = issue(params("dev-v3", false), &r);
