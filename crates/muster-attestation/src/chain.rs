@@ -8,6 +8,11 @@
 //!   `keyUsage` (issuers need `keyCertSign`, a leaf `digitalSignature` when the extension is
 //!   present). Validity is checked first, certificate by certificate, so the error names the
 //!   certificate that is expired.
+//!   A device certificate without extensions (X.509 version 1, as `openssl x509 -req` and the
+//!   npm `pem` package make them) is accepted as the leaf, as Azure does, though webpki refuses
+//!   non-v3 end entities: [`v1_leaf`] checks its signature by its issuer and the issuing
+//!   certificates above it. A certificate that issues others must be v3 (a v1 certificate
+//!   cannot say it is a CA): [`ChainError::Version1Issuer`].
 //! * [`verify_signed_by`] — one certificate's signature checked with another's public key (the
 //!   verification certificate of a CA's proof of possession).
 //!
@@ -18,6 +23,8 @@ use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::certificate::X509Certificate;
 
 use crate::x509::{dotnet_name, format_time};
+
+mod v1_leaf;
 
 /// Why a certificate path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +42,11 @@ pub enum ChainError {
     UnknownIssuer { subject: String, anchor: String },
     #[error("certificate '{subject}' issues certificates but is not a CA (basic constraints)")]
     NotCa { subject: String },
+    /// A v1 (or v2) certificate where a CA is needed: it has no basicConstraints extension.
+    #[error(
+        "certificate '{subject}' is an X.509 version {version} certificate, which cannot issue certificates (it has no basicConstraints extension saying it is a CA); issue it again as a version 3 CA certificate with basicConstraints CA:TRUE"
+    )]
+    Version1Issuer { subject: String, version: u32 },
     #[error("certificate '{subject}' may not be used for this: {reason}")]
     KeyUsage { subject: String, reason: String },
     #[error("the chain uses a signature algorithm Muster does not support ({0})")]
@@ -66,6 +78,23 @@ fn parsed(der: &[u8]) -> Result<X509Certificate<'_>, ChainError> {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, c)| c)
         .map_err(|e| ChainError::Invalid(format!("a certificate does not parse: {e}")))
+}
+
+/// The X.509 version as people write it (1, 2 or 3; the DER field holds 0, 1 or 2).
+fn version(cert: &X509Certificate<'_>) -> u32 {
+    cert.version().0 + 1
+}
+
+/// A certificate that issues others on the path is version 3, so it can be a CA.
+fn check_issuer_version(der: &[u8]) -> Result<(), ChainError> {
+    let cert = parsed(der)?;
+    match version(&cert) {
+        3 => Ok(()),
+        v => Err(ChainError::Version1Issuer {
+            subject: dotnet_name(cert.subject()),
+            version: v,
+        }),
+    }
 }
 
 /// The certificate's validity period contains `now_unix`.
@@ -130,6 +159,9 @@ pub fn verify_path(
         check_validity(i, now_unix)?;
     }
     check_validity(anchor, now_unix)?;
+    for der in intermediates.iter().map(Vec::as_slice).chain([anchor]) {
+        check_issuer_version(der)?;
+    }
     let anchor_cert = parsed(anchor)?;
     if !anchor_cert.is_ca() {
         return Err(ChainError::NotCa {
@@ -139,6 +171,9 @@ pub fn verify_path(
     check_key_usage(leaf, false)?;
     for der in intermediates.iter().map(Vec::as_slice).chain([anchor]) {
         check_key_usage(der, true)?;
+    }
+    if version(&parsed(leaf)?) != 3 {
+        return v1_leaf::verify(leaf, intermediates, anchor);
     }
 
     let anchor_der = CertificateDer::from(anchor);
@@ -240,7 +275,8 @@ pub fn issued_by_name(cert: &[u8], issuer: &[u8]) -> bool {
 }
 
 /// `cert` is signed with the key of `issuer` (any supported algorithm), and names `issuer` as
-/// its issuer. Nothing else is checked (no validity, no constraints).
+/// its issuer. Nothing else is checked (no validity, no constraints), except that `issuer` is
+/// v3: a v1 certificate cannot be a CA, so a CA's proof of possession fails clearly too.
 pub fn verify_signed_by(cert: &[u8], issuer: &[u8]) -> Result<(), ChainError> {
     let c = parsed(cert)?;
     let i = parsed(issuer)?;
@@ -250,6 +286,7 @@ pub fn verify_signed_by(cert: &[u8], issuer: &[u8]) -> Result<(), ChainError> {
             anchor: dotnet_name(i.subject()),
         });
     }
+    check_issuer_version(issuer)?;
     let issuer_der = CertificateDer::from(issuer);
     let key = EndEntityCert::try_from(&issuer_der)
         .map_err(|e| ChainError::Invalid(format!("the issuing certificate is unusable: {e}")))?;
@@ -382,5 +419,163 @@ mod tests {
         let l = issue(p, &r);
         let e = verify_path(&l.der(), &[], &r.der(), NOW).unwrap_err();
         assert!(matches!(e, ChainError::KeyUsage { .. }), "{e:?}");
+    }
+
+    /// Certificates made with the openssl CLI the way device makers do: `openssl x509 -req`
+    /// without an extension file gives X.509 version 1.
+    mod openssl {
+        use std::path::Path;
+        use std::process::Command;
+
+        pub fn run(dir: &Path, args: &[&str]) {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        fn der(dir: &Path, pem_file: &str) -> Vec<u8> {
+            let pem = std::fs::read_to_string(dir.join(pem_file)).unwrap();
+            crate::decode_certificate(&pem).unwrap()
+        }
+
+        /// A v1 certificate for `cn`, signed by the issuer in `ca.pem`/`ca.key` in `dir`, or
+        /// self-signed when `issuer` is false. Returns its DER.
+        pub fn v1(dir: &Path, name: &str, cn: &str, issuer: bool) -> Vec<u8> {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let pem = format!("{name}.pem");
+            run(
+                dir,
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-subj",
+                    &format!("/CN={cn}"),
+                    "-out",
+                    &csr,
+                ],
+            );
+            let mut args = vec!["x509", "-req", "-in", &csr, "-days", "30", "-out", &pem];
+            if issuer {
+                args.extend(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"]);
+            } else {
+                args.extend(["-key", &key]);
+            }
+            run(dir, &args);
+            let der = der(dir, &pem);
+            let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+            assert_eq!(c.version().0, 0, "{name} is an X.509 version 1 certificate");
+            der
+        }
+
+        /// Makes `by` the issuer `v1(.., true)` uses.
+        pub fn use_issuer(dir: &Path, cert_pem: &str, key_pem: &str) {
+            std::fs::write(dir.join("ca.pem"), cert_pem).unwrap();
+            std::fs::write(dir.join("ca.key"), key_pem).unwrap();
+        }
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    #[test]
+    fn a_v1_leaf_verifies_under_a_root_or_through_intermediates() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = root("root");
+        let i = issue(params("inter", true), &r);
+        openssl::use_issuer(dir.path(), &r.cert.pem(), &r.key.serialize_pem());
+        let under_root = openssl::v1(dir.path(), "a", "dev-a", true);
+        verify_path(&under_root, &[], &r.der(), now()).unwrap();
+        // Another root with the same name did not sign it.
+        let impostor = root("root");
+        let e = verify_path(&under_root, &[], &impostor.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::SignatureInvalid { .. }), "{e:?}");
+        // Outside its validity period.
+        let e = verify_path(&under_root, &[], &r.der(), now() + 40 * 86_400).unwrap_err();
+        assert!(matches!(e, ChainError::Expired { .. }), "{e:?}");
+
+        openssl::use_issuer(dir.path(), &i.cert.pem(), &i.key.serialize_pem());
+        let under_inter = openssl::v1(dir.path(), "b", "dev-b", true);
+        verify_path(&under_inter, &[i.der()], &r.der(), now()).unwrap();
+        verify_path(&under_inter, &[], &i.der(), now()).unwrap();
+        let e = verify_path(&under_inter, &[], &r.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::UnknownIssuer { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn intermediates_above_a_v1_leaf_are_judged_like_webpki_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = root("root");
+        // Not a CA.
+        let not_ca = issue(params("not-ca", false), &r);
+        openssl::use_issuer(dir.path(), &not_ca.cert.pem(), &not_ca.key.serialize_pem());
+        let leaf = openssl::v1(dir.path(), "a", "dev-a", true);
+        let e = verify_path(&leaf, &[not_ca.der()], &r.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::NotCa { .. }), "{e:?}");
+        // A CA for servers only.
+        let mut p = params("server-ca", true);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let server_ca = issue(p, &r);
+        openssl::use_issuer(
+            dir.path(),
+            &server_ca.cert.pem(),
+            &server_ca.key.serialize_pem(),
+        );
+        let leaf = openssl::v1(dir.path(), "b", "dev-b", true);
+        let e = verify_path(&leaf, &[server_ca.der()], &r.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::KeyUsage { .. }), "{e:?}");
+        // Path length: a CA that allows no CA below it, above another intermediate.
+        let mut p = params("strict", true);
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let strict = issue(p, &r);
+        let lower = issue(params("lower", true), &strict);
+        openssl::use_issuer(dir.path(), &lower.cert.pem(), &lower.key.serialize_pem());
+        let leaf = openssl::v1(dir.path(), "c", "dev-c", true);
+        let e = verify_path(&leaf, &[lower.der(), strict.der()], &r.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::Invalid(_)), "{e:?}");
+        verify_path(&leaf, &[lower.der()], &strict.der(), now()).unwrap();
+    }
+
+    #[test]
+    fn a_v1_certificate_cannot_issue() {
+        let dir = tempfile::tempdir().unwrap();
+        // A v1 "CA" made with openssl (ca.pem, ca.key: the issuer of the next certificate), as
+        // the trusted certificate and as an intermediate.
+        let v1_ca = openssl::v1(dir.path(), "ca", "Version 1 CA", false);
+        let leaf = openssl::v1(dir.path(), "a", "dev-a", true);
+        match verify_path(&leaf, &[], &v1_ca, now()).unwrap_err() {
+            ChainError::Version1Issuer { subject, version } => {
+                assert_eq!((subject.as_str(), version), ("CN=Version 1 CA", 1));
+            }
+            e => panic!("{e:?}"),
+        }
+        let r = root("root");
+        let e = verify_path(&leaf, std::slice::from_ref(&v1_ca), &r.der(), now()).unwrap_err();
+        assert!(matches!(e, ChainError::Version1Issuer { .. }), "{e:?}");
+        // Nor can it prove possession of its key by signing a verification certificate.
+        let e = verify_signed_by(&leaf, &v1_ca).unwrap_err();
+        assert!(matches!(e, ChainError::Version1Issuer { .. }), "{e:?}");
+        // Whatever the leaf: the issuer's version is judged first.
+        let v3_leaf = issue(params("dev-v3", false), &r);
+        let e = verify_path(&v3_leaf.der(), &[], &v1_ca, now()).unwrap_err();
+        assert!(matches!(e, ChainError::Version1Issuer { .. }), "{e:?}");
     }
 }

@@ -11,18 +11,23 @@
 //!   intermediates a device sent → a trusted certificate, with validity, basic constraints,
 //!   key usage and signatures; and one certificate signed by another (proof of possession).
 //! * [`ca`] — CA certificates registered on the service and their proof of possession.
+//! * [`signature`] — a signature checked with a certificate's own public key, for any X.509
+//!   version (the TLS client's proof that it holds its certificate's key).
 //!
-//! Errors are [`KeyError`], [`CertificateError`], [`ChainError`] and [`ProofError`]; none ever contains secret material.
+//! Errors are [`KeyError`], [`CertificateError`], [`ChainError`], [`ProofError`] and
+//! [`SignatureError`]; none ever contains secret material.
 //!
 //! [`X509CertificateInfo`]: muster_proto::attestation::X509CertificateInfo
 
 pub mod ca;
 pub mod chain;
+pub mod signature;
 pub mod symmetric_key;
 pub mod x509;
 
 pub use ca::{check_proof_of_possession, CaCertificate, ProofError};
 pub use chain::{verify_path, verify_signed_by, ChainError};
+pub use signature::{verify_with_certificate_key, SignatureError};
 
 pub use symmetric_key::{
     decode_key, derive_device_key, generate_key, hmac_sha256, validate_key, KeyError,

@@ -111,8 +111,23 @@ pub fn with_client_cert(
 ) -> Result<rustls::ClientConfig> {
     let chain = parse_chain_pem(chain_pem)?;
     let key = parse_key_pem(key_pem)?;
-    let certified = rustls::sign::CertifiedKey::from_der(chain, key, base.crypto_provider())
-        .map_err(|e| Error::InvalidInput(format!("the certificate and key: {e}")))?;
+    let key = base
+        .crypto_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| Error::InvalidInput(format!("the private key: {e}")))?;
+    // Not `CertifiedKey::from_der`: it compares the keys by parsing the certificate with
+    // webpki, which refuses X.509 version 1 device certificates (no extensions).
+    if let Some(key_spki) = key.public_key() {
+        let cert_spki = muster_attestation::signature::subject_public_key_info(&chain[0])
+            .map_err(|e| Error::InvalidInput(format!("the device certificate: {e}")))?;
+        if key_spki.as_ref() != cert_spki {
+            return Err(Error::InvalidInput(
+                "the private key is not the device certificate's key".into(),
+            ));
+        }
+    }
+    let certified = rustls::sign::CertifiedKey::new(chain, key);
     let mut config = base.clone();
     config.client_auth_cert_resolver = Arc::new(ClientIdentity(Arc::new(certified)));
     config.resumption = rustls::client::Resumption::disabled();
@@ -163,6 +178,49 @@ mod tests {
             include_str!("../tests/data/rsa-pkcs1.key")
         )
         .is_err());
+        // A v1 certificate (openssl x509 -req, no extensions) for the same EC key.
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ec-sec1.key");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-key",
+                key_path,
+                "-subj",
+                "/CN=v1-dev",
+                "-out",
+                "v1.csr",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "x509", "-req", "-in", "v1.csr", "-key", key_path, "-days", "1",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v1_pem = String::from_utf8(out.stdout).unwrap();
+        let der = parse_chain_pem(&v1_pem).unwrap();
+        assert_eq!(
+            x509_parser::parse_x509_certificate(&der[0])
+                .unwrap()
+                .1
+                .version()
+                .0,
+            0,
+            "version 1"
+        );
+        let config =
+            with_client_cert(&base, &v1_pem, include_str!("../tests/data/ec-sec1.key")).unwrap();
+        assert!(config.client_auth_cert_resolver.has_certs());
+        assert!(
+            with_client_cert(&base, &v1_pem, include_str!("../tests/data/rsa-pkcs1.key")).is_err()
+        );
         let id = crate::DeviceKey::X509 {
             chain_pem: include_str!("../tests/data/rsa.pem").into(),
             key_pem: String::new(),

@@ -15,6 +15,10 @@
 //!    ([`muster_attestation::chain::verify_path`]) and the first group it verifies for decides.
 //!    A CA reference counts only once the CA is verified (proof of possession).
 //!
+//! Leaves may be X.509 version 1 (no extensions), as Azure allows; a v1 certificate that
+//! issues others (an intermediate, or the group's certificate) is refused with 401012
+//! ([`ChainError::Version1Issuer`]).
+//!
 //! Every refusal names the check that failed, with its own [`ErrorCode`].
 
 use muster_attestation::chain::{self, ChainError};
@@ -44,7 +48,10 @@ pub fn chain_failure(e: ChainError) -> DeviceFailure {
         }
         ChainError::SignatureInvalid { .. } => ErrorCode::CertificateSignatureInvalid,
         ChainError::UnknownIssuer { .. } => ErrorCode::CertificateChainIncomplete,
+        // A v1 certificate acting as a CA breaks the basic-constraints rule like a v3 one
+        // without `CA:TRUE`; its message says what to do about it.
         ChainError::NotCa { .. }
+        | ChainError::Version1Issuer { .. }
         | ChainError::KeyUsage { .. }
         | ChainError::UnsupportedAlgorithm(_)
         | ChainError::Invalid(_) => ErrorCode::CertificateInvalid,

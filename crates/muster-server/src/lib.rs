@@ -5,7 +5,8 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
-//! - [`client_cert`] — optional device client certificates, judged after the handshake.
+//! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
+//!   signature is checked with the leaf's own key), judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, draining.

@@ -2,7 +2,9 @@
 //! certificates: individual enrollments (self-signed leaf), groups with a root or an
 //! intermediate as signing certificate, groups on a verified CA reference (proof of possession
 //! through `/caCertificates`), the hub identity (`selfSigned` with the leaf's thumbprint), and
-//! one error code per failed check.
+//! one error code per failed check. X.509 version 1 device certificates (no extensions, made
+//! with the openssl CLI) register on HTTPS, MQTT and MQTT over WebSocket and connect to the
+//! hub; a v1 certificate acting as a CA is refused with 401012.
 
 mod common;
 
@@ -30,6 +32,11 @@ struct Issuer {
 impl Issuer {
     fn der(&self) -> Vec<u8> {
         self.cert.der().to_vec()
+    }
+
+    /// Certificate and key PEM, for the openssl CLI.
+    fn pems(&self) -> (String, String) {
+        (self.cert.pem(), self.key.serialize_pem())
     }
 }
 
@@ -141,12 +148,33 @@ fn tls_config(dps: &Dps, device: &Device, tls12_only: bool) -> rustls::ClientCon
             .cloned()
             .map(rustls::pki_types::CertificateDer::from),
     );
-    builder
-        .with_client_auth_cert(
-            chain,
-            rustls::pki_types::PrivateKeyDer::Pkcs8(device.key_der.clone().into()),
-        )
-        .unwrap()
+    // Not `with_client_auth_cert`: it checks the key against the certificate with webpki,
+    // which refuses X.509 v1 certificates (OpenSSL-based device clients do not care).
+    let key = rustls::crypto::ring::sign::any_supported_type(
+        &rustls::pki_types::PrivateKeyDer::Pkcs8(device.key_der.clone().into()),
+    )
+    .unwrap();
+    builder.with_client_cert_resolver(Arc::new(Presents(Arc::new(
+        rustls::sign::CertifiedKey::new(chain, key),
+    ))))
+}
+
+/// Always presents the device's chain and key.
+#[derive(Debug)]
+struct Presents(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 fn https_client(dps: &Dps, device: &Device) -> reqwest::Client {
@@ -283,6 +311,171 @@ async fn hub_connect(
         assert!(n > 0, "closed without a CONNACK");
     }
 }
+
+/// One MQTT register exchange over WebSocket (`/$iothub/websocket` on the HTTPS port) with the
+/// device's certificate in the TLS handshake.
+async fn mqtt_ws_register(
+    dps: &Dps,
+    https: std::net::SocketAddr,
+    registration_id: &str,
+    device: &Device,
+) -> (u16, Value) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let tls = tls_connect(dps, https, device).await;
+    let mut req = format!("wss://{}/$iothub/websocket", https.ip())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let mut out = BytesMut::new();
+    let mut connect = Connect::new(registration_id);
+    connect.login = Some(Login::new(
+        format!(
+            "{}/registrations/{registration_id}/api-version=2019-03-31",
+            dps.info.id_scope
+        ),
+        "",
+    ));
+    connect.write(&mut out).unwrap();
+    Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce)
+        .write(&mut out)
+        .unwrap();
+    let mut publish = Publish::new(
+        "$dps/registrations/PUT/iotdps-register/?$rid=w1",
+        QoS::AtLeastOnce,
+        format!(r#"{{"registrationId":"{registration_id}"}}"#).into_bytes(),
+    );
+    publish.pkid = 4;
+    publish.write(&mut out).unwrap();
+    ws.send(Message::binary(out.to_vec())).await.unwrap();
+
+    let mut buf = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        while let Ok(packet) = Packet::read(&mut buf, 1 << 20) {
+            if let Packet::Publish(p) = packet {
+                let status = p
+                    .topic
+                    .strip_prefix("$dps/registrations/res/")
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap();
+                return (status, serde_json::from_slice(&p.payload).unwrap());
+            }
+        }
+        match tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("no answer in time")
+        {
+            Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
+            Some(Ok(_)) => {}
+            other => panic!("the WebSocket ended without an answer: {other:?}"),
+        }
+    }
+}
+
+/// Runs the openssl CLI in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A device certificate for `cn` made as device makers do, with `openssl x509 -req` and no
+/// extension file: X.509 version 1. Self-signed, or signed by `by` (certificate and key PEM);
+/// `key` is the `openssl genpkey` algorithm options.
+fn v1_device(cn: &str, by: Option<(&str, &str)>, key: &[&str]) -> Device {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut genpkey = vec!["genpkey", "-out", "dev.key"];
+    genpkey.extend_from_slice(key);
+    openssl(d, &genpkey);
+    let subject = format!("/CN={cn}");
+    openssl(
+        d,
+        &[
+            "req", "-new", "-key", "dev.key", "-subj", &subject, "-out", "dev.csr",
+        ],
+    );
+    let mut x509 = vec![
+        "x509", "-req", "-in", "dev.csr", "-days", "30", "-out", "dev.pem",
+    ];
+    match by {
+        Some((cert_pem, key_pem)) => {
+            std::fs::write(d.join("ca.pem"), cert_pem).unwrap();
+            std::fs::write(d.join("ca.key"), key_pem).unwrap();
+            x509.extend(["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"]);
+        }
+        None => x509.extend(["-key", "dev.key"]),
+    }
+    openssl(d, &x509);
+    let text = openssl(d, &["x509", "-in", "dev.pem", "-noout", "-text"]);
+    assert!(text.contains("Version: 1 (0x0)"), "not v1: {text}");
+    let pem = std::fs::read_to_string(d.join("dev.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let key_pem = std::fs::read(d.join("dev.key")).unwrap();
+    let key_der = match rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .unwrap()
+        .unwrap()
+    {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        other => panic!("openssl genpkey writes PKCS#8, not {other:?}"),
+    };
+    Device {
+        der,
+        pem,
+        sends: Vec::new(),
+        key_der,
+    }
+}
+
+/// A v1 "CA" as `openssl x509 -req -key` makes it: a self-signed v1 certificate; returns its
+/// PEM and its key's PEM.
+fn v1_ca(cn: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut genpkey = vec!["genpkey", "-out", "ca.key"];
+    genpkey.extend_from_slice(EC_P256);
+    openssl(d, &genpkey);
+    let subject = format!("/CN={cn}");
+    openssl(
+        d,
+        &[
+            "req", "-new", "-key", "ca.key", "-subj", &subject, "-out", "ca.csr",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509", "-req", "-in", "ca.csr", "-key", "ca.key", "-days", "30", "-out", "ca.pem",
+        ],
+    );
+    let text = openssl(d, &["x509", "-in", "ca.pem", "-noout", "-text"]);
+    assert!(text.contains("Version: 1 (0x0)"), "not v1: {text}");
+    (
+        std::fs::read_to_string(d.join("ca.pem")).unwrap(),
+        std::fs::read_to_string(d.join("ca.key")).unwrap(),
+    )
+}
+
+const EC_P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+const RSA_2048: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
 
 // ---------------------------------------------------------------------------------------------
 // Service API helpers
@@ -820,5 +1013,171 @@ async fn throttled_x509_assignments_finish_with_the_thumbprint() {
             json!(d.thumbprint())
         );
     }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn version_1_device_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "127.0.0.1", None).await;
+    let dps = Dps::new(&server.connection);
+    let mqtt = server.mqtt_addrs[0];
+    let https = server.https_addrs[0];
+
+    // Individual enrollment with the v1 certificate as PEM: HTTPS (TLS 1.3), MQTT and
+    // MQTT over WebSocket (TLS 1.2), then the hub with the same certificate.
+    let dev = v1_device("v1-pem", None, EC_P256);
+    put(
+        &dps,
+        "/enrollments/v1-pem",
+        individual_x509("v1-pem", &dev.pem),
+    )
+    .await;
+    let (s, b) = https_register(&dps, "v1-pem", &dev).await;
+    assert_eq!(s, 202, "{b}");
+    assert_assigned(&dps, &b, "v1-pem", &dev, None).await;
+    assert_eq!(
+        b["registrationState"]["x509"]["certificateInfo"]["version"],
+        1
+    );
+    let (s, b) = mqtt_register(&dps, mqtt, "v1-pem", &dev).await;
+    assert_eq!(s, 202, "{b}");
+    assert_assigned(&dps, &b, "v1-pem", &dev, None).await;
+    let (s, b) = mqtt_ws_register(&dps, https, "v1-pem", &dev).await;
+    assert_eq!(s, 202, "{b}");
+    assert_assigned(&dps, &b, "v1-pem", &dev, None).await;
+    assert_eq!(
+        hub_connect(&dps, mqtt, "v1-pem", &dev).await,
+        ConnectReturnCode::Success
+    );
+
+    // An RSA key, the certificate enrolled as base64 DER: matched by its thumbprint.
+    let rsa = v1_device("v1-rsa", None, RSA_2048);
+    put(
+        &dps,
+        "/enrollments/v1-rsa",
+        individual_x509("v1-rsa", &STANDARD_B64.encode(rsa.der())),
+    )
+    .await;
+    let (s, b) = https_register(&dps, "v1-rsa", &rsa).await;
+    assert_eq!(s, 202, "{b}");
+    assert_assigned(&dps, &b, "v1-rsa", &rsa, None).await;
+    let (s, b) = mqtt_ws_register(&dps, https, "v1-rsa", &rsa).await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(
+        hub_connect(&dps, mqtt, "v1-rsa", &rsa).await,
+        ConnectReturnCode::Success
+    );
+    // Another v1 certificate with the enrolled CN is not the enrolled one.
+    let impostor = v1_device("v1-rsa", None, RSA_2048);
+    refused_everywhere(
+        &dps,
+        mqtt,
+        "v1 thumbprint mismatch",
+        "v1-rsa",
+        &impostor,
+        401009,
+    )
+    .await;
+    assert_ne!(
+        hub_connect(&dps, mqtt, "v1-rsa", &impostor).await,
+        ConnectReturnCode::Success
+    );
+
+    // A v1 leaf under a group's (v3) root, and under an intermediate the device sends.
+    let root_v = root("V1 Fleet Root");
+    put(
+        &dps,
+        "/enrollmentGroups/v1-fleet",
+        group_signing("v1-fleet", &root_v.cert.pem()),
+    )
+    .await;
+    let (root_pem, root_key) = root_v.pems();
+    for (transport, id) in [("https", "v1-g-1"), ("mqtt", "v1-g-2"), ("ws", "v1-g-3")] {
+        let leaf = v1_device(id, Some((&root_pem, &root_key)), EC_P256);
+        let (s, b) = match transport {
+            "https" => https_register(&dps, id, &leaf).await,
+            "mqtt" => mqtt_register(&dps, mqtt, id, &leaf).await,
+            _ => mqtt_ws_register(&dps, https, id, &leaf).await,
+        };
+        assert_eq!(s, 202, "{transport}: {b}");
+        assert_assigned(&dps, &b, id, &leaf, Some("v1-fleet")).await;
+        assert_eq!(
+            hub_connect(&dps, mqtt, id, &leaf).await,
+            ConnectReturnCode::Success,
+            "{transport}"
+        );
+    }
+    let inter_v = intermediate("V1 Fleet Intermediate", &root_v);
+    let (inter_pem, inter_key) = inter_v.pems();
+    let deep = v1_device("v1-g-4", Some((&inter_pem, &inter_key)), EC_P256);
+    refused_everywhere(
+        &dps,
+        mqtt,
+        "v1 leaf, intermediate missing",
+        "v1-g-4",
+        &deep,
+        401006,
+    )
+    .await;
+    let deep = deep.sending(vec![inter_v.der()]);
+    let (s, b) = mqtt_register(&dps, mqtt, "v1-g-4", &deep).await;
+    assert_eq!(s, 202, "{b}");
+    assert_assigned(&dps, &b, "v1-g-4", &deep, Some("v1-fleet")).await;
+    // Signed by another key under the root's name.
+    let (fake_pem, fake_key) = root("V1 Fleet Root").pems();
+    let forged = v1_device("v1-g-5", Some((&fake_pem, &fake_key)), EC_P256);
+    refused_everywhere(
+        &dps,
+        mqtt,
+        "v1 leaf, bad signature",
+        "v1-g-5",
+        &forged,
+        401010,
+    )
+    .await;
+
+    // A v1 certificate acting as a CA: the group's signing certificate, or an intermediate.
+    let (v1_ca_pem, v1_ca_key) = v1_ca("Version 1 CA");
+    put(
+        &dps,
+        "/enrollmentGroups/v1-ca",
+        group_signing("v1-ca", &v1_ca_pem),
+    )
+    .await;
+    let under_v1 = v1_device("v1-under-ca", Some((&v1_ca_pem, &v1_ca_key)), EC_P256);
+    refused_everywhere(&dps, mqtt, "v1 CA", "v1-under-ca", &under_v1, 401012).await;
+    let (s, b) = mqtt_ws_register(&dps, https, "v1-under-ca", &under_v1).await;
+    assert_eq!((s, b["errorCode"].as_u64()), (401, Some(401012)), "{b}");
+    let message = b["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("CN=Version 1 CA") && message.contains("version 1"),
+        "{message}"
+    );
+    // A v1 certificate signed by the fleet's root, acting as the intermediate, the same way.
+    let v1_inter = v1_device("V1 Intermediate", Some((&root_pem, &root_key)), EC_P256);
+    let key_pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        STANDARD_B64
+            .encode(&v1_inter.key_der)
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let below = v1_device("v1-below-inter", Some((&v1_inter.pem, &key_pem)), EC_P256)
+        .sending(vec![v1_inter.der()]);
+    let (s, b) = https_register(&dps, "v1-below-inter", &below).await;
+    assert_eq!((s, b["errorCode"].as_u64()), (401, Some(401012)), "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("CN=V1 Intermediate")),
+        "{b}"
+    );
+    let (_, hub_cs) = dps.hub();
+    let (s, _) = dps.hub_call(&hub_cs, "/devices/v1-under-ca").await;
+    assert_eq!(s, 404, "nothing written into the hub");
     server.shutdown().await;
 }

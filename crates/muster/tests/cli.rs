@@ -1279,3 +1279,70 @@ fn device_register_with_x509_certificates() {
     let err = env.fails(&["device", "register", "--cert", &solo_cert]);
     assert!(err.contains("--cert-key"), "{err}");
 }
+
+/// An X.509 version 1 device certificate, as `openssl x509 -req` without an extension file
+/// makes it, registers with `--cert` (rustls's own key check refuses v1 certificates, so
+/// muster-client compares the keys itself).
+#[test]
+fn device_register_with_a_v1_certificate() {
+    let env = Env::start();
+    let dir = env.dir.path().to_path_buf();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "v1.key",
+        "-subj",
+        "/CN=x509-v1",
+        "-out",
+        "v1.csr",
+    ]);
+    openssl(&[
+        "x509", "-req", "-in", "v1.csr", "-key", "v1.key", "-days", "2", "-out", "v1.pem",
+    ]);
+    let text = openssl(&["x509", "-in", "v1.pem", "-noout", "-text"]);
+    assert!(text.contains("Version: 1 (0x0)"), "{text}");
+    let cert = dir.join("v1.pem").to_str().expect("utf-8").to_string();
+    let key = dir.join("v1.key").to_str().expect("utf-8").to_string();
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "x509-v1",
+        "--attestation-type",
+        "x509",
+        "--certificate-path",
+        &cert,
+    ]);
+    for transport in ["https", "mqtt"] {
+        let r = env.json(&[
+            "device",
+            "register",
+            "--cert",
+            &cert,
+            "--cert-key",
+            &key,
+            "--transport",
+            transport,
+        ]);
+        assert_eq!(r["status"], "assigned", "{transport}: {r}");
+        assert_eq!(
+            r["x509"]["certificateInfo"]["version"], 1,
+            "{transport}: {r}"
+        );
+    }
+}

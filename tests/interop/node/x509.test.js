@@ -18,6 +18,10 @@
 // (d) group on a verified CA reference. Refusals, each with its own errorCode: unverified CA
 // (401011), unknown root (401002), incomplete chain (401006), CN different from the
 // registration id (401007), a certificate other than the enrolled one (401009).
+// X.509 version 1 device certificates (no extensions, as `openssl x509 -req` without an
+// extension file and the npm `pem` package make them): (e) individual enrollment by PEM and by
+// base64 DER (matched by thumbprint), (f) a v1 leaf under a group's root, each then on the hub;
+// (g) a v1 certificate acting as the group's CA is refused with 401012.
 //
 // Run through the server wrapper (NODE_EXTRA_CA_CERTS must be set when node starts):
 //
@@ -121,6 +125,31 @@ function makeCert(cn, { ca, issuer } = {}) {
   };
 }
 
+// An X.509 version 1 certificate: `openssl x509 -req` with no extension file, self-signed or
+// signed by `issuer` (the way the npm `pem` package and many device makers create them).
+function makeV1Cert(cn, { issuer } = {}) {
+  const dir = fs.mkdtempSync(path.join(WORK_DIR, 'v1-'));
+  const f = (n) => path.join(dir, n);
+  openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', f('key.pem'), '-subj', `/CN=${cn}`, '-out', f('csr.pem')]);
+  const signer = issuer ? ['-CA', issuer.certFile, '-CAkey', issuer.keyFile] : ['-key', f('key.pem')];
+  openssl(['x509', '-req', '-in', f('csr.pem'), ...signer,
+    '-set_serial', `0x${crypto.randomBytes(8).toString('hex')}`, '-sha256', '-days', '2', '-out', f('cert.pem')]);
+  const text = execFileSync('openssl', ['x509', '-in', f('cert.pem'), '-noout', '-text'], { encoding: 'utf8' });
+  assert.match(text, /Version: 1 \(0x0\)/, text);
+  const pem = fs.readFileSync(f('cert.pem'), 'utf8');
+  const x = new crypto.X509Certificate(pem);
+  return {
+    cn,
+    pem,
+    der: x.raw,
+    key: fs.readFileSync(f('key.pem'), 'utf8'),
+    certFile: f('cert.pem'),
+    keyFile: f('key.pem'),
+    sha256: x.fingerprint256.replace(/:/g, ''),
+  };
+}
+
 // ------------------------------------------------------------------------------------------
 // service side
 // ------------------------------------------------------------------------------------------
@@ -189,12 +218,14 @@ async function verifyCa(name, ca) {
   assert.equal(r.json.isVerified, true, r.text);
 }
 
-async function createIndividual(leaf) {
+// `certificate` defaults to the leaf's PEM (base64 DER is accepted too).
+async function createIndividual(leaf, certificate = leaf.pem) {
   const { responseBody } = await service.createOrUpdateIndividualEnrollment({
     registrationId: leaf.cn,
-    attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: leaf.pem } } } },
+    attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate } } } },
   });
   assert.equal(responseBody.attestation.type, 'x509', JSON.stringify(responseBody));
+  return responseBody;
 }
 
 async function createGroup(groupId, x509) {
@@ -380,6 +411,49 @@ describe('X.509 device registration', () => {
         // Another certificate with the enrolled CN (thumbprint mismatch).
         const impostor = makeCert(leaf.cn);
         await expectRefused(transport.prov(), leaf.cn, impostor.pem, impostor.key, 401009);
+      });
+    });
+  }
+});
+
+describe('X.509 version 1 device certificates', () => {
+  for (const transport of TRANSPORTS) {
+    const { name } = transport;
+    const lc = name.toLowerCase();
+    describe(name, () => {
+      for (const form of ['pem', 'base64-der']) {
+        test(`${name}: individual enrollment (${form}), v1 self-signed leaf`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
+          const leaf = makeV1Cert(unique(`node-v1-${lc}`));
+          const enrolled = await createIndividual(leaf, form === 'pem' ? leaf.pem : leaf.der.toString('base64'));
+          const info = enrolled.attestation.x509.clientCertificates.primary.info;
+          assert.equal(info.version, 1, JSON.stringify(info));
+          assert.equal(info.sha256Thumbprint, leaf.sha256, JSON.stringify(info));
+          const { result, ms } = await register(transport.prov(), leaf.cn, leaf.pem, leaf.key);
+          t.diagnostic(`${name} x509 v1 individual (${form}): register() took ${ms.toFixed(0)} ms`);
+          assertAssigned(result, leaf, null, null);
+          assert.equal(result.x509.certificateInfo.version, 1, JSON.stringify(result));
+          await connectAndSend(t, transport, leaf, leaf.pem, result);
+        });
+      }
+
+      test(`${name}: group on the root, root -> v1 leaf`, { timeout: TEST_TIMEOUT_MS }, async (t) => {
+        const groupId = unique(`node-v1-root-${lc}`);
+        const root = makeCert(`${groupId} Root CA`, { ca: true });
+        await signingGroup(groupId, root);
+        const leaf = makeV1Cert(unique(`node-v1-rl-${lc}`), { issuer: root });
+        const { result, ms } = await register(transport.prov(), leaf.cn, leaf.pem, leaf.key);
+        t.diagnostic(`${name} x509 root->v1 leaf: register() took ${ms.toFixed(0)} ms`);
+        assertAssigned(result, leaf, groupId, root);
+        await connectAndSend(t, transport, leaf, leaf.pem, result);
+      });
+
+      test(`${name}: a v1 certificate as the group's CA is refused (401012)`, { timeout: TEST_TIMEOUT_MS }, async () => {
+        const groupId = unique(`node-v1-ca-${lc}`);
+        const v1Ca = makeV1Cert(`${groupId} V1 CA`);
+        await signingGroup(groupId, v1Ca);
+        const leaf = makeV1Cert(unique(`node-v1-under-${lc}`), { issuer: v1Ca });
+        const body = await expectRefused(transport.prov(), leaf.cn, leaf.pem, leaf.key, 401012);
+        assert.match(body.message, /version 1/, JSON.stringify(body));
       });
     });
   }

@@ -20,11 +20,19 @@ device sending leaf + intermediate (key encrypted, ``pass_phrase``); (d) group o
 CA reference (upload, verification code, proof of possession). Refused: a group on an
 unverified CA reference, and a leaf from a root no enrollment knows.
 
+X.509 version 1 device certificates (no extensions), made as device makers do with
+``openssl x509 -req`` and no extension file: (e) individual enrollment with the certificate as
+PEM and as base64 DER (matched by its thumbprint), (f) a v1 leaf under a group's root, each
+then on the hub; (g) a hub device created by thumbprint (azure-iot-hub
+``create_device_with_x509``) connects with a v1 certificate; (h) a v1 certificate acting as
+the group's CA is refused (401012).
+
 Every test gets its own server on an empty data dir (fixture ``muster``).
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 import urllib.parse
 from pathlib import Path
@@ -32,6 +40,7 @@ from pathlib import Path
 import pytest
 import requests
 from azure.core.exceptions import ResourceNotFoundError
+from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
 from msrest.exceptions import HttpOperationError
 
@@ -268,6 +277,40 @@ def assert_refused(muster, registry, files: DeviceFiles, websockets: bool) -> No
     assert hi.value.response.status_code == 404, hi.value.response.text
 
 
+def openssl(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"openssl {args}: {out.stderr}"
+    return out.stdout
+
+
+def make_v1_cert(tmp_path: Path, cn: str, issuer: TestCert | None = None) -> TestCert:
+    """An X.509 version 1 certificate (EC P-256) made with ``openssl x509 -req`` and no
+    extension file: self-signed, or signed by ``issuer``."""
+    d = tmp_path / f"v1-{cn}"
+    d.mkdir(parents=True, exist_ok=True)
+    openssl(d, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "dev.key")
+    openssl(d, "req", "-new", "-key", "dev.key", "-subj", f"/CN={cn}", "-out", "dev.csr")
+    args = ["x509", "-req", "-in", "dev.csr", "-days", "2", "-out", "dev.pem"]
+    if issuer is None:
+        args += ["-key", "dev.key"]
+    else:
+        (d / "ca.pem").write_text(issuer.pem)
+        (d / "ca.key").write_bytes(
+            issuer.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        args += ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"]
+    openssl(d, *args)
+    text = openssl(d, "x509", "-in", "dev.pem", "-noout", "-text")
+    assert "Version: 1 (0x0)" in text, text
+    pem = (d / "dev.pem").read_text()
+    cert = cx509.load_pem_x509_certificate(pem.encode())
+    assert cert.version == cx509.Version.v1, cert.version
+    key = serialization.load_pem_private_key((d / "dev.key").read_bytes(), password=None)
+    return TestCert(cert=cert, key=key, pem=pem)
+
+
 # --------------------------------------------------------------------------------------------
 # (a) individual enrollment, self-signed leaf
 # --------------------------------------------------------------------------------------------
@@ -374,3 +417,88 @@ def test_unknown_root_is_refused(muster, dps, registry, tmp_path, websockets):
     stranger = make_cert("Stranger Root CA", ca=True)
     files = DeviceFiles(tmp_path, make_cert(unique("py-x509-st"), ca=False, issuer=stranger), chain=(stranger,))
     assert_refused(muster, registry, files, websockets)
+
+
+# --------------------------------------------------------------------------------------------
+# X.509 version 1 device certificates
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("websockets", TRANSPORTS)
+@pytest.mark.parametrize("form", ["pem", "base64-der"])
+def test_v1_individual_enrollment(muster, dps, hub, registry, tmp_path, registration_timer, websockets, form):
+    registration_id = unique("py-x509-v1")
+    leaf = make_v1_cert(tmp_path, registration_id)
+    created = dps.enrollment.create_or_update(
+        id=registration_id,
+        enrollment={
+            "registrationId": registration_id,
+            "attestation": {
+                "type": "x509",
+                "x509": {"clientCertificates": {"primary": {
+                    "certificate": leaf.pem if form == "pem" else leaf.der_b64}}},
+            },
+        },
+    )
+    info = created["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+    assert_cert_info(info, leaf)
+    assert info["version"] == 1, info
+
+    files = DeviceFiles(tmp_path, leaf)
+    result = register_and_check(muster, dps, files, websockets, None, registration_timer)
+    connect_and_send(muster, hub, registry, files, result, websockets)
+
+
+@pytest.mark.parametrize("websockets", TRANSPORTS)
+def test_v1_leaf_under_group_root(muster, dps, hub, registry, tmp_path, registration_timer, websockets):
+    group_id = unique("py-x509-v1g")
+    root = make_cert(f"{group_id} Root CA", ca=True)
+    create_signing_group(dps, group_id, root)
+
+    files = DeviceFiles(tmp_path, make_v1_cert(tmp_path, unique("py-x509-v1l"), issuer=root))
+    result = register_and_check(muster, dps, files, websockets, group_id, registration_timer)
+    connect_and_send(muster, hub, registry, files, result, websockets)
+
+
+@pytest.mark.parametrize("websockets", TRANSPORTS)
+def test_v1_hub_device_by_thumbprint(muster, hub, registry, tmp_path, websockets):
+    """A selfSigned hub device made with the service SDK from the v1 certificate's thumbprint
+    connects with that certificate; another v1 certificate with the same CN does not."""
+    from azure.iot.device import IoTHubDeviceClient
+    from azure.iot.device.exceptions import ConnectionFailedError, CredentialError
+
+    device_id = unique("py-hub-v1")
+    leaf = make_v1_cert(tmp_path, device_id)
+    registry.create_device_with_x509(device_id, leaf.sha256, leaf.sha256, "enabled")
+
+    def connect(files: DeviceFiles) -> None:
+        client = IoTHubDeviceClient.create_from_x509_certificate(
+            x509=files.x509(),
+            hostname=hub["hostName"],
+            device_id=device_id,
+            websockets=websockets,
+            server_verification_cert=Path(muster.ca_cert).read_text(),
+            connection_retry=False,
+        )
+        try:
+            client.connect()
+            assert client.connected
+        finally:
+            client.shutdown()
+
+    connect(DeviceFiles(tmp_path, leaf))
+    other = make_v1_cert(tmp_path / "other", device_id)
+    with pytest.raises((CredentialError, ConnectionFailedError)):
+        connect(DeviceFiles(tmp_path, other, name="other"))
+
+
+@pytest.mark.parametrize("websockets", TRANSPORTS)
+def test_v1_ca_is_refused(muster, dps, registry, tmp_path, websockets):
+    """A v1 certificate cannot be a CA: a group whose signing certificate is v1 attests none
+    of the leaves it signed, with a DPS 401 after a completed handshake (the Python client
+    shows only the status; the Node and Rust tests check the code, 401012), no hub device."""
+    group_id = unique("py-x509-v1ca")
+    v1_ca = make_v1_cert(tmp_path, f"{group_id} V1 CA")
+    create_signing_group(dps, group_id, v1_ca)
+    files = DeviceFiles(tmp_path, make_v1_cert(tmp_path, unique("py-x509-v1u"), issuer=v1_ca))
+    assert_refused(muster, registry, files, websockets)
+    with pytest.raises(ResourceNotFoundError):
+        dps.device_registration_state.get(id=files.leaf.subject_cn)
