@@ -46,7 +46,8 @@ done
 section() { printf '\n========== %s ==========\n' "$*"; }
 die() { echo "interop: $*" >&2; exit 1; }
 
-hash_of() { sha256sum "$@" | sha256sum | cut -c1-64; }
+# Contents only: the marker must match from any checkout path.
+hash_of() { cat "$@" | sha256sum | cut -c1-64; }
 
 # ---------------------------------------------------------------------------
 section "Python environment (.interop/venv)"
