@@ -642,5 +642,9 @@ async fn keep_alive_is_capped() {
     c.puback_then_response(1).await;
     let start = Instant::now();
     c.expect_closed().await;
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
 }
