@@ -59,6 +59,8 @@ pub fn raise_limit() -> Option<DescriptorLimit> {
 }
 
 #[cfg(unix)]
+// `rlim_t` is not `u64` on every target.
+#[allow(clippy::unnecessary_cast)]
 fn as_count(v: libc::rlim_t) -> u64 {
     if v == libc::RLIM_INFINITY {
         u64::MAX

@@ -27,6 +27,8 @@ impl Drop for Serve {
     }
 }
 
+// `rlim_t` is not `u64` on every target.
+#[allow(clippy::unnecessary_cast)]
 fn set_nofile(pid: Option<i32>, limit: u64) -> std::io::Result<()> {
     let lim = libc::rlimit {
         rlim_cur: limit as libc::rlim_t,
