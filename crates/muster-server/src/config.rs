@@ -242,6 +242,30 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_come_from_the_file_and_zero_is_refused() {
+        let text = "max-unauthenticated-per-address = 4\nhttp-header-timeout-ms = 1500\n\
+                    mqtt-max-idle-secs = 60\n";
+        let c: Config = toml::from_str(text).unwrap();
+        let limits = c.connection_limits();
+        assert_eq!(limits.max_unauthenticated_per_address, 4);
+        assert_eq!(limits.http_header_timeout, Duration::from_millis(1500));
+        assert_eq!(limits.mqtt_max_idle, Duration::from_secs(60));
+        assert_eq!(limits.tls_handshake_timeout, Duration::from_secs(10));
+        c.validate().unwrap();
+        let zero = Config {
+            mqtt_auth_timeout_ms: 0,
+            ..Config::default()
+        };
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt-auth-timeout-ms"), "{e}");
+        let zero = Config {
+            max_unauthenticated_per_address: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
     fn default_round_trips_through_toml() {
         let c = Config::default();
         assert_eq!(toml::from_str::<Config>(&c.to_toml()).unwrap(), c);
