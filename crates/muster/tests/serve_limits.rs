@@ -1,6 +1,7 @@
-//! `muster serve` under a low `RLIMIT_NOFILE`: it fits its connection limits to the
-//! descriptors and says so, and when descriptors run out anyway it backs off instead of
-//! spinning, writes a bounded log, keeps serving the connections it has and recovers.
+//! `muster serve`'s connection limits: flags and environment reach the config, and under a
+//! low `RLIMIT_NOFILE` it fits its connection limits to the descriptors and says so, and when
+//! descriptors run out anyway it backs off instead of spinning, writes a bounded log, keeps
+//! serving the connections it has and recovers.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -195,4 +196,41 @@ async fn out_of_descriptors_the_server_backs_off_logs_little_and_recovers() {
         .expect("a new connection is served once descriptors are free");
     assert_eq!(status, "404");
     drop(server);
+}
+
+#[test]
+fn limits_and_deadlines_come_from_flags_and_environment() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--print-config",
+            "--max-unauthenticated-per-address",
+            "5",
+        ])
+        .args([
+            "--http-idle-timeout-ms",
+            "1234",
+            "--mqtt-max-idle-secs",
+            "90",
+        ])
+        .env("MUSTER_MQTT_AUTH_TIMEOUT_MS", "4321")
+        .env("MUSTER_MAX_CONNECTIONS", "77")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "max-connections = 77",
+        "max-unauthenticated-per-address = 5",
+        "http-idle-timeout-ms = 1234",
+        "mqtt-auth-timeout-ms = 4321",
+        "mqtt-max-idle-secs = 90",
+        "tls-handshake-timeout-ms = 10000",
+    ] {
+        assert!(toml.lines().any(|l| l == line), "{line} in {toml}");
+    }
 }
