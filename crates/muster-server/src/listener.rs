@@ -145,16 +145,16 @@ async fn accept_tls<F, Fut>(
                     break c;
                 }
                 Err(e) => {
+                    let wait = needs_backoff(&e).then_some(backoff);
                     if let Some(suppressed) = ACCEPT_FAILED.admit() {
-                        warn!(error = %e, suppressed, "accept failed; backing off");
+                        let wait_ms = wait.map_or(0, |w| w.as_millis() as u64);
+                        warn!(error = %e, suppressed, wait_ms, "accept failed");
                     }
-                    if !needs_backoff(&e) {
-                        continue;
-                    }
+                    let Some(wait) = wait else { continue };
                     // The connection stays queued, so an immediate retry fails the same way.
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => break 'accept,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
