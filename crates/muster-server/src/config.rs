@@ -116,7 +116,7 @@ impl Default for Config {
             tls_key: None,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
-            max_unauthenticated_per_address: 64,
+            max_unauthenticated_per_address: 256,
             tls_handshake_timeout_ms: 10_000,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 60_000,

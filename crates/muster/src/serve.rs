@@ -43,7 +43,7 @@ pub struct ServeArgs {
     /// [default: 10000]
     #[arg(long, env = "MUSTER_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
-    /// Most unauthenticated connections one source address may hold [default: 64]
+    /// Most unauthenticated connections one source address may hold [default: 256]
     #[arg(long, env = "MUSTER_MAX_UNAUTHENTICATED_PER_ADDRESS")]
     max_unauthenticated_per_address: Option<usize>,
     /// Time a client gets to complete the TLS handshake, in ms [default: 10000]
