@@ -1,9 +1,10 @@
 //! Per-source-address admission of unauthenticated connections.
 //!
 //! A connection is unauthenticated from accept until it has proved something: an HTTPS
-//! connection until its first request arrives (a WebSocket upgrade stays unauthenticated until
-//! the MQTT session inside authenticates), an MQTT registration until the registrar accepts its
-//! first request, a hub MQTT connection until its CONNECT is read. Each source address may
+//! connection until its first request, body included, was read and answered (a WebSocket
+//! upgrade stays unauthenticated until the MQTT session inside authenticates), an MQTT
+//! registration until the registrar accepts its first request, a hub MQTT connection until
+//! its CONNECT is read. Each source address may
 //! hold at most [`PreAuthLimiter::new`]'s limit of such connections across every listener;
 //! beyond it, new connections from that address are closed at accept. Without this, one
 //! address could take every slot of `max-connections` for as long as the deadlines allow.

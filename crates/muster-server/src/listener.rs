@@ -5,7 +5,8 @@
 //! - a semaphore bounds concurrent connections per listener (further ones wait in the
 //!   kernel's accept queue), sized to the file descriptors (`descriptors.rs`);
 //! - each source address may hold a few unauthenticated connections at most
-//!   ([`PreAuthLimiter`]); more are closed at accept;
+//!   ([`PreAuthLimiter`]); more are closed at accept. An HTTPS connection counts until its
+//!   first response is ready, so a slow body counts too;
 //! - deadlines: the TLS handshake; on HTTPS the first request's headers
 //!   ([`ListenerLimits::http_header_timeout`], from the end of TLS) and every later request's
 //!   (hyper's header-read timeout, [`ListenerLimits::http_idle_timeout`], which runs from the
@@ -220,9 +221,10 @@ fn needs_backoff(e: &std::io::Error) -> bool {
 /// Serves `app` over TLS (HTTP/1.1, upgrades allowed) until `shutdown`; open connections
 /// finish their request and close.
 ///
-/// The connection's [`PreAuthHold`] rides on its first request as an extension: dropped with
-/// that request, or taken by the WebSocket handler into the MQTT session, which lets go of it
-/// once the device authenticated.
+/// The connection's [`PreAuthHold`] is let go when the first response is ready (its request,
+/// body included, has been read), unless the WebSocket handler took it over from the first
+/// request's extensions into the MQTT session, which lets go of it once the device
+/// authenticated.
 pub async fn serve_https(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -242,21 +244,30 @@ pub async fn serve_https(
             // WebSocket reads it).
             let chain = ClientCertChain(peer_chain(&stream));
             let hold = PreAuthHold::new(pre_auth);
+            let answered = hold.clone();
             let first_request = Arc::new(Notify::new());
             let seen = first_request.clone();
-            let service = TowerToHyperService::new(app.clone().map_request(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    if !chain.0.is_empty() {
-                        req.extensions_mut().insert(chain.clone());
-                    }
-                    let first = hold.take();
-                    if first.is_held() {
-                        req.extensions_mut().insert(first);
-                        seen.notify_one();
-                    }
-                    req
-                },
-            ));
+            let mut is_first = true;
+            let service = TowerToHyperService::new(
+                app.clone()
+                    .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        if !chain.0.is_empty() {
+                            req.extensions_mut().insert(chain.clone());
+                        }
+                        if std::mem::take(&mut is_first) {
+                            // For the WebSocket handler, which takes the slot over.
+                            req.extensions_mut().insert(hold.clone());
+                            seen.notify_one();
+                        }
+                        req
+                    })
+                    // The first request has been read and answered (a slow body held the
+                    // slot until then): the connection no longer counts as unauthenticated.
+                    .map_response(move |res| {
+                        answered.release();
+                        res
+                    }),
+            );
             async move {
                 let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
                 builder

@@ -222,6 +222,8 @@ async fn slowloris<S: AsyncRead + AsyncWrite + Unpin>(
 const SLOW_HEAD: &[u8] =
     b"PUT /0ne00000000/registrations/x/register?api-version=2021-06-01 HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
+const SLOW_BODY: &[u8] = b"PUT /0ne00000000/registrations/x/register?api-version=2021-06-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{";
+
 #[tokio::test]
 async fn anonymous_and_slow_connections_are_closed_by_their_deadlines() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,8 +334,15 @@ async fn one_address_cannot_take_the_slots_of_many() {
     let token = device_credentials(&dps, "dev-2").await;
     let bogus = device_token(&dps.info.id_scope, "anon", "AAAA", now() + 600);
 
-    // Ten of each from one address, more than either listener's 8 slots.
+    // Ten of each from one address, more than either listener's 8 slots. First complete
+    // request heads whose body never comes, then the rest.
     let mut attackers: Vec<Box<dyn Io>> = Vec::new();
+    for _ in 0..10 {
+        if let Some(mut c) = tls_from(&dps, ATTACKER, https).await {
+            let _ = c.write_all(SLOW_BODY).await;
+            attackers.push(Box::new(c));
+        }
+    }
     for i in 0..10 {
         if let Some(c) = mqtt_connected(&dps, ATTACKER, mqtt, &format!("a-{i}"), &bogus).await {
             attackers.push(Box::new(c));
@@ -359,9 +368,11 @@ async fn one_address_cannot_take_the_slots_of_many() {
         (202, Some("assigned")),
         "{body}"
     );
+    // A new client: a fresh connection, not one pooled from before the flood.
+    let device = Dps::new(&server.connection);
     let (status, _, body) = tokio::time::timeout_at(
         deadline,
-        dps.register("dev-2", &token, json!({"registrationId": "dev-2"})),
+        device.register("dev-2", &token, json!({"registrationId": "dev-2"})),
     )
     .await
     .expect("the device registers over HTTPS while one address floods the server");
