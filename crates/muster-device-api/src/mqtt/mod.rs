@@ -10,10 +10,10 @@
 //!    sent, else `X509` with the TLS client chain when there is one, else `None`; it is not
 //!    checked here: the registrar checks it on every request and answers 401, as DPS does.
 //!    Until the registrar has accepted one of its requests the connection is
-//!    **unauthenticated**: a 401 (or 403) answer closes it right after the answer is written,
-//!    and one still unauthenticated [`MqttLimits::auth_timeout`] after it started is closed
-//!    (once the requests it has in flight are answered). Authenticating releases the
-//!    listener's [`PreAuthHold`].
+//!    **unauthenticated**: a 401 (or 403) answer closes it once the answer is written (after
+//!    the device's DISCONNECT, or 1 s, whichever comes first), and one still unauthenticated
+//!    [`MqttLimits::auth_timeout`] after it started is closed (once the requests it has in
+//!    flight are answered). Authenticating releases the listener's [`PreAuthHold`].
 //!    CONNACK is 0 with session-present **always 0** (C# fails otherwise), clean session or not;
 //!    2 for a client id that isn't the registration id; 4 for a missing or malformed username.
 //! 2. **SUBSCRIBE** `$dps/registrations/res/#` is granted QoS 1 (0 if 0 was asked); any other
@@ -88,6 +88,10 @@ impl Default for MqttLimits {
         }
     }
 }
+
+/// How long a connection whose attestation failed stays open after the answer, for the
+/// device to disconnect first.
+const ATTESTATION_FAILED_LINGER: Duration = Duration::from_secs(1);
 
 /// The first byte of every CONNECT (type 1, flags 0).
 const CONNECT_BYTE: u8 = 0x10;
@@ -175,6 +179,17 @@ pub async fn serve_connection<S>(
 
     let read_side = async {
         let reason = loop {
+            if auth.failed_now() {
+                // Give the device a moment to leave by itself (SDKs disconnect on a 401 and
+                // complain when the socket is already gone), reading nothing more.
+                let linger_end = Instant::now() + ATTESTATION_FAILED_LINGER;
+                while let Ok(packet) = reader.next_packet(&mut rd, linger_end).await {
+                    if packet == Packet::Disconnect {
+                        break;
+                    }
+                }
+                break "attestation failed on an unauthenticated connection".to_string();
+            }
             if !auth.is_authenticated() && Instant::now() >= auth_deadline {
                 // Requests still being answered may yet authenticate the device.
                 session.settled().await;
@@ -186,7 +201,11 @@ pub async fn serve_connection<S>(
             if !auth.is_authenticated() {
                 deadline = deadline.min(auth_deadline);
             }
-            match reader.next_packet(&mut rd, deadline).await {
+            let read = tokio::select! {
+                read = reader.next_packet(&mut rd, deadline) => read,
+                () = auth.failed() => continue,
+            };
+            match read {
                 Ok(packet) => {
                     if let Flow::Close(reason) = session.handle(packet).await {
                         break reason;

@@ -21,7 +21,7 @@ use rumqttc::mqttbytes::v4::{
     UnsubAck, Unsubscribe,
 };
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::topic::{self, RequestTopic, RESPONSE_FILTER};
 use crate::pre_auth::PreAuthHold;
@@ -95,6 +95,9 @@ pub(crate) fn accept_connect(
 /// Whether the device has authenticated: the registrar accepted one of its requests.
 pub(crate) struct AuthState {
     authenticated: AtomicBool,
+    /// Attestation failed before the device ever authenticated: the connection is to close.
+    failed: AtomicBool,
+    failure: Notify,
     pre_auth: PreAuthHold,
 }
 
@@ -102,12 +105,26 @@ impl AuthState {
     pub(crate) fn new(pre_auth: PreAuthHold) -> Self {
         Self {
             authenticated: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            failure: Notify::new(),
             pre_auth,
         }
     }
 
     pub(crate) fn is_authenticated(&self) -> bool {
         self.authenticated.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn failed_now(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once attestation failed on this never-authenticated connection (the reader is
+    /// the only waiter).
+    pub(crate) async fn failed(&self) {
+        while !self.failed.load(Ordering::SeqCst) {
+            self.failure.notified().await;
+        }
     }
 
     /// Takes note of a reply's status; true when the connection must close after the reply:
@@ -308,15 +325,16 @@ struct Responder {
 impl Responder {
     /// Queues the response publish, unless the device holds no subscription it would match
     /// (an MQTT server only delivers to subscribers); then the close, when attestation failed
-    /// on a connection that never authenticated.
+    /// on a connection that never authenticated, tells the reader to close.
     async fn respond(self, reply: DeviceReply) -> Flow {
-        let close = self.auth.observe(reply.status);
+        let failed = self.auth.observe(reply.status);
         let flow = self.publish(reply).await;
-        if !close {
-            return flow;
+        if failed {
+            // After the answer is queued: the reader then closes the connection.
+            self.auth.failed.store(true, Ordering::SeqCst);
+            self.auth.failure.notify_one();
         }
-        let _ = self.tx.send(Outgoing::Close).await;
-        Flow::Close("attestation failed on an unauthenticated connection".into())
+        flow
     }
 
     async fn publish(&self, reply: DeviceReply) -> Flow {
