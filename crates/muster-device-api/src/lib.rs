@@ -6,7 +6,9 @@
 //! - [`https`] — `PUT …/register`, `GET …/operations/{id}` (device-protocol.md §2).
 //! - [`mqtt`] — MQTT 3.1.1 sessions: CONNECT, SUBSCRIBE, register and poll publishes (§4).
 //! - [`websocket`] — MQTT over WebSocket at `/$iothub/websocket`, adapted onto [`mqtt`].
+//! - [`pre_auth`] — the listener's slot a connection holds until it has authenticated.
 
 pub mod https;
 pub mod mqtt;
+pub mod pre_auth;
 pub mod websocket;

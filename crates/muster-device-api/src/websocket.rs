@@ -38,6 +38,7 @@ use muster_registration::DeviceRegistrar;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::mqtt::{self, MqttLimits};
+use crate::pre_auth::PreAuthHold;
 
 /// The TLS client certificate chain of the connection a request arrived on (leaf first, DER),
 /// as a request extension set by the listener.
@@ -52,7 +53,13 @@ pub async fn mqtt_websocket(
     ws: WebSocketUpgrade,
 ) -> Response {
     let certs = client_certs.map(|Extension(c)| c.0).unwrap_or_default();
-    upgrade(ws, registrar, certs, MqttLimits::default())
+    upgrade(
+        ws,
+        registrar,
+        certs,
+        MqttLimits::default(),
+        PreAuthHold::none(),
+    )
 }
 
 /// The offered subprotocol that names MQTT (`mqtt`, `MQTT`, any case), exactly as offered.
@@ -63,12 +70,14 @@ pub fn mqtt_subprotocol(ws: &WebSocketUpgrade) -> Option<HeaderValue> {
 }
 
 /// Accepts the upgrade with the offered MQTT subprotocol echoed and serves an MQTT session on
-/// the WebSocket; 400 when no MQTT subprotocol was offered.
+/// the WebSocket; 400 when no MQTT subprotocol was offered. The session releases `pre_auth`
+/// once the device has authenticated.
 pub fn upgrade(
     ws: WebSocketUpgrade,
     registrar: Arc<dyn DeviceRegistrar>,
     client_certs: Vec<Vec<u8>>,
     limits: MqttLimits,
+    pre_auth: PreAuthHold,
 ) -> Response {
     let Some(protocol) = mqtt_subprotocol(&ws) else {
         return (
@@ -82,7 +91,14 @@ pub fn upgrade(
     let mut ws = ws.max_message_size(max_message).max_frame_size(max_message);
     ws.set_selected_protocol(protocol);
     ws.on_upgrade(move |socket| async move {
-        mqtt::serve_connection(WsByteStream::new(socket), registrar, client_certs, limits).await;
+        mqtt::serve_connection(
+            WsByteStream::new(socket),
+            registrar,
+            client_certs,
+            limits,
+            pre_auth,
+        )
+        .await;
     })
 }
 

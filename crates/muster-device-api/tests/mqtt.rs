@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use mqtt_common::*;
 use muster_device_api::mqtt::{serve_connection, MqttLimits};
+use muster_device_api::pre_auth::PreAuthHold;
 use muster_registration::{DeviceCredential, DeviceRegistrar, DeviceReply};
 use rumqttc::mqttbytes::v4::{
     Connect, Login, Packet, Subscribe, SubscribeFilter, SubscribeReasonCode, Unsubscribe,
@@ -28,6 +29,7 @@ async fn server(registrar: Arc<FakeRegistrar>, limits: MqttLimits) -> SocketAddr
                 registrar.clone(),
                 Vec::new(),
                 limits.clone(),
+                PreAuthHold::none(),
             ));
         }
     });
@@ -293,6 +295,7 @@ async fn x509_and_missing_credentials() {
             registrar.clone(),
             certs,
             MqttLimits::default(),
+            PreAuthHold::none(),
         ));
         let mut c = RawClient::new(a);
         let mut connect = Connect::new(REG_ID);
@@ -533,4 +536,115 @@ async fn error_replies_pass_through() {
     let r = c.puback_then_response(1).await;
     assert_eq!(r.topic, "$dps/registrations/res/401/?$rid=1");
     assert_eq!(json_of(&r)["errorCode"], 401000);
+    // A failed attestation on a connection that never authenticated closes it, after the
+    // answer.
+    c.expect_closed().await;
+}
+
+/// A slot that records when it is let go.
+struct Slot(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_are_closed_and_authenticated_ones_kept() {
+    let fake = FakeRegistrar::new();
+    let limits = MqttLimits {
+        auth_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let registrar: Arc<dyn DeviceRegistrar> = fake.clone();
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slot = released.clone();
+    tokio::spawn(async move {
+        let mut slot = Some(slot);
+        while let Ok((stream, _)) = listener.accept().await {
+            let hold = match slot.take() {
+                Some(s) => PreAuthHold::new(Slot(s)),
+                None => PreAuthHold::none(),
+            };
+            tokio::spawn(serve_connection(
+                stream,
+                registrar.clone(),
+                Vec::new(),
+                limits.clone(),
+                hold,
+            ));
+        }
+    });
+
+    // Authenticated (the registrar accepted a request): the slot is let go at once, and the
+    // connection outlives the authentication deadline.
+    let mut good = client(addr).await;
+    let mut connect = Connect::new(REG_ID);
+    connect.keep_alive = 65535;
+    connect.login = Some(Login::new(USERNAME, SAS));
+    good.send(Packet::Connect(connect)).await;
+    good.packet().await;
+    good.subscribe().await;
+    good.publish(&format!("{REGISTER_TOPIC}g"), QoS::AtLeastOnce, 1, b"")
+        .await;
+    good.puback_then_response(1).await;
+    assert!(released.load(std::sync::atomic::Ordering::SeqCst));
+
+    // Never authenticated, however busy: closed once the deadline passes, pings or not.
+    let mut idle = client(addr).await;
+    let mut connect = Connect::new(REG_ID);
+    connect.keep_alive = 65535;
+    connect.login = Some(Login::new(USERNAME, "SharedAccessSignature bogus"));
+    idle.send(Packet::Connect(connect)).await;
+    idle.packet().await;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(5);
+    loop {
+        idle.send(Packet::PingReq).await;
+        match idle.recv().await {
+            Received::Closed => break,
+            Received::Packet(Packet::PingResp, _) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "still open after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(250));
+
+    // The authenticated connection is still served, well past the deadline.
+    good.send(Packet::PingReq).await;
+    assert_eq!(good.packet().await, Packet::PingResp);
+}
+
+#[tokio::test]
+async fn keep_alive_is_capped() {
+    let fake = FakeRegistrar::new();
+    let addr = server(
+        fake,
+        MqttLimits {
+            max_idle: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(addr).await;
+    let mut connect = Connect::new(REG_ID);
+    connect.keep_alive = 65535;
+    connect.login = Some(Login::new(USERNAME, SAS));
+    c.send(Packet::Connect(connect)).await;
+    c.packet().await;
+    c.subscribe().await;
+    c.publish(&format!("{REGISTER_TOPIC}1"), QoS::AtLeastOnce, 1, b"")
+        .await;
+    c.puback_then_response(1).await;
+    let start = Instant::now();
+    c.expect_closed().await;
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
 }

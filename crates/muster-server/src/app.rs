@@ -7,12 +7,9 @@
 //! - MQTT over WebSocket: `/$iothub/websocket`
 //! - web console: `/console` (`muster-console`)
 
-use std::sync::Arc;
-
 use axum::extract::Request;
 use axum::routing::get;
 use axum::Router;
-use muster_registration::DeviceRegistrar;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
@@ -21,22 +18,19 @@ use crate::mqtt_dispatch::{self, MqttServices};
 /// The router served on the HTTPS port.
 pub fn https_app(
     service_api: ServiceApi,
-    registrar: Arc<dyn DeviceRegistrar>,
-    hub: muster_hub::HubRegistry,
+    mqtt: MqttServices,
     console: muster_console::Console,
 ) -> Router {
+    let hub = mqtt.hub.clone();
     let inner = Router::new()
         .merge(muster_service_api::router(service_api))
-        .merge(muster_device_api::https::router(registrar.clone()))
+        .merge(muster_device_api::https::router(mqtt.registrar.clone()))
         .merge(
             Router::new()
                 .route("/$iothub/websocket", get(mqtt_dispatch::websocket))
                 // C# connects its WebSocket to `/`.
                 .route("/", get(mqtt_dispatch::websocket))
-                .with_state(MqttServices {
-                    registrar,
-                    hub: hub.clone(),
-                }),
+                .with_state(mqtt),
         )
         .merge(muster_hub::router(hub))
         .merge(muster_console::router(console))

@@ -3,6 +3,7 @@
 //! defaults ([`Config::default`]).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +28,27 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Extra names and addresses the local CA's server certificate should carry.
     pub extra_hosts: Vec<String>,
-    /// Most concurrent connections per listener; more wait in the accept queue.
+    /// Most concurrent connections per listener; more wait in the accept queue. Lowered at
+    /// start when the process's file descriptor limit could not hold that many.
     pub max_connections: usize,
+    /// Most connections one source address may have open before they authenticate (TLS,
+    /// then the first HTTP request or an authenticated MQTT registration / hub CONNECT);
+    /// more from that address are closed at once, so one address cannot take every slot.
+    pub max_unauthenticated_per_address: usize,
+    /// Time a client gets to complete the TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time a new HTTPS connection gets, after TLS, to send its first request's headers.
+    pub http_header_timeout_ms: u64,
+    /// Time a kept-alive HTTPS connection may wait for its next request (headers included).
+    pub http_idle_timeout_ms: u64,
+    /// Time a device MQTT connection gets, after TLS or the WebSocket upgrade, to send CONNECT.
+    pub mqtt_connect_timeout_ms: u64,
+    /// Time an MQTT registration connection gets, from its start, to authenticate (its first
+    /// request accepted); a failed attestation closes it at once, after the error response.
+    pub mqtt_auth_timeout_ms: u64,
+    /// The longest an MQTT device connection may stay silent: 1.5 × the client's keep-alive
+    /// is capped at this, which is also the limit when keep-alive is 0 (IoT Hub: 1767 s).
+    pub mqtt_max_idle_secs: u64,
     /// This node's region, matched against linked hubs' `location` by `geoLatency`.
     pub region: Option<String>,
     /// How long one call to a custom allocation webhook may take.
@@ -40,6 +60,20 @@ pub struct Config {
     /// How long the built-in hub keeps a device's persistent MQTT session (CleanSession=0)
     /// after the device disconnected.
     pub hub_session_expiry_secs: u64,
+}
+
+/// The listeners' limits and deadlines ([`Config::connection_limits`]); `max_connections` is
+/// what the descriptor limit allows, which may be less than configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_unauthenticated_per_address: usize,
+    pub tls_handshake_timeout: Duration,
+    pub http_header_timeout: Duration,
+    pub http_idle_timeout: Duration,
+    pub mqtt_connect_timeout: Duration,
+    pub mqtt_auth_timeout: Duration,
+    pub mqtt_max_idle: Duration,
 }
 
 /// A `[[linked-hubs]]` entry of the config file.
@@ -85,6 +119,13 @@ impl Default for Config {
             tls_key: None,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
+            max_unauthenticated_per_address: 256,
+            tls_handshake_timeout_ms: 10_000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 60_000,
+            mqtt_connect_timeout_ms: 10_000,
+            mqtt_auth_timeout_ms: 10_000,
+            mqtt_max_idle_secs: 1767,
             region: None,
             webhook_timeout_ms: 10_000,
             webhook_retries: 3,
@@ -151,7 +192,38 @@ impl Config {
                 "max-connections must be at least 1".into(),
             ));
         }
+        if self.max_unauthenticated_per_address == 0 {
+            return Err(ConfigError::Invalid(
+                "max-unauthenticated-per-address must be at least 1".into(),
+            ));
+        }
+        for (name, value) in [
+            ("tls-handshake-timeout-ms", self.tls_handshake_timeout_ms),
+            ("http-header-timeout-ms", self.http_header_timeout_ms),
+            ("http-idle-timeout-ms", self.http_idle_timeout_ms),
+            ("mqtt-connect-timeout-ms", self.mqtt_connect_timeout_ms),
+            ("mqtt-auth-timeout-ms", self.mqtt_auth_timeout_ms),
+            ("mqtt-max-idle-secs", self.mqtt_max_idle_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
         Ok(())
+    }
+
+    /// The listeners' deadlines and limits, as the listener and session code takes them.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_unauthenticated_per_address: self.max_unauthenticated_per_address,
+            tls_handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+            http_header_timeout: Duration::from_millis(self.http_header_timeout_ms),
+            http_idle_timeout: Duration::from_millis(self.http_idle_timeout_ms),
+            mqtt_connect_timeout: Duration::from_millis(self.mqtt_connect_timeout_ms),
+            mqtt_auth_timeout: Duration::from_millis(self.mqtt_auth_timeout_ms),
+            mqtt_max_idle: Duration::from_secs(self.mqtt_max_idle_secs),
+        }
     }
 
     /// The config as TOML, for `muster serve --print-config`.
@@ -176,6 +248,30 @@ mod tests {
         std::fs::write(&p, "dps-hots = \"x\"\n").unwrap();
         let e = Config::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("dps-hots"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_come_from_the_file_and_zero_is_refused() {
+        let text = "max-unauthenticated-per-address = 4\nhttp-header-timeout-ms = 1500\n\
+                    mqtt-max-idle-secs = 60\n";
+        let c: Config = toml::from_str(text).unwrap();
+        let limits = c.connection_limits();
+        assert_eq!(limits.max_unauthenticated_per_address, 4);
+        assert_eq!(limits.http_header_timeout, Duration::from_millis(1500));
+        assert_eq!(limits.mqtt_max_idle, Duration::from_secs(60));
+        assert_eq!(limits.tls_handshake_timeout, Duration::from_secs(10));
+        c.validate().unwrap();
+        let zero = Config {
+            mqtt_auth_timeout_ms: 0,
+            ..Config::default()
+        };
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt-auth-timeout-ms"), "{e}");
+        let zero = Config {
+            max_unauthenticated_per_address: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
     }
 
     #[test]

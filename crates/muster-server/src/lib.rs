@@ -9,18 +9,23 @@
 //!   signature is checked with the leaf's own key), judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
-//! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, draining.
+//! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
+//!   back-off when `accept` fails, draining.
+//! - [`admission`] — per-source-address limit on unauthenticated connections.
+//! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
 
+pub mod admission;
 pub mod app;
 pub mod bootstrap;
 pub mod client_cert;
 pub mod config;
 pub mod connection_info;
+pub mod descriptors;
 pub mod listener;
 pub mod local_hub;
 pub mod mqtt_dispatch;
@@ -134,6 +139,10 @@ impl Server {
         }
         let https_listeners = listener::bind(&https_addrs, "HTTPS").await?;
         let mqtt_listeners = listener::bind(&mqtt_addrs, "MQTT").await?;
+        let max_connections = fit_connections_to_descriptors(
+            config.max_connections,
+            https_listeners.len() + mqtt_listeners.len(),
+        );
         let bound: Vec<SocketAddr> = https_listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
@@ -152,6 +161,7 @@ impl Server {
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
 
         // The built-in hub, linked like any other hub.
+        let limits = config.connection_limits();
         let hub = muster_hub::HubRegistry::with_limits(
             store.clone(),
             hub_endpoint.clone(),
@@ -160,6 +170,8 @@ impl Server {
             entropy.clone(),
             muster_hub::DeviceEndpointLimits {
                 session_expiry: std::time::Duration::from_secs(config.hub_session_expiry_secs),
+                connect_timeout: limits.mqtt_connect_timeout,
+                max_idle: limits.mqtt_max_idle,
                 ..muster_hub::DeviceEndpointLimits::default()
             },
         );
@@ -213,6 +225,12 @@ impl Server {
         let mqtt_services = mqtt_dispatch::MqttServices {
             registrar: registrar.clone(),
             hub: hub.clone(),
+            limits: muster_device_api::mqtt::MqttLimits {
+                connect_timeout: limits.mqtt_connect_timeout,
+                auth_timeout: limits.mqtt_auth_timeout,
+                max_idle: limits.mqtt_max_idle,
+                ..Default::default()
+            },
         };
         let console = muster_console::Console::new(
             muster_console::ConsoleConfig {
@@ -226,13 +244,20 @@ impl Server {
             hub.clone(),
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
         );
-        let app = app::https_app(api, registrar.clone(), hub, console);
+        let app = app::https_app(api, mqtt_services.clone(), console);
+        let listener_limits = listener::ListenerLimits {
+            max_connections,
+            tls_handshake_timeout: limits.tls_handshake_timeout,
+            http_header_timeout: limits.http_header_timeout,
+            http_idle_timeout: limits.http_idle_timeout,
+            pre_auth: admission::PreAuthLimiter::new(limits.max_unauthenticated_per_address),
+        };
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
                 l,
                 https_tls.clone(),
                 app.clone(),
-                config.max_connections,
+                listener_limits.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -241,7 +266,7 @@ impl Server {
                 l,
                 mqtt_tls.clone(),
                 mqtt_services.clone(),
-                config.max_connections,
+                listener_limits.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -295,6 +320,34 @@ impl Server {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Raises the descriptor limit and returns the connection limit per listener that fits it,
+/// logging both.
+fn fit_connections_to_descriptors(configured: usize, listeners: usize) -> usize {
+    let Some(fds) = descriptors::raise_limit() else {
+        return configured;
+    };
+    let per_listener = descriptors::connections_per_listener(configured, listeners, fds.soft);
+    if per_listener < configured {
+        tracing::warn!(
+            soft = fds.soft,
+            hard = fds.hard,
+            listeners,
+            configured,
+            per_listener,
+            "max-connections lowered to what the file descriptor limit allows; raise the hard \
+             limit (LimitNOFILE= under systemd, ulimit -Hn) to serve more"
+        );
+    }
+    info!(
+        descriptors_soft = fds.soft,
+        descriptors_hard = fds.hard,
+        listeners,
+        max_connections_per_listener = per_listener,
+        "connection limits"
+    );
+    per_listener
 }
 
 /// The data dir holds keys: owner-only on creation.

@@ -39,6 +39,33 @@ pub struct ServeArgs {
     /// Extra host names or addresses for the server certificate (repeatable)
     #[arg(long = "extra-host")]
     extra_hosts: Vec<String>,
+    /// Most concurrent connections per listener (lowered to fit the descriptor limit)
+    /// [default: 10000]
+    #[arg(long, env = "MUSTER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most unauthenticated connections one source address may hold [default: 256]
+    #[arg(long, env = "MUSTER_MAX_UNAUTHENTICATED_PER_ADDRESS")]
+    max_unauthenticated_per_address: Option<usize>,
+    /// Time a client gets to complete the TLS handshake, in ms [default: 10000]
+    #[arg(long, env = "MUSTER_TLS_HANDSHAKE_TIMEOUT_MS")]
+    tls_handshake_timeout_ms: Option<u64>,
+    /// Time a new HTTPS connection gets to send its first request's headers, in ms
+    /// [default: 10000]
+    #[arg(long, env = "MUSTER_HTTP_HEADER_TIMEOUT_MS")]
+    http_header_timeout_ms: Option<u64>,
+    /// Time a kept-alive HTTPS connection may wait for its next request, in ms [default: 60000]
+    #[arg(long, env = "MUSTER_HTTP_IDLE_TIMEOUT_MS")]
+    http_idle_timeout_ms: Option<u64>,
+    /// Time a device MQTT connection gets to send CONNECT, in ms [default: 10000]
+    #[arg(long, env = "MUSTER_MQTT_CONNECT_TIMEOUT_MS")]
+    mqtt_connect_timeout_ms: Option<u64>,
+    /// Time an MQTT registration connection gets to authenticate, in ms [default: 10000]
+    #[arg(long, env = "MUSTER_MQTT_AUTH_TIMEOUT_MS")]
+    mqtt_auth_timeout_ms: Option<u64>,
+    /// Longest an MQTT device connection may stay silent, whatever its keep-alive, in s
+    /// [default: 1767]
+    #[arg(long, env = "MUSTER_MQTT_MAX_IDLE_SECS")]
+    mqtt_max_idle_secs: Option<u64>,
     /// Print the effective configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -73,6 +100,34 @@ impl ServeArgs {
             c.tls_key = self.tls_key.clone();
         }
         c.extra_hosts.extend(self.extra_hosts.iter().cloned());
+        let numbers = [
+            (self.max_connections, &mut c.max_connections),
+            (
+                self.max_unauthenticated_per_address,
+                &mut c.max_unauthenticated_per_address,
+            ),
+        ];
+        for (flag, field) in numbers {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        let durations = [
+            (
+                self.tls_handshake_timeout_ms,
+                &mut c.tls_handshake_timeout_ms,
+            ),
+            (self.http_header_timeout_ms, &mut c.http_header_timeout_ms),
+            (self.http_idle_timeout_ms, &mut c.http_idle_timeout_ms),
+            (self.mqtt_connect_timeout_ms, &mut c.mqtt_connect_timeout_ms),
+            (self.mqtt_auth_timeout_ms, &mut c.mqtt_auth_timeout_ms),
+            (self.mqtt_max_idle_secs, &mut c.mqtt_max_idle_secs),
+        ];
+        for (flag, field) in durations {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
         Ok(c)
     }
 }

@@ -9,6 +9,11 @@
 //!    [`DeviceCredential::Sas`](muster_registration::DeviceCredential::Sas) when a password was
 //!    sent, else `X509` with the TLS client chain when there is one, else `None`; it is not
 //!    checked here: the registrar checks it on every request and answers 401, as DPS does.
+//!    Until the registrar has accepted one of its requests the connection is
+//!    **unauthenticated**: a 401 (or 403) answer closes it once the answer is written (after
+//!    the device's DISCONNECT, or 1 s, whichever comes first), and one still unauthenticated
+//!    [`MqttLimits::auth_timeout`] after it started is closed (once the requests it has in
+//!    flight are answered). Authenticating releases the listener's [`PreAuthHold`].
 //!    CONNACK is 0 with session-present **always 0** (C# fails otherwise), clean session or not;
 //!    2 for a client id that isn't the registration id; 4 for a missing or malformed username.
 //! 2. **SUBSCRIBE** `$dps/registrations/res/#` is granted QoS 1 (0 if 0 was asked); any other
@@ -23,8 +28,8 @@
 //!    is 429 / 429001 with `retry-after`. A register payload that is not JSON gets 400 / 400001.
 //!    Responses are only published while the device is subscribed to the response filter.
 //! 4. **PINGREQ** → PINGRESP. Nothing received for 1.5 × keep-alive (or
-//!    [`MqttLimits::idle_timeout`] when keep-alive is 0) closes the connection. **DISCONNECT**
-//!    closes it after what was queued is written.
+//!    [`MqttLimits::idle_timeout`] when keep-alive is 0), at most [`MqttLimits::max_idle`],
+//!    closes the connection. **DISCONNECT** closes it after what was queued is written.
 //!
 //! Everything else closes the connection (debug log, never a panic): malformed bytes, a packet
 //! over [`MqttLimits::max_packet_size`], a QoS 2 publish, a publish on any other topic (DPS
@@ -46,7 +51,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use session::{Flow, Outgoing, Session};
+use crate::pre_auth::PreAuthHold;
+use session::{AuthState, Flow, Outgoing, Session};
 
 /// Per-connection limits.
 #[derive(Debug, Clone)]
@@ -61,6 +67,12 @@ pub struct MqttLimits {
     pub write_timeout: Duration,
     /// Idle limit for clients that disable keep-alive (CONNECT keep-alive 0, as the C SDK does).
     pub idle_timeout: Duration,
+    /// The longest a connection may stay silent, whatever keep-alive the client asked for
+    /// (65535 s would otherwise be 27 hours).
+    pub max_idle: Duration,
+    /// Time allowed from the start of the stream until a request of the device was accepted
+    /// by the registrar.
+    pub auth_timeout: Duration,
 }
 
 impl Default for MqttLimits {
@@ -71,9 +83,15 @@ impl Default for MqttLimits {
             max_inflight: 16,
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            max_idle: Duration::from_secs(1767),
+            auth_timeout: Duration::from_secs(10),
         }
     }
 }
+
+/// How long a connection whose attestation failed stays open after the answer, for the
+/// device to disconnect first.
+const ATTESTATION_FAILED_LINGER: Duration = Duration::from_secs(1);
 
 /// The first byte of every CONNECT (type 1, flags 0).
 const CONNECT_BYTE: u8 = 0x10;
@@ -82,20 +100,23 @@ const CONNECT_BYTE: u8 = 0x10;
 const OUTGOING_QUEUE: usize = 64;
 
 /// Serves one MQTT connection until it closes. `client_certs` is the TLS client certificate
-/// chain (leaf first, DER), empty when none was presented or there is no TLS.
+/// chain (leaf first, DER), empty when none was presented or there is no TLS. `pre_auth` is
+/// released once the device has authenticated.
 pub async fn serve_connection<S>(
     stream: S,
     registrar: Arc<dyn DeviceRegistrar>,
     client_certs: Vec<Vec<u8>>,
     limits: MqttLimits,
+    pre_auth: PreAuthHold,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let start = Instant::now();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut reader = PacketReader::new(limits.max_packet_size);
 
     // CONNECT
-    let connect_deadline = Instant::now() + limits.connect_timeout;
+    let connect_deadline = start + limits.connect_timeout;
     let connect = match reader.next_frame(&mut rd, connect_deadline).await {
         Ok(()) => match reader.connect_protocol() {
             ConnectProtocol::NotConnect => {
@@ -137,7 +158,10 @@ pub async fn serve_connection<S>(
         Duration::from_millis(u64::from(connect.keep_alive) * 1500)
     } else {
         limits.idle_timeout
-    };
+    }
+    .min(limits.max_idle);
+    let auth_deadline = start + limits.auth_timeout;
+    let auth = Arc::new(AuthState::new(pre_auth));
 
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
     // The queue is empty, so this cannot fail for lack of room.
@@ -145,15 +169,52 @@ pub async fn serve_connection<S>(
         ConnectReturnCode::Success,
         false,
     ))));
-    let mut session = Session::new(identity, registrar, tx.clone(), limits.max_inflight);
+    let mut session = Session::new(
+        identity,
+        registrar,
+        tx.clone(),
+        limits.max_inflight,
+        auth.clone(),
+    );
 
     let read_side = async {
         let reason = loop {
-            match reader.next_packet(&mut rd, Instant::now() + idle).await {
+            if auth.failed_now() {
+                // Give the device a moment to leave by itself (SDKs disconnect on a 401 and
+                // complain when the socket is already gone), reading nothing more.
+                let linger_end = Instant::now() + ATTESTATION_FAILED_LINGER;
+                while let Ok(packet) = reader.next_packet(&mut rd, linger_end).await {
+                    if packet == Packet::Disconnect {
+                        break;
+                    }
+                }
+                break "attestation failed on an unauthenticated connection".to_string();
+            }
+            if !auth.is_authenticated() && Instant::now() >= auth_deadline {
+                // Requests still being answered may yet authenticate the device.
+                session.settled().await;
+                if !auth.is_authenticated() {
+                    break format!("not authenticated within {:?}", limits.auth_timeout);
+                }
+            }
+            let mut deadline = Instant::now() + idle;
+            if !auth.is_authenticated() {
+                deadline = deadline.min(auth_deadline);
+            }
+            let read = tokio::select! {
+                read = reader.next_packet(&mut rd, deadline) => read,
+                () = auth.failed() => continue,
+            };
+            match read {
                 Ok(packet) => {
                     if let Flow::Close(reason) = session.handle(packet).await {
                         break reason;
                     }
+                }
+                Err(ReadEnd::TimedOut)
+                    if !auth.is_authenticated() && Instant::now() >= auth_deadline =>
+                {
+                    continue
                 }
                 Err(end) => break end.to_string(),
             }
@@ -169,7 +230,7 @@ pub async fn serve_connection<S>(
             let _ = timeout(limits.write_timeout, &mut write_side).await;
         }
         () = &mut write_side => {
-            tracing::debug!("MQTT connection closed: writing failed");
+            tracing::debug!("MQTT connection closed by the writer (a failed write or attestation)");
         }
     }
 }

@@ -6,7 +6,7 @@
 //! request's own task when the registrar answers, so the PUBACK always precedes the response
 //! (C#'s strict state machine), while slow requests don't hold up the others.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,9 +21,10 @@ use rumqttc::mqttbytes::v4::{
     UnsubAck, Unsubscribe,
 };
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use super::topic::{self, RequestTopic, RESPONSE_FILTER};
+use crate::pre_auth::PreAuthHold;
 
 /// What the connection's writer sends, in queue order.
 #[derive(Debug)]
@@ -91,6 +92,54 @@ pub(crate) fn accept_connect(
     })
 }
 
+/// Whether the device has authenticated: the registrar accepted one of its requests.
+pub(crate) struct AuthState {
+    authenticated: AtomicBool,
+    /// Attestation failed before the device ever authenticated: the connection is to close.
+    failed: AtomicBool,
+    failure: Notify,
+    pre_auth: PreAuthHold,
+}
+
+impl AuthState {
+    pub(crate) fn new(pre_auth: PreAuthHold) -> Self {
+        Self {
+            authenticated: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            failure: Notify::new(),
+            pre_auth,
+        }
+    }
+
+    pub(crate) fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn failed_now(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once attestation failed on this never-authenticated connection (the reader is
+    /// the only waiter).
+    pub(crate) async fn failed(&self) {
+        while !self.failed.load(Ordering::SeqCst) {
+            self.failure.notified().await;
+        }
+    }
+
+    /// Takes note of a reply's status; true when the connection must close after the reply:
+    /// attestation failed (401, or 403) on a connection that never authenticated.
+    fn observe(&self, status: u16) -> bool {
+        if (200..300).contains(&status) {
+            if !self.authenticated.swap(true, Ordering::SeqCst) {
+                self.pre_auth.release();
+            }
+            return false;
+        }
+        matches!(status, 401 | 403) && !self.is_authenticated()
+    }
+}
+
 /// What the reader does after a packet.
 #[derive(Debug)]
 pub(crate) enum Flow {
@@ -107,6 +156,8 @@ pub(crate) struct Session {
     registrar: Arc<dyn DeviceRegistrar>,
     tx: mpsc::Sender<Outgoing>,
     inflight: Arc<Semaphore>,
+    max_inflight: u32,
+    auth: Arc<AuthState>,
     /// Granted QoS of the response subscription, or [`NOT_SUBSCRIBED`]; shared with request
     /// tasks, which read it when their answer is ready.
     subscription: Arc<AtomicU8>,
@@ -118,14 +169,23 @@ impl Session {
         registrar: Arc<dyn DeviceRegistrar>,
         tx: mpsc::Sender<Outgoing>,
         max_inflight: usize,
+        auth: Arc<AuthState>,
     ) -> Self {
+        let max_inflight = max_inflight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             identity: Arc::new(identity),
             registrar,
             tx,
-            inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
+            inflight: Arc::new(Semaphore::new(max_inflight)),
+            max_inflight: max_inflight as u32,
+            auth,
             subscription: Arc::new(AtomicU8::new(NOT_SUBSCRIBED)),
         }
+    }
+
+    /// Waits until no request of this connection is being answered.
+    pub(crate) async fn settled(&self) {
+        let _all = self.inflight.acquire_many(self.max_inflight).await;
     }
 
     pub(crate) async fn handle(&mut self, packet: Packet) -> Flow {
@@ -198,6 +258,7 @@ impl Session {
             rid: request.rid().to_owned(),
             tx: self.tx.clone(),
             subscription: self.subscription.clone(),
+            auth: self.auth.clone(),
         };
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
             let reply = error_reply(
@@ -258,12 +319,25 @@ struct Responder {
     rid: String,
     tx: mpsc::Sender<Outgoing>,
     subscription: Arc<AtomicU8>,
+    auth: Arc<AuthState>,
 }
 
 impl Responder {
     /// Queues the response publish, unless the device holds no subscription it would match
-    /// (an MQTT server only delivers to subscribers).
+    /// (an MQTT server only delivers to subscribers); then the close, when attestation failed
+    /// on a connection that never authenticated, tells the reader to close.
     async fn respond(self, reply: DeviceReply) -> Flow {
+        let failed = self.auth.observe(reply.status);
+        let flow = self.publish(reply).await;
+        if failed {
+            // After the answer is queued: the reader then closes the connection.
+            self.auth.failed.store(true, Ordering::SeqCst);
+            self.auth.failure.notify_one();
+        }
+        flow
+    }
+
+    async fn publish(&self, reply: DeviceReply) -> Flow {
         let qos = match self.subscription.load(Ordering::SeqCst) {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,

@@ -95,6 +95,7 @@ pub struct RawClient<S> {
     buf: BytesMut,
 }
 
+#[derive(Debug)]
 pub enum Received {
     Packet(Packet, Vec<u8>),
     Closed,

@@ -76,6 +76,11 @@ use session::{Flow, Session};
 /// Packets queued for the writer; the session waits (and stops reading) when it is full.
 const OUTGOING_QUEUE: usize = 64;
 
+/// One line per interval, with a count, for store failures every connection or message would
+/// repeat (a full disk would otherwise flood the log).
+pub(crate) static STORE_FAILED: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(Duration::from_secs(10));
+
 /// Serves one device's MQTT connection until it closes. The stream starts with the CONNECT
 /// packet. `client_certs` is the TLS client certificate chain (leaf first, DER), empty when
 /// none was presented or there is no TLS.
@@ -167,7 +172,9 @@ where
         .set_connection_state(&identity.device_id, ConnectionState::Connected)
         .await
     {
-        tracing::warn!(error = %e, "could not record the device as connected");
+        if let Some(suppressed) = STORE_FAILED.admit() {
+            tracing::warn!(error = %e, suppressed, "could not record the device as connected");
+        }
     }
     let (tx, rx) = mpsc::channel(OUTGOING_QUEUE);
     let writer = tokio::spawn(write_loop(wr, rx, limits.write_timeout));
@@ -244,7 +251,9 @@ where
             .set_connection_state(&identity.device_id, ConnectionState::Disconnected)
             .await
         {
-            tracing::warn!(error = %e, "could not record the device as disconnected");
+            if let Some(suppressed) = STORE_FAILED.admit() {
+                tracing::warn!(error = %e, suppressed, "could not record the device as disconnected");
+            }
         }
     }
     drop(session);

@@ -435,7 +435,9 @@ impl Session {
             return Flow::Continue;
         };
         if let Err(e) = self.hub.complete_cloud_to_device(&key).await {
-            tracing::warn!(error = %e, "could not remove a delivered cloud-to-device message");
+            if let Some(suppressed) = super::STORE_FAILED.admit() {
+                tracing::warn!(error = %e, suppressed, "could not remove a delivered cloud-to-device message");
+            }
         }
         self.c2d_sent.remove(&key);
         self.deliver_c2d().await
@@ -458,7 +460,9 @@ impl Session {
         {
             Ok(q) => q,
             Err(e) => {
-                tracing::warn!(error = %e, "reading the cloud-to-device queue failed");
+                if let Some(suppressed) = super::STORE_FAILED.admit() {
+                    tracing::warn!(error = %e, suppressed, "reading the cloud-to-device queue failed");
+                }
                 return Flow::Continue;
             }
         };
@@ -478,7 +482,9 @@ impl Session {
             if qos == QoS::AtMostOnce {
                 // No acknowledgement will come: written is delivered.
                 if let Err(e) = self.hub.complete_cloud_to_device(&key).await {
-                    tracing::warn!(error = %e, "could not remove a delivered cloud-to-device message");
+                    if let Some(suppressed) = super::STORE_FAILED.admit() {
+                        tracing::warn!(error = %e, suppressed, "could not remove a delivered cloud-to-device message");
+                    }
                 }
             } else {
                 self.c2d_inflight.insert(pkid, key.clone());
