@@ -3,14 +3,19 @@
 //! Symmetric keys (device-protocol.md §3): the SAS token's `sr` must name
 //! `{idScope}/registrations/{registrationId}`; the signature is checked over `sr` exactly as
 //! sent (and its other encodings) with the individual enrollment's keys, or with keys derived
-//! from each symmetric-key group's keys. An individual enrollment wins over groups; a disabled
+//! from a symmetric-key group's keys. An individual enrollment wins over groups; a disabled
 //! individual enrollment blocks a device its group would accept.
+//!
+//! Which group: the one the device's registration record names is tried first, alone (a
+//! re-registration or a poll costs the same with one group or ten thousand); only if it does
+//! not sign the token (no record, the group was deleted, the device holds another group's
+//! key, or the token is forged) are all groups searched in id order, under the bound of
+//! [`crate::group_search`].
 //!
 //! X.509 (device-protocol.md §6): the TLS client chain, judged in [`crate::x509`].
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use muster_attestation::symmetric_key;
 use muster_proto::device::X509RegistrationResult;
 use muster_proto::{
     AttestationType, EnrollmentGroup, ErrorCode, IndividualEnrollment, RegistrationId, SasError,
@@ -19,7 +24,8 @@ use muster_proto::{
 use muster_store::records::{self, Stored};
 use muster_store::{Collection, Store};
 
-use crate::group_cache::GroupCache;
+use crate::group_cache::{device_key_b64, GroupCache};
+use crate::group_search::signed_with;
 use crate::hub_client::HubAuthentication;
 use crate::record::EnrollmentRef;
 use crate::{DeviceCredential, DeviceFailure};
@@ -78,12 +84,15 @@ fn unauthorized(msg: impl Into<String>) -> DeviceFailure {
     DeviceFailure::new(ErrorCode::Unauthorized, msg)
 }
 
+/// `known_group` is the enrollment group the device's registration record names, if any: the
+/// first group tried.
 pub async fn attest(
     store: &dyn Store,
     groups: &GroupCache,
     id_scope: &str,
     registration_id: &RegistrationId,
     credential: &DeviceCredential,
+    known_group: Option<&str>,
     now_unix: i64,
 ) -> Result<Attestation, DeviceFailure> {
     match credential {
@@ -106,7 +115,7 @@ pub async fn attest(
                     )));
                 }
             }
-            attest_symmetric(store, groups, registration_id, &token, now_unix).await
+            attest_symmetric(store, groups, registration_id, &token, known_group, now_unix).await
         }
         DeviceCredential::X509 { chain } => {
             crate::x509::attest(store, groups, registration_id, chain, now_unix).await
@@ -143,18 +152,12 @@ fn verifies(token: &SasToken, key_b64: Option<&str>, now_unix: i64) -> bool {
         .is_ok()
 }
 
-fn derived_keys(group: &EnrollmentGroup, registration_id: &str) -> Option<(String, String)> {
-    let sk = group.attestation.symmetric_key.as_ref()?;
-    let p = symmetric_key::derive_device_key(sk.primary_key.as_deref()?, registration_id).ok()?;
-    let s = symmetric_key::derive_device_key(sk.secondary_key.as_deref()?, registration_id).ok()?;
-    Some((p, s))
-}
-
 async fn attest_symmetric(
     store: &dyn Store,
     groups: &GroupCache,
     registration_id: &RegistrationId,
     token: &SasToken,
+    known_group: Option<&str>,
     now_unix: i64,
 ) -> Result<Attestation, DeviceFailure> {
     let key = registration_id.key();
@@ -192,12 +195,12 @@ async fn attest_symmetric(
             ));
         }
         // A disabled individual enrollment blocks the device if its group accepts it.
-        return match find_group(&groups.all(store).await?, registration_id, token, now_unix) {
+        return match find_group(store, groups, registration_id, token, known_group).await? {
             Some((group, _)) => Ok(Attestation::Disabled(Matched::Group(Box::new(group)))),
             None => Err(not_attested()),
         };
     }
-    match find_group(&groups.all(store).await?, registration_id, token, now_unix) {
+    match find_group(store, groups, registration_id, token, known_group).await? {
         Some((group, (primary_key, secondary_key))) => {
             if !group.value.is_enabled() {
                 return Ok(Attestation::Disabled(Matched::Group(Box::new(group))));
@@ -222,23 +225,31 @@ fn not_attested() -> DeviceFailure {
     )
 }
 
-/// The first symmetric-key group whose derived key signed the token, in group id order.
-fn find_group(
-    groups: &[Stored<EnrollmentGroup>],
+/// The symmetric-key group whose derived key signed the token, and the device's keys in it:
+/// the known group if it signed, else the first in id order.
+async fn find_group(
+    store: &dyn Store,
+    groups: &GroupCache,
     registration_id: &RegistrationId,
     token: &SasToken,
-    now_unix: i64,
-) -> Option<(Stored<EnrollmentGroup>, (String, String))> {
-    for g in groups {
-        if g.value.attestation.kind != AttestationType::SymmetricKey {
-            continue;
-        }
-        // Devices derive from the id as they send it.
-        if let Some((p, s)) = derived_keys(&g.value, registration_id.as_str()) {
-            if verifies(token, Some(&p), now_unix) || verifies(token, Some(&s), now_unix) {
-                return Some((g.clone(), (p, s)));
+    known_group: Option<&str>,
+) -> Result<Option<(Stored<EnrollmentGroup>, (String, String))>, DeviceFailure> {
+    let messages = token.signed_messages();
+    // Devices derive from the id as they send it.
+    let rid = registration_id.as_str();
+    if let Some(id) = known_group {
+        if let Some((group, Some(keys))) = groups.group(store, id).await? {
+            if let Some((p, s)) = signed_with(&keys, rid, token, &messages) {
+                return Ok(Some((group, (device_key_b64(&p), device_key_b64(&s)))));
             }
         }
     }
-    None
+    let found = groups
+        .search()
+        .find(groups, store, rid, token, &messages)
+        .await?;
+    Ok(found.map(|f| {
+        let (p, s) = f.device_keys;
+        (f.group, (device_key_b64(&p), device_key_b64(&s)))
+    }))
 }
