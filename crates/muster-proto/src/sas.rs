@@ -159,7 +159,11 @@ impl SasToken {
         for m in messages {
             let mut mac = keyed.clone();
             mac.update(m.as_bytes());
-            ok |= mac.finalize().into_bytes().as_slice().ct_eq(&self.signature);
+            ok |= mac
+                .finalize()
+                .into_bytes()
+                .as_slice()
+                .ct_eq(&self.signature);
         }
         bool::from(ok)
     }

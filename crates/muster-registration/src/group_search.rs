@@ -141,6 +141,34 @@ impl GroupSearch {
             .map_err(|e| DeviceFailure::internal("searching the enrollment groups", e))
     }
 
+    /// Takes every turn and waiting place until the returned guard drops: any search is then
+    /// refused, so a test can tell a search from a lookup by id.
+    #[cfg(test)]
+    pub(crate) fn occupy(&self) -> impl Drop + '_ {
+        struct Occupied<'a> {
+            admitted: &'a AtomicUsize,
+            places: usize,
+            _turns: tokio::sync::OwnedSemaphorePermit,
+        }
+        impl Drop for Occupied<'_> {
+            fn drop(&mut self) {
+                self.admitted.fetch_sub(self.places, Ordering::AcqRel);
+            }
+        }
+        self.admitted.fetch_add(self.max_admitted, Ordering::AcqRel);
+        let permits = u32::try_from(self.running.available_permits()).unwrap_or(u32::MAX);
+        let permit = self
+            .running
+            .clone()
+            .try_acquire_many_owned(permits)
+            .expect("no search runs in the test");
+        Occupied {
+            admitted: &self.admitted,
+            places: self.max_admitted,
+            _turns: permit,
+        }
+    }
+
     fn admit(&self) -> Result<Admission<'_>, DeviceFailure> {
         let before = self.admitted.fetch_add(1, Ordering::AcqRel);
         let admission = Admission(&self.admitted);
