@@ -23,8 +23,7 @@ use sha2::Sha256;
 
 use crate::group_search::GroupSearch;
 
-/// More groups than this are read page by page each time instead of being held in memory
-/// (about 1.5 KiB each, keys prepared).
+/// More groups than this are read page by page each time instead of being held in memory.
 const MAX_CACHED_GROUPS: usize = 10_000;
 const PAGE: usize = 500;
 
