@@ -8,7 +8,10 @@
 #   3. an open-loop run at half the measured keep-alive rate, for latency percentiles;
 #   4. the service API: bulk creation of individual enrollments and paging-query latency,
 #      then again after seeding registration records into the group (server stopped);
-#   5. (full runs, when scripts/interop.sh has made .interop/venv) Microsoft's Python SDK
+#   5. attestation cost as enrollment groups grow: a fresh server with 1, then 100, then
+#      10,000 symmetric-key groups; server CPU per forged token, first registration,
+#      re-registration and forged token for a registered id (`muster bench attestation`);
+#   6. (full runs, when scripts/interop.sh has made .interop/venv) Microsoft's Python SDK
 #      registering devices one process at a time, process start to `assigned`, against a
 #      second server on the standard ports 443/8883 of BENCH_SDK_HOST (127.0.0.11), since the
 #      SDK has no port option.
@@ -17,11 +20,12 @@
 # stopped on exit.
 #
 # Usage: scripts/bench.sh [--smoke] [--out FILE]
-#   --smoke   tiny counts (20 devices, 1,000 enrollments, 10,000 records) with the debug
-#             build, to prove the commands run (scripts/test.sh does this)
+#   --smoke   tiny counts (20 devices, 1,000 enrollments, 10,000 records, 1 and 40 groups)
+#             with the debug build, to prove the commands run (scripts/test.sh does this)
 #   --out     JSON results [default: $CARGO_TARGET_DIR/bench/results.json]
 # Sizes can be overridden: BENCH_COUNT, BENCH_WARMUP, BENCH_CONCURRENCY, BENCH_ENROLLMENTS,
-# BENCH_RECORDS, BENCH_QUERIES, BENCH_SDK_COUNT (10); addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
+# BENCH_RECORDS, BENCH_QUERIES, BENCH_SDK_COUNT (10), BENCH_ATTEST_GROUPS ("1 100 10000"),
+# BENCH_ATTEST_COUNT (300); addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,7 +35,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1 ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -41,12 +45,14 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 if [[ $smoke -eq 1 ]]; then
   count=${BENCH_COUNT:-20}; warmup=${BENCH_WARMUP:-5}; conc=${BENCH_CONCURRENCY:-4}
   enrollments=${BENCH_ENROLLMENTS:-1000}; records=${BENCH_RECORDS:-10000}; queries=${BENCH_QUERIES:-10}
+  attest_groups=${BENCH_ATTEST_GROUPS:-"1 40"}; attest_count=${BENCH_ATTEST_COUNT:-5}
   host=${BENCH_HOST:-127.0.0.10}; base=${BENCH_PORT_BASE:-18450}
   cargo build -p muster --locked --quiet
   bin="$target_dir/debug/muster"
 else
   count=${BENCH_COUNT:-10000}; warmup=${BENCH_WARMUP:-1000}; conc=${BENCH_CONCURRENCY:-64}
   enrollments=${BENCH_ENROLLMENTS:-100000}; records=${BENCH_RECORDS:-1000000}; queries=${BENCH_QUERIES:-200}
+  attest_groups=${BENCH_ATTEST_GROUPS:-"1 100 10000"}; attest_count=${BENCH_ATTEST_COUNT:-300}
   host=${BENCH_HOST:-127.0.0.9}; base=${BENCH_PORT_BASE:-18440}
   cargo build --release -p muster --locked --quiet
   bin="$target_dir/release/muster"
@@ -164,6 +170,22 @@ step "service API: $queries paging queries over $records+ records"
   --group-id bench --server-pid "$server_pid" --json >"$results/service-api-seeded.json"
 stop_server
 
+step "attestation with $attest_groups groups (a fresh server), $attest_count devices per phase"
+suite_data="$data"; data="$work/attest-server"
+start_server
+for n in $attest_groups; do
+  "$bin" bench attestation --data-dir "$data" --groups "$n" --count "$attest_count" \
+    --server-pid "$server_pid" --json >"$results/attestation-$n.json"
+  python3 - "$results/attestation-$n.json" <<'PY' >&2
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f'   {r["groups"]} groups: ' + ", ".join(
+    f'{p["phase"]} {p["server_cpu_ms_per_request"]:.3f} ms' for p in r["phases"]))
+PY
+done
+stop_server
+data="$suite_data"
+
 sdk_python="$PWD/.interop/venv/bin/python"
 if [[ $smoke -eq 0 && -x "$sdk_python" ]] && "$sdk_python" -c 'import azure.iot.device' 2>/dev/null; then
   sdk_count=${BENCH_SDK_COUNT:-10}
@@ -228,6 +250,10 @@ for name in ("service-api", "service-api-seeded"):
         print(f"query {q['collection']} ({q['items']} items, {name}): p50 {l['p50_ms']:.1f} p90 {l['p90_ms']:.1f} "
               f"p99 {l['p99_ms']:.1f} max {l['max_ms']:.1f} ms over {q['queries']} pages of {q['page_size']}, "
               f"server peak RSS {rss:.1f} MiB")
+attest = sorted((r for n, r in runs.items() if n.startswith("attestation-")), key=lambda r: r["groups"])
+for r in attest:
+    cells = ", ".join(f'{p["phase"]} {p["server_cpu_ms_per_request"]:.3f}' for p in r["phases"])
+    print(f"attestation with {r['groups']} groups, server CPU ms per request: {cells}")
 s = runs.get("seed-records")
 if s:
     print(f"seed-records: {s['records']} in {s['secs']:.2f} s ({s['records_per_sec']:.0f}/s)")

@@ -121,23 +121,51 @@ impl SasToken {
                 expiry: self.expiry,
             });
         }
-        let encoded = encode_resource(&self.resource);
-        let candidates = [
-            self.sr_raw.clone(),
-            self.resource.clone(),
-            encoded.clone(),
-            lower_hex_escapes(&encoded),
-        ];
-        let mut ok = subtle::Choice::from(0u8);
-        for c in candidates {
-            let expected = hmac_bytes(key, &format!("{c}\n{}", self.expiry));
-            ok |= expected.ct_eq(&self.signature);
-        }
-        if bool::from(ok) {
+        // HMAC takes keys of any length: this never fails.
+        let Ok(keyed) = HmacSha256::new_from_slice(key) else {
+            return Err(SasError::BadSignature);
+        };
+        if self.signature_matches(&keyed, &self.signed_messages()) {
             Ok(())
         } else {
             Err(SasError::BadSignature)
         }
+    }
+
+    /// The messages the signature may cover, each distinct once: `sr` exactly as sent and in
+    /// the other encodings clients use, then `\n{se}`. Callers that try many keys against one
+    /// token build this once.
+    pub fn signed_messages(&self) -> Vec<String> {
+        let encoded = encode_resource(&self.resource);
+        let mut messages: Vec<String> = Vec::with_capacity(4);
+        for sr in [
+            self.sr_raw.clone(),
+            self.resource.clone(),
+            lower_hex_escapes(&encoded),
+            encoded,
+        ] {
+            let message = format!("{sr}\n{}", self.expiry);
+            if !messages.contains(&message) {
+                messages.push(message);
+            }
+        }
+        messages
+    }
+
+    /// Whether the signature is the HMAC of one of `messages` under `keyed` (an HMAC already
+    /// keyed, so its key schedule is paid once). Constant-time in the signature; no expiry check.
+    pub fn signature_matches(&self, keyed: &Hmac<Sha256>, messages: &[String]) -> bool {
+        let mut ok = subtle::Choice::from(0u8);
+        for m in messages {
+            let mut mac = keyed.clone();
+            mac.update(m.as_bytes());
+            ok |= mac
+                .finalize()
+                .into_bytes()
+                .as_slice()
+                .ct_eq(&self.signature);
+        }
+        bool::from(ok)
     }
 
     /// Makes a token the way Python and C# do: `sr` encoded, and the encoded form signed.

@@ -3,14 +3,19 @@
 //! Symmetric keys (device-protocol.md §3): the SAS token's `sr` must name
 //! `{idScope}/registrations/{registrationId}`; the signature is checked over `sr` exactly as
 //! sent (and its other encodings) with the individual enrollment's keys, or with keys derived
-//! from each symmetric-key group's keys. An individual enrollment wins over groups; a disabled
+//! from a symmetric-key group's keys. An individual enrollment wins over groups; a disabled
 //! individual enrollment blocks a device its group would accept.
+//!
+//! Which group: the one the device's registration record names is tried first, alone (a
+//! re-registration or a poll costs the same with one group or ten thousand); only if it does
+//! not sign the token (no record, the group was deleted, the device holds another group's
+//! key, or the token is forged) are all groups searched in id order, under the bound of
+//! [`crate::group_search`].
 //!
 //! X.509 (device-protocol.md §6): the TLS client chain, judged in [`crate::x509`].
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use muster_attestation::symmetric_key;
 use muster_proto::device::X509RegistrationResult;
 use muster_proto::{
     AttestationType, EnrollmentGroup, ErrorCode, IndividualEnrollment, RegistrationId, SasError,
@@ -19,7 +24,8 @@ use muster_proto::{
 use muster_store::records::{self, Stored};
 use muster_store::{Collection, Store};
 
-use crate::group_cache::GroupCache;
+use crate::group_cache::{device_key_b64, GroupCache};
+use crate::group_search::signed_with;
 use crate::hub_client::HubAuthentication;
 use crate::record::EnrollmentRef;
 use crate::{DeviceCredential, DeviceFailure};
@@ -78,12 +84,15 @@ fn unauthorized(msg: impl Into<String>) -> DeviceFailure {
     DeviceFailure::new(ErrorCode::Unauthorized, msg)
 }
 
+/// `known_group` is the enrollment group the device's registration record names, if any: the
+/// first group tried.
 pub async fn attest(
     store: &dyn Store,
     groups: &GroupCache,
     id_scope: &str,
     registration_id: &RegistrationId,
     credential: &DeviceCredential,
+    known_group: Option<&str>,
     now_unix: i64,
 ) -> Result<Attestation, DeviceFailure> {
     match credential {
@@ -106,7 +115,15 @@ pub async fn attest(
                     )));
                 }
             }
-            attest_symmetric(store, groups, registration_id, &token, now_unix).await
+            attest_symmetric(
+                store,
+                groups,
+                registration_id,
+                &token,
+                known_group,
+                now_unix,
+            )
+            .await
         }
         DeviceCredential::X509 { chain } => {
             crate::x509::attest(store, groups, registration_id, chain, now_unix).await
@@ -143,18 +160,12 @@ fn verifies(token: &SasToken, key_b64: Option<&str>, now_unix: i64) -> bool {
         .is_ok()
 }
 
-fn derived_keys(group: &EnrollmentGroup, registration_id: &str) -> Option<(String, String)> {
-    let sk = group.attestation.symmetric_key.as_ref()?;
-    let p = symmetric_key::derive_device_key(sk.primary_key.as_deref()?, registration_id).ok()?;
-    let s = symmetric_key::derive_device_key(sk.secondary_key.as_deref()?, registration_id).ok()?;
-    Some((p, s))
-}
-
 async fn attest_symmetric(
     store: &dyn Store,
     groups: &GroupCache,
     registration_id: &RegistrationId,
     token: &SasToken,
+    known_group: Option<&str>,
     now_unix: i64,
 ) -> Result<Attestation, DeviceFailure> {
     let key = registration_id.key();
@@ -192,12 +203,12 @@ async fn attest_symmetric(
             ));
         }
         // A disabled individual enrollment blocks the device if its group accepts it.
-        return match find_group(&groups.all(store).await?, registration_id, token, now_unix) {
+        return match find_group(store, groups, registration_id, token, known_group).await? {
             Some((group, _)) => Ok(Attestation::Disabled(Matched::Group(Box::new(group)))),
             None => Err(not_attested()),
         };
     }
-    match find_group(&groups.all(store).await?, registration_id, token, now_unix) {
+    match find_group(store, groups, registration_id, token, known_group).await? {
         Some((group, (primary_key, secondary_key))) => {
             if !group.value.is_enabled() {
                 return Ok(Attestation::Disabled(Matched::Group(Box::new(group))));
@@ -222,23 +233,307 @@ fn not_attested() -> DeviceFailure {
     )
 }
 
-/// The first symmetric-key group whose derived key signed the token, in group id order.
-fn find_group(
-    groups: &[Stored<EnrollmentGroup>],
+/// The symmetric-key group whose derived key signed the token, and the device's keys in it:
+/// the known group if it signed, else the first in id order.
+async fn find_group(
+    store: &dyn Store,
+    groups: &GroupCache,
     registration_id: &RegistrationId,
     token: &SasToken,
-    now_unix: i64,
-) -> Option<(Stored<EnrollmentGroup>, (String, String))> {
-    for g in groups {
-        if g.value.attestation.kind != AttestationType::SymmetricKey {
-            continue;
-        }
-        // Devices derive from the id as they send it.
-        if let Some((p, s)) = derived_keys(&g.value, registration_id.as_str()) {
-            if verifies(token, Some(&p), now_unix) || verifies(token, Some(&s), now_unix) {
-                return Some((g.clone(), (p, s)));
+    known_group: Option<&str>,
+) -> Result<Option<(Stored<EnrollmentGroup>, (String, String))>, DeviceFailure> {
+    let messages = token.signed_messages();
+    // Devices derive from the id as they send it.
+    let rid = registration_id.as_str();
+    if let Some(id) = known_group {
+        if let Some((group, Some(keys))) = groups.group(store, id).await? {
+            if let Some((p, s)) = signed_with(&keys, rid, token, &messages) {
+                return Ok(Some((group, (device_key_b64(&p), device_key_b64(&s)))));
             }
         }
     }
-    None
+    let found = groups
+        .search()
+        .find(groups, store, rid, token, &messages)
+        .await?;
+    Ok(found.map(|f| {
+        let (p, s) = f.device_keys;
+        (f.group, (device_key_b64(&p), device_key_b64(&s)))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use muster_attestation::symmetric_key;
+    use muster_store::{Expect, SqliteStore, Write};
+    use serde_json::json;
+
+    use super::*;
+    use crate::group_search::INLINE_GROUPS;
+
+    const SCOPE: &str = "0ne00000001";
+    const NOW: i64 = 1_800_000_000;
+
+    fn key(seed: u8) -> String {
+        B64.encode([seed; 32])
+    }
+
+    fn put_group(id: &str, primary: &str, secondary: &str) -> Write {
+        Write::put(
+            Collection::EnrollmentGroups,
+            id.to_ascii_lowercase(),
+            Expect::Any,
+            json!({
+                "enrollmentGroupId": id,
+                "attestation": {"type": "symmetricKey",
+                    "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}},
+            }),
+        )
+    }
+
+    /// Enough groups that a search is not inline, so it goes through the bound; group `gNN`
+    /// has keys `key(NN)` and `key(100 + NN)`.
+    async fn store_with_groups() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("db")).expect("store");
+        let writes = (0..INLINE_GROUPS as u8 + 8)
+            .map(|i| put_group(&format!("g{i:02}"), &key(i), &key(100 + i)))
+            .collect();
+        store.write(writes).await.expect("groups");
+        (dir, store)
+    }
+
+    /// A device token signed with the device key derived from `group_key`.
+    fn token(rid: &str, group_key: &str) -> DeviceCredential {
+        let device_key = symmetric_key::derive_device_key(group_key, rid).expect("derive");
+        let raw = B64.decode(device_key).expect("b64");
+        DeviceCredential::Sas(SasToken::generate(
+            &format!("{SCOPE}/registrations/{rid}"),
+            &raw,
+            Some("registration"),
+            NOW + 3600,
+        ))
+    }
+
+    async fn run(
+        store: &SqliteStore,
+        groups: &GroupCache,
+        rid: &str,
+        credential: &DeviceCredential,
+        known_group: Option<&str>,
+    ) -> Result<Attestation, DeviceFailure> {
+        let rid = RegistrationId::new(rid).expect("rid");
+        attest(store, groups, SCOPE, &rid, credential, known_group, NOW).await
+    }
+
+    /// The accepted group's id and the device keys the hub identity gets.
+    fn accepted(outcome: Result<Attestation, DeviceFailure>) -> (String, String, String) {
+        match outcome {
+            Ok(Attestation::Accepted(Attested {
+                matched: Matched::Group(g),
+                hub_auth:
+                    HubAuthentication::Sas {
+                        primary_key,
+                        secondary_key,
+                    },
+                ..
+            })) => (
+                g.value.enrollment_group_id.to_string(),
+                primary_key,
+                secondary_key,
+            ),
+            Ok(_) => panic!("not accepted by a group"),
+            Err(e) => panic!("refused: {e:?}"),
+        }
+    }
+
+    fn refused_code(outcome: Result<Attestation, DeviceFailure>) -> ErrorCode {
+        match outcome {
+            Err(f) => f.code,
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[tokio::test]
+    async fn first_registration_is_found_by_searching_and_gets_its_derived_keys() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        let (group, primary, secondary) =
+            accepted(run(&store, &groups, "dev-1", &token("dev-1", &key(30)), None).await);
+        assert_eq!(group, "g30");
+        assert_eq!(
+            primary,
+            symmetric_key::derive_device_key(&key(30), "dev-1").unwrap()
+        );
+        assert_eq!(
+            secondary,
+            symmetric_key::derive_device_key(&key(130), "dev-1").unwrap()
+        );
+        // The secondary key signs as well.
+        let (group, ..) =
+            accepted(run(&store, &groups, "dev-1", &token("dev-1", &key(130)), None).await);
+        assert_eq!(group, "g30");
+    }
+
+    #[tokio::test]
+    async fn re_registration_tries_the_recorded_group_without_searching() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        let credential = token("dev-2", &key(7));
+        let occupied = groups.search().occupy();
+        // Every search is refused now; the recorded group (any case) still authenticates.
+        let (group, primary, _) =
+            accepted(run(&store, &groups, "dev-2", &credential, Some("G07")).await);
+        assert_eq!(group, "g07");
+        assert_eq!(
+            primary,
+            symmetric_key::derive_device_key(&key(7), "dev-2").unwrap()
+        );
+        // Without the record, the same device needs a search: refused with 429, not searched.
+        assert_eq!(
+            refused_code(run(&store, &groups, "dev-2", &credential, None).await),
+            ErrorCode::Throttled
+        );
+        // Once the searches end, the refused request's place was given back.
+        drop(occupied);
+        let (group, ..) = accepted(run(&store, &groups, "dev-2", &credential, None).await);
+        assert_eq!(group, "g07");
+    }
+
+    #[tokio::test]
+    async fn after_the_recorded_groups_key_rotates_only_the_new_key_signs() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        accepted(
+            run(
+                &store,
+                &groups,
+                "dev-3",
+                &token("dev-3", &key(5)),
+                Some("g05"),
+            )
+            .await,
+        );
+        store
+            .write(vec![put_group("g05", &key(250), &key(105))])
+            .await
+            .expect("rotate");
+        let (group, primary, _) = accepted(
+            run(
+                &store,
+                &groups,
+                "dev-3",
+                &token("dev-3", &key(250)),
+                Some("g05"),
+            )
+            .await,
+        );
+        assert_eq!(group, "g05");
+        assert_eq!(
+            primary,
+            symmetric_key::derive_device_key(&key(250), "dev-3").unwrap()
+        );
+        assert_eq!(
+            refused_code(
+                run(
+                    &store,
+                    &groups,
+                    "dev-3",
+                    &token("dev-3", &key(5)),
+                    Some("g05")
+                )
+                .await
+            ),
+            ErrorCode::DeviceNotAttested
+        );
+    }
+
+    #[tokio::test]
+    async fn after_the_recorded_group_is_deleted_the_device_is_searched_for() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        accepted(
+            run(
+                &store,
+                &groups,
+                "dev-4",
+                &token("dev-4", &key(9)),
+                Some("g09"),
+            )
+            .await,
+        );
+        store
+            .write(vec![Write::delete(
+                Collection::EnrollmentGroups,
+                "g09",
+                Expect::Any,
+            )])
+            .await
+            .expect("delete");
+        assert_eq!(
+            refused_code(
+                run(
+                    &store,
+                    &groups,
+                    "dev-4",
+                    &token("dev-4", &key(9)),
+                    Some("g09")
+                )
+                .await
+            ),
+            ErrorCode::DeviceNotAttested
+        );
+        // The device moved to another group: found although its record names the deleted one.
+        let (group, ..) = accepted(
+            run(
+                &store,
+                &groups,
+                "dev-4",
+                &token("dev-4", &key(33)),
+                Some("g09"),
+            )
+            .await,
+        );
+        assert_eq!(group, "g33");
+    }
+
+    #[tokio::test]
+    async fn forged_tokens_are_refused_with_and_without_a_recorded_group() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        let forged = token("dev-5", &key(222));
+        for known in [None, Some("g01"), Some("no-such-group")] {
+            assert_eq!(
+                refused_code(run(&store, &groups, "dev-5", &forged, known).await),
+                ErrorCode::DeviceNotAttested
+            );
+        }
+        // A token for another registration id does not pass for this one.
+        assert_eq!(
+            refused_code(
+                run(
+                    &store,
+                    &groups,
+                    "dev-5",
+                    &token("dev-6", &key(1)),
+                    Some("g01")
+                )
+                .await
+            ),
+            ErrorCode::Unauthorized
+        );
+        // Signed with another device's key of the recorded group.
+        let rid = "dev-5";
+        let other = symmetric_key::derive_device_key(&key(1), "dev-6").unwrap();
+        let stolen = DeviceCredential::Sas(SasToken::generate(
+            &format!("{SCOPE}/registrations/{rid}"),
+            &B64.decode(other).unwrap(),
+            None,
+            NOW + 60,
+        ));
+        assert_eq!(
+            refused_code(run(&store, &groups, rid, &stolen, Some("g01")).await),
+            ErrorCode::DeviceNotAttested
+        );
+    }
 }

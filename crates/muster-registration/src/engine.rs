@@ -264,6 +264,9 @@ impl Engine {
             self.0.config.id_scope.as_str(),
             &rid,
             &req.credential,
+            previous
+                .as_ref()
+                .and_then(|(p, _)| p.enrollment_group_id.as_deref()),
             now.unix_seconds(),
         )
         .await?;
@@ -857,13 +860,18 @@ impl Engine {
     async fn do_status(&self, req: StatusRequest) -> Result<DeviceReply, DeviceFailure> {
         let rid = self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
         let now = self.0.clock.now();
-        // Polls are authenticated like registrations; a disabled device may still read its answer.
+        // Polls are authenticated like registrations (before saying whether the operation
+        // exists); a disabled device may still read its answer.
+        let loaded = self.load_record(&rid.key()).await?;
         device_auth::attest(
             &*self.0.store,
             &self.0.groups,
             self.0.config.id_scope.as_str(),
             &rid,
             &req.credential,
+            loaded
+                .as_ref()
+                .and_then(|(r, _)| r.enrollment_group_id.as_deref()),
             now.unix_seconds(),
         )
         .await?;
@@ -876,7 +884,7 @@ impl Engine {
                 ),
             )
         };
-        let (mut record, etag) = self.load_record(&rid.key()).await?.ok_or_else(not_found)?;
+        let (mut record, etag) = loaded.ok_or_else(not_found)?;
         if record.operation_id.as_deref() != Some(req.operation_id.as_str()) {
             return Err(not_found());
         }

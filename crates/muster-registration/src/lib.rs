@@ -9,7 +9,10 @@
 //! Layout:
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled queues.
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
-//! - [`group_cache`] — every enrollment group, decoded once and kept until one is written.
+//! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
+//!   kept until one is written; one group by id.
+//! - [`group_search`] — the search through every group for a device whose group is unknown,
+//!   and the bound on how many such searches run or wait.
 //! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
@@ -24,6 +27,7 @@ pub mod allocation;
 pub mod device_auth;
 pub mod engine;
 pub mod group_cache;
+pub mod group_search;
 pub mod hub_client;
 pub mod record;
 pub mod reply;

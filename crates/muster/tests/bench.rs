@@ -363,3 +363,52 @@ fn service_api_pages_through_seeded_records() {
     }
     rt.block_on(server.shutdown());
 }
+
+#[test]
+fn attestation_bench_refuses_forged_tokens_and_registers_devices_of_the_last_group() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start_server(&rt, &data);
+    let data_dir = data.to_str().expect("utf-8 path");
+    // 40 groups: more than a search runs inline, so the bounded search is measured.
+    let report = json_of(&[
+        "bench",
+        "attestation",
+        "--data-dir",
+        data_dir,
+        "--groups",
+        "40",
+        "--count",
+        "3",
+        "--concurrency",
+        "2",
+        "--server-pid",
+        &std::process::id().to_string(),
+        "--json",
+    ]);
+    assert_eq!(report["groups"], 40, "{report:#}");
+    assert_eq!(report["created_groups"], 40, "{report:#}");
+    let phases = report["phases"].as_array().expect("phases");
+    let by_phase = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p["phase"] == name)
+            .unwrap_or_else(|| panic!("no phase {name}: {report:#}"))
+    };
+    for (name, assigned) in [
+        ("forged-new", 0),
+        ("first", 3),
+        ("again", 3),
+        ("forged-known", 0),
+    ] {
+        let p = by_phase(name);
+        assert_eq!(p["attempted"], 3, "{p:#}");
+        assert_eq!(p["assigned"], assigned, "{p:#}");
+        assert!(p["server_cpu_ms_per_request"].as_f64().unwrap_or(-1.0) >= 0.0);
+        if assigned == 0 {
+            assert_eq!(p["errors_by_kind"]["http 401 / 401005"], 3, "{p:#}");
+        }
+    }
+    rt.block_on(server.shutdown());
+}

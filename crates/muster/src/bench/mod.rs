@@ -7,11 +7,14 @@
 //! - [`reference`] — `muster bench tls-reference`: a TLS server with the HTTPS listener's
 //!   settings that only handshakes and answers, the physical limit to compare with.
 //! - [`service_api`] — bulk enrollment creation and paging-query latency at scale.
+//! - [`attestation`] — `muster bench attestation`: server CPU per forged token and per
+//!   registration as the number of enrollment groups grows.
 //! - [`seed`] — `muster bench seed-records`: registration records written straight into a
 //!   stopped server's store.
 //! - [`latency`], [`schedule`], [`server_usage`], [`target`], [`report`] — percentiles, the
 //!   arrival-rate scheduler, `/proc` sampling, connection settings per mode, output.
 
+pub mod attestation;
 pub mod latency;
 pub mod reference;
 pub mod register;
@@ -65,6 +68,16 @@ pub enum BenchCommand {
     ///   muster bench seed-records --data-dir d --group-id bench --count 1000000
     #[command(verbatim_doc_comment, name = "seed-records")]
     SeedRecords(seed::SeedRecordsArgs),
+    /// Server CPU per forged token and per registration with N symmetric-key groups.
+    ///
+    /// Creates groups attest-g00000.. up to --groups through the service API, then measures
+    /// forged tokens (new ids), first registrations (a device of the last group), the same
+    /// devices again, and forged tokens for their ids.
+    ///
+    /// Example:
+    ///   muster bench attestation --data-dir d --groups 10000 --count 200 --server-pid "$PID"
+    #[command(verbatim_doc_comment)]
+    Attestation(attestation::AttestationArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -73,5 +86,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::TlsReference(a) => reference::run(a).await,
         BenchCommand::ServiceApi(a) => service_api::run(a).await,
         BenchCommand::SeedRecords(a) => seed::run(a).await,
+        BenchCommand::Attestation(a) => attestation::run(a).await,
     }
 }
