@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use libfuzzer_sys::fuzz_target;
-use muster_fuzz::{encode, feed, paused_runtime};
+use muster_fuzz::{encode, feed};
 use muster_hub::{DeviceEndpointLimits, DeviceInput, HubRegistry, IfMatch};
 use muster_proto::runtime::{ManualClock, SeededEntropy};
 use muster_proto::{SasToken, Timestamp};
@@ -31,7 +31,13 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let rt = paused_runtime();
+    // A running clock, unlike the other session target: the store's writer is a thread, and
+    // while the session awaits it a paused clock would jump to the next timer (the token expiry,
+    // the keep-alive) and close the session before the rest of the input is read.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
     // tmpfs when there is one: every connect writes the device's connection state.
     let dir = tempfile::tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
