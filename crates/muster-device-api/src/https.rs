@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::websocket::ClientCertChain;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -100,13 +101,26 @@ pub fn parse_registration(bytes: &[u8]) -> Result<DeviceRegistration, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("the register body is not valid JSON: {e}"))
 }
 
+/// A path segment that does not percent-decode to UTF-8 is refused in the DPS error shape
+/// (axum's own rejection is plain text).
+fn malformed_path(rejection: PathRejection) -> Response {
+    bad_request(
+        ErrorCode::InvalidField,
+        format!("the request path is malformed: {}", rejection.body_text()),
+    )
+}
+
 async fn register(
     State(registrar): State<Arc<dyn DeviceRegistrar>>,
-    Path((id_scope, registration_id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     certs: Option<Extension<ClientCertChain>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let Path((id_scope, registration_id)) = match path {
+        Ok(p) => p,
+        Err(rejection) => return malformed_path(rejection),
+    };
     let bytes: Bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(_) => {
@@ -133,10 +147,14 @@ async fn register(
 
 async fn operation_status(
     State(registrar): State<Arc<dyn DeviceRegistrar>>,
-    Path((id_scope, registration_id, operation_id)): Path<(String, String, String)>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
     certs: Option<Extension<ClientCertChain>>,
     headers: HeaderMap,
 ) -> Response {
+    let Path((id_scope, registration_id, operation_id)) = match path {
+        Ok(p) => p,
+        Err(rejection) => return malformed_path(rejection),
+    };
     let reply = registrar
         .operation_status(StatusRequest {
             id_scope,
@@ -175,5 +193,44 @@ mod tests {
             credential(&h, chain()),
             DeviceCredential::Sas("SharedAccessSignature sr=x".into())
         );
+    }
+
+    /// Found by the `http_device` fuzz target: a path segment that percent-decodes to
+    /// invalid UTF-8 got axum's plain-text 400 instead of the DPS error shape.
+    #[tokio::test]
+    async fn malformed_path_answers_in_the_dps_shape() {
+        use tower::ServiceExt;
+
+        struct NeverCalled;
+        #[async_trait::async_trait]
+        impl DeviceRegistrar for NeverCalled {
+            async fn register(&self, _: RegisterRequest) -> DeviceReply {
+                panic!("a malformed path must not reach the registrar")
+            }
+            async fn operation_status(&self, _: StatusRequest) -> DeviceReply {
+                panic!("a malformed path must not reach the registrar")
+            }
+        }
+
+        for (method, uri) in [
+            ("PUT", "/0ne00000A0A/registrations/hh%%ab%22e/register"),
+            ("GET", "/0ne00000A0A/registrations/dev-1/operations/%FF"),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .unwrap();
+            let resp = router(Arc::new(NeverCalled)).oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{uri}");
+            let body = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["errorCode"], 400015, "{v}");
+            assert!(
+                v["message"].as_str().unwrap().contains("Invalid UTF-8"),
+                "{v}"
+            );
+            assert!(v["timestampUtc"].is_string(), "{v}");
+        }
     }
 }

@@ -1067,3 +1067,28 @@ async fn deleting_an_individual_enrollment_removes_its_record_but_group_records_
         204
     );
 }
+
+/// Found by the `http_service` fuzz target: a path segment that percent-decodes to invalid
+/// UTF-8 got axum's plain-text 400. Every route family answers in the DPS error shape.
+#[tokio::test]
+async fn malformed_path_segment_answers_in_the_dps_shape() {
+    let h = harness();
+    for (method, path) in [
+        (Method::POST, "/caCertificates/%EEE/verificationCode"),
+        (Method::GET, "/enrollments/%FF"),
+        (
+            Method::POST,
+            "/enrollmentGroups/%C3%28/attestationmechanism",
+        ),
+        (Method::GET, "/registrations/%FF"),
+        (Method::POST, "/registrations/%FF/query"),
+        (Method::GET, "/linkedHubs/%FF"),
+        (Method::POST, "/accessPolicies/%FF/keys"),
+    ] {
+        let r = h.call(method, path, None, &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+        assert_error(&r, 400, 400015);
+        let message = r.body["message"].as_str().unwrap();
+        assert!(message.contains("Invalid UTF-8"), "{path}: {message}");
+    }
+}

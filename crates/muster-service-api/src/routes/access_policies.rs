@@ -4,7 +4,7 @@
 //! cannot be deleted or lose `ServiceConfig`, so the service can't be locked out.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::generic::admit;
 use crate::auth::AccessPolicy;
 use crate::error::ApiError;
+use crate::request::Path;
 use crate::request::{json_ok, read_body, require_json, QueryParams};
 use crate::ServiceApi;
 

@@ -13,7 +13,7 @@
 //! * `GET /caCertificates`, `GET /caCertificates/{name}`, `DELETE /caCertificates/{name}`.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::generic::admit;
 use crate::error::ApiError;
+use crate::request::Path;
 use crate::request::{json_ok, read_body, require_json, QueryParams};
 use crate::ServiceApi;
 

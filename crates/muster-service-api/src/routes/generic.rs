@@ -2,7 +2,7 @@
 //! [`EnrollmentKind`].
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use muster_proto::{
@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::kind::EnrollmentKind;
 use crate::prepare::prepare;
 use crate::redact;
+use crate::request::Path;
 use crate::request::{
     api_version, check_query_body, if_match, json_kind, json_ok, page_request, page_response,
     paginate, parse_json_object, read_body, require_json, IfMatch, QueryParams,

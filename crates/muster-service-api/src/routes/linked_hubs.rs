@@ -3,7 +3,7 @@
 //! connection string is accepted but never returned.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,6 +14,7 @@ use muster_store::{Collection, Expect, ListQuery, Write, WriteOutcome};
 
 use super::generic::admit;
 use crate::error::ApiError;
+use crate::request::Path;
 use crate::request::{json_ok, read_body, require_json, QueryParams};
 use crate::ServiceApi;
 

@@ -1,7 +1,7 @@
 //! `/registrations`: device registration records (get, delete, query by enrollment group).
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,6 +14,7 @@ use muster_store::{Collection, Expect, ListQuery, Write, WriteOutcome};
 
 use super::generic::admit;
 use crate::error::ApiError;
+use crate::request::Path;
 use crate::request::{
     check_query_body, if_match, json_ok, page_request, page_response, paginate, read_body, IfMatch,
     QueryParams,
