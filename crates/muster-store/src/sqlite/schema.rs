@@ -13,9 +13,12 @@ use super::db_err;
 use crate::sealing::{self, Sealer};
 use crate::{Collection, StoreError};
 
+/// A migration's Rust step, run after its SQL in the same transaction.
+type Step = fn(&Transaction<'_>, &Sealer, &Path) -> Result<(), StoreError>;
+
 struct Migration {
     sql: &'static str,
-    then: Option<fn(&Transaction<'_>, &Sealer, &Path) -> Result<(), StoreError>>,
+    then: Option<Step>,
 }
 
 /// The ordered migrations; index `i` is version `i + 1`.
