@@ -10,6 +10,14 @@
 //! DPS-style (base64 of a quoted GUID-like string); every put gets a fresh one, even when the
 //! body did not change. The schema is versioned by `schema_migrations` (see `schema`).
 //!
+//! # Sealing and files
+//!
+//! Bodies of secret collections are sealed before they reach the writer and opened after a
+//! read (`crate::sealing`); the key check lives in the `sealing` table. On open, a key file
+//! is created only for a database that holds nothing sealed; migration 2 seals what an older
+//! build left in clear, then a `VACUUM` and a truncating checkpoint leave no old page behind.
+//! The database, `-wal`, `-shm` and key file are owner-only (`files`).
+//!
 //! # Writes: one writer thread, group commit
 //!
 //! SQLite allows one writer at a time, and with `synchronous=FULL` every commit costs an
