@@ -344,3 +344,35 @@ mod tests {
         assert!(err.to_string().contains("muster.db.key"));
     }
 }
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    #[test]
+    #[ignore = "ad-hoc measurement"]
+    fn seal_and_open_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::create(&dir.path().join("k")).unwrap();
+        let body = format!("{{\"device\":\"{}\"}}", "x".repeat(880));
+        let n = 20_000;
+        let t = std::time::Instant::now();
+        let mut last = String::new();
+        for _ in 0..n {
+            last = s
+                .seal_body(Collection::HubDevices, "hub/dev", body.clone())
+                .unwrap();
+        }
+        let seal = t.elapsed() / n;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let _ = s
+                .open_body(Collection::HubDevices, "hub/dev", &last)
+                .unwrap();
+        }
+        eprintln!(
+            "seal {seal:?}, open {:?} per ~900-byte body",
+            t.elapsed() / n
+        );
+    }
+}
