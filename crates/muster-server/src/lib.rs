@@ -51,7 +51,7 @@ pub use connection_info::ConnectionInfo;
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("could not create data dir {path}: {source}")]
+    #[error("could not create or restrict the data dir {path}: {source}")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
@@ -352,17 +352,28 @@ fn fit_connections_to_descriptors(configured: usize, listeners: usize) -> usize 
 
 /// The data dir holds keys: owner-only on creation.
 fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    if dir.exists() {
-        return Ok(());
+    if !dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(0o700);
+        }
+        return b.create(dir);
     }
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
+    // A data dir an older Muster (or an operator) left open to others is closed: it holds
+    // the database, its key file and the CA key.
     #[cfg(unix)]
     {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+            tracing::info!(path = %dir.display(), old_mode = format!("{:o}", mode & 0o777), "restricted the data dir to its owner");
+        }
     }
-    b.create(dir)
+    Ok(())
 }
 
 /// HTTPS client for hub REST calls and webhooks: trusts the system's roots and the local CA

@@ -17,6 +17,11 @@
 //!     .await;
 //! }
 //! ```
+//!
+//! Sealing ([`crate::sealing`]) has one more check that needs to see the bytes the
+//! implementation keeps at rest, so it is not part of [`run_all`]: run
+//! [`secrets_sealed_at_rest`] with a function that returns them (for SQLite, the database file
+//! and its `-wal` and `-shm`).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -64,6 +69,7 @@ where
         concurrent_writes_all_land,
         concurrent_conditional_creates_have_one_winner,
         unicode_and_large_bodies,
+        secret_collections_are_queryable,
     );
 }
 
@@ -945,4 +951,130 @@ pub async fn unicode_and_large_bodies<S: Store>(store: S) {
         .find(|r| r.key == "large")
         .unwrap_or_else(|| panic!("large not listed"));
     assert_eq!(listed.body, large, "1 MiB body via list");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing
+
+/// A key-like secret no encoding of the rest of a body could contain by chance.
+fn secret_for(collection: Collection, n: usize) -> String {
+    format!("S3cret{}{n}Xq9", collection.as_str().replace('_', ""))
+}
+
+/// Sealing keeps secret collections usable: key order, partition filter, paging, counts,
+/// conditional writes and deletes work as for any other collection.
+pub async fn secret_collections_are_queryable<S: Store>(store: S) {
+    for collection in Collection::ALL
+        .iter()
+        .copied()
+        .filter(Collection::is_secret)
+    {
+        let name = collection.as_str();
+        for (i, key) in ["c", "a", "b"].iter().enumerate() {
+            let body = json!({"id": key, "primaryKey": secret_for(collection, i)});
+            put_in(&store, collection, key, Some("p"), body).await;
+        }
+        put_in(&store, collection, "z", Some("q"), json!({"id": "z"})).await;
+        let listed = list(
+            &store,
+            collection,
+            ListQuery {
+                partition: Some("p".into()),
+                after: Some("a".into()),
+                limit: 10,
+            },
+        )
+        .await;
+        assert_eq!(keys(&listed), ["b", "c"], "{name}: partition, after, order");
+        assert_eq!(
+            listed[0].body,
+            json!({"id": "b", "primaryKey": secret_for(collection, 2)}),
+            "{name}: body round-trips through list"
+        );
+        assert_eq!(count(&store, collection, Some("p")).await, 3, "{name}");
+        let etag = must_get(&store, collection, "a").await.etag;
+        let outcome = one(
+            &store,
+            Write::put(collection, "a", Expect::Etag(etag), json!({"id": "a2"})),
+        )
+        .await;
+        assert!(outcome.is_applied(), "{name}: conditional put {outcome:?}");
+        assert_eq!(
+            must_get(&store, collection, "a").await.body,
+            json!({"id": "a2"})
+        );
+        let outcome = one(&store, Write::delete(collection, "z", Expect::Any)).await;
+        assert_eq!(outcome, WriteOutcome::Deleted, "{name}");
+        assert_eq!(get(&store, collection, "z").await, None, "{name}");
+    }
+}
+
+/// No secret written to a secret collection appears in the bytes the store keeps at rest
+/// (`at_rest` returns them, read after the writes committed), neither as written nor in
+/// the base64 form keys take; while a marker written to a collection that is not secret does,
+/// which proves `at_rest` sees the data.
+pub async fn secrets_sealed_at_rest<S: Store, F>(store: S, at_rest: F)
+where
+    F: Fn() -> Vec<u8>,
+{
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let mut secrets = Vec::new();
+    for collection in Collection::ALL
+        .iter()
+        .copied()
+        .filter(Collection::is_secret)
+    {
+        for i in 0..3 {
+            let secret = secret_for(collection, i);
+            let body = json!({
+                "attestation": {"symmetricKey": {"primaryKey": b64.encode(&secret)}},
+                "connectionString": format!("SharedAccessKey={secret}"),
+            });
+            put_in(&store, collection, &format!("record-{i}"), Some("p"), body).await;
+            secrets.push((collection, secret.clone()));
+            secrets.push((collection, b64.encode(&secret)));
+        }
+        // An update writes the body again.
+        let body = json!({"primaryKey": secret_for(collection, 9)});
+        put(&store, collection, "record-0", body).await;
+        secrets.push((collection, secret_for(collection, 9)));
+    }
+    let marker = "NotSecretMarker7c1";
+    put(
+        &store,
+        Collection::Registrations,
+        "marker",
+        json!({"m": marker}),
+    )
+    .await;
+
+    let bytes = at_rest();
+    let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(
+        contains(marker),
+        "the bytes at rest must hold the clear marker of a collection that is not secret, or \
+         this check proves nothing ({} bytes)",
+        bytes.len()
+    );
+    for (collection, secret) in &secrets {
+        assert!(
+            !contains(secret),
+            "a secret of {} is readable at rest: {secret}",
+            collection.as_str()
+        );
+    }
+    for collection in Collection::ALL
+        .iter()
+        .copied()
+        .filter(Collection::is_secret)
+    {
+        let record = must_get(&store, collection, "record-1").await;
+        assert_eq!(
+            record.body["connectionString"],
+            json!(format!("SharedAccessKey={}", secret_for(collection, 1))),
+            "{}: the sealed body reads back",
+            collection.as_str()
+        );
+    }
 }

@@ -10,7 +10,8 @@
 //! Layout:
 //! - [`Store`]: the interface every implementation provides.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
-//! - [`sealing`] — secret collections (settings, linked hubs) sealed at rest.
+//! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
+//!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations).
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass.
@@ -19,7 +20,10 @@
 //! - a write is durable before the call returns;
 //! - a batch is applied in one transaction: items whose expectation fails are reported and
 //!   skipped, the others are applied together or not at all;
-//! - listing is ordered by key, so key-based paging is stable.
+//! - listing is ordered by key, so key-based paging is stable;
+//! - the body of a record in a secret collection ([`Collection::is_secret`]) never reaches
+//!   storage in clear: it is sealed with [`sealing::Sealer`], and a database that holds sealed
+//!   records opens only with its own key file.
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -228,6 +232,23 @@ pub enum StoreError {
     },
     #[error("the store is closed")]
     Closed,
+    /// The database holds sealed records but the key file beside it is gone.
+    #[error(
+        "sealing key missing: {} (the database holds sealed records; restore the key file \
+         that was kept with it)",
+        path.display()
+    )]
+    SealingKeyMissing { path: std::path::PathBuf },
+    /// The key file is not the one the database was sealed with.
+    #[error(
+        "sealing key does not open this database: {} was not sealed with {}",
+        db.display(),
+        key.display()
+    )]
+    SealingKeyMismatch {
+        key: std::path::PathBuf,
+        db: std::path::PathBuf,
+    },
 }
 
 /// The storage interface. Implementations are cheap to clone (`Arc` inside) and usable from

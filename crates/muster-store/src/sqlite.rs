@@ -10,6 +10,14 @@
 //! DPS-style (base64 of a quoted GUID-like string); every put gets a fresh one, even when the
 //! body did not change. The schema is versioned by `schema_migrations` (see `schema`).
 //!
+//! # Sealing and files
+//!
+//! Bodies of secret collections are sealed before they reach the writer and opened after a
+//! read (`crate::sealing`); the key check lives in the `sealing` table. On open, a key file
+//! is created only for a database that holds nothing sealed; migration 2 seals what an older
+//! build left in clear, then a `VACUUM` and a truncating checkpoint leave no old page behind.
+//! The database, `-wal`, `-shm` and key file are owner-only (`files`).
+//!
 //! # Writes: one writer thread, group commit
 //!
 //! SQLite allows one writer at a time, and with `synchronous=FULL` every commit costs an
@@ -33,6 +41,7 @@
 //! read connections are closed, the channel closes, the writer finishes what is queued, closes
 //! its connection (checkpointing the WAL) and the drop waits for it to exit.
 
+mod files;
 mod readers;
 mod schema;
 mod writer;
@@ -89,16 +98,26 @@ impl SqliteStore {
     /// not know). Blocking; call it at startup, not from a busy async task.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Backend(format!(
-                    "creating the directory {} for the SQLite database: {e}",
-                    parent.display()
-                ))
-            })?;
+            files::create_private_dir(parent)?;
         }
-        let sealer = Arc::new(Sealer::load_or_create(&key_file_path(path))?);
+        files::create_private_file(path)?;
+        let key_path = key_file_path(path);
+        files::restrict(&[
+            path.to_path_buf(),
+            sidecar(path, "-wal"),
+            sidecar(path, "-shm"),
+            key_path.clone(),
+        ])?;
         let mut conn = open_writer(path)?;
-        schema::migrate(&mut conn, path)?;
+        let sealer = if schema::holds_sealed_data(&conn, path)? {
+            Sealer::load(&key_path)?
+        } else {
+            Sealer::load_or_create(&key_path)?
+        };
+        schema::migrate(&mut conn, path, &sealer)?;
+        check_sealing_key(&conn, path, &sealer)?;
+        vacuum_if_pending(&conn, path)?;
+        let sealer = Arc::new(sealer);
         let etags = EtagCounter::load(&conn)?;
         let readers = ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT)?;
 
@@ -181,9 +200,70 @@ fn db_err(context: &str, error: rusqlite::Error) -> StoreError {
 
 /// The key file that seals secret collections: `muster.db` → `muster.db.key`.
 pub fn key_file_path(db: &Path) -> PathBuf {
+    sidecar(db, ".key")
+}
+
+/// A file SQLite or Muster keeps beside the database: `muster.db` → `muster.db{suffix}`.
+fn sidecar(db: &Path, suffix: &str) -> PathBuf {
     let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".key");
+    name.push(suffix);
     db.with_file_name(name)
+}
+
+/// Fails unless the key check stored with the database opens with `sealer`.
+fn check_sealing_key(conn: &Connection, path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
+    let check: Option<String> = conn
+        .query_row(
+            "SELECT value FROM sealing WHERE name = ?1",
+            params![schema::KEY_CHECK],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(|e| db_err("reading the sealing key check", e))?;
+    match check {
+        Some(check) => sealer.verify_key_check(&check, path),
+        None => Err(StoreError::Backend(format!(
+            "SQLite database {} has no sealing key check",
+            path.display()
+        ))),
+    }
+}
+
+/// After migration 2 sealed bodies that were in clear, the pages that held them are free but
+/// not overwritten, and old WAL frames may still hold them: `VACUUM` rewrites every page and
+/// the truncating checkpoint empties the WAL. The marker is removed only once that is done,
+/// so a crash in between repeats it on the next start.
+fn vacuum_if_pending(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let context = |what: &str| format!("rewriting SQLite database {}: {what}", path.display());
+    let pending: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sealing WHERE name = ?1)",
+            params![schema::VACUUM_PENDING],
+            |row| row.get(0),
+        )
+        .map_err(|e| db_err(&context("reading the marker"), e))?;
+    if !pending {
+        return Ok(());
+    }
+    conn.execute_batch("VACUUM")
+        .map_err(|e| db_err(&context("VACUUM"), e))?;
+    let (busy, _, _): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(|e| db_err(&context("checkpointing"), e))?;
+    if busy != 0 {
+        // Another process reads the database; the marker stays, so the next start retries.
+        tracing::warn!(path = %path.display(), "could not empty the WAL after sealing: another connection holds it; retrying on the next start");
+        return Ok(());
+    }
+    conn.execute(
+        "DELETE FROM sealing WHERE name = ?1",
+        params![schema::VACUUM_PENDING],
+    )
+    .map_err(|e| db_err(&context("clearing the marker"), e))?;
+    tracing::info!(path = %path.display(), "rewrote the database so no page keeps a key in clear");
+    Ok(())
 }
 
 fn decode_record(
@@ -194,14 +274,8 @@ fn decode_record(
     etag: String,
     body: &str,
 ) -> Result<Record, StoreError> {
-    let opened;
-    let body = if collection.is_secret() {
-        opened = sealer.open(collection, &key, body)?;
-        opened.as_str()
-    } else {
-        body
-    };
-    match serde_json::from_str(body) {
+    let body = sealer.open_body(collection, &key, body)?;
+    match serde_json::from_str(&body) {
         Ok(body) => Ok(Record {
             key,
             partition,
@@ -226,11 +300,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
                     write.key
                 ))
             })?;
-            let body = if write.collection.is_secret() {
-                sealer.seal(write.collection, &write.key, &text)?
-            } else {
-                text
-            };
+            let body = sealer.seal_body(write.collection, &write.key, text)?;
             PreparedOp::Put { partition, body }
         }
         WriteOp::Delete => PreparedOp::Delete,

@@ -380,3 +380,385 @@ async fn throughput_10k_concurrent_single_writes() {
         1_000.0 / elapsed.as_secs_f64()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sealing at rest, file modes, old databases
+
+/// The database file and the files SQLite keeps beside it, as a copy of the data dir would
+/// hold them.
+fn bytes_at_rest(path: &Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        if let Ok(b) = std::fs::read(&file) {
+            bytes.extend_from_slice(&b);
+        }
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_secrets_sealed_at_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("muster.db");
+    let store = open(&path);
+    muster_store::conformance::secrets_sealed_at_rest(store, || bytes_at_rest(&path)).await;
+}
+
+/// Schema version 1 exactly as the build before sealing wrote it.
+const V1_SCHEMA: &str = "
+    CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+    CREATE TABLE records (
+        collection TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        partition  TEXT,
+        etag       TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        PRIMARY KEY (collection, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX records_by_partition ON records (collection, partition, key);
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO counters (name, value) VALUES ('etag', 10);
+    INSERT INTO schema_migrations (version, applied_at) VALUES (1, '2026-11-01T00:00:00.000Z');
+";
+
+const OLD_ENROLLMENT_KEY: &str = "b2xkLWVucm9sbG1lbnQta2V5LTAxMjM0NTY3ODlhYmNkZWY=";
+const OLD_GROUP_KEY: &str = "b2xkLWdyb3VwLWtleS0wMTIzNDU2Nzg5YWJjZGVmZ2hpams=";
+const OLD_DEVICE_KEY: &str = "b2xkLWRldmljZS1rZXktMDEyMzQ1Njc4OWFiY2RlZmdoaWo=";
+const OLD_POLICY_KEY: &str = "b2xkLXBvbGljeS1rZXktMDEyMzQ1Njc4OWFiY2RlZmdoaWo=";
+
+/// A database and key file as the build before this one left them: settings sealed, the
+/// enrollment, group and hub device keys in clear, every file readable by all.
+fn write_v1_database(path: &Path) -> (String, serde_json::Value) {
+    use muster_store::sealing::Sealer;
+    let sealer = Sealer::create(&muster_store::sqlite::key_file_path(path)).expect("key file");
+    let conn = raw(path);
+    conn.execute_batch(V1_SCHEMA).expect("v1 schema");
+    let enrollment = json!({"registrationId": "dev-1", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": OLD_ENROLLMENT_KEY, "secondaryKey": OLD_ENROLLMENT_KEY}}});
+    // Long enough to need overflow pages, with the key in them: replaced, those go to the
+    // free list as they are, which is why the migration ends with a VACUUM.
+    let group = json!({"aaPadding": "x".repeat(9000), "enrollmentGroupId": "g1", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": OLD_GROUP_KEY, "secondaryKey": OLD_GROUP_KEY}}});
+    let device = json!({"device": {"deviceId": "dev-1", "authentication": {"type": "sas",
+        "symmetricKey": {"primaryKey": OLD_DEVICE_KEY}}}, "twin": {}});
+    let policies = json!([{"keyName": "provisioningserviceowner", "primaryKey": OLD_POLICY_KEY}]);
+    let sealed_policies = sealer
+        .seal(Collection::Settings, "policies", &policies.to_string())
+        .expect("seal");
+    let rows: [(&str, &str, Option<&str>, &str, String); 5] = [
+        (
+            "enrollments",
+            "dev-1",
+            None,
+            "ZXRhZzE=",
+            enrollment.to_string(),
+        ),
+        (
+            "enrollment_groups",
+            "g1",
+            None,
+            "ZXRhZzI=",
+            group.to_string(),
+        ),
+        (
+            "hub_devices",
+            "hub.local/dev-1",
+            Some("hub.local"),
+            "ZXRhZzM=",
+            device.to_string(),
+        ),
+        ("settings", "policies", None, "ZXRhZzQ=", sealed_policies),
+        (
+            "registrations",
+            "dev-1",
+            Some("g1"),
+            "ZXRhZzU=",
+            json!({"registrationId": "dev-1"}).to_string(),
+        ),
+    ];
+    for (collection, key, partition, etag, body) in rows {
+        conn.execute(
+            "INSERT INTO records (collection, key, partition, etag, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![collection, key, partition, etag, body],
+        )
+        .expect("insert");
+    }
+    drop(conn);
+    assert!(
+        contains(&bytes_at_rest(path), OLD_GROUP_KEY.as_bytes()),
+        "the old format keeps keys in clear"
+    );
+    (enrollment.to_string(), group)
+}
+
+fn old_keys() -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    [
+        OLD_ENROLLMENT_KEY,
+        OLD_GROUP_KEY,
+        OLD_DEVICE_KEY,
+        OLD_POLICY_KEY,
+    ]
+    .iter()
+    .flat_map(|k| [k.as_bytes().to_vec(), b64.decode(k).expect("base64")])
+    .collect()
+}
+
+#[tokio::test]
+async fn an_old_database_is_sealed_on_first_start_and_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("muster.db");
+    let (enrollment, group) = write_v1_database(&path);
+
+    let store = open(&path);
+    let e = store
+        .get(Collection::Enrollments, "dev-1")
+        .await
+        .expect("get")
+        .expect("enrollment");
+    assert_eq!(e.body.to_string(), enrollment);
+    assert_eq!(e.etag, "ZXRhZzE=", "sealing keeps etags");
+    let g = store
+        .get(Collection::EnrollmentGroups, "g1")
+        .await
+        .expect("get")
+        .expect("group");
+    assert_eq!(g.body, group);
+    let d = store
+        .list(
+            Collection::HubDevices,
+            ListQuery {
+                partition: Some("hub.local".into()),
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].body["device"]["authentication"]["symmetricKey"]["primaryKey"],
+        OLD_DEVICE_KEY
+    );
+    let s = store
+        .get(Collection::Settings, "policies")
+        .await
+        .expect("get")
+        .expect("policies");
+    assert_eq!(s.body[0]["primaryKey"], OLD_POLICY_KEY);
+    let r = store
+        .get(Collection::Registrations, "dev-1")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(r.partition.as_deref(), Some("g1"));
+    // Writes still work and the etag counter continues.
+    let etag = put(&store, "dev-2", None, json!({})).await;
+    assert!(!["ZXRhZzE=", "ZXRhZzI="].contains(&etag.as_str()));
+    drop(store);
+
+    let versions: Vec<i64> = migrations(&path).iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        versions,
+        (1..=i64::from(SqliteStore::SCHEMA_VERSION)).collect::<Vec<_>>()
+    );
+    let bytes = bytes_at_rest(&path);
+    for key in old_keys() {
+        assert!(
+            !contains(&bytes, &key),
+            "a key survived the migration in clear: {}",
+            String::from_utf8_lossy(&key)
+        );
+    }
+    // And it opens again (no second migration, no second VACUUM needed).
+    let store = open(&path);
+    assert!(store
+        .get(Collection::Enrollments, "dev-1")
+        .await
+        .expect("get")
+        .is_some());
+}
+
+#[tokio::test]
+async fn a_failure_midway_through_sealing_leaves_the_old_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("muster.db");
+    write_v1_database(&path);
+    let before: Vec<(String, String)> = {
+        let conn = raw(&path);
+        let mut stmt = conn
+            .prepare("SELECT key, body FROM records ORDER BY collection, key")
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query");
+        rows.collect::<Result<_, _>>().expect("rows")
+    };
+    // The group is sealed after the enrollment: fail there, as a crash would stop it.
+    raw(&path)
+        .execute_batch(
+            "CREATE TRIGGER fail_midway BEFORE UPDATE ON records WHEN old.collection = 'enrollment_groups'
+             BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;",
+        )
+        .expect("trigger");
+    let err = SqliteStore::open(&path).expect_err("the migration must fail");
+    assert!(err.to_string().contains("simulated failure"), "{err}");
+
+    let conn = raw(&path);
+    let after: Vec<(String, String)> = {
+        let mut stmt = conn
+            .prepare("SELECT key, body FROM records ORDER BY collection, key")
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query");
+        rows.collect::<Result<_, _>>().expect("rows")
+    };
+    assert_eq!(
+        after, before,
+        "nothing of the failed migration was committed"
+    );
+    assert_eq!(migrations(&path).len(), 1, "still schema version 1");
+    conn.execute_batch("DROP TRIGGER fail_midway")
+        .expect("drop trigger");
+    drop(conn);
+    let store = open(&path);
+    let e = store
+        .get(Collection::EnrollmentGroups, "g1")
+        .await
+        .expect("get")
+        .expect("group");
+    assert_eq!(
+        e.body["attestation"]["symmetricKey"]["primaryKey"],
+        OLD_GROUP_KEY
+    );
+}
+
+#[tokio::test]
+async fn a_missing_sealing_key_is_reported_as_that() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("muster.db");
+    let store = open(&path);
+    store
+        .write(vec![Write::put(
+            Collection::Enrollments,
+            "dev-1",
+            Expect::Any,
+            json!({"k": 1}),
+        )])
+        .await
+        .expect("write");
+    drop(store);
+    let key_file = muster_store::sqlite::key_file_path(&path);
+    std::fs::remove_file(&key_file).expect("remove key");
+
+    let err = SqliteStore::open(&path).expect_err("must not open without its key");
+    assert!(
+        matches!(err, StoreError::SealingKeyMissing { .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with("sealing key missing: ") && message.contains("muster.db.key"),
+        "{message}"
+    );
+    assert!(
+        !key_file.exists(),
+        "a missing key must not be replaced by a new one"
+    );
+
+    // Also a database of the old format, whose settings were sealed.
+    let old = dir.path().join("old.db");
+    write_v1_database(&old);
+    std::fs::remove_file(muster_store::sqlite::key_file_path(&old)).expect("remove key");
+    let err = SqliteStore::open(&old).expect_err("must not open without its key");
+    assert!(
+        matches!(err, StoreError::SealingKeyMissing { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_sealing_key_is_reported_as_that() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("muster.db");
+    drop(open(&path));
+    let other = dir.path().join("other.db");
+    drop(open(&other));
+    let key_file = muster_store::sqlite::key_file_path(&path);
+    std::fs::copy(muster_store::sqlite::key_file_path(&other), &key_file).expect("swap key");
+
+    let err = SqliteStore::open(&path).expect_err("must not open with another key");
+    assert!(
+        matches!(err, StoreError::SealingKeyMismatch { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("sealing key does not open this database"),
+        "{err}"
+    );
+
+    // An old database with another key file is refused before anything is sealed.
+    let old = dir.path().join("old.db");
+    write_v1_database(&old);
+    std::fs::copy(
+        muster_store::sqlite::key_file_path(&other),
+        muster_store::sqlite::key_file_path(&old),
+    )
+    .expect("swap key");
+    let err = SqliteStore::open(&old).expect_err("must not open with another key");
+    assert!(
+        matches!(err, StoreError::SealingKeyMismatch { .. }),
+        "{err:?}"
+    );
+    assert_eq!(migrations(&old).len(), 1, "nothing migrated");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn store_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("new/muster.db");
+    let store = open(&path);
+    put(&store, "k", None, json!({})).await;
+    let files = |p: &Path| {
+        ["", "-wal", "-shm", ".key"].map(|s| PathBuf::from(format!("{}{s}", p.display())))
+    };
+    for f in files(&path) {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    assert_eq!(mode(path.parent().expect("parent")), 0o700);
+    drop(store);
+
+    // Files an older build left readable by all are restricted on open.
+    let old = dir.path().join("old.db");
+    write_v1_database(&old);
+    for f in files(&old) {
+        if f.exists() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+    }
+    let store = open(&old);
+    put(&store, "k", None, json!({})).await;
+    for f in files(&old) {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
