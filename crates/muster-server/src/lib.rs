@@ -182,12 +182,13 @@ impl Server {
 
         let mut service_hosts = vec![endpoint.clone(), config.dps_host.clone()];
         service_hosts.extend(config.extra_hosts.iter().cloned());
-        let api = ServiceApi {
+        let mut api = ServiceApi {
             store: store.clone(),
             auth: Authorizer::new(identity.policies.clone(), service_hosts),
             clock: clock.clone(),
             entropy: entropy.clone(),
             limits: Limits::default(),
+            deprovisioner: None,
         };
 
         let http = outbound_client(&ca)?;
@@ -202,6 +203,7 @@ impl Server {
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
             );
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
+        api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

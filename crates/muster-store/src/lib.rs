@@ -66,6 +66,10 @@ pub enum Collection {
     /// throttled hub, or a crash in between), keyed like its registration record; written and
     /// removed in the same transaction as the record, so a restart reads only these.
     PendingAssignments,
+    /// Hub devices about to be removed by a deprovisioning whose record is already gone,
+    /// keyed `{hub host}/{device id}` (lower-cased); written in the same transaction as the
+    /// record's removal and deleted once the hub confirms, so a restart finishes them.
+    HubRemovals,
 }
 
 impl Collection {
@@ -82,6 +86,7 @@ impl Collection {
         Collection::HubC2dMessages,
         Collection::HubCounters,
         Collection::PendingAssignments,
+        Collection::HubRemovals,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -107,6 +112,7 @@ impl Collection {
             Collection::HubC2dMessages => "hub_c2d_messages",
             Collection::HubCounters => "hub_counters",
             Collection::PendingAssignments => "pending_assignments",
+            Collection::HubRemovals => "hub_removals",
         }
     }
 }
@@ -228,6 +234,62 @@ pub enum StoreError {
     },
     #[error("the store is closed")]
     Closed,
+    /// The store cannot serve the request now but may later without a restart: a full disk,
+    /// a database locked by another process, a read-only file, an I/O error. Devices and
+    /// service clients get 503 with `retry-after` for it, never a 500.
+    #[error("the store is unavailable: {cause}: {detail}")]
+    Unavailable {
+        cause: Unavailability,
+        /// What was being done and the backend's own words; never record bodies.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (see [`StoreError::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+
+    /// A copy for each caller of a failed group commit (the error itself is not `Clone`
+    /// because backends may carry sources).
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable { cause, detail } => StoreError::Unavailable {
+                cause: *cause,
+                detail: detail.clone(),
+            },
+            StoreError::Closed => StoreError::Closed,
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+/// Why the store is unavailable; each says in plain words what an operator can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailability {
+    /// No space left on the file system holding the database.
+    DiskFull,
+    /// Another connection or process holds a lock for longer than the busy timeout.
+    Locked,
+    /// The database file or its directory is read-only.
+    ReadOnly,
+    /// The file system reported an I/O error.
+    Io,
+    /// The database file (or its WAL) cannot be opened.
+    CannotOpen,
+}
+
+impl std::fmt::Display for Unavailability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unavailability::DiskFull => "the disk holding the database is full",
+            Unavailability::Locked => "the database is locked by another connection or process",
+            Unavailability::ReadOnly => "the database is read-only",
+            Unavailability::Io => "the disk reported an I/O error",
+            Unavailability::CannotOpen => "the database file cannot be opened",
+        })
+    }
 }
 
 /// The storage interface. Implementations are cheap to clone (`Arc` inside) and usable from
