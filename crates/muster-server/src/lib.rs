@@ -104,7 +104,23 @@ impl Server {
             source,
         })?;
         let store = SqliteStore::open(&data_dir.join("muster.db"))?;
-        let store: Arc<dyn Store> = Arc::new(store);
+        Self::start_on_store(config, clock, entropy, Arc::new(store)).await
+    }
+
+    /// Starts on a store opened by the caller (tests wrap the data dir's SQLite store, for
+    /// example to make it fail on command).
+    pub async fn start_on_store(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+        store: Arc<dyn Store>,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        create_private_dir(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
         let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
         let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
 

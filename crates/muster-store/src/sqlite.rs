@@ -98,8 +98,8 @@ impl SqliteStore {
                 ))
             })?;
         }
-        let sealer = Arc::new(Sealer::load_or_create(&key_file_path(path))?);
         let explain = |e| explain_open_failure(path, e);
+        let sealer = Arc::new(Sealer::load_or_create(&key_file_path(path)).map_err(explain)?);
         let mut conn = open_writer(path).map_err(explain)?;
         schema::migrate(&mut conn, path).map_err(explain)?;
         let etags = EtagCounter::load(&conn).map_err(explain)?;
@@ -211,13 +211,16 @@ fn unavailability(error: &rusqlite::Error) -> Option<Unavailability> {
 /// WAL or shared-memory file), so when opening fails as unavailable, a small probe write
 /// next to the database says whether the file system is full, and the message says so plainly.
 fn explain_open_failure(path: &Path, error: StoreError) -> StoreError {
-    let StoreError::Unavailable { cause, detail } = error else {
-        return error;
-    };
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let (cause, detail) = match error {
+        StoreError::Unavailable { cause, detail } => (cause, detail),
+        // The key file or the directory may have hit the full disk first.
+        StoreError::Backend(detail) if disk_is_full(dir) => (Unavailability::DiskFull, detail),
+        other => return other,
+    };
     let cause = if cause == Unavailability::DiskFull || disk_is_full(dir) {
         Unavailability::DiskFull
     } else {
