@@ -4,6 +4,11 @@
 //! The first answer already says `assigned` when everything finished within the request; a
 //! registration throttled by its hub's rate limit is persisted as `assigning` with its plan and
 //! finished in order by that hub's worker (also after a restart: [`Engine::resume_pending`]).
+//!
+//! Intent before effect: every plan is saved (record `assigning` + its `PendingAssignments`
+//! marker, one transaction) before any hub is written, so a crash between the hub write and
+//! the final record is finished at the next start instead of leaving a hub device without a
+//! record. `deprovision` (in `engine/deprovision.rs`) follows the same rule.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

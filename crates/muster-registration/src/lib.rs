@@ -7,7 +7,9 @@
 //! (a `RegistrationOperationStatus` or the DPS error body). Transports add nothing else.
 //!
 //! Layout:
-//! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled queues.
+//! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled
+//!   queues; every plan is saved before its hub write (intent before effect), and
+//!   `engine/deprovision.rs` removes a record and its hub device the same way.
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once and kept until one is written.
 //! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.

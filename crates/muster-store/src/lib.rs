@@ -19,6 +19,8 @@
 //! - a write is durable before the call returns;
 //! - a batch is applied in one transaction: items whose expectation fails are reported and
 //!   skipped, the others are applied together or not at all;
+//! - a store that cannot serve now but may later (full disk, locked, read-only, I/O error)
+//!   answers [`StoreError::Unavailable`], never a partial write, so callers answer 503;
 //! - listing is ordered by key, so key-based paging is stable.
 
 use async_trait::async_trait;
