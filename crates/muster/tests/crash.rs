@@ -9,6 +9,7 @@
 //! shown to fail on a build without intents).
 
 use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,7 +88,7 @@ impl ServerProcess {
         }
     }
 
-    /// Starts the server on 127.0.0.1 and waits for its fresh connection.json.
+    /// Starts the server on 127.0.0.1 and waits until it says it is running.
     fn start(&mut self) -> ConnectionFile {
         let file = self.data_dir.join(ConnectionFile::FILE_NAME);
         let _ = std::fs::remove_file(&file);
@@ -112,29 +113,31 @@ impl ServerProcess {
             .arg(&self.data_dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log);
-        self.child = Some(command.spawn().expect("muster serve starts"));
+            .stdout(Stdio::piped())
+            .stderr(log.try_clone().expect("log handle"));
+        let mut child = command.spawn().expect("muster serve starts");
         self.starts += 1;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(info) = ConnectionFile::read(&self.data_dir) {
-                return info;
+        // `serve` prints "Muster is running." once connection.json is written; the rest of
+        // its output goes to the log.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (ready, started) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut log = log;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("Muster is running") {
+                    let _ = ready.send(());
+                }
+                let _ = writeln!(log, "{line}");
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("muster serve exited with {status}:\n{}", self.log_tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "muster serve wrote no connection.json within 30 s:\n{}",
+        });
+        self.child = Some(child);
+        if started.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!(
+                "muster serve did not start within 30 s:\n{}",
                 self.log_tail()
             );
-            std::thread::sleep(Duration::from_millis(20));
         }
+        ConnectionFile::read(&self.data_dir).expect("connection.json after start")
     }
 
     /// `kill -9`.
