@@ -408,6 +408,24 @@ impl ServiceClient {
         Ok(())
     }
 
+    /// `POST /deprovisions/{id}` (Muster extension): removes the registration record and the
+    /// device from whichever linked hub holds it, server-side and intent first, so a crash
+    /// leaves no hub device without a record. Answers what was removed
+    /// (`registrationId`, `hub`, `deviceId`, `removed`).
+    pub async fn deprovision(
+        &self,
+        registration_id: &str,
+        if_match: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let path = format!("/deprovisions/{}", segment(registration_id));
+        let mut req = self.request(Method::POST, &path);
+        if let Some(e) = if_match {
+            req = req.header("if-match", quote_etag(e));
+        }
+        let resp = self.send("deprovision", req).await?;
+        read_json("deprovision", resp).await
+    }
+
     /// `POST /registrations/{groupId}/query`: the records of one enrollment group, paged.
     pub fn query_registrations(
         &self,

@@ -1120,21 +1120,37 @@ pub async fn delete(
         return crate::page::not_found().await;
     };
     let cascade = fields.has("cascade");
-    // The API deletes an individual enrollment's record with it: read it first.
-    let individual_record = if cascade && kind == Kind::Individual {
-        c.service(
-            &s,
-            Method::GET,
-            &format!("/registrations/{}", seg(&id)),
-            None,
-            &[],
-        )
-        .await
-        .ok()
-        .map(|r| reg_row(&r.body))
-    } else {
-        None
-    };
+    // The API deletes an individual enrollment's record with it, which would leave its hub
+    // device behind: so its cascade (record and device, intent first) runs before, once the
+    // policy is known to allow both.
+    let mut individual_summary = None;
+    if cascade && kind == Kind::Individual {
+        let allowed = c
+            .has_right(&s, muster_proto::AccessRight::EnrollmentWrite)
+            .and_then(|()| c.has_right(&s, muster_proto::AccessRight::RegistrationStatusWrite));
+        if let Err(f) = allowed {
+            return details_view(
+                &c,
+                &s,
+                kind,
+                &id,
+                "settings",
+                None,
+                Overrides {
+                    delete_error: Some(f.text()),
+                    ..Overrides::default()
+                },
+            )
+            .await;
+        }
+        individual_summary = Some(match c.inner.remover.deprovision(&id).await {
+            Ok(None) => "It had no registration record.".to_string(),
+            Ok(Some(n)) => {
+                format!("Its registration record and {n} device(s) in their hubs deleted.")
+            }
+            Err(e) => format!("Deleting its registration record and device stopped: {e}"),
+        });
+    }
     // The enrollment first: if the policy may not delete it, nothing else changes. A group's
     // records stay queryable by its id afterwards.
     if let Err(f) = c
@@ -1162,8 +1178,10 @@ pub async fn delete(
         .await;
     }
     let mut message = format!("Deleted {} '{id}'.", kind.noun());
-    if cascade {
-        match cascade_delete(&c, &s, kind, &id, individual_record).await {
+    if let Some(summary) = individual_summary {
+        message.push_str(&format!(" {summary}"));
+    } else if cascade {
+        match cascade_group(&c, &s, &id).await {
             Ok(summary) => message.push_str(&format!(" {summary}")),
             Err(f) => message.push_str(&format!(
                 " Deleting its registration records stopped: {}",
@@ -1175,70 +1193,43 @@ pub async fn delete(
     redirect(&format!("/console/enrollments?tab={}", kind.slug()))
 }
 
-/// Deletes the enrollment's registration records and their devices in whichever linked hub
-/// holds them; a device that could not be deleted is named in the message.
-async fn cascade_delete(
-    c: &Console,
-    s: &Session,
-    kind: Kind,
-    id: &str,
-    individual_record: Option<RegRow>,
-) -> Result<String, Failure> {
+/// Deprovisions every device of the group: each registration record with its device in
+/// whichever linked hub holds it, through the engine (intent first); a device that could not
+/// be removed is named in the message.
+async fn cascade_group(c: &Console, s: &Session, id: &str) -> Result<String, Failure> {
     c.has_right(s, muster_proto::AccessRight::RegistrationStatusWrite)?;
     let mut records = Vec::new();
-    match kind {
-        Kind::Group => {
-            let mut token: Option<String> = None;
-            loop {
-                let mut extra = vec![("x-ms-max-item-count", "1000".to_string())];
-                if let Some(t) = &token {
-                    extra.push(("x-ms-continuation", t.clone()));
-                }
-                let r = c
-                    .service(
-                        s,
-                        Method::POST,
-                        &format!("/registrations/{}/query", seg(id)),
-                        None,
-                        &extra,
-                    )
-                    .await?;
-                records.extend(items(&r.body).iter().map(reg_row));
-                token = r.continuation();
-                if token.is_none() {
-                    break;
-                }
-            }
+    let mut token: Option<String> = None;
+    loop {
+        let mut extra = vec![("x-ms-max-item-count", "1000".to_string())];
+        if let Some(t) = &token {
+            extra.push(("x-ms-continuation", t.clone()));
         }
-        // The API already deleted an individual enrollment's record; its device remains.
-        Kind::Individual => records.extend(individual_record),
+        let r = c
+            .service(
+                s,
+                Method::POST,
+                &format!("/registrations/{}/query", seg(id)),
+                None,
+                &extra,
+            )
+            .await?;
+        records.extend(items(&r.body).iter().map(reg_row));
+        token = r.continuation();
+        if token.is_none() {
+            break;
+        }
     }
     let (mut deleted_records, mut deleted_devices) = (0, 0);
     let mut left = Vec::new();
     for r in &records {
-        if kind == Kind::Group {
-            match c
-                .service(
-                    s,
-                    Method::DELETE,
-                    &format!("/registrations/{}", seg(&r.registration_id)),
-                    None,
-                    &[],
-                )
-                .await
-            {
-                Ok(_) => deleted_records += 1,
-                Err(f) if f.is_not_found() => {}
-                Err(f) => return Err(f),
+        match c.inner.remover.deprovision(&r.registration_id).await {
+            Ok(Some(n)) => {
+                deleted_records += 1;
+                deleted_devices += n;
             }
-        }
-        if r.device_id.is_empty() || r.assigned_hub.is_empty() {
-            continue;
-        }
-        // Every linked hub, the built-in one included, through the engine's hub connections.
-        match c.inner.remover.remove(&r.assigned_hub, &r.device_id).await {
-            Ok(()) => deleted_devices += 1,
-            Err(e) => left.push(format!("{} on {}: {e}", r.device_id, r.assigned_hub)),
+            Ok(None) => {}
+            Err(e) => left.push(format!("{}: {e}", r.registration_id)),
         }
     }
     let mut out = format!(
@@ -1246,7 +1237,7 @@ async fn cascade_delete(
     );
     if !left.is_empty() {
         out.push_str(&format!(
-            " {} device(s) could not be deleted: {}.",
+            " {} device(s) could not be deprovisioned: {}.",
             left.len(),
             left.join("; ")
         ));

@@ -55,6 +55,11 @@ use muster_service_api::ServiceApi;
 pub trait HubDeviceRemover: Send + Sync {
     /// A device that is not there is not an error.
     async fn remove(&self, hub: &str, device_id: &str) -> Result<(), String>;
+
+    /// Removes a registration record and its hub device, intent first (a crash in between
+    /// is finished on the next start). `Ok(None)`: no such record; `Ok(Some(n))`: the record
+    /// and `n` hub devices removed.
+    async fn deprovision(&self, registration_id: &str) -> Result<Option<usize>, String>;
 }
 
 /// Where the console lives on the HTTPS port.

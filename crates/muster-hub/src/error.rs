@@ -50,6 +50,8 @@ pub enum HubErrorCode {
     MessageTooLarge,
     /// 500: storage failure or contention that did not resolve.
     ServerError,
+    /// 503: the hub's store is unavailable for now (full disk, locked database); retry.
+    ServiceUnavailable,
     /// 504: the device did not answer a direct method in time.
     GatewayTimeout,
 }
@@ -75,6 +77,7 @@ impl HubErrorCode {
             HubErrorCode::PreconditionFailed => "PreconditionFailed",
             HubErrorCode::MessageTooLarge => "MessageTooLarge",
             HubErrorCode::ServerError => "ServerError",
+            HubErrorCode::ServiceUnavailable => "ServiceUnavailable",
         }
     }
 
@@ -97,6 +100,7 @@ impl HubErrorCode {
             HubErrorCode::PreconditionFailed => 412,
             HubErrorCode::MessageTooLarge => 413,
             HubErrorCode::ServerError => 500,
+            HubErrorCode::ServiceUnavailable => 503,
             HubErrorCode::GatewayTimeout => 504,
         }
     }
@@ -156,9 +160,25 @@ impl HubError {
 
 impl From<muster_store::StoreError> for HubError {
     fn from(e: muster_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            if let Some(suppressed) = STORE_UNAVAILABLE_LOG.admit() {
+                tracing::warn!(error = %e, suppressed, "store unavailable; the hub answers 503");
+            }
+            return HubError::new(
+                HubErrorCode::ServiceUnavailable,
+                "The hub's store is temporarily unavailable, retry later.",
+            );
+        }
         HubError::internal("accessing the store", e)
     }
 }
+
+/// A full disk fails every request: one warning per interval, with the count held back.
+static STORE_UNAVAILABLE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
+/// `Retry-After` (seconds) on 503 answers.
+const UNAVAILABLE_RETRY_AFTER_SECS: u32 = 5;
 
 #[derive(Serialize)]
 struct HubErrorBody {
@@ -193,6 +213,12 @@ impl IntoResponse for HubError {
             "iothub-errorcode",
             HeaderValue::from_static(self.code.as_str()),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
+            );
+        }
         resp
     }
 }

@@ -97,6 +97,12 @@ pub enum ErrorCode {
     /// Writing the device into its hub failed.
     HubWriteFailed = 500002,
     Unavailable = 503001,
+    /// The store cannot serve the request now (full disk, locked or read-only database, I/O
+    /// error); retry after the `retry-after` the answer carries.
+    StoreUnavailable = 503002,
+    /// The device's IoT hub answered 503 (it may be the built-in hub with its store
+    /// unavailable); retry after the `retry-after` the answer carries.
+    HubUnavailable = 503003,
 }
 
 impl ErrorCode {

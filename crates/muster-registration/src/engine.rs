@@ -4,6 +4,11 @@
 //! The first answer already says `assigned` when everything finished within the request; a
 //! registration throttled by its hub's rate limit is persisted as `assigning` with its plan and
 //! finished in order by that hub's worker (also after a restart: [`Engine::resume_pending`]).
+//!
+//! Intent before effect: every plan is saved (record `assigning` + its `PendingAssignments`
+//! marker, one transaction) before any hub is written, so a crash between the hub write and
+//! the final record is finished at the next start instead of leaving a hub device without a
+//! record. `deprovision` (in `engine/deprovision.rs`) follows the same rule.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,6 +39,9 @@ use crate::hub_client::{
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
 use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
+
+mod deprovision;
+pub use deprovision::Deprovisioned;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -331,17 +339,22 @@ impl Engine {
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
                     .and_then(|h| h.max_registrations_per_second);
-                if self.0.throttle.try_take(&plan.hub, rate) {
+                let run_now = self.0.throttle.try_take(&plan.hub, rate);
+                // Intent before effect: the plan is durable (the record `assigning` with it,
+                // and its marker, in one transaction) before any hub is written, so a crash
+                // in between is finished on start-up by `resume_pending` instead of leaving a
+                // hub device without a record. Throttled plans wait in the same state.
+                let hub = plan.hub.clone();
+                record.state.status = RegistrationStatus::Assigning;
+                record.pending = Some(plan.clone());
+                let etag = self.save_record(&key, &record).await?;
+                record.state.etag = Some(etag);
+                if run_now {
                     self.complete(&key, record, plan, &attested.hub_auth, &linked)
                         .await
                         .map(|r| DeviceReply::registered(&operation(&r), None))
                 } else {
-                    // Accept now, finish in order: durable before the device hears `assigning`.
-                    let hub = plan.hub.clone();
-                    record.state.status = RegistrationStatus::Assigning;
-                    record.pending = Some(plan);
-                    let etag = self.save_record(&key, &record).await?;
-                    record.state.etag = Some(etag);
+                    // Accept now, finish in order.
                     self.enqueue(hub.clone(), key);
                     let wait = self.0.throttle.wait_hint(&hub).as_secs() as u32;
                     Ok(DeviceReply::registered(
@@ -365,6 +378,9 @@ impl Engine {
         record.pending = None;
         record.state.last_updated_date_time_utc = Some(self.0.clock.now());
         match self.execute(&plan, hub_auth, linked).await {
+            // The hub or the store may work again soon: the intent stays as it is, the
+            // device is told to retry, and a restart would finish it.
+            Err(f) if f.is_transient() => return Err(f),
             Ok(substatus) => {
                 record.state.status = RegistrationStatus::Assigned;
                 record.state.substatus = substatus;
@@ -606,7 +622,12 @@ impl Engine {
             iot_edge: plan.iot_edge,
         };
         let hub_failure = |e: crate::hub_client::HubError| {
-            DeviceFailure::new(ErrorCode::HubWriteFailed, e.to_string())
+            let code = if e.status() == Some(503) {
+                ErrorCode::HubUnavailable
+            } else {
+                ErrorCode::HubWriteFailed
+            };
+            DeviceFailure::new(code, e.to_string())
         };
         let hub = self.connection(target);
         let old_hub = plan.remove_from.as_deref().and_then(find);
@@ -771,8 +792,10 @@ impl Engine {
         })
     }
 
-    /// Re-queues every accepted assignment that had not finished (after a restart).
+    /// Finishes every intent a crash interrupted (after a restart): hub removals of
+    /// deprovisionings first, then every accepted assignment is re-queued.
     pub async fn resume_pending(&self) -> Result<usize, DeviceFailure> {
+        self.finish_hub_removals().await?;
         let pending = self.pending_assignments().await?;
         let n = pending.len();
         for p in pending {

@@ -7,7 +7,9 @@
 //! (a `RegistrationOperationStatus` or the DPS error body). Transports add nothing else.
 //!
 //! Layout:
-//! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled queues.
+//! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled
+//!   queues; every plan is saved before its hub write (intent before effect), and
+//!   `engine/deprovision.rs` removes a record and its hub device the same way.
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
 //!   kept until one is written; one group by id.
@@ -67,6 +69,12 @@ impl DeviceFailure {
         )
     }
 
+    /// Failures worth retrying as they are (503: the store or the hub unavailable): they
+    /// leave a registration's intent in place rather than a `failed` record.
+    pub fn is_transient(&self) -> bool {
+        self.code.status() == 503
+    }
+
     /// Failures that end as a `failed` registration record (the device authenticated, but no
     /// hub could be chosen) rather than as an error answer.
     pub fn is_registration_outcome(&self) -> bool {
@@ -83,7 +91,28 @@ impl DeviceFailure {
 
 impl From<muster_store::StoreError> for DeviceFailure {
     fn from(e: muster_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            return DeviceFailure::store_unavailable(&e);
+        }
         DeviceFailure::internal("accessing the store", e)
+    }
+}
+
+/// A full disk fails every request: one warning per interval, with the count held back.
+static STORE_UNAVAILABLE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
+impl DeviceFailure {
+    /// 503 with `retry-after`: the device retries, nothing is half-written (the store refused
+    /// the whole write), and the log stays bounded.
+    pub fn store_unavailable(e: &muster_store::StoreError) -> Self {
+        if let Some(suppressed) = STORE_UNAVAILABLE_LOG.admit() {
+            tracing::warn!(error = %e, suppressed, "store unavailable; devices are told to retry");
+        }
+        Self::new(
+            ErrorCode::StoreUnavailable,
+            "Muster's store is temporarily unavailable; retry after the indicated time",
+        )
     }
 }
 

@@ -4,6 +4,9 @@ use muster_proto::device::RegistrationOperationStatus;
 use muster_proto::{ErrorBody, ErrorCode, RegistrationStatus, Timestamp};
 use serde_json::Value;
 
+/// `retry-after` (seconds) for 503 answers (the store or the hub unavailable).
+pub const STORE_RETRY_AFTER_SECS: u32 = 5;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceReply {
     /// HTTP status, also the `{status}` of the MQTT response topic.
@@ -55,10 +58,11 @@ impl DeviceReply {
         };
         Self {
             status: code.status(),
-            retry_after: if code.status() == 429 || code.status() == 503 {
-                Some(1)
-            } else {
-                None
+            retry_after: match code.status() {
+                429 => Some(1),
+                // A full disk or a locked database rarely clears within a second.
+                503 => Some(STORE_RETRY_AFTER_SECS),
+                _ => None,
             },
             body: serde_json::to_value(&body).unwrap_or(Value::Null),
         }

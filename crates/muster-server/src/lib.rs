@@ -110,7 +110,23 @@ impl Server {
             source,
         })?;
         let store = SqliteStore::open(&data_dir.join("muster.db"))?;
-        let store: Arc<dyn Store> = Arc::new(store);
+        Self::start_on_store(config, clock, entropy, Arc::new(store)).await
+    }
+
+    /// Starts on a store opened by the caller (tests wrap the data dir's SQLite store, for
+    /// example to make it fail on command).
+    pub async fn start_on_store(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        entropy: Arc<dyn Entropy>,
+        store: Arc<dyn Store>,
+    ) -> Result<Server, ServerError> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        create_private_dir(&data_dir).map_err(|source| ServerError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
         let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
         let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
 
@@ -199,12 +215,13 @@ impl Server {
 
         let mut service_hosts = vec![endpoint.clone(), config.dps_host.clone()];
         service_hosts.extend(config.extra_hosts.iter().cloned());
-        let api = ServiceApi {
+        let mut api = ServiceApi {
             store: store.clone(),
             auth: Authorizer::new(identity.policies.clone(), service_hosts),
             clock: clock.clone(),
             entropy: entropy.clone(),
             limits: Limits::default(),
+            deprovisioner: None,
         };
 
         let http = outbound_client(&ca)?;
@@ -219,6 +236,7 @@ impl Server {
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
             );
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
+        api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

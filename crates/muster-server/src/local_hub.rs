@@ -29,6 +29,32 @@ impl muster_console::HubDeviceRemover for EngineHubDevices {
             .await
             .map_err(|f| f.message)
     }
+
+    async fn deprovision(&self, registration_id: &str) -> Result<Option<usize>, String> {
+        match self.0.deprovision(registration_id, None).await {
+            Ok(done) => Ok(Some(done.removed.len())),
+            Err(f) if f.code == muster_proto::ErrorCode::RegistrationNotFound => Ok(None),
+            Err(f) => Err(f.message),
+        }
+    }
+}
+
+/// `POST /deprovisions/{id}` of the service API, carried out by the engine.
+#[async_trait]
+impl muster_service_api::Deprovisioner for EngineHubDevices {
+    async fn deprovision(
+        &self,
+        registration_id: &str,
+        etag: Option<&str>,
+    ) -> Result<Value, muster_service_api::ApiError> {
+        let done = self
+            .0
+            .deprovision(registration_id, etag)
+            .await
+            .map_err(|f| muster_service_api::ApiError::new(f.code, f.message))?;
+        serde_json::to_value(done)
+            .map_err(|e| muster_service_api::ApiError::internal("encoding a deprovisioning", e))
+    }
 }
 
 /// The built-in hub, reached without leaving the process.

@@ -32,9 +32,25 @@ impl ApiError {
 
 impl From<muster_store::StoreError> for ApiError {
     fn from(e: muster_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            if let Some(suppressed) = STORE_UNAVAILABLE_LOG.admit() {
+                tracing::warn!(error = %e, suppressed, "store unavailable; service API answers 503");
+            }
+            return ApiError::new(
+                ErrorCode::StoreUnavailable,
+                "Muster's store is temporarily unavailable; retry after the time in Retry-After",
+            );
+        }
         ApiError::internal("accessing the store", e)
     }
 }
+
+/// A full disk fails every request: one warning per interval, with the count held back.
+static STORE_UNAVAILABLE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
+/// `Retry-After` (seconds) on 503 answers.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u32 = 5;
 
 /// Renders the DPS error body. Tracking ids and the timestamp are diagnostics only, so they
 /// come from the system clock and random source rather than the injected ones.
@@ -57,6 +73,12 @@ impl IntoResponse for ApiError {
         );
         if let Ok(v) = HeaderValue::from_str(&self.code.code().to_string()) {
             headers.insert("x-ms-error-code", v);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
+            );
         }
         resp
     }

@@ -6,8 +6,8 @@
 //! - [`router`] — the axum router; [`normalize_path`] makes routing case-insensitive and must
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
-//!   `routes/linked_hubs.rs`, `routes/access_policies.rs` and `routes/ca_certificates.rs`
-//!   (Muster's extensions): one
+//!   `routes/linked_hubs.rs`, `routes/access_policies.rs`, `routes/ca_certificates.rs` and
+//!   `routes/deprovisions.rs` (Muster's extensions): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
@@ -74,6 +74,20 @@ pub struct ServiceApi {
     pub clock: Arc<dyn Clock>,
     pub entropy: Arc<dyn Entropy>,
     pub limits: Limits,
+    /// Carries out `POST /deprovisions/{id}`; `None` answers 404 there.
+    pub deprovisioner: Option<Arc<dyn Deprovisioner>>,
+}
+
+/// Removes a registration record and its hub device, intent first, so a crash leaves no hub
+/// device without a record (the server implements it with the registration engine).
+#[async_trait::async_trait]
+pub trait Deprovisioner: Send + Sync {
+    /// What was removed, as JSON; `etag`, when given, must be the record's current one.
+    async fn deprovision(
+        &self,
+        registration_id: &str,
+        etag: Option<&str>,
+    ) -> Result<serde_json::Value, ApiError>;
 }
 
 /// Route segments clients spell in more than one way (Node sends `/enrollmentgroups/`).
@@ -86,6 +100,7 @@ const CANONICAL_SEGMENTS: &[&str] = &[
     "caCertificates",
     "attestationmechanism",
     "query",
+    "deprovisions",
 ];
 
 /// Rewrites the fixed segments of service API paths to their canonical spelling so routing

@@ -60,6 +60,7 @@ fn harness() -> Harness {
         clock: clock.clone(),
         entropy: Arc::new(SeededEntropy::new(7)),
         limits: Limits::default(),
+        deprovisioner: None,
     };
     let inner = muster_service_api::router(api)
         .fallback(muster_service_api::not_found)
@@ -988,6 +989,7 @@ async fn deleting_an_individual_enrollment_removes_its_record_but_group_records_
             clock: h.clock.clone(),
             entropy: Arc::new(SeededEntropy::new(3)),
             limits: Limits::default(),
+            deprovisioner: None,
         };
         h.app = Router::new().fallback_service(
             muster_service_api::router(api).map_request(muster_service_api::normalize_path),

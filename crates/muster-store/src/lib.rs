@@ -20,6 +20,8 @@
 //! - a write is durable before the call returns;
 //! - a batch is applied in one transaction: items whose expectation fails are reported and
 //!   skipped, the others are applied together or not at all;
+//! - a store that cannot serve now but may later (full disk, locked, read-only, I/O error)
+//!   answers [`StoreError::Unavailable`], never a partial write, so callers answer 503;
 //! - listing is ordered by key, so key-based paging is stable;
 //! - the body of a record in a secret collection ([`Collection::is_secret`]) never reaches
 //!   storage in clear: it is sealed with [`sealing::Sealer`], and a database that holds sealed
@@ -70,6 +72,10 @@ pub enum Collection {
     /// throttled hub, or a crash in between), keyed like its registration record; written and
     /// removed in the same transaction as the record, so a restart reads only these.
     PendingAssignments,
+    /// Hub devices about to be removed by a deprovisioning whose record is already gone,
+    /// keyed `{hub host}/{device id}` (lower-cased); written in the same transaction as the
+    /// record's removal and deleted once the hub confirms, so a restart finishes them.
+    HubRemovals,
 }
 
 impl Collection {
@@ -86,6 +92,7 @@ impl Collection {
         Collection::HubC2dMessages,
         Collection::HubCounters,
         Collection::PendingAssignments,
+        Collection::HubRemovals,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -111,6 +118,7 @@ impl Collection {
             Collection::HubC2dMessages => "hub_c2d_messages",
             Collection::HubCounters => "hub_counters",
             Collection::PendingAssignments => "pending_assignments",
+            Collection::HubRemovals => "hub_removals",
         }
     }
 }
@@ -249,6 +257,62 @@ pub enum StoreError {
         key: std::path::PathBuf,
         db: std::path::PathBuf,
     },
+    /// The store cannot serve the request now but may later without a restart: a full disk,
+    /// a database locked by another process, a read-only file, an I/O error. Devices and
+    /// service clients get 503 with `retry-after` for it, never a 500.
+    #[error("the store is unavailable: {cause}: {detail}")]
+    Unavailable {
+        cause: Unavailability,
+        /// What was being done and the backend's own words; never record bodies.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (see [`StoreError::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+
+    /// A copy for each caller of a failed group commit (the error itself is not `Clone`
+    /// because backends may carry sources).
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Unavailable { cause, detail } => StoreError::Unavailable {
+                cause: *cause,
+                detail: detail.clone(),
+            },
+            StoreError::Closed => StoreError::Closed,
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+/// Why the store is unavailable; each says in plain words what an operator can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailability {
+    /// No space left on the file system holding the database.
+    DiskFull,
+    /// Another connection or process holds a lock for longer than the busy timeout.
+    Locked,
+    /// The database file or its directory is read-only.
+    ReadOnly,
+    /// The file system reported an I/O error.
+    Io,
+    /// The database file (or its WAL) cannot be opened.
+    CannotOpen,
+}
+
+impl std::fmt::Display for Unavailability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unavailability::DiskFull => "the disk holding the database is full",
+            Unavailability::Locked => "the database is locked by another connection or process",
+            Unavailability::ReadOnly => "the database is read-only",
+            Unavailability::Io => "the disk reported an I/O error",
+            Unavailability::CannotOpen => "the database file cannot be opened",
+        })
+    }
 }
 
 /// The storage interface. Implementations are cheap to clone (`Arc` inside) and usable from

@@ -58,7 +58,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::sealing::Sealer;
-use crate::{Collection, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome};
+use crate::{
+    Collection, ListQuery, Record, Store, StoreError, Unavailability, Write, WriteOp, WriteOutcome,
+};
 use readers::ReadPool;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
@@ -100,26 +102,29 @@ impl SqliteStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             files::create_private_dir(parent)?;
         }
-        files::create_private_file(path)?;
+        let explain = |e| explain_open_failure(path, e);
+        files::create_private_file(path).map_err(explain)?;
         let key_path = key_file_path(path);
         files::restrict(&[
             path.to_path_buf(),
             sidecar(path, "-wal"),
             sidecar(path, "-shm"),
             key_path.clone(),
-        ])?;
-        let mut conn = open_writer(path)?;
-        let sealer = if schema::holds_sealed_data(&conn, path)? {
-            Sealer::load(&key_path)?
+        ])
+        .map_err(explain)?;
+        let mut conn = open_writer(path).map_err(explain)?;
+        let sealer = if schema::holds_sealed_data(&conn, path).map_err(explain)? {
+            Sealer::load(&key_path).map_err(explain)?
         } else {
-            Sealer::load_or_create(&key_path)?
+            Sealer::load_or_create(&key_path).map_err(explain)?
         };
-        schema::migrate(&mut conn, path, &sealer)?;
-        check_sealing_key(&conn, path, &sealer)?;
-        vacuum_if_pending(&conn, path)?;
+        schema::migrate(&mut conn, path, &sealer).map_err(explain)?;
+        check_sealing_key(&conn, path, &sealer).map_err(explain)?;
+        vacuum_if_pending(&conn, path).map_err(explain)?;
         let sealer = Arc::new(sealer);
-        let etags = EtagCounter::load(&conn)?;
-        let readers = ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT)?;
+        let etags = EtagCounter::load(&conn).map_err(explain)?;
+        let readers =
+            ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT).map_err(explain)?;
 
         let (requests, queue) = mpsc::channel();
         let changes = Arc::new(writer::ChangeCounters::new());
@@ -193,9 +198,88 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// A backend error with context. Never pass record bodies as context.
+/// A backend error with context. Never pass record bodies as context. SQLite's codes for a
+/// store that may work again later (full, locked, read-only, I/O, cannot open) become
+/// [`StoreError::Unavailable`]; everything else stays a backend error.
 fn db_err(context: &str, error: rusqlite::Error) -> StoreError {
-    StoreError::Backend(format!("{context}: {error}"))
+    match unavailability(&error) {
+        Some(cause) => StoreError::Unavailable {
+            cause,
+            detail: format!("{context}: {error}"),
+        },
+        None => StoreError::Backend(format!("{context}: {error}")),
+    }
+}
+
+/// Which SQLite result codes mean "not now" rather than "wrong".
+fn unavailability(error: &rusqlite::Error) -> Option<Unavailability> {
+    use rusqlite::ErrorCode as C;
+    let rusqlite::Error::SqliteFailure(e, _) = error else {
+        return None;
+    };
+    Some(match e.code {
+        C::DiskFull => Unavailability::DiskFull,
+        C::DatabaseBusy | C::DatabaseLocked => Unavailability::Locked,
+        C::ReadOnly => Unavailability::ReadOnly,
+        C::SystemIoFailure => Unavailability::Io,
+        C::CannotOpen => Unavailability::CannotOpen,
+        _ => return None,
+    })
+}
+
+/// An open that failed for lack of space often surfaces as a plain I/O error (creating the
+/// WAL or shared-memory file), so when opening fails as unavailable, a small probe write
+/// next to the database says whether the file system is full, and the message says so plainly.
+fn explain_open_failure(path: &Path, error: StoreError) -> StoreError {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (cause, detail) = match error {
+        StoreError::Unavailable { cause, detail } => (cause, detail),
+        // The key file or the directory may have hit the full disk first.
+        StoreError::Backend(detail) if disk_is_full(dir) => (Unavailability::DiskFull, detail),
+        other => return other,
+    };
+    let cause = if cause == Unavailability::DiskFull || disk_is_full(dir) {
+        Unavailability::DiskFull
+    } else {
+        cause
+    };
+    let advice = match cause {
+        Unavailability::DiskFull => format!(
+            "no space is left on the file system holding {}: free some space, then start Muster again",
+            dir.display()
+        ),
+        Unavailability::ReadOnly => format!(
+            "{} or its directory is read-only: make them writable for the user running Muster",
+            path.display()
+        ),
+        Unavailability::Locked => format!(
+            "{} is locked by another process (is another Muster running on the same data dir?)",
+            path.display()
+        ),
+        Unavailability::Io | Unavailability::CannotOpen => format!(
+            "{} cannot be opened or written: check the disk and the file's permissions",
+            path.display()
+        ),
+    };
+    StoreError::Unavailable {
+        cause,
+        detail: format!("{advice} ({detail})"),
+    }
+}
+
+/// Whether a 64 KiB write into `dir` fails for lack of space.
+fn disk_is_full(dir: &Path) -> bool {
+    use std::io::Write as _;
+    let probe = dir.join(".muster-space-probe");
+    let result = std::fs::File::create(&probe).and_then(|mut f| {
+        f.write_all(&[0u8; 64 * 1024])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    matches!(result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull)
 }
 
 /// The key file that seals secret collections: `muster.db` → `muster.db.key`.

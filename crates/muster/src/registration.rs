@@ -222,7 +222,9 @@ pub async fn deprovision(a: DeprovisionArgs) -> anyhow::Result<()> {
 }
 
 /// Deletes the record and (with `hub`) the hub device; blocks first when asked, so the device
-/// cannot slip back in between.
+/// cannot slip back in between. The server does the cascade itself (`POST /deprovisions`,
+/// intent first, so a crash leaves no hub device without a record); only a device in a hub
+/// the server does not link, named by `--hub-connection-string`, is deleted from here.
 async fn cascade(
     client: &ServiceClient,
     file: Option<&ConnectionFile>,
@@ -239,6 +241,31 @@ async fn cascade(
             return Err(e).with_context(|| format!("reading registration '{registration_id}'"))
         }
     };
+    if record.is_none() && !args.block {
+        bail!("no registration record '{registration_id}'");
+    }
+    if let (Some(r), true, None) = (&record, hub, &args.hub_connection_string) {
+        let mut blocked = "-";
+        if args.block {
+            block(client, registration_id).await?;
+            blocked = "yes";
+        }
+        let done = client
+            .deprovision(registration_id, etag)
+            .await
+            .with_context(|| format!("deprovisioning '{registration_id}'"))?;
+        let device = match &r.device_id {
+            Some(d) if r.assigned_hub.is_some() => format!("{d} deleted"),
+            _ => "-".to_string(),
+        };
+        return Ok(json!({
+            "registrationId": registration_id,
+            "hub": done.get("hub").cloned().unwrap_or(Value::Null),
+            "device": device,
+            "record": "deleted",
+            "blocked": blocked,
+        }));
+    }
     // Find the hub before changing anything, so a missing connection string fails cleanly.
     let target = match (&record, hub) {
         (Some(r), true) => match (&r.assigned_hub, &r.device_id) {
@@ -247,9 +274,6 @@ async fn cascade(
         },
         _ => None,
     };
-    if record.is_none() && !args.block {
-        bail!("no registration record '{registration_id}'");
-    }
     let mut blocked = "-";
     if args.block {
         block(client, registration_id).await?;

@@ -2,6 +2,7 @@
 
 mod access_policies;
 mod ca_certificates;
+mod deprovisions;
 mod enrollment_groups;
 mod enrollments;
 mod generic;
@@ -25,6 +26,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(linked_hubs::routes())
         .merge(access_policies::routes())
         .merge(ca_certificates::routes())
+        .merge(deprovisions::routes())
         .with_state(api)
 }
 

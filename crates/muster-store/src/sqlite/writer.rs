@@ -10,6 +10,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Duration;
+
+use muster_proto::log_limit::LogLimiter;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
@@ -117,6 +120,9 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
+static GROUP_FAILED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+static BATCH_FAILED: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
 /// The writer thread's main loop.
 pub(super) fn run(
     mut conn: Connection,
@@ -147,12 +153,12 @@ pub(super) fn run(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, batches = group.len(), "store group commit failed");
-                let message = e.to_string();
+                // A full disk fails every commit: one line per interval, with the count.
+                if let Some(suppressed) = GROUP_FAILED.admit() {
+                    tracing::warn!(error = %e, batches = group.len(), suppressed, "store group commit failed");
+                }
                 for request in group {
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Backend(message.clone())));
+                    let _ = request.reply.send(Err(e.duplicate()));
                 }
             }
         }
@@ -183,7 +189,9 @@ fn commit_group(
                 replies.push(Ok(outcomes));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "store batch failed and was rolled back");
+                if let Some(suppressed) = BATCH_FAILED.admit() {
+                    tracing::warn!(error = %e, suppressed, "store batch failed and was rolled back");
+                }
                 // Rolls back to the savepoint and releases it.
                 savepoint
                     .finish()
