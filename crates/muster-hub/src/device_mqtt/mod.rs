@@ -129,7 +129,7 @@ where
     let identity = match connect::authenticate(&hub, &connect, &client_certs).await {
         Ok(identity) => identity,
         Err((code, why)) => {
-            tracing::info!(client_id = %connect.client_id, ?code, "hub MQTT CONNECT refused: {why}");
+            tracing::debug!(client_id = %connect.client_id, ?code, "hub MQTT CONNECT refused: {why}");
             refuse(&mut wr, code, &limits).await;
             return;
         }
