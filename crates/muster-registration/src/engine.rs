@@ -350,9 +350,16 @@ impl Engine {
                 let etag = self.save_record(&key, &record).await?;
                 record.state.etag = Some(etag);
                 if run_now {
-                    self.complete(&key, record, plan, &attested.hub_auth, &linked)
-                        .await
-                        .map(|r| DeviceReply::registered(&operation(&r), None))
+                    let done = self
+                        .complete(&key, record, plan, &attested.hub_auth, &linked)
+                        .await;
+                    if matches!(&done, Err(f) if f.is_transient()) {
+                        // The device is told to retry, but may not: the kept intent is also
+                        // retried here, so the registration finishes once the hub or the
+                        // store works again, without waiting for a restart.
+                        self.retry_later(hub, key, 0);
+                    }
+                    done.map(|r| DeviceReply::registered(&operation(&r), None))
                 } else {
                     // Accept now, finish in order.
                     self.enqueue(hub.clone(), key);
@@ -702,17 +709,41 @@ impl Engine {
         let engine = self.clone();
         tokio::spawn(async move {
             while let Some(key) = rx.recv().await {
-                let rate = engine
-                    .linked_hubs()
-                    .await
-                    .ok()
-                    .and_then(|l| l.into_iter().find(|h| h.name.eq_ignore_ascii_case(&hub)))
-                    .and_then(|h| h.max_registrations_per_second);
-                engine.0.throttle.take(&hub, rate).await;
-                if let Err(f) = engine.finish_pending(&key).await {
-                    warn!(registration = %key, error = %f.message, "could not finish a pending assignment");
-                }
+                engine.run_queued(hub.clone(), key, 0).await;
             }
+        });
+    }
+
+    /// Finishes one queued intent within the hub's rate; after a transient failure (a hub or
+    /// the store answering 503) it is tried again later (`retry_later`).
+    async fn run_queued(&self, hub: String, key: String, attempt: u32) {
+        let rate = self
+            .linked_hubs()
+            .await
+            .ok()
+            .and_then(|l| l.into_iter().find(|h| h.name.eq_ignore_ascii_case(&hub)))
+            .and_then(|h| h.max_registrations_per_second);
+        self.0.throttle.take(&hub, rate).await;
+        match self.finish_pending(&key).await {
+            Ok(()) => {}
+            Err(f) if f.is_transient() => self.retry_later(hub, key, attempt + 1),
+            Err(f) => {
+                warn!(registration = %key, error = %f.message, "could not finish a pending assignment")
+            }
+        }
+    }
+
+    /// Queues a kept intent again after a transient failure (a hub or the store answering
+    /// 503), after `retry_after_secs` doubled per attempt up to a minute; further failures
+    /// schedule the next attempt. A restart re-queues it from its marker all the same.
+    fn retry_later(&self, hub: String, key: String, attempt: u32) {
+        let delay = u64::from(self.0.config.retry_after_secs.max(1))
+            .saturating_mul(1 << attempt.min(6))
+            .min(60);
+        let engine = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(delay)).await;
+            engine.run_queued(hub, key, attempt).await;
         });
     }
 

@@ -25,10 +25,12 @@ use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Wraps a store; while `full` is set every write fails the way SQLite's SQLITE_FULL does.
+/// Wraps a store; while `full` is set every write fails the way SQLite's SQLITE_FULL does, and
+/// while `hub_full` is set so does every write that touches the built-in hub's devices.
 struct FullDiskStore {
     inner: Arc<dyn Store>,
     full: AtomicBool,
+    hub_full: AtomicBool,
 }
 
 #[async_trait]
@@ -38,7 +40,10 @@ impl Store for FullDiskStore {
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<WriteOutcome>, StoreError> {
-        if self.full.load(Ordering::SeqCst) {
+        let hub_write = writes
+            .iter()
+            .any(|w| w.collection == Collection::HubDevices);
+        if self.full.load(Ordering::SeqCst) || (hub_write && self.hub_full.load(Ordering::SeqCst)) {
             return Err(StoreError::Unavailable {
                 cause: Unavailability::DiskFull,
                 detail: "committing the write transaction: database or disk is full".into(),
@@ -169,6 +174,7 @@ async fn a_full_store_answers_503_with_retry_after_quietly_and_recovers_without_
     let store = Arc::new(FullDiskStore {
         inner: Arc::new(sqlite),
         full: AtomicBool::new(false),
+        hub_full: AtomicBool::new(false),
     });
     let server = Server::start_on_store(
         config(dir.path(), "127.0.0.1"),
@@ -291,5 +297,82 @@ async fn a_full_store_answers_503_with_retry_after_quietly_and_recovers_without_
     assert!(topic.starts_with("$dps/registrations/res/202/"), "{topic}");
     assert_eq!(body["status"], json!("assigned"), "{body}");
     let _ = std::io::stderr().flush();
+    server.shutdown().await;
+}
+
+/// A registration whose hub write fails transiently (here the built-in hub's store) keeps its
+/// intent and is finished by the server once the hub works again, even if the device never
+/// retries: no hub device is left waiting for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_registration_finishes_without_the_device_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("muster.db")).unwrap();
+    let store = Arc::new(FullDiskStore {
+        inner: Arc::new(sqlite),
+        full: AtomicBool::new(false),
+        hub_full: AtomicBool::new(false),
+    });
+    let server = Server::start_on_store(
+        config(dir.path(), "127.0.0.1"),
+        Arc::new(SystemClock),
+        Arc::new(OsEntropy),
+        store.clone(),
+    )
+    .await
+    .unwrap();
+    let dps = Dps::new(&server.connection);
+    let scope = dps.info.id_scope.clone();
+    let (s, g) = dps
+        .service(
+            Method::PUT,
+            "/enrollmentGroups/kept",
+            Some(json!({"attestation": {"type": "symmetricKey"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{g}");
+    let key = g["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = "kept-1";
+    let token = device_token(
+        &scope,
+        id,
+        &derive_device_key(&key, id).unwrap(),
+        now() + 600,
+    );
+
+    store.hub_full.store(true, Ordering::SeqCst);
+    let (s, retry, body) = dps.register(id, &token, json!({})).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(retry.is_some(), "{body}");
+    let (s, record) = dps
+        .service(Method::GET, &format!("/registrations/{id}"), None)
+        .await;
+    assert_eq!(
+        (s, record["status"].as_str()),
+        (200, Some("assigning")),
+        "{record}"
+    );
+
+    // The hub works again; the device stays silent.
+    store.hub_full.store(false, Ordering::SeqCst);
+    let (_, cs) = dps.hub();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (s, record) = dps
+            .service(Method::GET, &format!("/registrations/{id}"), None)
+            .await;
+        assert_eq!(s, 200, "{record}");
+        if record["status"] == json!("assigned") {
+            assert_eq!(dps.hub_call(&cs, &format!("/devices/{id}")).await.0, 200);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kept intent was not finished: {record}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     server.shutdown().await;
 }
