@@ -209,6 +209,18 @@ impl GroupCache {
         Ok(self.set(store).await?.get(group_id))
     }
 
+    /// Whether [`Self::set`] would keep what it reads: the store counts its changes and the
+    /// groups were not found too many to cache at the current count.
+    pub fn would_cache(&self, store: &dyn Store) -> bool {
+        match (
+            store.changes(Collection::EnrollmentGroups),
+            self.cached.lock(),
+        ) {
+            (Some(g), Ok(cached)) => cached.oversized_at != Some(g),
+            _ => false,
+        }
+    }
+
     /// The cached groups if they are current; `None` when [`Self::set`] would read the store.
     pub fn cached_set(&self, store: &dyn Store) -> Option<Arc<GroupSet>> {
         self.current(store.changes(Collection::EnrollmentGroups))

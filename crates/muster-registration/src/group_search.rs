@@ -117,17 +117,27 @@ impl GroupSearch {
         token: &SasToken,
         messages: &[String],
     ) -> Result<Option<Found>, DeviceFailure> {
-        if let Some(set) = groups.cached_set(store) {
+        let mut loaded = groups.cached_set(store);
+        if loaded.is_none() && groups.would_cache(store) {
+            // A cold cache (after a start or a write to the groups) that will keep what it
+            // reads: fill it outside the bound, so a burst of first registrations is not
+            // refused while it fills. Only groups too many to cache are read under the bound.
+            loaded = Some(groups.set(store).await?);
+        }
+        if let Some(set) = &loaded {
             if set.symmetric_count() <= INLINE_GROUPS {
-                return Ok(first_signing(&set, registration_id, token, messages));
+                return Ok(first_signing(set, registration_id, token, messages));
             }
         }
         let _admission = self.admit()?;
         let _turn = self.running.clone().acquire_owned().await.map_err(|e| {
             DeviceFailure::internal("waiting for a turn to search the enrollment groups", e)
         })?;
-        // Read (or re-read) under the bound: beyond the cache this lists every group.
-        let set = groups.set(store).await?;
+        // Beyond the cache this lists every group: under the bound.
+        let set = match loaded {
+            Some(set) => set,
+            None => groups.set(store).await?,
+        };
         if set.symmetric_count() <= INLINE_GROUPS {
             return Ok(first_signing(&set, registration_id, token, messages));
         }

@@ -227,8 +227,24 @@ async fn storm(
                 },
                 payload: None,
             };
-            let r = devices.register(&id, &key, &options).await.ok()?;
-            if !r.is_assigned() {
+            // While the server lives (no kill planned), a device that gets an error tries
+            // again, as real devices do; what it got is printed for the log.
+            let attempts = if kill_after.is_some() { 1 } else { 3 };
+            let mut assigned = false;
+            for attempt in 1..=attempts {
+                match devices.register(&id, &key, &options).await {
+                    Ok(r) if r.is_assigned() => {
+                        assigned = true;
+                        break;
+                    }
+                    Ok(r) if attempts > 1 => {
+                        eprintln!("{id}: attempt {attempt} not assigned: {:?}", r.status)
+                    }
+                    Err(e) if attempts > 1 => eprintln!("{id}: attempt {attempt} failed: {e}"),
+                    _ => {}
+                }
+            }
+            if !assigned {
                 return None;
             }
             let n = acked.fetch_add(1, Ordering::SeqCst) + 1;
