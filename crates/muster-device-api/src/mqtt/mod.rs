@@ -184,8 +184,16 @@ pub async fn serve_connection<S>(
                 // complain when the socket is already gone), reading nothing more.
                 let linger_end = Instant::now() + ATTESTATION_FAILED_LINGER;
                 while let Ok(packet) = reader.next_packet(&mut rd, linger_end).await {
-                    if packet == Packet::Disconnect {
-                        break;
+                    match packet {
+                        Packet::Disconnect => break,
+                        // The Node SDK unsubscribes before it disconnects and waits for the
+                        // UNSUBACK; answer that (and pings), but take no new request.
+                        Packet::Unsubscribe(_) | Packet::PingReq | Packet::PubAck(_) => {
+                            if let Flow::Close(_) = session.handle(packet).await {
+                                break;
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 break "attestation failed on an unauthenticated connection".to_string();
