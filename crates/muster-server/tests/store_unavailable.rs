@@ -159,6 +159,41 @@ async fn mqtt_register(
     }
 }
 
+/// A server on the data dir's SQLite store, wrapped so the test can make writes fail.
+async fn start_on_failing_store(dir: &std::path::Path) -> (Server, Arc<FullDiskStore>) {
+    let sqlite = SqliteStore::open(&dir.join("muster.db")).unwrap();
+    let store = Arc::new(FullDiskStore {
+        inner: Arc::new(sqlite),
+        full: AtomicBool::new(false),
+        hub_full: AtomicBool::new(false),
+    });
+    let server = Server::start_on_store(
+        config(dir, "127.0.0.1"),
+        Arc::new(SystemClock),
+        Arc::new(OsEntropy),
+        store.clone(),
+    )
+    .await
+    .unwrap();
+    (server, store)
+}
+
+/// Creates a symmetric-key enrollment group with generated keys; returns its primary key.
+async fn create_group(dps: &Dps, id: &str) -> String {
+    let (s, g) = dps
+        .service(
+            Method::PUT,
+            &format!("/enrollmentGroups/{id}"),
+            Some(json!({"attestation": {"type": "symmetricKey"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{g}");
+    g["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_answers_503_with_retry_after_quietly_and_recovers_without_a_restart() {
     let logs = LogBuffer::default();
@@ -170,35 +205,11 @@ async fn a_full_store_answers_503_with_retry_after_quietly_and_recovers_without_
         .init();
 
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("muster.db")).unwrap();
-    let store = Arc::new(FullDiskStore {
-        inner: Arc::new(sqlite),
-        full: AtomicBool::new(false),
-        hub_full: AtomicBool::new(false),
-    });
-    let server = Server::start_on_store(
-        config(dir.path(), "127.0.0.1"),
-        Arc::new(SystemClock),
-        Arc::new(OsEntropy),
-        store.clone(),
-    )
-    .await
-    .unwrap();
+    let (server, store) = start_on_failing_store(dir.path()).await;
     let dps = Dps::new(&server.connection);
     let mqtt = server.mqtt_addrs[0];
     let scope = dps.info.id_scope.clone();
-    let (s, g) = dps
-        .service(
-            Method::PUT,
-            "/enrollmentGroups/full",
-            Some(json!({"attestation": {"type": "symmetricKey"}})),
-        )
-        .await;
-    assert_eq!(s, 200, "{g}");
-    let key = g["attestation"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = create_group(&dps, "full").await;
     let token = |id: &str| {
         device_token(
             &scope,
@@ -306,34 +317,10 @@ async fn a_full_store_answers_503_with_retry_after_quietly_and_recovers_without_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_registration_finishes_without_the_device_retrying() {
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("muster.db")).unwrap();
-    let store = Arc::new(FullDiskStore {
-        inner: Arc::new(sqlite),
-        full: AtomicBool::new(false),
-        hub_full: AtomicBool::new(false),
-    });
-    let server = Server::start_on_store(
-        config(dir.path(), "127.0.0.1"),
-        Arc::new(SystemClock),
-        Arc::new(OsEntropy),
-        store.clone(),
-    )
-    .await
-    .unwrap();
+    let (server, store) = start_on_failing_store(dir.path()).await;
     let dps = Dps::new(&server.connection);
     let scope = dps.info.id_scope.clone();
-    let (s, g) = dps
-        .service(
-            Method::PUT,
-            "/enrollmentGroups/kept",
-            Some(json!({"attestation": {"type": "symmetricKey"}})),
-        )
-        .await;
-    assert_eq!(s, 200, "{g}");
-    let key = g["attestation"]["symmetricKey"]["primaryKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = create_group(&dps, "kept").await;
     let id = "kept-1";
     let token = device_token(
         &scope,
