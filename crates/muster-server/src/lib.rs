@@ -92,6 +92,15 @@ pub struct Server {
     tasks: JoinSet<()>,
 }
 
+/// Checks the configuration and creates the data dir (0700) before anything is opened in it.
+fn prepare_data_dir(config: &Config) -> Result<(), ServerError> {
+    config.validate()?;
+    create_private_dir(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })
+}
+
 impl Server {
     /// Starts with the system clock and the OS random source.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
@@ -103,13 +112,8 @@ impl Server {
         clock: Arc<dyn Clock>,
         entropy: Arc<dyn Entropy>,
     ) -> Result<Server, ServerError> {
-        config.validate()?;
-        let data_dir = config.data_dir.clone();
-        create_private_dir(&data_dir).map_err(|source| ServerError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
-        let store = SqliteStore::open(&data_dir.join("muster.db"))?;
+        prepare_data_dir(&config)?;
+        let store = SqliteStore::open(&config.data_dir.join("muster.db"))?;
         Self::start_on_store(config, clock, entropy, Arc::new(store)).await
     }
 
@@ -121,12 +125,9 @@ impl Server {
         entropy: Arc<dyn Entropy>,
         store: Arc<dyn Store>,
     ) -> Result<Server, ServerError> {
-        config.validate()?;
+        // Again for callers that opened their store elsewhere (idempotent).
+        prepare_data_dir(&config)?;
         let data_dir = config.data_dir.clone();
-        create_private_dir(&data_dir).map_err(|source| ServerError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
         let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
         let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
 
