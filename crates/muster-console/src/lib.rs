@@ -20,9 +20,10 @@
 //! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
 //! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
 //! - [`device_key`] — derive a device key from a group key.
-//! - [`assets`] — the embedded CSS and JavaScript (no inline scripts or styles: the CSP
+//! - [`assets`] — the embedded CSS, JavaScript and favicon (no inline scripts or styles: the CSP
 //!   forbids them).
-//! - [`page`] — what every page's layout needs, rendering, security headers.
+//! - [`page`] — what every page's layout needs (the footer shows [`VERSION`]), rendering,
+//!   security headers.
 //!
 //! What it must never do: put a key in a cookie, a URL or a log line; accept a POST without
 //! the session's CSRF token; read the real clock or random source (both come from the
@@ -64,6 +65,9 @@ pub trait HubDeviceRemover: Send + Sync {
 
 /// Where the console lives on the HTTPS port.
 pub const BASE: &str = "/console";
+
+/// The version the console shows: the package version (`CARGO_PKG_VERSION`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the overview shows and what tokens must name.
 #[derive(Debug, Clone)]
@@ -147,6 +151,7 @@ impl Console {
 pub fn router(console: Console) -> Router {
     Router::new()
         .route("/console", get(overview::page))
+        .route("/console/", get(overview::page))
         .route("/console/ca.pem", get(overview::ca_pem))
         .route(
             "/console/sign-in",

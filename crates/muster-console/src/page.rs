@@ -20,6 +20,11 @@ pub struct PageCtx {
 }
 
 impl PageCtx {
+    /// The running Muster's version, shown in every page's footer.
+    pub fn version(&self) -> &'static str {
+        crate::VERSION
+    }
+
     /// `aria-current="page"` for the current navigation entry.
     pub fn current(&self, nav: &str) -> &'static str {
         if self.nav == nav {

@@ -1,25 +1,36 @@
 //! The HTTPS application: every route family merged into one router (their paths do not
-//! overlap), wrapped so routing is case-insensitive.
+//! overlap), wrapped so routing is case-insensitive and every refusal leaves a debug line.
 //!
 //! - service API: `/enrollments`, `/enrollmentGroups`, `/registrations`, `/linkedHubs`
 //! - device API: `/{idScope}/registrations/{registrationId}/...`
 //! - built-in hub REST: `/devices`, `/twins`
-//! - MQTT over WebSocket: `/$iothub/websocket`
-//! - web console: `/console` (`muster-console`)
+//! - MQTT over WebSocket: `/$iothub/websocket`, and `/` for a WebSocket upgrade (C#)
+//! - web console: `/console` (`muster-console`); `/` without an upgrade redirects there, and
+//!   `/favicon.ico` is the console's icon
+//! - health: `/healthz`, `/readyz` (`health.rs`), no auth
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
+use axum::handler::Handler;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
+use crate::health::{self, Health};
 use crate::mqtt_dispatch::{self, MqttServices};
+use crate::refusal_log;
+
+/// Where a browser opening `https://host/` is sent.
+pub const FRONT_DOOR_TARGET: &str = "/console/";
 
 /// The router served on the HTTPS port.
 pub fn https_app(
     service_api: ServiceApi,
     mqtt: MqttServices,
     console: muster_console::Console,
+    health: Health,
 ) -> Router {
     let hub = mqtt.hub.clone();
     let inner = Router::new()
@@ -28,15 +39,36 @@ pub fn https_app(
         .merge(
             Router::new()
                 .route("/$iothub/websocket", get(mqtt_dispatch::websocket))
-                // C# connects its WebSocket to `/`.
-                .route("/", get(mqtt_dispatch::websocket))
+                .route("/", get(front_door))
                 .with_state(mqtt),
         )
         .merge(muster_hub::router(hub))
         .merge(muster_console::router(console))
+        .route("/favicon.ico", get(muster_console::assets::favicon))
+        .merge(health::routes(health))
         .fallback(muster_service_api::not_found)
         .method_not_allowed_fallback(muster_service_api::method_not_allowed);
     // Path normalisation must run before routing, so it wraps the whole router.
     Router::new()
         .fallback_service(inner.map_request(|req: Request| muster_service_api::normalize_path(req)))
+        .layer(axum::middleware::from_fn(refusal_log::log_refusals))
+}
+
+/// `GET /`: C# opens its MQTT WebSocket here; anyone else (a browser) goes to the console.
+async fn front_door(State(mqtt): State<MqttServices>, req: Request) -> Response {
+    if is_websocket_upgrade(req.headers()) {
+        return mqtt_dispatch::websocket.call(req, mqtt).await;
+    }
+    Redirect::to(FRONT_DOOR_TARGET).into_response()
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        })
 }

@@ -2,6 +2,7 @@
 //! options and `MUSTER_*` environment variables (the binary does that merge), with documented
 //! defaults ([`Config::default`]).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,11 +14,18 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Where the database, the local CA, certificates and `connection.json` live.
     pub data_dir: PathBuf,
-    /// Name or IP address the DPS is reached at; listeners bind it and the server
-    /// certificate names it.
+    /// Name or IP address devices and clients are told to reach the DPS at; the server
+    /// certificate names it. Listeners bind it only when `listen` is empty.
     pub dps_host: String,
-    /// Name or IP of the built-in IoT hub; its listeners bind it. `None`: the DPS host.
+    /// Name or IP devices are told for the built-in IoT hub. `None`: the DPS host.
     pub hub_host: Option<String>,
+    /// IP addresses every listener binds (`0.0.0.0`, `::`, `[::]` allowed). Empty: the
+    /// addresses the advertised hosts resolve to (loopback for the default `localhost`).
+    pub listen: Vec<String>,
+    /// `ADDR:PORT` of a plain-HTTP admin listener (`/healthz`, `/readyz`); off when `None`.
+    pub admin_listen: Option<String>,
+    /// How `muster serve` writes its log lines.
+    pub log_format: LogFormat,
     /// HTTPS port: device API, service API, hub REST, MQTT over WebSocket.
     pub https_port: u16,
     /// MQTT over TLS port for device registration.
@@ -60,6 +68,29 @@ pub struct Config {
     /// How long the built-in hub keeps a device's persistent MQTT session (CleanSession=0)
     /// after the device disconnected.
     pub hub_session_expiry_secs: u64,
+}
+
+/// How log lines are written: `text` for people, `json` (one object per line) for collectors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(ConfigError::Invalid(format!(
+                "log-format must be `text` or `json`, not `{other}`"
+            ))),
+        }
+    }
 }
 
 /// The listeners' limits and deadlines ([`Config::connection_limits`]); `max_connections` is
@@ -113,6 +144,9 @@ impl Default for Config {
             data_dir: PathBuf::from("muster-data"),
             dps_host: "localhost".into(),
             hub_host: None,
+            listen: Vec::new(),
+            admin_listen: None,
+            log_format: LogFormat::Text,
             https_port: 443,
             mqtt_port: 8883,
             tls_cert: None,
@@ -167,6 +201,8 @@ impl Config {
         if self.dps_host.trim().is_empty() {
             return Err(ConfigError::Invalid("dps-host must not be empty".into()));
         }
+        self.listen_addrs()?;
+        self.admin_addr()?;
         if self.hub_session_expiry_secs == 0 {
             return Err(ConfigError::Invalid(
                 "hub-session-expiry-secs must be at least 1".into(),
@@ -210,6 +246,44 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `listen` parsed: each entry an IP address, IPv6 with or without brackets, duplicates
+    /// dropped.
+    pub fn listen_addrs(&self) -> Result<Vec<IpAddr>, ConfigError> {
+        let mut addrs = Vec::new();
+        for entry in &self.listen {
+            let text = entry.trim();
+            let ip = text
+                .strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .unwrap_or(text)
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "listen: `{entry}` is not an IP address (e.g. 0.0.0.0, ::, 192.168.1.10); \
+                         names devices use go in dps-host, hub-host and extra-hosts"
+                    ))
+                })?;
+            if !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// `admin_listen` parsed.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.admin_listen
+            .as_deref()
+            .map(|text| {
+                text.trim().parse::<SocketAddr>().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "admin-listen: `{text}` is not ADDR:PORT (e.g. 127.0.0.1:9090, [::1]:9090)"
+                    ))
+                })
+            })
+            .transpose()
     }
 
     /// The listeners' deadlines and limits, as the listener and session code takes them.
@@ -272,6 +346,40 @@ mod tests {
             ..Config::default()
         };
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn listen_addresses_are_ips_and_admin_listen_an_address_with_port() {
+        let text = "listen = [\"0.0.0.0\", \"[::]\", \"::1\", \"0.0.0.0\"]\n\
+                    admin-listen = \"127.0.0.1:9090\"\nlog-format = \"json\"\n";
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let addrs: Vec<String> = c
+            .listen_addrs()
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(addrs, ["0.0.0.0", "::", "::1"]);
+        assert_eq!(
+            c.admin_addr().unwrap(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+        );
+        assert_eq!(c.log_format, LogFormat::Json);
+        let named = Config {
+            listen: vec!["dps.example.lan".into()],
+            ..Config::default()
+        };
+        let e = named.validate().unwrap_err().to_string();
+        assert!(e.contains("listen") && e.contains("dps.example.lan"), "{e}");
+        let no_port = Config {
+            admin_listen: Some("127.0.0.1".into()),
+            ..Config::default()
+        };
+        let e = no_port.validate().unwrap_err().to_string();
+        assert!(e.contains("admin-listen"), "{e}");
+        assert!("yaml".parse::<LogFormat>().is_err());
+        assert_eq!("JSON".parse::<LogFormat>().unwrap(), LogFormat::Json);
     }
 
     #[test]

@@ -9,26 +9,35 @@
 //!   signature is checked with the leaf's own key), judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
+//! - [`bind_set`] — the addresses every listener binds (`--listen`), apart from the
+//!   advertised names.
+//! - [`health`] — `/healthz` and `/readyz` (store write probe, listeners accepting).
+//! - [`admin`] — the optional plain-HTTP admin listener (`--admin-listen`): health, metrics.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
 //!   back-off when `accept` fails, draining.
 //! - [`admission`] — per-source-address limit on unauthenticated connections.
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
+//! - [`refusal_log`] — a debug line for every refused HTTPS request (status, code, check).
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
 
+pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod bind_set;
 pub mod bootstrap;
 pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod descriptors;
+pub mod health;
 pub mod listener;
 pub mod local_hub;
 pub mod mqtt_dispatch;
+pub mod refusal_log;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -44,7 +53,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::info;
 
-pub use config::Config;
+pub use bind_set::BindSet;
+pub use config::{Config, LogFormat};
 pub use connection_info::ConnectionInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +70,10 @@ pub enum ServerError {
     Store(#[from] muster_store::StoreError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("could not resolve {host}: {source}")]
+    #[error(
+        "could not resolve {host}: {source}; to advertise a name this machine cannot resolve, \
+         bind its addresses with --listen (e.g. --listen 0.0.0.0)"
+    )]
     Resolve {
         host: String,
         source: std::io::Error,
@@ -88,6 +101,10 @@ pub struct Server {
     pub connection: ConnectionInfo,
     pub https_addrs: Vec<SocketAddr>,
     pub mqtt_addrs: Vec<SocketAddr>,
+    /// The addresses the HTTPS and MQTT listeners bound.
+    pub bind_set: BindSet,
+    /// Where the plain-HTTP admin listener listens, when configured.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -148,14 +165,13 @@ impl Server {
         let mqtt_tls = server_identity.rustls_config_with(&[], true)?;
 
         // Bind everything before anything is announced.
-        let mut https_addrs = resolve(&config.dps_host, config.https_port).await?;
-        let mut mqtt_addrs = resolve(&config.dps_host, config.mqtt_port).await?;
-        if !hub_host.eq_ignore_ascii_case(&config.dps_host) {
-            https_addrs.extend(resolve(&hub_host, config.https_port).await?);
-            mqtt_addrs.extend(resolve(&hub_host, config.mqtt_port).await?);
-        }
-        let https_listeners = listener::bind(&https_addrs, "HTTPS").await?;
-        let mqtt_listeners = listener::bind(&mqtt_addrs, "MQTT").await?;
+        let bind_set = BindSet::from_config(&config).await?;
+        let https_listeners = bind_set.bind(config.https_port, "HTTPS").await?;
+        let mqtt_listeners = bind_set.bind(config.mqtt_port, "MQTT").await?;
+        let admin_listener = match config.admin_addr()? {
+            Some(addr) => Some(admin::bind(addr).await?),
+            None => None,
+        };
         let max_connections = fit_connections_to_descriptors(
             config.max_connections,
             https_listeners.len() + mqtt_listeners.len(),
@@ -168,6 +184,7 @@ impl Server {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         let https_port = bound.first().map(|a| a.port()).unwrap_or(config.https_port);
         let mqtt_port = mqtt_bound
             .first()
@@ -263,13 +280,17 @@ impl Server {
             hub.clone(),
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
         );
-        let app = app::https_app(api, mqtt_services.clone(), console);
+        let open_listeners = health::OpenListeners::default();
+        open_listeners.expect(bound.len() + mqtt_bound.len());
+        let health = health::Health::new(store.clone(), open_listeners.clone());
+        let app = app::https_app(api, mqtt_services.clone(), console, health.clone());
         let listener_limits = listener::ListenerLimits {
             max_connections,
             tls_handshake_timeout: limits.tls_handshake_timeout,
             http_header_timeout: limits.http_header_timeout,
             http_idle_timeout: limits.http_idle_timeout,
             pre_auth: admission::PreAuthLimiter::new(limits.max_unauthenticated_per_address),
+            open_listeners,
         };
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
@@ -286,6 +307,13 @@ impl Server {
                 mqtt_tls.clone(),
                 mqtt_services.clone(),
                 listener_limits.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        if let Some(l) = admin_listener {
+            tasks.spawn(admin::serve(
+                l,
+                admin::admin_router(health),
                 shutdown_rx.clone(),
             ));
         }
@@ -324,11 +352,13 @@ impl Server {
         connection
             .write(&data_dir)
             .map_err(|source| ServerError::ConnectionInfo { path, source })?;
-        info!(https = ?bound, mqtt = ?mqtt_bound, console = %connection.console_url, "listening");
+        info!(https = ?bound, mqtt = ?mqtt_bound, admin = ?admin_addr, console = %connection.console_url, "listening");
         Ok(Server {
             connection,
             https_addrs: bound,
             mqtt_addrs: mqtt_bound,
+            bind_set,
+            admin_addr,
             shutdown,
             tasks,
         })
@@ -421,27 +451,4 @@ fn outbound_client(ca: &tls::LocalCa) -> Result<reqwest::Client, ServerError> {
 
 fn absolute(p: PathBuf) -> PathBuf {
     std::path::absolute(&p).unwrap_or(p)
-}
-
-/// Addresses `host` resolves to. `localhost` resolves to loopback without asking DNS.
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ServerError> {
-    if let Ok(ip) = host
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<std::net::IpAddr>()
-    {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    if host.eq_ignore_ascii_case("localhost") {
-        return Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]);
-    }
-    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| ServerError::Resolve {
-            host: host.to_string(),
-            source,
-        })?
-        .collect();
-    addrs.sort();
-    addrs.dedup();
-    Ok(addrs)
 }

@@ -39,6 +39,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::admission::{PreAuthGuard, PreAuthLimiter};
+use crate::health::OpenListeners;
 
 /// How long open connections get to finish after shutdown starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,47 +67,8 @@ pub struct ListenerLimits {
     pub http_idle_timeout: Duration,
     /// Unauthenticated connections per source address, shared by every listener.
     pub pre_auth: PreAuthLimiter,
-}
-
-/// Binds every address, failing with a message that says what to do.
-pub async fn bind(
-    addrs: &[SocketAddr],
-    what: &str,
-) -> Result<Vec<TcpListener>, crate::ServerError> {
-    let mut listeners = Vec::new();
-    for addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                return Err(crate::ServerError::Bind {
-                    what: what.to_string(),
-                    addr: *addr,
-                    hint: bind_hint(addr, &e),
-                    source: e,
-                })
-            }
-        }
-    }
-    Ok(listeners)
-}
-
-fn bind_hint(addr: &SocketAddr, e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
-            "ports below 1024 need root or CAP_NET_BIND_SERVICE: run as root, grant the capability \
-             (setcap cap_net_bind_service=+ep $(which muster)), or choose another port, e.g. --https-port 8443 \
-             (port {} was requested)",
-            addr.port()
-        ),
-        std::io::ErrorKind::AddrInUse => format!(
-            "another process already listens on {addr}: stop it or choose another port"
-        ),
-        std::io::ErrorKind::AddrNotAvailable => format!(
-            "{} is not an address of this machine: check --dps-host",
-            addr.ip()
-        ),
-        _ => "check the address and port".into(),
-    }
+    /// Counts the listeners accepting, for `/readyz`.
+    pub open_listeners: OpenListeners,
 }
 
 /// Accepts TCP connections under the connection limit and the per-address limit, completes
@@ -129,6 +91,7 @@ async fn accept_tls<F, Fut>(
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut sessions = JoinSet::new();
     let local = listener.local_addr().ok();
+    let accepting = limits.open_listeners.opened();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     'accept: loop {
         let permit = tokio::select! {
@@ -162,6 +125,7 @@ async fn accept_tls<F, Fut>(
             }
         };
         let Some(pre_auth) = limits.pre_auth.try_acquire(peer.ip()) else {
+            debug!(%peer, "connection refused: its address holds its limit of unauthenticated connections");
             if let Some(suppressed) = ADDRESS_AT_LIMIT.admit() {
                 warn!(
                     %peer,
@@ -182,12 +146,13 @@ async fn accept_tls<F, Fut>(
             let _permit = permit;
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => session(stream, peer, pre_auth, stop).await,
-                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(%peer, "TLS handshake timed out"),
+                Ok(Err(e)) => debug!(%peer, error = %e, "connection refused: TLS handshake failed"),
+                Err(_) => debug!(%peer, "connection refused: TLS handshake timed out"),
             }
         });
     }
     drop(listener);
+    drop(accepting);
     if let Some(addr) = local {
         info!(%addr, "listener closed; draining connections");
     }
