@@ -8,6 +8,7 @@ mod device;
 mod enrollment;
 mod hub;
 mod linked_hub;
+mod logging;
 mod output;
 mod provision;
 mod registration;
@@ -15,6 +16,7 @@ mod serve;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use muster_server::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -38,11 +40,13 @@ enum Command {
     ///
     /// On first start it creates the data dir, the SQLite database, a local CA with a server
     /// certificate, an ID scope and the `provisioningserviceowner` policy key, then writes
-    /// DATA_DIR/connection.json.
+    /// DATA_DIR/connection.json. A bare `muster serve` binds loopback only; --listen binds
+    /// other addresses while --dps-host stays the name devices are told.
     ///
     /// Examples:
     ///   muster serve
-    ///   muster serve --data-dir /var/lib/muster --dps-host dps.example.lan
+    ///   muster serve --data-dir /var/lib/muster --listen 0.0.0.0 --dps-host dps.example.lan
+    ///   muster serve --listen 0.0.0.0 --admin-listen 127.0.0.1:9090 --log-format json
     ///   muster serve --dps-host 127.0.0.2 --https-port 8443 --mqtt-port 18883
     #[command(verbatim_doc_comment)]
     Serve(serve::ServeArgs),
@@ -119,23 +123,17 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let default_filter = match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let Command::Serve(args) = cli.command {
+        return serve_with_logging(&runtime, args);
+    }
+    logging::init(LogFormat::Text, "warn");
     let result = match cli.command {
-        Command::Serve(args) => return runtime.block_on(serve::serve(args)),
+        // Served above, with its own log set-up.
+        Command::Serve(_) => Ok(()),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "muster", &mut std::io::stdout());
             Ok(())
@@ -156,6 +154,29 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `muster serve`: the log format comes from its configuration, so the subscriber is set up
+/// after the config is read; a failure to start is logged in that format too.
+fn serve_with_logging(
+    runtime: &tokio::runtime::Runtime,
+    args: serve::ServeArgs,
+) -> anyhow::Result<()> {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            logging::init(LogFormat::Text, "info");
+            return Err(e);
+        }
+    };
+    let format = config.log_format;
+    logging::init(format, "info");
+    let result = runtime.block_on(serve::serve(args, config));
+    if let (Err(e), LogFormat::Json) = (&result, format) {
+        tracing::error!("{}", output::describe(e));
+        std::process::exit(1);
+    }
+    result
 }
 
 #[cfg(test)]

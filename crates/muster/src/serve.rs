@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use muster_server::{Config, Server};
+use muster_server::{Config, LogFormat, Server};
 
 /// Each option overrides the config file, which overrides the defaults.
 #[derive(Args)]
@@ -15,12 +15,23 @@ pub struct ServeArgs {
     /// Data directory [default: ./muster-data]
     #[arg(long, env = "MUSTER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Name or IP the DPS is reached at; listeners bind it [default: localhost]
+    /// Name or IP devices and clients are told to reach the DPS at; the server certificate
+    /// names it, and listeners bind it when --listen is not given [default: localhost]
     #[arg(long, env = "MUSTER_DPS_HOST")]
     dps_host: Option<String>,
-    /// Name or IP of the built-in IoT hub; its listeners bind it [default: the DPS host]
+    /// Name or IP devices are told for the built-in IoT hub [default: the DPS host]
     #[arg(long, env = "MUSTER_HUB_HOST")]
     hub_host: Option<String>,
+    /// IP address every listener binds, e.g. 0.0.0.0 or [::] (repeatable; environment:
+    /// comma-separated) [default: the addresses of --dps-host and --hub-host]
+    #[arg(long = "listen", env = "MUSTER_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
+    /// ADDR:PORT of a plain-HTTP admin listener serving /healthz and /readyz [default: off]
+    #[arg(long, env = "MUSTER_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Log line format: text or json [default: text]
+    #[arg(long, env = "MUSTER_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     /// This node's region, for the geoLatency allocation policy
     #[arg(long, env = "MUSTER_REGION")]
     region: Option<String>,
@@ -72,7 +83,8 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn config(&self) -> anyhow::Result<Config> {
+    /// The effective configuration: defaults, then the file, then flags and environment.
+    pub fn config(&self) -> anyhow::Result<Config> {
         let mut c = match &self.config {
             Some(p) => Config::from_file(p)?,
             None => Config::default(),
@@ -85,6 +97,15 @@ impl ServeArgs {
         }
         if let Some(v) = &self.hub_host {
             c.hub_host = Some(v.clone());
+        }
+        if !self.listen.is_empty() {
+            c.listen = self.listen.clone();
+        }
+        if let Some(v) = &self.admin_listen {
+            c.admin_listen = Some(v.clone());
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
         }
         if let Some(v) = &self.region {
             c.region = Some(v.clone());
@@ -132,14 +153,48 @@ impl ServeArgs {
     }
 }
 
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
+pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<()> {
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
     }
     let server = Server::start(config.clone()).await?;
+    match config.log_format {
+        LogFormat::Text => print_banner(&server, &config),
+        LogFormat::Json => log_banner(&server, &config),
+    }
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Where the listeners bound and how to expose them, when they bound loopback only.
+fn exposure_hint(server: &Server) -> Option<&'static str> {
+    server.bind_set.is_loopback_only().then_some(
+        "only this machine can connect (loopback); to accept other machines add --listen 0.0.0.0 \
+         (or [::], or one address of this machine) and set --dps-host to the name devices use",
+    )
+}
+
+fn admin_warning(server: &Server) -> Option<String> {
+    let addr = server.admin_addr?;
+    (!addr.ip().is_loopback()).then(|| {
+        format!(
+            "the admin listener on {addr} is plain HTTP without auth and not on loopback: \
+             keep it on a management network"
+        )
+    })
+}
+
+fn print_banner(server: &Server, config: &Config) {
     let c = &server.connection;
+    let listening: Vec<String> = server
+        .bind_set
+        .ips()
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
     println!("Muster is running.");
     println!("  ID scope:           {}", c.id_scope);
     println!("  Device endpoint:    {}", c.device_endpoint);
@@ -150,14 +205,57 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("  Trust this CA:      {}", c.ca_certificate.display());
     println!("  Web console:        {}", c.console_url);
     println!(
+        "  Listening on:       {} (HTTPS port {}, MQTT port {})",
+        listening.join(", "),
+        c.https_port,
+        c.mqtt_port
+    );
+    if let Some(addr) = server.admin_addr {
+        println!("  Admin (HTTP):       http://{addr}/healthz, /readyz");
+    }
+    println!(
         "  Connection details: {} (holds the service connection string)",
         config.data_dir.join("connection.json").display()
     );
+    if let Some(hint) = exposure_hint(server) {
+        println!("Note: {hint}.");
+    }
+    if let Some(warning) = admin_warning(server) {
+        println!("Warning: {warning}.");
+    }
     println!("Stop with Ctrl-C.");
-    wait_for_signal().await?;
-    tracing::info!("shutting down");
-    server.shutdown().await;
-    Ok(())
+}
+
+/// The banner as one log event, so every line of a JSON log parses.
+fn log_banner(server: &Server, config: &Config) {
+    let c = &server.connection;
+    let listening: Vec<String> = server
+        .bind_set
+        .ips()
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    let hubs: Vec<&str> = c.hubs.iter().map(|h| h.host_name.as_str()).collect();
+    tracing::info!(
+        id_scope = %c.id_scope,
+        device_endpoint = %c.device_endpoint,
+        hubs = %hubs.join(","),
+        service_endpoint = %c.service_endpoint,
+        ca_certificate = %c.ca_certificate.display(),
+        console_url = %c.console_url,
+        listen = %listening.join(","),
+        https_port = c.https_port,
+        mqtt_port = c.mqtt_port,
+        admin = %server.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+        connection_details = %config.data_dir.join("connection.json").display(),
+        "Muster is running"
+    );
+    if let Some(hint) = exposure_hint(server) {
+        tracing::info!("{hint}");
+    }
+    if let Some(warning) = admin_warning(server) {
+        tracing::warn!("{warning}");
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
