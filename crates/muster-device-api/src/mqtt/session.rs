@@ -327,6 +327,16 @@ impl Responder {
     /// (an MQTT server only delivers to subscribers); then the close, when attestation failed
     /// on a connection that never authenticated, tells the reader to close.
     async fn respond(self, reply: DeviceReply) -> Flow {
+        if reply.status >= 400 {
+            // The error body says which check failed; it never holds a secret.
+            tracing::debug!(
+                rid = %self.rid,
+                status = reply.status,
+                error_code = reply.body["errorCode"].as_u64().unwrap_or(0),
+                check = reply.body["message"].as_str().unwrap_or_default(),
+                "MQTT request refused"
+            );
+        }
         let failed = self.auth.observe(reply.status);
         let flow = self.publish(reply).await;
         if failed {
