@@ -118,6 +118,8 @@ async fn json_logs_parse_line_by_line_and_refusals_are_logged_without_secrets() 
 
     assert_eq!(https_request(&info, "GET", "/no-such-route").await, 404);
     assert_eq!(https_request(&info, "DELETE", "/healthz").await, 405);
+    let unsigned = "/enrollments/dev-1?api-version=2021-10-01";
+    assert_eq!(https_request(&info, "GET", unsigned).await, 401);
     // Not TLS at all: the handshake is refused.
     let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", info.https_port))
         .await
@@ -157,6 +159,9 @@ async fn json_logs_parse_line_by_line_and_refusals_are_logged_without_secrets() 
     };
     assert!(refused(404, 404000), "no 404 line");
     assert!(refused(405, 405000), "no 405 line");
+    assert!(refused(401, 401000), "no 401 line");
+    // The query (where a token could travel) is never logged.
+    assert!(!lines.iter().any(|l| l.to_string().contains("api-version=")));
     assert!(lines
         .iter()
         .any(|l| l["message"] == "connection refused: TLS handshake failed"));
