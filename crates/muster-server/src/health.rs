@@ -135,3 +135,26 @@ async fn readyz(State(health): State<Health>) -> Response {
         Err(e) => e.into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unready_while_a_listener_is_not_accepting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = muster_store::SqliteStore::open(&dir.path().join("muster.db")).unwrap();
+        let listeners = OpenListeners::default();
+        listeners.expect(2);
+        let health = Health::new(Arc::new(store), listeners.clone());
+        let first = listeners.opened();
+        let e = health.readiness().await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(e.message.contains("listeners: 1 of 2"), "{}", e.message);
+        let second = listeners.opened();
+        health.readiness().await.unwrap();
+        drop(first);
+        assert!(health.readiness().await.is_err());
+        drop(second);
+    }
+}

@@ -81,13 +81,11 @@ fn trusting(ca: &std::path::Path) -> rustls::ClientConfig {
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth()
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
 
 #[tokio::test]
@@ -166,14 +164,10 @@ async fn readyz_turns_unready_while_the_store_is_unwritable_and_ready_again_afte
         inner: Arc::new(sqlite),
         full: AtomicBool::new(false),
     });
-    let server = Server::start_on_store(
-        c,
-        Arc::new(SystemClock),
-        Arc::new(OsEntropy),
-        store.clone(),
-    )
-    .await
-    .unwrap();
+    let server =
+        Server::start_on_store(c, Arc::new(SystemClock), Arc::new(OsEntropy), store.clone())
+            .await
+            .unwrap();
     let https = client(&server.connection.ca_certificate);
     // Plain HTTP; the TLS set-up is only there because reqwest needs one.
     let plain = client(&server.connection.ca_certificate);
@@ -194,7 +188,10 @@ async fn readyz_turns_unready_while_the_store_is_unwritable_and_ready_again_afte
         assert_eq!(status, 503, "{base}: {body}");
         assert_eq!(body["errorCode"], 503002, "{body}");
         let message = body["message"].as_str().unwrap_or_default();
-        assert!(message.contains("store") && message.contains("write probe"), "{body}");
+        assert!(
+            message.contains("store") && message.contains("write probe"),
+            "{body}"
+        );
         for field in ["trackingId", "timestampUtc"] {
             assert!(body[field].is_string(), "{field}: {body}");
         }
@@ -216,7 +213,9 @@ async fn readyz_turns_unready_while_the_store_is_unwritable_and_ready_again_afte
 #[tokio::test]
 async fn the_front_door_leads_to_the_console_which_shows_the_version_and_a_favicon() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path(), "127.0.0.1")).await.unwrap();
+    let server = Server::start(config(dir.path(), "127.0.0.1"))
+        .await
+        .unwrap();
     let info = &server.connection;
     let addr = SocketAddr::from(([127, 0, 0, 1], info.https_port));
     let http = client_for_name(&info.ca_certificate, "127.0.0.1", addr);
@@ -238,7 +237,11 @@ async fn the_front_door_leads_to_the_console_which_shows_the_version_and_a_favic
     assert!(html.contains(&version), "{html}");
     assert!(html.contains(r#"rel="icon" href="/favicon.ico""#), "{html}");
 
-    let r = http.get(format!("{base}/favicon.ico")).send().await.unwrap();
+    let r = http
+        .get(format!("{base}/favicon.ico"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/svg+xml");
     assert!(r.text().await.unwrap().starts_with("<svg"));
