@@ -382,6 +382,9 @@ impl Engine {
         hub_auth: &HubAuthentication,
         linked: &[LinkedHub],
     ) -> Result<RegistrationRecord, DeviceFailure> {
+        let plan = self
+            .record_device_creation(key, &record, plan, linked)
+            .await?;
         record.pending = None;
         record.state.last_updated_date_time_utc = Some(self.0.clock.now());
         match self.execute(&plan, hub_auth, linked).await {
@@ -407,6 +410,44 @@ impl Engine {
         let etag = self.save_record(key, &record).await?;
         record.state.etag = Some(etag);
         Ok(record)
+    }
+
+    /// Intent before effect for hubs that write a device and its twin in two calls (REST):
+    /// when the twin depends on whether the put creates the device, the hub is asked first,
+    /// and a device it lacks is recorded in the plan (`creates_device`) before the put. A
+    /// retry or restart after the device put but before the twin write then still writes
+    /// the initial twin, instead of taking the device for one the hub already had.
+    async fn record_device_creation(
+        &self,
+        key: &str,
+        record: &RegistrationRecord,
+        mut plan: PendingAssignment,
+        linked: &[LinkedHub],
+    ) -> Result<PendingAssignment, DeviceFailure> {
+        if plan.creates_device || !plan.twin_depends_on_creation() {
+            return Ok(plan);
+        }
+        let Some(target) = linked
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
+        else {
+            return Ok(plan); // `execute` reports it
+        };
+        let hub = self.connection(target);
+        if hub.writes_device_and_twin_together()
+            || hub
+                .get_twin(&plan.device_id)
+                .await
+                .map_err(hub_failure)?
+                .is_some()
+        {
+            return Ok(plan);
+        }
+        plan.creates_device = true;
+        let mut intent = record.clone();
+        intent.pending = Some(plan.clone());
+        self.save_record(key, &intent).await?;
+        Ok(plan)
     }
 
     async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
@@ -577,6 +618,7 @@ impl Engine {
                 } => Some(primary_thumbprint.clone()),
                 HubAuthentication::Sas { .. } => None,
             },
+            creates_device: false,
         };
         if let Some((cur, cur_sub)) = current {
             plan.initial = false;
@@ -627,14 +669,6 @@ impl Engine {
             device_id: plan.device_id.clone(),
             authentication: hub_auth.clone(),
             iot_edge: plan.iot_edge,
-        };
-        let hub_failure = |e: crate::hub_client::HubError| {
-            let code = if e.status() == Some(503) {
-                ErrorCode::HubUnavailable
-            } else {
-                ErrorCode::HubWriteFailed
-            };
-            DeviceFailure::new(code, e.to_string())
         };
         let hub = self.connection(target);
         let old_hub = plan.remove_from.as_deref().and_then(find);
@@ -690,7 +724,8 @@ impl Engine {
                 .await
                 .map_err(hub_failure)?;
         }
-        Ok(plan.substatus(existed, outcome))
+        // A device this plan created is one the hub did not have, even when a retry finds it.
+        Ok(plan.substatus(existed && !plan.creates_device, outcome))
     }
 
     fn enqueue(&self, hub: String, key: String) {
@@ -947,6 +982,16 @@ impl Engine {
             .then_some(self.0.config.retry_after_secs);
         Ok(DeviceReply::polled(&operation(&record), retry))
     }
+}
+
+/// A hub's refusal as the device sees it: 503 stays retryable.
+fn hub_failure(e: crate::hub_client::HubError) -> DeviceFailure {
+    let code = if e.status() == Some(503) {
+        ErrorCode::HubUnavailable
+    } else {
+        ErrorCode::HubWriteFailed
+    };
+    DeviceFailure::new(code, e.to_string())
 }
 
 fn no_hub() -> DeviceFailure {
