@@ -43,6 +43,10 @@ use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, Status
 mod deprovision;
 pub use deprovision::Deprovisioned;
 
+/// A hub refusing every device would otherwise write a line per registration.
+static ASSIGNMENT_FAILED_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -401,7 +405,9 @@ impl Engine {
                 record.state.error_message = None;
             }
             Err(f) => {
-                warn!(hub = %plan.hub, error = %f.message, "assignment failed");
+                if let Some(suppressed) = ASSIGNMENT_FAILED_LOG.admit() {
+                    warn!(hub = %plan.hub, error = %f.message, suppressed, "assignment failed");
+                }
                 record.state.status = RegistrationStatus::Failed;
                 record.state.error_code = Some(f.code.code());
                 record.state.error_message = Some(f.message);
@@ -763,7 +769,10 @@ impl Engine {
             Ok(()) => {}
             Err(f) if f.is_transient() => self.retry_later(hub, key, attempt + 1),
             Err(f) => {
-                warn!(registration = %key, error = %f.message, "could not finish a pending assignment")
+                if let Some(suppressed) = ASSIGNMENT_FAILED_LOG.admit() {
+                    warn!(registration = %key, error = %f.message, suppressed,
+                        "could not finish a pending assignment");
+                }
             }
         }
     }

@@ -135,7 +135,9 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let result = match cli.command {
-        Command::Serve(args) => return runtime.block_on(serve::serve(args)),
+        // Through the same one-line report as every command: returning the error from
+        // `main` would print its Debug form (and a backtrace under RUST_BACKTRACE).
+        Command::Serve(args) => runtime.block_on(serve::serve(args)),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "muster", &mut std::io::stdout());
             Ok(())

@@ -20,6 +20,10 @@ use tracing::{info, warn};
 use super::{decode_record, hub_failure, Engine};
 use crate::DeviceFailure;
 
+/// A bulk deprovisioning after a hub was unlinked meets it once per device.
+static UNLINKED_HUB_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// What a deprovisioning removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -197,8 +201,12 @@ impl Engine {
                             "a deprovisioned device was registered again meanwhile; its hub identity stays");
                     }
                 }
-                None => warn!(hub = %r.hub, device = %r.device_id,
-                    "a deprovisioned device's hub is no longer linked; its identity stays there"),
+                None => {
+                    if let Some(suppressed) = UNLINKED_HUB_LOG.admit() {
+                        warn!(hub = %r.hub, device = %r.device_id, suppressed,
+                            "a deprovisioned device's hub is no longer linked; its identity stays there");
+                    }
+                }
             }
         }
         self.0
