@@ -8,7 +8,10 @@
 //! Intent before effect: every plan is saved (record `assigning` + its `PendingAssignments`
 //! marker, one transaction) before any hub is written, so a crash between the hub write and
 //! the final record is finished at the next start instead of leaving a hub device without a
-//! record. `deprovision` (in `engine/deprovision.rs`) follows the same rule.
+//! record. For a hub whose device and twin are two calls (REST), whether the hub lacked the
+//! device is saved with the plan before the put, so a retry still writes the initial twin.
+//! `deprovision` (in `engine/deprovision.rs`) follows the same rule, and deletes a hub device
+//! only while its etag is the one read before the record went.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -9,7 +9,8 @@
 //! Layout:
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled
 //!   queues; every plan is saved before its hub write (intent before effect), and
-//!   `engine/deprovision.rs` removes a record and its hub device the same way.
+//!   `engine/deprovision.rs` removes a record and its hub device the same way (the hub delete
+//!   conditional on the device's etag, so a device that registered again keeps it).
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
 //!   kept until one is written; one group by id.
