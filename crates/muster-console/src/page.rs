@@ -35,6 +35,10 @@ impl PageCtx {
     }
 }
 
+/// A broken template fails every request for its page: one line per interval.
+static TEMPLATE_FAILED_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// Renders a template as a 200 HTML page.
 pub fn render<T: Template>(t: &T) -> Response {
     render_status(StatusCode::OK, t)
@@ -44,7 +48,9 @@ pub fn render_status<T: Template>(status: StatusCode, t: &T) -> Response {
     match t.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => {
-            tracing::error!(error = %e, "console template failed");
+            if let Some(suppressed) = TEMPLATE_FAILED_LOG.admit() {
+                tracing::error!(error = %e, suppressed, "console template failed");
+            }
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the page could not be rendered",

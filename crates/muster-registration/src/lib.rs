@@ -9,7 +9,8 @@
 //! Layout:
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled
 //!   queues; every plan is saved before its hub write (intent before effect), and
-//!   `engine/deprovision.rs` removes a record and its hub device the same way.
+//!   `engine/deprovision.rs` removes a record and its hub device the same way (the hub delete
+//!   conditional on the device's etag, so a device that registered again keeps it).
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
 //!   kept until one is written; one group by id.
@@ -62,7 +63,9 @@ impl DeviceFailure {
     }
 
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
-        tracing::error!(%err, "{context}");
+        if let Some(suppressed) = INTERNAL_ERROR_LOG.admit() {
+            tracing::error!(%err, suppressed, "{context}");
+        }
         Self::new(
             ErrorCode::Internal,
             format!("internal error while {context}"),
@@ -100,6 +103,10 @@ impl From<muster_store::StoreError> for DeviceFailure {
 
 /// A full disk fails every request: one warning per interval, with the count held back.
 static STORE_UNAVAILABLE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
+/// An internal error repeats on every request that meets it: one line per interval.
+static INTERNAL_ERROR_LOG: muster_proto::log_limit::LogLimiter =
     muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
 impl DeviceFailure {

@@ -157,7 +157,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `muster serve`: the log format comes from its configuration, so the subscriber is set up
-/// after the config is read; a failure to start is logged in that format too.
+/// after the config is read; a failure to start is reported in one line, logged in that format
+/// too (returning the error from `main` would print its Debug form, and a backtrace under
+/// RUST_BACKTRACE).
 fn serve_with_logging(
     runtime: &tokio::runtime::Runtime,
     args: serve::ServeArgs,
@@ -165,18 +167,20 @@ fn serve_with_logging(
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {
-            logging::init(LogFormat::Text, "info");
-            return Err(e);
+            eprintln!("error: {}", output::describe(&e));
+            std::process::exit(1);
         }
     };
     let format = config.log_format;
     logging::init(format, "info");
-    let result = runtime.block_on(serve::serve(args, config));
-    if let (Err(e), LogFormat::Json) = (&result, format) {
-        tracing::error!("{}", output::describe(e));
+    if let Err(e) = runtime.block_on(serve::serve(args, config)) {
+        match format {
+            LogFormat::Json => tracing::error!("{}", output::describe(&e)),
+            LogFormat::Text => eprintln!("error: {}", output::describe(&e)),
+        }
         std::process::exit(1);
     }
-    result
+    Ok(())
 }
 
 #[cfg(test)]
