@@ -30,7 +30,7 @@ pub mod service;
 pub mod telemetry;
 pub mod tls;
 
-pub use connection::{ConnectionFile, ConnectionHub};
+pub use connection::{ConnectionFile, ConnectionHub, ConnectionTlsCertificate};
 pub use device::{DeviceClient, DeviceKey, RegisterOptions, Registration, RetryPolicy, Transport};
 pub use error::{Error, Result};
 pub use hub::HubClient;
