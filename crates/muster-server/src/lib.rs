@@ -11,6 +11,8 @@
 //!   signature is checked with the leaf's own key), judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
+//! - [`hub_rename`] — a built-in hub whose address changed takes every stored reference to
+//!   its old name along, in one transaction.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
 //!   back-off when `accept` fails, draining.
 //! - [`admission`] — per-source-address limit on unauthenticated connections.
@@ -28,6 +30,7 @@ pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod descriptors;
+pub mod hub_rename;
 pub mod listener;
 pub mod local_hub;
 pub mod mqtt_dispatch;
@@ -191,7 +194,8 @@ impl Server {
         let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
 
-        // The built-in hub, linked like any other hub.
+        // The built-in hub, linked like any other hub; its records stay under its first name.
+        let hub_storage_name = bootstrap::built_in_hub_storage_name(&*store, &hub_endpoint).await?;
         let limits = config.connection_limits();
         let hub = muster_hub::HubRegistry::with_limits(
             store.clone(),
@@ -205,7 +209,8 @@ impl Server {
                 max_idle: limits.mqtt_max_idle,
                 ..muster_hub::DeviceEndpointLimits::default()
             },
-        );
+        )
+        .with_storage_name(&hub_storage_name);
         let hub_owner = hub_policies
             .iter()
             .find(|p| p.key_name == bootstrap::HUB_OWNER_POLICY)
