@@ -35,6 +35,12 @@
 //! Reads use a few read-only connections on the blocking thread pool. In WAL mode readers see
 //! the last committed state and neither block the writer nor wait for it.
 //!
+//! # Backups
+//!
+//! [`snapshot`] copies the database with `VACUUM INTO` through its own read-only
+//! connection: a reader like any other, so the server keeps serving and the copy is the last
+//! committed state. [`schema_version`] reads a copy's version without migrating it.
+//!
 //! # Lifetime
 //!
 //! [`SqliteStore`] is a cheap handle (`Arc` inside). When the last clone is dropped the idle

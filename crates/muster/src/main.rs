@@ -1,6 +1,7 @@
 //! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
 //! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins.
+//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
+//! restore of a data dir.
 
 mod backup;
 mod bench;
