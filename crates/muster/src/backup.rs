@@ -263,7 +263,9 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let mut names: Vec<&str> = vec![DB_KEY];
     names.extend(OPTIONAL_FILES);
     // The database last: a target with the new database always has its key beside it.
-    names.push(DB);
+    // Opening it above checkpoints on close; a WAL left all the same goes with it (without
+    // it the database is still whole, at its state before that check).
+    names.extend([DB, "muster.db-wal"]);
     for name in names {
         let from = staging.0.join(name);
         if from.is_file() {
