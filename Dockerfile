@@ -2,7 +2,9 @@
 # debian-slim. Build: docker build --build-arg MUSTER_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t muster .
 # Run:   docker run -p 443:443 -p 8883:8883 -v muster-data:/var/lib/muster muster \
 #          serve --listen 0.0.0.0 --dps-host dps.example.lan
-FROM rust:1.85-bookworm AS build
+# The toolchain CI builds and tests with (the workspace's rust-version is the floor, not what
+# the locked dependencies were checked with).
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 # .git is not copied (.dockerignore): the commit comes in as a build argument.
