@@ -27,7 +27,7 @@ async fn start() -> Harness {
     .await
     .unwrap();
     let info = server.connection.clone();
-    let pem = std::fs::read(&info.ca_certificate).unwrap();
+    let pem = std::fs::read(info.ca_certificate.as_ref().unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();
@@ -498,7 +498,14 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
     let h = start().await;
     // A second server sharing the first one's CA, so the first one's engine trusts its hub.
     let dir_b = tempfile::tempdir().unwrap();
-    let a_dir = h.info.ca_certificate.parent().unwrap().to_path_buf();
+    let a_dir = h
+        .info
+        .ca_certificate
+        .as_ref()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     for f in ["ca.pem", "ca.key"] {
         std::fs::copy(a_dir.join(f), dir_b.path().join(f)).unwrap();
     }

@@ -34,6 +34,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// How often the TLS certificate and key files are checked for a change (SIGHUP checks
+    /// at once).
+    pub tls_reload_interval_ms: u64,
     /// Extra names and addresses the local CA's server certificate should carry.
     pub extra_hosts: Vec<String>,
     /// Most concurrent connections per listener; more wait in the accept queue. Lowered at
@@ -151,6 +154,7 @@ impl Default for Config {
             mqtt_port: 8883,
             tls_cert: None,
             tls_key: None,
+            tls_reload_interval_ms: 5_000,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
             max_unauthenticated_per_address: 256,
@@ -235,6 +239,7 @@ impl Config {
         }
         for (name, value) in [
             ("tls-handshake-timeout-ms", self.tls_handshake_timeout_ms),
+            ("tls-reload-interval-ms", self.tls_reload_interval_ms),
             ("http-header-timeout-ms", self.http_header_timeout_ms),
             ("http-idle-timeout-ms", self.http_idle_timeout_ms),
             ("mqtt-connect-timeout-ms", self.mqtt_connect_timeout_ms),

@@ -5,6 +5,8 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
+//!   reloaded when its files change or on demand (SIGHUP).
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
 //!   signature is checked with the leaf's own key), judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
@@ -13,6 +15,8 @@
 //!   advertised names.
 //! - [`health`] — `/healthz` and `/readyz` (store write probe, listeners accepting).
 //! - [`admin`] — the optional plain-HTTP admin listener (`--admin-listen`): health, metrics.
+//! - [`hub_rename`] — a built-in hub whose address changed takes every stored reference to
+//!   its old name along, in one transaction.
 //! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
 //!   back-off when `accept` fails, draining.
 //! - [`admission`] — per-source-address limit on unauthenticated connections.
@@ -34,10 +38,12 @@ pub mod config;
 pub mod connection_info;
 pub mod descriptors;
 pub mod health;
+pub mod hub_rename;
 pub mod listener;
 pub mod local_hub;
 pub mod mqtt_dispatch;
 pub mod refusal_log;
+pub mod server_cert;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -107,6 +113,7 @@ pub struct Server {
     pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    reload_certificate: Arc<tokio::sync::Notify>,
 }
 
 /// Checks the configuration and creates the data dir (0700) before anything is opened in it.
@@ -160,9 +167,19 @@ impl Server {
             (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
             _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,
         };
-        // Devices may present X.509 client certificates on both listeners.
-        let https_tls = server_identity.rustls_config_with(&[b"http/1.1"], true)?;
-        let mqtt_tls = server_identity.rustls_config_with(&[], true)?;
+        // One certificate for every TLS listener, replaced in place when its files change.
+        let certificate = server_cert::ServerCertificate::new(&server_identity)?;
+        let tls_config = |alpn: &[&[u8]]| {
+            // Devices may present X.509 client certificates on both listeners.
+            tls::server_config(certificate.clone(), alpn, true).map_err(|source| {
+                tls::TlsError::Rustls {
+                    cert: server_identity.cert_path().to_path_buf(),
+                    source,
+                }
+            })
+        };
+        let https_tls = tls_config(&[b"http/1.1"])?;
+        let mqtt_tls = tls_config(&[])?;
 
         // Bind everything before anything is announced.
         let bind_set = BindSet::from_config(&config).await?;
@@ -194,7 +211,8 @@ impl Server {
         let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
 
-        // The built-in hub, linked like any other hub.
+        // The built-in hub, linked like any other hub; its records stay under its first name.
+        let hub_storage_name = bootstrap::built_in_hub_storage_name(&*store, &hub_endpoint).await?;
         let limits = config.connection_limits();
         let hub = muster_hub::HubRegistry::with_limits(
             store.clone(),
@@ -208,7 +226,8 @@ impl Server {
                 max_idle: limits.mqtt_max_idle,
                 ..muster_hub::DeviceEndpointLimits::default()
             },
-        );
+        )
+        .with_storage_name(&hub_storage_name);
         let hub_owner = hub_policies
             .iter()
             .find(|p| p.key_name == bootstrap::HUB_OWNER_POLICY)
@@ -317,11 +336,28 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
+        let reload_certificate = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(server_cert::watch(
+            server_cert::CertificateFiles::new(&server_identity, certificate),
+            std::time::Duration::from_millis(config.tls_reload_interval_ms),
+            reload_certificate.clone(),
+            shutdown_rx.clone(),
+        ));
         engine
             .resume_pending()
             .await
             .map_err(|f| ServerError::Engine(f.message))?;
 
+        // With --tls-cert clients trust the chain's issuer (a public CA: the system roots),
+        // not the local CA.
+        let user_certificate = config.tls_cert.as_ref().map(|path| {
+            let (subject, issuer) = server_identity.leaf_names().unwrap_or_default();
+            connection_info::TlsCertificateInfo {
+                path: absolute(path.clone()),
+                subject,
+                issuer,
+            }
+        });
         let owner = identity.owner().cloned();
         let connection = ConnectionInfo {
             id_scope: identity.id_scope.to_string(),
@@ -340,7 +376,10 @@ impl Server {
                     .to_string()
                 })
                 .unwrap_or_default(),
-            ca_certificate: absolute(ca.cert_path().to_path_buf()),
+            ca_certificate: user_certificate
+                .is_none()
+                .then(|| absolute(ca.cert_path().to_path_buf())),
+            tls_certificate: user_certificate,
             console_url: format!("https://{endpoint}{}", muster_console::BASE),
             hubs: vec![connection_info::HubInfo {
                 host_name: hub_endpoint,
@@ -361,7 +400,19 @@ impl Server {
             admin_addr,
             shutdown,
             tasks,
+            reload_certificate,
         })
+    }
+
+    /// Reads the TLS certificate and key files again now (what SIGHUP does) instead of at
+    /// the next poll; new connections get them if they load.
+    pub fn reload_certificate(&self) {
+        self.reload_certificate.notify_one();
+    }
+
+    /// A handle that does [`Server::reload_certificate`] from elsewhere (a signal handler).
+    pub fn certificate_reloader(&self) -> Arc<tokio::sync::Notify> {
+        self.reload_certificate.clone()
     }
 
     /// Stops accepting, lets open requests finish (bounded by the drain timeout), and returns.

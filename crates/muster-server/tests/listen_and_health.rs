@@ -105,7 +105,11 @@ async fn listening_on_every_address_serves_the_advertised_name_it_cannot_resolve
 
     // Through loopback, with SNI and Host the advertised name: the certificate names it.
     let loopback = SocketAddr::from(([127, 0, 0, 1], info.https_port));
-    let http = client_for_name(&info.ca_certificate, ADVERTISED, loopback);
+    let http = client_for_name(
+        info.ca_certificate.as_deref().expect("a local CA"),
+        ADVERTISED,
+        loopback,
+    );
     let r = http
         .get(format!("{}/healthz", info.service_endpoint))
         .send()
@@ -116,7 +120,7 @@ async fn listening_on_every_address_serves_the_advertised_name_it_cannot_resolve
     assert_eq!(body["status"], "ok");
 
     // The MQTT listener bound the same address: a TLS handshake for the name succeeds.
-    let tls = trusting(&info.ca_certificate);
+    let tls = trusting(info.ca_certificate.as_deref().expect("a local CA"));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", info.mqtt_port))
         .await
         .unwrap();
@@ -168,9 +172,21 @@ async fn readyz_turns_unready_while_the_store_is_unwritable_and_ready_again_afte
         Server::start_on_store(c, Arc::new(SystemClock), Arc::new(OsEntropy), store.clone())
             .await
             .unwrap();
-    let https = client(&server.connection.ca_certificate);
+    let https = client(
+        server
+            .connection
+            .ca_certificate
+            .as_deref()
+            .expect("a local CA"),
+    );
     // Plain HTTP; the TLS set-up is only there because reqwest needs one.
-    let plain = client(&server.connection.ca_certificate);
+    let plain = client(
+        server
+            .connection
+            .ca_certificate
+            .as_deref()
+            .expect("a local CA"),
+    );
     let admin = format!("http://{}", server.admin_addr.expect("admin listener"));
     let bases = [
         (&https, server.connection.service_endpoint.clone()),
@@ -218,7 +234,11 @@ async fn the_front_door_leads_to_the_console_which_shows_the_version_and_a_favic
         .unwrap();
     let info = &server.connection;
     let addr = SocketAddr::from(([127, 0, 0, 1], info.https_port));
-    let http = client_for_name(&info.ca_certificate, "127.0.0.1", addr);
+    let http = client_for_name(
+        info.ca_certificate.as_deref().expect("a local CA"),
+        "127.0.0.1",
+        addr,
+    );
     let base = &info.service_endpoint;
 
     let r = http.get(format!("{base}/")).send().await.unwrap();
@@ -226,7 +246,7 @@ async fn the_front_door_leads_to_the_console_which_shows_the_version_and_a_favic
     assert_eq!(r.headers()["location"], "/console/");
 
     // Followed (with the client's default policy), the redirect ends on a console page.
-    let r = client(&info.ca_certificate)
+    let r = client(info.ca_certificate.as_deref().expect("a local CA"))
         .get(format!("{base}/"))
         .send()
         .await

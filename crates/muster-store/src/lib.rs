@@ -12,7 +12,8 @@
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
-//! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations).
+//! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations;
+//!   `sqlite::snapshot` copies it consistently while a server runs, for `muster backup`).
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass.
 //!

@@ -35,6 +35,12 @@
 //! Reads use a few read-only connections on the blocking thread pool. In WAL mode readers see
 //! the last committed state and neither block the writer nor wait for it.
 //!
+//! # Backups
+//!
+//! [`snapshot`] copies the database with `VACUUM INTO` through its own read-only
+//! connection: a reader like any other, so the server keeps serving and the copy is the last
+//! committed state. [`schema_version`] reads a copy's version without migrating it.
+//!
 //! # Lifetime
 //!
 //! [`SqliteStore`] is a cheap handle (`Arc` inside). When the last clone is dropped the idle
@@ -280,6 +286,82 @@ fn disk_is_full(dir: &Path) -> bool {
     });
     let _ = std::fs::remove_file(&probe);
     matches!(result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull)
+}
+
+/// Writes a consistent copy of the database at `db` to `out` with `VACUUM INTO`, through
+/// a separate read-only connection, so a running server keeps serving (WAL: the copy is the
+/// last committed state when it starts, as any reader sees it). `out` must not exist; it is
+/// created owner-only. Returns the copy's schema version. Bodies stay sealed: the copy is
+/// useless without the key file ([`key_file_path`]).
+pub fn snapshot(db: &Path, out: &Path) -> Result<u32, StoreError> {
+    let fail = |what: &str, e: &dyn fmt::Display| {
+        StoreError::Backend(format!(
+            "snapshot of {} into {}: {what}: {e}",
+            db.display(),
+            out.display()
+        ))
+    };
+    if !db.is_file() {
+        return Err(StoreError::Backend(format!(
+            "no database at {} (is this the data dir?)",
+            db.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| fail("opening the database", &e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| fail("setting the busy timeout", &e))?;
+    // SQLite fills an existing empty file, so the copy is owner-only from its first byte.
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(out).map_err(|e| fail("creating the copy", &e))?;
+    let target = out
+        .to_str()
+        .ok_or_else(|| fail("path", &"not valid UTF-8"))?;
+    if let Err(e) = conn.execute("VACUUM INTO ?1", params![target]) {
+        let _ = std::fs::remove_file(out);
+        return Err(fail("VACUUM INTO", &e));
+    }
+    drop(conn);
+    schema_version(out)
+}
+
+/// The schema version of the database at `path` (0 for an empty file), read without
+/// migrating it, e.g. to refuse a backup from a newer Muster before restoring it.
+pub fn schema_version(path: &Path) -> Result<u32, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| db_err(&format!("opening {}", path.display()), e))?;
+    let has_table: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| db_err(&format!("reading {}", path.display()), e))?;
+    if !has_table {
+        return Ok(0);
+    }
+    let version: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| {
+            db_err(
+                &format!("reading the schema version of {}", path.display()),
+                e,
+            )
+        })?;
+    Ok(u32::try_from(version).unwrap_or(u32::MAX))
 }
 
 /// The key file that seals secret collections: `muster.db` → `muster.db.key`.

@@ -1,7 +1,9 @@
 //! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
 //! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins.
+//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
+//! restore of a data dir.
 
+mod backup;
 mod bench;
 mod conn;
 mod device;
@@ -18,10 +20,18 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use muster_server::LogFormat;
 
+/// `muster --version`: the crate version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MUSTER_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "muster",
-    version,
+    version = VERSION,
     about = "Self-hosted IoT device provisioning, compatible with Azure IoT Hub DPS clients",
     after_help = "Service commands find the server with --connection-string, \
         MUSTER_CONNECTION_STRING, or --data-dir (default ./muster-data), whose connection.json \
@@ -50,6 +60,22 @@ enum Command {
     ///   muster serve --dps-host 127.0.0.2 --https-port 8443 --mqtt-port 18883
     #[command(verbatim_doc_comment)]
     Serve(serve::ServeArgs),
+    /// Write a consistent snapshot of a data dir (database, sealing key, CA, connection
+    /// settings) to one archive file, while the server runs. The file holds secrets.
+    ///
+    /// Examples:
+    ///   muster backup --data-dir /var/lib/muster --out muster-2026-12-03.tar
+    #[command(verbatim_doc_comment)]
+    Backup(backup::BackupArgs),
+    /// Restore a `muster backup` archive into an empty (or, with --force, an existing) data dir.
+    ///
+    /// Refuses an archive without the sealing key and one from a newer Muster; an older one
+    /// is migrated forward. Starting on another --dps-host/--hub-host is fine.
+    ///
+    /// Examples:
+    ///   muster restore muster-2026-12-03.tar --data-dir /var/lib/muster
+    #[command(verbatim_doc_comment)]
+    Restore(backup::RestoreArgs),
     /// Manage individual enrollments (like `az iot dps enrollment`).
     #[command(subcommand)]
     Enrollment(enrollment::IndividualCommand),
@@ -139,6 +165,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::ComputeDeviceKey(args) => device::compute_device_key(args),
+        Command::Backup(args) => backup::backup(args),
+        Command::Restore(args) => backup::restore(args),
         Command::Enrollment(c) => runtime.block_on(enrollment::run_individual(c)),
         Command::EnrollmentGroup(c) => runtime.block_on(enrollment::run_group(c)),
         Command::Registration(c) => runtime.block_on(registration::run(c)),

@@ -44,9 +44,13 @@ pub struct ServeArgs {
     /// PEM certificate chain to serve instead of the local CA's certificate
     #[arg(long, env = "MUSTER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert
+    /// PEM private key for --tls-cert (both files are reloaded when they change, and on SIGHUP)
     #[arg(long, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// How often the TLS certificate and key files are checked for a change, in ms
+    /// [default: 5000]
+    #[arg(long, env = "MUSTER_TLS_RELOAD_INTERVAL_MS")]
+    tls_reload_interval_ms: Option<u64>,
     /// Extra host names or addresses for the server certificate (repeatable)
     #[arg(long = "extra-host")]
     extra_hosts: Vec<String>,
@@ -138,6 +142,7 @@ impl ServeArgs {
                 self.tls_handshake_timeout_ms,
                 &mut c.tls_handshake_timeout_ms,
             ),
+            (self.tls_reload_interval_ms, &mut c.tls_reload_interval_ms),
             (self.http_header_timeout_ms, &mut c.http_header_timeout_ms),
             (self.http_idle_timeout_ms, &mut c.http_idle_timeout_ms),
             (self.mqtt_connect_timeout_ms, &mut c.mqtt_connect_timeout_ms),
@@ -163,6 +168,7 @@ pub async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<()> {
         LogFormat::Text => print_banner(&server, &config),
         LogFormat::Json => log_banner(&server, &config),
     }
+    reload_certificate_on_sighup(&server)?;
     wait_for_signal().await?;
     tracing::info!("shutting down");
     server.shutdown().await;
@@ -202,7 +208,16 @@ fn print_banner(server: &Server, config: &Config) {
         println!("  Built-in IoT hub:   {}", h.host_name);
     }
     println!("  Service endpoint:   {}", c.service_endpoint);
-    println!("  Trust this CA:      {}", c.ca_certificate.display());
+    match (&c.ca_certificate, &c.tls_certificate) {
+        (Some(ca), _) => println!("  Trust this CA:      {}", ca.display()),
+        (None, Some(cert)) => {
+            println!("  TLS certificate:    {}", cert.path.display());
+            println!("    subject:          {}", cert.subject);
+            println!("    issued by:        {} (clients trust it through their system roots, or --ca-cert)", cert.issuer);
+            println!("    reloaded when the files change or on SIGHUP");
+        }
+        (None, None) => {}
+    }
     println!("  Web console:        {}", c.console_url);
     println!(
         "  Listening on:       {} (HTTPS port {}, MQTT port {})",
@@ -241,7 +256,16 @@ fn log_banner(server: &Server, config: &Config) {
         device_endpoint = %c.device_endpoint,
         hubs = %hubs.join(","),
         service_endpoint = %c.service_endpoint,
-        ca_certificate = %c.ca_certificate.display(),
+        ca_certificate = %c
+            .ca_certificate
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        tls_certificate = %c
+            .tls_certificate
+            .as_ref()
+            .map(|t| t.path.display().to_string())
+            .unwrap_or_default(),
         console_url = %c.console_url,
         listen = %listening.join(","),
         https_port = c.https_port,
@@ -256,6 +280,25 @@ fn log_banner(server: &Server, config: &Config) {
     if let Some(warning) = admin_warning(server) {
         tracing::warn!("{warning}");
     }
+}
+
+/// SIGHUP reads the TLS certificate and key files again (renewal without a restart).
+fn reload_certificate_on_sighup(server: &Server) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let reload = server.certificate_reloader();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reading the TLS certificate files again");
+                reload.notify_one();
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = server;
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -104,7 +104,7 @@ impl Env {
     fn hub(&self) -> HubClient {
         HubClient::from_connection_string(
             &self.info.hubs[0].connection_string,
-            Some(&self.info.ca_certificate),
+            self.info.ca_certificate.as_deref(),
         )
         .expect("hub client")
     }
@@ -480,7 +480,14 @@ fn device_register_and_hub_commands() {
         "--primary-key",
         &key,
     ]);
-    let ca = env.info.ca_certificate.to_str().expect("utf-8").to_string();
+    let ca = env
+        .info
+        .ca_certificate
+        .as_ref()
+        .unwrap()
+        .to_str()
+        .expect("utf-8")
+        .to_string();
     let out = env
         .command(&[
             "device",
@@ -693,7 +700,7 @@ fn hub_tail_follows_telemetry() {
             env.info.mqtt_port,
             "tele-1",
             &device_key,
-            Some(&env.info.ca_certificate),
+            env.info.ca_certificate.as_deref(),
         ))
         .expect("device connects to the hub");
     for (i, body) in [r#"{"t":21.5}"#, "second"].iter().enumerate() {
@@ -1098,7 +1105,14 @@ fn errors_are_short_and_actionable() {
 #[test]
 fn service_commands_take_a_connection_string_from_the_environment() {
     let env = Env::start();
-    let ca = env.info.ca_certificate.to_str().expect("utf-8").to_string();
+    let ca = env
+        .info
+        .ca_certificate
+        .as_ref()
+        .unwrap()
+        .to_str()
+        .expect("utf-8")
+        .to_string();
     let out = env
         .command(&[
             "enrollment-group",

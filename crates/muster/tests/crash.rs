@@ -170,7 +170,7 @@ struct Clients {
 
 impl Clients {
     fn new(info: &ConnectionFile) -> Self {
-        let ca = Some(info.ca_certificate.as_path());
+        let ca = info.ca_certificate.as_deref();
         let devices = DeviceClient::new(&info.device_endpoint, &info.id_scope, ca)
             .expect("device client")
             .with_mqtt_port(info.mqtt_port)

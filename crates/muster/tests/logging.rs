@@ -80,7 +80,7 @@ impl Serve {
 
 /// Sends one HTTP/1.1 request over TLS and returns the status code.
 async fn https_request(info: &ConnectionInfo, method: &str, path: &str) -> u16 {
-    let config = muster_client::tls::client_config(Some(&info.ca_certificate)).unwrap();
+    let config = muster_client::tls::client_config(info.ca_certificate.as_deref()).unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], info.https_port));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();

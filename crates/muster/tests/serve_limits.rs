@@ -92,7 +92,7 @@ async fn tls_connect(
     info: &ConnectionInfo,
     addr: SocketAddr,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let config = muster_client::tls::client_config(Some(&info.ca_certificate)).unwrap();
+    let config = muster_client::tls::client_config(info.ca_certificate.as_deref()).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))

@@ -90,7 +90,7 @@ impl Dps {
     pub fn new(info: &ConnectionInfo) -> Self {
         Self {
             info: info.clone(),
-            http: client(&info.ca_certificate),
+            http: client(info.ca_certificate.as_ref().unwrap()),
         }
     }
 

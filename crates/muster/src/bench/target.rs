@@ -92,7 +92,7 @@ impl TargetArgs {
         let ca_cert = self
             .ca_cert
             .clone()
-            .or_else(|| file.as_ref().map(|f| f.ca_certificate.clone()));
+            .or_else(|| file.as_ref().and_then(|f| f.ca_certificate.clone()));
         Ok(ResolvedTarget {
             endpoint,
             id_scope,
