@@ -23,12 +23,13 @@
 use std::borrow::Cow;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-use rand::RngCore;
+use muster_proto::runtime::{Entropy, OsEntropy};
 
 use crate::{Collection, StoreError};
 
@@ -41,8 +42,11 @@ const KEY_CHECK_AAD: &[u8] = b"muster key check\n";
 const KEY_CHECK_PLAIN: &[u8] = b"muster sealing key check v1";
 
 pub struct Sealer {
+    /// Keyed once: the key schedule is not repeated per record.
     cipher: ChaCha20Poly1305,
     path: PathBuf,
+    /// Nonces (and a new key file's key) come from here.
+    entropy: Arc<dyn Entropy>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -74,7 +78,13 @@ pub fn is_sealed(stored: &str) -> bool {
 
 impl Sealer {
     /// Loads an existing key file; a missing one is [`StoreError::SealingKeyMissing`].
+    /// Nonces come from the operating system.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
+        Self::load_with(path, Arc::new(OsEntropy))
+    }
+
+    /// [`Sealer::load`], with nonces from `entropy`.
+    pub fn load_with(path: &Path, entropy: Arc<dyn Entropy>) -> Result<Self, StoreError> {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -102,11 +112,17 @@ impl Sealer {
                 path.display()
             )));
         }
-        Ok(Self::from_key(&raw, path))
+        Ok(Self::from_key(&raw, path, entropy))
     }
 
-    /// Creates a new random key file, owner-only; fails if one exists.
+    /// Creates a new random key file, owner-only; fails if one exists. The key and nonces come
+    /// from the operating system.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
+        Self::create_with(path, Arc::new(OsEntropy))
+    }
+
+    /// [`Sealer::create`], with the key and nonces from `entropy`.
+    pub fn create_with(path: &Path, entropy: Arc<dyn Entropy>) -> Result<Self, StoreError> {
         let err = |what: &str, e: std::io::Error| {
             StoreError::Backend(format!(
                 "{what} the sealing key file {}: {e}",
@@ -114,7 +130,7 @@ impl Sealer {
             ))
         };
         let mut raw = vec![0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut raw);
+        entropy.fill(&mut raw);
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]
@@ -126,22 +142,28 @@ impl Sealer {
         f.write_all(B64.encode(&raw).as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(|e| err("writing", e))?;
-        Ok(Self::from_key(&raw, path))
+        Ok(Self::from_key(&raw, path, entropy))
     }
 
     /// Loads the key file, creating it when missing. Only for a store that holds nothing
     /// sealed yet: for any other, a missing key must be reported, not replaced.
     pub fn load_or_create(path: &Path) -> Result<Self, StoreError> {
-        match Self::load(path) {
-            Err(StoreError::SealingKeyMissing { .. }) => Self::create(path),
+        Self::load_or_create_with(path, Arc::new(OsEntropy))
+    }
+
+    /// [`Sealer::load_or_create`], with a new key and nonces from `entropy`.
+    pub fn load_or_create_with(path: &Path, entropy: Arc<dyn Entropy>) -> Result<Self, StoreError> {
+        match Self::load_with(path, entropy.clone()) {
+            Err(StoreError::SealingKeyMissing { .. }) => Self::create_with(path, entropy),
             other => other,
         }
     }
 
-    fn from_key(raw: &[u8], path: &Path) -> Self {
+    fn from_key(raw: &[u8], path: &Path, entropy: Arc<dyn Entropy>) -> Self {
         Self {
             cipher: ChaCha20Poly1305::new(Key::from_slice(raw)),
             path: path.to_path_buf(),
+            entropy,
         }
     }
 
@@ -156,7 +178,7 @@ impl Sealer {
 
     fn seal_raw(&self, plain: &[u8], aad: &[u8]) -> Result<String, StoreError> {
         let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        self.entropy.fill(&mut nonce);
         let sealed = self
             .cipher
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
@@ -302,6 +324,21 @@ mod tests {
                 0o600
             );
         }
+    }
+
+    #[test]
+    fn nonces_come_from_the_entropy_passed_in() {
+        use muster_proto::runtime::SeededEntropy;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let seal = |s: &Sealer| s.seal(Collection::Settings, "x", "{}").unwrap();
+        Sealer::create(&path).unwrap();
+        let first = Sealer::load_with(&path, Arc::new(SeededEntropy::new(7))).unwrap();
+        let again = Sealer::load_with(&path, Arc::new(SeededEntropy::new(7))).unwrap();
+        // Same key, same entropy: the same nonce, so the same sealed value.
+        assert_eq!(seal(&first), seal(&again));
+        // Each seal draws a new nonce.
+        assert_ne!(seal(&first), seal(&first));
     }
 
     #[test]

@@ -54,6 +54,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use muster_proto::runtime::{Entropy, OsEntropy};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
@@ -97,8 +98,17 @@ impl SqliteStore {
     /// applies any missing migrations and starts the writer thread.
     ///
     /// Fails if the database was written by a newer Muster (a schema version this build does
-    /// not know). Blocking; call it at startup, not from a busy async task.
+    /// not know). Blocking; call it at startup, not from a busy async task. Sealing nonces
+    /// (and a new key file's key) come from the operating system.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with_entropy(path, Arc::new(OsEntropy))
+    }
+
+    /// [`SqliteStore::open`], with sealing nonces and a new key file's key from `entropy`.
+    pub fn open_with_entropy(
+        path: &Path,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             files::create_private_dir(parent)?;
         }
@@ -114,9 +124,9 @@ impl SqliteStore {
         .map_err(explain)?;
         let mut conn = open_writer(path).map_err(explain)?;
         let sealer = if schema::holds_sealed_data(&conn, path).map_err(explain)? {
-            Sealer::load(&key_path).map_err(explain)?
+            Sealer::load_with(&key_path, entropy).map_err(explain)?
         } else {
-            Sealer::load_or_create(&key_path).map_err(explain)?
+            Sealer::load_or_create_with(&key_path, entropy).map_err(explain)?
         };
         schema::migrate(&mut conn, path, &sealer).map_err(explain)?;
         check_sealing_key(&conn, path, &sealer).map_err(explain)?;
