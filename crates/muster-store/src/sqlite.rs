@@ -41,6 +41,7 @@
 //! read connections are closed, the channel closes, the writer finishes what is queued, closes
 //! its connection (checkpointing the WAL) and the drop waits for it to exit.
 
+mod body;
 mod files;
 mod readers;
 mod schema;
@@ -62,6 +63,7 @@ use crate::sealing::Sealer;
 use crate::{
     Collection, ListQuery, Record, Store, StoreError, Unavailability, Write, WriteOp, WriteOutcome,
 };
+use body::StoredBody;
 use readers::ReadPool;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
@@ -366,22 +368,15 @@ fn decode_record(
     key: String,
     partition: Option<String>,
     etag: String,
-    body: &str,
+    body: &StoredBody,
 ) -> Result<Record, StoreError> {
-    let body = sealer.open_body(collection, &key, body)?;
-    match serde_json::from_str(&body) {
-        Ok(body) => Ok(Record {
-            key,
-            partition,
-            etag,
-            body,
-        }),
-        Err(e) => Err(StoreError::Corrupt {
-            collection: collection.as_str(),
-            key,
-            reason: format!("body is not valid JSON: {e}"),
-        }),
-    }
+    let body = body.open(sealer, collection, &key)?;
+    Ok(Record {
+        key,
+        partition,
+        etag,
+        body,
+    })
 }
 
 fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
@@ -394,7 +389,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
                     write.key
                 ))
             })?;
-            let body = sealer.seal_body(write.collection, &write.key, text)?;
+            let body = StoredBody::seal(sealer, write.collection, &write.key, text)?;
             PreparedOp::Put { partition, body }
         }
         WriteOp::Delete => PreparedOp::Delete,
@@ -449,7 +444,7 @@ impl Store for SqliteStore {
                             Ok((
                                 row.get::<_, Option<String>>(0)?,
                                 row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
+                                row.get::<_, StoredBody>(2)?,
                             ))
                         })
                         .optional()
@@ -504,7 +499,7 @@ impl Store for SqliteStore {
                             row.get::<_, String>(0)?,
                             row.get::<_, Option<String>>(1)?,
                             row.get::<_, String>(2)?,
-                            row.get::<_, String>(3)?,
+                            row.get::<_, StoredBody>(3)?,
                         ))
                     },
                 )
