@@ -9,6 +9,10 @@
 //! [`Store::changes`]: the counter moves before a write's caller hears it committed, and it is
 //! read *before* the groups are listed, so a write racing with a reload leaves a stale counter
 //! behind and the next call reloads.
+//!
+//! A [`GroupSet`] also carries what spares searches while it stands: the groups that matched
+//! recently, and fingerprints of tokens a full search refused; a write to the groups makes a
+//! new set, so neither outlives the groups it was learnt from.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher as _, RandomState};

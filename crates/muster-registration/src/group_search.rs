@@ -15,7 +15,13 @@
 //!   flood of forged tokens costs at most `max_running` cores and a bounded queue;
 //! - groups the store holds beyond the cache are read only by an admitted search.
 //!
-//! It must never let an unadmitted request read or hash the groups.
+//! What spares searches (both before the bound, a few tries at most): the groups that matched
+//! a search recently are tried first ([`GroupSet::recent_signing`]: rollouts go group by
+//! group), and a token a full search refused is refused again without one until the groups
+//! change ([`GroupSet::was_refused`]).
+//!
+//! It must never let an unadmitted request read the groups, or hash more of them than
+//! [`RECENT_GROUPS`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,6 +32,8 @@ use tokio::sync::Semaphore;
 
 pub use crate::group_cache::Found;
 use crate::group_cache::GroupCache;
+#[cfg(doc)]
+use crate::group_cache::{GroupSet, RECENT_GROUPS};
 use crate::DeviceFailure;
 
 /// Searches through at most this many symmetric-key groups run inline, unbounded: they cost

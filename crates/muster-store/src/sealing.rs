@@ -13,7 +13,9 @@
 //!
 //! This module is the helper every store implementation uses, so callers above the
 //! [`crate::Store`] never learn which collections are sealed:
-//! - [`Sealer::seal_body`] / [`Sealer::open_body`] on every write and read;
+//! - [`Sealer::seal_bytes`] / [`Sealer::open_bytes`] on every write and read of a store that
+//!   keeps bytes (SQLite), or [`Sealer::seal_body`] / [`Sealer::open_body`] for one that keeps
+//!   text (base64, a third larger);
 //! - [`Sealer::key_check`] / [`Sealer::verify_key_check`]: a value sealed under the key when
 //!   the database is first sealed and kept with it, so a wrong key file is reported as that
 //!   ([`StoreError::SealingKeyMismatch`]) instead of as corrupt records;

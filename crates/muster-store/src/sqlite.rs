@@ -5,7 +5,7 @@
 //! All records live in one table, `records(collection, key, partition, etag, body)`, keyed by
 //! `(collection, key)` (`WITHOUT ROWID`, so rows are stored in key order) with an index on
 //! `(collection, partition, key)` for partition-filtered listing and counting. Bodies are JSON
-//! text. Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
+//! text, except those of secret collections: sealed bytes, kept as a `BLOB` (`body`). Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
 //! as Rust's `str`. Etags come from a per-database counter in the `counters` table, rendered
 //! DPS-style (base64 of a quoted GUID-like string); every put gets a fresh one, even when the
 //! body did not change. The schema is versioned by `schema_migrations` (see `schema`).
@@ -16,6 +16,8 @@
 //! read (`crate::sealing`); the key check lives in the `sealing` table. On open, a key file
 //! is created only for a database that holds nothing sealed; migration 2 seals what an older
 //! build left in clear, then a `VACUUM` and a truncating checkpoint leave no old page behind.
+//! Migration 3 rewrites sealed bodies kept as base64 text (version 1) as sealed bytes, a
+//! quarter smaller, so a hub device record fits one page instead of needing an overflow page.
 //! The database, `-wal`, `-shm` and key file are owner-only (`files`).
 //!
 //! # Writes: one writer thread, group commit
