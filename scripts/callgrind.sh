@@ -59,3 +59,15 @@ callgrind_control -d "$server_pid" >/dev/null
 dump=$(ls -1 "$out".* 2>/dev/null | sort -t. -k"$(($(tr -cd . <<<"$out" | wc -c) + 2))" -n | tail -1)
 ir=$(grep -m1 '^summary:' "$dump" | awk '{print $2}')
 echo "$dump: $ir Ir in $count registrations: $((ir / count)) Ir per registration"
+# How big the stored rows are, and whether they spill into overflow pages.
+python3 - "$work/server/muster.db" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+for row in db.execute(
+    "SELECT collection, count(*), avg(length(body)),"
+    " avg(length(collection) + length(key) + length(etag) + ifnull(length(partition), 0))"
+    " FROM records GROUP BY collection"):
+    print("%-18s %6d rows, body %6.0f bytes, other columns %4.0f bytes" % row)
+pages, overflow = db.execute("SELECT count(*), sum(pagetype = 'overflow') FROM dbstat").fetchone()
+print(f"{pages} pages, {overflow} of them overflow pages")
+PY
