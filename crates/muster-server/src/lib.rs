@@ -137,7 +137,8 @@ impl Server {
         entropy: Arc<dyn Entropy>,
     ) -> Result<Server, ServerError> {
         prepare_data_dir(&config)?;
-        let store = SqliteStore::open(&config.data_dir.join("muster.db"))?;
+        let store =
+            SqliteStore::open_with_entropy(&config.data_dir.join("muster.db"), entropy.clone())?;
         Self::start_on_store(config, clock, entropy, Arc::new(store)).await
     }
 

@@ -5,7 +5,7 @@
 //! All records live in one table, `records(collection, key, partition, etag, body)`, keyed by
 //! `(collection, key)` (`WITHOUT ROWID`, so rows are stored in key order) with an index on
 //! `(collection, partition, key)` for partition-filtered listing and counting. Bodies are JSON
-//! text. Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
+//! text, except those of secret collections: sealed bytes, kept as a `BLOB` (`body`). Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
 //! as Rust's `str`. Etags come from a per-database counter in the `counters` table, rendered
 //! DPS-style (base64 of a quoted GUID-like string); every put gets a fresh one, even when the
 //! body did not change. The schema is versioned by `schema_migrations` (see `schema`).
@@ -16,6 +16,8 @@
 //! read (`crate::sealing`); the key check lives in the `sealing` table. On open, a key file
 //! is created only for a database that holds nothing sealed; migration 2 seals what an older
 //! build left in clear, then a `VACUUM` and a truncating checkpoint leave no old page behind.
+//! Migration 3 rewrites sealed bodies kept as base64 text (version 1) as sealed bytes, a
+//! quarter smaller, so a hub device record fits one page instead of needing an overflow page.
 //! The database, `-wal`, `-shm` and key file are owner-only (`files`).
 //!
 //! # Writes: one writer thread, group commit
@@ -47,6 +49,7 @@
 //! read connections are closed, the channel closes, the writer finishes what is queued, closes
 //! its connection (checkpointing the WAL) and the drop waits for it to exit.
 
+mod body;
 mod files;
 mod readers;
 mod schema;
@@ -60,6 +63,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use muster_proto::runtime::{Entropy, OsEntropy};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
@@ -67,6 +71,7 @@ use crate::sealing::Sealer;
 use crate::{
     Collection, ListQuery, Record, Store, StoreError, Unavailability, Write, WriteOp, WriteOutcome,
 };
+use body::StoredBody;
 use readers::ReadPool;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
@@ -103,8 +108,17 @@ impl SqliteStore {
     /// applies any missing migrations and starts the writer thread.
     ///
     /// Fails if the database was written by a newer Muster (a schema version this build does
-    /// not know). Blocking; call it at startup, not from a busy async task.
+    /// not know). Blocking; call it at startup, not from a busy async task. Sealing nonces
+    /// (and a new key file's key) come from the operating system.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with_entropy(path, Arc::new(OsEntropy))
+    }
+
+    /// [`SqliteStore::open`], with sealing nonces and a new key file's key from `entropy`.
+    pub fn open_with_entropy(
+        path: &Path,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             files::create_private_dir(parent)?;
         }
@@ -120,9 +134,9 @@ impl SqliteStore {
         .map_err(explain)?;
         let mut conn = open_writer(path).map_err(explain)?;
         let sealer = if schema::holds_sealed_data(&conn, path).map_err(explain)? {
-            Sealer::load(&key_path).map_err(explain)?
+            Sealer::load_with(&key_path, entropy).map_err(explain)?
         } else {
-            Sealer::load_or_create(&key_path).map_err(explain)?
+            Sealer::load_or_create_with(&key_path, entropy).map_err(explain)?
         };
         schema::migrate(&mut conn, path, &sealer).map_err(explain)?;
         check_sealing_key(&conn, path, &sealer).map_err(explain)?;
@@ -438,22 +452,15 @@ fn decode_record(
     key: String,
     partition: Option<String>,
     etag: String,
-    body: &str,
+    body: &StoredBody,
 ) -> Result<Record, StoreError> {
-    let body = sealer.open_body(collection, &key, body)?;
-    match serde_json::from_str(&body) {
-        Ok(body) => Ok(Record {
-            key,
-            partition,
-            etag,
-            body,
-        }),
-        Err(e) => Err(StoreError::Corrupt {
-            collection: collection.as_str(),
-            key,
-            reason: format!("body is not valid JSON: {e}"),
-        }),
-    }
+    let body = body.open(sealer, collection, &key)?;
+    Ok(Record {
+        key,
+        partition,
+        etag,
+        body,
+    })
 }
 
 fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
@@ -466,7 +473,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
                     write.key
                 ))
             })?;
-            let body = sealer.seal_body(write.collection, &write.key, text)?;
+            let body = StoredBody::seal(sealer, write.collection, &write.key, text)?;
             PreparedOp::Put { partition, body }
         }
         WriteOp::Delete => PreparedOp::Delete,
@@ -521,7 +528,7 @@ impl Store for SqliteStore {
                             Ok((
                                 row.get::<_, Option<String>>(0)?,
                                 row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
+                                row.get::<_, StoredBody>(2)?,
                             ))
                         })
                         .optional()
@@ -576,7 +583,7 @@ impl Store for SqliteStore {
                             row.get::<_, String>(0)?,
                             row.get::<_, Option<String>>(1)?,
                             row.get::<_, String>(2)?,
-                            row.get::<_, String>(3)?,
+                            row.get::<_, StoredBody>(3)?,
                         ))
                     },
                 )
