@@ -6,10 +6,12 @@
 //! - built-in hub REST: `/devices`, `/twins`
 //! - MQTT over WebSocket: `/$iothub/websocket`
 //! - web console: `/console` (`muster-console`)
+//! - Prometheus metrics: `/metrics`, behind a service SAS token (`metrics.rs`)
 
 use axum::extract::Request;
 use axum::routing::get;
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
@@ -20,9 +22,16 @@ pub fn https_app(
     service_api: ServiceApi,
     mqtt: MqttServices,
     console: muster_console::Console,
+    metrics: PrometheusHandle,
 ) -> Router {
     let hub = mqtt.hub.clone();
+    let metrics = crate::metrics::authenticated_router(
+        metrics,
+        service_api.auth.clone(),
+        service_api.clock.clone(),
+    );
     let inner = Router::new()
+        .merge(metrics)
         .merge(muster_service_api::router(service_api))
         .merge(muster_device_api::https::router(mqtt.registrar.clone()))
         .merge(

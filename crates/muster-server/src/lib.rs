@@ -15,6 +15,8 @@
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
+//! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
+//!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
@@ -28,6 +30,8 @@ pub mod connection_info;
 pub mod descriptors;
 pub mod listener;
 pub mod local_hub;
+pub mod metered_store;
+pub mod metrics;
 pub mod mqtt_dispatch;
 pub mod tls;
 
@@ -127,6 +131,8 @@ impl Server {
     ) -> Result<Server, ServerError> {
         // Again for callers that opened their store elsewhere (idempotent).
         prepare_data_dir(&config)?;
+        let metrics_handle = metrics::install();
+        let store: Arc<dyn Store> = Arc::new(metered_store::MeteredStore::new(store));
         let data_dir = config.data_dir.clone();
         let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
         let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
@@ -263,7 +269,7 @@ impl Server {
             hub.clone(),
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
         );
-        let app = app::https_app(api, mqtt_services.clone(), console);
+        let app = app::https_app(api, mqtt_services.clone(), console, metrics_handle.clone());
         let listener_limits = listener::ListenerLimits {
             max_connections,
             tls_handshake_timeout: limits.tls_handshake_timeout,
@@ -271,6 +277,7 @@ impl Server {
             http_idle_timeout: limits.http_idle_timeout,
             pre_auth: admission::PreAuthLimiter::new(limits.max_unauthenticated_per_address),
         };
+        tasks.spawn(metrics::run_upkeep(metrics_handle, shutdown_rx.clone()));
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
                 l,

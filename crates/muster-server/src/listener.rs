@@ -39,6 +39,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::admission::{PreAuthGuard, PreAuthLimiter};
+use crate::metrics;
 
 /// How long open connections get to finish after shutdown starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,7 +113,9 @@ fn bind_hint(addr: &SocketAddr, e: &std::io::Error) -> String {
 /// Accepts TCP connections under the connection limit and the per-address limit, completes
 /// TLS within the handshake timeout and runs `session` on each, until `shutdown` turns true;
 /// then gives open sessions the drain timeout (they see `shutdown` too) before aborting them.
+/// `kind` (`https`, `mqtt`) labels the listener's connection metrics.
 async fn accept_tls<F, Fut>(
+    kind: &'static str,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: ListenerLimits,
@@ -180,10 +183,17 @@ async fn accept_tls<F, Fut>(
         while sessions.try_join_next().is_some() {}
         sessions.spawn(async move {
             let _permit = permit;
+            let _open = metrics::OpenConnection::new(kind);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => session(stream, peer, pre_auth, stop).await,
-                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(%peer, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics::tls_handshake_failed(kind, Some(&e));
+                    debug!(%peer, error = %e, "TLS handshake failed")
+                }
+                Err(_) => {
+                    metrics::tls_handshake_failed(kind, None);
+                    debug!(%peer, "TLS handshake timed out")
+                }
             }
         });
     }
@@ -235,6 +245,7 @@ pub async fn serve_https(
     let header_timeout = limits.http_header_timeout;
     let idle_timeout = limits.http_idle_timeout;
     accept_tls(
+        "https",
         listener,
         tls,
         limits,
@@ -316,6 +327,7 @@ pub async fn serve_mqtt(
     shutdown: watch::Receiver<bool>,
 ) {
     accept_tls(
+        "mqtt",
         listener,
         tls,
         limits,
