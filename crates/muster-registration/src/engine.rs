@@ -39,6 +39,7 @@ use crate::group_cache::GroupCache;
 use crate::hub_client::{
     HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
 };
+use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
 use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
@@ -394,7 +395,10 @@ impl Engine {
             .await?;
         record.pending = None;
         record.state.last_updated_date_time_utc = Some(self.0.clock.now());
-        match self.execute(&plan, hub_auth, linked).await {
+        let started = tokio::time::Instant::now();
+        let executed = self.execute(&plan, hub_auth, linked).await;
+        metrics::hub_write(&plan.hub, executed.is_ok(), started.elapsed());
+        match executed {
             // The hub or the store may work again soon: the intent stays as it is, the
             // device is told to retry, and a restart would finish it.
             Err(f) if f.is_transient() => return Err(f),
@@ -744,16 +748,20 @@ impl Engine {
         let hub_key = hub.to_ascii_lowercase();
         if let Some(tx) = queues.get(&hub_key) {
             if tx.send(key.clone()).is_ok() {
+                metrics::throttle_queue_changed(&hub_key, 1.0);
                 return;
             }
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let _ = tx.send(key);
-        queues.insert(hub_key, tx);
+        if tx.send(key).is_ok() {
+            metrics::throttle_queue_changed(&hub_key, 1.0);
+        }
+        queues.insert(hub_key.clone(), tx);
         let engine = self.clone();
         tokio::spawn(async move {
             while let Some(key) = rx.recv().await {
                 engine.run_queued(hub.clone(), key, 0).await;
+                metrics::throttle_queue_changed(&hub_key, -1.0);
             }
         });
     }
@@ -810,9 +818,19 @@ impl Engine {
             return Ok(());
         };
         let rid = record.state.registration_id.clone();
+        // The record's last update is the register request that saved this plan.
+        let requested = record.state.last_updated_date_time_utc;
         let auth = self.hub_auth_for(&plan, &rid).await?;
         let linked = self.linked_hubs().await?;
-        self.complete(key, record, plan, &auth, &linked).await?;
+        let done = self.complete(key, record, plan, &auth, &linked).await?;
+        if let (RegistrationStatus::Assigned, Some(requested), Some(finished)) = (
+            done.state.status,
+            requested,
+            done.state.last_updated_date_time_utc,
+        ) {
+            let waited = (finished.0 - requested.0).to_std().unwrap_or_default();
+            metrics::assigned(true, waited);
+        }
         Ok(())
     }
 
@@ -1124,10 +1142,15 @@ fn operation(record: &RegistrationRecord) -> RegistrationOperationStatus {
 #[async_trait::async_trait]
 impl DeviceRegistrar for Engine {
     async fn register(&self, request: RegisterRequest) -> DeviceReply {
-        match self.do_register(request).await {
+        let started = tokio::time::Instant::now();
+        let transport = request.transport;
+        let attestation = metrics::attestation_kind(&request.credential);
+        let reply = match self.do_register(request).await {
             Ok(r) => r,
             Err(f) => self.failure_reply(f),
-        }
+        };
+        metrics::registration_answered(transport, attestation, &reply, started.elapsed());
+        reply
     }
 
     async fn operation_status(&self, request: StatusRequest) -> DeviceReply {

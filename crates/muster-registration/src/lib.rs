@@ -25,6 +25,8 @@
 //!   the twin rule (`TwinPlan`) and the substatus it yields.
 //! - [`throttle`] — per-hub token buckets.
 //! - [`reply`] — [`DeviceReply`], what transports send back.
+//! - [`metrics`] — the engine's metrics (registrations, latencies, throttle queues,
+//!   webhook calls), recorded through the `metrics` facade; the server installs the exporter.
 
 pub mod allocation;
 pub mod device_auth;
@@ -32,6 +34,7 @@ pub mod engine;
 pub mod group_cache;
 pub mod group_search;
 pub mod hub_client;
+pub mod metrics;
 pub mod record;
 pub mod reply;
 pub mod throttle;
@@ -43,6 +46,7 @@ use muster_proto::ErrorCode;
 
 pub use engine::{Engine, EngineConfig};
 pub use hub_client::{HubClient, HubConnection};
+pub use metrics::Transport;
 pub use reply::DeviceReply;
 
 /// Why a registration did not succeed: a code that names the failed check and a message
@@ -153,6 +157,8 @@ pub struct RegisterRequest {
     pub registration_id: String,
     pub credential: DeviceCredential,
     pub body: DeviceRegistration,
+    /// Where the request arrived (a metrics label only).
+    pub transport: Transport,
 }
 
 /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`, or the MQTT poll.

@@ -1,8 +1,9 @@
 //! The optional plain-HTTP admin listener (`--admin-listen ADDR:PORT`, off by default): what
 //! load balancers and monitoring poll without TLS or auth.
 //!
-//! It serves [`admin_router`] only: the health routes (`health.rs`) and, once added, the
-//! metrics. Nothing on it needs a credential or reveals one, which is why it may skip TLS;
+//! It serves [`admin_router`] only: the health routes (`health.rs`) and Prometheus
+//! `/metrics` (`metrics.rs`, unauthenticated here, behind a service SAS token on the HTTPS
+//! port). Nothing on it needs a credential or reveals one, which is why it may skip TLS;
 //! bind it to loopback or a management network all the same (the banner warns otherwise).
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -28,9 +30,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 
 /// Every route of the admin listener.
-pub fn admin_router(health: Health) -> Router {
-    Router::new().merge(health::routes(health))
-    // Prometheus `/metrics` is merged here (the metrics exporter's router).
+pub fn admin_router(health: Health, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .merge(health::routes(health))
+        .merge(crate::metrics::router(metrics))
 }
 
 /// Binds the admin listener (a clear error when the address is taken or not local).

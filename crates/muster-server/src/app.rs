@@ -8,6 +8,7 @@
 //! - web console: `/console` (`muster-console`); `/` without an upgrade redirects there, and
 //!   `/favicon.ico` is the console's icon
 //! - health: `/healthz`, `/readyz` (`health.rs`), no auth
+//! - Prometheus metrics: `/metrics`, behind a service SAS token (`metrics.rs`)
 
 use axum::extract::{Request, State};
 use axum::handler::Handler;
@@ -15,6 +16,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
@@ -31,9 +33,16 @@ pub fn https_app(
     mqtt: MqttServices,
     console: muster_console::Console,
     health: Health,
+    metrics: PrometheusHandle,
 ) -> Router {
     let hub = mqtt.hub.clone();
+    let metrics = crate::metrics::authenticated_router(
+        metrics,
+        service_api.auth.clone(),
+        service_api.clock.clone(),
+    );
     let inner = Router::new()
+        .merge(metrics)
         .merge(muster_service_api::router(service_api))
         .merge(muster_device_api::https::router(mqtt.registrar.clone()))
         .merge(

@@ -24,6 +24,8 @@
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`refusal_log`] — a debug line for every refused HTTPS request (status, code, check).
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
+//! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
+//!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
@@ -41,6 +43,8 @@ pub mod health;
 pub mod hub_rename;
 pub mod listener;
 pub mod local_hub;
+pub mod metered_store;
+pub mod metrics;
 pub mod mqtt_dispatch;
 pub mod refusal_log;
 pub mod server_cert;
@@ -152,6 +156,8 @@ impl Server {
     ) -> Result<Server, ServerError> {
         // Again for callers that opened their store elsewhere (idempotent).
         prepare_data_dir(&config)?;
+        let metrics_handle = metrics::install();
+        let store: Arc<dyn Store> = Arc::new(metered_store::MeteredStore::new(store));
         let data_dir = config.data_dir.clone();
         let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
         let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
@@ -303,7 +309,13 @@ impl Server {
         let open_listeners = health::OpenListeners::default();
         open_listeners.expect(bound.len() + mqtt_bound.len());
         let health = health::Health::new(store.clone(), open_listeners.clone());
-        let app = app::https_app(api, mqtt_services.clone(), console, health.clone());
+        let app = app::https_app(
+            api,
+            mqtt_services.clone(),
+            console,
+            health.clone(),
+            metrics_handle.clone(),
+        );
         let listener_limits = listener::ListenerLimits {
             max_connections,
             tls_handshake_timeout: limits.tls_handshake_timeout,
@@ -312,6 +324,10 @@ impl Server {
             pre_auth: admission::PreAuthLimiter::new(limits.max_unauthenticated_per_address),
             open_listeners,
         };
+        tasks.spawn(metrics::run_upkeep(
+            metrics_handle.clone(),
+            shutdown_rx.clone(),
+        ));
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
                 l,
@@ -333,7 +349,7 @@ impl Server {
         if let Some(l) = admin_listener {
             tasks.spawn(admin::serve(
                 l,
-                admin::admin_router(health),
+                admin::admin_router(health, metrics_handle.clone()),
                 shutdown_rx.clone(),
             ));
         }

@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{PreAuthGuard, PreAuthLimiter};
 use crate::health::OpenListeners;
+use crate::metrics;
 
 /// How long open connections get to finish after shutdown starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,7 +75,9 @@ pub struct ListenerLimits {
 /// Accepts TCP connections under the connection limit and the per-address limit, completes
 /// TLS within the handshake timeout and runs `session` on each, until `shutdown` turns true;
 /// then gives open sessions the drain timeout (they see `shutdown` too) before aborting them.
+/// `kind` (`https`, `mqtt`) labels the listener's connection metrics.
 async fn accept_tls<F, Fut>(
+    kind: &'static str,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: ListenerLimits,
@@ -144,10 +147,17 @@ async fn accept_tls<F, Fut>(
         while sessions.try_join_next().is_some() {}
         sessions.spawn(async move {
             let _permit = permit;
+            let _open = metrics::OpenConnection::new(kind);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => session(stream, peer, pre_auth, stop).await,
-                Ok(Err(e)) => debug!(%peer, error = %e, "connection refused: TLS handshake failed"),
-                Err(_) => debug!(%peer, "connection refused: TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics::tls_handshake_failed(kind, Some(&e));
+                    debug!(%peer, error = %e, "connection refused: TLS handshake failed")
+                }
+                Err(_) => {
+                    metrics::tls_handshake_failed(kind, None);
+                    debug!(%peer, "connection refused: TLS handshake timed out")
+                }
             }
         });
     }
@@ -200,6 +210,7 @@ pub async fn serve_https(
     let header_timeout = limits.http_header_timeout;
     let idle_timeout = limits.http_idle_timeout;
     accept_tls(
+        "https",
         listener,
         tls,
         limits,
@@ -281,6 +292,7 @@ pub async fn serve_mqtt(
     shutdown: watch::Receiver<bool>,
 ) {
     accept_tls(
+        "mqtt",
         listener,
         tls,
         limits,

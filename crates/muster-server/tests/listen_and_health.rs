@@ -223,6 +223,19 @@ async fn readyz_turns_unready_while_the_store_is_unwritable_and_ready_again_afte
         let (status, _, body) = readyz(http, base).await;
         assert_eq!(status, 200, "{base}: {body}");
     }
+
+    // The admin listener serves Prometheus metrics without a token; the HTTPS port wants one.
+    let (_, admin) = &bases[1];
+    let r = plain.get(format!("{admin}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("# TYPE muster_"), "{text}");
+    let r = https
+        .get(format!("{}/metrics", server.connection.service_endpoint))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     server.shutdown().await;
 }
 

@@ -77,6 +77,21 @@ impl Authorizer {
         right: AccessRight,
         now_unix: i64,
     ) -> Result<Caller, ApiError> {
+        self.check(headers, Some(right), now_unix)
+    }
+
+    /// Checks the request's token only: any policy of this service will do, whatever its
+    /// rights (operational endpoints such as `/metrics`).
+    pub fn authenticate(&self, headers: &HeaderMap, now_unix: i64) -> Result<Caller, ApiError> {
+        self.check(headers, None, now_unix)
+    }
+
+    fn check(
+        &self,
+        headers: &HeaderMap,
+        right: Option<AccessRight>,
+        now_unix: i64,
+    ) -> Result<Caller, ApiError> {
         let value = headers
             .get(http::header::AUTHORIZATION)
             .ok_or_else(|| unauthorized("the request has no Authorization header"))?
@@ -116,7 +131,7 @@ impl Authorizer {
                 let Ok(key) = B64.decode(key) else { continue };
                 match token.verify(&key, judged_now) {
                     Ok(()) => {
-                        if !policy.rights.contains(right) {
+                        if let Some(right) = right.filter(|r| !policy.rights.contains(*r)) {
                             return Err(ApiError::new(
                                 ErrorCode::InsufficientRights,
                                 format!(

@@ -18,12 +18,14 @@
 //! - [`request`] — api-version, body limits, If-Match and paging helpers.
 //! - [`auth`] — shared access policies and SAS verification.
 //! - [`error`] — [`ApiError`], mapped once to the DPS error body.
+//! - [`metrics`] — the request metrics middleware (route template, method, status).
 //!
 //! Handlers never read the clock or the random source directly: both come from [`ServiceApi`].
 
 pub mod auth;
 pub mod error;
 pub mod kind;
+pub mod metrics;
 pub mod prepare;
 pub mod redact;
 pub mod request;

@@ -14,7 +14,7 @@ use muster_proto::device::DeviceRegistration;
 use muster_proto::runtime::{random_bytes, Clock, OsEntropy, SystemClock};
 use muster_proto::ErrorCode;
 use muster_registration::{
-    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
+    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest, Transport,
 };
 use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
@@ -279,6 +279,7 @@ impl Session {
                     registration_id: identity.registration_id.clone(),
                     credential: identity.credential.clone(),
                     body,
+                    transport: Transport::Mqtt,
                 };
                 let registrar = self.registrar.clone();
                 tokio::spawn(async move {

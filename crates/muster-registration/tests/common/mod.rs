@@ -262,5 +262,6 @@ pub fn request(id: &str) -> RegisterRequest {
             expiry,
         )),
         body: DeviceRegistration::default(),
+        transport: muster_registration::Transport::Https,
     }
 }

@@ -27,6 +27,8 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(access_policies::routes())
         .merge(ca_certificates::routes())
         .merge(deprovisions::routes())
+        // A route layer: only matched routes, whose template labels the metrics.
+        .route_layer(axum::middleware::from_fn(crate::metrics::record))
         .with_state(api)
 }
 
