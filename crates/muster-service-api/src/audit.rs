@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
+use muster_proto::audit::CLI_USER_AGENT_PREFIX;
 use muster_proto::runtime::{Clock, Entropy};
 use muster_store::audit::{self, AuditEntry, AuditSource};
 use muster_store::Store;
@@ -39,9 +40,6 @@ pub type Identify = Arc<dyn Fn(&HeaderMap, i64) -> Option<String> + Send + Sync>
 pub struct FromConsole {
     pub policy: String,
 }
-
-/// The CLI's `User-Agent` starts with this (`muster-cli/{version}`).
-pub const CLI_USER_AGENT_PREFIX: &str = "muster-cli/";
 
 /// What the middleware needs: where to write, the clock and random source, and how the
 /// wrapped router's tokens name their policy.

@@ -13,50 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use muster_proto::runtime::{random_hex, Clock, Entropy};
 use muster_proto::Timestamp;
-use serde::{Deserialize, Serialize};
+
+pub use muster_proto::audit::{AuditEntry, AuditSource};
 
 use crate::{Collection, Expect, ListQuery, Store, StoreError, Write};
-
-/// One recorded write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuditEntry {
-    /// When the write was answered (the injected clock).
-    pub time: Timestamp,
-    /// The shared access policy that signed the request; `None` when its token did not verify.
-    pub policy: Option<String>,
-    /// Where the request came from.
-    pub source: AuditSource,
-    /// `PUT`, `DELETE`, `POST`, `PATCH`.
-    pub method: String,
-    /// The route template, e.g. `/enrollments/{id}`.
-    pub route: String,
-    /// The id the route names, when it names one (bulk writes name none).
-    pub id: Option<String>,
-    /// The HTTP status of the answer.
-    pub status: u16,
-    /// The error code of a refused write (the DPS `errorCode`, or the hub's code name).
-    pub error_code: Option<String>,
-}
-
-/// Who sent a request: an SDK or other client, Muster's console, or Muster's CLI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AuditSource {
-    Api,
-    Console,
-    Cli,
-}
-
-impl AuditSource {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            AuditSource::Api => "api",
-            AuditSource::Console => "console",
-            AuditSource::Cli => "cli",
-        }
-    }
-}
 
 /// Orders entries written by this process within one millisecond.
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);

@@ -63,7 +63,12 @@ impl ServiceConn {
             .clone()
             .or_else(|| file.as_ref().map(|f| f.ca_certificate.clone()));
         let client = ServiceClient::from_connection_string(&cs, ca.as_deref())
-            .context("invalid service connection string")?;
+            .context("invalid service connection string")?
+            .with_user_agent(format!(
+                "{}{}",
+                muster_proto::audit::CLI_USER_AGENT_PREFIX,
+                env!("CARGO_PKG_VERSION")
+            ));
         Ok((client, file))
     }
 
