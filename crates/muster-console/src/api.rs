@@ -11,7 +11,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use muster_proto::{AccessRight, SasToken};
+use muster_proto::audit::{AuditEntry, AuditSource};
+use muster_proto::{AccessRight, ErrorCode, SasToken};
 use muster_service_api::audit::FromConsole;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -147,6 +148,41 @@ impl Console {
             policy: s.policy.clone(),
         };
         call(router, method, &uri, token, body, extra, from).await
+    }
+
+    /// Deprovisions one registration (record and hub device) for a cascade delete, through
+    /// the engine rather than the service API router, and records it in the audit log as the
+    /// console's `POST /deprovisions/{id}` would be (200, or 404 with 404203 when there was no
+    /// record, or 500 when it stopped).
+    pub(crate) async fn deprovision(
+        &self,
+        s: &Session,
+        registration_id: &str,
+    ) -> Result<Option<usize>, String> {
+        let result = self.inner.remover.deprovision(registration_id).await;
+        let (status, error_code) = match &result {
+            Ok(Some(_)) => (200, None),
+            Ok(None) => (
+                404,
+                Some(ErrorCode::RegistrationNotFound.code().to_string()),
+            ),
+            Err(_) => (500, None),
+        };
+        let api = self.api();
+        let entry = AuditEntry {
+            time: api.clock.now(),
+            policy: Some(s.policy.clone()),
+            source: AuditSource::Console,
+            method: "POST".into(),
+            route: "/deprovisions/{id}".into(),
+            id: Some(registration_id.to_string()),
+            status,
+            error_code,
+        };
+        if let Err(e) = muster_store::audit::append(&*api.store, &entry, &*api.entropy).await {
+            tracing::warn!(error = %e, "could not write the audit entry of a console deprovision");
+        }
+        result
     }
 
     /// Calls the built-in hub's REST API with its owner policy, on behalf of the session's

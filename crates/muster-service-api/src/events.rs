@@ -165,3 +165,49 @@ async fn stream(
         .ok_or_else(|| too_many_subscribers(&feed))?;
     Ok(feed.sse(subscription))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn event(n: usize) -> RegistrationEvent {
+        RegistrationEvent {
+            time: Timestamp::from_unix_millis(1_800_000_000_000).expect("time"),
+            outcome: "assigned".into(),
+            registration_id: format!("dev-{n}"),
+            hub: Some("hub.local".into()),
+            transport: "mqtt".into(),
+            duration_ms: 1,
+            error_code: None,
+        }
+    }
+
+    async fn next_text(body: &mut axum::body::Body) -> String {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        let data = frame.into_data().expect("a data frame");
+        String::from_utf8(data.to_vec()).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_gets_one_counted_lagged_event_and_slots_are_limited() {
+        let feed = RegistrationFeed::new(1);
+        let sub = feed.subscribe().expect("a slot");
+        assert!(feed.subscribe().is_none(), "one subscriber at most");
+        for n in 0..FEED_CAPACITY + 10 {
+            feed.publish(event(n));
+        }
+        let mut body = feed.sse(sub).into_body();
+        let first = next_text(&mut body).await;
+        assert!(
+            first.starts_with("event: lagged\ndata: {\"skipped\":10}\n"),
+            "{first}"
+        );
+        assert_eq!(feed.lagged_total(), 10);
+        let second = next_text(&mut body).await;
+        assert!(second.starts_with("event: registration\n"), "{second}");
+        assert!(second.contains("\"registrationId\":\"dev-10\""), "{second}");
+        drop(body);
+        assert!(feed.subscribe().is_some(), "a closed stream frees its slot");
+    }
+}
