@@ -608,6 +608,28 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "the record is gone");
+    // The cascade is in the audit log: the device's deprovisioning and the group's deletion.
+    let log: Value = h.api_get("/audit").await.json().await.unwrap();
+    let by_console: Vec<Value> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["source"] == "console")
+        .map(|e| json!([e["method"], e["route"], e["id"], e["status"]]))
+        .collect();
+    assert!(
+        by_console.contains(&json!(["POST", "/deprovisions/{id}", rid, 200])),
+        "{log}"
+    );
+    assert!(
+        by_console.contains(&json!([
+            "DELETE",
+            "/enrollmentGroups/{id}",
+            "far-away",
+            204
+        ])),
+        "{log}"
+    );
     b.shutdown().await;
     h.server.shutdown().await;
 }
