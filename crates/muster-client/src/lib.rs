@@ -36,7 +36,7 @@ pub use device::{DeviceClient, DeviceKey, RegisterOptions, Registration, RetryPo
 pub use error::{Error, Result};
 pub use hub::HubClient;
 pub use hub_device::HubDeviceConnection;
-pub use service::{EnrollmentKind, Pager, ServiceClient};
+pub use service::{AuditQuery, EnrollmentKind, Pager, ServiceClient};
 pub use telemetry::{TelemetryEvent, TelemetryMessage, TelemetryStream};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

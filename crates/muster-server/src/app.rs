@@ -9,6 +9,11 @@
 //!   `/favicon.ico` is the console's icon
 //! - health: `/healthz`, `/readyz` (`health.rs`), no auth
 //! - Prometheus metrics: `/metrics`, behind a service SAS token (`metrics.rs`)
+//! - live registration events: `/events/registrations`
+//!
+//! Writes through the service API and the hub REST router are recorded in the audit log
+//! (`muster_service_api::audit`; the service API router wraps itself, the hub's is wrapped
+//! here).
 
 use axum::extract::{Request, State};
 use axum::handler::Handler;
@@ -17,6 +22,10 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+
+use muster_registration::DeviceRegistrar;
+use muster_service_api::events::RegistrationFeed;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
@@ -30,12 +39,15 @@ pub const FRONT_DOOR_TARGET: &str = "/console/";
 /// The router served on the HTTPS port.
 pub fn https_app(
     service_api: ServiceApi,
+    https_registrar: Arc<dyn DeviceRegistrar>,
     mqtt: MqttServices,
     console: muster_console::Console,
     health: Health,
     metrics: PrometheusHandle,
+    events: RegistrationFeed,
 ) -> Router {
     let hub = mqtt.hub.clone();
+    let hub_auditor = muster_console::hub_auditor(&service_api, hub.clone());
     let metrics = crate::metrics::authenticated_router(
         metrics,
         service_api.auth.clone(),
@@ -43,15 +55,16 @@ pub fn https_app(
     );
     let inner = Router::new()
         .merge(metrics)
-        .merge(muster_service_api::router(service_api))
-        .merge(muster_device_api::https::router(mqtt.registrar.clone()))
+        .merge(muster_service_api::router(service_api.clone()))
+        .merge(muster_service_api::events::router(service_api, events))
+        .merge(muster_device_api::https::router(https_registrar))
         .merge(
             Router::new()
                 .route("/$iothub/websocket", get(mqtt_dispatch::websocket))
                 .route("/", get(front_door))
                 .with_state(mqtt),
         )
-        .merge(muster_hub::router(hub))
+        .merge(hub_auditor.wrap(muster_hub::router(hub)))
         .merge(muster_console::router(console))
         .route("/favicon.ico", get(muster_console::assets::favicon))
         .merge(health::routes(health))

@@ -71,6 +71,10 @@ pub struct Config {
     /// How long the built-in hub keeps a device's persistent MQTT session (CleanSession=0)
     /// after the device disconnected.
     pub hub_session_expiry_secs: u64,
+    /// Days the audit log keeps an entry; older ones are pruned periodically.
+    pub audit_retention_days: u32,
+    /// Most `GET /events/registrations` streams (console live views included) open at once.
+    pub max_event_subscribers: usize,
 }
 
 /// How log lines are written: `text` for people, `json` (one object per line) for collectors.
@@ -169,6 +173,8 @@ impl Default for Config {
             webhook_retries: 3,
             linked_hubs: Vec::new(),
             hub_session_expiry_secs: 3600,
+            audit_retention_days: 90,
+            max_event_subscribers: 32,
         }
     }
 }
@@ -210,6 +216,11 @@ impl Config {
         if self.hub_session_expiry_secs == 0 {
             return Err(ConfigError::Invalid(
                 "hub-session-expiry-secs must be at least 1".into(),
+            ));
+        }
+        if self.audit_retention_days == 0 {
+            return Err(ConfigError::Invalid(
+                "audit-retention-days must be at least 1".into(),
             ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {

@@ -26,6 +26,9 @@
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
 //!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
+//! - [`registration_events`] — each transport's view of the engine, publishing every
+//!   registration to the live event feed.
+//! - [`audit_retention`] — the periodic pruning of the audit log.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
@@ -33,6 +36,7 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod audit_retention;
 pub mod bind_set;
 pub mod bootstrap;
 pub mod client_cert;
@@ -47,6 +51,7 @@ pub mod metered_store;
 pub mod metrics;
 pub mod mqtt_dispatch;
 pub mod refusal_log;
+pub mod registration_events;
 pub mod server_cert;
 pub mod tls;
 
@@ -57,6 +62,7 @@ use std::sync::Arc;
 use muster_proto::runtime::{Clock, Entropy, OsEntropy, SystemClock};
 use muster_proto::ConnectionString;
 use muster_registration::{DeviceRegistrar, Engine, EngineConfig};
+use muster_service_api::events::RegistrationFeed;
 use muster_service_api::{Authorizer, Limits, ServiceApi};
 use muster_store::{SqliteStore, Store};
 use tokio::sync::watch;
@@ -274,18 +280,27 @@ impl Server {
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
         // The built-in hub is written in process; other linked hubs over their REST API.
-        let engine = Engine::new(store.clone(), clock, entropy, http, engine_config)
+        let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
             .with_local_hub(
                 &hub_endpoint,
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
             );
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
+        let events = RegistrationFeed::new(config.max_event_subscribers);
+        let reporting = |transport: &'static str| -> Arc<dyn DeviceRegistrar> {
+            Arc::new(registration_events::ReportingRegistrar {
+                inner: registrar.clone(),
+                transport,
+                feed: events.clone(),
+                clock: clock.clone(),
+            })
+        };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mqtt_services = mqtt_dispatch::MqttServices {
-            registrar: registrar.clone(),
+            registrar: reporting("mqtt"),
             hub: hub.clone(),
             limits: muster_device_api::mqtt::MqttLimits {
                 connect_timeout: limits.mqtt_connect_timeout,
@@ -305,17 +320,26 @@ impl Server {
             api.clone(),
             hub.clone(),
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
-        );
+        )
+        .with_registration_events(events.clone());
         let open_listeners = health::OpenListeners::default();
         open_listeners.expect(bound.len() + mqtt_bound.len());
         let health = health::Health::new(store.clone(), open_listeners.clone());
         let app = app::https_app(
             api,
+            reporting("https"),
             mqtt_services.clone(),
             console,
             health.clone(),
             metrics_handle.clone(),
+            events,
         );
+        tasks.spawn(audit_retention::run(
+            store.clone(),
+            clock.clone(),
+            config.audit_retention_days,
+            shutdown_rx.clone(),
+        ));
         let listener_limits = listener::ListenerLimits {
             max_connections,
             tls_handshake_timeout: limits.tls_handshake_timeout,

@@ -9,6 +9,8 @@
 //!
 //! Layout:
 //! - [`Store`]: the interface every implementation provides.
+//! - [`audit`] — the audit log of service-API and console writes: entries, chronological
+//!   keys, filtered listing and retention pruning.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
@@ -31,6 +33,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
+pub mod audit;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod records;
@@ -77,6 +80,10 @@ pub enum Collection {
     /// keyed `{hub host}/{device id}` (lower-cased); written in the same transaction as the
     /// record's removal and deleted once the hub confirms, so a restart finishes them.
     HubRemovals,
+    /// Service-API and console writes (who, what, when, result), keyed
+    /// `{unix milliseconds, 15 digits}-{sequence, 10 digits}-{random}` so key order is time
+    /// order; see [`audit`]. Holds no keys or bodies.
+    AuditLog,
 }
 
 impl Collection {
@@ -94,6 +101,7 @@ impl Collection {
         Collection::HubCounters,
         Collection::PendingAssignments,
         Collection::HubRemovals,
+        Collection::AuditLog,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -120,6 +128,7 @@ impl Collection {
             Collection::HubCounters => "hub_counters",
             Collection::PendingAssignments => "pending_assignments",
             Collection::HubRemovals => "hub_removals",
+            Collection::AuditLog => "audit_log",
         }
     }
 }

@@ -64,7 +64,12 @@ impl ServiceConn {
             .or_else(|| file.as_ref().and_then(|f| f.ca_certificate.clone()));
         crate::output::remember_trusted_ca(ca.as_deref());
         let client = ServiceClient::from_connection_string(&cs, ca.as_deref())
-            .context("invalid service connection string")?;
+            .context("invalid service connection string")?
+            .with_user_agent(format!(
+                "{}{}",
+                muster_proto::audit::CLI_USER_AGENT_PREFIX,
+                env!("CARGO_PKG_VERSION")
+            ));
         Ok((client, file))
     }
 

@@ -3,6 +3,7 @@
 //! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
 //! restore of a data dir.
 
+mod audit;
 mod backup;
 mod bench;
 mod conn;
@@ -97,6 +98,9 @@ enum Command {
     /// Manage the IoT hubs devices may be assigned to.
     #[command(subcommand, name = "linked-hub")]
     LinkedHub(linked_hub::LinkedHubCommand),
+    /// The audit log: who changed what, when, with which result.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -172,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         Command::Registration(c) => runtime.block_on(registration::run(c)),
         Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
+        Command::Audit(c) => runtime.block_on(audit::run(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),

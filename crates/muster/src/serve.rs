@@ -81,6 +81,9 @@ pub struct ServeArgs {
     /// [default: 1767]
     #[arg(long, env = "MUSTER_MQTT_MAX_IDLE_SECS")]
     mqtt_max_idle_secs: Option<u64>,
+    /// Days the audit log keeps an entry [default: 90]
+    #[arg(long, env = "MUSTER_AUDIT_RETENTION_DAYS")]
+    audit_retention_days: Option<u32>,
     /// Print the effective configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -125,6 +128,9 @@ impl ServeArgs {
             c.tls_key = self.tls_key.clone();
         }
         c.extra_hosts.extend(self.extra_hosts.iter().cloned());
+        if let Some(v) = self.audit_retention_days {
+            c.audit_retention_days = v;
+        }
         let numbers = [
             (self.max_connections, &mut c.max_connections),
             (

@@ -398,6 +398,83 @@ fn enrollment_group_commands() {
     assert!(err.contains("404202"), "{err}");
 }
 
+/// Writes by the CLI are audited with the source `cli`; `muster audit list` shows them in a
+/// table and as JSON, filtered by id and policy.
+#[test]
+fn audit_list_shows_cli_writes() {
+    let env = Env::start();
+    let pk = B64.encode([7u8; 32]);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "audited-1",
+        "--primary-key",
+        &pk,
+    ]);
+    env.ok(&["enrollment", "delete", "audited-1"]);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "other-2",
+        "--primary-key",
+        &pk,
+    ]);
+
+    let entries = env.json(&["audit", "list", "--id", "audited-1"]);
+    let summary: Vec<Value> = entries
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| {
+            json!([
+                e["method"],
+                e["route"],
+                e["id"],
+                e["status"],
+                e["source"],
+                e["policy"]
+            ])
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            json!([
+                "PUT",
+                "/enrollments/{id}",
+                "audited-1",
+                200,
+                "cli",
+                "provisioningserviceowner"
+            ]),
+            json!([
+                "DELETE",
+                "/enrollments/{id}",
+                "audited-1",
+                204,
+                "cli",
+                "provisioningserviceowner"
+            ]),
+        ]
+    );
+    assert!(!entries.to_string().contains(&pk), "no key in the log");
+    let table = env.ok(&["audit", "list", "--policy", "provisioningserviceowner"]);
+    let header = table.lines().next().expect("a header line");
+    for column in [
+        "TIME", "POLICY", "SOURCE", "METHOD", "ROUTE", "ID", "STATUS", "ERROR",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(table.contains("other-2"), "{table}");
+    assert_eq!(table.lines().count(), 4, "header and three writes: {table}");
+    let top = env.json(&["audit", "list", "--top", "1"]);
+    assert_eq!(top.as_array().map(Vec::len), Some(1));
+    let err = env.fails(&["audit", "list", "--since", "yesterday"]);
+    assert!(err.contains("'from'"), "{err}");
+}
+
 #[test]
 fn linked_hub_commands() {
     let env = Env::start();
