@@ -86,7 +86,8 @@ if [[ $run_node -eq 1 ]]; then
   fi
   for pkg in azure-iot-provisioning-service azure-iot-provisioning-device azure-iot-provisioning-device-http \
              azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key azure-iot-security-x509 \
-             azure-iot-device azure-iot-device-mqtt azure-iothub; do
+             azure-iot-provisioning-device-amqp azure-iot-amqp-base \
+             azure-iot-device azure-iot-device-mqtt azure-iot-device-amqp azure-iot-device-http azure-iothub; do
     node -e "console.log('$pkg ' + require('$NODE_DIR/node_modules/$pkg/package.json').version)"
   done
 fi
@@ -128,7 +129,7 @@ if [[ $run_python -eq 1 ]]; then
 fi
 
 if [[ $run_node -eq 1 ]]; then
-  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1, azure-iot-security-x509 1.7.12), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
+  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1, -amqp 1.9.1, azure-iot-security-x509 1.7.12), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
   # NODE_EXTRA_CA_CERTS is read only when node starts, so the server is started
   # first (by muster_server.py) and node is launched with the CA in its env.
   # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js,

@@ -4,7 +4,7 @@
 //! - service API: `/enrollments`, `/enrollmentGroups`, `/registrations`, `/linkedHubs`
 //! - device API: `/{idScope}/registrations/{registrationId}/...`
 //! - built-in hub REST: `/devices`, `/twins`
-//! - MQTT over WebSocket: `/$iothub/websocket`
+//! - MQTT and AMQP over WebSocket: `/$iothub/websocket` (`device_websocket`)
 //! - web console: `/console` (`muster-console`)
 
 use axum::extract::Request;
@@ -13,12 +13,15 @@ use axum::Router;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
-use crate::mqtt_dispatch::{self, MqttServices};
+use crate::amqp_dispatch::AmqpServices;
+use crate::device_websocket::{self, DeviceServices};
+use crate::mqtt_dispatch::MqttServices;
 
 /// The router served on the HTTPS port.
 pub fn https_app(
     service_api: ServiceApi,
     mqtt: MqttServices,
+    amqp: AmqpServices,
     console: muster_console::Console,
 ) -> Router {
     let hub = mqtt.hub.clone();
@@ -27,10 +30,10 @@ pub fn https_app(
         .merge(muster_device_api::https::router(mqtt.registrar.clone()))
         .merge(
             Router::new()
-                .route("/$iothub/websocket", get(mqtt_dispatch::websocket))
+                .route("/$iothub/websocket", get(device_websocket::websocket))
                 // C# connects its WebSocket to `/`.
-                .route("/", get(mqtt_dispatch::websocket))
-                .with_state(mqtt),
+                .route("/", get(device_websocket::websocket))
+                .with_state(DeviceServices { mqtt, amqp }),
         )
         .merge(muster_hub::router(hub))
         .merge(muster_console::router(console))

@@ -7,25 +7,29 @@
 //! - [`tls`] — the local CA and the server certificate it issues.
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
 //!   signature is checked with the leaf's own key), judged after the handshake.
-//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
+//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, device WebSockets.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
-//! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
+//! - [`listener`] — TLS accept loops (HTTPS, device MQTT, device AMQP), connection limits, deadlines,
 //!   back-off when `accept` fails, draining.
 //! - [`admission`] — per-source-address limit on unauthenticated connections.
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
+//! - [`amqp_dispatch`] — one AMQP port (5671) for registration (the hub's later).
+//! - [`device_websocket`] — `/$iothub/websocket`: MQTT or AMQP by the offered subprotocol.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
 
 pub mod admission;
+pub mod amqp_dispatch;
 pub mod app;
 pub mod bootstrap;
 pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod descriptors;
+pub mod device_websocket;
 pub mod listener;
 pub mod local_hub;
 pub mod mqtt_dispatch;
@@ -88,6 +92,7 @@ pub struct Server {
     pub connection: ConnectionInfo,
     pub https_addrs: Vec<SocketAddr>,
     pub mqtt_addrs: Vec<SocketAddr>,
+    pub amqp_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -150,15 +155,18 @@ impl Server {
         // Bind everything before anything is announced.
         let mut https_addrs = resolve(&config.dps_host, config.https_port).await?;
         let mut mqtt_addrs = resolve(&config.dps_host, config.mqtt_port).await?;
+        let mut amqp_addrs = resolve(&config.dps_host, config.amqp_port).await?;
         if !hub_host.eq_ignore_ascii_case(&config.dps_host) {
             https_addrs.extend(resolve(&hub_host, config.https_port).await?);
             mqtt_addrs.extend(resolve(&hub_host, config.mqtt_port).await?);
+            amqp_addrs.extend(resolve(&hub_host, config.amqp_port).await?);
         }
         let https_listeners = listener::bind(&https_addrs, "HTTPS").await?;
         let mqtt_listeners = listener::bind(&mqtt_addrs, "MQTT").await?;
+        let amqp_listeners = listener::bind(&amqp_addrs, "AMQP").await?;
         let max_connections = fit_connections_to_descriptors(
             config.max_connections,
-            https_listeners.len() + mqtt_listeners.len(),
+            https_listeners.len() + mqtt_listeners.len() + amqp_listeners.len(),
         );
         let bound: Vec<SocketAddr> = https_listeners
             .iter()
@@ -173,6 +181,14 @@ impl Server {
             .first()
             .map(|a| a.port())
             .unwrap_or(config.mqtt_port);
+        let amqp_bound: Vec<SocketAddr> = amqp_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let amqp_port = amqp_bound
+            .first()
+            .map(|a| a.port())
+            .unwrap_or(config.amqp_port);
 
         let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
@@ -263,7 +279,16 @@ impl Server {
             hub.clone(),
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
         );
-        let app = app::https_app(api, mqtt_services.clone(), console);
+        let amqp_services = amqp_dispatch::AmqpServices {
+            registrar: registrar.clone(),
+            limits: muster_device_api::amqp::AmqpLimits {
+                open_timeout: limits.mqtt_connect_timeout,
+                auth_timeout: limits.mqtt_auth_timeout,
+                idle_timeout: limits.mqtt_max_idle,
+                ..Default::default()
+            },
+        };
+        let app = app::https_app(api, mqtt_services.clone(), amqp_services.clone(), console);
         let listener_limits = listener::ListenerLimits {
             max_connections,
             tls_handshake_timeout: limits.tls_handshake_timeout,
@@ -289,6 +314,15 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
+        for l in amqp_listeners {
+            tasks.spawn(listener::serve_amqp(
+                l,
+                mqtt_tls.clone(),
+                amqp_services.clone(),
+                listener_limits.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         engine
             .resume_pending()
             .await
@@ -300,6 +334,7 @@ impl Server {
             dps_host: config.dps_host.clone(),
             https_port,
             mqtt_port,
+            amqp_port,
             device_endpoint: endpoint.clone(),
             service_endpoint: format!("https://{endpoint}"),
             service_connection_string: owner
@@ -324,11 +359,12 @@ impl Server {
         connection
             .write(&data_dir)
             .map_err(|source| ServerError::ConnectionInfo { path, source })?;
-        info!(https = ?bound, mqtt = ?mqtt_bound, console = %connection.console_url, "listening");
+        info!(https = ?bound, mqtt = ?mqtt_bound, amqp = ?amqp_bound, console = %connection.console_url, "listening");
         Ok(Server {
             connection,
             https_addrs: bound,
             mqtt_addrs: mqtt_bound,
+            amqp_addrs: amqp_bound,
             shutdown,
             tasks,
         })

@@ -25,6 +25,7 @@ fn start_server(rt: &tokio::runtime::Runtime, data_dir: &Path) -> Server {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     };
     rt.block_on(Server::start(config)).expect("server starts")

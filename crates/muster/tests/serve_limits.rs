@@ -107,7 +107,8 @@ async fn out_of_descriptors_the_server_backs_off_logs_little_and_recovers() {
     let log = dir.path().join("serve.log");
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--dps-host", "127.0.0.1", "--https-port", "0"])
-        .args(["--mqtt-port", "0", "--tls-handshake-timeout-ms", "500"])
+        .args(["--mqtt-port", "0", "--amqp-port", "0"])
+        .args(["--tls-handshake-timeout-ms", "500"])
         .arg("--data-dir")
         .arg(&data)
         .env("RUST_LOG", "info")
