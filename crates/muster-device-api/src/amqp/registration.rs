@@ -57,6 +57,9 @@ const GET_OPERATION_STATUS: &str = "iotdps-get-operationstatus";
 /// device to detach and close first (SDKs complain when the socket is already gone).
 const ATTESTATION_FAILED_LINGER: Duration = Duration::from_secs(1);
 
+/// How long the response link waits for the device to detach it before closing it itself.
+const LINK_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Responses queued for the sender link.
 const RESPONSE_QUEUE: usize = 32;
 
@@ -189,7 +192,7 @@ pub async fn serve(
         }
     };
     tracing::debug!("AMQP registration connection closing: {reason}");
-    drop(links);
+    links.close().await;
     let _ = session.end().await;
     let _ = connection.close().await;
 }
@@ -232,6 +235,7 @@ fn unauthorized(reason: &str) -> definitions::Error {
 struct Links {
     receiver: Option<Receiver>,
     responses: Option<mpsc::Sender<Message<Data>>>,
+    response_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Links {
@@ -270,11 +274,23 @@ impl Links {
                     return Err("a second response link".into());
                 }
                 let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
-                tokio::spawn(send_responses(s, rx));
+                self.response_task = Some(tokio::spawn(send_responses(s, rx)));
                 self.responses = Some(tx);
             }
         }
         Ok(())
+    }
+
+    /// Closes both links, the response link once what was queued is sent (or the device
+    /// detached it).
+    async fn close(mut self) {
+        if let Some(r) = self.receiver.take() {
+            let _ = r.close().await;
+        }
+        self.responses = None;
+        if let Some(task) = self.response_task.take() {
+            let _ = task.await;
+        }
     }
 
     /// Accepts the request, then sends its response.
@@ -317,15 +333,31 @@ async fn next_delivery(
     }
 }
 
-/// Sends responses in order; each waits for link credit (the device grants it).
+/// Sends responses in order; each waits for link credit (the device grants it). A detach from
+/// the device is answered at once (fe2o3 answers it in `on_detach`), so the answer never
+/// trails the device's end of the session. When the queue closes, the device, which is
+/// usually leaving too, gets [`LINK_CLOSE_GRACE`] to detach first; then we close the link.
 async fn send_responses(mut sender: Sender, mut rx: mpsc::Receiver<Message<Data>>) {
-    while let Some(message) = rx.recv().await {
-        if let Err(e) = sender.send(message).await {
-            tracing::debug!(error = %e, "AMQP response could not be sent");
-            break;
+    loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(message) => {
+                    if let Err(e) = sender.send(message).await {
+                        tracing::debug!(error = %e, "AMQP response could not be sent");
+                        return;
+                    }
+                }
+                None => break,
+            },
+            _ = sender.on_detach() => return,
         }
     }
-    let _ = sender.close().await;
+    if tokio::time::timeout(LINK_CLOSE_GRACE, sender.on_detach())
+        .await
+        .is_err()
+    {
+        let _ = sender.close().await;
+    }
 }
 
 /// What a request message asks.
