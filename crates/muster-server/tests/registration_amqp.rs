@@ -123,12 +123,18 @@ impl Device {
         self.receiver.accept(&delivery).await.unwrap();
         let message = delivery.into_message();
         assert_eq!(
-            message.properties.as_ref().and_then(|p| p.correlation_id.clone()),
+            message
+                .properties
+                .as_ref()
+                .and_then(|p| p.correlation_id.clone()),
             Some(MessageId::String(correlation.into())),
             "the response carries the request's correlation id"
         );
         let Body::Data(data) = &message.body else {
-            panic!("the response body is not a Data section: {:?}", message.body);
+            panic!(
+                "the response body is not a Data section: {:?}",
+                message.body
+            );
         };
         let bytes: Vec<u8> = data.iter().flat_map(|d| d.0.iter().copied()).collect();
         Ok((
@@ -182,7 +188,10 @@ async fn registration_and_refusals_over_amqp() {
         .await
         .unwrap();
     assert_eq!(answer["status"], "assigned", "{answer}");
-    assert_eq!(answer["registrationState"]["assignedHub"], json!(dps.hub().0));
+    assert_eq!(
+        answer["registrationState"]["assignedHub"],
+        json!(dps.hub().0)
+    );
     let operation_id = answer["operationId"].as_str().unwrap().to_string();
     let (polled, _) = device
         .request(
@@ -234,11 +243,7 @@ async fn registration_and_refusals_over_amqp() {
     ] {
         let mut device = Device::connect(&dps, amqp, scope_used, id, &token).await;
         let e = device
-            .request(
-                "r",
-                &[("iotdps-operation-type", "iotdps-register")],
-                b"",
-            )
+            .request("r", &[("iotdps-operation-type", "iotdps-register")], b"")
             .await
             .unwrap_err();
         assert_eq!(
@@ -252,8 +257,12 @@ async fn registration_and_refusals_over_amqp() {
             assert!(body[field].is_string(), "{what}: {body}");
         }
         // The unauthenticated connection is closed after the rejection.
-        let closed = tokio::time::timeout(Duration::from_secs(5), device.connection.on_close()).await;
-        assert!(closed.is_ok(), "{what}: the server kept the connection open");
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), device.connection.on_close()).await;
+        assert!(
+            closed.is_ok(),
+            "{what}: the server kept the connection open"
+        );
     }
     server.shutdown().await;
 }
@@ -288,10 +297,7 @@ async fn a_link_for_another_device_or_no_sasl_without_a_certificate_is_refused()
         .await
         .expect("closed in time");
     let err = closed.unwrap_err();
-    assert!(
-        format!("{err:?}").contains("UnauthorizedAccess"),
-        "{err:?}"
-    );
+    assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
 
     // Plain AMQP (no SASL) without a client certificate: the server answers with the SASL
     // header (authentication required) and closes.

@@ -55,9 +55,11 @@ mod tests {
             RegistrationAddress::parse("amqps://dps.local:5671/0ne00000A0A/registrations/DEV-1")
                 .unwrap();
         assert!(full.same_device(&short));
-        assert!(!RegistrationAddress::parse("0ne00000A0A/registrations/dev-2")
-            .unwrap()
-            .same_device(&short));
+        assert!(
+            !RegistrationAddress::parse("0ne00000A0A/registrations/dev-2")
+                .unwrap()
+                .same_device(&short)
+        );
     }
 
     #[test]

@@ -67,10 +67,7 @@ mod tests {
             Destination::Hub
         );
         assert_eq!(
-            Destination::of(
-                &SaslIdentity::None,
-                Some("/devices/dev-1/messages/events")
-            ),
+            Destination::of(&SaslIdentity::None, Some("/devices/dev-1/messages/events")),
             Destination::Hub
         );
     }

@@ -197,7 +197,6 @@ where
     })
 }
 
-
 /// The address a link attaches to: the target when the device sends on it, the source when
 /// it receives.
 pub fn link_address(attach: &Attach) -> Option<&str> {

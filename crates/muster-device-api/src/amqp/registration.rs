@@ -31,7 +31,7 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, Fields};
 use fe2o3_amqp::types::messaging::{
-    AmqpValue, ApplicationProperties, Body, Data, Message, MessageId, Properties,
+    AmqpValue, ApplicationProperties, Body, Data, Message, MessageId, Properties, Source, Target,
 };
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Value};
@@ -229,6 +229,9 @@ fn unauthorized(reason: &str) -> definitions::Error {
     definitions::Error::new(AmqpError::UnauthorizedAccess, reason.to_string(), None)
 }
 
+/// fe2o3's link acceptor with its default handling of dynamic termini (none here).
+type DefaultLinkAcceptor = LinkAcceptor<fn(Source) -> Option<Source>, fn(Target) -> Option<Target>>;
+
 /// The device's two links: requests come in on `receiver`, responses go out through the
 /// task that owns the sender.
 #[derive(Default)]
@@ -243,10 +246,7 @@ impl Links {
         &mut self,
         attach: Attach,
         device: &RegistrationAddress,
-        acceptor: &LinkAcceptor<
-            fn(fe2o3_amqp::types::messaging::Source) -> Option<fe2o3_amqp::types::messaging::Source>,
-            fn(fe2o3_amqp::types::messaging::Target) -> Option<fe2o3_amqp::types::messaging::Target>,
-        >,
+        acceptor: &DefaultLinkAcceptor,
         session: &mut fe2o3_amqp::acceptor::ListenerSessionHandle,
     ) -> Result<(), String> {
         let address = link_address(&attach).unwrap_or_default().to_string();

@@ -23,7 +23,10 @@ pub enum SaslIdentity {
     Anonymous,
     /// `authcid` (`{idScope}/registrations/{registrationId}` for DPS) and the password (a SAS
     /// token).
-    Plain { authcid: String, password: String },
+    Plain {
+        authcid: String,
+        password: String,
+    },
 }
 
 impl std::fmt::Debug for SaslIdentity {
