@@ -94,7 +94,7 @@ wait_port() {
 start_server() {
   rm -f "$data/connection.json"
   "$bin" serve --data-dir "$data" --dps-host "$host" --https-port "$https_port" \
-    --mqtt-port "$mqtt_port" >>"$work/server.log" 2>&1 &
+    --mqtt-port "$mqtt_port" --amqp-port 0 >>"$work/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 300); do
     [[ -f "$data/connection.json" ]] && return 0

@@ -18,12 +18,21 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use muster_attestation::symmetric_key::derive_device_key;
+use muster_server::config::Config;
+use muster_server::Server;
 use reqwest::Method;
 use serde_json::{json, Value as Json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::client::TlsStream;
 
 async fn tls(dps: &Dps, addr: std::net::SocketAddr) -> TlsStream<tokio::net::TcpStream> {
+    try_tls(dps, addr).await.unwrap()
+}
+
+async fn try_tls(
+    dps: &Dps,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
     let pem = std::fs::read(&dps.info.ca_certificate).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -36,12 +45,11 @@ async fn tls(dps: &Dps, addr: std::net::SocketAddr) -> TlsStream<tokio::net::Tcp
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .unwrap()
 }
 
 /// A device's AMQP registration connection, links attached as the Node SDK attaches them.
@@ -309,5 +317,77 @@ async fn a_link_for_another_device_or_no_sasl_without_a_certificate_is_refused()
         .expect("closed in time")
         .ok();
     assert_eq!(answer, b"AMQP\x03\x01\x00\x00");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_amqp_connections_hold_their_address_slot_until_the_open_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Config {
+        max_unauthenticated_per_address: 1,
+        // The AMQP open deadline (header to first link).
+        mqtt_connect_timeout_ms: 700,
+        ..common::config(dir.path(), "127.0.0.1")
+    })
+    .await
+    .unwrap();
+    let dps = Dps::new(&server.connection);
+    let amqp = server.amqp_addrs[0];
+    let scope = dps.info.id_scope.clone();
+    let (_, g) = dps
+        .service(
+            Method::PUT,
+            "/enrollmentGroups/u",
+            Some(json!({"attestation": {"type": "symmetricKey"}})),
+        )
+        .await;
+    let key = g["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let register = |id: &'static str| {
+        let dk = derive_device_key(&key, id).unwrap();
+        let token = device_token(&scope, id, &dk, now() + 60);
+        let (dps, scope) = (&dps, scope.clone());
+        async move {
+            let mut device = Device::connect(dps, amqp, &scope, id, &token).await;
+            let (answer, _) = device
+                .request("c", &[("iotdps-operation-type", "iotdps-register")], b"")
+                .await
+                .unwrap();
+            assert_eq!(answer["status"], "assigned", "{answer}");
+            device
+        }
+    };
+
+    // An authenticated device no longer counts: with one slot per address, a second device
+    // from the same address registers while the first stays connected.
+    let first = register("u-1").await;
+    let second = register("u-2").await;
+    first.close().await;
+    second.close().await;
+
+    // A connection that never speaks AMQP holds the slot: another from its address is closed
+    // at accept, until the open deadline closes the silent one.
+    let mut silent = tls(&dps, amqp).await;
+    let mut refused = match try_tls(&dps, amqp).await {
+        Err(_) => None,
+        Ok(s) => Some(s),
+    };
+    if let Some(s) = refused.as_mut() {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "a second slot was granted");
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the silent connection outlived the open deadline"
+    );
+    // The slot is free again.
+    register("u-3").await.close().await;
     server.shutdown().await;
 }
