@@ -99,7 +99,7 @@ fn every_mode_assigns_every_device_with_sane_percentiles() {
     let data_dir = data.to_str().expect("utf-8 path");
     let key = group_key(data_dir, "bench");
     let pid = std::process::id().to_string();
-    for mode in ["https-fresh", "https-keepalive", "mqtt-fresh"] {
+    for mode in ["https-fresh", "https-keepalive", "mqtt-fresh", "amqp-fresh"] {
         let prefix = format!("{mode}-");
         let report = json_of(&[
             "bench",
