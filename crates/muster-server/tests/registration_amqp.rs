@@ -370,10 +370,8 @@ async fn unauthenticated_amqp_connections_hold_their_address_slot_until_the_open
     // A connection that never speaks AMQP holds the slot: another from its address is closed
     // at accept, until the open deadline closes the silent one.
     let mut silent = tls(&dps, amqp).await;
-    let mut refused = match try_tls(&dps, amqp).await {
-        Err(_) => None,
-        Ok(s) => Some(s),
-    };
+    // Closed at accept: the TLS handshake fails, or the stream ends at once.
+    let mut refused = try_tls(&dps, amqp).await.ok();
     if let Some(s) = refused.as_mut() {
         let mut byte = [0u8; 1];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
