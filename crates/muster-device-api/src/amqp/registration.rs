@@ -21,7 +21,9 @@
 //! 4. **Authentication.** Until the registrar accepted one of its requests the connection is
 //!    unauthenticated: a 401 or 403 closes it once the rejection is sent (after the device
 //!    detached, or 1 s), and one not authenticated within [`AmqpLimits::auth_timeout`] is
-//!    closed. Authenticating releases the listener's [`PreAuthHold`].
+//!    closed (once the requests it has in flight are answered). Authenticating releases the
+//!    listener's [`PreAuthHold`]. A connection with no request for
+//!    [`AmqpLimits::idle_timeout`] is closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +41,7 @@ use muster_proto::ErrorCode;
 use muster_registration::{
     DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::address::RegistrationAddress;
@@ -109,8 +111,10 @@ pub async fn serve(
         .build();
     let mut links = Links::default();
     let mut pending_attach = Some(first_attach);
-    let (answered_tx, mut answered_rx) = mpsc::channel::<Answered>(limits.max_inflight.max(1));
-    let inflight = Arc::new(Semaphore::new(limits.max_inflight.max(1)));
+    let max_inflight = limits.max_inflight.max(1);
+    let (answered_tx, mut answered_rx) = mpsc::channel::<Answered>(max_inflight);
+    // Requests handed to the registrar whose answer has not come back yet.
+    let mut in_flight = 0usize;
     let mut authenticated = false;
     let auth_deadline = start + limits.auth_timeout;
 
@@ -125,7 +129,9 @@ pub async fn serve(
             }
         }
         let mut deadline = Instant::now() + limits.idle_timeout;
-        if !authenticated {
+        // Requests still being answered may yet authenticate the device (a slow webhook,
+        // say): the auth deadline waits for them.
+        if !authenticated && in_flight == 0 {
             deadline = deadline.min(auth_deadline);
         }
         tokio::select! {
@@ -136,33 +142,28 @@ pub async fn serve(
             delivery = next_delivery(&mut links.receiver) => match delivery {
                 Ok(delivery) => {
                     let (info, message) = delivery.into_parts();
-                    match inflight.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let registrar = registrar.clone();
-                            let tx = answered_tx.clone();
-                            let request = Request::of(&message, &identity);
-                            let correlation_id =
-                                message.properties.and_then(|p| p.correlation_id);
-                            tokio::spawn(async move {
-                                let reply = request.run(&*registrar).await;
-                                let _ = tx
-                                    .send(Answered { delivery: info, correlation_id, reply })
-                                    .await;
-                                drop(permit);
-                            });
-                        }
-                        Err(_) => {
-                            let reply = error_reply(
-                                ErrorCode::Throttled,
-                                "too many requests in flight on this connection",
-                            );
-                            links.reject(info, &reply).await;
-                        }
+                    if in_flight < max_inflight {
+                        in_flight += 1;
+                        let registrar = registrar.clone();
+                        let tx = answered_tx.clone();
+                        let request = Request::of(&message, &identity);
+                        let correlation_id = message.properties.and_then(|p| p.correlation_id);
+                        tokio::spawn(async move {
+                            let reply = request.run(&*registrar).await;
+                            let _ = tx.send(Answered { delivery: info, correlation_id, reply }).await;
+                        });
+                    } else {
+                        let reply = error_reply(
+                            ErrorCode::Throttled,
+                            "too many requests in flight on this connection",
+                        );
+                        links.reject(info, &reply).await;
                     }
                 }
                 Err(reason) => break reason,
             },
             Some(done) = answered_rx.recv() => {
+                in_flight = in_flight.saturating_sub(1);
                 let status = done.reply.status;
                 if (200..300).contains(&status) {
                     if !authenticated {
