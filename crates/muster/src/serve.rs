@@ -149,6 +149,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("Muster is running.");
     println!("  ID scope:           {}", c.id_scope);
     println!("  Device endpoint:    {}", c.device_endpoint);
+    println!(
+        "  Device ports:       HTTPS {}, MQTT {}, AMQP {} (MQTT and AMQP over WebSocket on HTTPS)",
+        c.https_port, c.mqtt_port, c.amqp_port
+    );
     for h in &c.hubs {
         println!("  Built-in IoT hub:   {}", h.host_name);
     }
