@@ -1,6 +1,6 @@
 # Muster container image: a release build in the Rust image, run as a non-root user on
 # debian-slim. Build: docker build --build-arg MUSTER_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t muster .
-# Run:   docker run -p 443:443 -p 8883:8883 -v muster-data:/var/lib/muster muster \
+# Run:   docker run -p 443:443 -p 8883:8883 -p 5671:5671 -v muster-data:/var/lib/muster muster \
 #          serve --listen 0.0.0.0 --dps-host dps.example.lan
 # The toolchain CI builds and tests with (the workspace's rust-version is the floor, not what
 # the locked dependencies were checked with).
@@ -25,7 +25,7 @@ COPY --from=build /usr/local/bin/muster /usr/local/bin/muster
 USER muster
 ENV MUSTER_DATA_DIR=/var/lib/muster
 VOLUME ["/var/lib/muster"]
-EXPOSE 443 8883
+EXPOSE 443 8883 5671
 # Binding 443 as a non-root user: the kernel's unprivileged port floor is 0 in a container
 # network namespace on current Docker and Podman; otherwise map another port, e.g.
 # --https-port 8443 -p 443:8443.

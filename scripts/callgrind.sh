@@ -36,7 +36,7 @@ trap 'exit 130' INT TERM
 
 valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
   "$bin" serve --data-dir "$work/server" --dps-host "$host" --https-port 18473 \
-  --mqtt-port 18474 >"$work/server.log" 2>&1 &
+  --mqtt-port 18474 --amqp-port 0 >"$work/server.log" 2>&1 &
 server_pid=$!
 # Under callgrind the server starts about fifty times slower.
 for _ in $(seq 1 1200); do

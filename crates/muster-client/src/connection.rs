@@ -17,6 +17,9 @@ pub struct ConnectionFile {
     pub https_port: u16,
     #[serde(default)]
     pub mqtt_port: u16,
+    /// 0 when the server wrote no AMQP port.
+    #[serde(default)]
+    pub amqp_port: u16,
     /// `host` or `host:port` of the device API.
     pub device_endpoint: String,
     #[serde(default)]

@@ -16,6 +16,7 @@ async fn start(dir: &std::path::Path) -> Server {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await

@@ -22,6 +22,7 @@ async fn start() -> Harness {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await
@@ -514,6 +515,7 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await

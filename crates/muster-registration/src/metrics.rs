@@ -24,6 +24,8 @@ pub enum Transport {
     Https,
     /// MQTT, directly or over WebSocket (both run the same session).
     Mqtt,
+    /// AMQP 1.0, directly or over WebSocket.
+    Amqp,
 }
 
 impl Transport {
@@ -31,6 +33,7 @@ impl Transport {
         match self {
             Transport::Https => "https",
             Transport::Mqtt => "mqtt",
+            Transport::Amqp => "amqp",
         }
     }
 }

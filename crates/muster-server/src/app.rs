@@ -4,7 +4,8 @@
 //! - service API: `/enrollments`, `/enrollmentGroups`, `/registrations`, `/linkedHubs`
 //! - device API: `/{idScope}/registrations/{registrationId}/...`
 //! - built-in hub REST: `/devices`, `/twins`
-//! - MQTT over WebSocket: `/$iothub/websocket`, and `/` for a WebSocket upgrade (C#)
+//! - MQTT and AMQP over WebSocket: `/$iothub/websocket` (`device_websocket`), and `/` for a
+//!   WebSocket upgrade (C#)
 //! - web console: `/console` (`muster-console`); `/` without an upgrade redirects there, and
 //!   `/favicon.ico` is the console's icon
 //! - health: `/healthz`, `/readyz` (`health.rs`), no auth
@@ -29,8 +30,10 @@ use muster_service_api::events::RegistrationFeed;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
+use crate::amqp_dispatch::AmqpServices;
+use crate::device_websocket::{self, DeviceServices};
 use crate::health::{self, Health};
-use crate::mqtt_dispatch::{self, MqttServices};
+use crate::mqtt_dispatch::MqttServices;
 use crate::refusal_log;
 
 /// Where a browser opening `https://host/` is sent.
@@ -41,6 +44,7 @@ pub fn https_app(
     service_api: ServiceApi,
     https_registrar: Arc<dyn DeviceRegistrar>,
     mqtt: MqttServices,
+    amqp: AmqpServices,
     console: muster_console::Console,
     health: Health,
     metrics: PrometheusHandle,
@@ -60,9 +64,9 @@ pub fn https_app(
         .merge(muster_device_api::https::router(https_registrar))
         .merge(
             Router::new()
-                .route("/$iothub/websocket", get(mqtt_dispatch::websocket))
+                .route("/$iothub/websocket", get(device_websocket::websocket))
                 .route("/", get(front_door))
-                .with_state(mqtt),
+                .with_state(DeviceServices { mqtt, amqp }),
         )
         .merge(hub_auditor.wrap(muster_hub::router(hub)))
         .merge(muster_console::router(console))
@@ -77,9 +81,9 @@ pub fn https_app(
 }
 
 /// `GET /`: C# opens its MQTT WebSocket here; anyone else (a browser) goes to the console.
-async fn front_door(State(mqtt): State<MqttServices>, req: Request) -> Response {
+async fn front_door(State(devices): State<DeviceServices>, req: Request) -> Response {
     if is_websocket_upgrade(req.headers()) {
-        return mqtt_dispatch::websocket.call(req, mqtt).await;
+        return device_websocket::websocket.call(req, devices).await;
     }
     Redirect::to(FRONT_DOOR_TARGET).into_response()
 }

@@ -26,10 +26,12 @@ pub struct Config {
     pub admin_listen: Option<String>,
     /// How `muster serve` writes its log lines.
     pub log_format: LogFormat,
-    /// HTTPS port: device API, service API, hub REST, MQTT over WebSocket.
+    /// HTTPS port: device API, service API, hub REST, MQTT and AMQP over WebSocket.
     pub https_port: u16,
     /// MQTT over TLS port for device registration.
     pub mqtt_port: u16,
+    /// AMQP over TLS port for device registration (`0` picks a free port).
+    pub amqp_port: u16,
     /// PEM certificate chain to serve instead of one issued by the local CA.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
@@ -52,13 +54,15 @@ pub struct Config {
     pub http_header_timeout_ms: u64,
     /// Time a kept-alive HTTPS connection may wait for its next request (headers included).
     pub http_idle_timeout_ms: u64,
-    /// Time a device MQTT connection gets, after TLS or the WebSocket upgrade, to send CONNECT.
+    /// Time a device MQTT connection gets, after TLS or the WebSocket upgrade, to send CONNECT;
+    /// an AMQP connection gets as long to open its first link.
     pub mqtt_connect_timeout_ms: u64,
-    /// Time an MQTT registration connection gets, from its start, to authenticate (its first
+    /// Time an MQTT or AMQP registration connection gets, from its start, to authenticate (its first
     /// request accepted); a failed attestation closes it at once, after the error response.
     pub mqtt_auth_timeout_ms: u64,
     /// The longest an MQTT device connection may stay silent: 1.5 × the client's keep-alive
-    /// is capped at this, which is also the limit when keep-alive is 0 (IoT Hub: 1767 s).
+    /// is capped at this, which is also the limit when keep-alive is 0 (IoT Hub: 1767 s); an
+    /// AMQP registration connection without a request for this long is closed.
     pub mqtt_max_idle_secs: u64,
     /// This node's region, matched against linked hubs' `location` by `geoLatency`.
     pub region: Option<String>,
@@ -156,6 +160,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             https_port: 443,
             mqtt_port: 8883,
+            amqp_port: 5671,
             tls_cert: None,
             tls_key: None,
             tls_reload_interval_ms: 5_000,
@@ -335,6 +340,7 @@ mod tests {
         assert_eq!(c.dps_host, "127.0.0.2");
         assert_eq!(c.https_port, 8443);
         assert_eq!(c.mqtt_port, 8883);
+        assert_eq!(c.amqp_port, 5671);
         std::fs::write(&p, "dps-hots = \"x\"\n").unwrap();
         let e = Config::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("dps-hots"), "{e}");

@@ -12,6 +12,9 @@ pub struct ConnectionInfo {
     pub dps_host: String,
     pub https_port: u16,
     pub mqtt_port: u16,
+    /// AMQP over TLS (0 in files written before AMQP existed).
+    #[serde(default)]
+    pub amqp_port: u16,
     /// `host` when the HTTPS port is 443, else `host:port`: the DPS "global device endpoint".
     pub device_endpoint: String,
     /// Service API base URL.

@@ -9,7 +9,7 @@
 //!   reloaded when its files change or on demand (SIGHUP).
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
 //!   signature is checked with the leaf's own key), judged after the handshake.
-//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
+//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, device WebSockets.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
 //! - [`bind_set`] — the addresses every listener binds (`--listen`), apart from the
 //!   advertised names.
@@ -17,12 +17,14 @@
 //! - [`admin`] — the optional plain-HTTP admin listener (`--admin-listen`): health, metrics.
 //! - [`hub_rename`] — a built-in hub whose address changed takes every stored reference to
 //!   its old name along, in one transaction.
-//! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
+//! - [`listener`] — TLS accept loops (HTTPS, device MQTT, device AMQP), connection limits, deadlines,
 //!   back-off when `accept` fails, draining.
 //! - [`admission`] — per-source-address limit on unauthenticated connections.
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`refusal_log`] — a debug line for every refused HTTPS request (status, code, check).
+//! - [`amqp_dispatch`] — one AMQP port (5671) for registration (the hub's later).
+//! - [`device_websocket`] — `/$iothub/websocket`: MQTT or AMQP by the offered subprotocol.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
 //!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
@@ -35,6 +37,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod amqp_dispatch;
 pub mod app;
 pub mod audit_retention;
 pub mod bind_set;
@@ -43,6 +46,7 @@ pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod descriptors;
+pub mod device_websocket;
 pub mod health;
 pub mod hub_rename;
 pub mod listener;
@@ -121,6 +125,8 @@ pub struct Server {
     pub bind_set: BindSet,
     /// Where the plain-HTTP admin listener listens, when configured.
     pub admin_addr: Option<SocketAddr>,
+    /// Where the AMQP listeners listen (registration over AMQP 1.0).
+    pub amqp_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
     reload_certificate: Arc<tokio::sync::Notify>,
@@ -198,13 +204,14 @@ impl Server {
         let bind_set = BindSet::from_config(&config).await?;
         let https_listeners = bind_set.bind(config.https_port, "HTTPS").await?;
         let mqtt_listeners = bind_set.bind(config.mqtt_port, "MQTT").await?;
+        let amqp_listeners = bind_set.bind(config.amqp_port, "AMQP").await?;
         let admin_listener = match config.admin_addr()? {
             Some(addr) => Some(admin::bind(addr).await?),
             None => None,
         };
         let max_connections = fit_connections_to_descriptors(
             config.max_connections,
-            https_listeners.len() + mqtt_listeners.len(),
+            https_listeners.len() + mqtt_listeners.len() + amqp_listeners.len(),
         );
         let bound: Vec<SocketAddr> = https_listeners
             .iter()
@@ -220,6 +227,14 @@ impl Server {
             .first()
             .map(|a| a.port())
             .unwrap_or(config.mqtt_port);
+        let amqp_bound: Vec<SocketAddr> = amqp_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let amqp_port = amqp_bound
+            .first()
+            .map(|a| a.port())
+            .unwrap_or(config.amqp_port);
 
         let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
@@ -322,13 +337,23 @@ impl Server {
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
         )
         .with_registration_events(events.clone());
+        let amqp_services = amqp_dispatch::AmqpServices {
+            registrar: reporting("amqp"),
+            limits: muster_device_api::amqp::AmqpLimits {
+                open_timeout: limits.mqtt_connect_timeout,
+                auth_timeout: limits.mqtt_auth_timeout,
+                idle_timeout: limits.mqtt_max_idle,
+                ..Default::default()
+            },
+        };
         let open_listeners = health::OpenListeners::default();
-        open_listeners.expect(bound.len() + mqtt_bound.len());
+        open_listeners.expect(bound.len() + mqtt_bound.len() + amqp_bound.len());
         let health = health::Health::new(store.clone(), open_listeners.clone());
         let app = app::https_app(
             api,
             reporting("https"),
             mqtt_services.clone(),
+            amqp_services.clone(),
             console,
             health.clone(),
             metrics_handle.clone(),
@@ -384,6 +409,15 @@ impl Server {
             reload_certificate.clone(),
             shutdown_rx.clone(),
         ));
+        for l in amqp_listeners {
+            tasks.spawn(listener::serve_amqp(
+                l,
+                mqtt_tls.clone(),
+                amqp_services.clone(),
+                listener_limits.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         engine
             .resume_pending()
             .await
@@ -405,6 +439,7 @@ impl Server {
             dps_host: config.dps_host.clone(),
             https_port,
             mqtt_port,
+            amqp_port,
             device_endpoint: endpoint.clone(),
             service_endpoint: format!("https://{endpoint}"),
             service_connection_string: owner
@@ -432,13 +467,14 @@ impl Server {
         connection
             .write(&data_dir)
             .map_err(|source| ServerError::ConnectionInfo { path, source })?;
-        info!(https = ?bound, mqtt = ?mqtt_bound, admin = ?admin_addr, console = %connection.console_url, "listening");
+        info!(https = ?bound, mqtt = ?mqtt_bound, amqp = ?amqp_bound, admin = ?admin_addr, console = %connection.console_url, "listening");
         Ok(Server {
             connection,
             https_addrs: bound,
             mqtt_addrs: mqtt_bound,
             bind_set,
             admin_addr,
+            amqp_addrs: amqp_bound,
             shutdown,
             tasks,
             reload_certificate,

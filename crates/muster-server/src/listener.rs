@@ -1,5 +1,6 @@
-//! Listeners: accept TCP, complete TLS, then serve HTTP/1.1 with hyper ([`serve_https`]) or a
-//! device MQTT session ([`serve_mqtt`]), and drain gracefully on shutdown.
+//! Listeners: accept TCP, complete TLS, then serve HTTP/1.1 with hyper ([`serve_https`]), a
+//! device MQTT session ([`serve_mqtt`]) or a device AMQP connection ([`serve_amqp`]), and
+//! drain gracefully on shutdown.
 //!
 //! No client can hold a connection for free:
 //! - a semaphore bounds concurrent connections per listener (further ones wait in the
@@ -11,7 +12,8 @@
 //!   ([`ListenerLimits::http_header_timeout`], from the end of TLS) and every later request's
 //!   (hyper's header-read timeout, [`ListenerLimits::http_idle_timeout`], which runs from the
 //!   previous response and so is the keep-alive idle limit too); on MQTT, CONNECT and
-//!   authentication (`mqtt_dispatch.rs` and the sessions);
+//!   authentication (`mqtt_dispatch.rs` and the sessions); on AMQP, the open up to the first
+//!   link and authentication (`muster_device_api::amqp`);
 //! - when `accept` fails (out of file descriptors, say) the loop backs off, from 100 ms up to
 //!   1 s, instead of retrying at once, and logs one line per interval with a count.
 //!
@@ -75,7 +77,7 @@ pub struct ListenerLimits {
 /// Accepts TCP connections under the connection limit and the per-address limit, completes
 /// TLS within the handshake timeout and runs `session` on each, until `shutdown` turns true;
 /// then gives open sessions the drain timeout (they see `shutdown` too) before aborting them.
-/// `kind` (`https`, `mqtt`) labels the listener's connection metrics.
+/// `kind` (`https`, `mqtt`, `amqp`) labels the listener's connection metrics.
 async fn accept_tls<F, Fut>(
     kind: &'static str,
     listener: TcpListener,
@@ -302,6 +304,33 @@ pub async fn serve_mqtt(
             async move {
                 let certs = peer_chain(&stream);
                 crate::mqtt_dispatch::serve(stream, services, certs, PreAuthHold::new(pre_auth))
+                    .await;
+            }
+        },
+    )
+    .await;
+}
+
+/// Serves device AMQP over TLS: each connection goes to registration (or, later, the hub's
+/// device endpoint), by its SASL identity or first link (`amqp_dispatch`).
+pub async fn serve_amqp(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    services: crate::amqp_dispatch::AmqpServices,
+    limits: ListenerLimits,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_tls(
+        "amqp",
+        listener,
+        tls,
+        limits,
+        shutdown,
+        move |stream, _peer, pre_auth, _stop| {
+            let services = services.clone();
+            async move {
+                let certs = peer_chain(&stream);
+                crate::amqp_dispatch::serve(stream, services, certs, PreAuthHold::new(pre_auth))
                     .await;
             }
         },

@@ -98,6 +98,7 @@ async fn replaced_certificate_files_are_served_to_new_connections_on_every_liste
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         tls_cert: Some(cert_path.clone()),
         tls_key: Some(key_path.clone()),
         tls_reload_interval_ms: 100,

@@ -13,6 +13,7 @@ fn config(dir: &std::path::Path, port: u16) -> Config {
         dps_host: "127.0.0.1".into(),
         https_port: port,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     }
 }

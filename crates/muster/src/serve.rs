@@ -35,12 +35,15 @@ pub struct ServeArgs {
     /// This node's region, for the geoLatency allocation policy
     #[arg(long, env = "MUSTER_REGION")]
     region: Option<String>,
-    /// HTTPS port (device API, service API, hub REST, MQTT over WebSocket) [default: 443]
+    /// HTTPS port (device API, service API, hub REST, MQTT and AMQP over WebSocket) [default: 443]
     #[arg(long, env = "MUSTER_HTTPS_PORT")]
     https_port: Option<u16>,
     /// MQTT over TLS port for devices [default: 8883]
     #[arg(long, env = "MUSTER_MQTT_PORT")]
     mqtt_port: Option<u16>,
+    /// AMQP over TLS port for devices (registration) [default: 5671]
+    #[arg(long, env = "MUSTER_AMQP_PORT")]
+    amqp_port: Option<u16>,
     /// PEM certificate chain to serve instead of the local CA's certificate
     #[arg(long, env = "MUSTER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -122,6 +125,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.mqtt_port {
             c.mqtt_port = v;
+        }
+        if let Some(v) = self.amqp_port {
+            c.amqp_port = v;
         }
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert.clone();
@@ -210,6 +216,10 @@ fn print_banner(server: &Server, config: &Config) {
     println!("Muster is running.");
     println!("  ID scope:           {}", c.id_scope);
     println!("  Device endpoint:    {}", c.device_endpoint);
+    println!(
+        "  Device ports:       HTTPS {}, MQTT {}, AMQP {} (MQTT and AMQP over WebSocket on HTTPS)",
+        c.https_port, c.mqtt_port, c.amqp_port
+    );
     for h in &c.hubs {
         println!("  Built-in IoT hub:   {}", h.host_name);
     }

@@ -58,6 +58,7 @@ fn start(rt: &tokio::runtime::Runtime, data_dir: PathBuf, host: &str) -> Server 
         dps_host: host.into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     }))
     .expect("server starts")

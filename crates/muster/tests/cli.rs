@@ -35,6 +35,7 @@ impl Env {
             dps_host: "127.0.0.1".into(),
             https_port: 0,
             mqtt_port: 0,
+            amqp_port: 0,
             ..Config::default()
         };
         let server = rt.block_on(Server::start(config)).expect("server starts");

@@ -109,6 +109,7 @@ impl ServerProcess {
             .arg(self.ports.0.to_string())
             .arg("--mqtt-port")
             .arg(self.ports.1.to_string())
+            .args(["--amqp-port", "0"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "warn")

@@ -30,7 +30,7 @@ impl Serve {
     fn start(dir: &Path, extra: &[&str], rust_log: &str) -> Serve {
         let child = Command::new(BIN)
             .args(["serve", "--dps-host", "127.0.0.1", "--https-port", "0"])
-            .args(["--mqtt-port", "0"])
+            .args(["--mqtt-port", "0", "--amqp-port", "0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(extra)

@@ -56,6 +56,7 @@ fn cli_trusts_the_issuer_it_is_given_and_names_the_file_it_tried() {
             dps_host: "127.0.0.1".into(),
             https_port: 0,
             mqtt_port: 0,
+            amqp_port: 0,
             tls_cert: Some(cwd.join("tls.pem")),
             tls_key: Some(cwd.join("tls.key")),
             ..Config::default()

@@ -372,7 +372,7 @@ impl Responder {
 
 /// The register payload: empty (C#) or blank → an empty registration; JSON `null` likewise;
 /// anything else must be a JSON `DeviceRegistration`, or the answer is 400 / 400001.
-fn parse_register_body(payload: &[u8]) -> Result<DeviceRegistration, DeviceReply> {
+pub(crate) fn parse_register_body(payload: &[u8]) -> Result<DeviceRegistration, DeviceReply> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Ok(DeviceRegistration::default());
     }
@@ -395,7 +395,7 @@ fn parse_register_body(payload: &[u8]) -> Result<DeviceRegistration, DeviceReply
 
 /// A DPS error reply. The tracking id and timestamp are diagnostics only, so (as in the
 /// service API) they come from the system clock and random source.
-fn error_reply(code: ErrorCode, message: impl Into<String>) -> DeviceReply {
+pub(crate) fn error_reply(code: ErrorCode, message: impl Into<String>) -> DeviceReply {
     let b: [u8; 16] = random_bytes(&OsEntropy);
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     let tracking_id = format!(

@@ -25,6 +25,7 @@ pub fn config(dir: &Path, host: &str) -> Config {
         dps_host: host.into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     }
 }
