@@ -339,6 +339,7 @@ impl Server {
         .with_registration_events(events.clone());
         let amqp_services = amqp_dispatch::AmqpServices {
             registrar: reporting("amqp"),
+            hub: hub.clone(),
             limits: muster_device_api::amqp::AmqpLimits {
                 open_timeout: limits.mqtt_connect_timeout,
                 auth_timeout: limits.mqtt_auth_timeout,
