@@ -51,7 +51,12 @@ pub(crate) fn body_bytes(body: &Body<Value>) -> Vec<u8> {
 
 /// The device id of an audience or token resource `[scheme://]{host}/devices/{deviceId}`
 /// when `{host}` is this hub.
+/// The SDKs pass the token's `sr` as it is in the token, percent-encoded (Node).
 pub(crate) fn audience_device(audience: &str, hub_host: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(audience)
+        .decode_utf8()
+        .ok()?;
+    let audience = decoded.as_ref();
     let rest = audience.split_once("://").map_or(audience, |(_, r)| r);
     let (host, path) = rest.split_once('/')?;
     if !strip_port(&host.to_ascii_lowercase()).eq_ignore_ascii_case(strip_port(hub_host)) {
@@ -62,10 +67,7 @@ pub(crate) fn audience_device(audience: &str, hub_host: &str) -> Option<String> 
     if !devices.eq_ignore_ascii_case("devices") || id.is_empty() || id.contains('/') {
         return None;
     }
-    let id = percent_encoding::percent_decode_str(id)
-        .decode_utf8()
-        .ok()?;
-    Some(id.into_owned())
+    Some(id.to_string())
 }
 
 /// Parses a put-token request.
@@ -167,6 +169,10 @@ mod tests {
         assert_eq!(
             audience_device("amqps://HUB.local:5671/devices/dev%231/", "hub.local"),
             Some("dev#1".into())
+        );
+        assert_eq!(
+            audience_device("hub.local%2Fdevices%2Fdev-1", "hub.local"),
+            Some("dev-1".into())
         );
         assert_eq!(audience_device("other/devices/dev-1", "hub.local"), None);
         assert_eq!(audience_device("hub.local/devices", "hub.local"), None);

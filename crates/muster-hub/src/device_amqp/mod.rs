@@ -525,7 +525,12 @@ pub async fn serve(opened: Opened, hub: HubRegistry, limits: AmqpLimits, pre_aut
                             break c;
                         }
                     }
-                    Err(reason) => break Closing { reason, error: None },
+                    Err(reason) => {
+                        // The device detached `$cbs` (fe2o3 answered the detach): the
+                        // connection goes on with the token it has.
+                        tracing::debug!("AMQP hub connection: {reason}");
+                        conn.cbs_rx = None;
+                    }
                 },
                 change = next_desired(&mut conn.connected) => conn.on_desired(change).await,
                 () = async {
