@@ -51,7 +51,9 @@ pub struct AmqpLimits {
     pub max_inflight: usize,
     /// Largest frame, and largest message, accepted (DPS allows 96 KB messages).
     pub max_message_size: u32,
-    /// A connection with no request for this long is closed.
+    /// A registration connection with no request for this long is closed; any connection
+    /// (registration or hub) that sends no frame at all for this long is closed too (the
+    /// AMQP idle timeout announced in the open).
     pub idle_timeout: Duration,
 }
 
@@ -74,13 +76,16 @@ const HEADER_SASL: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 /// The frame size fe2o3 negotiates; messages span frames, so this only bounds one frame.
 const MAX_FRAME_SIZE: u32 = 64 * 1024;
 
-/// The connection acceptor's settings, shared by both protocol headers.
+/// The connection acceptor's settings, shared by both protocol headers. The idle timeout is
+/// announced in our open (clients send empty frames at half of it) and enforced by fe2o3's
+/// transport: a connection that sends nothing for that long is closed.
 macro_rules! acceptor {
-    () => {
+    ($limits:expr) => {
         ConnectionAcceptor::builder()
             .container_id("muster")
             .max_frame_size(MAX_FRAME_SIZE)
             .channel_max(15u16)
+            .idle_time_out(u32::try_from($limits.idle_timeout.as_millis()).unwrap_or(u32::MAX))
     };
 }
 
@@ -148,13 +153,13 @@ where
     let sasl = sasl::RecordingSasl::default();
     let opening = async {
         let connection = match header {
-            HEADER_SASL => acceptor!()
+            HEADER_SASL => acceptor!(limits)
                 .sasl_acceptor(sasl.clone())
                 .build()
                 .accept(replay)
                 .await
                 .map_err(|e| OpenFailed::Open(e.to_string()))?,
-            HEADER_AMQP => acceptor!()
+            HEADER_AMQP => acceptor!(limits)
                 .build()
                 .accept(replay)
                 .await
