@@ -285,3 +285,35 @@ async fn cbs_authentication_telemetry_and_cloud_to_device_over_amqp() {
     let _ = device.connection.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_hub_connection_that_never_authenticates_is_closed_at_the_auth_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = muster_server::Server::start(muster_server::Config {
+        mqtt_auth_timeout_ms: 700,
+        ..common::config(dir.path(), "127.0.0.1")
+    })
+    .await
+    .unwrap();
+    let dps = Dps::new(&server.connection);
+    let amqp = server.amqp_addrs[0];
+    // Opens and attaches `$cbs` (a hub connection) but never puts a token.
+    let mut connection = Connection::builder()
+        .container_id("silent")
+        .hostname("127.0.0.1")
+        .open_with_stream(tls(&dps, amqp).await)
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let _cbs = Sender::attach(&mut session, "cbs-send", "$cbs")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.on_close())
+        .await
+        .expect("closed by the server");
+    assert!(
+        format!("{closed:?}").contains("not authenticated in time"),
+        "{closed:?}"
+    );
+    server.shutdown().await;
+}
