@@ -23,7 +23,7 @@
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`refusal_log`] — a debug line for every refused HTTPS request (status, code, check).
-//! - [`amqp_dispatch`] — one AMQP port (5671) for registration (the hub's later).
+//! - [`amqp_dispatch`] — one AMQP port (5671) for registration and the built-in hub's devices.
 //! - [`device_websocket`] — `/$iothub/websocket`: MQTT or AMQP by the offered subprotocol.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
@@ -125,7 +125,7 @@ pub struct Server {
     pub bind_set: BindSet,
     /// Where the plain-HTTP admin listener listens, when configured.
     pub admin_addr: Option<SocketAddr>,
-    /// Where the AMQP listeners listen (registration over AMQP 1.0).
+    /// Where the AMQP listeners listen (registration and hub devices over AMQP 1.0).
     pub amqp_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,

@@ -5,7 +5,7 @@
 //! is not a DPS registration.
 //!
 //! 1. **Authentication**, one device per connection, before any device link:
-//!    - CBS ([`cbs`]): a put-token on `$cbs` with the device's SAS token (audience
+//!    - CBS (`cbs.rs`): a put-token on `$cbs` with the device's SAS token (audience
 //!      `{host}/devices/{deviceId}`), checked exactly as the MQTT CONNECT checks its password
 //!      (`device_mqtt::connect`): the device must exist, be enabled and the token must be
 //!      valid for it. A renewed token (another put-token for the same device) moves the
@@ -20,7 +20,7 @@
 //!    device, closes the connection with `amqp:unauthorized-access`. A connection not
 //!    authenticated within [`AmqpLimits::auth_timeout`] is closed; authenticating releases
 //!    the listener's [`PreAuthHold`].
-//! 2. **Links** ([`links`]): telemetry, cloud-to-device messages, twin and direct methods,
+//! 2. **Links** (`links.rs`): telemetry, cloud-to-device messages, twin and direct methods,
 //!    at most one of each kind and [`MAX_LINKS`] in all. An unknown address (modules
 //!    included) closes the connection with `amqp:not-found`.
 //! 3. **Session state**: the connection registers in the same table as MQTT sessions (a new
