@@ -5,7 +5,8 @@
 //! Layout:
 //! - [`https`] — `PUT …/register`, `GET …/operations/{id}` (device-protocol.md §2).
 //! - [`mqtt`] — MQTT 3.1.1 sessions: CONNECT, SUBSCRIBE, register and poll publishes (§4).
-//! - [`amqp`] — AMQP 1.0: the protocol header and SASL, dispatch, the registration session (§5).
+//! - [`amqp`] — AMQP 1.0: the protocol header and SASL, dispatch, the registration session (§5);
+//!   the hub's AMQP session builds on [`amqp::Opened`] (`muster_hub::device_amqp`).
 //! - [`websocket`] — MQTT and AMQP over WebSocket at `/$iothub/websocket`: the byte stream
 //!   both are carried in.
 //! - [`pre_auth`] — the listener's slot a connection holds until it has authenticated.

@@ -2,7 +2,8 @@
 //! provisioning engine and the device endpoints) and as IoT Hub's service REST API (for
 //! Microsoft's `azure-iot-hub` Python `IoTHubRegistryManager`, Node `azure-iothub`
 //! `Registry`/`Client`, C# `RegistryManager` and the Azure CLI), service-api.md §9.2; and
-//! the device MQTT endpoint (§10): telemetry, twin, cloud-to-device messages, direct methods.
+//! the device endpoint (§10) over MQTT and AMQP: telemetry, twin, cloud-to-device messages,
+//! direct methods.
 //!
 //! Layout:
 //! - [`registry`] — [`HubRegistry`]: create/update/get/delete/list devices, get/patch/replace
@@ -17,7 +18,11 @@
 //!   what clients may send (`DeviceInput`, `TwinUpdate`).
 //! - [`properties`] — twin collections: validation, merge with `null` deletes, diffs,
 //!   `$metadata` and `$version`.
-//! - [`device_mqtt`] — one device's MQTT session ([`device_mqtt::serve_connection`]).
+//! - [`device_mqtt`] — one device's MQTT session ([`device_mqtt::serve_connection`]);
+//!   `device_mqtt::connect` also holds the device authentication both transports share.
+//! - [`device_amqp`] — one device's AMQP connection ([`device_amqp::serve`]): CBS, X.509 and
+//!   SASL PLAIN authentication (`cbs.rs`), and the telemetry, cloud-to-device, twin and
+//!   method links (`links.rs`), on the same session table and hub operations as MQTT.
 //! - [`telemetry`] — device-to-cloud messages: storage, retention, REST and Server-Sent Events
 //!   (Muster's equivalent of IoT Hub's Event Hubs endpoint).
 //! - [`c2d`] — cloud-to-device messages: per-device queue, REST send (Muster's extension;
@@ -56,6 +61,7 @@
 pub mod auth;
 pub mod bulk;
 pub mod c2d;
+pub mod device_amqp;
 pub mod device_mqtt;
 mod devices;
 mod endpoint;

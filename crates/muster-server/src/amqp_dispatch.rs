@@ -1,8 +1,8 @@
 //! Device AMQP on one port (5671, and `AMQPWSB10` on `/$iothub/websocket`): the connection is
 //! opened up to its first link (`muster_device_api::amqp::open`), then the SASL identity or
 //! that link's address decides who serves it (`muster_device_api::amqp::dispatch`): the
-//! registration session, or the built-in hub once it speaks AMQP (until then such a
-//! connection is closed with `amqp:not-implemented`).
+//! registration session, or the built-in hub's device session (`muster_hub::device_amqp`:
+//! CBS, X.509 or SASL PLAIN, then telemetry, cloud-to-device, twin and method links).
 
 use std::sync::Arc;
 
@@ -16,11 +16,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 #[derive(Clone)]
 pub struct AmqpServices {
     pub registrar: Arc<dyn DeviceRegistrar>,
+    pub hub: muster_hub::HubRegistry,
     pub limits: AmqpLimits,
 }
 
 /// Serves one AMQP connection. `pre_auth` is let go once the device authenticated (by the
-/// registration session).
+/// registration session, or by the hub session).
 pub async fn serve<S>(
     stream: S,
     services: AmqpServices,
@@ -42,11 +43,7 @@ pub async fn serve<S>(
             registration::serve(opened, services.registrar, services.limits, pre_auth).await
         }
         Destination::Hub => {
-            amqp::refuse(
-                opened,
-                "the built-in hub does not accept AMQP yet: connect devices to it over MQTT",
-            )
-            .await
+            muster_hub::device_amqp::serve(opened, services.hub, services.limits, pre_auth).await
         }
     }
 }

@@ -23,7 +23,7 @@
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
 //! - [`refusal_log`] — a debug line for every refused HTTPS request (status, code, check).
-//! - [`amqp_dispatch`] — one AMQP port (5671) for registration (the hub's later).
+//! - [`amqp_dispatch`] — one AMQP port (5671) for registration and the built-in hub's devices.
 //! - [`device_websocket`] — `/$iothub/websocket`: MQTT or AMQP by the offered subprotocol.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
 //! - [`unread_body`] — `Connection: close` when a request's body was left unread (an early
@@ -128,7 +128,7 @@ pub struct Server {
     pub bind_set: BindSet,
     /// Where the plain-HTTP admin listener listens, when configured.
     pub admin_addr: Option<SocketAddr>,
-    /// Where the AMQP listeners listen (registration over AMQP 1.0).
+    /// Where the AMQP listeners listen (registration and hub devices over AMQP 1.0).
     pub amqp_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -342,6 +342,7 @@ impl Server {
         .with_registration_events(events.clone());
         let amqp_services = amqp_dispatch::AmqpServices {
             registrar: reporting("amqp"),
+            hub: hub.clone(),
             limits: muster_device_api::amqp::AmqpLimits {
                 open_timeout: limits.mqtt_connect_timeout,
                 auth_timeout: limits.mqtt_auth_timeout,

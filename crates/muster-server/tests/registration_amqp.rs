@@ -22,7 +22,7 @@ use muster_server::config::Config;
 use muster_server::Server;
 use reqwest::Method;
 use serde_json::{json, Value as Json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_rustls::client::TlsStream;
 
 async fn tls(dps: &Dps, addr: std::net::SocketAddr) -> TlsStream<tokio::net::TcpStream> {
@@ -307,16 +307,46 @@ async fn a_link_for_another_device_or_no_sasl_without_a_certificate_is_refused()
     let err = closed.unwrap_err();
     assert!(format!("{err:?}").contains("UnauthorizedAccess"), "{err:?}");
 
-    // Plain AMQP (no SASL) without a client certificate: the server answers with the SASL
-    // header (authentication required) and closes.
-    let mut stream = tls(&dps, amqp).await;
-    stream.write_all(b"AMQP\x00\x01\x00\x00").await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+    // Plain AMQP (no SASL) without a client certificate opens (hub devices authenticate
+    // with a CBS token later), but a registration without any credential is refused.
+    let mut connection = Connection::builder()
+        .container_id("no-credential")
+        .hostname("127.0.0.1")
+        .open_with_stream(tls(&dps, amqp).await)
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let address = format!("{scope}/registrations/dev-a");
+    let mut sender = Sender::attach(&mut session, "send", address.as_str())
+        .await
+        .unwrap();
+    let _receiver = Receiver::attach(&mut session, "recv", address.as_str())
+        .await
+        .unwrap();
+    let mut properties = ApplicationProperties::default();
+    properties.0.insert(
+        "iotdps-operation-type".into(),
+        SimpleValue::String("iotdps-register".into()),
+    );
+    let request = Message::builder()
+        .application_properties(properties)
+        .data(Binary::from(br#"{"registrationId":"dev-a"}"#.to_vec()))
+        .build();
+    let outcome = sender.send(request).await;
+    let rejected = match outcome {
+        Ok(Outcome::Rejected(r)) => r,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    let body = dps_error(rejected.error.as_ref().unwrap());
+    assert_eq!(body["errorCode"], 401000, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("no credentials"),
+        "{body}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), connection.on_close())
         .await
         .expect("closed in time")
         .ok();
-    assert_eq!(answer, b"AMQP\x03\x01\x00\x00");
     server.shutdown().await;
 }
 

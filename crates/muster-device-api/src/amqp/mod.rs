@@ -4,12 +4,15 @@
 //! connection may do and hands its messages to the registration engine.
 //!
 //! Layout:
-//! - this file — [`open`]: the protocol header (SASL, or none at all for X.509 devices, on the
-//!   same port), the connection's open, its session and its first link, within
-//!   [`AmqpLimits::open_timeout`];
-//! - [`sasl`] — the SASL mechanisms offered (`PLAIN`, `ANONYMOUS`) and what the device presented;
+//! - this file — [`open`]: the protocol header (SASL, or none at all, on the same port: X.509
+//!   devices, and hub devices that authenticate with a CBS put-token, skip SASL), the
+//!   connection's open, its session and its first link, within [`AmqpLimits::open_timeout`];
+//! - [`sasl`] — the SASL mechanisms offered (`PLAIN`, `ANONYMOUS`, `EXTERNAL`) and what the
+//!   device presented;
 //! - [`address`] — `[amqps://host/]{idScope}/registrations/{registrationId}`;
-//! - [`dispatch`] — which service a connection is for (the SASL identity, else the first link);
+//! - [`dispatch`] — which service a connection is for (the SASL identity, else the first link):
+//!   the registration session here, or the built-in hub's device session
+//!   (`muster_hub::device_amqp`, which builds on [`Opened`]);
 //! - [`registration`] — the DPS session: links, register / poll requests, replies and errors.
 //!
 //! A connection that is not AMQP, that needs SASL mechanisms we don't offer, or that is too
@@ -48,7 +51,9 @@ pub struct AmqpLimits {
     pub max_inflight: usize,
     /// Largest frame, and largest message, accepted (DPS allows 96 KB messages).
     pub max_message_size: u32,
-    /// A connection with no request for this long is closed.
+    /// A registration connection with no request for this long is closed; any connection
+    /// (registration or hub) that sends no frame at all for this long is closed too (the
+    /// AMQP idle timeout announced in the open).
     pub idle_timeout: Duration,
 }
 
@@ -71,13 +76,16 @@ const HEADER_SASL: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 /// The frame size fe2o3 negotiates; messages span frames, so this only bounds one frame.
 const MAX_FRAME_SIZE: u32 = 64 * 1024;
 
-/// The connection acceptor's settings, shared by both protocol headers.
+/// The connection acceptor's settings, shared by both protocol headers. The idle timeout is
+/// announced in our open (clients send empty frames at half of it) and enforced by fe2o3's
+/// transport: a connection that sends nothing for that long is closed.
 macro_rules! acceptor {
-    () => {
+    ($limits:expr) => {
         ConnectionAcceptor::builder()
             .container_id("muster")
             .max_frame_size(MAX_FRAME_SIZE)
             .channel_max(15u16)
+            .idle_time_out(u32::try_from($limits.idle_timeout.as_millis()).unwrap_or(u32::MAX))
     };
 }
 
@@ -114,8 +122,6 @@ pub enum OpenFailed {
     NoHeader,
     #[error("not an AMQP 1.0 protocol header: {0:?}")]
     NotAmqp([u8; 8]),
-    #[error("no SASL layer and no TLS client certificate")]
-    Unauthenticated,
     #[error("the connection did not open in time")]
     TimedOut,
     #[error("the connection failed to open: {0}")]
@@ -124,9 +130,11 @@ pub enum OpenFailed {
     Ended,
 }
 
-/// Reads the protocol header, runs SASL when the device asked for it (SAS devices) or
-/// requires a TLS client certificate when it did not (X.509 devices), then waits for the
-/// open, the first session and its first attach, all before `limits.open_timeout`.
+/// Reads the protocol header, runs SASL when the device asked for it (DPS SAS devices), then
+/// waits for the open, the first session and its first attach, all before
+/// `limits.open_timeout`. A connection without SASL is not refused here: it authenticates
+/// later, with its TLS client certificate or (on the hub) a CBS token, and the session it is
+/// handed to refuses it otherwise.
 pub async fn open<S>(
     mut stream: S,
     client_certs: Vec<Vec<u8>>,
@@ -145,24 +153,17 @@ where
     let sasl = sasl::RecordingSasl::default();
     let opening = async {
         let connection = match header {
-            HEADER_SASL => acceptor!()
+            HEADER_SASL => acceptor!(limits)
                 .sasl_acceptor(sasl.clone())
                 .build()
                 .accept(replay)
                 .await
                 .map_err(|e| OpenFailed::Open(e.to_string()))?,
-            HEADER_AMQP if !client_certs.is_empty() => acceptor!()
+            HEADER_AMQP => acceptor!(limits)
                 .build()
                 .accept(replay)
                 .await
                 .map_err(|e| OpenFailed::Open(e.to_string()))?,
-            HEADER_AMQP => {
-                // Answer with the SASL header: the device learns authentication is required.
-                let mut stream = replay;
-                let _ = stream.write_all(&HEADER_SASL).await;
-                let _ = stream.shutdown().await;
-                return Err(OpenFailed::Unauthenticated);
-            }
             other => {
                 let mut stream = replay;
                 let _ = stream.write_all(&HEADER_AMQP).await;
@@ -208,20 +209,4 @@ pub fn link_address(attach: &Attach) -> Option<&str> {
         },
         Role::Receiver => attach.source.as_ref().and_then(|s| s.address.as_deref()),
     }
-}
-
-/// Closes a connection no service here serves yet, saying why (`amqp:not-implemented`).
-pub async fn refuse(opened: Opened, reason: &str) {
-    let Opened {
-        mut connection,
-        session,
-        ..
-    } = opened;
-    drop(session);
-    let error = fe2o3_amqp::types::definitions::Error::new(
-        fe2o3_amqp::types::definitions::AmqpError::NotImplemented,
-        reason.to_string(),
-        None,
-    );
-    let _ = connection.close_with_error(error).await;
 }

@@ -10,9 +10,11 @@ use fe2o3_amqp::types::primitives::{Array, Symbol};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 
 /// `PLAIN`: SAS tokens. `ANONYMOUS`: clients that authenticate otherwise (their TLS client
-/// certificate, or later a CBS token on the hub).
+/// certificate, or a CBS token on the hub). `EXTERNAL`: the TLS client certificate (the C
+/// SDK's X.509 devices); checked by the session, like a certificate without SASL.
 const PLAIN: &str = "PLAIN";
 const ANONYMOUS: &str = "ANONYMOUS";
+const EXTERNAL: &str = "EXTERNAL";
 
 /// What the device presented in SASL.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -21,6 +23,8 @@ pub enum SaslIdentity {
     #[default]
     None,
     Anonymous,
+    /// `EXTERNAL`: the identity is the TLS client certificate.
+    External,
     /// `authcid` (`{idScope}/registrations/{registrationId}` for DPS) and the password (a SAS
     /// token).
     Plain {
@@ -35,6 +39,7 @@ impl std::fmt::Debug for SaslIdentity {
         match self {
             SaslIdentity::None => f.write_str("None"),
             SaslIdentity::Anonymous => f.write_str("Anonymous"),
+            SaslIdentity::External => f.write_str("External"),
             SaslIdentity::Plain { authcid, .. } => write!(f, "Plain({authcid:?}, ..)"),
         }
     }
@@ -80,7 +85,11 @@ fn parse_plain(response: &[u8]) -> Option<(String, String)> {
 
 impl SaslAcceptor for RecordingSasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from(PLAIN), Symbol::from(ANONYMOUS)])
+        Array::from(vec![
+            Symbol::from(PLAIN),
+            Symbol::from(ANONYMOUS),
+            Symbol::from(EXTERNAL),
+        ])
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
@@ -97,6 +106,10 @@ impl SaslAcceptor for RecordingSasl {
             }
             ANONYMOUS => {
                 self.record(SaslIdentity::Anonymous);
+                outcome(SaslCode::Ok)
+            }
+            EXTERNAL => {
+                self.record(SaslIdentity::External);
                 outcome(SaslCode::Ok)
             }
             // TPM and anything else: not offered.

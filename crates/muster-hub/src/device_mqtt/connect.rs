@@ -99,7 +99,48 @@ pub(crate) async fn authenticate(
         ));
     }
     validate_device_id(&device_id).map_err(|e| refuse(BadClientId, e.message))?;
-    let device = match hub.get_device(&device_id).await {
+    let credential = if !login.password.is_empty() {
+        // A password that is not a SAS token is a bad credential like a bad signature:
+        // IoT Hub answers both with 5.
+        let token = SasToken::parse(&login.password)
+            .map_err(|e| refuse(NotAuthorized, format!("password: {e}")))?;
+        DeviceCredential::Sas(token)
+    } else if let Some(leaf) = client_certs.first() {
+        DeviceCredential::Certificate(leaf)
+    } else {
+        return Err(refuse(
+            BadUserNamePassword,
+            "neither a SAS token (password) nor a client certificate",
+        ));
+    };
+    let (device_id, token_expiry) = authenticate_device(hub, &device_id, credential).await?;
+    Ok(Identity {
+        device_id,
+        token_expiry,
+        username,
+    })
+}
+
+/// What a device presented to prove who it is.
+pub(crate) enum DeviceCredential<'a> {
+    /// A SAS token (the MQTT password, or an AMQP CBS put-token).
+    Sas(SasToken),
+    /// The TLS client certificate (leaf, DER).
+    Certificate(&'a [u8]),
+}
+
+/// Checks that `device_id` is registered, enabled and proves itself with `credential` (the
+/// table above, from "unknown device" on). Shared by the MQTT CONNECT and AMQP (CBS or
+/// X.509) endpoints. Returns the device id as registered and, for a SAS token, its expiry.
+pub(crate) async fn authenticate_device(
+    hub: &HubRegistry,
+    device_id: &str,
+    credential: DeviceCredential<'_>,
+) -> Result<(String, Option<i64>), Refusal> {
+    use ConnectReturnCode::*;
+    validate_device_id(device_id).map_err(|e| refuse(BadClientId, e.message))?;
+    let hub_host = strip_port(&hub.host_name().to_ascii_lowercase()).to_string();
+    let device = match hub.get_device(device_id).await {
         Ok(d) => d,
         Err(e) if e.code == HubErrorCode::DeviceNotFound => {
             return Err(refuse(
@@ -116,27 +157,17 @@ pub(crate) async fn authenticate(
         ));
     }
     let now = hub.clock().now().unix_seconds();
-    let token_expiry = if !login.password.is_empty() {
-        // A password that is not a SAS token is a bad credential like a bad signature:
-        // IoT Hub answers both with 5.
-        let token = SasToken::parse(&login.password)
-            .map_err(|e| refuse(NotAuthorized, format!("password: {e}")))?;
-        verify_sas(hub, &hub_host, &device, &token, now)?;
-        Some(token.expiry)
-    } else if let Some(leaf) = client_certs.first() {
-        verify_certificate(&device, leaf)?;
-        None
-    } else {
-        return Err(refuse(
-            BadUserNamePassword,
-            "neither a SAS token (password) nor a client certificate",
-        ));
+    let token_expiry = match credential {
+        DeviceCredential::Sas(token) => {
+            verify_sas(hub, &hub_host, &device, &token, now)?;
+            Some(token.expiry)
+        }
+        DeviceCredential::Certificate(leaf) => {
+            verify_certificate(&device, leaf)?;
+            None
+        }
     };
-    Ok(Identity {
-        device_id: device.device_id,
-        token_expiry,
-        username,
-    })
+    Ok((device.device_id, token_expiry))
 }
 
 fn verify_sas(
