@@ -13,8 +13,9 @@
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations).
+//! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database.
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
-//!   must pass.
+//!   must pass; with `postgres` too, `test_cluster` starts a throwaway PostgreSQL.
 //!
 //! Guarantees every implementation must keep:
 //! - a write is durable before the call returns;
@@ -32,10 +33,16 @@ use serde_json::Value;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod records;
 pub mod sealing;
 pub mod sqlite;
+#[cfg(all(feature = "conformance", feature = "postgres"))]
+pub mod test_cluster;
 
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The kinds of record Muster keeps.
@@ -301,6 +308,8 @@ pub enum Unavailability {
     Io,
     /// The database file (or its WAL) cannot be opened.
     CannotOpen,
+    /// The database server cannot be reached, refuses connections now or is shutting down.
+    Unreachable,
 }
 
 impl std::fmt::Display for Unavailability {
@@ -311,6 +320,7 @@ impl std::fmt::Display for Unavailability {
             Unavailability::ReadOnly => "the database is read-only",
             Unavailability::Io => "the disk reported an I/O error",
             Unavailability::CannotOpen => "the database file cannot be opened",
+            Unavailability::Unreachable => "the database server cannot be reached",
         })
     }
 }
