@@ -36,7 +36,7 @@ async fn postgres_store() {
     conformance(&cluster, &key).await;
     migrations_run_once_under_the_lock(&cluster, &key).await;
     refuses_a_newer_schema(&cluster, &key).await;
-    refuses_another_or_a_missing_sealing_key(&cluster, &keys.path().to_path_buf()).await;
+    refuses_another_or_a_missing_sealing_key(&cluster, keys.path()).await;
     import_keeps_etags_and_moves_the_sequence(&cluster, &key).await;
     tls_from_the_url(&cluster, &key).await;
     read_only_database_is_unavailable(&cluster, &key).await;
@@ -132,7 +132,7 @@ async fn refuses_a_newer_schema(cluster: &PgCluster, key: &std::path::Path) {
         "INSERT INTO muster_schema_migrations (version) VALUES (999)",
     )
     .await;
-    let err = PostgresStore::open(&url, key).await.err().expect("refused");
+    let err = PostgresStore::open(&url, key).await.expect_err("refused");
     let text = err.to_string();
     assert!(
         text.contains("schema version 999") && text.contains("newer Muster"),
@@ -140,7 +140,7 @@ async fn refuses_a_newer_schema(cluster: &PgCluster, key: &std::path::Path) {
     );
 }
 
-async fn refuses_another_or_a_missing_sealing_key(cluster: &PgCluster, keys: &PathBuf) {
+async fn refuses_another_or_a_missing_sealing_key(cluster: &PgCluster, keys: &std::path::Path) {
     let url = cluster.create_database("sealed_by_one").await;
     let own = keys.join("own.key");
     let store = open(&url, &own).await;
@@ -159,8 +159,7 @@ async fn refuses_another_or_a_missing_sealing_key(cluster: &PgCluster, keys: &Pa
     muster_store::sealing::Sealer::create(&other).expect("other key");
     let err = PostgresStore::open(&url, &other)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         matches!(err, StoreError::SealingKeyMismatch { .. }),
         "{err:?}"
@@ -169,8 +168,7 @@ async fn refuses_another_or_a_missing_sealing_key(cluster: &PgCluster, keys: &Pa
 
     let err = PostgresStore::open(&url, &keys.join("missing.key"))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         matches!(err, StoreError::SealingKeyMissing { .. }),
         "{err:?}"
@@ -251,8 +249,7 @@ async fn import_keeps_etags_and_moves_the_sequence(cluster: &PgCluster, key: &st
     let err = store
         .import(Collection::HubDevices, &records)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("hub/dev0"), "{err}");
     assert_eq!(
         store
@@ -298,8 +295,7 @@ async fn tls_from_the_url(cluster: &PgCluster, key: &std::path::Path) {
         key,
     )
     .await
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(
         err.is_unavailable() || matches!(err, StoreError::Backend(_)),
         "{err:?}"
@@ -363,8 +359,7 @@ async fn outage_is_unavailable(cluster: &PgCluster, key: &std::path::Path) {
     let err = store
         .get(Collection::Enrollments, "x")
         .await
-        .err()
-        .expect("no server");
+        .expect_err("no server");
     assert!(
         matches!(
             err,
@@ -383,13 +378,11 @@ async fn outage_is_unavailable(cluster: &PgCluster, key: &std::path::Path) {
             json!({}),
         )])
         .await
-        .err()
-        .expect("no server");
+        .expect_err("no server");
     assert!(err.is_unavailable(), "{err:?}");
     let err = PostgresStore::open(&url, key)
         .await
-        .err()
-        .expect("no server");
+        .expect_err("no server");
     assert!(err.is_unavailable(), "{err:?}");
 }
 

@@ -264,7 +264,7 @@ mod tests {
             .unwrap();
         assert!(err.to_string().contains("sslmode=sometimes"), "{err}");
         assert!(!err.to_string().contains("pw"), "{err}");
-        let err = parse("mysql://u@h/d").err().unwrap();
+        let err = parse("mysql://u@h/d").err().expect("refused");
         assert!(err.to_string().contains("postgres://"), "{err}");
         let err = parse("postgres://u@h/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
             .err()
