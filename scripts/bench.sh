@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite of issue #8, from a fresh clone: builds `muster`, starts `muster serve` on
 # a loopback address with a fresh data dir and one symmetric-key enrollment group, then
-#   1. the load generator in each mode (https-fresh, https-keepalive, mqtt-fresh): a warm-up,
+#   1. the load generator in each mode (https-fresh, https-keepalive, mqtt-fresh, amqp-fresh): a warm-up,
 #      then the measured run, with the server's CPU time and memory;
 #   2. the TLS reference (handshake + fixed answer only) with the same connection behaviour,
 #      so registration rates can be read as a fraction of it;
@@ -94,7 +94,7 @@ wait_port() {
 start_server() {
   rm -f "$data/connection.json"
   "$bin" serve --data-dir "$data" --dps-host "$host" --https-port "$https_port" \
-    --mqtt-port "$mqtt_port" >>"$work/server.log" 2>&1 &
+    --mqtt-port "$mqtt_port" --amqp-port 0 >>"$work/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 300); do
     [[ -f "$data/connection.json" ]] && return 0
@@ -128,7 +128,7 @@ key=$("$bin" enrollment-group create --data-dir "$data" --group-id bench --show-
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])')
 export MUSTER_GROUP_KEY="$key"
 
-for mode in https-fresh https-keepalive mqtt-fresh; do
+for mode in https-fresh https-keepalive mqtt-fresh amqp-fresh; do
   step "$mode: warm-up ($warmup), then $count devices, concurrency $conc"
   "$bin" bench register --data-dir "$data" --mode "$mode" --prefix "warm-$mode-" \
     --count "$warmup" --concurrency "$conc" --json >/dev/null
@@ -212,7 +212,7 @@ summary = {"smoke": smoke, "machine": {"cpus": os.cpu_count(), "kernel": platfor
 ref = {m: runs.get(f"reference-{m}", {}).get("throughput_per_sec") for m in ("https-fresh", "https-keepalive")}
 print("\n%-26s %13s %9s %8s %8s %8s %8s %10s %9s" % (
     "run", "assigned", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU ms/dev", "peak MiB"))
-for name in ("https-fresh", "https-keepalive", "mqtt-fresh", "reference-https-fresh",
+for name in ("https-fresh", "https-keepalive", "mqtt-fresh", "amqp-fresh", "reference-https-fresh",
              "reference-https-keepalive", "https-keepalive-half-rate"):
     r = runs.get(name)
     if not r:

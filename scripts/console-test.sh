@@ -52,7 +52,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" serve --data-dir "$DATA" --dps-host "$HOST" --https-port 0 --mqtt-port 0 >"$LOG" 2>&1 &
+"$BIN" serve --data-dir "$DATA" --dps-host "$HOST" --https-port 0 --mqtt-port 0 --amqp-port 0 >"$LOG" 2>&1 &
 server_pid=$!
 
 # Wait (up to 60 s) for connection.json: it is written once every listener is bound.

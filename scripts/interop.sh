@@ -7,7 +7,7 @@
 # Usage: scripts/interop.sh [--python-only | --node-only] [--no-build] [-- PYTEST_ARGS...]
 #
 #   --python-only   run only the pytest suites
-#   --node-only     run only the node:test suites (service, device, tutorial, x509, registration, hub .test.js)
+#   --node-only     run only the node:test suites (service, device, tutorial, x509, registration, hub, amqp .test.js)
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
 #
@@ -86,7 +86,8 @@ if [[ $run_node -eq 1 ]]; then
   fi
   for pkg in azure-iot-provisioning-service azure-iot-provisioning-device azure-iot-provisioning-device-http \
              azure-iot-provisioning-device-mqtt azure-iot-security-symmetric-key azure-iot-security-x509 \
-             azure-iot-device azure-iot-device-mqtt azure-iothub; do
+             azure-iot-provisioning-device-amqp azure-iot-amqp-base \
+             azure-iot-device azure-iot-device-mqtt azure-iot-device-amqp azure-iot-device-http azure-iothub; do
     node -e "console.log('$pkg ' + require('$NODE_DIR/node_modules/$pkg/package.json').version)"
   done
 fi
@@ -128,11 +129,11 @@ if [[ $run_python -eq 1 ]]; then
 fi
 
 if [[ $run_node -eq 1 ]]; then
-  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1, azure-iot-security-x509 1.7.12), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
+  section "Node: azure-iot-provisioning-service 1.11.2, azure-iot-provisioning-device 1.9.1 (+ -http 1.9.1, -mqtt 1.8.1, -amqp 1.9.1, azure-iot-security-x509 1.7.12), azure-iot-device 1.18.4 (+ -mqtt 1.16.4), azure-iothub 1.16.6 (node --test)"
   # NODE_EXTRA_CA_CERTS is read only when node starts, so the server is started
   # first (by muster_server.py) and node is launched with the CA in its env.
   # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js,
-  # tutorial.test.js, x509.test.js, registration.test.js, hub.test.js), all against that one server.
+  # tutorial.test.js, x509.test.js, registration.test.js, hub.test.js, amqp.test.js), all against that one server.
   shopt -s nullglob
   node_tests=("$NODE_DIR"/*.test.js)
   shopt -u nullglob

@@ -43,7 +43,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 "$bin" serve --data-dir "$work/server" --dps-host "$host" --https-port "$https_port" \
-  --mqtt-port "$mqtt_port" >"$work/server.log" 2>&1 &
+  --mqtt-port "$mqtt_port" --amqp-port 0 >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 300); do
   [[ -f "$work/server/connection.json" ]] && break

@@ -138,13 +138,22 @@ test("compute the device key from the group key", async () => {
   await screenshot("device-key");
 });
 
-test("register a device with the CLI and see it on the group's registration records", async () => {
+test("register a device with the CLI, watch it arrive live and see it on the group's registration records", async () => {
+  // The overview's live view is subscribed before the device registers.
+  await page.goto(base);
+  await page.locator("#live-status", { hasText: "Live." }).waitFor();
   const out = execFileSync(
     process.env.MUSTER_BIN,
     ["device", "register", "--registration-id", deviceId, "--key", deviceKey, "--data-dir", process.env.MUSTER_DATA_DIR],
     { encoding: "utf8" },
   );
   assert.match(out, /assigned/);
+  const live = page.locator("#live-registrations tbody tr", { hasText: deviceId });
+  await live.waitFor();
+  const liveCells = await live.locator("td").allTextContents();
+  assert.equal(liveCells[2], "assigned");
+  assert.equal(liveCells[3], builtInHub);
+  await screenshot("live-registrations");
   await page.goto(`${base}/enrollments/groups/${groupId}`);
   await page.getByRole("link", { name: "Registration records" }).last().click();
   const row = page.locator("#registrations tbody tr", { hasText: deviceId });
@@ -200,6 +209,17 @@ test("disable the group, then delete it with its records", async () => {
   assert.equal(await page.getByRole("link", { name: groupId }).count(), 0);
   assert.equal(await page.locator("p.error").count(), 0);
   await screenshot("group-deleted");
+});
+
+test("the audit log shows the console's writes", async () => {
+  await page.getByRole("link", { name: "Audit log" }).click();
+  await page.getByLabel("Affected id").fill(groupId);
+  await page.getByRole("button", { name: "Filter" }).click();
+  const row = page.locator("#audit-entries tbody tr", { hasText: "DELETE" });
+  await row.waitFor();
+  const cells = await row.locator("th, td").allTextContents();
+  assert.deepEqual(cells.slice(1, 8), [owner.SharedAccessKeyName, "console", "DELETE", "/enrollmentGroups/{id}", groupId, "204", ""]);
+  await screenshot("audit-log");
 });
 
 test("sign out", async () => {

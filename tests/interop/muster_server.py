@@ -47,6 +47,7 @@ DEFAULT_BIN = REPO_ROOT / "target" / "debug" / "muster"
 DEFAULT_DPS_HOST = "127.0.0.2"
 HTTPS_PORT = 443
 MQTT_PORT = 8883
+AMQP_PORT = 5671
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 15.0
 
@@ -135,6 +136,7 @@ class MusterServer:
             "--dps-host", self.host,
             "--https-port", str(HTTPS_PORT),
             "--mqtt-port", str(MQTT_PORT),
+            "--amqp-port", str(AMQP_PORT),
         ]
         # Everything the server needs is on its command line: drop MUSTER_* variables
         # (the server reads e.g. MUSTER_CONFIG, MUSTER_TLS_CERT) so a developer's

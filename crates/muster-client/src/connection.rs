@@ -17,15 +17,35 @@ pub struct ConnectionFile {
     pub https_port: u16,
     #[serde(default)]
     pub mqtt_port: u16,
+    /// 0 when the server wrote no AMQP port.
+    #[serde(default)]
+    pub amqp_port: u16,
     /// `host` or `host:port` of the device API.
     pub device_endpoint: String,
     #[serde(default)]
     pub service_endpoint: String,
     pub service_connection_string: String,
-    /// PEM file clients must trust.
-    pub ca_certificate: PathBuf,
+    /// PEM file of the local CA clients must trust; `None` when the server presents a
+    /// certificate given with `--tls-cert`, whose issuer the system roots (or a CA file the
+    /// user passes) must vouch for.
+    #[serde(default)]
+    pub ca_certificate: Option<PathBuf>,
+    /// The `--tls-cert` certificate's subject and issuer, when the server has one.
+    #[serde(default)]
+    pub tls_certificate: Option<ConnectionTlsCertificate>,
     #[serde(default)]
     pub hubs: Vec<ConnectionHub>,
+}
+
+/// A server certificate given with `--tls-cert`, as `connection.json` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionTlsCertificate {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub issuer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

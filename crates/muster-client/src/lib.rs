@@ -15,7 +15,8 @@
 //!   ([`HubClient::telemetry_stream`]).
 //! - [`HubDeviceConnection`] — a device's MQTT connection to a hub, to send telemetry.
 //! - [`ConnectionFile`] — `DATA_DIR/connection.json` as `muster serve` writes it.
-//! - [`tls`] — building a `reqwest::Client` / rustls config that trusts a CA PEM file.
+//! - [`tls`] — building a `reqwest::Client` / rustls config that trusts the system roots and,
+//!   when given, a CA PEM file.
 //!
 //! Errors ([`Error`]) carry the DPS `errorCode` and message (or the hub's error code), never a
 //! key.
@@ -30,12 +31,12 @@ pub mod service;
 pub mod telemetry;
 pub mod tls;
 
-pub use connection::{ConnectionFile, ConnectionHub};
+pub use connection::{ConnectionFile, ConnectionHub, ConnectionTlsCertificate};
 pub use device::{DeviceClient, DeviceKey, RegisterOptions, Registration, RetryPolicy, Transport};
 pub use error::{Error, Result};
 pub use hub::HubClient;
 pub use hub_device::HubDeviceConnection;
-pub use service::{EnrollmentKind, Pager, ServiceClient};
+pub use service::{AuditQuery, EnrollmentKind, Pager, ServiceClient};
 pub use telemetry::{TelemetryEvent, TelemetryMessage, TelemetryStream};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use muster_proto::audit::AuditEntry;
 use muster_proto::linked_hub::{LinkedHubInfo, LinkedHubRequest};
 use muster_proto::query::{HEADER_CONTINUATION, HEADER_MAX_ITEM_COUNT};
 use muster_proto::{
@@ -80,6 +81,9 @@ pub struct ServiceClient {
     resource: String,
     key_name: String,
     key: Vec<u8>,
+    /// Sent as `User-Agent` when set (the CLI says `muster-cli/{version}`, which the audit
+    /// log records as its source).
+    user_agent: Option<String>,
 }
 
 impl std::fmt::Debug for ServiceClient {
@@ -180,6 +184,7 @@ impl ServiceClient {
             resource: cs.host_name,
             key_name: cs.key_name,
             key,
+            user_agent: None,
         })
     }
 
@@ -187,6 +192,12 @@ impl ServiceClient {
     /// string's host; tokens still name the connection string's host.
     pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
         self.base_url = base_url.into().trim_end_matches('/').to_string();
+        self
+    }
+
+    /// Names the program in `User-Agent` on every request.
+    pub fn with_user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        self.user_agent = Some(user_agent.into());
         self
     }
 
@@ -206,10 +217,19 @@ impl ServiceClient {
 
     /// A request with a fresh token and the api-version.
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let url = format!("{}{path}?api-version={SERVICE_API_VERSION}", self.base_url);
-        self.http
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{path}{sep}api-version={SERVICE_API_VERSION}",
+            self.base_url
+        );
+        let req = self
+            .http
             .request(method, url)
-            .header("authorization", self.token())
+            .header("authorization", self.token());
+        match &self.user_agent {
+            Some(ua) => req.header(reqwest::header::USER_AGENT, ua.as_str()),
+            None => req,
+        }
     }
 
     async fn send(&self, what: &str, req: RequestBuilder) -> Result<Response> {
@@ -471,6 +491,49 @@ impl ServiceClient {
         read_json("put linked hub", resp).await
     }
 
+    // ---- audit log (Muster extension) ----
+
+    /// `GET /audit`: one page of audit entries matching `filter`, oldest first, and the
+    /// continuation token of the next page, if any.
+    pub async fn audit_page(
+        &self,
+        filter: &AuditQuery,
+        continuation: Option<&str>,
+    ) -> Result<(Vec<AuditEntry>, Option<String>)> {
+        let mut query = Vec::new();
+        for (name, value) in [
+            ("from", filter.from.as_deref()),
+            ("to", filter.to.as_deref()),
+            ("policy", filter.policy.as_deref()),
+            ("id", filter.id.as_deref()),
+        ] {
+            if let Some(v) = value {
+                query.push(format!("{name}={}", segment(v)));
+            }
+        }
+        let path = if query.is_empty() {
+            "/audit".to_string()
+        } else {
+            format!("/audit?{}", query.join("&"))
+        };
+        let mut req = self.request(Method::GET, &path);
+        if let Some(n) = filter.page_size {
+            req = req.header(HEADER_MAX_ITEM_COUNT, n.to_string());
+        }
+        if let Some(c) = continuation {
+            req = req.header(HEADER_CONTINUATION, c);
+        }
+        let resp = self.send("list audit entries", req).await?;
+        let next = resp
+            .headers()
+            .get(HEADER_CONTINUATION)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string);
+        let entries = read_json("list audit entries", resp).await?;
+        Ok((entries, next))
+    }
+
     /// `DELETE /linkedHubs/{hostName}`.
     pub async fn delete_linked_hub(&self, host_name: &str) -> Result<()> {
         let path = format!("/linkedHubs/{}", segment(host_name));
@@ -478,6 +541,16 @@ impl ServiceClient {
             .await?;
         Ok(())
     }
+}
+
+/// Which audit entries [`ServiceClient::audit_page`] asks for; times are RFC 3339.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub policy: Option<String>,
+    pub id: Option<String>,
+    pub page_size: Option<u32>,
 }
 
 fn quote_etag(etag: &str) -> String {

@@ -1,44 +1,42 @@
-//! TLS for the clients: trust a CA PEM file (Muster's local CA), or the system roots.
+//! TLS for the clients: trust the system roots, plus a CA PEM file when given (Muster's
+//! local CA, or a private CA that issued the server's certificate).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
-/// Root certificates: the certificates of `ca_pem` when given, else the system's roots.
+/// Root certificates: the system's roots, and the certificates of `ca_pem` when given (a
+/// server with a publicly issued certificate needs no file; a local CA adds its own).
 pub fn root_store(ca_pem: Option<&Path>) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    match ca_pem {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| Error::io(format!("reading CA file {}", path.display()), e))?;
-            let mut added = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| {
-                    Error::Tls(format!("{} is not a PEM file: {e}", path.display()))
-                })?;
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::Tls(format!("a certificate in {}: {e}", path.display())))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(Error::Tls(format!(
-                    "{} holds no PEM certificate",
-                    path.display()
-                )));
-            }
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system root rustls can't use is no reason to fail.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_pem {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::io(format!("reading CA file {}", path.display()), e))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert =
+                cert.map_err(|e| Error::Tls(format!("{} is not a PEM file: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::Tls(format!("a certificate in {}: {e}", path.display())))?;
+            added += 1;
         }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
+        if added == 0 {
+            return Err(Error::Tls(format!(
+                "{} holds no PEM certificate",
+                path.display()
+            )));
         }
     }
     Ok(roots)
 }
 
-/// A rustls client configuration (ring provider) trusting `ca_pem` or the system roots.
+/// A rustls client configuration (ring provider) trusting the system roots and `ca_pem`.
 pub fn client_config(ca_pem: Option<&Path>) -> Result<rustls::ClientConfig> {
     let roots = root_store(ca_pem)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -49,7 +47,7 @@ pub fn client_config(ca_pem: Option<&Path>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// An HTTPS client trusting `ca_pem` (or the system roots).
+/// An HTTPS client trusting the system roots and `ca_pem`.
 pub fn https_client(ca_pem: Option<&Path>) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .use_preconfigured_tls(client_config(ca_pem)?)

@@ -16,6 +16,7 @@ async fn start(dir: &std::path::Path) -> Server {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await
@@ -41,7 +42,7 @@ async fn service_client_covers_the_api() {
     let info = server.connection.clone();
     let svc = ServiceClient::from_connection_string(
         &info.service_connection_string,
-        Some(&info.ca_certificate),
+        info.ca_certificate.as_deref(),
     )
     .expect("client");
 
@@ -120,7 +121,7 @@ async fn service_client_covers_the_api() {
     let dev = DeviceClient::new(
         &info.device_endpoint,
         &info.id_scope,
-        Some(&info.ca_certificate),
+        info.ca_certificate.as_deref(),
     )
     .expect("device client")
     .with_mqtt_port(info.mqtt_port);
@@ -184,7 +185,7 @@ async fn service_client_covers_the_api() {
     // The hub.
     let hub = HubClient::from_connection_string(
         &info.hubs[0].connection_string,
-        Some(&info.ca_certificate),
+        info.ca_certificate.as_deref(),
     )
     .expect("hub client");
     assert_eq!(hub.list_devices(None).await.expect("devices").len(), 2);
@@ -247,7 +248,7 @@ async fn device_client_polls_while_assigning() {
     let info = server.connection.clone();
     let svc = ServiceClient::from_connection_string(
         &info.service_connection_string,
-        Some(&info.ca_certificate),
+        info.ca_certificate.as_deref(),
     )
     .expect("client");
     svc.put_linked_hub(
@@ -271,7 +272,7 @@ async fn device_client_polls_while_assigning() {
     let dev = DeviceClient::new(
         &info.device_endpoint,
         &info.id_scope,
-        Some(&info.ca_certificate),
+        info.ca_certificate.as_deref(),
     )
     .expect("device client")
     .with_mqtt_port(info.mqtt_port);

@@ -11,7 +11,9 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use muster_proto::{AccessRight, SasToken};
+use muster_proto::audit::{AuditEntry, AuditSource};
+use muster_proto::{AccessRight, ErrorCode, SasToken};
+use muster_service_api::audit::FromConsole;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -127,7 +129,9 @@ impl Console {
             })
     }
 
-    /// Calls the service API. `path` has no query string; `extra` are more headers.
+    /// Calls the service API. `path` may carry a query string (without api-version); `extra`
+    /// are more headers. The request says it comes from the console (an in-process request
+    /// extension the audit log reads; no network client can set it).
     pub async fn service(
         &self,
         s: &Session,
@@ -136,15 +140,60 @@ impl Console {
         body: Option<&Value>,
         extra: &[(&str, String)],
     ) -> Result<Reply, Failure> {
-        let uri = format!("{path}?api-version={SERVICE_API_VERSION}");
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let uri = format!("{path}{sep}api-version={SERVICE_API_VERSION}");
         let token = self.service_token(s);
         let router = self.inner.service.clone();
-        call(router, method, &uri, token, body, extra).await
+        let from = FromConsole {
+            policy: s.policy.clone(),
+        };
+        call(router, method, &uri, token, body, extra, from).await
     }
 
-    /// Calls the built-in hub's REST API with its owner policy. `path_query` may carry a
-    /// query string (without api-version).
-    pub async fn hub(&self, method: Method, path_query: &str) -> Result<Reply, Failure> {
+    /// Deprovisions one registration (record and hub device) for a cascade delete, through
+    /// the engine rather than the service API router, and records it in the audit log as the
+    /// console's `POST /deprovisions/{id}` would be (200, or 404 with 404203 when there was no
+    /// record, or 500 when it stopped).
+    pub(crate) async fn deprovision(
+        &self,
+        s: &Session,
+        registration_id: &str,
+    ) -> Result<Option<usize>, String> {
+        let result = self.inner.remover.deprovision(registration_id).await;
+        let (status, error_code) = match &result {
+            Ok(Some(_)) => (200, None),
+            Ok(None) => (
+                404,
+                Some(ErrorCode::RegistrationNotFound.code().to_string()),
+            ),
+            Err(_) => (500, None),
+        };
+        let api = self.api();
+        let entry = AuditEntry {
+            time: api.clock.now(),
+            policy: Some(s.policy.clone()),
+            source: AuditSource::Console,
+            method: "POST".into(),
+            route: "/deprovisions/{id}".into(),
+            id: Some(registration_id.to_string()),
+            status,
+            error_code,
+        };
+        if let Err(e) = muster_store::audit::append(&*api.store, &entry, &*api.entropy).await {
+            tracing::warn!(error = %e, "could not write the audit entry of a console deprovision");
+        }
+        result
+    }
+
+    /// Calls the built-in hub's REST API with its owner policy, on behalf of the session's
+    /// policy (which the audit log names). `path_query` may carry a query string (without
+    /// api-version).
+    pub async fn hub(
+        &self,
+        s: &Session,
+        method: Method,
+        path_query: &str,
+    ) -> Result<Reply, Failure> {
         let hub = &self.inner.hub;
         let policy = hub
             .authorizer()
@@ -174,6 +223,9 @@ impl Console {
             token,
             None,
             &[],
+            FromConsole {
+                policy: s.policy.clone(),
+            },
         )
         .await
     }
@@ -186,6 +238,7 @@ async fn call(
     token: String,
     body: Option<&Value>,
     extra: &[(&str, String)],
+    from: FromConsole,
 ) -> Result<Reply, Failure> {
     let mut b = http::Request::builder()
         .method(method)
@@ -202,6 +255,7 @@ async fn call(
         b = b.header(*k, v.as_str());
     }
     let req = b
+        .extension(from)
         .body(body)
         .map_err(|e| Failure::local(format!("building the request: {e}")))?;
     let resp = router

@@ -1143,7 +1143,7 @@ pub async fn delete(
             )
             .await;
         }
-        individual_summary = Some(match c.inner.remover.deprovision(&id).await {
+        individual_summary = Some(match c.deprovision(&s, &id).await {
             Ok(None) => "It had no registration record.".to_string(),
             Ok(Some(n)) => {
                 format!("Its registration record and {n} device(s) in their hubs deleted.")
@@ -1223,7 +1223,7 @@ async fn cascade_group(c: &Console, s: &Session, id: &str) -> Result<String, Fai
     let (mut deleted_records, mut deleted_devices) = (0, 0);
     let mut left = Vec::new();
     for r in &records {
-        match c.inner.remover.deprovision(&r.registration_id).await {
+        match c.deprovision(s, &r.registration_id).await {
             Ok(Some(n)) => {
                 deleted_records += 1;
                 deleted_devices += n;

@@ -82,7 +82,7 @@ pub async fn list(State(c): State<Console>, headers: HeaderMap) -> Response {
         return forbidden_page(&c, &s, "hub-devices", f.text());
     }
     let (rows, error) = match c
-        .hub(Method::GET, &format!("/devices?top={MAX_DEVICES}"))
+        .hub(&s, Method::GET, &format!("/devices?top={MAX_DEVICES}"))
         .await
     {
         Ok(r) => (
@@ -118,7 +118,10 @@ pub async fn details(
         return forbidden_page(&c, &s, "hub-devices", f.text());
     }
     let mut error = None;
-    let device = match c.hub(Method::GET, &format!("/devices/{}", seg(&id))).await {
+    let device = match c
+        .hub(&s, Method::GET, &format!("/devices/{}", seg(&id)))
+        .await
+    {
         Ok(r) => {
             let mut v = r.body;
             // The device's keys are not shown here.
@@ -137,7 +140,10 @@ pub async fn details(
             );
         }
     };
-    let twin = match c.hub(Method::GET, &format!("/twins/{}", seg(&id))).await {
+    let twin = match c
+        .hub(&s, Method::GET, &format!("/twins/{}", seg(&id)))
+        .await
+    {
         Ok(r) => serde_json::to_string_pretty(&r.body).unwrap_or_default(),
         Err(f) => {
             error = Some(f.text());
@@ -150,6 +156,7 @@ pub async fn details(
     loop {
         match c
             .hub(
+                &s,
                 Method::GET,
                 &format!(
                     "/devices/{}/messages/events?after={after}&limit=1000",

@@ -12,17 +12,23 @@
 //!   idle expiry, sign-out; the cookie only carries a random id.
 //! - [`csrf`] — the per-session token every form carries, the `Origin` check, form parsing
 //!   (url-encoded and multipart) behind one guard every POST handler calls first.
-//! - [`api`] — the in-process calls into the service API and hub routers.
-//! - [`overview`] — ID scope, endpoints, CA download, counts, registrations per minute.
+//! - [`api`] — the in-process calls into the service API and hub routers; each carries the
+//!   [`muster_service_api::audit::FromConsole`] extension, so the audit log records the
+//!   console and the signed-in policy as the source of its writes.
+//! - [`overview`] — ID scope, endpoints, CA download, counts, registrations per minute, and
+//!   the live registration view ([`events`]: the session's Server-Sent Events stream, read by
+//!   `console.js`; without JavaScript the section links to the records instead).
+//! - [`audit_log`] — the audit log (`GET /audit`), filtered by time, policy and id, paged.
 //! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
 //!   details (settings, registration records), enable/disable, delete with cascade.
 //! - [`registrations`] — registration records filtered by status, group and hub, paged.
 //! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
 //! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
 //! - [`device_key`] — derive a device key from a group key.
-//! - [`assets`] — the embedded CSS and JavaScript (no inline scripts or styles: the CSP
+//! - [`assets`] — the embedded CSS, JavaScript and favicon (no inline scripts or styles: the CSP
 //!   forbids them).
-//! - [`page`] — what every page's layout needs, rendering, security headers.
+//! - [`page`] — what every page's layout needs (the footer shows [`VERSION`]), rendering,
+//!   security headers.
 //!
 //! What it must never do: put a key in a cookie, a URL or a log line; accept a POST without
 //! the session's CSRF token; read the real clock or random source (both come from the
@@ -30,9 +36,11 @@
 
 pub mod api;
 pub mod assets;
+pub mod audit_log;
 pub mod csrf;
 pub mod device_key;
 pub mod enrollments;
+pub mod events;
 pub mod hub_devices;
 pub mod linked_hubs;
 pub mod overview;
@@ -65,6 +73,9 @@ pub trait HubDeviceRemover: Send + Sync {
 /// Where the console lives on the HTTPS port.
 pub const BASE: &str = "/console";
 
+/// The version the console shows: the package version (`CARGO_PKG_VERSION`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// What the overview shows and what tokens must name.
 #[derive(Debug, Clone)]
 pub struct ConsoleConfig {
@@ -93,6 +104,8 @@ struct Inner {
     hub: HubRegistry,
     hub_router: Router,
     remover: Arc<dyn HubDeviceRemover>,
+    /// The live registration feed, when the server has one.
+    events: std::sync::OnceLock<muster_service_api::events::RegistrationFeed>,
     sessions: session::Sessions,
     sign_ins: session::SignInThrottle,
     stats: overview::StatsCache,
@@ -106,7 +119,7 @@ impl Console {
         remover: Arc<dyn HubDeviceRemover>,
     ) -> Self {
         let service = muster_service_api::router(api.clone());
-        let hub_router = muster_hub::router(hub.clone());
+        let hub_router = hub_auditor(&api, hub.clone()).wrap(muster_hub::router(hub.clone()));
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -115,11 +128,27 @@ impl Console {
                 hub,
                 hub_router,
                 remover,
+                events: std::sync::OnceLock::new(),
                 sessions: session::Sessions::new(session::Limits::default()),
                 sign_ins: session::SignInThrottle::default(),
                 stats: overview::StatsCache::default(),
             }),
         }
+    }
+
+    /// Lets the overview's live view follow `feed` (set once, before serving).
+    pub fn with_registration_events(
+        self,
+        feed: muster_service_api::events::RegistrationFeed,
+    ) -> Self {
+        let _ = self.inner.events.set(feed);
+        self
+    }
+
+    pub(crate) fn registration_events(
+        &self,
+    ) -> Option<&muster_service_api::events::RegistrationFeed> {
+        self.inner.events.get()
     }
 
     pub fn config(&self) -> &ConsoleConfig {
@@ -147,6 +176,7 @@ impl Console {
 pub fn router(console: Console) -> Router {
     Router::new()
         .route("/console", get(overview::page))
+        .route("/console/", get(overview::page))
         .route("/console/ca.pem", get(overview::ca_pem))
         .route(
             "/console/sign-in",
@@ -173,6 +203,8 @@ pub fn router(console: Console) -> Router {
             post(enrollments::delete),
         )
         .route("/console/registrations", get(registrations::list))
+        .route("/console/audit", get(audit_log::list))
+        .route("/console/events/registrations", get(events::stream))
         .route(
             "/console/linked-hubs",
             get(linked_hubs::list).post(linked_hubs::add),
@@ -194,4 +226,15 @@ pub fn router(console: Console) -> Router {
         )
         .layer(axum::middleware::map_response(page::security_headers))
         .with_state(console)
+}
+
+/// Records the built-in hub's registry writes in the audit log; its tokens name hub policies.
+/// The server wraps the hub router it serves with it, the console its in-process copy.
+pub fn hub_auditor(api: &ServiceApi, hub: HubRegistry) -> muster_service_api::audit::Auditor {
+    muster_service_api::audit::Auditor::new(
+        api.store.clone(),
+        api.clock.clone(),
+        api.entropy.clone(),
+        Arc::new(move |headers, now| hub.authorizer().identify(headers, now)),
+    )
 }

@@ -20,6 +20,11 @@ pub struct PageCtx {
 }
 
 impl PageCtx {
+    /// The running Muster's version, shown in every page's footer.
+    pub fn version(&self) -> &'static str {
+        crate::VERSION
+    }
+
     /// `aria-current="page"` for the current navigation entry.
     pub fn current(&self, nav: &str) -> &'static str {
         if self.nav == nav {
@@ -30,6 +35,10 @@ impl PageCtx {
     }
 }
 
+/// A broken template fails every request for its page: one line per interval.
+static TEMPLATE_FAILED_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// Renders a template as a 200 HTML page.
 pub fn render<T: Template>(t: &T) -> Response {
     render_status(StatusCode::OK, t)
@@ -39,7 +48,9 @@ pub fn render_status<T: Template>(status: StatusCode, t: &T) -> Response {
     match t.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => {
-            tracing::error!(error = %e, "console template failed");
+            if let Some(suppressed) = TEMPLATE_FAILED_LOG.admit() {
+                tracing::error!(error = %e, suppressed, "console template failed");
+            }
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the page could not be rendered",

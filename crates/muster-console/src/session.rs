@@ -31,6 +31,9 @@ use crate::csrf;
 use crate::page::{redirect, render_status, PageCtx};
 use crate::Console;
 
+static SIGN_IN_LOCKED_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// The session cookie's name.
 pub const COOKIE: &str = "muster_console";
 /// The cookie that carries the sign-in form's CSRF token before a session exists.
@@ -335,7 +338,10 @@ pub async fn sign_in(State(c): State<Console>, req: Request) -> Response {
     let key = fields.get("key").to_string();
     let now = c.now_unix();
     if let Some(wait) = c.sign_ins().locked_for(&name, now) {
-        tracing::warn!(policy = %name, "console sign-in locked after repeated failures");
+        // Every attempt during a lockout meets it: one line per interval, with the count.
+        if let Some(suppressed) = SIGN_IN_LOCKED_LOG.admit() {
+            tracing::warn!(policy = %name, suppressed, "console sign-in locked after repeated failures");
+        }
         let mut resp = sign_in_form(
             &c,
             name,
@@ -354,7 +360,8 @@ pub async fn sign_in(State(c): State<Console>, req: Request) -> Response {
         if c.policy_exists(&name) {
             c.sign_ins().failed(&name, now);
         }
-        tracing::info!(policy = %name, "console sign-in refused");
+        // A per-request refusal: the lockout above is what an operator needs to see.
+        tracing::debug!(policy = %name, "console sign-in refused");
         return sign_in_form(
             &c,
             name,

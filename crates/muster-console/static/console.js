@@ -60,4 +60,31 @@
     if (ev.target.name === "attestation" || ev.target.id === "auto_keys") syncAttestation();
   });
   syncAttestation();
+  // The overview's live registrations: a Server-Sent Events stream, newest row first.
+  var live = document.getElementById("live-registrations");
+  if (live && window.EventSource) {
+    var rows = live.querySelector("tbody");
+    var status = document.getElementById("live-status");
+    var say = function (text) { if (status) status.textContent = text; };
+    var source = new EventSource(live.getAttribute("data-source"));
+    source.addEventListener("registration", function (ev) {
+      var e;
+      try { e = JSON.parse(ev.data); } catch (x) { return; }
+      var tr = document.createElement("tr");
+      [e.time, e.registrationId, e.outcome, e.hub || "", e.transport, String(e.durationMs),
+        e.errorCode == null ? "" : String(e.errorCode)].forEach(function (text) {
+        var td = document.createElement("td");
+        td.textContent = text;
+        tr.appendChild(td);
+      });
+      rows.insertBefore(tr, rows.firstChild);
+      while (rows.rows.length > 50) rows.deleteRow(rows.rows.length - 1);
+      say("Live.");
+    });
+    source.addEventListener("lagged", function () {
+      say("Live; some registrations were skipped because the view fell behind.");
+    });
+    source.onopen = function () { say("Live. Waiting for registrations…"); };
+    source.onerror = function () { say("The live view lost its connection; reconnecting…"); };
+  }
 })();

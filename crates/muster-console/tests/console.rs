@@ -22,12 +22,13 @@ async fn start() -> Harness {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await
     .unwrap();
     let info = server.connection.clone();
-    let pem = std::fs::read(&info.ca_certificate).unwrap();
+    let pem = std::fs::read(info.ca_certificate.as_ref().unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();
@@ -498,7 +499,14 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
     let h = start().await;
     // A second server sharing the first one's CA, so the first one's engine trusts its hub.
     let dir_b = tempfile::tempdir().unwrap();
-    let a_dir = h.info.ca_certificate.parent().unwrap().to_path_buf();
+    let a_dir = h
+        .info
+        .ca_certificate
+        .as_ref()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     for f in ["ca.pem", "ca.key"] {
         std::fs::copy(a_dir.join(f), dir_b.path().join(f)).unwrap();
     }
@@ -507,6 +515,7 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await
@@ -608,6 +617,28 @@ async fn cascade_delete_reaches_devices_on_other_linked_hubs() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "the record is gone");
+    // The cascade is in the audit log: the device's deprovisioning and the group's deletion.
+    let log: Value = h.api_get("/audit").await.json().await.unwrap();
+    let by_console: Vec<Value> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["source"] == "console")
+        .map(|e| json!([e["method"], e["route"], e["id"], e["status"]]))
+        .collect();
+    assert!(
+        by_console.contains(&json!(["POST", "/deprovisions/{id}", rid, 200])),
+        "{log}"
+    );
+    assert!(
+        by_console.contains(&json!([
+            "DELETE",
+            "/enrollmentGroups/{id}",
+            "far-away",
+            204
+        ])),
+        "{log}"
+    );
     b.shutdown().await;
     h.server.shutdown().await;
 }
@@ -655,5 +686,93 @@ async fn repeated_wrong_keys_lock_the_policy_for_a_while() {
     let body: Value = created.json().await.unwrap();
     let reader_key = body["primaryKey"].as_str().unwrap().to_string();
     h.sign_in("reader", &reader_key).await;
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn console_writes_are_audited_and_the_audit_page_and_live_view_render() {
+    let h = start().await;
+    let (name, key) = owner(&h.info);
+    let user = h.sign_in(&name, &key).await;
+    let r = h
+        .post_form(
+            "/console/enrollments/new",
+            Some(&user.cookie),
+            &[
+                ("csrf", &user.csrf),
+                ("kind", "groups"),
+                ("id", "audited-line"),
+                ("attestation", "symmetricKey"),
+                ("auto_keys", "1"),
+                ("allocation_policy", "hashed"),
+                ("reprovision", "reprovisionAndReset"),
+                ("initial_twin", ""),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), 303, "{}", r.text().await.unwrap());
+
+    // The API's log names the console and the signed-in policy.
+    let log: Value = h.api_get("/audit").await.json().await.unwrap();
+    let entry = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "audited-line")
+        .unwrap_or_else(|| panic!("no entry for the group: {log}"));
+    assert_eq!(entry["source"], "console");
+    assert_eq!(entry["policy"], json!(name));
+    assert_eq!(entry["route"], "/enrollmentGroups/{id}");
+    assert_eq!(entry["method"], "PUT");
+
+    // The page shows it, filtered by id.
+    let page = h
+        .get("/console/audit?id=audited-line", Some(&user.cookie))
+        .await;
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("<h1>Audit log</h1>"), "{html}");
+    assert!(html.contains("aria-current=\"page\">Audit log"), "{html}");
+    let table = between(&html, "<table id=\"audit-entries\">", "</table>").unwrap();
+    assert!(
+        table.contains("<code>/enrollmentGroups/{id}</code>"),
+        "{table}"
+    );
+    assert!(table.contains("<td>console</td>"), "{table}");
+    let none = h
+        .get("/console/audit?id=no-such-id", Some(&user.cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(none.contains("No audit entry matches."), "{none}");
+    let bad = h.get("/console/audit?from=soon", Some(&user.cookie)).await;
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("RFC 3339"));
+    assert_eq!(
+        h.get("/console/audit", None).await.status(),
+        303,
+        "signed out: to the sign-in page"
+    );
+
+    // The overview's live view: a stream for the session, and words for browsers without JS.
+    let overview = h
+        .get("/console", Some(&user.cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(overview.contains("id=\"live-registrations\""), "{overview}");
+    assert!(overview.contains("class=\"no-js\""), "{overview}");
+    let stream = h
+        .get("/console/events/registrations", Some(&user.cookie))
+        .await;
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    drop(stream);
+    assert_eq!(
+        h.get("/console/events/registrations", None).await.status(),
+        401
+    );
     h.server.shutdown().await;
 }

@@ -20,7 +20,7 @@ use axum::Router;
 use muster_proto::device::DeviceRegistration;
 use muster_proto::{ErrorBody, ErrorCode, Timestamp};
 use muster_registration::{
-    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
+    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest, Transport,
 };
 
 /// Largest register body (DPS allows 96 KB messages).
@@ -140,6 +140,7 @@ async fn register(
             registration_id,
             credential: credential(&headers, certs),
             body: registration,
+            transport: Transport::Https,
         })
         .await;
     reply_response(reply)

@@ -5,9 +5,12 @@
 //! Layout:
 //! - [`https`] — `PUT …/register`, `GET …/operations/{id}` (device-protocol.md §2).
 //! - [`mqtt`] — MQTT 3.1.1 sessions: CONNECT, SUBSCRIBE, register and poll publishes (§4).
-//! - [`websocket`] — MQTT over WebSocket at `/$iothub/websocket`, adapted onto [`mqtt`].
+//! - [`amqp`] — AMQP 1.0: the protocol header and SASL, dispatch, the registration session (§5).
+//! - [`websocket`] — MQTT and AMQP over WebSocket at `/$iothub/websocket`: the byte stream
+//!   both are carried in.
 //! - [`pre_auth`] — the listener's slot a connection holds until it has authenticated.
 
+pub mod amqp;
 pub mod https;
 pub mod mqtt;
 pub mod pre_auth;

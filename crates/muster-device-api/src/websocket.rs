@@ -113,6 +113,15 @@ pub struct WsByteStream {
     eof: bool,
 }
 
+impl std::fmt::Debug for WsByteStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsByteStream")
+            .field("pending", &self.pending.len())
+            .field("eof", &self.eof)
+            .finish_non_exhaustive()
+    }
+}
+
 impl WsByteStream {
     pub fn new(ws: WebSocket) -> Self {
         Self {

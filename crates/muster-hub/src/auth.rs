@@ -188,6 +188,24 @@ impl HubAuthorizer {
         &self.policies
     }
 
+    /// The policy whose key signed the request's unexpired token, whatever its scope and
+    /// rights (the audit log names it for refused writes too); `None` when it does not verify.
+    pub fn identify(&self, headers: &HeaderMap, now_unix: i64) -> Option<String> {
+        let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+        let token = SasToken::parse(value).ok()?;
+        let name = token.key_name.as_deref()?;
+        let policy = self
+            .policies
+            .iter()
+            .find(|p| p.key_name.eq_ignore_ascii_case(name))?;
+        let judged_now = now_unix - CLOCK_SKEW_SECS;
+        [&policy.primary_key, &policy.secondary_key]
+            .into_iter()
+            .filter_map(|k| B64.decode(k).ok())
+            .any(|k| token.verify(&k, judged_now).is_ok())
+            .then(|| policy.key_name.clone())
+    }
+
     /// Checks the request's token, its scope and that its policy allows `right`.
     pub fn authorize(
         &self,

@@ -54,6 +54,10 @@ use crate::routes::{admit, path_id};
 use crate::telemetry::{counter_write, message_key, Counter};
 use crate::HubRegistry;
 
+/// Every delivery attempt meets a corrupt message again until it is gone: bounded lines.
+static CORRUPT_MESSAGE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// A cloud-to-device message to send.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CloudToDeviceInput {
@@ -248,7 +252,9 @@ impl HubRegistry {
                 Ok(m) if m.expiry_unix_ms > now_ms => live.push((key, m)),
                 Ok(_) => expired.push(Write::delete(Collection::HubC2dMessages, key, Expect::Any)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "dropping a corrupt cloud-to-device message");
+                    if let Some(suppressed) = CORRUPT_MESSAGE_LOG.admit() {
+                        tracing::warn!(error = %e, suppressed, "dropping a corrupt cloud-to-device message");
+                    }
                     expired.push(Write::delete(Collection::HubC2dMessages, key, Expect::Any));
                 }
             }

@@ -145,7 +145,9 @@ impl HubError {
     }
 
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
-        tracing::error!(%err, "{context}");
+        if let Some(suppressed) = INTERNAL_ERROR_LOG.admit() {
+            tracing::error!(%err, suppressed, "{context}");
+        }
         Self::new(
             HubErrorCode::ServerError,
             format!("internal error while {context}"),
@@ -175,6 +177,10 @@ impl From<muster_store::StoreError> for HubError {
 
 /// A full disk fails every request: one warning per interval, with the count held back.
 static STORE_UNAVAILABLE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
+/// An internal error repeats on every request that meets it: one line per interval.
+static INTERNAL_ERROR_LOG: muster_proto::log_limit::LogLimiter =
     muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
 /// `Retry-After` (seconds) on 503 answers.

@@ -2,7 +2,8 @@
 //! the [`Store`], plus the desired-property notification channel.
 //!
 //! Storage: one record per device in `Collection::HubDevices`, key
-//! `"{hub host, lower-case}/{device id, lower-case}"`, partition = the lower-case hub host.
+//! `"{hub host, lower-case}/{device id, lower-case}"`, partition = the lower-case hub host
+//! (for the built-in hub, the host it first had: [`HubRegistry::with_storage_name`]).
 //! The store's keys are unique per collection whatever the partition, so the host is part of
 //! the key; device ids can't contain `/`, so the key is unambiguous, and listing one
 //! partition in key order lists one hub's devices by lower-cased id. The body holds the
@@ -184,6 +185,17 @@ impl HubRegistry {
                 endpoint: EndpointState::new(limits),
             }),
         }
+    }
+
+    /// Keeps this hub's records (devices, twins, messages) under `storage_name` instead of
+    /// its host name: the built-in hub passes the name it first had, so its devices stay
+    /// when its address changes. Call it right after construction, before any clone.
+    pub fn with_storage_name(mut self, storage_name: &str) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.partition = storage_name.to_ascii_lowercase(),
+            None => tracing::error!("with_storage_name called on a shared HubRegistry; ignored"),
+        }
+        self
     }
 
     /// The device endpoint's limits.

@@ -52,6 +52,10 @@ use crate::request::{json_ok, QueryParams};
 use crate::routes::{admit, path_id};
 use crate::HubRegistry;
 
+/// A failing store ends every open stream at once: bounded lines.
+static STREAM_FAILED_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
 /// Most messages one `GET .../messages/events` returns.
 pub const MAX_PAGE: usize = 1000;
 /// Messages one `GET .../messages/events` returns without `limit`.
@@ -388,7 +392,9 @@ async fn next_event(mut st: StreamState) -> Option<(Result<Event, Infallible>, S
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "telemetry stream ended: reading the store failed");
+                    if let Some(suppressed) = STREAM_FAILED_LOG.admit() {
+                        tracing::warn!(error = %e, suppressed, "telemetry stream ended: reading the store failed");
+                    }
                     return None;
                 }
             }

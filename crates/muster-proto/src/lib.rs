@@ -21,6 +21,7 @@
 //! - [`connection_string`] — `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..`.
 //! - [`api_version`] — the api-versions Muster accepts.
 //! - [`rights`] — shared access policy rights.
+//! - [`audit`] — an audit log entry (Muster's `GET /audit`).
 //!
 //! - [`runtime`] — the `Clock` and `Entropy` traits that callers pass in.
 //! - [`log_limit`] — [`log_limit::LogLimiter`]: one log line per interval, with a count of the
@@ -33,6 +34,7 @@ mod str_enum;
 
 pub mod api_version;
 pub mod attestation;
+pub mod audit;
 pub mod bulk;
 pub mod connection_string;
 pub mod device;

@@ -24,14 +24,16 @@ use muster_proto::{
 use muster_store::records::{self, Stored};
 use muster_store::{Collection, Store};
 
-use crate::group_cache::{device_key_b64, GroupCache};
-use crate::group_search::signed_with;
+use crate::group_cache::{device_key_b64, signing_slot, GroupCache};
 use crate::hub_client::HubAuthentication;
 use crate::record::EnrollmentRef;
 use crate::{DeviceCredential, DeviceFailure};
 
 /// Tokens up to this many seconds past their expiry still pass (device clocks drift).
 pub const DEVICE_CLOCK_SKEW_SECS: i64 = 300;
+
+/// The length of an HMAC-SHA256 signature.
+const SIGNATURE_BYTES: usize = 32;
 
 /// The enrollment that accepted the device.
 #[derive(Debug, Clone)]
@@ -99,6 +101,13 @@ pub async fn attest(
         DeviceCredential::Sas(token) => {
             let token = SasToken::parse(token).map_err(|e| unauthorized(e.to_string()))?;
             check_resource(&token, id_scope, registration_id)?;
+            // No key can sign with another length: refused before any HMAC is computed.
+            if token.signature.len() != SIGNATURE_BYTES {
+                return Err(unauthorized(format!(
+                    "the token's signature (sig) is {} bytes; an HMAC-SHA256 signature is {SIGNATURE_BYTES}",
+                    token.signature.len()
+                )));
+            }
             if token.expiry + DEVICE_CLOCK_SKEW_SECS <= now_unix {
                 return Err(DeviceFailure::new(
                     ErrorCode::TokenExpired,
@@ -247,7 +256,8 @@ async fn find_group(
     let rid = registration_id.as_str();
     if let Some(id) = known_group {
         if let Some((group, Some(keys))) = groups.group(store, id).await? {
-            if let Some((p, s)) = signed_with(&keys, rid, token, &messages) {
+            if signing_slot(&keys, rid, token, &messages).is_some() {
+                let (p, s) = keys.derive(rid);
                 return Ok(Some((group, (device_key_b64(&p), device_key_b64(&s)))));
             }
         }
@@ -534,6 +544,102 @@ mod tests {
         assert_eq!(
             refused_code(run(&store, &groups, rid, &stolen, Some("g01")).await),
             ErrorCode::DeviceNotAttested
+        );
+    }
+
+    #[tokio::test]
+    async fn a_recently_matched_group_is_tried_first_and_answers_as_the_search_would() {
+        let (_dir, store) = store_with_groups().await;
+        // Before every `gNN` in id order, a group holds g10's secondary key as its primary.
+        store
+            .write(vec![put_group("f-early", &key(110), &key(251))])
+            .await
+            .expect("group");
+        let groups = GroupCache::default();
+        let (group, ..) =
+            accepted(run(&store, &groups, "dev-a", &token("dev-a", &key(10)), None).await);
+        assert_eq!(group, "g10");
+
+        // Every search is refused now: another device of g10 is found among the recent groups.
+        let occupied = groups.search().occupy();
+        let (group, primary, secondary) =
+            accepted(run(&store, &groups, "dev-b", &token("dev-b", &key(10)), None).await);
+        assert_eq!(group, "g10");
+        assert_eq!(
+            (primary, secondary),
+            (
+                symmetric_key::derive_device_key(&key(10), "dev-b").unwrap(),
+                symmetric_key::derive_device_key(&key(110), "dev-b").unwrap()
+            )
+        );
+        // Signed with g10's secondary key, which f-early holds too: the search in id order
+        // would answer f-early, and so does the recent group.
+        let (group, primary, _) =
+            accepted(run(&store, &groups, "dev-c", &token("dev-c", &key(110)), None).await);
+        assert_eq!(group, "f-early");
+        assert_eq!(
+            primary,
+            symmetric_key::derive_device_key(&key(110), "dev-c").unwrap()
+        );
+        // A device of a group that has not matched recently still needs a search.
+        assert_eq!(
+            refused_code(run(&store, &groups, "dev-d", &token("dev-d", &key(20)), None).await),
+            ErrorCode::Throttled
+        );
+        drop(occupied);
+        let (group, ..) =
+            accepted(run(&store, &groups, "dev-d", &token("dev-d", &key(20)), None).await);
+        assert_eq!(group, "g20");
+    }
+
+    #[tokio::test]
+    async fn a_token_a_search_refused_is_refused_again_without_one_until_the_groups_change() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        let forged = token("dev-f", &key(222));
+        assert_eq!(
+            refused_code(run(&store, &groups, "dev-f", &forged, None).await),
+            ErrorCode::DeviceNotAttested
+        );
+        let occupied = groups.search().occupy();
+        // The same token again: refused as before, although no search may run.
+        assert_eq!(
+            refused_code(run(&store, &groups, "dev-f", &forged, None).await),
+            ErrorCode::DeviceNotAttested
+        );
+        // Any other token for the id needs its own search: the id itself is never refused.
+        assert_eq!(
+            refused_code(run(&store, &groups, "dev-f", &token("dev-f", &key(3)), None).await),
+            ErrorCode::Throttled
+        );
+        drop(occupied);
+        // A write to the groups forgets what was refused: the token now signs for the new group.
+        store
+            .write(vec![put_group("g99", &key(222), &key(223))])
+            .await
+            .expect("group");
+        let (group, ..) = accepted(run(&store, &groups, "dev-f", &forged, None).await);
+        assert_eq!(group, "g99");
+    }
+
+    #[tokio::test]
+    async fn a_signature_of_the_wrong_length_is_refused_before_any_group_is_tried() {
+        let (_dir, store) = store_with_groups().await;
+        let groups = GroupCache::default();
+        let _occupied = groups.search().occupy();
+        let short = DeviceCredential::Sas(format!(
+            "SharedAccessSignature sr={SCOPE}%2Fregistrations%2Fdev-s&sig={}&se={}",
+            B64.encode([7u8; 16]).replace('=', "%3D"),
+            NOW + 60
+        ));
+        let failure = match run(&store, &groups, "dev-s", &short, None).await {
+            Err(f) => f,
+            Ok(_) => panic!("accepted"),
+        };
+        assert_eq!(failure.code, ErrorCode::Unauthorized, "{failure:?}");
+        assert!(
+            failure.message.contains("signature (sig) is 16 bytes"),
+            "{failure:?}"
         );
     }
 }

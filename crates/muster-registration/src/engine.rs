@@ -8,7 +8,10 @@
 //! Intent before effect: every plan is saved (record `assigning` + its `PendingAssignments`
 //! marker, one transaction) before any hub is written, so a crash between the hub write and
 //! the final record is finished at the next start instead of leaving a hub device without a
-//! record. `deprovision` (in `engine/deprovision.rs`) follows the same rule.
+//! record. For a hub whose device and twin are two calls (REST), whether the hub lacked the
+//! device is saved with the plan before the put, so a retry still writes the initial twin.
+//! `deprovision` (in `engine/deprovision.rs`) follows the same rule, and deletes a hub device
+//! only while its etag is the one read before the record went.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,12 +39,17 @@ use crate::group_cache::GroupCache;
 use crate::hub_client::{
     HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
 };
+use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
 use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
 
 mod deprovision;
 pub use deprovision::Deprovisioned;
+
+/// A hub refusing every device would otherwise write a line per registration.
+static ASSIGNMENT_FAILED_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -382,9 +390,15 @@ impl Engine {
         hub_auth: &HubAuthentication,
         linked: &[LinkedHub],
     ) -> Result<RegistrationRecord, DeviceFailure> {
+        let plan = self
+            .record_device_creation(key, &record, plan, linked)
+            .await?;
         record.pending = None;
         record.state.last_updated_date_time_utc = Some(self.0.clock.now());
-        match self.execute(&plan, hub_auth, linked).await {
+        let started = tokio::time::Instant::now();
+        let executed = self.execute(&plan, hub_auth, linked).await;
+        metrics::hub_write(&plan.hub, executed.is_ok(), started.elapsed());
+        match executed {
             // The hub or the store may work again soon: the intent stays as it is, the
             // device is told to retry, and a restart would finish it.
             Err(f) if f.is_transient() => return Err(f),
@@ -398,7 +412,9 @@ impl Engine {
                 record.state.error_message = None;
             }
             Err(f) => {
-                warn!(hub = %plan.hub, error = %f.message, "assignment failed");
+                if let Some(suppressed) = ASSIGNMENT_FAILED_LOG.admit() {
+                    warn!(hub = %plan.hub, error = %f.message, suppressed, "assignment failed");
+                }
                 record.state.status = RegistrationStatus::Failed;
                 record.state.error_code = Some(f.code.code());
                 record.state.error_message = Some(f.message);
@@ -407,6 +423,44 @@ impl Engine {
         let etag = self.save_record(key, &record).await?;
         record.state.etag = Some(etag);
         Ok(record)
+    }
+
+    /// Intent before effect for hubs that write a device and its twin in two calls (REST):
+    /// when the twin depends on whether the put creates the device, the hub is asked first,
+    /// and a device it lacks is recorded in the plan (`creates_device`) before the put. A
+    /// retry or restart after the device put but before the twin write then still writes
+    /// the initial twin, instead of taking the device for one the hub already had.
+    async fn record_device_creation(
+        &self,
+        key: &str,
+        record: &RegistrationRecord,
+        mut plan: PendingAssignment,
+        linked: &[LinkedHub],
+    ) -> Result<PendingAssignment, DeviceFailure> {
+        if plan.creates_device || !plan.twin_depends_on_creation() {
+            return Ok(plan);
+        }
+        let Some(target) = linked
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
+        else {
+            return Ok(plan); // `execute` reports it
+        };
+        let hub = self.connection(target);
+        if hub.writes_device_and_twin_together()
+            || hub
+                .get_twin(&plan.device_id)
+                .await
+                .map_err(hub_failure)?
+                .is_some()
+        {
+            return Ok(plan);
+        }
+        plan.creates_device = true;
+        let mut intent = record.clone();
+        intent.pending = Some(plan.clone());
+        self.save_record(key, &intent).await?;
+        Ok(plan)
     }
 
     async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
@@ -577,6 +631,7 @@ impl Engine {
                 } => Some(primary_thumbprint.clone()),
                 HubAuthentication::Sas { .. } => None,
             },
+            creates_device: false,
         };
         if let Some((cur, cur_sub)) = current {
             plan.initial = false;
@@ -627,14 +682,6 @@ impl Engine {
             device_id: plan.device_id.clone(),
             authentication: hub_auth.clone(),
             iot_edge: plan.iot_edge,
-        };
-        let hub_failure = |e: crate::hub_client::HubError| {
-            let code = if e.status() == Some(503) {
-                ErrorCode::HubUnavailable
-            } else {
-                ErrorCode::HubWriteFailed
-            };
-            DeviceFailure::new(code, e.to_string())
         };
         let hub = self.connection(target);
         let old_hub = plan.remove_from.as_deref().and_then(find);
@@ -690,7 +737,8 @@ impl Engine {
                 .await
                 .map_err(hub_failure)?;
         }
-        Ok(plan.substatus(existed, outcome))
+        // A device this plan created is one the hub did not have, even when a retry finds it.
+        Ok(plan.substatus(existed && !plan.creates_device, outcome))
     }
 
     fn enqueue(&self, hub: String, key: String) {
@@ -700,16 +748,20 @@ impl Engine {
         let hub_key = hub.to_ascii_lowercase();
         if let Some(tx) = queues.get(&hub_key) {
             if tx.send(key.clone()).is_ok() {
+                metrics::throttle_queue_changed(&hub_key, 1.0);
                 return;
             }
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let _ = tx.send(key);
-        queues.insert(hub_key, tx);
+        if tx.send(key).is_ok() {
+            metrics::throttle_queue_changed(&hub_key, 1.0);
+        }
+        queues.insert(hub_key.clone(), tx);
         let engine = self.clone();
         tokio::spawn(async move {
             while let Some(key) = rx.recv().await {
                 engine.run_queued(hub.clone(), key, 0).await;
+                metrics::throttle_queue_changed(&hub_key, -1.0);
             }
         });
     }
@@ -728,7 +780,10 @@ impl Engine {
             Ok(()) => {}
             Err(f) if f.is_transient() => self.retry_later(hub, key, attempt + 1),
             Err(f) => {
-                warn!(registration = %key, error = %f.message, "could not finish a pending assignment")
+                if let Some(suppressed) = ASSIGNMENT_FAILED_LOG.admit() {
+                    warn!(registration = %key, error = %f.message, suppressed,
+                        "could not finish a pending assignment");
+                }
             }
         }
     }
@@ -763,9 +818,19 @@ impl Engine {
             return Ok(());
         };
         let rid = record.state.registration_id.clone();
+        // The record's last update is the register request that saved this plan.
+        let requested = record.state.last_updated_date_time_utc;
         let auth = self.hub_auth_for(&plan, &rid).await?;
         let linked = self.linked_hubs().await?;
-        self.complete(key, record, plan, &auth, &linked).await?;
+        let done = self.complete(key, record, plan, &auth, &linked).await?;
+        if let (RegistrationStatus::Assigned, Some(requested), Some(finished)) = (
+            done.state.status,
+            requested,
+            done.state.last_updated_date_time_utc,
+        ) {
+            let waited = (finished.0 - requested.0).to_std().unwrap_or_default();
+            metrics::assigned(true, waited);
+        }
         Ok(())
     }
 
@@ -949,6 +1014,16 @@ impl Engine {
     }
 }
 
+/// A hub's refusal as the device sees it: 503 stays retryable.
+fn hub_failure(e: crate::hub_client::HubError) -> DeviceFailure {
+    let code = if e.status() == Some(503) {
+        ErrorCode::HubUnavailable
+    } else {
+        ErrorCode::HubWriteFailed
+    };
+    DeviceFailure::new(code, e.to_string())
+}
+
 fn no_hub() -> DeviceFailure {
     DeviceFailure::new(
         ErrorCode::NoHubAvailable,
@@ -1067,10 +1142,15 @@ fn operation(record: &RegistrationRecord) -> RegistrationOperationStatus {
 #[async_trait::async_trait]
 impl DeviceRegistrar for Engine {
     async fn register(&self, request: RegisterRequest) -> DeviceReply {
-        match self.do_register(request).await {
+        let started = tokio::time::Instant::now();
+        let transport = request.transport;
+        let attestation = metrics::attestation_kind(&request.credential);
+        let reply = match self.do_register(request).await {
             Ok(r) => r,
             Err(f) => self.failure_reply(f),
-        }
+        };
+        metrics::registration_answered(transport, attestation, &reply, started.elapsed());
+        reply
     }
 
     async fn operation_status(&self, request: StatusRequest) -> DeviceReply {

@@ -9,14 +9,19 @@
 //! [`Store::changes`]: the counter moves before a write's caller hears it committed, and it is
 //! read *before* the groups are listed, so a write racing with a reload leaves a stale counter
 //! behind and the next call reloads.
+//!
+//! A [`GroupSet`] also carries what spares searches while it stands: the groups that matched
+//! recently, and fingerprints of tokens a full search refused; a write to the groups makes a
+//! new set, so neither outlives the groups it was learnt from.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher as _, RandomState};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use muster_attestation::symmetric_key;
-use muster_proto::{AttestationType, EnrollmentGroup};
+use muster_proto::{AttestationType, EnrollmentGroup, SasToken};
 use muster_store::records::{self, Stored};
 use muster_store::{Collection, Store, StoreError};
 use sha2::Sha256;
@@ -28,6 +33,13 @@ const MAX_CACHED_GROUPS: usize = 10_000;
 const PAGE: usize = 500;
 
 type Groups = Arc<[Stored<EnrollmentGroup>]>;
+
+/// Which of a group's two keys a device key is derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySlot {
+    Primary,
+    Secondary,
+}
 
 /// A symmetric-key group's primary and secondary keys, each as an HMAC already keyed with it:
 /// deriving a device key (`HMAC(group key, registration id)`) then costs two SHA-256 blocks
@@ -42,29 +54,61 @@ impl GroupKeys {
     /// `None` unless the group is a symmetric-key group with both keys decodable (a group
     /// without both cannot derive the device keys its devices and the hub need).
     fn of(group: &EnrollmentGroup) -> Option<Self> {
-        if group.attestation.kind != AttestationType::SymmetricKey {
-            return None;
-        }
-        let sk = group.attestation.symmetric_key.as_ref()?;
-        let keyed = |k: Option<&str>| {
-            let bytes = symmetric_key::decode_key(k?).ok()?;
-            Hmac::<Sha256>::new_from_slice(&bytes).ok()
-        };
+        let (primary, secondary) = raw_keys(group)?;
         Some(Self {
-            primary: keyed(sk.primary_key.as_deref())?,
-            secondary: keyed(sk.secondary_key.as_deref())?,
+            primary: Hmac::<Sha256>::new_from_slice(&primary).ok()?,
+            secondary: Hmac::<Sha256>::new_from_slice(&secondary).ok()?,
         })
+    }
+
+    fn keyed(&self, slot: KeySlot) -> &Hmac<Sha256> {
+        match slot {
+            KeySlot::Primary => &self.primary,
+            KeySlot::Secondary => &self.secondary,
+        }
+    }
+
+    /// The raw device key of `registration_id` (as the device sends it) in `slot`.
+    pub fn derive_one(&self, slot: KeySlot, registration_id: &str) -> [u8; 32] {
+        let mut mac = self.keyed(slot).clone();
+        mac.update(registration_id.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// The raw device keys of `registration_id` (as the device sends it): primary, secondary.
     pub fn derive(&self, registration_id: &str) -> ([u8; 32], [u8; 32]) {
-        let derive = |keyed: &Hmac<Sha256>| {
-            let mut mac = keyed.clone();
-            mac.update(registration_id.as_bytes());
-            mac.finalize().into_bytes().into()
-        };
-        (derive(&self.primary), derive(&self.secondary))
+        (
+            self.derive_one(KeySlot::Primary, registration_id),
+            self.derive_one(KeySlot::Secondary, registration_id),
+        )
     }
+}
+
+/// A symmetric-key group's decoded primary and secondary keys.
+fn raw_keys(group: &EnrollmentGroup) -> Option<(Vec<u8>, Vec<u8>)> {
+    if group.attestation.kind != AttestationType::SymmetricKey {
+        return None;
+    }
+    let sk = group.attestation.symmetric_key.as_ref()?;
+    let decode = |k: Option<&str>| symmetric_key::decode_key(k?).ok();
+    Some((
+        decode(sk.primary_key.as_deref())?,
+        decode(sk.secondary_key.as_deref())?,
+    ))
+}
+
+/// The key HMAC actually uses for `raw`: longer than a block, its hash; then without trailing
+/// zero bytes (HMAC pads the key with zeros, so `k` and `k || 0` sign alike). Two group keys
+/// derive the same device keys exactly when these are equal.
+fn hmac_equivalence(raw: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    let key = if raw.len() > 64 {
+        Sha256::digest(raw).to_vec()
+    } else {
+        raw.to_vec()
+    };
+    let end = key.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    key[..end].to_vec()
 }
 
 /// The base64 device key the hub identity gets, from its raw bytes.
@@ -77,7 +121,26 @@ pub struct GroupSet {
     groups: Groups,
     by_id: HashMap<String, usize>,
     keys: Vec<Option<GroupKeys>>,
+    /// For each symmetric-key group and each of its keys: the first group in id order holding
+    /// an equivalent key, the group a search in id order finds for a device key derived from
+    /// it. Lets [`GroupSet::recent_signing`] answer exactly what the full search would.
+    first_holder: Vec<[usize; 2]>,
+    /// Groups that recently matched a search, most recent first (see [`RECENT_GROUPS`]).
+    recent: Mutex<Vec<usize>>,
+    /// Tokens a full search found no group for, while these groups stand (see
+    /// [`GroupSet::was_refused`]).
+    refused: Mutex<HashSet<u64>>,
+    refused_hasher: RandomState,
 }
+
+/// How many refused tokens a group set remembers; when full it forgets them all (a flood of
+/// distinct forged tokens gains nothing from the memory anyway).
+const REFUSED_TOKENS: usize = 4096;
+
+/// How many recently matched groups a search tries before all of them. Devices are usually
+/// rolled out group by group, so a first registration's group is mostly one that matched a
+/// moment ago; the few extra tries cost a forged token little.
+pub const RECENT_GROUPS: usize = 4;
 
 impl GroupSet {
     pub(crate) fn new(groups: Vec<Stored<EnrollmentGroup>>) -> Self {
@@ -86,11 +149,25 @@ impl GroupSet {
             .enumerate()
             .map(|(i, g)| (g.value.enrollment_group_id.as_str().to_ascii_lowercase(), i))
             .collect();
-        let keys = groups.iter().map(|g| GroupKeys::of(&g.value)).collect();
+        let raw: Vec<_> = groups.iter().map(|g| raw_keys(&g.value)).collect();
+        let keys: Vec<_> = groups.iter().map(|g| GroupKeys::of(&g.value)).collect();
+        let mut holders: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut first_holder = vec![[0, 0]; groups.len()];
+        for (i, pair) in raw.iter().enumerate() {
+            let Some((primary, secondary)) = pair.as_ref().filter(|_| keys[i].is_some()) else {
+                continue;
+            };
+            let mut holder = |k: &[u8]| *holders.entry(hmac_equivalence(k)).or_insert(i);
+            first_holder[i] = [holder(primary), holder(secondary)];
+        }
         Self {
             groups: groups.into(),
             by_id,
             keys,
+            first_holder,
+            recent: Mutex::new(Vec::with_capacity(RECENT_GROUPS + 1)),
+            refused: Mutex::new(HashSet::new()),
+            refused_hasher: RandomState::new(),
         }
     }
 
@@ -102,23 +179,130 @@ impl GroupSet {
         self.groups.is_empty()
     }
 
-    /// The symmetric-key groups with usable keys, in id order.
-    pub fn symmetric(&self) -> impl Iterator<Item = (&Stored<EnrollmentGroup>, &GroupKeys)> {
-        self.groups
+    /// The symmetric-key groups with usable keys, in id order, with their index.
+    fn symmetric(&self) -> impl Iterator<Item = (usize, &GroupKeys)> {
+        self.keys
             .iter()
-            .zip(&self.keys)
-            .filter_map(|(g, k)| Some((g, k.as_ref()?)))
+            .enumerate()
+            .filter_map(|(i, k)| Some((i, k.as_ref()?)))
     }
 
-    /// How many groups [`Self::symmetric`] yields: the work of a search.
+    /// How many groups a search tries at most: its work.
     pub fn symmetric_count(&self) -> usize {
         self.keys.iter().filter(|k| k.is_some()).count()
+    }
+
+    /// The first symmetric-key group in id order whose derived key signed the token (the
+    /// messages are `token.signed_messages()`), with the device's raw keys in it.
+    pub fn first_signing(
+        &self,
+        registration_id: &str,
+        token: &SasToken,
+        messages: &[String],
+    ) -> Option<Found> {
+        let (index, _) = self.symmetric().find_map(|(i, keys)| {
+            signing_slot(keys, registration_id, token, messages).map(|slot| (i, slot))
+        })?;
+        self.note_match(index);
+        self.found(index, registration_id)
+    }
+
+    /// What [`Self::first_signing`] would answer, if one of the recently matched groups
+    /// signed the token; `None` otherwise (try them all).
+    pub fn recent_signing(
+        &self,
+        registration_id: &str,
+        token: &SasToken,
+        messages: &[String],
+    ) -> Option<Found> {
+        let recent = self.recent.lock().ok()?.clone();
+        let (index, slot) = recent.into_iter().find_map(|i| {
+            let keys = self.keys.get(i)?.as_ref()?;
+            signing_slot(keys, registration_id, token, messages).map(|slot| (i, slot))
+        })?;
+        let first = self.first_holder[index][slot as usize];
+        self.note_match(first);
+        self.found(first, registration_id)
+    }
+
+    fn found(&self, index: usize, registration_id: &str) -> Option<Found> {
+        let keys = self.keys.get(index)?.as_ref()?;
+        Some(Found {
+            group: self.groups[index].clone(),
+            device_keys: keys.derive(registration_id),
+        })
+    }
+
+    fn note_match(&self, index: usize) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.retain(|i| *i != index);
+            recent.insert(0, index);
+            recent.truncate(RECENT_GROUPS);
+        }
+    }
+
+    /// Whether a full search through these groups already found no group for this exact token
+    /// (a replay, or a device retrying with a wrong key): the answer cannot have changed, since
+    /// a write to the groups makes a new set. Keyed by the whole token, never by the id alone,
+    /// so forging tokens for a device's id cannot lock the device out.
+    pub fn was_refused(&self, registration_id: &str, token: &SasToken) -> bool {
+        let fingerprint = self.fingerprint(registration_id, token);
+        self.refused
+            .lock()
+            .is_ok_and(|refused| refused.contains(&fingerprint))
+    }
+
+    /// Remembers that a full search found no group for this token.
+    pub fn note_refused(&self, registration_id: &str, token: &SasToken) {
+        let fingerprint = self.fingerprint(registration_id, token);
+        if let Ok(mut refused) = self.refused.lock() {
+            if refused.len() >= REFUSED_TOKENS {
+                refused.clear();
+            }
+            refused.insert(fingerprint);
+        }
+    }
+
+    /// A keyed 64-bit hash of what the search's answer depends on (random key per set, so
+    /// nobody can aim a collision at another device's token).
+    fn fingerprint(&self, registration_id: &str, token: &SasToken) -> u64 {
+        self.refused_hasher.hash_one((
+            registration_id,
+            &token.sr_raw,
+            token.expiry,
+            &token.signature,
+        ))
     }
 
     fn get(&self, group_id: &str) -> Option<(Stored<EnrollmentGroup>, Option<GroupKeys>)> {
         let i = *self.by_id.get(&group_id.to_ascii_lowercase())?;
         Some((self.groups[i].clone(), self.keys[i].clone()))
     }
+}
+
+/// A group whose derived key signed the token, and the device's raw keys in it.
+pub struct Found {
+    pub group: Stored<EnrollmentGroup>,
+    pub device_keys: ([u8; 32], [u8; 32]),
+}
+
+/// Which of `keys` the token is signed with a device key derived from, for `registration_id`;
+/// the primary is tried first and the secondary only if it does not sign. `messages` are
+/// `token.signed_messages()`. No allocation: two HMAC states are cloned per key tried.
+pub fn signing_slot(
+    keys: &GroupKeys,
+    registration_id: &str,
+    token: &SasToken,
+    messages: &[String],
+) -> Option<KeySlot> {
+    [KeySlot::Primary, KeySlot::Secondary]
+        .into_iter()
+        .find(|slot| {
+            let device_key = keys.derive_one(*slot, registration_id);
+            Hmac::<Sha256>::new_from_slice(&device_key)
+                .map(|keyed| token.signature_matches(&keyed, messages))
+                .unwrap_or(false)
+        })
 }
 
 #[derive(Default)]
@@ -240,6 +424,7 @@ impl GroupCache {
 mod tests {
     use muster_store::{Expect, SqliteStore, Write};
     use serde_json::json;
+    use sha2::Digest as _;
 
     use super::*;
 
@@ -334,5 +519,30 @@ mod tests {
             GroupCache::default().all(&store).await.expect("all").len(),
             PAGE + 3
         );
+    }
+
+    #[test]
+    fn keys_hmac_treats_alike_are_equivalent() {
+        assert_eq!(hmac_equivalence(&[1, 2, 0, 0]), hmac_equivalence(&[1, 2]));
+        assert_ne!(hmac_equivalence(&[1, 2, 0, 1]), hmac_equivalence(&[1, 2]));
+        let long = [9u8; 80];
+        assert_eq!(hmac_equivalence(&long), Sha256::digest(long).to_vec());
+        for (a, b) in [
+            (vec![3u8; 20], vec![3u8; 20]),
+            (vec![3u8; 20], {
+                let mut k = vec![3u8; 20];
+                k.extend([0, 0]);
+                k
+            }),
+        ] {
+            let (ka, kb) = (
+                Hmac::<Sha256>::new_from_slice(&a).unwrap(),
+                Hmac::<Sha256>::new_from_slice(&b).unwrap(),
+            );
+            assert_eq!(
+                ka.chain_update(b"id").finalize().into_bytes(),
+                kb.chain_update(b"id").finalize().into_bytes()
+            );
+        }
     }
 }

@@ -15,62 +15,30 @@
 //!   flood of forged tokens costs at most `max_running` cores and a bounded queue;
 //! - groups the store holds beyond the cache are read only by an admitted search.
 //!
-//! It must never let an unadmitted request read or hash the groups.
+//! What spares searches (both before the bound, a few tries at most): the groups that matched
+//! a search recently are tried first ([`GroupSet::recent_signing`]: rollouts go group by
+//! group), and a token a full search refused is refused again without one until the groups
+//! change ([`GroupSet::was_refused`]).
+//!
+//! It must never let an unadmitted request read the groups, or hash more of them than
+//! [`RECENT_GROUPS`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
-use muster_proto::{EnrollmentGroup, ErrorCode, SasToken};
-use muster_store::records::Stored;
+use muster_proto::{ErrorCode, SasToken};
 use muster_store::Store;
-use sha2::Sha256;
 use tokio::sync::Semaphore;
 
-use crate::group_cache::{GroupCache, GroupKeys, GroupSet};
+pub use crate::group_cache::Found;
+use crate::group_cache::GroupCache;
+#[cfg(doc)]
+use crate::group_cache::{GroupSet, RECENT_GROUPS};
 use crate::DeviceFailure;
 
 /// Searches through at most this many symmetric-key groups run inline, unbounded: they cost
 /// less than handing them to a thread.
 pub const INLINE_GROUPS: usize = 32;
-
-/// A group whose derived key signed the token, and the device's raw keys in it.
-pub struct Found {
-    pub group: Stored<EnrollmentGroup>,
-    pub device_keys: ([u8; 32], [u8; 32]),
-}
-
-/// Whether `token` is signed with a device key of `registration_id` derived from `keys`; the
-/// device's raw primary and secondary keys if so. `messages` are `token.signed_messages()`.
-pub fn signed_with(
-    keys: &GroupKeys,
-    registration_id: &str,
-    token: &SasToken,
-    messages: &[String],
-) -> Option<([u8; 32], [u8; 32])> {
-    let (primary, secondary) = keys.derive(registration_id);
-    let signs = |key: &[u8; 32]| {
-        Hmac::<Sha256>::new_from_slice(key)
-            .map(|keyed| token.signature_matches(&keyed, messages))
-            .unwrap_or(false)
-    };
-    (signs(&primary) || signs(&secondary)).then_some((primary, secondary))
-}
-
-/// The first symmetric-key group, in id order, whose derived key signed the token.
-fn first_signing(
-    set: &GroupSet,
-    registration_id: &str,
-    token: &SasToken,
-    messages: &[String],
-) -> Option<Found> {
-    set.symmetric().find_map(|(group, keys)| {
-        signed_with(keys, registration_id, token, messages).map(|device_keys| Found {
-            group: group.clone(),
-            device_keys,
-        })
-    })
-}
 
 /// The bound on searches through every group.
 pub struct GroupSearch {
@@ -126,7 +94,14 @@ impl GroupSearch {
         }
         if let Some(set) = &loaded {
             if set.symmetric_count() <= INLINE_GROUPS {
-                return Ok(first_signing(set, registration_id, token, messages));
+                return Ok(set.first_signing(registration_id, token, messages));
+            }
+            // Both cost a few tries at most, so they run before the bound.
+            if set.was_refused(registration_id, token) {
+                return Ok(None);
+            }
+            if let Some(found) = set.recent_signing(registration_id, token, messages) {
+                return Ok(Some(found));
             }
         }
         let _admission = self.admit()?;
@@ -139,16 +114,22 @@ impl GroupSearch {
             None => groups.set(store).await?,
         };
         if set.symmetric_count() <= INLINE_GROUPS {
-            return Ok(first_signing(&set, registration_id, token, messages));
+            return Ok(set.first_signing(registration_id, token, messages));
         }
         let (id, token, messages) = (
             registration_id.to_string(),
             token.clone(),
             messages.to_vec(),
         );
-        tokio::task::spawn_blocking(move || first_signing(&set, &id, &token, &messages))
-            .await
-            .map_err(|e| DeviceFailure::internal("searching the enrollment groups", e))
+        tokio::task::spawn_blocking(move || {
+            let found = set.first_signing(&id, &token, &messages);
+            if found.is_none() {
+                set.note_refused(&id, &token);
+            }
+            found
+        })
+        .await
+        .map_err(|e| DeviceFailure::internal("searching the enrollment groups", e))
     }
 
     /// Takes every turn and waiting place until the returned guard drops: any search is then

@@ -142,11 +142,27 @@ pub trait HubConnection: Send + Sync {
     async fn put_device(&self, spec: &HubDeviceSpec, twin: TwinWrite<'_>)
         -> Result<bool, HubError>;
 
+    /// Whether `put_device` writes the device and its twin in one atomic step. When it does
+    /// not (REST: two calls), the engine records that the hub lacked the device before the
+    /// put, so a failure or crash between the two still ends with the initial twin.
+    fn writes_device_and_twin_together(&self) -> bool {
+        false
+    }
+
     /// Deletes the device; a device that is not there is not an error.
     async fn delete_device(&self, device_id: &str) -> Result<(), HubError>;
 
     /// The device's twin (`GET /twins/{id}`), `None` when the device is not there.
     async fn get_twin(&self, device_id: &str) -> Result<Option<Value>, HubError>;
+
+    /// The device identity's etag (`GET /devices/{id}`), `None` when the device is not there.
+    /// Every identity write draws a new one.
+    async fn device_etag(&self, device_id: &str) -> Result<Option<String>, HubError>;
+
+    /// Deletes the device only if its identity etag is still `etag`. Returns false when it
+    /// changed (412: a later write owns the device, which stays); a device that is not there
+    /// counts as deleted.
+    async fn delete_device_if(&self, device_id: &str, etag: &str) -> Result<bool, HubError>;
 }
 
 /// A linked hub reached over its registry REST API.
@@ -190,6 +206,20 @@ impl HubConnection for RestHub {
     async fn get_twin(&self, device_id: &str) -> Result<Option<Value>, HubError> {
         self.client
             .get_twin(&self.connection_string, device_id)
+            .await
+    }
+
+    async fn device_etag(&self, device_id: &str) -> Result<Option<String>, HubError> {
+        let device = self
+            .client
+            .get_device(&self.connection_string, device_id)
+            .await?;
+        Ok(device.and_then(|d| d.get("etag").and_then(Value::as_str).map(str::to_string)))
+    }
+
+    async fn delete_device_if(&self, device_id: &str, etag: &str) -> Result<bool, HubError> {
+        self.client
+            .delete_device_if(&self.connection_string, device_id, etag)
             .await
     }
 }
@@ -331,6 +361,47 @@ impl HubClient {
         {
             Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `DELETE /devices/{id}` with `If-Match: "{etag}"`: false when the device's etag
+    /// differs (412), true when it was deleted or not there.
+    pub async fn delete_device_if(
+        &self,
+        cs: &str,
+        device_id: &str,
+        etag: &str,
+    ) -> Result<bool, HubError> {
+        let path = format!("/devices/{}", encode_id(device_id));
+        let quoted = format!("\"{etag}\"");
+        match self
+            .call(
+                cs,
+                reqwest::Method::DELETE,
+                &path,
+                None,
+                Some(&quoted),
+                "delete device",
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(true),
+            Err(e) if e.status() == Some(412) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /devices/{id}`, `None` when the device is not there.
+    pub async fn get_device(&self, cs: &str, device_id: &str) -> Result<Option<Value>, HubError> {
+        let path = format!("/devices/{}", encode_id(device_id));
+        match self
+            .call(cs, reqwest::Method::GET, &path, None, None, "read device")
+            .await
+        {
+            Ok((_, v)) => Ok(Some(v)),
+            Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(e),
         }
     }

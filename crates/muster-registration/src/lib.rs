@@ -9,7 +9,8 @@
 //! Layout:
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled
 //!   queues; every plan is saved before its hub write (intent before effect), and
-//!   `engine/deprovision.rs` removes a record and its hub device the same way.
+//!   `engine/deprovision.rs` removes a record and its hub device the same way (the hub delete
+//!   conditional on the device's etag, so a device that registered again keeps it).
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
 //!   kept until one is written; one group by id.
@@ -24,6 +25,8 @@
 //!   the twin rule (`TwinPlan`) and the substatus it yields.
 //! - [`throttle`] — per-hub token buckets.
 //! - [`reply`] — [`DeviceReply`], what transports send back.
+//! - [`metrics`] — the engine's metrics (registrations, latencies, throttle queues,
+//!   webhook calls), recorded through the `metrics` facade; the server installs the exporter.
 
 pub mod allocation;
 pub mod device_auth;
@@ -31,6 +34,7 @@ pub mod engine;
 pub mod group_cache;
 pub mod group_search;
 pub mod hub_client;
+pub mod metrics;
 pub mod record;
 pub mod reply;
 pub mod throttle;
@@ -42,6 +46,7 @@ use muster_proto::ErrorCode;
 
 pub use engine::{Engine, EngineConfig};
 pub use hub_client::{HubClient, HubConnection};
+pub use metrics::Transport;
 pub use reply::DeviceReply;
 
 /// Why a registration did not succeed: a code that names the failed check and a message
@@ -62,7 +67,9 @@ impl DeviceFailure {
     }
 
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
-        tracing::error!(%err, "{context}");
+        if let Some(suppressed) = INTERNAL_ERROR_LOG.admit() {
+            tracing::error!(%err, suppressed, "{context}");
+        }
         Self::new(
             ErrorCode::Internal,
             format!("internal error while {context}"),
@@ -100,6 +107,10 @@ impl From<muster_store::StoreError> for DeviceFailure {
 
 /// A full disk fails every request: one warning per interval, with the count held back.
 static STORE_UNAVAILABLE_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
+
+/// An internal error repeats on every request that meets it: one line per interval.
+static INTERNAL_ERROR_LOG: muster_proto::log_limit::LogLimiter =
     muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
 impl DeviceFailure {
@@ -146,6 +157,8 @@ pub struct RegisterRequest {
     pub registration_id: String,
     pub credential: DeviceCredential,
     pub body: DeviceRegistration,
+    /// Where the request arrived (a metrics label only).
+    pub transport: Transport,
 }
 
 /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`, or the MQTT poll.

@@ -109,6 +109,12 @@ pub struct PendingAssignment {
     /// thumbprint (the certificate itself is not kept, so it can't be recomputed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thumbprint: Option<String>,
+    /// The target hub was found without the device before this plan's put: the initial twin
+    /// is owed even when a retry finds the device. Recorded (intent before effect) for hubs
+    /// whose device and twin are two writes (REST), so a failure or crash between them is
+    /// finished with the twin rather than as a kept device.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub creates_device: bool,
 }
 
 impl PendingAssignment {
@@ -123,15 +129,20 @@ impl PendingAssignment {
     /// reset and when a migration found nothing to copy; otherwise (a first assignment, a
     /// device kept on its hub) only if the hub write creates the device.
     pub fn initial_twin_write<'a>(&self, tags: &'a Value, desired: &'a Value) -> TwinWrite<'a> {
-        let replace = match self.twin {
-            TwinPlan::Initial { .. } => !self.initial,
-            TwinPlan::Migrate { .. } => true,
-            TwinPlan::Keep { .. } => false,
-        };
-        if replace {
+        if self.creates_device || !self.twin_depends_on_creation() {
             TwinWrite::Replace { tags, desired }
         } else {
             TwinWrite::ReplaceIfCreated { tags, desired }
+        }
+    }
+
+    /// Whether the twin is written only if the hub creates the device (a first assignment, a
+    /// device kept on its hub); otherwise it is always replaced.
+    pub fn twin_depends_on_creation(&self) -> bool {
+        match self.twin {
+            TwinPlan::Initial { .. } => self.initial,
+            TwinPlan::Migrate { .. } => false,
+            TwinPlan::Keep { .. } => true,
         }
     }
 
@@ -185,6 +196,7 @@ mod tests {
             substatus,
             payload: None,
             thumbprint: None,
+            creates_device: false,
         }
     }
 

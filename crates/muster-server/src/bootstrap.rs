@@ -15,6 +15,7 @@ use serde_json::Value;
 pub use muster_service_api::OWNER_POLICY;
 pub const HUB_OWNER_POLICY: &str = "iothubowner";
 const HUB_POLICIES_KEY: &str = "hub_policies";
+const HUB_STORAGE_NAME_KEY: &str = "built_in_hub_storage_name";
 
 const ID_SCOPE_KEY: &str = "id_scope";
 use muster_service_api::POLICIES_KEY;
@@ -98,6 +99,34 @@ pub async fn hub_policies(
     get_or_insert(store, HUB_POLICIES_KEY, &defaults).await
 }
 
+/// The name the built-in hub's records are stored under: the host it had when this was
+/// first asked (kept in the settings), so its devices, twins and messages stay put when its
+/// address changes. A store from before this setting takes the built-in linked hub's name,
+/// which is what its records are keyed by.
+pub async fn built_in_hub_storage_name(
+    store: &dyn Store,
+    hub_name: &str,
+) -> Result<String, StoreError> {
+    use muster_proto::linked_hub::LinkedHub;
+    if let Some(r) = store
+        .get(Collection::Settings, HUB_STORAGE_NAME_KEY)
+        .await?
+    {
+        if let Some(name) = r.body.as_str() {
+            return Ok(name.to_string());
+        }
+    }
+    let mut current = hub_name.to_ascii_lowercase();
+    for r in muster_store::records::list_all(store, Collection::LinkedHubs, 500).await? {
+        if let Ok(hub) = serde_json::from_value::<LinkedHub>(r.body) {
+            if hub.built_in {
+                current = hub.name.to_ascii_lowercase();
+            }
+        }
+    }
+    get_or_insert(store, HUB_STORAGE_NAME_KEY, &current).await
+}
+
 /// Links the built-in hub and the configured hubs. The built-in hub keeps its weight and
 /// allocation flag if an operator changed them; its connection string follows the config.
 pub async fn link_hubs(
@@ -130,33 +159,12 @@ pub async fn link_hubs(
             built_in: false,
         });
     }
-    // A built-in hub that was renamed (new host or port) leaves a stale entry nobody serves.
-    let mut after = None;
-    loop {
-        let page = store
-            .list(
-                Collection::LinkedHubs,
-                muster_store::ListQuery {
-                    partition: None,
-                    after: after.clone(),
-                    limit: 500,
-                },
-            )
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        for r in page {
-            if let Ok(old) = serde_json::from_value::<LinkedHub>(r.body.clone()) {
-                if old.built_in && !old.name.eq_ignore_ascii_case(built_in_name) {
-                    tracing::warn!(old = %old.name, new = %built_in_name, "the built-in hub's address changed; unlinking the old one");
-                    store
-                        .write(vec![Write::delete(
-                            Collection::LinkedHubs,
-                            r.key,
-                            Expect::Etag(r.etag),
-                        )])
-                        .await?;
-                }
+    // A built-in hub that was renamed (new host or port, a restore on another host) takes
+    // every reference to its old name along (see `hub_rename`).
+    for r in muster_store::records::list_all(store, Collection::LinkedHubs, 500).await? {
+        if let Ok(old) = serde_json::from_value::<LinkedHub>(r.body.clone()) {
+            if old.built_in && !old.name.eq_ignore_ascii_case(built_in_name) {
+                crate::hub_rename::rename_built_in_hub(store, r, &old, built_in_name).await?;
             }
         }
     }

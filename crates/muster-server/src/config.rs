@@ -2,6 +2,7 @@
 //! options and `MUSTER_*` environment variables (the binary does that merge), with documented
 //! defaults ([`Config::default`]).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,19 +25,31 @@ pub struct Config {
     /// The ID scope this node belongs to. A new store takes it; a store that has another
     /// one is refused. `None`: whatever the store has (a random one for a new store).
     pub id_scope: Option<String>,
-    /// Name or IP address the DPS is reached at; listeners bind it and the server
-    /// certificate names it.
+    /// Name or IP address devices and clients are told to reach the DPS at; the server
+    /// certificate names it. Listeners bind it only when `listen` is empty.
     pub dps_host: String,
-    /// Name or IP of the built-in IoT hub; its listeners bind it. `None`: the DPS host.
+    /// Name or IP devices are told for the built-in IoT hub. `None`: the DPS host.
     pub hub_host: Option<String>,
-    /// HTTPS port: device API, service API, hub REST, MQTT over WebSocket.
+    /// IP addresses every listener binds (`0.0.0.0`, `::`, `[::]` allowed). Empty: the
+    /// addresses the advertised hosts resolve to (loopback for the default `localhost`).
+    pub listen: Vec<String>,
+    /// `ADDR:PORT` of a plain-HTTP admin listener (`/healthz`, `/readyz`); off when `None`.
+    pub admin_listen: Option<String>,
+    /// How `muster serve` writes its log lines.
+    pub log_format: LogFormat,
+    /// HTTPS port: device API, service API, hub REST, MQTT and AMQP over WebSocket.
     pub https_port: u16,
     /// MQTT over TLS port for device registration.
     pub mqtt_port: u16,
+    /// AMQP over TLS port for device registration (`0` picks a free port).
+    pub amqp_port: u16,
     /// PEM certificate chain to serve instead of one issued by the local CA.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// How often the TLS certificate and key files are checked for a change (SIGHUP checks
+    /// at once).
+    pub tls_reload_interval_ms: u64,
     /// Extra names and addresses the local CA's server certificate should carry.
     pub extra_hosts: Vec<String>,
     /// Most concurrent connections per listener; more wait in the accept queue. Lowered at
@@ -52,13 +65,15 @@ pub struct Config {
     pub http_header_timeout_ms: u64,
     /// Time a kept-alive HTTPS connection may wait for its next request (headers included).
     pub http_idle_timeout_ms: u64,
-    /// Time a device MQTT connection gets, after TLS or the WebSocket upgrade, to send CONNECT.
+    /// Time a device MQTT connection gets, after TLS or the WebSocket upgrade, to send CONNECT;
+    /// an AMQP connection gets as long to open its first link.
     pub mqtt_connect_timeout_ms: u64,
-    /// Time an MQTT registration connection gets, from its start, to authenticate (its first
+    /// Time an MQTT or AMQP registration connection gets, from its start, to authenticate (its first
     /// request accepted); a failed attestation closes it at once, after the error response.
     pub mqtt_auth_timeout_ms: u64,
     /// The longest an MQTT device connection may stay silent: 1.5 × the client's keep-alive
-    /// is capped at this, which is also the limit when keep-alive is 0 (IoT Hub: 1767 s).
+    /// is capped at this, which is also the limit when keep-alive is 0 (IoT Hub: 1767 s); an
+    /// AMQP registration connection without a request for this long is closed.
     pub mqtt_max_idle_secs: u64,
     /// This node's region, matched against linked hubs' `location` by `geoLatency`.
     pub region: Option<String>,
@@ -71,6 +86,33 @@ pub struct Config {
     /// How long the built-in hub keeps a device's persistent MQTT session (CleanSession=0)
     /// after the device disconnected.
     pub hub_session_expiry_secs: u64,
+    /// Days the audit log keeps an entry; older ones are pruned periodically.
+    pub audit_retention_days: u32,
+    /// Most `GET /events/registrations` streams (console live views included) open at once.
+    pub max_event_subscribers: usize,
+}
+
+/// How log lines are written: `text` for people, `json` (one object per line) for collectors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(ConfigError::Invalid(format!(
+                "log-format must be `text` or `json`, not `{other}`"
+            ))),
+        }
+    }
 }
 
 /// The listeners' limits and deadlines ([`Config::connection_limits`]); `max_connections` is
@@ -127,10 +169,15 @@ impl Default for Config {
             id_scope: None,
             dps_host: "localhost".into(),
             hub_host: None,
+            listen: Vec::new(),
+            admin_listen: None,
+            log_format: LogFormat::Text,
             https_port: 443,
             mqtt_port: 8883,
+            amqp_port: 5671,
             tls_cert: None,
             tls_key: None,
+            tls_reload_interval_ms: 5_000,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
             max_unauthenticated_per_address: 256,
@@ -145,6 +192,8 @@ impl Default for Config {
             webhook_retries: 3,
             linked_hubs: Vec::new(),
             hub_session_expiry_secs: 3600,
+            audit_retention_days: 90,
+            max_event_subscribers: 32,
         }
     }
 }
@@ -195,9 +244,16 @@ impl Config {
         if self.dps_host.trim().is_empty() {
             return Err(ConfigError::Invalid("dps-host must not be empty".into()));
         }
+        self.listen_addrs()?;
+        self.admin_addr()?;
         if self.hub_session_expiry_secs == 0 {
             return Err(ConfigError::Invalid(
                 "hub-session-expiry-secs must be at least 1".into(),
+            ));
+        }
+        if self.audit_retention_days == 0 {
+            return Err(ConfigError::Invalid(
+                "audit-retention-days must be at least 1".into(),
             ));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
@@ -227,6 +283,7 @@ impl Config {
         }
         for (name, value) in [
             ("tls-handshake-timeout-ms", self.tls_handshake_timeout_ms),
+            ("tls-reload-interval-ms", self.tls_reload_interval_ms),
             ("http-header-timeout-ms", self.http_header_timeout_ms),
             ("http-idle-timeout-ms", self.http_idle_timeout_ms),
             ("mqtt-connect-timeout-ms", self.mqtt_connect_timeout_ms),
@@ -274,6 +331,44 @@ impl Config {
         Err(ConfigError::Invalid(
             "store must be `sqlite`, `sqlite:PATH` or a postgres:// URL".into(),
         ))
+    }
+
+    /// `listen` parsed: each entry an IP address, IPv6 with or without brackets, duplicates
+    /// dropped.
+    pub fn listen_addrs(&self) -> Result<Vec<IpAddr>, ConfigError> {
+        let mut addrs = Vec::new();
+        for entry in &self.listen {
+            let text = entry.trim();
+            let ip = text
+                .strip_prefix('[')
+                .and_then(|t| t.strip_suffix(']'))
+                .unwrap_or(text)
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "listen: `{entry}` is not an IP address (e.g. 0.0.0.0, ::, 192.168.1.10); \
+                         names devices use go in dps-host, hub-host and extra-hosts"
+                    ))
+                })?;
+            if !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// `admin_listen` parsed.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.admin_listen
+            .as_deref()
+            .map(|text| {
+                text.trim().parse::<SocketAddr>().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "admin-listen: `{text}` is not ADDR:PORT (e.g. 127.0.0.1:9090, [::1]:9090)"
+                    ))
+                })
+            })
+            .transpose()
     }
 
     /// The listeners' deadlines and limits, as the listener and session code takes them.
@@ -343,6 +438,7 @@ mod tests {
         assert_eq!(c.dps_host, "127.0.0.2");
         assert_eq!(c.https_port, 8443);
         assert_eq!(c.mqtt_port, 8883);
+        assert_eq!(c.amqp_port, 5671);
         std::fs::write(&p, "dps-hots = \"x\"\n").unwrap();
         let e = Config::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("dps-hots"), "{e}");
@@ -370,6 +466,40 @@ mod tests {
             ..Config::default()
         };
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn listen_addresses_are_ips_and_admin_listen_an_address_with_port() {
+        let text = "listen = [\"0.0.0.0\", \"[::]\", \"::1\", \"0.0.0.0\"]\n\
+                    admin-listen = \"127.0.0.1:9090\"\nlog-format = \"json\"\n";
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let addrs: Vec<String> = c
+            .listen_addrs()
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(addrs, ["0.0.0.0", "::", "::1"]);
+        assert_eq!(
+            c.admin_addr().unwrap(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+        );
+        assert_eq!(c.log_format, LogFormat::Json);
+        let named = Config {
+            listen: vec!["dps.example.lan".into()],
+            ..Config::default()
+        };
+        let e = named.validate().unwrap_err().to_string();
+        assert!(e.contains("listen") && e.contains("dps.example.lan"), "{e}");
+        let no_port = Config {
+            admin_listen: Some("127.0.0.1".into()),
+            ..Config::default()
+        };
+        let e = no_port.validate().unwrap_err().to_string();
+        assert!(e.contains("admin-listen"), "{e}");
+        assert!("yaml".parse::<LogFormat>().is_err());
+        assert_eq!("JSON".parse::<LogFormat>().unwrap(), LogFormat::Json);
     }
 
     #[test]

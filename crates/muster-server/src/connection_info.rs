@@ -12,20 +12,40 @@ pub struct ConnectionInfo {
     pub dps_host: String,
     pub https_port: u16,
     pub mqtt_port: u16,
+    /// AMQP over TLS (0 in files written before AMQP existed).
+    #[serde(default)]
+    pub amqp_port: u16,
     /// `host` when the HTTPS port is 443, else `host:port`: the DPS "global device endpoint".
     pub device_endpoint: String,
     /// Service API base URL.
     pub service_endpoint: String,
     /// Connection string of the `provisioningserviceowner` policy.
     pub service_connection_string: String,
-    /// Path of the PEM file clients must trust.
-    pub ca_certificate: PathBuf,
+    /// Path of the PEM file of the local CA clients must trust; `null` when the server
+    /// presents a certificate given with `--tls-cert` (see `tlsCertificate`).
+    pub ca_certificate: Option<PathBuf>,
+    /// The certificate given with `--tls-cert`: clients trust its issuer (for a public CA,
+    /// the system roots do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<TlsCertificateInfo>,
     /// The web console's URL (`{serviceEndpoint}/console`).
     #[serde(default)]
     pub console_url: String,
     /// IoT hubs this server runs (the built-in one).
     #[serde(default)]
     pub hubs: Vec<HubInfo>,
+}
+
+/// A user-supplied server certificate, as read at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsCertificateInfo {
+    /// The chain file (reloaded when it changes).
+    pub path: PathBuf,
+    /// The leaf's subject (RFC 4514).
+    pub subject: String,
+    /// The leaf's issuer: the CA clients must trust.
+    pub issuer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,30 +5,58 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
+//!   reloaded when its files change or on demand (SIGHUP).
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
 //!   signature is checked with the leaf's own key), judged after the handshake.
-//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, MQTT over WebSocket.
+//! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, device WebSockets.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
-//! - [`listener`] — TLS accept loops (HTTPS and device MQTT), connection limits, deadlines,
+//! - [`bind_set`] — the addresses every listener binds (`--listen`), apart from the
+//!   advertised names.
+//! - [`health`] — `/healthz` and `/readyz` (store write probe, listeners accepting).
+//! - [`admin`] — the optional plain-HTTP admin listener (`--admin-listen`): health, metrics.
+//! - [`hub_rename`] — a built-in hub whose address changed takes every stored reference to
+//!   its old name along, in one transaction.
+//! - [`listener`] — TLS accept loops (HTTPS, device MQTT, device AMQP), connection limits, deadlines,
 //!   back-off when `accept` fails, draining.
 //! - [`admission`] — per-source-address limit on unauthenticated connections.
 //! - [`descriptors`] — the file descriptor limit: raised at start, connection limits fitted.
 //! - [`mqtt_dispatch`] — one MQTT port for registration and the hub's device endpoint.
+//! - [`refusal_log`] — a debug line for every refused HTTPS request (status, code, check).
+//! - [`amqp_dispatch`] — one AMQP port (5671) for registration (the hub's later).
+//! - [`device_websocket`] — `/$iothub/websocket`: MQTT or AMQP by the offered subprotocol.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
+//! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
+//!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
+//! - [`registration_events`] — each transport's view of the engine, publishing every
+//!   registration to the live event feed.
+//! - [`audit_retention`] — the periodic pruning of the audit log.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
 //! that sees the file can connect.
 
+pub mod admin;
 pub mod admission;
+pub mod amqp_dispatch;
 pub mod app;
+pub mod audit_retention;
+pub mod bind_set;
 pub mod bootstrap;
 pub mod client_cert;
 pub mod config;
 pub mod connection_info;
 pub mod descriptors;
+pub mod device_websocket;
+pub mod health;
+pub mod hub_rename;
 pub mod listener;
 pub mod local_hub;
+pub mod metered_store;
+pub mod metrics;
 pub mod mqtt_dispatch;
+pub mod refusal_log;
+pub mod registration_events;
+pub mod server_cert;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -38,13 +66,15 @@ use std::sync::Arc;
 use muster_proto::runtime::{Clock, Entropy, OsEntropy, SystemClock};
 use muster_proto::{ConnectionString, IdScope};
 use muster_registration::{DeviceRegistrar, Engine, EngineConfig};
+use muster_service_api::events::RegistrationFeed;
 use muster_service_api::{Authorizer, Limits, ServiceApi};
 use muster_store::{SqliteStore, Store};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::info;
 
-pub use config::Config;
+pub use bind_set::BindSet;
+pub use config::{Config, LogFormat};
 pub use connection_info::ConnectionInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +95,10 @@ pub enum ServerError {
     IdScopeMismatch { expected: String, stored: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("could not resolve {host}: {source}")]
+    #[error(
+        "could not resolve {host}: {source}; to advertise a name this machine cannot resolve, \
+         bind its addresses with --listen (e.g. --listen 0.0.0.0)"
+    )]
     Resolve {
         host: String,
         source: std::io::Error,
@@ -93,17 +126,29 @@ pub struct Server {
     pub connection: ConnectionInfo,
     pub https_addrs: Vec<SocketAddr>,
     pub mqtt_addrs: Vec<SocketAddr>,
+    /// The addresses the HTTPS and MQTT listeners bound.
+    pub bind_set: BindSet,
+    /// Where the plain-HTTP admin listener listens, when configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// Where the AMQP listeners listen (registration over AMQP 1.0).
+    pub amqp_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    reload_certificate: Arc<tokio::sync::Notify>,
 }
 
 /// Opens the store the configuration names (SQLite by default).
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+async fn open_store(
+    config: &Config,
+    entropy: Arc<dyn Entropy>,
+) -> Result<Arc<dyn Store>, ServerError> {
     match config.store_location()? {
-        config::StoreLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(&path)?)),
+        config::StoreLocation::Sqlite(path) => {
+            Ok(Arc::new(SqliteStore::open_with_entropy(&path, entropy)?))
+        }
         #[cfg(feature = "postgres")]
         config::StoreLocation::Postgres { url, sealing_key } => Ok(Arc::new(
-            muster_store::PostgresStore::open(&url, &sealing_key).await?,
+            muster_store::PostgresStore::open_with_entropy(&url, &sealing_key, entropy).await?,
         )),
         #[cfg(not(feature = "postgres"))]
         config::StoreLocation::Postgres { .. } => Err(config::ConfigError::Invalid(
@@ -134,7 +179,7 @@ impl Server {
         entropy: Arc<dyn Entropy>,
     ) -> Result<Server, ServerError> {
         prepare_data_dir(&config)?;
-        let store = open_store(&config).await?;
+        let store = open_store(&config, entropy.clone()).await?;
         Self::start_on_store(config, clock, entropy, store).await
     }
 
@@ -148,6 +193,8 @@ impl Server {
     ) -> Result<Server, ServerError> {
         // Again for callers that opened their store elsewhere (idempotent).
         prepare_data_dir(&config)?;
+        let metrics_handle = metrics::install();
+        let store: Arc<dyn Store> = Arc::new(metered_store::MeteredStore::new(store));
         let data_dir = config.data_dir.clone();
         let expected_scope = match &config.id_scope {
             Some(scope) => Some(
@@ -178,22 +225,32 @@ impl Server {
             (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
             _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,
         };
-        // Devices may present X.509 client certificates on both listeners.
-        let https_tls = server_identity.rustls_config_with(&[b"http/1.1"], true)?;
-        let mqtt_tls = server_identity.rustls_config_with(&[], true)?;
+        // One certificate for every TLS listener, replaced in place when its files change.
+        let certificate = server_cert::ServerCertificate::new(&server_identity)?;
+        let tls_config = |alpn: &[&[u8]]| {
+            // Devices may present X.509 client certificates on both listeners.
+            tls::server_config(certificate.clone(), alpn, true).map_err(|source| {
+                tls::TlsError::Rustls {
+                    cert: server_identity.cert_path().to_path_buf(),
+                    source,
+                }
+            })
+        };
+        let https_tls = tls_config(&[b"http/1.1"])?;
+        let mqtt_tls = tls_config(&[])?;
 
         // Bind everything before anything is announced.
-        let mut https_addrs = resolve(&config.dps_host, config.https_port).await?;
-        let mut mqtt_addrs = resolve(&config.dps_host, config.mqtt_port).await?;
-        if !hub_host.eq_ignore_ascii_case(&config.dps_host) {
-            https_addrs.extend(resolve(&hub_host, config.https_port).await?);
-            mqtt_addrs.extend(resolve(&hub_host, config.mqtt_port).await?);
-        }
-        let https_listeners = listener::bind(&https_addrs, "HTTPS").await?;
-        let mqtt_listeners = listener::bind(&mqtt_addrs, "MQTT").await?;
+        let bind_set = BindSet::from_config(&config).await?;
+        let https_listeners = bind_set.bind(config.https_port, "HTTPS").await?;
+        let mqtt_listeners = bind_set.bind(config.mqtt_port, "MQTT").await?;
+        let amqp_listeners = bind_set.bind(config.amqp_port, "AMQP").await?;
+        let admin_listener = match config.admin_addr()? {
+            Some(addr) => Some(admin::bind(addr).await?),
+            None => None,
+        };
         let max_connections = fit_connections_to_descriptors(
             config.max_connections,
-            https_listeners.len() + mqtt_listeners.len(),
+            https_listeners.len() + mqtt_listeners.len() + amqp_listeners.len(),
         );
         let bound: Vec<SocketAddr> = https_listeners
             .iter()
@@ -203,16 +260,26 @@ impl Server {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         let https_port = bound.first().map(|a| a.port()).unwrap_or(config.https_port);
         let mqtt_port = mqtt_bound
             .first()
             .map(|a| a.port())
             .unwrap_or(config.mqtt_port);
+        let amqp_bound: Vec<SocketAddr> = amqp_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let amqp_port = amqp_bound
+            .first()
+            .map(|a| a.port())
+            .unwrap_or(config.amqp_port);
 
         let endpoint = connection_info::host_with_port(&config.dps_host, https_port, 443);
         let hub_endpoint = connection_info::host_with_port(&hub_host, https_port, 443);
 
-        // The built-in hub, linked like any other hub.
+        // The built-in hub, linked like any other hub; its records stay under its first name.
+        let hub_storage_name = bootstrap::built_in_hub_storage_name(&*store, &hub_endpoint).await?;
         let limits = config.connection_limits();
         let hub = muster_hub::HubRegistry::with_limits(
             store.clone(),
@@ -226,7 +293,8 @@ impl Server {
                 max_idle: limits.mqtt_max_idle,
                 ..muster_hub::DeviceEndpointLimits::default()
             },
-        );
+        )
+        .with_storage_name(&hub_storage_name);
         let hub_owner = hub_policies
             .iter()
             .find(|p| p.key_name == bootstrap::HUB_OWNER_POLICY)
@@ -266,18 +334,27 @@ impl Server {
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
         // The built-in hub is written in process; other linked hubs over their REST API.
-        let engine = Engine::new(store.clone(), clock, entropy, http, engine_config)
+        let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
             .with_local_hub(
                 &hub_endpoint,
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
             );
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
+        let events = RegistrationFeed::new(config.max_event_subscribers);
+        let reporting = |transport: &'static str| -> Arc<dyn DeviceRegistrar> {
+            Arc::new(registration_events::ReportingRegistrar {
+                inner: registrar.clone(),
+                transport,
+                feed: events.clone(),
+                clock: clock.clone(),
+            })
+        };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mqtt_services = mqtt_dispatch::MqttServices {
-            registrar: registrar.clone(),
+            registrar: reporting("mqtt"),
             hub: hub.clone(),
             limits: muster_device_api::mqtt::MqttLimits {
                 connect_timeout: limits.mqtt_connect_timeout,
@@ -297,15 +374,48 @@ impl Server {
             api.clone(),
             hub.clone(),
             Arc::new(local_hub::EngineHubDevices(engine.clone())),
+        )
+        .with_registration_events(events.clone());
+        let amqp_services = amqp_dispatch::AmqpServices {
+            registrar: reporting("amqp"),
+            limits: muster_device_api::amqp::AmqpLimits {
+                open_timeout: limits.mqtt_connect_timeout,
+                auth_timeout: limits.mqtt_auth_timeout,
+                idle_timeout: limits.mqtt_max_idle,
+                ..Default::default()
+            },
+        };
+        let open_listeners = health::OpenListeners::default();
+        open_listeners.expect(bound.len() + mqtt_bound.len() + amqp_bound.len());
+        let health = health::Health::new(store.clone(), open_listeners.clone());
+        let app = app::https_app(
+            api,
+            reporting("https"),
+            mqtt_services.clone(),
+            amqp_services.clone(),
+            console,
+            health.clone(),
+            metrics_handle.clone(),
+            events,
         );
-        let app = app::https_app(api, mqtt_services.clone(), console);
+        tasks.spawn(audit_retention::run(
+            store.clone(),
+            clock.clone(),
+            config.audit_retention_days,
+            shutdown_rx.clone(),
+        ));
         let listener_limits = listener::ListenerLimits {
             max_connections,
             tls_handshake_timeout: limits.tls_handshake_timeout,
             http_header_timeout: limits.http_header_timeout,
             http_idle_timeout: limits.http_idle_timeout,
             pre_auth: admission::PreAuthLimiter::new(limits.max_unauthenticated_per_address),
+            open_listeners,
         };
+        tasks.spawn(metrics::run_upkeep(
+            metrics_handle.clone(),
+            shutdown_rx.clone(),
+        ));
         for l in https_listeners {
             tasks.spawn(listener::serve_https(
                 l,
@@ -324,17 +434,51 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
+        if let Some(l) = admin_listener {
+            tasks.spawn(admin::serve(
+                l,
+                admin::admin_router(health, metrics_handle.clone()),
+                shutdown_rx.clone(),
+            ));
+        }
+        let reload_certificate = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(server_cert::watch(
+            server_cert::CertificateFiles::new(&server_identity, certificate),
+            std::time::Duration::from_millis(config.tls_reload_interval_ms),
+            reload_certificate.clone(),
+            shutdown_rx.clone(),
+        ));
+        for l in amqp_listeners {
+            tasks.spawn(listener::serve_amqp(
+                l,
+                mqtt_tls.clone(),
+                amqp_services.clone(),
+                listener_limits.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         engine
             .resume_pending()
             .await
             .map_err(|f| ServerError::Engine(f.message))?;
 
+        // With --tls-cert clients trust the chain's issuer (a public CA: the system roots),
+        // not the local CA.
+        let user_certificate = config.tls_cert.as_ref().map(|path| {
+            let (subject, issuer) = server_identity.leaf_names().unwrap_or_default();
+            connection_info::TlsCertificateInfo {
+                path: absolute(path.clone()),
+                subject,
+                issuer,
+            }
+        });
         let owner = identity.owner().cloned();
         let connection = ConnectionInfo {
             id_scope: identity.id_scope.to_string(),
             dps_host: config.dps_host.clone(),
             https_port,
             mqtt_port,
+            amqp_port,
             device_endpoint: endpoint.clone(),
             service_endpoint: format!("https://{endpoint}"),
             service_connection_string: owner
@@ -347,7 +491,10 @@ impl Server {
                     .to_string()
                 })
                 .unwrap_or_default(),
-            ca_certificate: absolute(ca.cert_path().to_path_buf()),
+            ca_certificate: user_certificate
+                .is_none()
+                .then(|| absolute(ca.cert_path().to_path_buf())),
+            tls_certificate: user_certificate,
             console_url: format!("https://{endpoint}{}", muster_console::BASE),
             hubs: vec![connection_info::HubInfo {
                 host_name: hub_endpoint,
@@ -359,14 +506,29 @@ impl Server {
         connection
             .write(&data_dir)
             .map_err(|source| ServerError::ConnectionInfo { path, source })?;
-        info!(https = ?bound, mqtt = ?mqtt_bound, console = %connection.console_url, "listening");
+        info!(https = ?bound, mqtt = ?mqtt_bound, amqp = ?amqp_bound, admin = ?admin_addr, console = %connection.console_url, "listening");
         Ok(Server {
             connection,
             https_addrs: bound,
             mqtt_addrs: mqtt_bound,
+            bind_set,
+            admin_addr,
+            amqp_addrs: amqp_bound,
             shutdown,
             tasks,
+            reload_certificate,
         })
+    }
+
+    /// Reads the TLS certificate and key files again now (what SIGHUP does) instead of at
+    /// the next poll; new connections get them if they load.
+    pub fn reload_certificate(&self) {
+        self.reload_certificate.notify_one();
+    }
+
+    /// A handle that does [`Server::reload_certificate`] from elsewhere (a signal handler).
+    pub fn certificate_reloader(&self) -> Arc<tokio::sync::Notify> {
+        self.reload_certificate.clone()
     }
 
     /// Stops accepting, lets open requests finish (bounded by the drain timeout), and returns.
@@ -456,27 +618,4 @@ fn outbound_client(ca: &tls::LocalCa) -> Result<reqwest::Client, ServerError> {
 
 fn absolute(p: PathBuf) -> PathBuf {
     std::path::absolute(&p).unwrap_or(p)
-}
-
-/// Addresses `host` resolves to. `localhost` resolves to loopback without asking DNS.
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ServerError> {
-    if let Ok(ip) = host
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<std::net::IpAddr>()
-    {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    if host.eq_ignore_ascii_case("localhost") {
-        return Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]);
-    }
-    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| ServerError::Resolve {
-            host: host.to_string(),
-            source,
-        })?
-        .collect();
-    addrs.sort();
-    addrs.dedup();
-    Ok(addrs)
 }

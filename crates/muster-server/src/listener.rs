@@ -1,5 +1,6 @@
-//! Listeners: accept TCP, complete TLS, then serve HTTP/1.1 with hyper ([`serve_https`]) or a
-//! device MQTT session ([`serve_mqtt`]), and drain gracefully on shutdown.
+//! Listeners: accept TCP, complete TLS, then serve HTTP/1.1 with hyper ([`serve_https`]), a
+//! device MQTT session ([`serve_mqtt`]) or a device AMQP connection ([`serve_amqp`]), and
+//! drain gracefully on shutdown.
 //!
 //! No client can hold a connection for free:
 //! - a semaphore bounds concurrent connections per listener (further ones wait in the
@@ -11,7 +12,8 @@
 //!   ([`ListenerLimits::http_header_timeout`], from the end of TLS) and every later request's
 //!   (hyper's header-read timeout, [`ListenerLimits::http_idle_timeout`], which runs from the
 //!   previous response and so is the keep-alive idle limit too); on MQTT, CONNECT and
-//!   authentication (`mqtt_dispatch.rs` and the sessions);
+//!   authentication (`mqtt_dispatch.rs` and the sessions); on AMQP, the open up to the first
+//!   link and authentication (`muster_device_api::amqp`);
 //! - when `accept` fails (out of file descriptors, say) the loop backs off, from 100 ms up to
 //!   1 s, instead of retrying at once, and logs one line per interval with a count.
 //!
@@ -39,6 +41,8 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::admission::{PreAuthGuard, PreAuthLimiter};
+use crate::health::OpenListeners;
+use crate::metrics;
 
 /// How long open connections get to finish after shutdown starts.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,53 +70,16 @@ pub struct ListenerLimits {
     pub http_idle_timeout: Duration,
     /// Unauthenticated connections per source address, shared by every listener.
     pub pre_auth: PreAuthLimiter,
-}
-
-/// Binds every address, failing with a message that says what to do.
-pub async fn bind(
-    addrs: &[SocketAddr],
-    what: &str,
-) -> Result<Vec<TcpListener>, crate::ServerError> {
-    let mut listeners = Vec::new();
-    for addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                return Err(crate::ServerError::Bind {
-                    what: what.to_string(),
-                    addr: *addr,
-                    hint: bind_hint(addr, &e),
-                    source: e,
-                })
-            }
-        }
-    }
-    Ok(listeners)
-}
-
-fn bind_hint(addr: &SocketAddr, e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
-            "ports below 1024 need root or CAP_NET_BIND_SERVICE: run as root, grant the capability \
-             (setcap cap_net_bind_service=+ep $(which muster)), or choose another port, e.g. --https-port 8443 \
-             (port {} was requested)",
-            addr.port()
-        ),
-        std::io::ErrorKind::AddrInUse => format!(
-            "another process already listens on {addr}: stop it or choose another port"
-        ),
-        std::io::ErrorKind::AddrNotAvailable => format!(
-            "{} is not an address of this machine: check --dps-host",
-            addr.ip()
-        ),
-        _ => "check the address and port".into(),
-    }
+    /// Counts the listeners accepting, for `/readyz`.
+    pub open_listeners: OpenListeners,
 }
 
 /// Accepts TCP connections under the connection limit and the per-address limit, completes
 /// TLS within the handshake timeout and runs `session` on each, until `shutdown` turns true;
 /// then gives open sessions the drain timeout (they see `shutdown` too) before aborting them.
+/// `kind` (`https`, `mqtt`, `amqp`) labels the listener's connection metrics.
 async fn accept_tls<F, Fut>(
+    kind: &'static str,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: ListenerLimits,
@@ -129,6 +96,7 @@ async fn accept_tls<F, Fut>(
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut sessions = JoinSet::new();
     let local = listener.local_addr().ok();
+    let accepting = limits.open_listeners.opened();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     'accept: loop {
         let permit = tokio::select! {
@@ -162,6 +130,7 @@ async fn accept_tls<F, Fut>(
             }
         };
         let Some(pre_auth) = limits.pre_auth.try_acquire(peer.ip()) else {
+            debug!(%peer, "connection refused: its address holds its limit of unauthenticated connections");
             if let Some(suppressed) = ADDRESS_AT_LIMIT.admit() {
                 warn!(
                     %peer,
@@ -180,14 +149,22 @@ async fn accept_tls<F, Fut>(
         while sessions.try_join_next().is_some() {}
         sessions.spawn(async move {
             let _permit = permit;
+            let _open = metrics::OpenConnection::new(kind);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => session(stream, peer, pre_auth, stop).await,
-                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(%peer, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics::tls_handshake_failed(kind, Some(&e));
+                    debug!(%peer, error = %e, "connection refused: TLS handshake failed")
+                }
+                Err(_) => {
+                    metrics::tls_handshake_failed(kind, None);
+                    debug!(%peer, "connection refused: TLS handshake timed out")
+                }
             }
         });
     }
     drop(listener);
+    drop(accepting);
     if let Some(addr) = local {
         info!(%addr, "listener closed; draining connections");
     }
@@ -235,6 +212,7 @@ pub async fn serve_https(
     let header_timeout = limits.http_header_timeout;
     let idle_timeout = limits.http_idle_timeout;
     accept_tls(
+        "https",
         listener,
         tls,
         limits,
@@ -316,6 +294,7 @@ pub async fn serve_mqtt(
     shutdown: watch::Receiver<bool>,
 ) {
     accept_tls(
+        "mqtt",
         listener,
         tls,
         limits,
@@ -325,6 +304,33 @@ pub async fn serve_mqtt(
             async move {
                 let certs = peer_chain(&stream);
                 crate::mqtt_dispatch::serve(stream, services, certs, PreAuthHold::new(pre_auth))
+                    .await;
+            }
+        },
+    )
+    .await;
+}
+
+/// Serves device AMQP over TLS: each connection goes to registration (or, later, the hub's
+/// device endpoint), by its SASL identity or first link (`amqp_dispatch`).
+pub async fn serve_amqp(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    services: crate::amqp_dispatch::AmqpServices,
+    limits: ListenerLimits,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_tls(
+        "amqp",
+        listener,
+        tls,
+        limits,
+        shutdown,
+        move |stream, _peer, pre_auth, _stop| {
+            let services = services.clone();
+            async move {
+                let certs = peer_chain(&stream);
+                crate::amqp_dispatch::serve(stream, services, certs, PreAuthHold::new(pre_auth))
                     .await;
             }
         },

@@ -110,6 +110,11 @@ fn twin_update(tags: &Value, desired: &Value) -> Result<TwinUpdate, muster_hub::
 
 #[async_trait]
 impl HubConnection for LocalHub {
+    /// One store write holds the device and its twin.
+    fn writes_device_and_twin_together(&self) -> bool {
+        true
+    }
+
     async fn put_device(
         &self,
         spec: &HubDeviceSpec,
@@ -152,6 +157,24 @@ impl HubConnection for LocalHub {
             }),
             Err(e) if e.code == HubErrorCode::DeviceNotFound => Ok(None),
             Err(e) => Err(self.refused("read twin", e)),
+        }
+    }
+
+    async fn device_etag(&self, device_id: &str) -> Result<Option<String>, HubError> {
+        match self.registry.get_device(device_id).await {
+            Ok(d) => Ok(Some(d.etag)),
+            Err(e) if e.code == HubErrorCode::DeviceNotFound => Ok(None),
+            Err(e) => Err(self.refused("read device", e)),
+        }
+    }
+
+    async fn delete_device_if(&self, device_id: &str, etag: &str) -> Result<bool, HubError> {
+        let if_match = IfMatch::Etag(etag.to_string());
+        match self.registry.delete_device(device_id, &if_match).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.code == HubErrorCode::DeviceNotFound => Ok(true),
+            Err(e) if e.code == HubErrorCode::PreconditionFailed => Ok(false),
+            Err(e) => Err(self.refused("delete device", e)),
         }
     }
 }
@@ -263,6 +286,32 @@ mod tests {
         local.delete_device("d1").await.expect("delete");
         local.delete_device("d1").await.expect("delete again");
         assert!(local.get_twin("d1").await.expect("twin").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_conditional_delete_spares_a_device_written_since_its_etag_was_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (local, _) = hub(&dir).await;
+        local
+            .put_device(&spec("d1", KEY_A), TwinWrite::Keep)
+            .await
+            .expect("create");
+        let read = local
+            .device_etag("d1")
+            .await
+            .expect("etag")
+            .expect("exists");
+        // A later registration writes the identity again: a new etag.
+        local
+            .put_device(&spec("d1", KEY_A), TwinWrite::Keep)
+            .await
+            .expect("rewrite");
+        assert!(!local.delete_device_if("d1", &read).await.expect("delete"));
+        let now = local.device_etag("d1").await.expect("etag").expect("kept");
+        assert_ne!(now, read);
+        assert!(local.delete_device_if("d1", &now).await.expect("delete"));
+        assert_eq!(local.device_etag("d1").await.expect("etag"), None);
+        assert!(local.delete_device_if("d1", &now).await.expect("gone"));
     }
 
     #[tokio::test]

@@ -1,19 +1,13 @@
 //! Device MQTT on one port for two services: registration (DPS) and the built-in hub's device
 //! endpoint. The first packet's user name decides (`muster_device_api::mqtt::dispatch`); the
 //! chosen session gets the whole stream. The same dispatch serves MQTT over WebSocket at
-//! `/$iothub/websocket` (and `/` for C#).
+//! `/$iothub/websocket` (and `/` for C#; `device_websocket.rs`).
 
 use std::sync::Arc;
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use muster_device_api::mqtt::dispatch::{peek_connect, Destination, Rewind};
 use muster_device_api::mqtt::{self, MqttLimits};
 use muster_device_api::pre_auth::PreAuthHold;
-use muster_device_api::websocket::{mqtt_subprotocol, ClientCertChain, WsByteStream};
 use muster_registration::DeviceRegistrar;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
@@ -55,30 +49,4 @@ pub async fn serve<S>(
             muster_hub::device_mqtt::serve_connection(stream, services.hub, client_certs).await
         }
     }
-}
-
-/// `GET /$iothub/websocket`: MQTT over WebSocket for either service. The connection's first
-/// request carries its [`PreAuthHold`] (`listener.rs`); the MQTT session takes it over.
-pub async fn websocket(
-    State(services): State<MqttServices>,
-    chain: Option<Extension<ClientCertChain>>,
-    pre_auth: Option<Extension<PreAuthHold>>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let certs = chain.map(|Extension(c)| c.0).unwrap_or_default();
-    // Taken now: the request (and the extension's other clones) is dropped before the upgrade.
-    let pre_auth = pre_auth.map(|Extension(h)| h.take()).unwrap_or_default();
-    let Some(protocol) = mqtt_subprotocol(&ws) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "MQTT over WebSocket needs the subprotocol `mqtt` (Sec-WebSocket-Protocol)",
-        )
-            .into_response();
-    };
-    let max = 512 * 1024;
-    let mut ws = ws.max_message_size(max).max_frame_size(max);
-    ws.set_selected_protocol(protocol);
-    ws.on_upgrade(move |socket| async move {
-        serve(WsByteStream::new(socket), services, certs, pre_auth).await;
-    })
 }

@@ -407,6 +407,16 @@ impl ServerIdentity {
         Self::from_pem(cert, &cert_pem, key, &key_pem)
     }
 
+    /// Like [`Self::from_pem_files`], from bytes already read from those paths.
+    pub fn from_pem_bytes(
+        cert_path: &Path,
+        cert_pem: &[u8],
+        key_path: &Path,
+        key_pem: &[u8],
+    ) -> Result<ServerIdentity, TlsError> {
+        Self::from_pem(cert_path, cert_pem, key_path, key_pem)
+    }
+
     fn from_pem(
         cert_path: &Path,
         cert_pem: &[u8],
@@ -533,6 +543,26 @@ impl ServerIdentity {
         &self.key_path
     }
 
+    /// The chain and its signing key as rustls serves them.
+    pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, TlsError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|e| TlsError::InvalidKey {
+                path: self.key_path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Arc::new(CertifiedKey::new(self.cert_chain.clone(), key)))
+    }
+
+    /// Subject and issuer of the leaf, as RFC 4514 strings, for the banner and
+    /// `connection.json`.
+    pub fn leaf_names(&self) -> Option<(String, String)> {
+        let leaf = self.cert_chain.first()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        Some((parsed.subject().to_string(), parsed.issuer().to_string()))
+    }
+
     /// A rustls server configuration (ring provider, TLS 1.2 and 1.3, no client
     /// authentication) offering `alpn` in order of preference.
     pub fn rustls_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
@@ -567,6 +597,30 @@ impl ServerIdentity {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
+}
+
+/// A rustls server configuration (ring provider, TLS 1.2 and 1.3) presenting whatever
+/// `certificate` holds at each handshake, offering `alpn` in order of preference; with
+/// `device_certificates` it also asks for an optional client certificate
+/// (`crate::client_cert`).
+pub fn server_config(
+    certificate: Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: &[&[u8]],
+    device_certificates: bool,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = if device_certificates {
+        builder.with_client_cert_verifier(Arc::new(
+            crate::client_cert::DeviceCertificateVerifier::new(provider),
+        ))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_cert_resolver(certificate);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }
 
 fn read_to_string(path: &Path) -> Result<String, TlsError> {

@@ -47,7 +47,7 @@ async fn connect(
     device_id: &str,
     cert: Option<&DeviceCert>,
 ) -> ConnAck {
-    let pem = std::fs::read(&dps.info.ca_certificate).unwrap();
+    let pem = std::fs::read(dps.info.ca_certificate.as_ref().unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(c.unwrap()).unwrap();

@@ -902,3 +902,53 @@ async fn registration_ids_differing_in_case_leave_one_hub_identity() {
         s.shutdown().await;
     }
 }
+
+/// A hub linked over REST (another server's built-in hub): the first assignment writes the
+/// device and its initial twin in two calls after checking that the hub lacks the device, and
+/// the cascade deprovisioning deletes the device conditionally on the etag it read.
+#[tokio::test]
+async fn a_rest_linked_hub_gets_the_initial_twin_and_loses_the_device_on_deprovision() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers = linked_servers(2, &dirs).await;
+    let dps = Dps::new(&servers[0].connection);
+    let b = servers[1].connection.hubs[0].clone();
+    let id = "rest-twin";
+    let (s, e) = dps
+        .service(
+            Method::PUT,
+            &format!("/enrollments/{id}"),
+            Some(json!({"registrationId": id, "attestation": {"type": "symmetricKey"},
+                "allocationPolicy": "static", "iotHubs": [b.host_name],
+                "initialTwin": {"tags": {"line": "a"}, "properties": {"desired": {"interval": 5}}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+    let key = e["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = device_token(&dps.info.id_scope, id, &key, now() + 600);
+    let (_, _, r) = dps.register(id, &token, json!({})).await;
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(r["registrationState"]["assignedHub"], json!(b.host_name));
+    assert_eq!(r["registrationState"]["substatus"], "initialAssignment");
+    let (s, twin) = dps
+        .hub_call(&b.connection_string, &format!("/twins/{id}"))
+        .await;
+    assert_eq!(s, 200, "{twin}");
+    assert_eq!(twin["tags"], json!({"line": "a"}));
+    assert_eq!(twin["properties"]["desired"]["interval"], 5);
+
+    let (s, done) = dps
+        .service(Method::POST, &format!("/deprovisions/{id}"), None)
+        .await;
+    assert_eq!(s, 200, "{done}");
+    assert_eq!(done["removed"], json!([format!("{}/{id}", b.host_name)]));
+    let (s, _) = dps
+        .hub_call(&b.connection_string, &format!("/devices/{id}"))
+        .await;
+    assert_eq!(s, 404, "the device is gone from the linked hub");
+    for s in servers {
+        s.shutdown().await;
+    }
+}

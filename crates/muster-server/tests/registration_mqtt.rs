@@ -22,7 +22,7 @@ async fn mqtt_register(
     registration_id: &str,
     password: &str,
 ) -> (u16, Value) {
-    let pem = std::fs::read(&dps.info.ca_certificate).unwrap();
+    let pem = std::fs::read(dps.info.ca_certificate.as_ref().unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();

@@ -125,7 +125,7 @@ fn issued(cn: &str, by: &Issuer, sends: Vec<Vec<u8>>) -> Device {
 // Transports
 
 fn tls_config(dps: &Dps, device: &Device, tls12_only: bool) -> rustls::ClientConfig {
-    let pem = std::fs::read(&dps.info.ca_certificate).unwrap();
+    let pem = std::fs::read(dps.info.ca_certificate.as_ref().unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(c.unwrap()).unwrap();

@@ -13,6 +13,7 @@ fn config(dir: &std::path::Path, port: u16) -> Config {
         dps_host: "127.0.0.1".into(),
         https_port: port,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     }
 }
@@ -62,7 +63,8 @@ async fn serves_the_service_api_over_tls_and_keeps_data_across_restarts() {
     let info = ConnectionInfo::read(dir.path()).unwrap();
     assert_eq!(info, server.connection);
     assert!(info.id_scope.starts_with("0ne") && info.id_scope.len() == 11);
-    assert!(info.ca_certificate.is_absolute() && info.ca_certificate.exists());
+    let ca = info.ca_certificate.as_ref().unwrap();
+    assert!(ca.is_absolute() && ca.exists());
     let port = server.https_addrs[0].port();
     assert_ne!(port, 0);
     assert_eq!(info.device_endpoint, format!("127.0.0.1:{port}"));
@@ -84,7 +86,7 @@ async fn serves_the_service_api_over_tls_and_keeps_data_across_restarts() {
         &[&rustls::version::TLS12][..],
         &[&rustls::version::TLS13][..],
     ] {
-        let c = client(&info.ca_certificate, versions);
+        let c = client(info.ca_certificate.as_ref().unwrap(), versions);
         let r = c
             .get(format!(
                 "{}/enrollmentGroups/nope?api-version=2021-10-01",
@@ -99,7 +101,10 @@ async fn serves_the_service_api_over_tls_and_keeps_data_across_restarts() {
         assert_eq!(body["errorCode"], 404202);
     }
 
-    let c = client(&info.ca_certificate, &[&rustls::version::TLS13]);
+    let c = client(
+        info.ca_certificate.as_ref().unwrap(),
+        &[&rustls::version::TLS13],
+    );
     let r = c
         .put(format!(
             "{}/enrollmentGroups/line-1?api-version=2021-10-01",
@@ -124,7 +129,10 @@ async fn serves_the_service_api_over_tls_and_keeps_data_across_restarts() {
         .unwrap()
         .key;
     assert_eq!(k1, k2);
-    let c = client(&again.connection.ca_certificate, &[&rustls::version::TLS12]);
+    let c = client(
+        again.connection.ca_certificate.as_ref().unwrap(),
+        &[&rustls::version::TLS12],
+    );
     let r = c
         .post(format!(
             "{}/enrollmentGroups/line-1/attestationmechanism?api-version=2021-10-01",
@@ -206,7 +214,10 @@ async fn least_privilege_policies_through_the_access_policies_extension() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(config(dir.path(), 0)).await.unwrap();
     let info = server.connection.clone();
-    let c = client(&info.ca_certificate, &[&rustls::version::TLS13]);
+    let c = client(
+        info.ca_certificate.as_ref().unwrap(),
+        &[&rustls::version::TLS13],
+    );
     let url = |p: &str| format!("{}{p}?api-version=2021-10-01", info.service_endpoint);
     let owner = token(&info);
 
@@ -302,7 +313,10 @@ async fn least_privilege_policies_through_the_access_policies_extension() {
     assert_eq!(r.status(), 401);
     server.shutdown().await;
     let again = Server::start(config(dir.path(), 0)).await.unwrap();
-    let c = client(&again.connection.ca_certificate, &[&rustls::version::TLS13]);
+    let c = client(
+        again.connection.ca_certificate.as_ref().unwrap(),
+        &[&rustls::version::TLS13],
+    );
     let list: Value = c
         .get(format!(
             "{}/accessPolicies?api-version=2021-10-01",

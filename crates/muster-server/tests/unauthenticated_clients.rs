@@ -41,7 +41,7 @@ async fn tcp_from(source: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream>
 }
 
 fn tls_connector(dps: &Dps) -> tokio_rustls::TlsConnector {
-    let pem = std::fs::read(&dps.info.ca_certificate).unwrap();
+    let pem = std::fs::read(dps.info.ca_certificate.as_ref().unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert.unwrap()).unwrap();

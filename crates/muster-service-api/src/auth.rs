@@ -77,6 +77,38 @@ impl Authorizer {
         right: AccessRight,
         now_unix: i64,
     ) -> Result<Caller, ApiError> {
+        let (policy, rights) = self.verify_token(headers, now_unix)?;
+        if !rights.contains(right) {
+            return Err(ApiError::new(
+                ErrorCode::InsufficientRights,
+                format!(
+                    "shared access policy '{policy}' does not have the {} right this operation needs",
+                    right.as_str()
+                ),
+            ));
+        }
+        Ok(Caller { policy })
+    }
+
+    /// Checks the request's token only: any policy of this service will do, whatever its
+    /// rights (operational endpoints such as `/metrics`).
+    pub fn authenticate(&self, headers: &HeaderMap, now_unix: i64) -> Result<Caller, ApiError> {
+        let (policy, _) = self.verify_token(headers, now_unix)?;
+        Ok(Caller { policy })
+    }
+
+    /// The policy whose key signed the request's valid token, whatever its rights (the audit
+    /// log names it for refused writes too); `None` when the token does not verify.
+    pub fn identify(&self, headers: &HeaderMap, now_unix: i64) -> Option<String> {
+        self.verify_token(headers, now_unix).ok().map(|(p, _)| p)
+    }
+
+    /// The name and rights of the policy that signed the request's token.
+    fn verify_token(
+        &self,
+        headers: &HeaderMap,
+        now_unix: i64,
+    ) -> Result<(String, AccessRights), ApiError> {
         let value = headers
             .get(http::header::AUTHORIZATION)
             .ok_or_else(|| unauthorized("the request has no Authorization header"))?
@@ -115,21 +147,7 @@ impl Authorizer {
             for key in [&policy.primary_key, &policy.secondary_key] {
                 let Ok(key) = B64.decode(key) else { continue };
                 match token.verify(&key, judged_now) {
-                    Ok(()) => {
-                        if !policy.rights.contains(right) {
-                            return Err(ApiError::new(
-                                ErrorCode::InsufficientRights,
-                                format!(
-                                    "shared access policy '{}' does not have the {} right this operation needs",
-                                    policy.key_name,
-                                    right.as_str()
-                                ),
-                            ));
-                        }
-                        return Ok(Caller {
-                            policy: policy.key_name.clone(),
-                        });
-                    }
+                    Ok(()) => return Ok((policy.key_name.clone(), policy.rights.clone())),
                     Err(e @ SasError::Expired { .. }) => return Err(sas_error(e)),
                     Err(e) => last = e,
                 }

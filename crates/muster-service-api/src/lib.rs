@@ -7,10 +7,14 @@
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
 //!   `routes/linked_hubs.rs`, `routes/access_policies.rs`, `routes/ca_certificates.rs` and
-//!   `routes/deprovisions.rs` (Muster's extensions): one
+//!   `routes/deprovisions.rs`, `routes/audit_log.rs` (Muster's extensions): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
+//! - [`audit`] — the middleware that records every write in the store's audit log (who,
+//!   from where, route, id, result); [`router`] wraps itself in it.
+//! - [`events`] — `GET /events/registrations`, the Server-Sent Events stream of registrations
+//!   fed by a broadcast channel ([`events::RegistrationFeed`]).
 //! - [`kind`] — what differs between individual enrollments and groups.
 //! - [`prepare`] — validation and normalisation of an incoming enrollment (keys, certificates,
 //!   allocation settings, timestamps).
@@ -18,12 +22,16 @@
 //! - [`request`] — api-version, body limits, If-Match and paging helpers.
 //! - [`auth`] — shared access policies and SAS verification.
 //! - [`error`] — [`ApiError`], mapped once to the DPS error body.
+//! - [`metrics`] — the request metrics middleware (route template, method, status).
 //!
 //! Handlers never read the clock or the random source directly: both come from [`ServiceApi`].
 
+pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod kind;
+pub mod metrics;
 pub mod prepare;
 pub mod redact;
 pub mod request;

@@ -9,10 +9,13 @@
 //!
 //! Layout:
 //! - [`Store`]: the interface every implementation provides.
+//! - [`audit`] — the audit log of service-API and console writes: entries, chronological
+//!   keys, filtered listing and retention pruning.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
-//! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations).
+//! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations;
+//!   `sqlite::snapshot` copies it consistently while a server runs, for `muster backup`).
 //! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database.
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass; with `postgres` too, `test_cluster` starts a throwaway PostgreSQL.
@@ -31,6 +34,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
+pub mod audit;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "postgres")]
@@ -83,6 +87,10 @@ pub enum Collection {
     /// keyed `{hub host}/{device id}` (lower-cased); written in the same transaction as the
     /// record's removal and deleted once the hub confirms, so a restart finishes them.
     HubRemovals,
+    /// Service-API and console writes (who, what, when, result), keyed
+    /// `{unix milliseconds, 15 digits}-{sequence, 10 digits}-{random}` so key order is time
+    /// order; see [`audit`]. Holds no keys or bodies.
+    AuditLog,
 }
 
 impl Collection {
@@ -100,6 +108,7 @@ impl Collection {
         Collection::HubCounters,
         Collection::PendingAssignments,
         Collection::HubRemovals,
+        Collection::AuditLog,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -126,6 +135,7 @@ impl Collection {
             Collection::HubCounters => "hub_counters",
             Collection::PendingAssignments => "pending_assignments",
             Collection::HubRemovals => "hub_removals",
+            Collection::AuditLog => "audit_log",
         }
     }
 }

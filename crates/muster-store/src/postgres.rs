@@ -6,9 +6,12 @@
 //! The same document model as the SQLite store: one table,
 //! `muster_records(collection, key, partition, etag, body)`, primary key `(collection, key)`,
 //! an index on `(collection, partition, key)`. Keys and partitions use the `C` collation, so
-//! listing is in byte order like SQLite's and Rust's `str`. Bodies are JSON text; bodies of
-//! secret collections are sealed ([`crate::sealing`]) before they leave the process, with the
+//! listing is in byte order like SQLite's and Rust's `str`. A body is JSON text in `body`,
+//! except in secret collections: there it is sealed bytes ([`Sealer::seal_bytes`], as the
+//! SQLite store keeps them) in `sealed` (`BYTEA`), sealed before it leaves the process with the
 //! key file every node is given (the database keeps only the key check, in `muster_sealing`).
+//! Exactly one of the two columns is set (a `CHECK`). Sealing nonces come from the
+//! [`Entropy`] passed to [`PostgresStore::open_with_entropy`].
 //! Etags come from the sequence `muster_etag`, which every node shares, rendered as the SQLite
 //! store renders its counter. Collections are stored under [`Collection::as_str`], the one
 //! place that names them.
@@ -43,6 +46,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use muster_proto::runtime::{Entropy, OsEntropy};
 
 use crate::sealing::Sealer;
 use crate::sqlite::format_etag;
@@ -91,8 +95,18 @@ impl PostgresStore {
     /// that has a key check opens only with the key that made it
     /// ([`StoreError::SealingKeyMismatch`], or [`StoreError::SealingKeyMissing`] when the file
     /// is absent); a new database takes the key at `key_path`, created if missing. Fails on a
-    /// database written by a newer Muster.
+    /// database written by a newer Muster. Sealing nonces (and a new key file's key) come
+    /// from the operating system.
     pub async fn open(url: &str, key_path: &Path) -> Result<PostgresStore, StoreError> {
+        Self::open_with_entropy(url, key_path, Arc::new(OsEntropy)).await
+    }
+
+    /// [`PostgresStore::open`], with sealing nonces and a new key file's key from `entropy`.
+    pub async fn open_with_entropy(
+        url: &str,
+        key_path: &Path,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<PostgresStore, StoreError> {
         let target = connect::parse(url)?;
         let database = target.display.clone();
         let context = |what: &str| format!("opening PostgreSQL database {database}: {what}");
@@ -102,7 +116,7 @@ impl PostgresStore {
             .await
             .map_err(|e| pg_err(&context("connecting"), &e))?;
         let connection = tokio::spawn(connection);
-        let sealer = schema::prepare(&mut client, &database, key_path).await;
+        let sealer = schema::prepare(&mut client, &database, key_path, entropy).await;
         drop(client);
         // The connection ends once the client is gone; its own error is of no interest then.
         let _ = connection.await;
@@ -155,8 +169,8 @@ impl PostgresStore {
             .map_err(|e| pg_err(&context("beginning"), &e))?;
         let insert = tx
             .prepare_cached(
-                "INSERT INTO muster_records (collection, key, partition, etag, body)
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO muster_records (collection, key, partition, etag, body, sealed)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .await
             .map_err(|e| pg_err(&context("preparing"), &e))?;
@@ -170,7 +184,8 @@ impl PostgresStore {
                     &record.key,
                     &record.partition,
                     &record.etag,
-                    &body,
+                    &body.text(),
+                    &body.sealed(),
                 ],
             )
             .await
@@ -274,16 +289,17 @@ impl PostgresStore {
                     // A create must not overwrite a row another node inserted since the lock
                     // found none; an unconditional put overwrites it.
                     let sql = if write.expect == Expect::Absent {
-                        "INSERT INTO muster_records (collection, key, partition, etag, body)
-                         VALUES ($1, $2, $3, $4, $5)
+                        "INSERT INTO muster_records (collection, key, partition, etag, body, sealed)
+                         VALUES ($1, $2, $3, $4, $5, $6)
                          ON CONFLICT (collection, key) DO NOTHING"
                     } else {
-                        "INSERT INTO muster_records (collection, key, partition, etag, body)
-                         VALUES ($1, $2, $3, $4, $5)
+                        "INSERT INTO muster_records (collection, key, partition, etag, body, sealed)
+                         VALUES ($1, $2, $3, $4, $5, $6)
                          ON CONFLICT (collection, key) DO UPDATE SET
                              partition = excluded.partition,
                              etag = excluded.etag,
-                             body = excluded.body"
+                             body = excluded.body,
+                             sealed = excluded.sealed"
                     };
                     let put = tx
                         .prepare_cached(sql)
@@ -292,7 +308,14 @@ impl PostgresStore {
                     let written = tx
                         .execute(
                             &put,
-                            &[&write.collection, &write.key, partition, &etag, body],
+                            &[
+                                &write.collection,
+                                &write.key,
+                                partition,
+                                &etag,
+                                &body.text(),
+                                &body.sealed(),
+                            ],
                         )
                         .await
                         .map_err(|e| pg_err(&context("writing"), &e))?;
@@ -311,27 +334,68 @@ impl PostgresStore {
         Ok(outcomes)
     }
 
+    /// A row (`partition, etag, body, sealed` from column `first` on) as a record.
     fn decode(
         &self,
         collection: Collection,
         key: String,
-        partition: Option<String>,
-        etag: String,
-        body: &str,
+        row: &tokio_postgres::Row,
+        first: usize,
     ) -> Result<Record, StoreError> {
-        let body = self.inner.sealer.open_body(collection, &key, body)?;
-        match serde_json::from_str(&body) {
+        let corrupt = |key: &str, reason: String| StoreError::Corrupt {
+            collection: collection.as_str(),
+            key: key.to_string(),
+            reason,
+        };
+        let text: Option<String> = row.get(first + 2);
+        let sealed: Option<Vec<u8>> = row.get(first + 3);
+        let parsed = match (collection.is_secret(), text, sealed) {
+            (true, None, Some(sealed)) => {
+                let plain = self.inner.sealer.open_bytes(collection, &key, &sealed)?;
+                serde_json::from_slice(&plain)
+            }
+            (false, Some(text), None) => serde_json::from_str(&text),
+            (secret, _, _) => {
+                let reason = if secret {
+                    "a secret collection's body is not sealed"
+                } else {
+                    "a body of a collection kept in clear is sealed"
+                };
+                return Err(corrupt(&key, reason.into()));
+            }
+        };
+        match parsed {
             Ok(body) => Ok(Record {
+                partition: row.get(first),
+                etag: row.get(first + 1),
                 key,
-                partition,
-                etag,
                 body,
             }),
-            Err(e) => Err(StoreError::Corrupt {
-                collection: collection.as_str(),
-                key,
-                reason: format!("body is not valid JSON: {e}"),
-            }),
+            Err(e) => Err(corrupt(&key, format!("body is not valid JSON: {e}"))),
+        }
+    }
+}
+
+/// A body as it is stored: JSON text, or sealed bytes for a secret collection.
+enum StoredBody {
+    Text(String),
+    Sealed(Vec<u8>),
+}
+
+impl StoredBody {
+    /// The `body` column.
+    fn text(&self) -> Option<&str> {
+        match self {
+            StoredBody::Text(text) => Some(text),
+            StoredBody::Sealed(_) => None,
+        }
+    }
+
+    /// The `sealed` column.
+    fn sealed(&self) -> Option<&[u8]> {
+        match self {
+            StoredBody::Text(_) => None,
+            StoredBody::Sealed(bytes) => Some(bytes),
         }
     }
 }
@@ -347,7 +411,7 @@ struct PreparedWrite {
 enum PreparedOp {
     Put {
         partition: Option<String>,
-        body: String,
+        body: StoredBody,
     },
     Delete,
 }
@@ -357,14 +421,20 @@ fn serialize(
     collection: Collection,
     key: &str,
     body: &serde_json::Value,
-) -> Result<String, StoreError> {
+) -> Result<StoredBody, StoreError> {
     let text = serde_json::to_string(body).map_err(|e| {
         StoreError::Backend(format!(
             "serializing the body of {}/{key}: {e}",
             collection.as_str()
         ))
     })?;
-    sealer.seal_body(collection, key, text)
+    if collection.is_secret() {
+        sealer
+            .seal_bytes(collection, key, text.as_bytes())
+            .map(StoredBody::Sealed)
+    } else {
+        Ok(StoredBody::Text(text))
+    }
 }
 
 fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
@@ -400,8 +470,8 @@ fn etag_counter(etag: &str) -> Option<u64> {
     (format_etag(counter) == etag).then_some(counter)
 }
 
-const GET_SQL: &str =
-    "SELECT partition, etag, body FROM muster_records WHERE collection = $1 AND key = $2";
+const GET_SQL: &str = "SELECT partition, etag, body, sealed FROM muster_records
+     WHERE collection = $1 AND key = $2";
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -417,11 +487,7 @@ impl Store for PostgresStore {
             .await
             .map_err(|e| pg_err(&context(), &e))?;
         match row {
-            Some(row) => {
-                let body: String = row.get(2);
-                self.decode(collection, key.to_owned(), row.get(0), row.get(1), &body)
-                    .map(Some)
-            }
+            Some(row) => self.decode(collection, key.to_owned(), &row, 0).map(Some),
             None => Ok(None),
         }
     }
@@ -455,7 +521,8 @@ impl Store for PostgresStore {
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
         let name = collection.as_str();
         let client = self.client().await?;
-        let select = "SELECT key, partition, etag, body FROM muster_records WHERE collection = $1";
+        let select =
+            "SELECT key, partition, etag, body, sealed FROM muster_records WHERE collection = $1";
         let sql = match (&query.partition, &query.after) {
             (None, None) => format!("{select} ORDER BY key LIMIT $2"),
             (None, Some(_)) => format!("{select} AND key > $2 ORDER BY key LIMIT $3"),
@@ -480,10 +547,7 @@ impl Store for PostgresStore {
         }
         .map_err(|e| pg_err(&context(), &e))?;
         rows.iter()
-            .map(|row| {
-                let body: String = row.get(3);
-                self.decode(collection, row.get(0), row.get(1), row.get(2), &body)
-            })
+            .map(|row| self.decode(collection, row.get(0), row, 1))
             .collect()
     }
 

@@ -13,7 +13,9 @@
 //!
 //! This module is the helper every store implementation uses, so callers above the
 //! [`crate::Store`] never learn which collections are sealed:
-//! - [`Sealer::seal_body`] / [`Sealer::open_body`] on every write and read;
+//! - [`Sealer::seal_bytes`] / [`Sealer::open_bytes`] on every write and read of a store that
+//!   keeps bytes (SQLite), or [`Sealer::seal_body`] / [`Sealer::open_body`] for one that keeps
+//!   text (base64, a third larger);
 //! - [`Sealer::key_check`] / [`Sealer::verify_key_check`]: a value sealed under the key when
 //!   the database is first sealed and kept with it, so a wrong key file is reported as that
 //!   ([`StoreError::SealingKeyMismatch`]) instead of as corrupt records;
@@ -23,17 +25,28 @@
 use std::borrow::Cow;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-use rand::RngCore;
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use muster_proto::runtime::{Entropy, OsEntropy};
 
 use crate::{Collection, StoreError};
 
-/// How every sealed body starts (version 1: ChaCha20-Poly1305, 12-byte random nonce, base64).
+/// How a sealed body kept as text starts (version 1: ChaCha20-Poly1305, 12-byte random nonce,
+/// base64). Stores that keep bytes use [`Sealer::seal_bytes`] instead; the SQLite store still
+/// reads version 1 (the key check, and databases from before migration 3).
 pub const SEALED_PREFIX: &str = "sealed:v1:";
+
+/// The first byte of a sealed body kept as bytes ([`Sealer::seal_bytes`], version 2): then
+/// the 12-byte random nonce, the ciphertext and the 16-byte tag, with nothing encoded. A
+/// quarter smaller than version 1, which keeps a hub device record within one SQLite page.
+pub const SEALED_BYTES_VERSION: u8 = 2;
+
+const NONCE_BYTES: usize = 12;
+const TAG_BYTES: usize = 16;
 
 /// Associated data of the key check; no collection is named like this, so the check value
 /// can never be confused with a record body.
@@ -41,8 +54,11 @@ const KEY_CHECK_AAD: &[u8] = b"muster key check\n";
 const KEY_CHECK_PLAIN: &[u8] = b"muster sealing key check v1";
 
 pub struct Sealer {
+    /// Keyed once: the key schedule is not repeated per record.
     cipher: ChaCha20Poly1305,
     path: PathBuf,
+    /// Nonces (and a new key file's key) come from here.
+    entropy: Arc<dyn Entropy>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -74,7 +90,13 @@ pub fn is_sealed(stored: &str) -> bool {
 
 impl Sealer {
     /// Loads an existing key file; a missing one is [`StoreError::SealingKeyMissing`].
+    /// Nonces come from the operating system.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
+        Self::load_with(path, Arc::new(OsEntropy))
+    }
+
+    /// [`Sealer::load`], with nonces from `entropy`.
+    pub fn load_with(path: &Path, entropy: Arc<dyn Entropy>) -> Result<Self, StoreError> {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -102,11 +124,17 @@ impl Sealer {
                 path.display()
             )));
         }
-        Ok(Self::from_key(&raw, path))
+        Ok(Self::from_key(&raw, path, entropy))
     }
 
-    /// Creates a new random key file, owner-only; fails if one exists.
+    /// Creates a new random key file, owner-only; fails if one exists. The key and nonces come
+    /// from the operating system.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
+        Self::create_with(path, Arc::new(OsEntropy))
+    }
+
+    /// [`Sealer::create`], with the key and nonces from `entropy`.
+    pub fn create_with(path: &Path, entropy: Arc<dyn Entropy>) -> Result<Self, StoreError> {
         let err = |what: &str, e: std::io::Error| {
             StoreError::Backend(format!(
                 "{what} the sealing key file {}: {e}",
@@ -114,7 +142,7 @@ impl Sealer {
             ))
         };
         let mut raw = vec![0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut raw);
+        entropy.fill(&mut raw);
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]
@@ -126,22 +154,28 @@ impl Sealer {
         f.write_all(B64.encode(&raw).as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(|e| err("writing", e))?;
-        Ok(Self::from_key(&raw, path))
+        Ok(Self::from_key(&raw, path, entropy))
     }
 
     /// Loads the key file, creating it when missing. Only for a store that holds nothing
     /// sealed yet: for any other, a missing key must be reported, not replaced.
     pub fn load_or_create(path: &Path) -> Result<Self, StoreError> {
-        match Self::load(path) {
-            Err(StoreError::SealingKeyMissing { .. }) => Self::create(path),
+        Self::load_or_create_with(path, Arc::new(OsEntropy))
+    }
+
+    /// [`Sealer::load_or_create`], with a new key and nonces from `entropy`.
+    pub fn load_or_create_with(path: &Path, entropy: Arc<dyn Entropy>) -> Result<Self, StoreError> {
+        match Self::load_with(path, entropy.clone()) {
+            Err(StoreError::SealingKeyMissing { .. }) => Self::create_with(path, entropy),
             other => other,
         }
     }
 
-    fn from_key(raw: &[u8], path: &Path) -> Self {
+    fn from_key(raw: &[u8], path: &Path, entropy: Arc<dyn Entropy>) -> Self {
         Self {
             cipher: ChaCha20Poly1305::new(Key::from_slice(raw)),
             path: path.to_path_buf(),
+            entropy,
         }
     }
 
@@ -156,7 +190,7 @@ impl Sealer {
 
     fn seal_raw(&self, plain: &[u8], aad: &[u8]) -> Result<String, StoreError> {
         let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        self.entropy.fill(&mut nonce);
         let sealed = self
             .cipher
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad })
@@ -208,6 +242,68 @@ impl Sealer {
             .open_raw(stored, &Self::aad(collection, key))
             .map_err(corrupt)?;
         String::from_utf8(plain).map_err(|_| corrupt("sealed body is not UTF-8"))
+    }
+
+    /// Seals `plain` as the body of record `collection/key`, as bytes (version 2): one
+    /// allocation, encrypted in place.
+    pub fn seal_bytes(
+        &self,
+        collection: Collection,
+        key: &str,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let header = 1 + NONCE_BYTES;
+        let mut out = Vec::with_capacity(header + plain.len() + TAG_BYTES);
+        out.push(SEALED_BYTES_VERSION);
+        out.resize(header, 0);
+        self.entropy.fill(&mut out[1..header]);
+        out.extend_from_slice(plain);
+        let (head, body) = out.split_at_mut(header);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(
+                Nonce::from_slice(&head[1..]),
+                &Self::aad(collection, key),
+                body,
+            )
+            .map_err(|_| StoreError::Backend("sealing a record failed".into()))?;
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Opens a body sealed by [`Sealer::seal_bytes`] for record `collection/key`.
+    pub fn open_bytes(
+        &self,
+        collection: Collection,
+        key: &str,
+        stored: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            collection: collection.as_str(),
+            key: key.to_string(),
+            reason: reason.to_string(),
+        };
+        let (&version, rest) = stored
+            .split_first()
+            .ok_or_else(|| corrupt("sealed body is empty"))?;
+        if version != SEALED_BYTES_VERSION {
+            return Err(corrupt("sealed body has an unknown version"));
+        }
+        if rest.len() < NONCE_BYTES + TAG_BYTES {
+            return Err(corrupt("sealed body is too short"));
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_BYTES);
+        let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_BYTES);
+        let mut plain = ciphertext.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                &Self::aad(collection, key),
+                &mut plain,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| corrupt("sealed body does not open with this data dir's key file"))?;
+        Ok(plain)
     }
 
     /// The body to store: sealed for a secret collection, `text` itself otherwise.
@@ -302,6 +398,65 @@ mod tests {
                 0o600
             );
         }
+    }
+
+    #[test]
+    fn nonces_come_from_the_entropy_passed_in() {
+        use muster_proto::runtime::SeededEntropy;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let seal = |s: &Sealer| s.seal(Collection::Settings, "x", "{}").unwrap();
+        Sealer::create(&path).unwrap();
+        let first = Sealer::load_with(&path, Arc::new(SeededEntropy::new(7))).unwrap();
+        let again = Sealer::load_with(&path, Arc::new(SeededEntropy::new(7))).unwrap();
+        // Same key, same entropy: the same nonce, so the same sealed value.
+        assert_eq!(seal(&first), seal(&again));
+        // Each seal draws a new nonce.
+        assert_ne!(seal(&first), seal(&first));
+    }
+
+    #[test]
+    fn sealed_bytes_are_bound_to_their_record_and_smaller_than_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::create(&dir.path().join("k")).unwrap();
+        let plain = format!("{{\"primaryKey\":\"{}\"}}", "s".repeat(800));
+        let sealed = s
+            .seal_bytes(Collection::HubDevices, "hub/dev", plain.as_bytes())
+            .unwrap();
+        assert_eq!(sealed.len(), 1 + 12 + plain.len() + 16);
+        assert!(!sealed.windows(8).any(|w| w == b"ssssssss"));
+        assert_eq!(
+            s.open_bytes(Collection::HubDevices, "hub/dev", &sealed)
+                .unwrap(),
+            plain.as_bytes()
+        );
+        for (collection, key) in [
+            (Collection::HubDevices, "hub/other"),
+            (Collection::Enrollments, "hub/dev"),
+        ] {
+            assert!(matches!(
+                s.open_bytes(collection, key, &sealed),
+                Err(StoreError::Corrupt { .. })
+            ));
+        }
+        let mut tampered = sealed.clone();
+        tampered[20] ^= 1;
+        assert!(s
+            .open_bytes(Collection::HubDevices, "hub/dev", &tampered)
+            .is_err());
+        for short in [&sealed[..0], &sealed[..20]] {
+            assert!(s
+                .open_bytes(Collection::HubDevices, "hub/dev", short)
+                .is_err());
+        }
+        let text = s.seal(Collection::HubDevices, "hub/dev", &plain).unwrap();
+        // Base64 and the prefix make the text form a third larger.
+        assert!(
+            sealed.len() * 4 <= text.len() * 3,
+            "{} vs {}",
+            sealed.len(),
+            text.len()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! All records live in one table, `records(collection, key, partition, etag, body)`, keyed by
 //! `(collection, key)` (`WITHOUT ROWID`, so rows are stored in key order) with an index on
 //! `(collection, partition, key)` for partition-filtered listing and counting. Bodies are JSON
-//! text. Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
+//! text, except those of secret collections: sealed bytes, kept as a `BLOB` (`body`). Keys compare with SQLite's default `BINARY` collation, i.e. byte order, the same order
 //! as Rust's `str`. Etags come from a per-database counter in the `counters` table, rendered
 //! DPS-style (base64 of a quoted GUID-like string); every put gets a fresh one, even when the
 //! body did not change. The schema is versioned by `schema_migrations` (see `schema`).
@@ -16,6 +16,8 @@
 //! read (`crate::sealing`); the key check lives in the `sealing` table. On open, a key file
 //! is created only for a database that holds nothing sealed; migration 2 seals what an older
 //! build left in clear, then a `VACUUM` and a truncating checkpoint leave no old page behind.
+//! Migration 3 rewrites sealed bodies kept as base64 text (version 1) as sealed bytes, a
+//! quarter smaller, so a hub device record fits one page instead of needing an overflow page.
 //! The database, `-wal`, `-shm` and key file are owner-only (`files`).
 //!
 //! # Writes: one writer thread, group commit
@@ -35,12 +37,19 @@
 //! Reads use a few read-only connections on the blocking thread pool. In WAL mode readers see
 //! the last committed state and neither block the writer nor wait for it.
 //!
+//! # Backups
+//!
+//! [`snapshot`] copies the database with `VACUUM INTO` through its own read-only
+//! connection: a reader like any other, so the server keeps serving and the copy is the last
+//! committed state. [`schema_version`] reads a copy's version without migrating it.
+//!
 //! # Lifetime
 //!
 //! [`SqliteStore`] is a cheap handle (`Arc` inside). When the last clone is dropped the idle
 //! read connections are closed, the channel closes, the writer finishes what is queued, closes
 //! its connection (checkpointing the WAL) and the drop waits for it to exit.
 
+mod body;
 mod files;
 mod readers;
 mod schema;
@@ -54,6 +63,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use muster_proto::runtime::{Entropy, OsEntropy};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
@@ -61,6 +71,7 @@ use crate::sealing::Sealer;
 use crate::{
     Collection, ListQuery, Record, Store, StoreError, Unavailability, Write, WriteOp, WriteOutcome,
 };
+use body::StoredBody;
 use readers::ReadPool;
 pub(crate) use writer::format_etag;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
@@ -98,8 +109,17 @@ impl SqliteStore {
     /// applies any missing migrations and starts the writer thread.
     ///
     /// Fails if the database was written by a newer Muster (a schema version this build does
-    /// not know). Blocking; call it at startup, not from a busy async task.
+    /// not know). Blocking; call it at startup, not from a busy async task. Sealing nonces
+    /// (and a new key file's key) come from the operating system.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with_entropy(path, Arc::new(OsEntropy))
+    }
+
+    /// [`SqliteStore::open`], with sealing nonces and a new key file's key from `entropy`.
+    pub fn open_with_entropy(
+        path: &Path,
+        entropy: Arc<dyn Entropy>,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             files::create_private_dir(parent)?;
         }
@@ -115,9 +135,9 @@ impl SqliteStore {
         .map_err(explain)?;
         let mut conn = open_writer(path).map_err(explain)?;
         let sealer = if schema::holds_sealed_data(&conn, path).map_err(explain)? {
-            Sealer::load(&key_path).map_err(explain)?
+            Sealer::load_with(&key_path, entropy).map_err(explain)?
         } else {
-            Sealer::load_or_create(&key_path).map_err(explain)?
+            Sealer::load_or_create_with(&key_path, entropy).map_err(explain)?
         };
         schema::migrate(&mut conn, path, &sealer).map_err(explain)?;
         check_sealing_key(&conn, path, &sealer).map_err(explain)?;
@@ -283,6 +303,82 @@ fn disk_is_full(dir: &Path) -> bool {
     matches!(result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull)
 }
 
+/// Writes a consistent copy of the database at `db` to `out` with `VACUUM INTO`, through
+/// a separate read-only connection, so a running server keeps serving (WAL: the copy is the
+/// last committed state when it starts, as any reader sees it). `out` must not exist; it is
+/// created owner-only. Returns the copy's schema version. Bodies stay sealed: the copy is
+/// useless without the key file ([`key_file_path`]).
+pub fn snapshot(db: &Path, out: &Path) -> Result<u32, StoreError> {
+    let fail = |what: &str, e: &dyn fmt::Display| {
+        StoreError::Backend(format!(
+            "snapshot of {} into {}: {what}: {e}",
+            db.display(),
+            out.display()
+        ))
+    };
+    if !db.is_file() {
+        return Err(StoreError::Backend(format!(
+            "no database at {} (is this the data dir?)",
+            db.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| fail("opening the database", &e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| fail("setting the busy timeout", &e))?;
+    // SQLite fills an existing empty file, so the copy is owner-only from its first byte.
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(out).map_err(|e| fail("creating the copy", &e))?;
+    let target = out
+        .to_str()
+        .ok_or_else(|| fail("path", &"not valid UTF-8"))?;
+    if let Err(e) = conn.execute("VACUUM INTO ?1", params![target]) {
+        let _ = std::fs::remove_file(out);
+        return Err(fail("VACUUM INTO", &e));
+    }
+    drop(conn);
+    schema_version(out)
+}
+
+/// The schema version of the database at `path` (0 for an empty file), read without
+/// migrating it, e.g. to refuse a backup from a newer Muster before restoring it.
+pub fn schema_version(path: &Path) -> Result<u32, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| db_err(&format!("opening {}", path.display()), e))?;
+    let has_table: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| db_err(&format!("reading {}", path.display()), e))?;
+    if !has_table {
+        return Ok(0);
+    }
+    let version: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| {
+            db_err(
+                &format!("reading the schema version of {}", path.display()),
+                e,
+            )
+        })?;
+    Ok(u32::try_from(version).unwrap_or(u32::MAX))
+}
+
 /// The key file that seals secret collections: `muster.db` → `muster.db.key`.
 pub fn key_file_path(db: &Path) -> PathBuf {
     sidecar(db, ".key")
@@ -357,22 +453,15 @@ fn decode_record(
     key: String,
     partition: Option<String>,
     etag: String,
-    body: &str,
+    body: &StoredBody,
 ) -> Result<Record, StoreError> {
-    let body = sealer.open_body(collection, &key, body)?;
-    match serde_json::from_str(&body) {
-        Ok(body) => Ok(Record {
-            key,
-            partition,
-            etag,
-            body,
-        }),
-        Err(e) => Err(StoreError::Corrupt {
-            collection: collection.as_str(),
-            key,
-            reason: format!("body is not valid JSON: {e}"),
-        }),
-    }
+    let body = body.open(sealer, collection, &key)?;
+    Ok(Record {
+        key,
+        partition,
+        etag,
+        body,
+    })
 }
 
 fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
@@ -385,7 +474,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
                     write.key
                 ))
             })?;
-            let body = sealer.seal_body(write.collection, &write.key, text)?;
+            let body = StoredBody::seal(sealer, write.collection, &write.key, text)?;
             PreparedOp::Put { partition, body }
         }
         WriteOp::Delete => PreparedOp::Delete,
@@ -440,7 +529,7 @@ impl Store for SqliteStore {
                             Ok((
                                 row.get::<_, Option<String>>(0)?,
                                 row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
+                                row.get::<_, StoredBody>(2)?,
                             ))
                         })
                         .optional()
@@ -495,7 +584,7 @@ impl Store for SqliteStore {
                             row.get::<_, String>(0)?,
                             row.get::<_, Option<String>>(1)?,
                             row.get::<_, String>(2)?,
-                            row.get::<_, String>(3)?,
+                            row.get::<_, StoredBody>(3)?,
                         ))
                     },
                 )

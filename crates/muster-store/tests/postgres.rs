@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use muster_store::test_cluster::PgCluster;
@@ -34,6 +35,7 @@ async fn postgres_store() {
     // First, while the cluster's files hold little else to search through.
     secrets_sealed_at_rest(&cluster, &key).await;
     conformance(&cluster, &key).await;
+    sealed_bodies_are_bytes_from_the_injected_entropy(&cluster, &key).await;
     migrations_run_once_under_the_lock(&cluster, &key).await;
     refuses_a_newer_schema(&cluster, &key).await;
     refuses_another_or_a_missing_sealing_key(&cluster, keys.path()).await;
@@ -185,6 +187,73 @@ async fn refuses_another_or_a_missing_sealing_key(cluster: &PgCluster, keys: &st
         .expect("get")
         .expect("record");
     assert_eq!(record.body, json!({"k": "secret"}));
+}
+
+async fn sealed_bodies_are_bytes_from_the_injected_entropy(
+    cluster: &PgCluster,
+    key: &std::path::Path,
+) {
+    use muster_proto::runtime::SeededEntropy;
+    let mut stored = Vec::new();
+    // Two databases, the same key and the same seeded entropy: the same nonce, so the same
+    // sealed bytes. Nonces come from the entropy passed in, not from the operating system.
+    for name in ["entropy_a", "entropy_b"] {
+        let url = cluster.create_database(name).await;
+        let store = PostgresStore::open_with_entropy(&url, key, Arc::new(SeededEntropy::new(9)))
+            .await
+            .expect("open");
+        for (collection, k) in [
+            (Collection::Enrollments, "dev"),
+            (Collection::EnrollmentGroups, "g"),
+        ] {
+            let outcome = store
+                .write(vec![Write::put(
+                    collection,
+                    k,
+                    Expect::Any,
+                    json!({"primaryKey": "c2VjcmV0"}),
+                )])
+                .await
+                .expect("write");
+            assert!(matches!(outcome[0], WriteOutcome::Written { .. }));
+        }
+        store
+            .write(vec![Write::put(
+                Collection::Registrations,
+                "dev",
+                Expect::Any,
+                json!({"status": "assigned"}),
+            )])
+            .await
+            .expect("write");
+        // Secret collections: sealed bytes (version 2) in `sealed`, nothing in `body`;
+        // other collections: JSON text in `body`.
+        let rows = query_strings(
+            &url,
+            "SELECT collection || ' ' || COALESCE(body, '-') || ' ' ||
+                    COALESCE(get_byte(sealed, 0)::TEXT, '-') || ' ' ||
+                    COALESCE(encode(sealed, 'hex'), '-')
+             FROM muster_records ORDER BY collection, key",
+        )
+        .await;
+        let shapes: Vec<String> = rows
+            .iter()
+            .map(|r| r.splitn(4, ' ').take(3).collect::<Vec<_>>().join(" "))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                "enrollment_groups - 2",
+                "enrollments - 2",
+                "registrations {\"status\":\"assigned\"} -"
+            ]
+        );
+        stored.push(rows);
+    }
+    assert_eq!(
+        stored[0], stored[1],
+        "nonces come from the injected entropy"
+    );
 }
 
 async fn import_keeps_etags_and_moves_the_sequence(cluster: &PgCluster, key: &std::path::Path) {
@@ -380,9 +449,7 @@ async fn outage_is_unavailable(cluster: &PgCluster, key: &std::path::Path) {
         .await
         .expect_err("no server");
     assert!(err.is_unavailable(), "{err:?}");
-    let err = PostgresStore::open(&url, key)
-        .await
-        .expect_err("no server");
+    let err = PostgresStore::open(&url, key).await.expect_err("no server");
     assert!(err.is_unavailable(), "{err:?}");
 }
 

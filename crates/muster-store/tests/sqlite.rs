@@ -762,3 +762,121 @@ async fn store_files_are_owner_only() {
         assert_eq!(mode(&f), 0o600, "{}", f.display());
     }
 }
+
+/// What the build before migration 3 left: every secret body sealed as base64 text.
+fn write_v2_database(path: &Path) -> Vec<(Collection, &'static str, serde_json::Value)> {
+    use muster_store::sealing::Sealer;
+    let sealer = Sealer::create(&muster_store::sqlite::key_file_path(path)).expect("key file");
+    let conn = raw(path);
+    conn.execute_batch(V1_SCHEMA).expect("v1 schema");
+    conn.execute_batch(
+        "CREATE TABLE sealing (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO schema_migrations (version, applied_at) VALUES (2, '2026-12-01T00:00:00.000Z');",
+    )
+    .expect("v2 schema");
+    conn.execute(
+        "INSERT INTO sealing (name, value) VALUES ('key_check', ?1)",
+        [sealer.key_check().expect("key check")],
+    )
+    .expect("key check");
+    let records = vec![
+        (
+            Collection::HubDevices,
+            "hub.local/dev-1",
+            json!({"device": {"deviceId": "dev-1", "authentication": {"type": "sas",
+                "symmetricKey": {"primaryKey": OLD_DEVICE_KEY}}}, "twin": {}}),
+        ),
+        (
+            Collection::EnrollmentGroups,
+            "g1",
+            json!({"enrollmentGroupId": "g1", "attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": OLD_GROUP_KEY, "secondaryKey": OLD_GROUP_KEY}}}),
+        ),
+        (
+            Collection::Registrations,
+            "dev-1",
+            json!({"registrationId": "dev-1"}),
+        ),
+    ];
+    for (i, (collection, key, body)) in records.iter().enumerate() {
+        let text = body.to_string();
+        let stored = if collection.is_secret() {
+            sealer.seal(*collection, key, &text).expect("seal")
+        } else {
+            text
+        };
+        conn.execute(
+            "INSERT INTO records (collection, key, partition, etag, body) VALUES (?1, ?2, NULL, ?3, ?4)",
+            rusqlite::params![collection.as_str(), key, format!("etag{i}"), stored],
+        )
+        .expect("insert");
+    }
+    records
+}
+
+/// `(collection, typeof(body))` of every record.
+fn body_types(path: &Path) -> Vec<(String, String)> {
+    let conn = raw(path);
+    let mut stmt = conn
+        .prepare("SELECT collection, typeof(body) FROM records ORDER BY collection, key")
+        .expect("prepare");
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query");
+    rows.collect::<Result<_, _>>().expect("rows")
+}
+
+#[tokio::test]
+async fn sealed_bodies_kept_as_text_are_rewritten_as_bytes_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("muster.db");
+    let records = write_v2_database(&path);
+
+    let store = open(&path);
+    for (i, (collection, key, body)) in records.iter().enumerate() {
+        let record = store
+            .get(*collection, key)
+            .await
+            .expect("get")
+            .expect("record");
+        assert_eq!(&record.body, body, "{key}");
+        assert_eq!(record.etag, format!("etag{i}"), "the rewrite keeps etags");
+    }
+    // New writes are sealed as bytes too.
+    store
+        .write(vec![Write::put(
+            Collection::Enrollments,
+            "dev-2",
+            Expect::Any,
+            json!({"registrationId": "dev-2", "attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": OLD_ENROLLMENT_KEY}}}),
+        )])
+        .await
+        .expect("write");
+    drop(store);
+
+    assert_eq!(
+        body_types(&path),
+        [
+            ("enrollment_groups".into(), "blob".into()),
+            ("enrollments".into(), "blob".into()),
+            ("hub_devices".into(), "blob".into()),
+            ("registrations".into(), "text".into()),
+        ]
+    );
+    assert_eq!(
+        migrations(&path).len(),
+        SqliteStore::SCHEMA_VERSION as usize
+    );
+    let bytes = bytes_at_rest(&path);
+    for key in old_keys() {
+        assert!(!contains(&bytes, &key), "a key is in clear");
+    }
+    // And it opens again without another rewrite.
+    let store = open(&path);
+    assert!(store
+        .get(Collection::HubDevices, "hub.local/dev-1")
+        .await
+        .expect("get")
+        .is_some());
+}

@@ -19,7 +19,7 @@ pub struct ServiceConn {
     /// Data dir of a local `muster serve`, to read connection.json from [default: ./muster-data]
     #[arg(long, env = "MUSTER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// PEM file of the CA to trust [default: connection.json's caCertificate, else the system roots]
+    /// PEM file of the CA to trust (the system roots are always trusted) [default: connection.json's caCertificate]
     #[arg(long, env = "MUSTER_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 }
@@ -61,16 +61,22 @@ impl ServiceConn {
         let ca = self
             .ca_cert
             .clone()
-            .or_else(|| file.as_ref().map(|f| f.ca_certificate.clone()));
+            .or_else(|| file.as_ref().and_then(|f| f.ca_certificate.clone()));
+        crate::output::remember_trusted_ca(ca.as_deref());
         let client = ServiceClient::from_connection_string(&cs, ca.as_deref())
-            .context("invalid service connection string")?;
+            .context("invalid service connection string")?
+            .with_user_agent(format!(
+                "{}{}",
+                muster_proto::audit::CLI_USER_AGENT_PREFIX,
+                env!("CARGO_PKG_VERSION")
+            ));
         Ok((client, file))
     }
 
     pub fn ca(&self, file: Option<&ConnectionFile>) -> Option<PathBuf> {
         self.ca_cert
             .clone()
-            .or_else(|| file.map(|f| f.ca_certificate.clone()))
+            .or_else(|| file.and_then(|f| f.ca_certificate.clone()))
     }
 }
 
@@ -86,7 +92,7 @@ pub struct DeviceConn {
     /// MQTT port [default: connection.json's mqttPort, else 8883]
     #[arg(long)]
     pub mqtt_port: Option<u16>,
-    /// PEM file of the CA to trust [default: connection.json's caCertificate, else the system roots]
+    /// PEM file of the CA to trust (the system roots are always trusted) [default: connection.json's caCertificate]
     #[arg(long, env = "MUSTER_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// Data dir of a local `muster serve`, to read connection.json from [default: ./muster-data]
@@ -119,11 +125,12 @@ impl DeviceConn {
         let ca = self
             .ca_cert
             .clone()
-            .or_else(|| file.as_ref().map(|f| f.ca_certificate.clone()));
+            .or_else(|| file.as_ref().and_then(|f| f.ca_certificate.clone()));
         let mqtt_port = self
             .mqtt_port
             .or_else(|| file.as_ref().map(|f| f.mqtt_port).filter(|p| *p != 0))
             .unwrap_or(8883);
+        crate::output::remember_trusted_ca(ca.as_deref());
         Ok(DeviceClient::new(&endpoint, &scope, ca.as_deref())?.with_mqtt_port(mqtt_port))
     }
 }
@@ -138,7 +145,7 @@ pub struct HubConn {
     /// Data dir of a local `muster serve`, to read connection.json from [default: ./muster-data]
     #[arg(long, env = "MUSTER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// PEM file of the CA to trust [default: connection.json's caCertificate, else the system roots]
+    /// PEM file of the CA to trust (the system roots are always trusted) [default: connection.json's caCertificate]
     #[arg(long, env = "MUSTER_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 }
@@ -162,7 +169,8 @@ impl HubConn {
         let ca = self
             .ca_cert
             .clone()
-            .or_else(|| file.as_ref().map(|f| f.ca_certificate.clone()));
+            .or_else(|| file.as_ref().and_then(|f| f.ca_certificate.clone()));
+        crate::output::remember_trusted_ca(ca.as_deref());
         HubClient::from_connection_string(&cs, ca.as_deref())
             .context("invalid hub connection string")
     }

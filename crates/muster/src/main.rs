@@ -1,13 +1,17 @@
 //! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
 //! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins.
+//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
+//! restore of a data dir.
 
+mod audit;
+mod backup;
 mod bench;
 mod conn;
 mod device;
 mod enrollment;
 mod hub;
 mod linked_hub;
+mod logging;
 mod output;
 mod provision;
 mod registration;
@@ -17,11 +21,20 @@ mod store;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use muster_server::LogFormat;
+
+/// `muster --version`: the crate version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MUSTER_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "muster",
-    version,
+    version = VERSION,
     about = "Self-hosted IoT device provisioning, compatible with Azure IoT Hub DPS clients",
     after_help = "Service commands find the server with --connection-string, \
         MUSTER_CONNECTION_STRING, or --data-dir (default ./muster-data), whose connection.json \
@@ -40,14 +53,32 @@ enum Command {
     ///
     /// On first start it creates the data dir, the SQLite database, a local CA with a server
     /// certificate, an ID scope and the `provisioningserviceowner` policy key, then writes
-    /// DATA_DIR/connection.json.
+    /// DATA_DIR/connection.json. A bare `muster serve` binds loopback only; --listen binds
+    /// other addresses while --dps-host stays the name devices are told.
     ///
     /// Examples:
     ///   muster serve
-    ///   muster serve --data-dir /var/lib/muster --dps-host dps.example.lan
+    ///   muster serve --data-dir /var/lib/muster --listen 0.0.0.0 --dps-host dps.example.lan
+    ///   muster serve --listen 0.0.0.0 --admin-listen 127.0.0.1:9090 --log-format json
     ///   muster serve --dps-host 127.0.0.2 --https-port 8443 --mqtt-port 18883
     #[command(verbatim_doc_comment)]
     Serve(serve::ServeArgs),
+    /// Write a consistent snapshot of a data dir (database, sealing key, CA, connection
+    /// settings) to one archive file, while the server runs. The file holds secrets.
+    ///
+    /// Examples:
+    ///   muster backup --data-dir /var/lib/muster --out muster-2026-12-03.tar
+    #[command(verbatim_doc_comment)]
+    Backup(backup::BackupArgs),
+    /// Restore a `muster backup` archive into an empty (or, with --force, an existing) data dir.
+    ///
+    /// Refuses an archive without the sealing key and one from a newer Muster; an older one
+    /// is migrated forward. Starting on another --dps-host/--hub-host is fine.
+    ///
+    /// Examples:
+    ///   muster restore muster-2026-12-03.tar --data-dir /var/lib/muster
+    #[command(verbatim_doc_comment)]
+    Restore(backup::RestoreArgs),
     /// Manage individual enrollments (like `az iot dps enrollment`).
     #[command(subcommand)]
     Enrollment(enrollment::IndividualCommand),
@@ -69,6 +100,9 @@ enum Command {
     /// Manage the IoT hubs devices may be assigned to.
     #[command(subcommand, name = "linked-hub")]
     LinkedHub(linked_hub::LinkedHubCommand),
+    /// The audit log: who changed what, when, with which result.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -125,33 +159,30 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let default_filter = match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let Command::Serve(args) = cli.command {
+        return serve_with_logging(&runtime, args);
+    }
+    logging::init(LogFormat::Text, "warn");
     let result = match cli.command {
-        Command::Serve(args) => return runtime.block_on(serve::serve(args)),
+        // Served above, with its own log set-up.
+        Command::Serve(_) => Ok(()),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "muster", &mut std::io::stdout());
             Ok(())
         }
         Command::ComputeDeviceKey(args) => device::compute_device_key(args),
+        Command::Backup(args) => backup::backup(args),
+        Command::Restore(args) => backup::restore(args),
         Command::Enrollment(c) => runtime.block_on(enrollment::run_individual(c)),
         Command::EnrollmentGroup(c) => runtime.block_on(enrollment::run_group(c)),
         Command::Registration(c) => runtime.block_on(registration::run(c)),
         Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
+        Command::Audit(c) => runtime.block_on(audit::run(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
@@ -161,6 +192,33 @@ fn main() -> anyhow::Result<()> {
     };
     if let Err(e) = result {
         eprintln!("error: {}", output::describe(&e));
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `muster serve`: the log format comes from its configuration, so the subscriber is set up
+/// after the config is read; a failure to start is reported in one line, logged in that format
+/// too (returning the error from `main` would print its Debug form, and a backtrace under
+/// RUST_BACKTRACE).
+fn serve_with_logging(
+    runtime: &tokio::runtime::Runtime,
+    args: serve::ServeArgs,
+) -> anyhow::Result<()> {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", output::describe(&e));
+            std::process::exit(1);
+        }
+    };
+    let format = config.log_format;
+    logging::init(format, "info");
+    if let Err(e) = runtime.block_on(serve::serve(args, config)) {
+        match format {
+            LogFormat::Json => tracing::error!("{}", output::describe(&e)),
+            LogFormat::Text => eprintln!("error: {}", output::describe(&e)),
+        }
         std::process::exit(1);
     }
     Ok(())

@@ -151,6 +151,15 @@ pub fn emit(line: &str) {
     }
 }
 
+/// The CA file the command's clients trust besides the system roots, for the hint when the
+/// server's certificate is not trusted.
+static TRUSTED_CA: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Records the CA file a client was built with (`None`: the system roots only).
+pub fn remember_trusted_ca(ca: Option<&std::path::Path>) {
+    *TRUSTED_CA.lock().unwrap_or_else(|e| e.into_inner()) = ca.map(|p| p.to_path_buf());
+}
+
 /// A one-line message with a hint for the common causes.
 pub fn describe(e: &anyhow::Error) -> String {
     let text = format!("{e:#}");
@@ -164,26 +173,43 @@ pub fn describe(e: &anyhow::Error) -> String {
     }
 }
 
-fn hint(e: &muster_client::Error) -> Option<&'static str> {
+/// What to do about a server certificate nobody trusted, naming the CA file that was tried.
+fn untrusted_certificate_hint() -> String {
+    let tried = TRUSTED_CA.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match tried {
+        Some(ca) => format!(
+            "the server's certificate is issued neither by the CA in {} nor by a CA of the \
+             system roots: pass --ca-cert with the PEM of the CA that issued it",
+            ca.display()
+        ),
+        None => "the server's certificate is not issued by a CA of the system roots: pass \
+                 --ca-cert with the PEM of the CA that issued it (a `muster serve` with its own \
+                 CA: DATA_DIR/ca.pem, or --data-dir DATA_DIR)"
+            .to_owned(),
+    }
+}
+
+fn hint(e: &muster_client::Error) -> Option<String> {
     use muster_client::Error as E;
     let text = format!("{e:?}");
+    let fixed = |s: &str| Some(s.to_owned());
     match e {
         E::Transport { .. } | E::Mqtt(_)
             if text.contains("UnknownIssuer") || text.contains("certificate") =>
         {
-            Some("the server's certificate is not trusted: pass --ca-cert DATA_DIR/ca.pem (or --data-dir)")
+            Some(untrusted_certificate_hint())
         }
-        E::Transport { .. } | E::Mqtt(_) => Some(
+        E::Transport { .. } | E::Mqtt(_) => fixed(
             "is `muster serve` running, and is the host/port right? (see --endpoint, --data-dir, --connection-string)",
         ),
         E::Service { status: 401, .. } => {
-            Some("the key was refused: check the connection string or the device / group key")
+            fixed("the key was refused: check the connection string or the device / group key")
         }
         E::Service { status: 403, .. } => {
-            Some("the policy of this connection string lacks the right this command needs")
+            fixed("the policy of this connection string lacks the right this command needs")
         }
-        E::Hub { status: 401, .. } => Some("the hub refused the key: check --hub-connection-string"),
-        E::Tls(_) => Some("pass --ca-cert with the PEM of the CA that issued the server's certificate"),
+        E::Hub { status: 401, .. } => fixed("the hub refused the key: check --hub-connection-string"),
+        E::Tls(_) => fixed("pass --ca-cert with the PEM of the CA that issued the server's certificate"),
         _ => None,
     }
 }

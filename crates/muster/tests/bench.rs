@@ -25,6 +25,7 @@ fn start_server(rt: &tokio::runtime::Runtime, data_dir: &Path) -> Server {
         dps_host: "127.0.0.1".into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     };
     rt.block_on(Server::start(config)).expect("server starts")
@@ -98,7 +99,7 @@ fn every_mode_assigns_every_device_with_sane_percentiles() {
     let data_dir = data.to_str().expect("utf-8 path");
     let key = group_key(data_dir, "bench");
     let pid = std::process::id().to_string();
-    for mode in ["https-fresh", "https-keepalive", "mqtt-fresh"] {
+    for mode in ["https-fresh", "https-keepalive", "mqtt-fresh", "amqp-fresh"] {
         let prefix = format!("{mode}-");
         let report = json_of(&[
             "bench",

@@ -35,6 +35,7 @@ impl Env {
             dps_host: "127.0.0.1".into(),
             https_port: 0,
             mqtt_port: 0,
+            amqp_port: 0,
             ..Config::default()
         };
         let server = rt.block_on(Server::start(config)).expect("server starts");
@@ -104,7 +105,7 @@ impl Env {
     fn hub(&self) -> HubClient {
         HubClient::from_connection_string(
             &self.info.hubs[0].connection_string,
-            Some(&self.info.ca_certificate),
+            self.info.ca_certificate.as_deref(),
         )
         .expect("hub client")
     }
@@ -398,6 +399,83 @@ fn enrollment_group_commands() {
     assert!(err.contains("404202"), "{err}");
 }
 
+/// Writes by the CLI are audited with the source `cli`; `muster audit list` shows them in a
+/// table and as JSON, filtered by id and policy.
+#[test]
+fn audit_list_shows_cli_writes() {
+    let env = Env::start();
+    let pk = B64.encode([7u8; 32]);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "audited-1",
+        "--primary-key",
+        &pk,
+    ]);
+    env.ok(&["enrollment", "delete", "audited-1"]);
+    env.ok(&[
+        "enrollment",
+        "create",
+        "--enrollment-id",
+        "other-2",
+        "--primary-key",
+        &pk,
+    ]);
+
+    let entries = env.json(&["audit", "list", "--id", "audited-1"]);
+    let summary: Vec<Value> = entries
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| {
+            json!([
+                e["method"],
+                e["route"],
+                e["id"],
+                e["status"],
+                e["source"],
+                e["policy"]
+            ])
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            json!([
+                "PUT",
+                "/enrollments/{id}",
+                "audited-1",
+                200,
+                "cli",
+                "provisioningserviceowner"
+            ]),
+            json!([
+                "DELETE",
+                "/enrollments/{id}",
+                "audited-1",
+                204,
+                "cli",
+                "provisioningserviceowner"
+            ]),
+        ]
+    );
+    assert!(!entries.to_string().contains(&pk), "no key in the log");
+    let table = env.ok(&["audit", "list", "--policy", "provisioningserviceowner"]);
+    let header = table.lines().next().expect("a header line");
+    for column in [
+        "TIME", "POLICY", "SOURCE", "METHOD", "ROUTE", "ID", "STATUS", "ERROR",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(table.contains("other-2"), "{table}");
+    assert_eq!(table.lines().count(), 4, "header and three writes: {table}");
+    let top = env.json(&["audit", "list", "--top", "1"]);
+    assert_eq!(top.as_array().map(Vec::len), Some(1));
+    let err = env.fails(&["audit", "list", "--since", "yesterday"]);
+    assert!(err.contains("'from'"), "{err}");
+}
+
 #[test]
 fn linked_hub_commands() {
     let env = Env::start();
@@ -480,7 +558,14 @@ fn device_register_and_hub_commands() {
         "--primary-key",
         &key,
     ]);
-    let ca = env.info.ca_certificate.to_str().expect("utf-8").to_string();
+    let ca = env
+        .info
+        .ca_certificate
+        .as_ref()
+        .unwrap()
+        .to_str()
+        .expect("utf-8")
+        .to_string();
     let out = env
         .command(&[
             "device",
@@ -693,7 +778,7 @@ fn hub_tail_follows_telemetry() {
             env.info.mqtt_port,
             "tele-1",
             &device_key,
-            Some(&env.info.ca_certificate),
+            env.info.ca_certificate.as_deref(),
         ))
         .expect("device connects to the hub");
     for (i, body) in [r#"{"t":21.5}"#, "second"].iter().enumerate() {
@@ -1098,7 +1183,14 @@ fn errors_are_short_and_actionable() {
 #[test]
 fn service_commands_take_a_connection_string_from_the_environment() {
     let env = Env::start();
-    let ca = env.info.ca_certificate.to_str().expect("utf-8").to_string();
+    let ca = env
+        .info
+        .ca_certificate
+        .as_ref()
+        .unwrap()
+        .to_str()
+        .expect("utf-8")
+        .to_string();
     let out = env
         .command(&[
             "enrollment-group",

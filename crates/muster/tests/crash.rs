@@ -109,6 +109,7 @@ impl ServerProcess {
             .arg(self.ports.0.to_string())
             .arg("--mqtt-port")
             .arg(self.ports.1.to_string())
+            .args(["--amqp-port", "0"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "warn")
@@ -170,7 +171,7 @@ struct Clients {
 
 impl Clients {
     fn new(info: &ConnectionFile) -> Self {
-        let ca = Some(info.ca_certificate.as_path());
+        let ca = info.ca_certificate.as_deref();
         let devices = DeviceClient::new(&info.device_endpoint, &info.id_scope, ca)
             .expect("device client")
             .with_mqtt_port(info.mqtt_port)

@@ -90,40 +90,9 @@ function openssl(args) {
   execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-// A certificate: a CA (self-signed unless `issuer` is given) or a device leaf (clientAuth).
-function makeCert(cn, { ca, issuer } = {}) {
-  const dir = fs.mkdtempSync(path.join(WORK_DIR, 'c-'));
-  const f = (n) => path.join(dir, n);
-  const ext = ca
-    ? ['basicConstraints = critical, CA:TRUE', 'keyUsage = critical, keyCertSign, cRLSign, digitalSignature',
-      'subjectKeyIdentifier = hash']
-    : ['basicConstraints = critical, CA:FALSE', 'keyUsage = critical, digitalSignature',
-      'extendedKeyUsage = clientAuth'];
-  if (issuer) ext.push('authorityKeyIdentifier = keyid');
-  fs.writeFileSync(f('cfg'), [
-    '[req]', 'distinguished_name = dn', 'prompt = no', '[dn]', `CN = ${cn}`, '[ext]', ...ext, '',
-  ].join('\n'));
-  const newKey = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', f('key.pem')];
-  if (!issuer) {
-    openssl(['req', '-x509', '-new', ...newKey, '-sha256', '-days', '2', '-config', f('cfg'),
-      '-extensions', 'ext', '-out', f('cert.pem')]);
-  } else {
-    openssl(['req', '-new', ...newKey, '-config', f('cfg'), '-out', f('csr.pem')]);
-    openssl(['x509', '-req', '-in', f('csr.pem'), '-CA', issuer.certFile, '-CAkey', issuer.keyFile,
-      '-set_serial', `0x${crypto.randomBytes(8).toString('hex')}`, '-sha256', '-days', '2',
-      '-extfile', f('cfg'), '-extensions', 'ext', '-out', f('cert.pem')]);
-  }
-  const pem = fs.readFileSync(f('cert.pem'), 'utf8');
-  const x = new crypto.X509Certificate(pem);
-  return {
-    cn,
-    pem,
-    key: fs.readFileSync(f('key.pem'), 'utf8'),
-    certFile: f('cert.pem'),
-    keyFile: f('key.pem'),
-    sha256: x.fingerprint256.replace(/:/g, ''),
-  };
-}
+// makeCert(cn, { ca, issuer }): a CA or a device leaf, shared with amqp.test.js.
+const { makeCert, cleanup: cleanupCerts } = require('./certs');
+after(cleanupCerts);
 
 // An X.509 version 1 certificate: `openssl x509 -req` with no extension file, self-signed or
 // signed by `issuer` (the way the npm `pem` package and many device makers create them).

@@ -91,6 +91,14 @@ impl<S> Rewind<S> {
     }
 }
 
+impl<S> std::fmt::Debug for Rewind<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewind")
+            .field("prefix_len", &self.prefix.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -37,7 +37,7 @@
 //! never comes), a second CONNECT, and packets only a server sends.
 
 pub mod dispatch;
-mod session;
+pub(crate) mod session;
 pub mod topic;
 
 use std::sync::Arc;

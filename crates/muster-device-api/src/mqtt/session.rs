@@ -14,7 +14,7 @@ use muster_proto::device::DeviceRegistration;
 use muster_proto::runtime::{random_bytes, Clock, OsEntropy, SystemClock};
 use muster_proto::ErrorCode;
 use muster_registration::{
-    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
+    DeviceCredential, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest, Transport,
 };
 use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
@@ -279,6 +279,7 @@ impl Session {
                     registration_id: identity.registration_id.clone(),
                     credential: identity.credential.clone(),
                     body,
+                    transport: Transport::Mqtt,
                 };
                 let registrar = self.registrar.clone();
                 tokio::spawn(async move {
@@ -327,6 +328,16 @@ impl Responder {
     /// (an MQTT server only delivers to subscribers); then the close, when attestation failed
     /// on a connection that never authenticated, tells the reader to close.
     async fn respond(self, reply: DeviceReply) -> Flow {
+        if reply.status >= 400 {
+            // The error body says which check failed; it never holds a secret.
+            tracing::debug!(
+                rid = %self.rid,
+                status = reply.status,
+                error_code = reply.body["errorCode"].as_u64().unwrap_or(0),
+                check = reply.body["message"].as_str().unwrap_or_default(),
+                "MQTT request refused"
+            );
+        }
         let failed = self.auth.observe(reply.status);
         let flow = self.publish(reply).await;
         if failed {
@@ -361,7 +372,7 @@ impl Responder {
 
 /// The register payload: empty (C#) or blank → an empty registration; JSON `null` likewise;
 /// anything else must be a JSON `DeviceRegistration`, or the answer is 400 / 400001.
-fn parse_register_body(payload: &[u8]) -> Result<DeviceRegistration, DeviceReply> {
+pub(crate) fn parse_register_body(payload: &[u8]) -> Result<DeviceRegistration, DeviceReply> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Ok(DeviceRegistration::default());
     }
@@ -384,7 +395,7 @@ fn parse_register_body(payload: &[u8]) -> Result<DeviceRegistration, DeviceReply
 
 /// A DPS error reply. The tracking id and timestamp are diagnostics only, so (as in the
 /// service API) they come from the system clock and random source.
-fn error_reply(code: ErrorCode, message: impl Into<String>) -> DeviceReply {
+pub(crate) fn error_reply(code: ErrorCode, message: impl Into<String>) -> DeviceReply {
     let b: [u8; 16] = random_bytes(&OsEntropy);
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     let tracking_id = format!(

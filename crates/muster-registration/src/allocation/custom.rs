@@ -8,6 +8,7 @@ use std::time::Duration;
 use muster_proto::ErrorCode;
 use serde_json::{json, Map, Value};
 
+use crate::metrics::webhook_call;
 use crate::DeviceFailure;
 
 /// How Muster calls webhooks.
@@ -96,8 +97,20 @@ pub async fn call(
                 let status = resp.status().as_u16();
                 if status == 200 {
                     let bytes = resp.bytes().await.unwrap_or_default();
-                    return parse_response(&bytes);
+                    let parsed = parse_response(&bytes);
+                    webhook_call(if parsed.is_ok() {
+                        "ok"
+                    } else {
+                        "invalid_answer"
+                    });
+                    return parsed;
                 }
+                webhook_call(match status {
+                    401 => "unauthorized",
+                    s if s < 429 => "client_error",
+                    429 => "throttled",
+                    _ => "server_error",
+                });
                 if status == 401 {
                     return Err(DeviceFailure::new(
                         ErrorCode::CustomAllocationUnauthorizedAccess,
@@ -112,13 +125,20 @@ pub async fn call(
                 }
                 format!("answered {status}")
             }
-            Err(e) if e.is_timeout() => format!("did not answer within {:?}", policy.timeout),
-            Err(e) if e.is_connect() => "could not be reached".to_string(),
+            Err(e) if e.is_timeout() => {
+                webhook_call("timeout");
+                format!("did not answer within {:?}", policy.timeout)
+            }
+            Err(e) if e.is_connect() => {
+                webhook_call("unreachable");
+                "could not be reached".to_string()
+            }
             Err(e) => {
+                webhook_call("error");
                 return Err(DeviceFailure::new(
                     ErrorCode::CustomAllocationFailed,
                     format!("calling the custom allocation webhook failed: {e}"),
-                ))
+                ));
             }
         };
         if attempt >= policy.retries {

@@ -6,7 +6,10 @@
 //! transaction; the hub deletes follow, and each intent is removed once its hub confirmed.
 //! After a crash, [`Engine::finish_hub_removals`] (run by `resume_pending` on start-up)
 //! finishes every intent left. A device that registered again in between keeps its hub
-//! identity: an intent is dropped without a hub delete when a record claims that device again.
+//! identity: each intent names the hub device's etag as read before the record was removed,
+//! and the hub delete is conditional on it (`If-Match`), so a device a newer registration
+//! wrote meanwhile (a new etag) is left alone; an intent is also dropped without a hub call
+//! when a record claims that device again.
 
 use muster_proto::{ErrorCode, RegistrationId, Timestamp};
 use muster_store::records;
@@ -14,8 +17,12 @@ use muster_store::{Collection, Expect, Write, WriteOutcome};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{decode_record, Engine};
+use super::{decode_record, hub_failure, Engine};
 use crate::DeviceFailure;
+
+/// A bulk deprovisioning after a hub was unlinked meets it once per device.
+static UNLINKED_HUB_LOG: muster_proto::log_limit::LogLimiter =
+    muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
 /// What a deprovisioning removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,6 +45,11 @@ struct HubRemoval {
     /// The record whose removal made this device an orphan-to-be.
     registration_id: String,
     since: Timestamp,
+    /// The hub device's identity etag when the record was removed: only that device is
+    /// deleted, not one a newer registration wrote since. Absent in intents written before
+    /// the condition existed (deleted unconditionally unless a record claims the device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_etag: Option<String>,
 }
 
 impl HubRemoval {
@@ -92,25 +104,39 @@ impl Engine {
                 device_id,
                 registration_id: rid.to_string(),
                 since: now,
+                device_etag: None,
             };
             if !removals.iter().any(|r| r.key() == removal.key()) {
                 removals.push(removal);
             }
         }
-        // Every hub must be reachable before anything changes.
+        // Every hub must be linked and reachable before anything changes. Each device's
+        // etag is read now, before the record goes: a registration that writes the device
+        // after this point changes it, and the conditional delete then spares the device.
         let linked = self.linked_hubs().await?;
-        if let Some(r) = removals
-            .iter()
-            .find(|r| !linked.iter().any(|h| h.name.eq_ignore_ascii_case(&r.hub)))
-        {
-            return Err(DeviceFailure::new(
-                ErrorCode::HubNotLinked,
-                format!(
-                    "the device is in IoT hub '{}', which is not linked; nothing was deleted",
-                    r.hub
-                ),
-            ));
+        let mut absent = Vec::new();
+        for r in &mut removals {
+            let Some(hub) = linked.iter().find(|h| h.name.eq_ignore_ascii_case(&r.hub)) else {
+                return Err(DeviceFailure::new(
+                    ErrorCode::HubNotLinked,
+                    format!(
+                        "the device is in IoT hub '{}', which is not linked; nothing was deleted",
+                        r.hub
+                    ),
+                ));
+            };
+            r.device_etag = self
+                .connection(hub)
+                .device_etag(&r.device_id)
+                .await
+                .map_err(hub_failure)?;
+            if r.device_etag.is_none() {
+                absent.push(format!("{}/{}", r.hub, r.device_id));
+            }
         }
+        // A device the hub does not have needs no removal: a later put of it belongs to
+        // whichever registration writes it.
+        removals.retain(|r| r.device_etag.is_some());
         let mut writes = vec![
             Write::delete(
                 Collection::Registrations,
@@ -139,10 +165,11 @@ impl Engine {
             self.0.store.write(undo).await?;
             return Err(stale(&rid));
         }
-        let mut removed = Vec::new();
+        let mut removed = absent;
         for r in removals {
-            self.finish_removal(&r).await?;
-            removed.push(format!("{}/{}", r.hub, r.device_id));
+            if self.finish_removal(&r).await? {
+                removed.push(format!("{}/{}", r.hub, r.device_id));
+            }
         }
         let (hub, device_id) = assigned.unzip();
         Ok(Deprovisioned {
@@ -153,26 +180,33 @@ impl Engine {
         })
     }
 
-    /// Deletes the device of one intent from its hub (unless a record claims it again), then
-    /// the intent. A hub that is no longer linked ends the intent: nothing can reach it.
-    async fn finish_removal(&self, r: &HubRemoval) -> Result<(), DeviceFailure> {
+    /// Deletes the device of one intent from its hub, then the intent. The device stays when
+    /// a record claims it again or its etag changed since the intent (a newer registration
+    /// wrote it). A hub that is no longer linked ends the intent: nothing can reach it.
+    /// Returns whether the device is gone.
+    async fn finish_removal(&self, r: &HubRemoval) -> Result<bool, DeviceFailure> {
+        let mut gone = false;
         if !self.claimed(r).await? {
             let linked = self.linked_hubs().await?;
             match linked.iter().find(|h| h.name.eq_ignore_ascii_case(&r.hub)) {
-                Some(hub) => self
-                    .connection(hub)
-                    .delete_device(&r.device_id)
-                    .await
-                    .map_err(|e| {
-                        let code = if e.status() == Some(503) {
-                            ErrorCode::HubUnavailable
-                        } else {
-                            ErrorCode::HubWriteFailed
-                        };
-                        DeviceFailure::new(code, e.to_string())
-                    })?,
-                None => warn!(hub = %r.hub, device = %r.device_id,
-                    "a deprovisioned device's hub is no longer linked; its identity stays there"),
+                Some(hub) => {
+                    let hub = self.connection(hub);
+                    gone = match &r.device_etag {
+                        Some(etag) => hub.delete_device_if(&r.device_id, etag).await,
+                        None => hub.delete_device(&r.device_id).await.map(|()| true),
+                    }
+                    .map_err(hub_failure)?;
+                    if !gone {
+                        info!(hub = %r.hub, device = %r.device_id,
+                            "a deprovisioned device was registered again meanwhile; its hub identity stays");
+                    }
+                }
+                None => {
+                    if let Some(suppressed) = UNLINKED_HUB_LOG.admit() {
+                        warn!(hub = %r.hub, device = %r.device_id, suppressed,
+                            "a deprovisioned device's hub is no longer linked; its identity stays there");
+                    }
+                }
             }
         }
         self.0
@@ -183,7 +217,7 @@ impl Engine {
                 Expect::Any,
             )])
             .await?;
-        Ok(())
+        Ok(gone)
     }
 
     /// Whether a registration record (assigned, or with a plan in flight) names this hub

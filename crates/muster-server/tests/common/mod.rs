@@ -25,6 +25,7 @@ pub fn config(dir: &Path, host: &str) -> Config {
         dps_host: host.into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     }
 }
@@ -90,7 +91,7 @@ impl Dps {
     pub fn new(info: &ConnectionInfo) -> Self {
         Self {
             info: info.clone(),
-            http: client(&info.ca_certificate),
+            http: client(info.ca_certificate.as_ref().unwrap()),
         }
     }
 

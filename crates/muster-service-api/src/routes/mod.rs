@@ -1,6 +1,7 @@
 //! The service API's routes, one module per route family.
 
 mod access_policies;
+mod audit_log;
 mod ca_certificates;
 mod deprovisions;
 mod enrollment_groups;
@@ -12,14 +13,16 @@ mod registrations;
 use axum::Router;
 
 pub use access_policies::{OWNER_POLICY, POLICIES_KEY};
+pub(crate) use generic::admit;
 
 use crate::error::ApiError;
 use crate::ServiceApi;
 use muster_proto::ErrorCode;
 
 /// The service API router. Wrap the final application in [`crate::normalize_path`].
+/// Every write through it is recorded in the audit log ([`crate::audit`]).
 pub fn router(api: ServiceApi) -> Router {
-    Router::new()
+    let routes = Router::new()
         .merge(enrollments::routes())
         .merge(enrollment_groups::routes())
         .merge(registrations::routes())
@@ -27,6 +30,11 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(access_policies::routes())
         .merge(ca_certificates::routes())
         .merge(deprovisions::routes())
+        .merge(audit_log::routes())
+        // A route layer: only matched routes, whose template labels the metrics.
+        .route_layer(axum::middleware::from_fn(crate::metrics::record));
+    crate::audit::Auditor::for_service_api(&api)
+        .wrap(routes)
         .with_state(api)
 }
 

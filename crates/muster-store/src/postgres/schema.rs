@@ -7,6 +7,9 @@
 //! once, in its own transaction.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use muster_proto::runtime::Entropy;
 
 use tokio_postgres::Client;
 
@@ -19,14 +22,17 @@ use crate::StoreError;
 /// Keys and partitions use the `C` collation: byte order, the order of Rust's `str` and of
 /// the SQLite store, whatever the database's default collation is.
 const MIGRATIONS: &[&str] = &[
-    // 1: records, the etag sequence and the sealing key check.
+    // 1: records (JSON text in `body`, or sealed bytes in `sealed` for a secret collection),
+    // the etag sequence and the sealing key check.
     "CREATE TABLE muster_records (
         collection TEXT NOT NULL,
         key        TEXT COLLATE \"C\" NOT NULL,
         partition  TEXT COLLATE \"C\",
         etag       TEXT NOT NULL,
-        body       TEXT NOT NULL,
-        PRIMARY KEY (collection, key)
+        body       TEXT,
+        sealed     BYTEA,
+        PRIMARY KEY (collection, key),
+        CHECK ((body IS NULL) <> (sealed IS NULL))
     );
     CREATE INDEX muster_records_by_partition ON muster_records (collection, partition, key);
     CREATE SEQUENCE muster_etag AS BIGINT;
@@ -52,13 +58,14 @@ pub(super) async fn prepare(
     client: &mut Client,
     database: &str,
     key_path: &Path,
+    entropy: Arc<dyn Entropy>,
 ) -> Result<Sealer, StoreError> {
     let context = |what: &str| format!("preparing PostgreSQL database {database}: {what}");
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(|e| pg_err(&context("taking the migration lock"), &e))?;
-    let result = migrate_and_check_key(client, database, key_path).await;
+    let result = migrate_and_check_key(client, database, key_path, entropy).await;
     // Also on failure; the lock would go with the connection anyway.
     let unlocked = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
@@ -73,6 +80,7 @@ async fn migrate_and_check_key(
     client: &mut Client,
     database: &str,
     key_path: &Path,
+    entropy: Arc<dyn Entropy>,
 ) -> Result<Sealer, StoreError> {
     let context = |what: &str| format!("migrating PostgreSQL database {database}: {what}");
     client
@@ -128,12 +136,12 @@ async fn migrate_and_check_key(
     match check {
         Some(check) => {
             // The database holds (or may hold) sealed records: only its own key opens it.
-            let sealer = Sealer::load(key_path)?;
+            let sealer = Sealer::load_with(key_path, entropy)?;
             sealer.verify_key_check(&check, Path::new(database))?;
             Ok(sealer)
         }
         None => {
-            let sealer = Sealer::load_or_create(key_path)?;
+            let sealer = Sealer::load_or_create_with(key_path, entropy)?;
             client
                 .execute(
                     "INSERT INTO muster_sealing (name, value) VALUES ($1, $2)",

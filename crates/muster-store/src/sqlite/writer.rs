@@ -17,6 +17,7 @@ use muster_proto::log_limit::LogLimiter;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
+use super::body::StoredBody;
 use super::db_err;
 use crate::{Collection, Expect, StoreError, WriteOutcome};
 
@@ -64,7 +65,7 @@ pub(super) struct PreparedWrite {
 pub(super) enum PreparedOp {
     Put {
         partition: Option<String>,
-        body: String,
+        body: StoredBody,
     },
     Delete,
 }

@@ -14,6 +14,7 @@
 //! - [`latency`], [`schedule`], [`server_usage`], [`target`], [`report`] — percentiles, the
 //!   arrival-rate scheduler, `/proc` sampling, connection settings per mode, output.
 
+pub mod amqp;
 pub mod attestation;
 pub mod latency;
 pub mod reference;
@@ -32,7 +33,8 @@ pub enum BenchCommand {
     /// Register simulated devices of an enrollment group and measure throughput and latency.
     ///
     /// Modes: https-fresh (new TCP+TLS per device, no session resumption), https-keepalive
-    /// (a pool of persistent connections), mqtt-fresh (new TCP+TLS+MQTT session per device).
+    /// (a pool of persistent connections), mqtt-fresh (new TCP+TLS+MQTT session per device),
+    /// amqp-fresh (new TCP+TLS+AMQP connection per device).
     /// Closed loop with --concurrency workers, or open loop with --rate devices/s. Latency runs
     /// from a device's start (open loop: its due time) to its `assigned` answer.
     ///

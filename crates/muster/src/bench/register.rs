@@ -27,7 +27,7 @@ const PLACEHOLDER_GROUP_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8
 
 #[derive(Args, Debug)]
 pub struct RegisterArgs {
-    /// https-fresh, https-keepalive or mqtt-fresh
+    /// https-fresh, https-keepalive, mqtt-fresh or amqp-fresh
     #[arg(long, value_enum)]
     pub mode: Mode,
     /// The enrollment group's key (required for --target muster)
@@ -119,13 +119,15 @@ pub fn error_kind(e: &muster_client::Error) -> String {
     }
 }
 
-async fn register_one(
-    client: &DeviceClient,
-    key: &DeviceKey,
-    options: &RegisterOptions,
-    id: &str,
-    measured_from: Instant,
-) -> DeviceOutcome {
+async fn register_one(run: &Run, id: &str, measured_from: Instant) -> DeviceOutcome {
+    if let Some(amqp) = &run.amqp {
+        return match super::amqp::register(amqp, &run.key, id).await {
+            Ok(status) if status == "assigned" => DeviceOutcome::Assigned(measured_from.elapsed()),
+            Ok(status) => DeviceOutcome::NotAssigned(status),
+            Err(kind) => DeviceOutcome::NotAssigned(kind),
+        };
+    }
+    let (client, key, options) = (&run.client, &run.key, &run.options);
     match client.register(id, key, options).await {
         Ok(r) if r.is_assigned() => DeviceOutcome::Assigned(measured_from.elapsed()),
         Ok(r) => DeviceOutcome::NotAssigned(match r.state.error_code {
@@ -166,6 +168,8 @@ impl Tally {
 
 struct Run {
     client: Arc<DeviceClient>,
+    /// `--mode amqp-fresh`: AMQP devices, not `client`.
+    amqp: Option<super::amqp::AmqpTarget>,
     key: Arc<DeviceKey>,
     options: Arc<RegisterOptions>,
     prefix: Arc<str>,
@@ -194,7 +198,7 @@ impl Run {
                     }
                     let id = run.id(i);
                     let t0 = Instant::now();
-                    tally.add(register_one(&run.client, &run.key, &run.options, &id, t0).await);
+                    tally.add(register_one(&run, &id, t0).await);
                 }
                 tally
             });
@@ -230,8 +234,7 @@ impl Run {
             let run = run.clone();
             set.spawn(async move {
                 let id = run.id(i);
-                let outcome =
-                    register_one(&run.client, &run.key, &run.options, &id, due.into_std()).await;
+                let outcome = register_one(&run, &id, due.into_std()).await;
                 drop(permit);
                 outcome
             });
@@ -262,8 +265,17 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
 pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
     let target: ResolvedTarget = a.target.resolve()?;
     let pacing = Pacing::new(a.rate, a.concurrency)?;
-    if a.target.target == Target::TlsReference && a.mode == Mode::MqttFresh {
-        bail!("the TLS reference speaks HTTPS only; compare mqtt-fresh with its https-fresh rate");
+    if a.target.target == Target::TlsReference
+        && matches!(a.mode, Mode::MqttFresh | Mode::AmqpFresh)
+    {
+        bail!(
+            "the TLS reference speaks HTTPS only; compare {} with its https-fresh rate",
+            if a.mode == Mode::MqttFresh {
+                "mqtt-fresh"
+            } else {
+                "amqp-fresh"
+            }
+        );
     }
     let group_key = match (&a.group_key, a.target.target) {
         (Some(k), _) => k.clone(),
@@ -284,7 +296,7 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
     let options = RegisterOptions {
         transport: match a.mode {
             Mode::MqttFresh => Transport::Mqtt,
-            Mode::HttpsFresh | Mode::HttpsKeepalive => Transport::Https,
+            Mode::HttpsFresh | Mode::HttpsKeepalive | Mode::AmqpFresh => Transport::Https,
         },
         payload: None,
     };
@@ -296,8 +308,13 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         Some(pid) => Some(UsageMonitor::start(pid)?),
         None => None,
     };
+    let amqp = match a.mode {
+        Mode::AmqpFresh => Some(amqp_target(&target).await?),
+        _ => None,
+    };
     let run = Run {
         client: Arc::new(client),
+        amqp,
         key: Arc::new(key),
         options: Arc::new(options),
         prefix: Arc::from(a.prefix.as_str()),
@@ -345,6 +362,30 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         max_start_lag_ms,
         server,
         reference,
+    })
+}
+
+/// The AMQP address of the target: its device endpoint's host, on the AMQP port.
+async fn amqp_target(target: &ResolvedTarget) -> anyhow::Result<super::amqp::AmqpTarget> {
+    let endpoint = target.endpoint.as_str();
+    let host = match endpoint.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(bracketed),
+        None => match endpoint.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            _ => endpoint,
+        },
+    }
+    .to_string();
+    let addr = tokio::net::lookup_host((host.as_str(), target.amqp_port))
+        .await
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    Ok(super::amqp::AmqpTarget {
+        addr,
+        host,
+        id_scope: target.id_scope.clone(),
+        tls: Arc::new(super::target::tls_config(target)?),
     })
 }
 

@@ -23,6 +23,9 @@ pub enum Mode {
     HttpsKeepalive,
     /// MQTT, a new TCP connection, full TLS handshake and MQTT session per device.
     MqttFresh,
+    /// AMQP, a new TCP connection, full TLS handshake and AMQP connection (SASL PLAIN) per
+    /// device.
+    AmqpFresh,
 }
 
 /// What the generator talks to.
@@ -53,6 +56,9 @@ pub struct TargetArgs {
     /// MQTT port [default: connection.json's]
     #[arg(long)]
     pub mqtt_port: Option<u16>,
+    /// AMQP port [default: connection.json's, else 5671]
+    #[arg(long)]
+    pub amqp_port: Option<u16>,
     /// PEM file of the CA to trust [default: connection.json's caCertificate]
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
@@ -64,6 +70,7 @@ pub struct ResolvedTarget {
     pub endpoint: String,
     pub id_scope: String,
     pub mqtt_port: u16,
+    pub amqp_port: u16,
     pub ca_cert: Option<PathBuf>,
 }
 
@@ -89,14 +96,19 @@ impl TargetArgs {
             .mqtt_port
             .or_else(|| file.as_ref().map(|f| f.mqtt_port))
             .unwrap_or(8883);
+        let amqp_port = self
+            .amqp_port
+            .or_else(|| file.as_ref().map(|f| f.amqp_port).filter(|p| *p != 0))
+            .unwrap_or(5671);
         let ca_cert = self
             .ca_cert
             .clone()
-            .or_else(|| file.as_ref().map(|f| f.ca_certificate.clone()));
+            .or_else(|| file.as_ref().and_then(|f| f.ca_certificate.clone()));
         Ok(ResolvedTarget {
             endpoint,
             id_scope,
             mqtt_port,
+            amqp_port,
             ca_cert,
         })
     }
@@ -133,7 +145,7 @@ pub fn device_client(
     let tls = tls_config(target)?;
     let keep_idle = match mode {
         Mode::HttpsKeepalive => pool_size.max(1),
-        Mode::HttpsFresh | Mode::MqttFresh => 0,
+        Mode::HttpsFresh | Mode::MqttFresh | Mode::AmqpFresh => 0,
     };
     let http = http_client(tls.clone(), keep_idle)?;
     Ok(

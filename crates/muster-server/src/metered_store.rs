@@ -1,0 +1,58 @@
+//! [`MeteredStore`]: the server's store, timed. Wraps whichever [`Store`] the server runs on
+//! and records how long each write takes to commit (`muster_store_write_duration_seconds`), so
+//! no store implementation needs to know about metrics.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use muster_store::{Collection, ListQuery, Record, Store, StoreError, Write, WriteOutcome};
+
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self { inner }
+    }
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn get(&self, collection: Collection, key: &str) -> Result<Option<Record>, StoreError> {
+        self.inner.get(collection, key).await
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<WriteOutcome>, StoreError> {
+        let started = tokio::time::Instant::now();
+        let result = self.inner.write(writes).await;
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.is_unavailable() => "unavailable",
+            Err(_) => "error",
+        };
+        crate::metrics::store_write(label, started.elapsed());
+        result
+    }
+
+    async fn list(
+        &self,
+        collection: Collection,
+        query: ListQuery,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner.list(collection, query).await
+    }
+
+    async fn count(
+        &self,
+        collection: Collection,
+        partition: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        self.inner.count(collection, partition).await
+    }
+
+    // Forwarded: the group cache keeps decoded groups only while this stands still.
+    fn changes(&self, collection: Collection) -> Option<u64> {
+        self.inner.changes(collection)
+    }
+}
