@@ -30,10 +30,8 @@ use muster_service_api::events::RegistrationFeed;
 use muster_service_api::ServiceApi;
 use tower::ServiceExt;
 
-use crate::amqp_dispatch::AmqpServices;
 use crate::device_websocket::{self, DeviceServices};
 use crate::health::{self, Health};
-use crate::mqtt_dispatch::MqttServices;
 use crate::refusal_log;
 
 /// Where a browser opening `https://host/` is sent.
@@ -43,14 +41,13 @@ pub const FRONT_DOOR_TARGET: &str = "/console/";
 pub fn https_app(
     service_api: ServiceApi,
     https_registrar: Arc<dyn DeviceRegistrar>,
-    mqtt: MqttServices,
-    amqp: AmqpServices,
+    devices: DeviceServices,
     console: muster_console::Console,
     health: Health,
     metrics: PrometheusHandle,
     events: RegistrationFeed,
 ) -> Router {
-    let hub = mqtt.hub.clone();
+    let hub = devices.mqtt.hub.clone();
     let hub_auditor = muster_console::hub_auditor(&service_api, hub.clone());
     let metrics = crate::metrics::authenticated_router(
         metrics,
@@ -66,7 +63,7 @@ pub fn https_app(
             Router::new()
                 .route("/$iothub/websocket", get(device_websocket::websocket))
                 .route("/", get(front_door))
-                .with_state(DeviceServices { mqtt, amqp }),
+                .with_state(devices),
         )
         .merge(hub_auditor.wrap(muster_hub::router(hub)))
         .merge(muster_console::router(console))

@@ -391,8 +391,10 @@ impl Server {
         let app = app::https_app(
             api,
             reporting("https"),
-            mqtt_services.clone(),
-            amqp_services.clone(),
+            device_websocket::DeviceServices {
+                mqtt: mqtt_services.clone(),
+                amqp: amqp_services.clone(),
+            },
             console,
             health.clone(),
             metrics_handle.clone(),
