@@ -6,9 +6,10 @@
 //! register through the CLI over HTTPS. A restart uses a new, empty data dir (only the sealing
 //! key is carried over), so what it finds can only have come from the database.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use muster_store::test_cluster::PgCluster;
 use serde_json::Value;
@@ -41,6 +42,13 @@ impl Serve {
     /// Starts `muster serve` with `extra` options and waits for its `connection.json`;
     /// `Err(stderr)` when it exits first.
     fn start(data_dir: &Path, extra: &[&str]) -> Result<Serve, String> {
+        Self::start_on(data_dir, "0", extra)
+    }
+
+    /// [`Serve::start`] on HTTPS port `https_port` ("0": the kernel picks). The built-in
+    /// hub's name carries the port, so a node that must keep an installation's hub name (and
+    /// so its records' etags) starts on the port the installation had.
+    fn start_on(data_dir: &Path, https_port: &str, extra: &[&str]) -> Result<Serve, String> {
         let _ = std::fs::remove_file(data_dir.join("connection.json"));
         let host = host();
         let mut args = vec![
@@ -50,38 +58,47 @@ impl Serve {
             "--dps-host",
             &host,
             "--https-port",
-            "0",
+            https_port,
             "--mqtt-port",
+            "0",
+            "--amqp-port",
             "0",
         ];
         args.extend_from_slice(extra);
-        let child = muster(&args)
-            .stdout(Stdio::null())
+        let mut child = muster(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("muster serve runs");
+        // `serve` prints "Muster is running." once connection.json is written; stdout closing
+        // first means it exited.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (ready, started) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("Muster is running") {
+                    let _ = ready.send(());
+                }
+            }
+        });
         let mut serve = Serve {
             child,
             data_dir: data_dir.to_path_buf(),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if data_dir.join("connection.json").is_file() {
-                return Ok(serve);
+        match started.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => Ok(serve),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("muster serve did not start within 60 s")
             }
-            if let Some(status) = serve.child.try_wait().expect("try_wait") {
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = serve.child.wait().expect("wait");
                 let mut stderr = String::new();
                 if let Some(mut pipe) = serve.child.stderr.take() {
-                    use std::io::Read;
                     let _ = pipe.read_to_string(&mut stderr);
                 }
-                return Err(format!("{status}: {stderr}"));
+                Err(format!("{status}: {stderr}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "muster serve did not start in time"
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -101,6 +118,12 @@ impl Serve {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn https_port(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("connection.json")).expect("read");
+        let info: Value = serde_json::from_str(&text).expect("json");
+        info["httpsPort"].as_u64().expect("httpsPort").to_string()
     }
 
     fn id_scope(&self) -> String {
@@ -145,11 +168,9 @@ impl Serve {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "muster serve did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // `wait` returns once the process has exited; the test harness's timeout bounds it.
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "muster serve stopped with {status}");
     }
 }
 
@@ -253,6 +274,7 @@ fn migrate_copies_an_installation(rt: &tokio::runtime::Runtime, cluster: &PgClus
     let group_key = serve.register("dev-lite-1");
     serve.register("dev-lite-2");
     let scope = serve.id_scope();
+    let port = serve.https_port();
     let before = serve.json(&["registration", "show", "dev-lite-1"]);
     serve.stop();
 
@@ -274,8 +296,9 @@ fn migrate_copies_an_installation(rt: &tokio::runtime::Runtime, cluster: &PgClus
     );
 
     let key = sqlite_dir.join("muster.db.key");
-    let serve = Serve::start(
+    let serve = Serve::start_on(
         &dir.join("migrated-node"),
+        &port,
         &[
             "--store",
             &url,
