@@ -71,6 +71,7 @@ where
         unicode_and_large_bodies,
         secret_collections_are_queryable,
         audit_log_lists_in_time_order_and_prunes,
+        counted_changes_move_on_every_write,
     );
 }
 
@@ -1143,4 +1144,30 @@ pub async fn audit_log_lists_in_time_order_and_prunes<S: Store>(store: S) {
         .await
         .expect("listing after pruning");
     assert_eq!(ids(&left), ["b", "c"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Change counters
+
+/// Where a store counts a collection's changes ([`Store::changes`] is `Some`), every write to
+/// it moves the counter before the writer hears it committed: puts, deletes, and writes in a
+/// batch with other collections.
+pub async fn counted_changes_move_on_every_write<S: Store>(store: S) {
+    let groups = Collection::EnrollmentGroups;
+    let writes = [
+        vec![Write::put(groups, "g", Expect::Any, json!({"n": 1}))],
+        vec![
+            Write::put(Collection::Registrations, "r", Expect::Any, json!({})),
+            Write::put(groups, "g", Expect::Any, json!({"n": 2})),
+        ],
+        vec![Write::delete(groups, "g", Expect::Any)],
+    ];
+    for batch_writes in writes {
+        let before = store.changes(groups);
+        let described = format!("{batch_writes:?}");
+        batch(&store, batch_writes).await;
+        if let (Some(before), Some(after)) = (before, store.changes(groups)) {
+            assert_ne!(before, after, "the counter did not move on {described}");
+        }
+    }
 }

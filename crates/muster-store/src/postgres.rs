@@ -32,9 +32,14 @@
 //!
 //! # Several processes
 //!
-//! [`Store::changes`] answers `None`: other nodes write the same database, so callers keep no
-//! decoded copy of a collection.
+//! [`Store::changes`] counts the writes of every node to the configuration collections
+//! (enrollment groups, linked hubs, settings, CA certificates) through `LISTEN`/`NOTIFY`, so
+//! callers may cache what they decoded of those; see `changes` for what it guarantees. For
+//! every other collection it answers `None`: callers keep no decoded copy.
+//!
+//! - `changes` — the cross-node change counters and their listening connection.
 
+mod changes;
 mod connect;
 mod errors;
 mod schema;
@@ -53,6 +58,8 @@ use crate::sqlite::format_etag;
 use crate::{
     Collection, Expect, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome,
 };
+use changes::Changes;
+pub use changes::LISTENER_NAME;
 pub use connect::is_postgres_url;
 use errors::{is_retryable_conflict, pg_err, pool_err};
 
@@ -74,6 +81,15 @@ struct Inner {
     sealer: Sealer,
     /// The URL without its password.
     display: String,
+    changes: Arc<Changes>,
+    /// Listens for other nodes' changes; aborted when the store goes.
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 impl fmt::Debug for PostgresStore {
@@ -123,8 +139,8 @@ impl PostgresStore {
         let sealer = sealer?;
 
         let manager = Manager::from_config(
-            target.config,
-            target.tls,
+            target.config.clone(),
+            target.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -137,12 +153,16 @@ impl PostgresStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Backend(context(&format!("building the pool: {e}"))))?;
+        let changes = Arc::new(Changes::default());
+        let listener = changes::spawn_listener(&target, changes.clone());
         tracing::debug!(database = %database, "opened PostgreSQL store");
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool,
                 sealer,
                 display: database,
+                changes,
+                listener,
             }),
         })
     }
@@ -191,6 +211,10 @@ impl PostgresStore {
             .await
             .map_err(|e| pg_err(&context(&format!("writing {}", record.key)), &e))?;
             highest = highest.max(etag_counter(&record.etag).unwrap_or(0));
+        }
+        if Changes::counts(collection) {
+            notify(&tx, collection.as_str()).await?;
+            self.inner.changes.bump(collection);
         }
         if highest > 0 {
             let highest = i64::try_from(highest)
@@ -328,6 +352,18 @@ impl PostgresStore {
             };
             outcomes.push(outcome);
         }
+        // Other nodes hear of a counted collection's change when this commits; this node's
+        // counter moves before.
+        let mut notified: Vec<Collection> = Vec::new();
+        for write in writes {
+            if Changes::counts(write.kind) && !notified.contains(&write.kind) {
+                notify(&tx, write.collection).await?;
+                notified.push(write.kind);
+            }
+        }
+        for collection in notified {
+            self.inner.changes.bump(collection);
+        }
         tx.commit()
             .await
             .map_err(|e| pg_err("committing the write transaction", &e))?;
@@ -402,6 +438,7 @@ impl StoredBody {
 
 /// A write with its body serialized and, for a secret collection, sealed.
 struct PreparedWrite {
+    kind: Collection,
     collection: &'static str,
     key: String,
     expect: Expect,
@@ -446,11 +483,20 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
         WriteOp::Delete => PreparedOp::Delete,
     };
     Ok(PreparedWrite {
+        kind: write.collection,
         collection: write.collection.as_str(),
         key: write.key,
         expect: write.expect,
         op,
     })
+}
+
+/// Tells every listening node, when `tx` commits, that collection `name` changed.
+async fn notify(tx: &deadpool_postgres::Transaction<'_>, name: &str) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&changes::CHANNEL, &name])
+        .await
+        .map_err(|e| pg_err(&format!("notifying other nodes of a change to {name}"), &e))?;
+    Ok(())
 }
 
 /// The counter an etag of [`format_etag`] carries; `None` for any other etag.
@@ -549,6 +595,10 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|row| self.decode(collection, row.get(0), row, 1))
             .collect()
+    }
+
+    fn changes(&self, collection: Collection) -> Option<u64> {
+        self.inner.changes.get(collection)
     }
 
     async fn count(

@@ -36,6 +36,7 @@ async fn postgres_store() {
     secrets_sealed_at_rest(&cluster, &key).await;
     conformance(&cluster, &key).await;
     sealed_bodies_are_bytes_from_the_injected_entropy(&cluster, &key).await;
+    group_changes_reach_the_other_node(&cluster, &key).await;
     migrations_run_once_under_the_lock(&cluster, &key).await;
     refuses_a_newer_schema(&cluster, &key).await;
     refuses_another_or_a_missing_sealing_key(&cluster, keys.path()).await;
@@ -254,6 +255,102 @@ async fn sealed_bodies_are_bytes_from_the_injected_entropy(
         stored[0], stored[1],
         "nonces come from the injected entropy"
     );
+}
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after 20 s.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn put_group(store: &PostgresStore, id: &str) {
+    let outcome = store
+        .write(vec![Write::put(
+            Collection::EnrollmentGroups,
+            id,
+            Expect::Any,
+            json!({"enrollmentGroupId": id}),
+        )])
+        .await
+        .expect("write group");
+    assert!(matches!(outcome[0], WriteOutcome::Written { .. }));
+}
+
+/// Two nodes on one database: a group written on one moves the other's change counter (so
+/// its group cache reloads), and after the listening connections are cut they reconnect and
+/// changes flow again. Collections written on the registration path are not counted.
+async fn group_changes_reach_the_other_node(cluster: &PgCluster, key: &std::path::Path) {
+    let url = cluster.create_database("two_nodes").await;
+    let a = open(&url, key).await;
+    let b = open(&url, key).await;
+    let groups = Collection::EnrollmentGroups;
+    wait_until("both nodes listen", || {
+        a.changes(groups).is_some() && b.changes(groups).is_some()
+    })
+    .await;
+    for collection in [Collection::Registrations, Collection::Operations] {
+        assert_eq!(a.changes(collection), None, "{collection:?} is not counted");
+    }
+
+    let (a0, b0) = (a.changes(groups), b.changes(groups));
+    put_group(&a, "g1").await;
+    assert_ne!(
+        a.changes(groups),
+        a0,
+        "the writer's counter moves before it returns"
+    );
+    wait_until("node b hears of node a's group", || b.changes(groups) != b0).await;
+    let b1 = b.changes(groups);
+    let _ = b
+        .get(groups, "g1")
+        .await
+        .expect("get")
+        .expect("node b reads the group");
+
+    // Cut both listening connections: each reconnects (a new backend) and moves its
+    // counters, since notifications may have been missed meanwhile.
+    let listeners = format!(
+        "SELECT pid::TEXT FROM pg_stat_activity WHERE application_name = '{}' ORDER BY pid",
+        muster_store::postgres::LISTENER_NAME
+    );
+    let before = query_strings(&url, &listeners).await;
+    assert_eq!(
+        before.len(),
+        2,
+        "one listening connection per node: {before:?}"
+    );
+    let killed = query_strings(
+        &url,
+        &format!(
+            "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity
+             WHERE application_name = '{}'",
+            muster_store::postgres::LISTENER_NAME
+        ),
+    )
+    .await;
+    assert_eq!(killed, ["true", "true"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = query_strings(&url, &listeners).await;
+        if now.len() == 2 && now.iter().all(|pid| !before.contains(pid)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "listeners did not reconnect: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until("node b listens again", || {
+        b.changes(groups).is_some_and(|g| Some(g) != b1)
+    })
+    .await;
+    let b2 = b.changes(groups);
+    put_group(&a, "g2").await;
+    wait_until("node b hears of the next group", || b.changes(groups) != b2).await;
 }
 
 async fn import_keeps_etags_and_moves_the_sequence(cluster: &PgCluster, key: &std::path::Path) {
