@@ -244,6 +244,24 @@ fn serve_keeps_devices_across_restarts(
     .err()
     .expect("a node without the key is refused");
     assert!(err.contains("sealing key missing"), "{err}");
+    // Another key file (a real one, of another installation) is told apart from a missing one.
+    let other_key = dir.join("another-installation.key");
+    muster_store::sealing::Sealer::create(&other_key).expect("another key");
+    let err = Serve::start(
+        &dir.join("node-e"),
+        &[
+            "--store",
+            &url,
+            "--sealing-key",
+            other_key.to_str().expect("utf-8"),
+        ],
+    )
+    .err()
+    .expect("a node with another key is refused");
+    assert!(
+        err.contains("sealing key does not open this database"),
+        "{err}"
+    );
     let other_scope = if scope == "0ne00000001" {
         "0ne00000002"
     } else {
