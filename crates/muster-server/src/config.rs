@@ -386,14 +386,55 @@ impl Config {
     }
 
     /// The config as TOML, for `muster serve --print-config`.
+    /// The configuration as TOML, with a PostgreSQL URL's password replaced by `REDACTED`.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        let mut shown = self.clone();
+        shown.store = shown.store.as_deref().map(redact_password);
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+/// `scheme://user:password@host...` with the password replaced by `REDACTED`; anything else
+/// as it is.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:REDACTED@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_config_hides_the_database_password() {
+        let c = Config {
+            store: Some("postgres://muster:s3cret@db.lan:5432/muster?sslmode=require".into()),
+            ..Config::default()
+        };
+        let text = c.to_toml();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains("postgres://muster:REDACTED@db.lan:5432/muster?sslmode=require"),
+            "{text}"
+        );
+        for plain in [
+            "sqlite",
+            "sqlite:/x/m.db",
+            "postgres://muster@db.lan/muster",
+        ] {
+            assert_eq!(redact_password(plain), plain);
+        }
+    }
 
     #[test]
     fn store_defaults_to_sqlite_in_the_data_dir_and_refuses_unknown_kinds() {
