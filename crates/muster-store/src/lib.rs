@@ -16,7 +16,8 @@
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations;
 //!   `sqlite::snapshot` copies it consistently while a server runs, for `muster backup`).
-//! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database.
+//! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database;
+//!   `postgres::changes` tells every node of writes to cached collections (LISTEN/NOTIFY).
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass; with `postgres` too, `test_cluster` starts a throwaway PostgreSQL.
 //!
