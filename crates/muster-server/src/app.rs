@@ -32,7 +32,7 @@ use tower::ServiceExt;
 
 use crate::device_websocket::{self, DeviceServices};
 use crate::health::{self, Health};
-use crate::refusal_log;
+use crate::{refusal_log, unread_body};
 
 /// Where a browser opening `https://host/` is sent.
 pub const FRONT_DOOR_TARGET: &str = "/console/";
@@ -75,6 +75,9 @@ pub fn https_app(
     Router::new()
         .fallback_service(inner.map_request(|req: Request| muster_service_api::normalize_path(req)))
         .layer(axum::middleware::from_fn(refusal_log::log_refusals))
+        .layer(axum::middleware::from_fn(
+            unread_body::close_when_body_unread,
+        ))
 }
 
 /// `GET /`: C# opens its MQTT WebSocket here; anyone else (a browser) goes to the console.

@@ -26,6 +26,8 @@
 //! - [`amqp_dispatch`] — one AMQP port (5671) for registration (the hub's later).
 //! - [`device_websocket`] — `/$iothub/websocket`: MQTT or AMQP by the offered subprotocol.
 //! - [`connection_info`] — `connection.json`, what clients need to connect.
+//! - [`unread_body`] — `Connection: close` when a request's body was left unread (an early
+//!   refusal), so clients don't reuse a connection hyper is closing.
 //! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
 //!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
 //! - [`registration_events`] — each transport's view of the engine, publishing every
@@ -58,6 +60,7 @@ pub mod refusal_log;
 pub mod registration_events;
 pub mod server_cert;
 pub mod tls;
+pub mod unread_body;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

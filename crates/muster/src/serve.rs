@@ -256,13 +256,14 @@ fn print_banner(server: &Server, config: &Config) {
     }
     println!("  Web console:        {}", c.console_url);
     println!(
-        "  Listening on:       {} (HTTPS port {}, MQTT port {})",
+        "  Listening on:       {} (HTTPS port {}, MQTT port {}, AMQP port {})",
         listening.join(", "),
         c.https_port,
-        c.mqtt_port
+        c.mqtt_port,
+        c.amqp_port
     );
     if let Some(addr) = server.admin_addr {
-        println!("  Admin (HTTP):       http://{addr}/healthz, /readyz");
+        println!("  Admin (HTTP):       http://{addr}/healthz, /readyz, /metrics");
     }
     println!(
         "  Connection details: {} (holds the service connection string)",
