@@ -37,11 +37,17 @@ fn new_key(entropy: &dyn Entropy) -> String {
     B64.encode(random_bytes::<32>(entropy))
 }
 
+/// `id_scope` is the scope a new store takes (a random one when `None`); a store that has
+/// one keeps it, whatever `id_scope` says (the caller compares).
 pub async fn load_or_create(
     store: &dyn Store,
     entropy: &dyn Entropy,
+    id_scope: Option<&IdScope>,
 ) -> Result<ServiceIdentity, StoreError> {
-    let scope = IdScope::from_random(u32::from_be_bytes(random_bytes::<4>(entropy)));
+    let scope = match id_scope {
+        Some(scope) => scope.clone(),
+        None => IdScope::from_random(u32::from_be_bytes(random_bytes::<4>(entropy))),
+    };
     let id_scope: IdScope = get_or_insert(store, ID_SCOPE_KEY, &scope).await?;
     let owner = vec![AccessPolicy {
         key_name: OWNER_POLICY.into(),

@@ -14,6 +14,17 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Where the database, the local CA, certificates and `connection.json` live.
     pub data_dir: PathBuf,
+    /// Where records live: `sqlite` (`DATA_DIR/muster.db`), `sqlite:PATH`, or a
+    /// `postgres://user:password@host:port/dbname[?sslmode=...]` URL that several nodes share.
+    /// `None`: `sqlite`.
+    pub store: Option<String>,
+    /// The sealing key file of a PostgreSQL store; every node of the installation needs the
+    /// same one. `None`: `DATA_DIR/store.key` (created for a new database). A SQLite store
+    /// keeps its key beside the database file.
+    pub sealing_key: Option<PathBuf>,
+    /// The ID scope this node belongs to. A new store takes it; a store that has another
+    /// one is refused. `None`: whatever the store has (a random one for a new store).
+    pub id_scope: Option<String>,
     /// Name or IP address devices and clients are told to reach the DPS at; the server
     /// certificate names it. Listeners bind it only when `listen` is empty.
     pub dps_host: String,
@@ -153,6 +164,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("muster-data"),
+            store: None,
+            sealing_key: None,
+            id_scope: None,
             dps_host: "localhost".into(),
             hub_host: None,
             listen: Vec::new(),
@@ -184,6 +198,15 @@ impl Default for Config {
     }
 }
 
+/// Where the records live ([`Config::store_location`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// An SQLite database file (the default, `DATA_DIR/muster.db`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, and the sealing key file every node shares.
+    Postgres { url: String, sealing_key: PathBuf },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("could not read config file {path}: {source}")]
@@ -213,6 +236,11 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store_location()?;
+        if let Some(scope) = &self.id_scope {
+            muster_proto::IdScope::new(scope.clone())
+                .map_err(|e| ConfigError::Invalid(format!("id-scope: {e}")))?;
+        }
         if self.dps_host.trim().is_empty() {
             return Err(ConfigError::Invalid("dps-host must not be empty".into()));
         }
@@ -269,6 +297,42 @@ impl Config {
         Ok(())
     }
 
+    /// The store [`Config::store`] names.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        let value = self.store.as_deref().map(str::trim).unwrap_or("sqlite");
+        if value == "sqlite" {
+            return Ok(StoreLocation::Sqlite(self.data_dir.join("muster.db")));
+        }
+        if let Some(path) = value.strip_prefix("sqlite:") {
+            if path.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "store: sqlite:PATH needs a path".into(),
+                ));
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            if !cfg!(feature = "postgres") {
+                return Err(ConfigError::Invalid(
+                    "store: this build of Muster has no PostgreSQL support (cargo feature \
+                     `postgres`)"
+                        .into(),
+                ));
+            }
+            return Ok(StoreLocation::Postgres {
+                url: value.to_string(),
+                sealing_key: self
+                    .sealing_key
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("store.key")),
+            });
+        }
+        // Never echo the value: a mistyped URL may hold a password.
+        Err(ConfigError::Invalid(
+            "store must be `sqlite`, `sqlite:PATH` or a postgres:// URL".into(),
+        ))
+    }
+
     /// `listen` parsed: each entry an IP address, IPv6 with or without brackets, duplicates
     /// dropped.
     pub fn listen_addrs(&self) -> Result<Vec<IpAddr>, ConfigError> {
@@ -322,14 +386,89 @@ impl Config {
     }
 
     /// The config as TOML, for `muster serve --print-config`.
+    /// The configuration as TOML, with a PostgreSQL URL's password replaced by `REDACTED`.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        let mut shown = self.clone();
+        shown.store = shown.store.as_deref().map(redact_password);
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+/// `scheme://user:password@host...` with the password replaced by `REDACTED`; anything else
+/// as it is.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:REDACTED@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_config_hides_the_database_password() {
+        let c = Config {
+            store: Some("postgres://muster:s3cret@db.lan:5432/muster?sslmode=require".into()),
+            ..Config::default()
+        };
+        let text = c.to_toml();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(
+            text.contains("postgres://muster:REDACTED@db.lan:5432/muster?sslmode=require"),
+            "{text}"
+        );
+        for plain in [
+            "sqlite",
+            "sqlite:/x/m.db",
+            "postgres://muster@db.lan/muster",
+        ] {
+            assert_eq!(redact_password(plain), plain);
+        }
+    }
+
+    #[test]
+    fn store_defaults_to_sqlite_in_the_data_dir_and_refuses_unknown_kinds() {
+        let c = Config::default();
+        assert_eq!(
+            c.store_location().unwrap(),
+            StoreLocation::Sqlite(PathBuf::from("muster-data/muster.db"))
+        );
+        let c: Config = toml::from_str("store = \"sqlite:/var/lib/m.db\"").unwrap();
+        assert_eq!(
+            c.store_location().unwrap(),
+            StoreLocation::Sqlite(PathBuf::from("/var/lib/m.db"))
+        );
+        let c: Config = toml::from_str("store = \"mysql://u:hunter2@h/d\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("postgres://") && !e.contains("hunter2"), "{e}");
+        let c: Config = toml::from_str("id-scope = \"not a scope!\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("id-scope"));
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn a_postgres_store_shares_a_key_file() {
+        let c: Config =
+            toml::from_str("data-dir = \"/d\"\nstore = \"postgres://m@db/fleet?sslmode=require\"")
+                .unwrap();
+        assert_eq!(
+            c.store_location().unwrap(),
+            StoreLocation::Postgres {
+                url: "postgres://m@db/fleet?sslmode=require".into(),
+                sealing_key: PathBuf::from("/d/store.key"),
+            }
+        );
+    }
 
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {

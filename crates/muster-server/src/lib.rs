@@ -67,7 +67,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use muster_proto::runtime::{Clock, Entropy, OsEntropy, SystemClock};
-use muster_proto::ConnectionString;
+use muster_proto::{ConnectionString, IdScope};
 use muster_registration::{DeviceRegistrar, Engine, EngineConfig};
 use muster_service_api::events::RegistrationFeed;
 use muster_service_api::{Authorizer, Limits, ServiceApi};
@@ -91,6 +91,11 @@ pub enum ServerError {
     },
     #[error("could not open the store: {0}")]
     Store(#[from] muster_store::StoreError),
+    #[error(
+        "refusing to join this store: it belongs to ID scope {stored}, but this node is \
+         configured for {expected} (id-scope); point the node at its own store or fix id-scope"
+    )]
+    IdScopeMismatch { expected: String, stored: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(
@@ -135,6 +140,27 @@ pub struct Server {
     reload_certificate: Arc<tokio::sync::Notify>,
 }
 
+/// Opens the store the configuration names (SQLite by default).
+async fn open_store(
+    config: &Config,
+    entropy: Arc<dyn Entropy>,
+) -> Result<Arc<dyn Store>, ServerError> {
+    match config.store_location()? {
+        config::StoreLocation::Sqlite(path) => {
+            Ok(Arc::new(SqliteStore::open_with_entropy(&path, entropy)?))
+        }
+        #[cfg(feature = "postgres")]
+        config::StoreLocation::Postgres { url, sealing_key } => Ok(Arc::new(
+            muster_store::PostgresStore::open_with_entropy(&url, &sealing_key, entropy).await?,
+        )),
+        #[cfg(not(feature = "postgres"))]
+        config::StoreLocation::Postgres { .. } => Err(config::ConfigError::Invalid(
+            "store: this build of Muster has no PostgreSQL support".into(),
+        )
+        .into()),
+    }
+}
+
 /// Checks the configuration and creates the data dir (0700) before anything is opened in it.
 fn prepare_data_dir(config: &Config) -> Result<(), ServerError> {
     config.validate()?;
@@ -156,9 +182,8 @@ impl Server {
         entropy: Arc<dyn Entropy>,
     ) -> Result<Server, ServerError> {
         prepare_data_dir(&config)?;
-        let store =
-            SqliteStore::open_with_entropy(&config.data_dir.join("muster.db"), entropy.clone())?;
-        Self::start_on_store(config, clock, entropy, Arc::new(store)).await
+        let store = open_store(&config, entropy.clone()).await?;
+        Self::start_on_store(config, clock, entropy, store).await
     }
 
     /// Starts on a store opened by the caller (tests wrap the data dir's SQLite store, for
@@ -174,7 +199,21 @@ impl Server {
         let metrics_handle = metrics::install();
         let store: Arc<dyn Store> = Arc::new(metered_store::MeteredStore::new(store));
         let data_dir = config.data_dir.clone();
-        let identity = bootstrap::load_or_create(&*store, &*entropy).await?;
+        let expected_scope = match &config.id_scope {
+            Some(scope) => Some(
+                IdScope::new(scope.clone())
+                    .map_err(|e| config::ConfigError::Invalid(format!("id-scope: {e}")))?,
+            ),
+            None => None,
+        };
+        let identity =
+            bootstrap::load_or_create(&*store, &*entropy, expected_scope.as_ref()).await?;
+        if let Some(expected) = expected_scope.filter(|s| *s != identity.id_scope) {
+            return Err(ServerError::IdScopeMismatch {
+                expected: expected.to_string(),
+                stored: identity.id_scope.to_string(),
+            });
+        }
         let hub_policies = bootstrap::hub_policies(&*store, &*entropy).await?;
 
         let hub_host = config

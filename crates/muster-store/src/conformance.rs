@@ -70,6 +70,8 @@ where
         concurrent_conditional_creates_have_one_winner,
         unicode_and_large_bodies,
         secret_collections_are_queryable,
+        audit_log_lists_in_time_order_and_prunes,
+        counted_changes_move_on_every_write,
     );
 }
 
@@ -1076,5 +1078,96 @@ where
             "{}: the sealed body reads back",
             collection.as_str()
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit log
+
+/// Audit entries ([`crate::audit`]) written out of time order list in time order, filtered
+/// and paged, and pruning deletes exactly the entries before the cutoff.
+pub async fn audit_log_lists_in_time_order_and_prunes<S: Store>(store: S) {
+    use crate::audit::{self, AuditEntry, AuditFilter, AuditSource};
+    use muster_proto::runtime::SeededEntropy;
+    use muster_proto::Timestamp;
+
+    let start = Timestamp::from_unix_millis(1_700_000_000_000).expect("valid time");
+    let at = |secs: i64| Timestamp(start.0 + chrono::Duration::seconds(secs));
+    let entropy = SeededEntropy::new(1);
+    for (secs, policy, id) in [(30, "owner", "c"), (10, "owner", "a"), (20, "reader", "b")] {
+        let entry = AuditEntry {
+            time: at(secs),
+            policy: Some(policy.into()),
+            source: AuditSource::Api,
+            method: "PUT".into(),
+            route: "/enrollments/{id}".into(),
+            id: Some(id.into()),
+            status: 200,
+            error_code: None,
+        };
+        audit::append(&store, &entry, &entropy)
+            .await
+            .unwrap_or_else(|e| panic!("appending audit entry {id}: {e}"));
+    }
+    let ids = |page: &audit::AuditPage| -> Vec<String> {
+        page.entries
+            .iter()
+            .map(|(_, e)| e.id.clone().unwrap_or_default())
+            .collect()
+    };
+    let everything = audit::list(&store, &AuditFilter::default(), None, 10, 100)
+        .await
+        .expect("listing the audit log");
+    assert_eq!(
+        ids(&everything),
+        ["a", "b", "c"],
+        "audit entries in time order"
+    );
+    let owner = AuditFilter {
+        policy: Some("owner".into()),
+        ..AuditFilter::default()
+    };
+    let first = audit::list(&store, &owner, None, 1, 100)
+        .await
+        .expect("first page");
+    assert_eq!(ids(&first), ["a"]);
+    let second = audit::list(&store, &owner, first.next_after.clone(), 1, 100)
+        .await
+        .expect("second page");
+    assert_eq!(ids(&second), ["c"], "the next page starts after the first");
+
+    let pruned = audit::prune_before(&store, at(20), 1)
+        .await
+        .expect("pruning");
+    assert_eq!(pruned, 1, "only the entry before the cutoff is pruned");
+    let left = audit::list(&store, &AuditFilter::default(), None, 10, 100)
+        .await
+        .expect("listing after pruning");
+    assert_eq!(ids(&left), ["b", "c"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Change counters
+
+/// Where a store counts a collection's changes ([`Store::changes`] is `Some`), every write to
+/// it moves the counter before the writer hears it committed: puts, deletes, and writes in a
+/// batch with other collections.
+pub async fn counted_changes_move_on_every_write<S: Store>(store: S) {
+    let groups = Collection::EnrollmentGroups;
+    let writes = [
+        vec![Write::put(groups, "g", Expect::Any, json!({"n": 1}))],
+        vec![
+            Write::put(Collection::Registrations, "r", Expect::Any, json!({})),
+            Write::put(groups, "g", Expect::Any, json!({"n": 2})),
+        ],
+        vec![Write::delete(groups, "g", Expect::Any)],
+    ];
+    for batch_writes in writes {
+        let before = store.changes(groups);
+        let described = format!("{batch_writes:?}");
+        batch(&store, batch_writes).await;
+        if let (Some(before), Some(after)) = (before, store.changes(groups)) {
+            assert_ne!(before, after, "the counter did not move on {described}");
+        }
     }
 }

@@ -16,8 +16,10 @@
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations;
 //!   `sqlite::snapshot` copies it consistently while a server runs, for `muster backup`).
+//! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database;
+//!   `postgres::changes` tells every node of writes to cached collections (LISTEN/NOTIFY).
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
-//!   must pass.
+//!   must pass; with `postgres` too, `test_cluster` starts a throwaway PostgreSQL.
 //!
 //! Guarantees every implementation must keep:
 //! - a write is durable before the call returns;
@@ -36,10 +38,16 @@ use serde_json::Value;
 pub mod audit;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod records;
 pub mod sealing;
 pub mod sqlite;
+#[cfg(all(feature = "conformance", feature = "postgres"))]
+pub mod test_cluster;
 
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The kinds of record Muster keeps.
@@ -311,6 +319,8 @@ pub enum Unavailability {
     Io,
     /// The database file (or its WAL) cannot be opened.
     CannotOpen,
+    /// The database server cannot be reached, refuses connections now or is shutting down.
+    Unreachable,
 }
 
 impl std::fmt::Display for Unavailability {
@@ -321,6 +331,7 @@ impl std::fmt::Display for Unavailability {
             Unavailability::ReadOnly => "the database is read-only",
             Unavailability::Io => "the disk reported an I/O error",
             Unavailability::CannotOpen => "the database file cannot be opened",
+            Unavailability::Unreachable => "the database server cannot be reached",
         })
     }
 }

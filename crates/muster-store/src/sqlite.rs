@@ -73,6 +73,7 @@ use crate::{
 };
 use body::StoredBody;
 use readers::ReadPool;
+pub(crate) use writer::format_etag;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
 /// Read-only connections kept open for reads.
@@ -279,7 +280,7 @@ fn explain_open_failure(path: &Path, error: StoreError) -> StoreError {
             "{} is locked by another process (is another Muster running on the same data dir?)",
             path.display()
         ),
-        Unavailability::Io | Unavailability::CannotOpen => format!(
+        Unavailability::Io | Unavailability::CannotOpen | Unavailability::Unreachable => format!(
             "{} cannot be opened or written: check the disk and the file's permissions",
             path.display()
         ),

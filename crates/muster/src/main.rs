@@ -16,6 +16,8 @@ mod output;
 mod provision;
 mod registration;
 mod serve;
+#[cfg(feature = "postgres")]
+mod store;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -130,6 +132,10 @@ enum Command {
     /// The built-in IoT hub (or any hub, with --hub-connection-string): devices and twins.
     #[command(subcommand)]
     Hub(hub::HubCommand),
+    /// Operations on the store itself: copy an SQLite installation to PostgreSQL.
+    #[cfg(feature = "postgres")]
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Benchmarks: load generator, TLS reference, service API at scale.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -181,6 +187,8 @@ fn main() -> anyhow::Result<()> {
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
         Command::Bench(c) => runtime.block_on(bench::run(c)),
+        #[cfg(feature = "postgres")]
+        Command::Store(c) => runtime.block_on(store::run(c)),
     };
     if let Err(e) = result {
         eprintln!("error: {}", output::describe(&e));

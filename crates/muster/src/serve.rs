@@ -15,6 +15,17 @@ pub struct ServeArgs {
     /// Data directory [default: ./muster-data]
     #[arg(long, env = "MUSTER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where records live: `sqlite`, `sqlite:PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// (`?sslmode=require|verify-full`, `&sslrootcert=CA.pem`) [default: sqlite, in the data dir]
+    #[arg(long, env = "MUSTER_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// Sealing key file of a PostgreSQL store, the same on every node
+    /// [default: DATA_DIR/store.key]
+    #[arg(long, env = "MUSTER_SEALING_KEY")]
+    sealing_key: Option<PathBuf>,
+    /// The ID scope this node belongs to: a new store takes it, a store with another is refused
+    #[arg(long, env = "MUSTER_ID_SCOPE")]
+    id_scope: Option<String>,
     /// Name or IP devices and clients are told to reach the DPS at; the server certificate
     /// names it, and listeners bind it when --listen is not given [default: localhost]
     #[arg(long, env = "MUSTER_DPS_HOST")]
@@ -101,6 +112,15 @@ impl ServeArgs {
         };
         if let Some(v) = &self.data_dir {
             c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.store {
+            c.store = Some(v.clone());
+        }
+        if let Some(v) = &self.sealing_key {
+            c.sealing_key = Some(v.clone());
+        }
+        if let Some(v) = &self.id_scope {
+            c.id_scope = Some(v.clone());
         }
         if let Some(v) = &self.dps_host {
             c.dps_host = v.clone();

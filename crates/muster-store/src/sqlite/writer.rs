@@ -97,7 +97,7 @@ impl EtagCounter {
 }
 
 /// DPS-style opaque etag: base64 of a quoted GUID-like string carrying the counter.
-pub(super) fn format_etag(counter: u64) -> String {
+pub(crate) fn format_etag(counter: u64) -> String {
     let text = format!(
         "\"{:08x}-0000-0000-0000-{:012x}\"",
         counter >> 48,

@@ -1,0 +1,346 @@
+//! `muster serve --store postgres://...` and `muster store migrate` against a throwaway
+//! PostgreSQL cluster (`scripts/pg.sh`; skipped only when `MUSTER_PG_OPTIONAL=1` and
+//! PostgreSQL is not installed).
+//!
+//! The server runs as the real binary on loopback with ports chosen by the kernel; the devices
+//! register through the CLI over HTTPS. A restart uses a new, empty data dir (only the sealing
+//! key is carried over), so what it finds can only have come from the database.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use muster_store::test_cluster::PgCluster;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_muster");
+
+fn host() -> String {
+    std::env::var("MUSTER_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+fn muster(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MUSTER_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c
+}
+
+/// A running `muster serve`; killed on drop.
+struct Serve {
+    child: Child,
+    data_dir: PathBuf,
+}
+
+impl Serve {
+    /// Starts `muster serve` with `extra` options and waits for its `connection.json`;
+    /// `Err(stderr)` when it exits first.
+    fn start(data_dir: &Path, extra: &[&str]) -> Result<Serve, String> {
+        Self::start_on(data_dir, "0", extra)
+    }
+
+    /// [`Serve::start`] on HTTPS port `https_port` ("0": the kernel picks). The built-in
+    /// hub's name carries the port, so a node that must keep an installation's hub name (and
+    /// so its records' etags) starts on the port the installation had.
+    fn start_on(data_dir: &Path, https_port: &str, extra: &[&str]) -> Result<Serve, String> {
+        let _ = std::fs::remove_file(data_dir.join("connection.json"));
+        let host = host();
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8"),
+            "--dps-host",
+            &host,
+            "--https-port",
+            https_port,
+            "--mqtt-port",
+            "0",
+            "--amqp-port",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = muster(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("muster serve runs");
+        // `serve` prints "Muster is running." once connection.json is written; stdout closing
+        // first means it exited.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (ready, started) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("Muster is running") {
+                    let _ = ready.send(());
+                }
+            }
+        });
+        let mut serve = Serve {
+            child,
+            data_dir: data_dir.to_path_buf(),
+        };
+        match started.recv_timeout(Duration::from_secs(60)) {
+            Ok(()) => Ok(serve),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("muster serve did not start within 60 s")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = serve.child.wait().expect("wait");
+                let mut stderr = String::new();
+                if let Some(mut pipe) = serve.child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                Err(format!("{status}: {stderr}"))
+            }
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all = args.to_vec();
+        all.extend(["--data-dir", self.data_dir.to_str().expect("utf-8")]);
+        muster(&all).output().expect("muster runs")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.run(&all);
+        assert!(
+            out.status.success(),
+            "muster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn https_port(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("connection.json")).expect("read");
+        let info: Value = serde_json::from_str(&text).expect("json");
+        info["httpsPort"].as_u64().expect("httpsPort").to_string()
+    }
+
+    fn id_scope(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("connection.json")).expect("read");
+        let info: Value = serde_json::from_str(&text).expect("json");
+        info["id_scope"]
+            .as_str()
+            .or_else(|| info["idScope"].as_str())
+            .expect("id scope in connection.json")
+            .to_string()
+    }
+
+    /// Creates group `g` and registers `id` through it over HTTPS; returns the group key.
+    fn register(&self, id: &str) -> String {
+        if self
+            .run(&["enrollment-group", "show", "g"])
+            .status
+            .success()
+            .eq(&false)
+        {
+            self.json(&["enrollment-group", "create", "--group-id", "g"]);
+        }
+        let group = self.json(&["enrollment-group", "show", "g", "--show-keys"]);
+        let key = group["attestation"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .expect("group key")
+            .to_string();
+        let r = self.json(&[
+            "device",
+            "register",
+            "--registration-id",
+            id,
+            "--group-key",
+            &key,
+        ]);
+        assert_eq!(r["status"], "assigned", "{r}");
+        key
+    }
+
+    fn stop(mut self) {
+        // SIGTERM: the graceful path an operator takes.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        // `wait` returns once the process has exited; the test harness's timeout bounds it.
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "muster serve stopped with {status}");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_and_migrate_on_postgres() {
+    let Some(cluster) = PgCluster::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    serve_keeps_devices_across_restarts(&rt, &cluster, dir.path());
+    migrate_copies_an_installation(&rt, &cluster, dir.path());
+}
+
+fn serve_keeps_devices_across_restarts(
+    rt: &tokio::runtime::Runtime,
+    cluster: &PgCluster,
+    dir: &Path,
+) {
+    let url = rt.block_on(cluster.create_database("serve"));
+    let verified = format!(
+        "{url}?sslmode=verify-full&sslrootcert={}",
+        cluster.ca_file().display()
+    );
+    let key = dir.join("shared.key");
+    let key_arg = key.to_str().expect("utf-8");
+    let first = dir.join("node-a");
+    let serve = Serve::start(&first, &["--store", &verified, "--sealing-key", key_arg])
+        .expect("serve on postgres");
+    let group_key = serve.register("dev-pg-1");
+    let scope = serve.id_scope();
+    assert!(
+        !first.join("muster.db").exists(),
+        "no SQLite database beside a postgres store"
+    );
+    serve.stop();
+
+    // Another node (a new data dir, the shared key): same ID scope, same group, the device.
+    let second = dir.join("node-b");
+    let serve = Serve::start(&second, &["--store", &verified, "--sealing-key", key_arg])
+        .expect("restart on postgres");
+    assert_eq!(serve.id_scope(), scope);
+    let record = serve.json(&["registration", "show", "dev-pg-1"]);
+    assert_eq!(record["registrationId"], "dev-pg-1", "{record}");
+    assert_eq!(record["status"], "assigned", "{record}");
+    let group = serve.json(&["enrollment-group", "show", "g", "--show-keys"]);
+    assert_eq!(
+        group["attestation"]["symmetricKey"]["primaryKey"],
+        group_key.as_str()
+    );
+    serve.register("dev-pg-2");
+    serve.stop();
+
+    // Refusals, with messages that say which check failed.
+    let err = Serve::start(
+        &dir.join("node-c"),
+        &[
+            "--store",
+            &url,
+            "--sealing-key",
+            dir.join("other.key").to_str().expect("utf-8"),
+        ],
+    )
+    .err()
+    .expect("a node without the key is refused");
+    assert!(err.contains("sealing key missing"), "{err}");
+    // Another key file (a real one, of another installation) is told apart from a missing one.
+    let other_key = dir.join("another-installation.key");
+    muster_store::sealing::Sealer::create(&other_key).expect("another key");
+    let err = Serve::start(
+        &dir.join("node-e"),
+        &[
+            "--store",
+            &url,
+            "--sealing-key",
+            other_key.to_str().expect("utf-8"),
+        ],
+    )
+    .err()
+    .expect("a node with another key is refused");
+    assert!(
+        err.contains("sealing key does not open this database"),
+        "{err}"
+    );
+    let other_scope = if scope == "0ne00000001" {
+        "0ne00000002"
+    } else {
+        "0ne00000001"
+    };
+    let err = Serve::start(
+        &dir.join("node-d"),
+        &[
+            "--store",
+            &url,
+            "--sealing-key",
+            key_arg,
+            "--id-scope",
+            other_scope,
+        ],
+    )
+    .err()
+    .expect("a node of another ID scope is refused");
+    assert!(
+        err.contains("refusing to join") && err.contains(&scope),
+        "{err}"
+    );
+}
+
+fn migrate_copies_an_installation(rt: &tokio::runtime::Runtime, cluster: &PgCluster, dir: &Path) {
+    let sqlite_dir = dir.join("sqlite-node");
+    let serve = Serve::start(&sqlite_dir, &[]).expect("serve on sqlite");
+    let group_key = serve.register("dev-lite-1");
+    serve.register("dev-lite-2");
+    let scope = serve.id_scope();
+    let port = serve.https_port();
+    let before = serve.json(&["registration", "show", "dev-lite-1"]);
+    serve.stop();
+
+    let url = rt.block_on(cluster.create_database("migrated"));
+    let db = sqlite_dir.join("muster.db");
+    let from = format!("sqlite:{}", db.display());
+    let out = muster(&["store", "migrate", "--from", &from, "--to", &url])
+        .output()
+        .expect("migrate runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("every collection's count matches"),
+        "{stdout}"
+    );
+
+    let key = sqlite_dir.join("muster.db.key");
+    let serve = Serve::start_on(
+        &dir.join("migrated-node"),
+        &port,
+        &[
+            "--store",
+            &url,
+            "--sealing-key",
+            key.to_str().expect("utf-8"),
+        ],
+    )
+    .expect("serve on the migrated database");
+    assert_eq!(serve.id_scope(), scope);
+    let after = serve.json(&["registration", "show", "dev-lite-1"]);
+    assert_eq!(after["etag"], before["etag"], "etags are preserved");
+    assert_eq!(after["assignedHub"], before["assignedHub"]);
+    let group = serve.json(&["enrollment-group", "show", "g", "--show-keys"]);
+    assert_eq!(
+        group["attestation"]["symmetricKey"]["primaryKey"],
+        group_key.as_str()
+    );
+    serve.stop();
+
+    // Only into an empty database.
+    let out = muster(&["store", "migrate", "--from", &from, "--to", &url])
+        .output()
+        .expect("migrate runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("empty database"), "{stderr}");
+}
