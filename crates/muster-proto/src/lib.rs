@@ -64,14 +64,16 @@ pub use bulk::{
 };
 pub use connection_string::ConnectionString;
 pub use enrollment::{
-    AllocationPolicy, CustomAllocationDefinition, DeviceCapabilities, EnrollmentGroup,
+    AllocationPolicy, CertificateIssuance, CsrKeyType, CustomAllocationDefinition, DeviceCapabilities, EnrollmentGroup,
     IndividualEnrollment, ProvisioningStatus, ReprovisionPolicy,
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};
 pub use if_match::IfMatch;
 pub use query::{ItemType, QuerySpecification, UnsupportedQuery};
-pub use registration::{DeviceRegistrationState, RegistrationStatus, RegistrationSubstatus};
+pub use registration::{
+    DeviceRegistrationState, IssuedCertificateInfo, RegistrationStatus, RegistrationSubstatus,
+};
 pub use rights::{AccessRight, AccessRights};
 pub use sas::{SasError, SasToken};
 pub use time::Timestamp;
