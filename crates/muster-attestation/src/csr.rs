@@ -109,9 +109,7 @@ pub fn check_csr(base64_der: &str, registration_id: &str) -> Result<CheckedCsr, 
 }
 
 /// The requested key's type; weak and unsupported keys are refused here.
-fn key_type(
-    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
-) -> Result<CsrKeyType, CsrError> {
+fn key_type(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<CsrKeyType, CsrError> {
     let alg = &spki.algorithm.algorithm;
     if *alg == OID_PKCS1_RSAENCRYPTION {
         let bits = match spki.parsed() {
@@ -157,15 +155,9 @@ fn signature_algorithm(
 ) -> Result<&'static dyn SignatureVerificationAlgorithm, CsrError> {
     use webpki::ring as alg;
     let found: Option<&'static dyn SignatureVerificationAlgorithm> = match key {
-        CsrKeyType::Rsa if *oid == OID_PKCS1_SHA256WITHRSA => {
-            Some(alg::RSA_PKCS1_2048_8192_SHA256)
-        }
-        CsrKeyType::Rsa if *oid == OID_PKCS1_SHA384WITHRSA => {
-            Some(alg::RSA_PKCS1_2048_8192_SHA384)
-        }
-        CsrKeyType::Rsa if *oid == OID_PKCS1_SHA512WITHRSA => {
-            Some(alg::RSA_PKCS1_2048_8192_SHA512)
-        }
+        CsrKeyType::Rsa if *oid == OID_PKCS1_SHA256WITHRSA => Some(alg::RSA_PKCS1_2048_8192_SHA256),
+        CsrKeyType::Rsa if *oid == OID_PKCS1_SHA384WITHRSA => Some(alg::RSA_PKCS1_2048_8192_SHA384),
+        CsrKeyType::Rsa if *oid == OID_PKCS1_SHA512WITHRSA => Some(alg::RSA_PKCS1_2048_8192_SHA512),
         CsrKeyType::EcP256 if *oid == OID_SIG_ECDSA_WITH_SHA256 => Some(alg::ECDSA_P256_SHA256),
         CsrKeyType::EcP256 if *oid == OID_SIG_ECDSA_WITH_SHA384 => Some(alg::ECDSA_P256_SHA384),
         CsrKeyType::EcP384 if *oid == OID_SIG_ECDSA_WITH_SHA256 => Some(alg::ECDSA_P384_SHA256),

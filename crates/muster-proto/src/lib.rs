@@ -64,8 +64,9 @@ pub use bulk::{
 };
 pub use connection_string::ConnectionString;
 pub use enrollment::{
-    AllocationPolicy, CertificateIssuance, CsrKeyType, CustomAllocationDefinition, DeviceCapabilities, EnrollmentGroup,
-    IndividualEnrollment, ProvisioningStatus, ReprovisionPolicy,
+    AllocationPolicy, CertificateIssuance, CsrKeyType, CustomAllocationDefinition,
+    DeviceCapabilities, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus,
+    ReprovisionPolicy,
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};

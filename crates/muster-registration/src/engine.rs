@@ -36,10 +36,10 @@ use tracing::{info, warn};
 use crate::allocation::{self, custom};
 use crate::device_auth::{self, Attestation, Attested, Matched};
 use crate::group_cache::GroupCache;
-use crate::issuance::{self, IssuingCa};
 use crate::hub_client::{
     HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
 };
+use crate::issuance::{self, IssuingCa};
 use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
@@ -147,8 +147,7 @@ impl Engine {
     /// If the engine was already cloned (a start-up wiring error).
     #[must_use]
     pub fn with_issuing_ca(mut self, ca: Arc<IssuingCa>) -> Self {
-        let inner =
-            Arc::get_mut(&mut self.0).expect("with_issuing_ca before the engine is shared");
+        let inner = Arc::get_mut(&mut self.0).expect("with_issuing_ca before the engine is shared");
         inner.issuing_ca = Some(ca);
         self
     }

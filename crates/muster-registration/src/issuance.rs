@@ -16,7 +16,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use muster_attestation::{CheckedCsr, Certificate};
+use muster_attestation::{Certificate, CheckedCsr};
 use muster_proto::runtime::Entropy;
 use muster_proto::{CertificateIssuance, IssuedCertificateInfo, Timestamp};
 use rcgen::{
@@ -62,8 +62,8 @@ impl IssuingCa {
         let ca_der = chain
             .first()
             .ok_or_else(|| IssuanceError::Ca("the chain is empty".into()))?;
-        let ca = Certificate::from_der(ca_der.clone())
-            .map_err(|e| IssuanceError::Ca(e.to_string()))?;
+        let ca =
+            Certificate::from_der(ca_der.clone()).map_err(|e| IssuanceError::Ca(e.to_string()))?;
         if !ca.is_ca() {
             return Err(IssuanceError::Ca(format!(
                 "'{}' is not a CA certificate",
@@ -120,7 +120,8 @@ impl IssuingCa {
         let epoch = rcgen::date_time_ymd(1970, 1, 1);
         let now_secs = u64::try_from(now.unix_seconds()).unwrap_or(0);
         let validity = u64::from(validity_days) * 24 * 60 * 60;
-        params.not_before = epoch + std::time::Duration::from_secs(now_secs.saturating_sub(BACKDATE_SECS));
+        params.not_before =
+            epoch + std::time::Duration::from_secs(now_secs.saturating_sub(BACKDATE_SECS));
         params.not_after = epoch + std::time::Duration::from_secs(now_secs + validity);
         let cert = params
             .signed_by(&public_key, &self.issuer, &self.key)
@@ -142,7 +143,10 @@ impl IssuingCa {
             .chain(self.chain.iter().map(Vec::as_slice))
             .map(|d| B64.encode(d))
             .collect();
-        Ok(Issued { chain, info: record })
+        Ok(Issued {
+            chain,
+            info: record,
+        })
     }
 }
 
@@ -218,7 +222,6 @@ mod tests {
             .issue(&csr("dev-1"), 30, now, &SeededEntropy::new(8))
             .unwrap();
         assert_ne!(other.info.serial_number, issued.info.serial_number);
-        muster_attestation::verify_signed_by(&der, &B64.decode(&issued.chain[1]).unwrap())
-            .unwrap();
+        muster_attestation::verify_signed_by(&der, &B64.decode(&issued.chain[1]).unwrap()).unwrap();
     }
 }

@@ -234,10 +234,14 @@ fn identify(
 
 /// The `com.microsoft:api-version` property every SDK puts on its links.
 fn link_api_version(attach: &Attach) -> Option<String> {
-    attach.properties.as_ref()?.iter().find_map(|(k, v)| match v {
-        Value::String(s) if k.as_str() == "com.microsoft:api-version" => Some(s.clone()),
-        _ => None,
-    })
+    attach
+        .properties
+        .as_ref()?
+        .iter()
+        .find_map(|(k, v)| match v {
+            Value::String(s) if k.as_str() == "com.microsoft:api-version" => Some(s.clone()),
+            _ => None,
+        })
 }
 
 fn unauthorized(reason: &str) -> definitions::Error {
