@@ -694,6 +694,29 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), TlsErro
     fs::rename(&tmp, path).map_err(io_err("replace", path))
 }
 
+/// Reads a PEM file (for the issuing CA).
+pub(crate) fn read_pem(path: &Path) -> Result<String, TlsError> {
+    read_to_string(path)
+}
+
+/// The certificates of a PEM text, DER, in file order.
+pub(crate) fn pem_certificates(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
+    Ok(read_certs(path, pem)?
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect())
+}
+
+/// Writes a private key file (mode 0600) through a temporary file.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    write_file(path, contents, true)
+}
+
+/// Writes a public file (a certificate) through a temporary file.
+pub(crate) fn write_public(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    write_file(path, contents, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1125,27 +1148,4 @@ mod tests {
         assert!(connector.connect(name, client_io).await.is_err());
         assert!(server.await.unwrap());
     }
-}
-
-/// Reads a PEM file (for the issuing CA).
-pub(crate) fn read_pem(path: &Path) -> Result<String, TlsError> {
-    read_to_string(path)
-}
-
-/// The certificates of a PEM text, DER, in file order.
-pub(crate) fn pem_certificates(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
-    Ok(read_certs(path, pem)?
-        .into_iter()
-        .map(|c| c.to_vec())
-        .collect())
-}
-
-/// Writes a private key file (mode 0600) through a temporary file.
-pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
-    write_file(path, contents, true)
-}
-
-/// Writes a public file (a certificate) through a temporary file.
-pub(crate) fn write_public(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
-    write_file(path, contents, false)
 }
