@@ -14,7 +14,7 @@ use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
 };
 use rumqttc::mqttbytes::{self, QoS};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
