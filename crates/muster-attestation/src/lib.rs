@@ -10,23 +10,27 @@
 //! * [`chain`] — certificate path verification (rustls-webpki with ring): leaf → the
 //!   intermediates a device sent → a trusted certificate, with validity, basic constraints,
 //!   key usage and signatures; and one certificate signed by another (proof of possession).
+//! * [`csr`] — PKCS #10 requests sent with a registration (`csr`): decoding, CN = registration
+//!   id, the signature made with the requested key, and the key's strength and type.
 //! * [`ca`] — CA certificates registered on the service and their proof of possession.
 //! * [`signature`] — a signature checked with a certificate's own public key, for any X.509
 //!   version (the TLS client's proof that it holds its certificate's key).
 //!
-//! Errors are [`KeyError`], [`CertificateError`], [`ChainError`], [`ProofError`] and
-//! [`SignatureError`]; none ever contains secret material.
+//! Errors are [`KeyError`], [`CertificateError`], [`ChainError`], [`ProofError`],
+//! [`SignatureError`] and [`CsrError`]; none ever contains secret material.
 //!
 //! [`X509CertificateInfo`]: muster_proto::attestation::X509CertificateInfo
 
 pub mod ca;
 pub mod chain;
+pub mod csr;
 pub mod signature;
 pub mod symmetric_key;
 pub mod x509;
 
 pub use ca::{check_proof_of_possession, CaCertificate, ProofError};
 pub use chain::{verify_path, verify_signed_by, ChainError};
+pub use csr::{check_csr, CheckedCsr, CsrError};
 pub use signature::{verify_with_certificate_key, SignatureError};
 
 pub use symmetric_key::{

@@ -21,6 +21,8 @@ use crate::service::{read_json, retry_after, segment, service_error};
 pub const DEVICE_API_VERSION: &str = "2021-06-01";
 /// The api-version devices name in the MQTT user name.
 pub const MQTT_API_VERSION: &str = "2019-03-31";
+/// The api-version of a registration that sends a CSR (HTTPS and MQTT).
+pub const CSR_API_VERSION: &str = "2026-04-01";
 
 /// How the device reaches the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -168,6 +170,10 @@ pub struct RegisterOptions {
     pub transport: Transport,
     /// JSON for a custom allocation webhook (`payload` of the register body).
     pub payload: Option<Value>,
+    /// A PKCS #10 request (base64 DER, CN = the registration id): the service issues a
+    /// certificate, answered in `state.issued_certificate_chain`. Sent with
+    /// [`CSR_API_VERSION`].
+    pub csr: Option<String>,
 }
 
 /// The outcome of a registration that got an answer: `assigned`, or `failed` / `disabled`
@@ -284,8 +290,7 @@ impl DeviceClient {
             let result = match options.transport {
                 Transport::Https => self.register_https(registration_id, &auth, options).await,
                 Transport::Mqtt => {
-                    crate::mqtt::register(self, registration_id, &auth, options.payload.as_ref())
-                        .await
+                    crate::mqtt::register(self, registration_id, &auth, options).await
                 }
             };
             match result {
@@ -349,9 +354,9 @@ impl DeviceClient {
         device_token(&self.id_scope, registration_id, device_key, 3600)
     }
 
-    fn device_url(&self, registration_id: &str, tail: &str) -> String {
+    fn device_url(&self, registration_id: &str, tail: &str, api_version: &str) -> String {
         format!(
-            "https://{}/{}/registrations/{}/{tail}?api-version={DEVICE_API_VERSION}",
+            "https://{}/{}/registrations/{}/{tail}?api-version={api_version}",
             self.endpoint,
             segment(&self.id_scope),
             segment(registration_id)
@@ -375,11 +380,18 @@ impl DeviceClient {
         if let Some(p) = &options.payload {
             body["payload"] = p.clone();
         }
+        let api_version = match &options.csr {
+            Some(csr) => {
+                body["csr"] = json!(csr);
+                CSR_API_VERSION
+            }
+            None => DEVICE_API_VERSION,
+        };
         let resp = self
             .send(
                 self.request(
                     reqwest::Method::PUT,
-                    self.device_url(registration_id, "register"),
+                    self.device_url(registration_id, "register", api_version),
                     registration_id,
                     auth,
                 )?
@@ -401,6 +413,7 @@ impl DeviceClient {
             let url = self.device_url(
                 registration_id,
                 &format!("operations/{}", segment(&op.operation_id)),
+                api_version,
             );
             let resp = self
                 .send(self.request(reqwest::Method::GET, url, registration_id, auth)?)

@@ -58,17 +58,43 @@ impl HubDeviceConnection {
             .decode(device_key_b64)
             .map_err(|_| Error::InvalidInput("the device key is not base64".into()))?;
         let tls = Arc::new(crate::tls::client_config(ca_pem)?);
-        let (host, _) = split_host_port(hub_host);
-        let mut conn = tls_connect(host, mqtt_port, tls).await?;
-        let username = format!(
-            "{hub_host}/{device_id}/?api-version={HUB_API_VERSION}&DeviceClientType=muster-client%2F{}",
-            env!("CARGO_PKG_VERSION")
-        );
         let token = SasToken::generate(
             &format!("{hub_host}/devices/{device_id}"),
             &key,
             None,
             crate::unix_now() + 3600,
+        );
+        Self::connect_with(hub_host, mqtt_port, device_id, tls, token).await
+    }
+
+    /// Connects `device_id` authenticated with its X.509 certificate (`chain_pem`: the
+    /// device certificate first, e.g. the `issuedCertificateChain` of a CSR registration;
+    /// `key_pem`: its PKCS #8 key), presented in the TLS handshake.
+    pub async fn connect_x509(
+        hub_host: &str,
+        mqtt_port: u16,
+        device_id: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        ca_pem: Option<&Path>,
+    ) -> Result<Self> {
+        let base = crate::tls::client_config(ca_pem)?;
+        let tls = Arc::new(crate::tls::with_client_cert(&base, chain_pem, key_pem)?);
+        Self::connect_with(hub_host, mqtt_port, device_id, tls, String::new()).await
+    }
+
+    async fn connect_with(
+        hub_host: &str,
+        mqtt_port: u16,
+        device_id: &str,
+        tls: Arc<rustls::ClientConfig>,
+        token: String,
+    ) -> Result<Self> {
+        let (host, _) = split_host_port(hub_host);
+        let mut conn = tls_connect(host, mqtt_port, tls).await?;
+        let username = format!(
+            "{hub_host}/{device_id}/?api-version={HUB_API_VERSION}&DeviceClientType=muster-client%2F{}",
+            env!("CARGO_PKG_VERSION")
         );
         let mut connect = Connect::new(device_id);
         connect.keep_alive = 60;

@@ -14,7 +14,7 @@ use rumqttc::mqttbytes::v4::{
     Connect, ConnectReturnCode, Login, Packet, PubAck, Publish, Subscribe,
 };
 use rumqttc::mqttbytes::{self, QoS};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -193,8 +193,12 @@ pub(crate) async fn register(
     client: &DeviceClient,
     registration_id: &str,
     auth: &Auth,
-    payload: Option<&Value>,
+    options: &crate::device::RegisterOptions,
 ) -> Result<Registration> {
+    let api_version = match options.csr {
+        Some(_) => crate::device::CSR_API_VERSION,
+        None => MQTT_API_VERSION,
+    };
     let (tls, password) = match auth {
         Auth::Sas(device_key) => (
             client.tls_config(),
@@ -205,7 +209,7 @@ pub(crate) async fn register(
     let mut conn = tls_connect(client.host(), client.mqtt_port(), tls).await?;
 
     let username = format!(
-        "{}/registrations/{registration_id}/api-version={MQTT_API_VERSION}&ClientVersion=muster-client%2F{}",
+        "{}/registrations/{registration_id}/api-version={api_version}&ClientVersion=muster-client%2F{}",
         client.id_scope(),
         env!("CARGO_PKG_VERSION")
     );
@@ -246,8 +250,11 @@ pub(crate) async fn register(
     }
 
     let mut body = json!({ "registrationId": registration_id });
-    if let Some(p) = payload {
+    if let Some(p) = &options.payload {
         body["payload"] = p.clone();
+    }
+    if let Some(csr) = &options.csr {
+        body["csr"] = json!(csr);
     }
     let mut pkid: u16 = 2;
     let rid = "1".to_string();

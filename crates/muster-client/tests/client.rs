@@ -133,6 +133,7 @@ async fn service_client_covers_the_api() {
                 &RegisterOptions {
                     transport,
                     payload: None,
+                    csr: None,
                 },
             )
             .await
@@ -176,6 +177,7 @@ async fn service_client_covers_the_api() {
             &RegisterOptions {
                 transport: Transport::Mqtt,
                 payload: None,
+                csr: None,
             },
         )
         .await
@@ -292,6 +294,7 @@ async fn device_client_polls_while_assigning() {
                 &RegisterOptions {
                     transport,
                     payload: None,
+                    csr: None,
                 },
             )
             .await

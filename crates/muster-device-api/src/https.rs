@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::websocket::ClientCertChain;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -93,6 +93,18 @@ fn chrono_now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
 }
 
+/// The `api-version` of a query string (key matched ignoring case, value percent-decoded).
+fn api_version(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        k.eq_ignore_ascii_case("api-version").then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
 /// Parses a register body; empty means "no fields".
 pub fn parse_registration(bytes: &[u8]) -> Result<DeviceRegistration, String> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
@@ -114,6 +126,7 @@ async fn register(
     State(registrar): State<Arc<dyn DeviceRegistrar>>,
     path: Result<Path<(String, String)>, PathRejection>,
     certs: Option<Extension<ClientCertChain>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -141,6 +154,7 @@ async fn register(
             credential: credential(&headers, certs),
             body: registration,
             transport: Transport::Https,
+            api_version: query.as_deref().and_then(api_version),
         })
         .await;
     reply_response(reply)
@@ -151,10 +165,18 @@ async fn operation_status(
     path: Result<Path<(String, String, String)>, PathRejection>,
     certs: Option<Extension<ClientCertChain>>,
     headers: HeaderMap,
+    body: Body,
 ) -> Response {
     let Path((id_scope, registration_id, operation_id)) = match path {
         Ok(p) => p,
         Err(rejection) => return malformed_path(rejection),
+    };
+    // Node polls with `{}`; a body is read only to refuse a `csr` in it.
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return bad_request(
+            ErrorCode::PayloadTooLarge,
+            format!("the operation status body is larger than {MAX_BODY_BYTES} bytes"),
+        );
     };
     let reply = registrar
         .operation_status(StatusRequest {
@@ -162,6 +184,7 @@ async fn operation_status(
             registration_id,
             operation_id,
             credential: credential(&headers, certs),
+            csr_sent: muster_registration::body_names_csr(&bytes),
         })
         .await;
     reply_response(reply)

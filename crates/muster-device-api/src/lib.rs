@@ -1,6 +1,9 @@
 //! Device transports into the registration engine. Each one turns what arrived on the wire
 //! into a `muster_registration::RegisterRequest` or `StatusRequest`, calls the
 //! [`muster_registration::DeviceRegistrar`], and writes its `DeviceReply` back unchanged.
+//! Each also passes the request's api-version (HTTPS `?api-version=`, the MQTT user name, the
+//! AMQP links' `com.microsoft:api-version`), which decides whether a `csr` is accepted, and
+//! marks a status poll whose body carries a `csr` (refused by the engine).
 //!
 //! Layout:
 //! - [`https`] — `PUT …/register`, `GET …/operations/{id}` (device-protocol.md §2).

@@ -16,3 +16,28 @@ impl ApiVersion {
     /// The version Muster's own clients send.
     pub const LATEST: ApiVersion = ApiVersion::V2021_10_01;
 }
+
+/// The device api-versions whose register request may carry a `csr` and whose answer carries
+/// `issuedCertificateChain` (device-protocol.md §9.2). Device requests with other versions keep
+/// working; only a CSR sent with one of them is refused.
+pub const DEVICE_CSR_API_VERSIONS: [&str; 2] = ["2025-07-01-preview", "2026-04-01"];
+
+/// Whether a device request's api-version allows a `csr` (case-insensitive).
+pub fn device_accepts_csr(api_version: &str) -> bool {
+    DEVICE_CSR_API_VERSIONS
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case(api_version.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_issuance_versions_accept_a_csr() {
+        assert!(device_accepts_csr("2026-04-01"));
+        assert!(device_accepts_csr("2025-07-01-PREVIEW"));
+        assert!(!device_accepts_csr("2021-10-01"));
+        assert!(!device_accepts_csr(""));
+    }
+}

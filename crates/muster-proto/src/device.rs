@@ -20,6 +20,10 @@ pub struct DeviceRegistration {
     /// Any JSON the device sends for a custom allocation webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// `2025-07-01-preview`+: a PKCS #10 certificate signing request, base64 DER without PEM
+    /// armour, CN = the registration id (device-protocol.md §9.2). `null` is the same as absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,10 @@ pub struct DeviceRegistrationResult {
     pub x509: Option<X509RegistrationResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmRegistrationResult>,
+    /// `2025-07-01-preview`+: the certificate issued for the device's CSR and its issuers,
+    /// base64 DER each, leaf first, ending with the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_chain: Option<Vec<String>>,
 }
 
 impl DeviceRegistrationResult {
@@ -88,6 +96,7 @@ impl DeviceRegistrationResult {
             symmetric_key: None,
             x509: None,
             tpm: None,
+            issued_certificate_chain: None,
         }
     }
 }

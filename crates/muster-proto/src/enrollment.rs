@@ -112,6 +112,10 @@ pub struct IndividualEnrollment {
     pub iot_hubs: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_allocation_definition: Option<CustomAllocationDefinition>,
+    /// Muster extension: whether devices of this enrollment may send a CSR with their
+    /// registration and get a certificate (absent: CSRs are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_issuance: Option<CertificateIssuance>,
 }
 
 /// Many devices sharing one attestation (a group key, a signing certificate or a CA).
@@ -142,6 +146,64 @@ pub struct EnrollmentGroup {
     pub iot_hubs: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_allocation_definition: Option<CustomAllocationDefinition>,
+    /// Muster extension: whether devices of this enrollment may send a CSR with their
+    /// registration and get a certificate (absent: CSRs are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_issuance: Option<CertificateIssuance>,
+}
+
+/// Muster's `certificateIssuance` extension of enrollments and groups: the device sends a
+/// PKCS #10 CSR with its registration (`csr`, api-version `2025-07-01-preview` or later) and
+/// gets an X.509 chain issued by Muster's issuing CA (device-protocol.md §9.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateIssuance {
+    /// Whether CSRs are accepted (`false` keeps the settings but refuses CSRs).
+    pub enabled: bool,
+    /// Days the issued certificate is valid ([`CertificateIssuance::DEFAULT_VALIDITY_DAYS`]
+    /// when absent; 1 to [`CertificateIssuance::MAX_VALIDITY_DAYS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validity_days: Option<u32>,
+    /// The key types a CSR may carry (every supported one when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_types: Option<Vec<CsrKeyType>>,
+}
+
+impl CertificateIssuance {
+    pub const DEFAULT_VALIDITY_DAYS: u32 = 30;
+    /// What public-CA rules allow for a leaf (397 days).
+    pub const MAX_VALIDITY_DAYS: u32 = 397;
+
+    pub fn validity_days(&self) -> u32 {
+        self.validity_days.unwrap_or(Self::DEFAULT_VALIDITY_DAYS)
+    }
+
+    /// Whether a CSR with a key of `kind` is allowed.
+    pub fn allows(&self, kind: CsrKeyType) -> bool {
+        self.key_types.as_ref().is_none_or(|k| k.contains(&kind))
+    }
+
+    /// The settings' own check, for the service API: the validity range.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.validity_days {
+            Some(d) if d == 0 || d > Self::MAX_VALIDITY_DAYS => Err(format!(
+                "certificateIssuance.validityDays must be 1 to {}, not {d}",
+                Self::MAX_VALIDITY_DAYS
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+str_enum! {
+    /// The key types a CSR may carry: RSA of at least 2048 bits, ECDSA on P-256 or P-384,
+    /// Ed25519.
+    CsrKeyType, "CSR key type" {
+        Rsa => "rsa",
+        EcP256 => "ecP256",
+        EcP384 => "ecP384",
+        Ed25519 => "ed25519",
+    }
 }
 
 impl IndividualEnrollment {

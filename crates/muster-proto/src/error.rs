@@ -43,6 +43,21 @@ pub enum ErrorCode {
     InvalidIotHubs = 400016,
     /// A CA certificate's proof of possession failed (wrong code, not signed by the CA, no code).
     ProofOfPossessionFailed = 400017,
+    /// The `csr` is not base64 DER of a PKCS #10 request, or has no subject CN.
+    CsrMalformed = 400018,
+    /// The CSR's subject CN is not the registration id.
+    CsrNameMismatch = 400019,
+    /// The CSR's signature does not verify with the key it carries (no proof of possession).
+    CsrSignatureInvalid = 400020,
+    /// The CSR's key is too weak or of a type the enrollment does not allow (RSA below 2048
+    /// bits, curves other than P-256/P-384, ...).
+    CsrKeyRejected = 400021,
+    /// The device sent a CSR, but its enrollment (or group) does not issue certificates.
+    CsrNotEnabled = 400022,
+    /// A `csr` on an operation status lookup (only the register request may carry one).
+    CsrOnStatusLookup = 400023,
+    /// A `csr` with an api-version older than `2025-07-01-preview`.
+    CsrApiVersionUnsupported = 400024,
     CustomAllocationFailed = 400207,
     CustomAllocationIotHubNotSpecified = 400208,
     CustomAllocationUnauthorizedAccess = 400209,

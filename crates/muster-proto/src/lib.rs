@@ -10,16 +10,19 @@
 //! - [`time`] — [`Timestamp`], UTC with the 7 fractional digits DPS emits.
 //! - [`attestation`] — `AttestationMechanism` and its symmetric key, X.509 and TPM parts.
 //! - [`enrollment`] — `IndividualEnrollment`, `EnrollmentGroup` and their shared settings
-//!   (allocation policy, reprovision policy, capabilities, custom allocation).
+//!   (allocation policy, reprovision policy, capabilities, custom allocation, and Muster's
+//!   `certificateIssuance`: whether a device's CSR is signed, validity, key types).
 //! - [`twin`] — `InitialTwin`.
-//! - [`device`] — device-facing register request, operation status and registration result.
+//! - [`device`] — device-facing register request (with `csr`), operation status and
+//!   registration result (with `issuedCertificateChain`).
 //! - [`linked_hub`] — linked IoT hubs as the `/linkedHubs` extension shows them.
-//! - [`registration`] — `DeviceRegistrationState` and its status enums.
+//! - [`registration`] — `DeviceRegistrationState`, its status enums and the issued
+//!   certificate it records.
 //! - [`bulk`] and [`query`] — bulk operations, query specification and paging headers.
 //! - [`error`] — the DPS error body and Muster's table of error codes.
 //! - [`sas`] — shared access signature tokens: parse, sign, verify.
 //! - [`connection_string`] — `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..`.
-//! - [`api_version`] — the api-versions Muster accepts.
+//! - [`api_version`] — the api-versions Muster accepts, and the device ones that allow a `csr`.
 //! - [`rights`] — shared access policy rights.
 //! - [`audit`] — an audit log entry (Muster's `GET /audit`).
 //!
@@ -64,14 +67,17 @@ pub use bulk::{
 };
 pub use connection_string::ConnectionString;
 pub use enrollment::{
-    AllocationPolicy, CustomAllocationDefinition, DeviceCapabilities, EnrollmentGroup,
-    IndividualEnrollment, ProvisioningStatus, ReprovisionPolicy,
+    AllocationPolicy, CertificateIssuance, CsrKeyType, CustomAllocationDefinition,
+    DeviceCapabilities, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus,
+    ReprovisionPolicy,
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};
 pub use if_match::IfMatch;
 pub use query::{ItemType, QuerySpecification, UnsupportedQuery};
-pub use registration::{DeviceRegistrationState, RegistrationStatus, RegistrationSubstatus};
+pub use registration::{
+    DeviceRegistrationState, IssuedCertificateInfo, RegistrationStatus, RegistrationSubstatus,
+};
 pub use rights::{AccessRight, AccessRights};
 pub use sas::{SasError, SasToken};
 pub use time::Timestamp;

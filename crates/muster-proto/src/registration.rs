@@ -54,6 +54,23 @@ pub struct DeviceRegistrationState {
     /// this to the record; DPS shows it only in the device's answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509RegistrationResult>,
+    /// Muster extension: the certificate issued for the device's last CSR (public data only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate: Option<IssuedCertificateInfo>,
+}
+
+/// What Muster records of a certificate it issued for a device's CSR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificateInfo {
+    /// Upper-case hex, as `x509.certificateInfo.serialNumber`.
+    pub serial_number: String,
+    /// Upper-case hex SHA-256 of the DER: the thumbprint the device's hub identity carries.
+    pub sha256_thumbprint: String,
+    pub subject_name: String,
+    pub issuer_name: String,
+    pub not_before_utc: Timestamp,
+    pub not_after_utc: Timestamp,
 }
 
 impl DeviceRegistrationState {
@@ -72,6 +89,7 @@ impl DeviceRegistrationState {
             etag: None,
             payload: None,
             x509: None,
+            issued_certificate: None,
         }
     }
 }

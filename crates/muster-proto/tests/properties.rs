@@ -103,6 +103,7 @@ fn enrollment() -> impl Strategy<Value = IndividualEnrollment> {
                 allocation_policy: policy,
                 iot_hubs: hubs,
                 custom_allocation_definition: None,
+                certificate_issuance: None,
             }
         })
 }

@@ -39,6 +39,7 @@ use crate::group_cache::GroupCache;
 use crate::hub_client::{
     HubAuthentication, HubClient, HubConnection, HubDeviceSpec, RestHub, TwinWrite,
 };
+use crate::issuance::{self, IssuingCa};
 use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
@@ -95,6 +96,8 @@ struct Inner {
     throttle: HubThrottle,
     in_flight: Semaphore,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<String>>>,
+    /// Signs certificates for CSRs; `None`: every CSR is refused as not enabled.
+    issuing_ca: Option<Arc<IssuingCa>>,
 }
 
 /// The enrollment settings that decide a registration, whichever kind matched.
@@ -133,7 +136,20 @@ impl Engine {
             throttle: HubThrottle::default(),
             in_flight,
             queues: Mutex::new(HashMap::new()),
+            issuing_ca: None,
         }))
+    }
+
+    /// Issues certificates for registrations that send a CSR (and whose enrollment's
+    /// `certificateIssuance` allows it) with `ca`. Call before the engine is cloned or shared.
+    ///
+    /// # Panics
+    /// If the engine was already cloned (a start-up wiring error).
+    #[must_use]
+    pub fn with_issuing_ca(mut self, ca: Arc<IssuingCa>) -> Self {
+        let inner = Arc::get_mut(&mut self.0).expect("with_issuing_ca before the engine is shared");
+        inner.issuing_ca = Some(ca);
+        self
     }
 
     /// Reaches the hub named `host` through `connection` instead of its REST API. Call before
@@ -265,6 +281,10 @@ impl Engine {
                 ));
             }
         }
+        // The version is checked before any work; the CSR itself after authentication.
+        if req.body.csr.is_some() {
+            check_csr_api_version(req.api_version.as_deref())?;
+        }
         let _permit = self.0.in_flight.try_acquire().map_err(|_| {
             DeviceFailure::new(
                 ErrorCode::Throttled,
@@ -303,8 +323,9 @@ impl Engine {
             operation_id: Some(operation_id.clone()),
             enrollment_group_id: None,
             pending: None,
+            issued_certificate_chain: None,
         };
-        let attested = match attestation {
+        let mut attested = match attestation {
             Attestation::Disabled(matched) => {
                 record.enrollment_group_id = matched.group_id();
                 record.state.status = RegistrationStatus::Disabled;
@@ -320,6 +341,16 @@ impl Engine {
         };
         record.enrollment_group_id = attested.matched.group_id();
         record.state.x509 = attested.x509.as_deref().cloned();
+        if let Some(csr) = req.body.csr.as_deref() {
+            let issued = self.issue(csr, &rid, &attested.matched, now)?;
+            // The hub identity becomes the issued certificate (for symmetric-key and X.509
+            // devices alike); a pending plan keeps its thumbprint.
+            attested.hub_auth = crate::x509::hub_auth(&issued.info.sha256_thumbprint);
+            info!(registration = %rid, serial = %issued.info.serial_number,
+                thumbprint = %issued.info.sha256_thumbprint, "issued a device certificate");
+            record.state.issued_certificate = Some(issued.info);
+            record.issued_certificate_chain = Some(issued.chain);
+        }
         let previous_state = previous.map(|(p, _)| p.state);
         // One read of the linked hubs serves both the plan and its execution.
         let linked = self.linked_hubs().await?;
@@ -461,6 +492,52 @@ impl Engine {
         intent.pending = Some(plan.clone());
         self.save_record(key, &intent).await?;
         Ok(plan)
+    }
+
+    /// Checks a registration's CSR against its enrollment's `certificateIssuance` and issues
+    /// its certificate.
+    fn issue(
+        &self,
+        csr: &str,
+        rid: &RegistrationId,
+        matched: &Matched,
+        now: muster_proto::Timestamp,
+    ) -> Result<issuance::Issued, DeviceFailure> {
+        let (kind, settings) = match matched {
+            Matched::Individual(e) => (
+                format!("individual enrollment '{}'", e.value.registration_id),
+                e.value.certificate_issuance.as_ref(),
+            ),
+            Matched::Group(g) => (
+                format!("enrollment group '{}'", g.value.enrollment_group_id),
+                g.value.certificate_issuance.as_ref(),
+            ),
+        };
+        let Some(policy) = issuance::policy(settings) else {
+            return Err(DeviceFailure::new(
+                ErrorCode::CsrNotEnabled,
+                format!("the device sent a csr, but {kind} does not issue certificates (certificateIssuance is not enabled)"),
+            ));
+        };
+        let Some(ca) = self.0.issuing_ca.as_deref() else {
+            return Err(DeviceFailure::new(
+                ErrorCode::CsrNotEnabled,
+                "the device sent a csr, but this server has no issuing CA configured",
+            ));
+        };
+        let checked =
+            muster_attestation::check_csr(csr, rid.as_str()).map_err(|e| DeviceFailure::csr(&e))?;
+        if !policy.allows(checked.key_type) {
+            return Err(DeviceFailure::new(
+                ErrorCode::CsrKeyRejected,
+                format!(
+                    "the csr's key is refused: {kind} does not allow {} keys",
+                    checked.key_type
+                ),
+            ));
+        }
+        ca.issue(&checked, policy.validity_days(), now, &*self.0.entropy)
+            .map_err(|e| DeviceFailure::internal("issuing a device certificate", e))
     }
 
     async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
@@ -978,6 +1055,12 @@ impl Engine {
 
     async fn do_status(&self, req: StatusRequest) -> Result<DeviceReply, DeviceFailure> {
         let rid = self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
+        if req.csr_sent {
+            return Err(DeviceFailure::new(
+                ErrorCode::CsrOnStatusLookup,
+                "an operation status lookup must not carry a csr; send it with the register request",
+            ));
+        }
         let now = self.0.clock.now();
         // Polls are authenticated like registrations (before saying whether the operation
         // exists); a disabled device may still read its answer.
@@ -1022,6 +1105,21 @@ fn hub_failure(e: crate::hub_client::HubError) -> DeviceFailure {
         ErrorCode::HubWriteFailed
     };
     DeviceFailure::new(code, e.to_string())
+}
+
+/// A `csr` needs a device api-version that knows it (device-protocol.md §9.2).
+fn check_csr_api_version(version: Option<&str>) -> Result<(), DeviceFailure> {
+    let version = version.unwrap_or("");
+    if muster_proto::api_version::device_accepts_csr(version) {
+        return Ok(());
+    }
+    Err(DeviceFailure::new(
+        ErrorCode::CsrApiVersionUnsupported,
+        format!(
+            "a csr needs api-version {}; the request says '{version}'",
+            muster_proto::api_version::DEVICE_CSR_API_VERSIONS.join(" or ")
+        ),
+    ))
 }
 
 fn no_hub() -> DeviceFailure {
@@ -1123,6 +1221,7 @@ fn operation(record: &RegistrationRecord) -> RegistrationOperationStatus {
     result.etag = s.etag.clone();
     result.payload = s.payload.clone();
     if s.status == RegistrationStatus::Assigned {
+        result.issued_certificate_chain = record.issued_certificate_chain.clone();
         match &s.x509 {
             Some(x) => result.x509 = Some(x.clone()),
             None => {

@@ -17,6 +17,10 @@
 //! - [`group_search`] — the search through every group for a device whose group is unknown,
 //!   and the bound on how many such searches run or wait.
 //! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.
+//! - [`issuance`] — certificate issuance at registration: the [`IssuingCa`] that signs a
+//!   device's checked CSR (`muster_attestation::csr`) into the `issuedCertificateChain`; the
+//!   engine checks the api-version, the enrollment's `certificateIssuance` and the key type,
+//!   records the certificate on the registration and gives the hub device its thumbprint.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
 //! - [`hub_client`] — [`HubConnection`], how the engine writes devices and twins into a hub,
@@ -34,6 +38,7 @@ pub mod engine;
 pub mod group_cache;
 pub mod group_search;
 pub mod hub_client;
+pub mod issuance;
 pub mod metrics;
 pub mod record;
 pub mod reply;
@@ -46,6 +51,7 @@ use muster_proto::ErrorCode;
 
 pub use engine::{Engine, EngineConfig};
 pub use hub_client::{HubClient, HubConnection};
+pub use issuance::IssuingCa;
 pub use metrics::Transport;
 pub use reply::DeviceReply;
 
@@ -74,6 +80,18 @@ impl DeviceFailure {
             ErrorCode::Internal,
             format!("internal error while {context}"),
         )
+    }
+
+    /// A refused CSR, with the code of the check that failed.
+    pub fn csr(e: &muster_attestation::CsrError) -> Self {
+        use muster_attestation::CsrError;
+        let code = match e {
+            CsrError::Malformed(_) => ErrorCode::CsrMalformed,
+            CsrError::NameMismatch { .. } => ErrorCode::CsrNameMismatch,
+            CsrError::SignatureInvalid => ErrorCode::CsrSignatureInvalid,
+            CsrError::WeakKey(_) => ErrorCode::CsrKeyRejected,
+        };
+        Self::new(code, e.to_string())
     }
 
     /// Failures worth retrying as they are (503: the store or the hub unavailable): they
@@ -159,6 +177,9 @@ pub struct RegisterRequest {
     pub body: DeviceRegistration,
     /// Where the request arrived (a metrics label only).
     pub transport: Transport,
+    /// The request's `api-version` (URL query, MQTT username, AMQP link); a `csr` needs
+    /// `2025-07-01-preview` or later.
+    pub api_version: Option<String>,
 }
 
 /// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`, or the MQTT poll.
@@ -168,6 +189,17 @@ pub struct StatusRequest {
     pub registration_id: String,
     pub operation_id: String,
     pub credential: DeviceCredential,
+    /// The poll's body carried a `csr` (refused: only the register request may).
+    pub csr_sent: bool,
+}
+
+/// Whether a status poll's body (any bytes: `{}`, `" "`, the register JSON, nothing) carries
+/// a non-null `csr`, which DPS answers with a bad request.
+pub fn body_names_csr(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("csr").map(|c| !c.is_null()))
+        .unwrap_or(false)
 }
 
 /// What device transports need from the registration engine.

@@ -22,6 +22,10 @@ pub struct RegistrationRecord {
     /// An accepted assignment still waiting for its hub (throttled); finished in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingAssignment>,
+    /// The chain issued for the registration's CSR (base64 DER, leaf first), answered to the
+    /// device's polls as `issuedCertificateChain`; public data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_chain: Option<Vec<String>>,
 }
 
 /// Where the device's hub credentials come from, so they are recomputed rather than stored.

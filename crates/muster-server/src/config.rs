@@ -47,6 +47,12 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM chain of an operator-supplied intermediate CA (its certificate first, then up to
+    /// the root) that signs device certificates for CSRs, instead of Muster's own
+    /// `issuing-ca.pem` under the local CA.
+    pub issuing_ca_cert: Option<PathBuf>,
+    /// PEM (PKCS #8) private key for `issuing_ca_cert`.
+    pub issuing_ca_key: Option<PathBuf>,
     /// How often the TLS certificate and key files are checked for a change (SIGHUP checks
     /// at once).
     pub tls_reload_interval_ms: u64,
@@ -177,6 +183,8 @@ impl Default for Config {
             amqp_port: 5671,
             tls_cert: None,
             tls_key: None,
+            issuing_ca_cert: None,
+            issuing_ca_key: None,
             tls_reload_interval_ms: 5_000,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
@@ -259,6 +267,11 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls-cert and tls-key go together: give both or neither".into(),
+            ));
+        }
+        if self.issuing_ca_cert.is_some() != self.issuing_ca_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "issuing-ca-cert and issuing-ca-key go together: give both or neither".into(),
             ));
         }
         for h in &self.linked_hubs {

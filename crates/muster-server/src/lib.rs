@@ -5,6 +5,8 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`issuing_ca`] — the CA that signs device certificates for CSRs: `issuing-ca.pem` /
+//!   `issuing-ca.key`, an intermediate under the local CA, or operator-supplied files.
 //! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
 //!   reloaded when its files change or on demand (SIGHUP).
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
@@ -51,6 +53,7 @@ pub mod descriptors;
 pub mod device_websocket;
 pub mod health;
 pub mod hub_rename;
+pub mod issuing_ca;
 pub mod listener;
 pub mod local_hub;
 pub mod metered_store;
@@ -337,11 +340,13 @@ impl Server {
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
         // The built-in hub is written in process; other linked hubs over their REST API.
+        let issuing = issuing_ca::load(&config, &data_dir, &ca)?;
         let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
             .with_local_hub(
                 &hub_endpoint,
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
-            );
+            )
+            .with_issuing_ca(Arc::new(issuing));
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
         let events = RegistrationFeed::new(config.max_event_subscribers);
         let reporting = |transport: &'static str| -> Arc<dyn DeviceRegistrar> {

@@ -258,6 +258,33 @@ impl LocalCa {
         &self.key_path
     }
 
+    /// Issues an intermediate CA (ECDSA P-256, path length 0, `keyCertSign`) for signing
+    /// device certificates, valid as long as the local CA. Returns `(certificate PEM,
+    /// PKCS#8 key PEM)`.
+    pub fn issue_intermediate(&self, common_name: &str) -> Result<(String, String), TlsError> {
+        let gen_err = |source| TlsError::Generate {
+            ca: self.cert_path.clone(),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let now = now_since_epoch();
+        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + now.saturating_sub(BACKDATE);
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + (now + CA_VALIDITY);
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(gen_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// Issues an ECDSA P-256 server certificate for `hosts` (IP addresses become IP SANs, the
     /// rest DNS SANs; `localhost`, `127.0.0.1` and `::1` are always added; CN = first host).
     /// Returns `(certificate PEM, PKCS#8 key PEM)`.
@@ -665,6 +692,29 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), TlsErro
         file.sync_all().map_err(io_err("write", &tmp))?;
     }
     fs::rename(&tmp, path).map_err(io_err("replace", path))
+}
+
+/// Reads a PEM file (for the issuing CA).
+pub(crate) fn read_pem(path: &Path) -> Result<String, TlsError> {
+    read_to_string(path)
+}
+
+/// The certificates of a PEM text, DER, in file order.
+pub(crate) fn pem_certificates(path: &Path, pem: &[u8]) -> Result<Vec<Vec<u8>>, TlsError> {
+    Ok(read_certs(path, pem)?
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect())
+}
+
+/// Writes a private key file (mode 0600) through a temporary file.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    write_file(path, contents, true)
+}
+
+/// Writes a public file (a certificate) through a temporary file.
+pub(crate) fn write_public(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    write_file(path, contents, false)
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ impl EnrollmentKind for IndividualEnrollment {
         if let Some(d) = &self.device_id {
             validate_device_id(d)?;
         }
-        Ok(())
+        validate_issuance(self.certificate_issuance.as_ref())
     }
 }
 
@@ -162,8 +162,17 @@ impl EnrollmentKind for EnrollmentGroup {
         self.etag = None;
     }
     fn validate_kind(&self) -> Result<(), ApiError> {
-        Ok(())
+        validate_issuance(self.certificate_issuance.as_ref())
     }
+}
+
+/// Muster's `certificateIssuance` extension: the validity range.
+fn validate_issuance(issuance: Option<&muster_proto::CertificateIssuance>) -> Result<(), ApiError> {
+    issuance
+        .map(|i| i.validate())
+        .transpose()
+        .map(|_| ())
+        .map_err(|m| ApiError::new(ErrorCode::InvalidField, m))
 }
 
 /// IoT Hub device ids: up to 128 characters from letters, digits and `-.%_*?!(),:=@$'`.

@@ -20,9 +20,11 @@ const MANIFEST: &str = "muster-backup.json";
 const DB: &str = "muster.db";
 const DB_KEY: &str = "muster.db.key";
 /// Copied when present (a data dir that uses `--tls-cert` may lack the server pair).
-const OPTIONAL_FILES: [&str; 5] = [
+const OPTIONAL_FILES: [&str; 7] = [
     "ca.pem",
     "ca.key",
+    "issuing-ca.pem",
+    "issuing-ca.key",
     "server.pem",
     "server.key",
     "connection.json",

@@ -57,6 +57,14 @@ pub struct RegisterArgs {
     /// JSON payload for a custom allocation webhook
     #[arg(long)]
     pub payload: Option<String>,
+    /// Ask for a certificate: PEM (PKCS #8) private key the CSR is made with (CN = the
+    /// registration id; EC P-256/P-384, Ed25519 or RSA ≥ 2048); the enrollment must allow
+    /// certificate issuance
+    #[arg(long)]
+    pub csr_key: Option<PathBuf>,
+    /// With --csr-key: where to write the issued certificate chain (PEM, leaf first)
+    #[arg(long, requires = "csr_key")]
+    pub cert_out: Option<PathBuf>,
     /// Register attempts when throttled or unavailable
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
@@ -77,6 +85,8 @@ pub enum DeviceCommand {
     /// Examples:
     ///   muster device register --registration-id dev-001 --group-key "$GROUP_KEY"
     ///   muster device register --cert dev-003-chain.pem --cert-key dev-003.key --transport mqtt
+    ///   muster device register --registration-id dev-004 --group-key "$GROUP_KEY" \
+    ///       --csr-key dev-004.key --cert-out dev-004-chain.pem
     ///   muster device register --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
     ///       --registration-id dev-002 --key "$DEVICE_KEY" --transport mqtt --payload '{"model":"x1"}'
     #[command(verbatim_doc_comment)]
@@ -111,6 +121,10 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
         Some(p) => Some(serde_json::from_str::<Value>(p).context("--payload is not valid JSON")?),
         None => None,
     };
+    let csr = match &a.csr_key {
+        Some(path) => Some(make_csr(path, &registration_id)?),
+        None => None,
+    };
     let client = a
         .conn
         .client()?
@@ -125,6 +139,7 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
             &RegisterOptions {
                 transport: a.transport,
                 payload,
+                csr,
             },
         )
         .await
@@ -134,6 +149,9 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
         m.insert("operationId".into(), json!(r.operation_id));
     }
     print_object(a.out.output, &v);
+    if let (Some(out), Some(chain)) = (&a.cert_out, &r.state.issued_certificate_chain) {
+        write_chain(out, chain)?;
+    }
     if !r.is_assigned() {
         bail!(
             "registration of '{}' ended {}{}",
@@ -147,4 +165,41 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A base64 DER PKCS #10 request for `registration_id` signed with the PEM key at `path`.
+fn make_csr(path: &std::path::Path, registration_id: &str) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --csr-key {}", path.display()))?;
+    let key = rcgen::KeyPair::from_pem(&pem)
+        .with_context(|| format!("{} is not a PKCS #8 PEM private key", path.display()))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, registration_id);
+    let csr = params
+        .serialize_request(&key)
+        .context("making the certificate signing request")?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(csr.der()))
+}
+
+/// Writes an issued chain (base64 DER, leaf first) as PEM.
+fn write_chain(path: &std::path::Path, chain: &[String]) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let mut pem = String::new();
+    for c in chain {
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(c)
+            .context("the issued chain is not base64")?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))
 }

@@ -86,6 +86,15 @@ pub struct Settings {
     /// Whether devices are IoT Edge devices
     #[arg(long, visible_alias = "ee")]
     pub edge_enabled: Option<bool>,
+    /// Whether devices may send a CSR and get a certificate (Muster's certificateIssuance)
+    #[arg(long)]
+    pub issue_certificates: Option<bool>,
+    /// Days an issued certificate is valid (1-397) [default: 30]
+    #[arg(long, requires = "issue_certificates")]
+    pub certificate_validity_days: Option<u32>,
+    /// Key types a CSR may carry: rsa, ecP256, ecP384, ed25519 (comma-separated) [default: all]
+    #[arg(long, value_delimiter = ',', num_args = 1.., requires = "issue_certificates")]
+    pub certificate_key_types: Option<Vec<String>>,
     /// Show the symmetric keys in the answer
     #[arg(long)]
     pub show_keys: bool,
@@ -308,6 +317,20 @@ fn apply<K: CliKind>(
     }
     if let Some(e) = s.edge_enabled {
         m.insert("capabilities".into(), json!({"iotEdge": e}));
+    }
+    if let Some(enabled) = s.issue_certificates {
+        let mut issuance = json!({"enabled": enabled});
+        if let Some(d) = s.certificate_validity_days {
+            issuance["validityDays"] = json!(d);
+        }
+        if let Some(k) = &s.certificate_key_types {
+            for t in k {
+                muster_proto::CsrKeyType::parse(t.trim())
+                    .map_err(|e| anyhow::anyhow!("--certificate-key-types: {e}"))?;
+            }
+            issuance["keyTypes"] = json!(k.iter().map(|t| t.trim()).collect::<Vec<_>>());
+        }
+        m.insert("certificateIssuance".into(), issuance);
     }
     Ok(())
 }

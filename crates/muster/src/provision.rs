@@ -190,6 +190,7 @@ pub async fn run(a: ProvisionArgs) -> anyhow::Result<()> {
     let options = RegisterOptions {
         transport: a.transport,
         payload,
+        csr: None,
     };
 
     // The out file: header when new, then one flushed row per device.

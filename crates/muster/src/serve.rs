@@ -61,6 +61,13 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert (both files are reloaded when they change, and on SIGHUP)
     #[arg(long, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM chain of your own intermediate CA (its certificate first, up to the root) that
+    /// signs device certificates for CSRs [default: Muster's issuing-ca.pem under the local CA]
+    #[arg(long, env = "MUSTER_ISSUING_CA_CERT", requires = "issuing_ca_key")]
+    issuing_ca_cert: Option<PathBuf>,
+    /// PEM (PKCS #8) private key for --issuing-ca-cert
+    #[arg(long, env = "MUSTER_ISSUING_CA_KEY", requires = "issuing_ca_cert")]
+    issuing_ca_key: Option<PathBuf>,
     /// How often the TLS certificate and key files are checked for a change, in ms
     /// [default: 5000]
     #[arg(long, env = "MUSTER_TLS_RELOAD_INTERVAL_MS")]
@@ -152,6 +159,10 @@ impl ServeArgs {
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert.clone();
             c.tls_key = self.tls_key.clone();
+        }
+        if self.issuing_ca_cert.is_some() {
+            c.issuing_ca_cert = self.issuing_ca_cert.clone();
+            c.issuing_ca_key = self.issuing_ca_key.clone();
         }
         c.extra_hosts.extend(self.extra_hosts.iter().cloned());
         if let Some(v) = self.audit_retention_days {

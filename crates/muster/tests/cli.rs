@@ -655,6 +655,111 @@ fn device_register_and_hub_commands() {
     assert!(!env.hub_has_device("dev-mqtt"));
 }
 
+/// `muster device register --csr-key`: a symmetric-key device gets a certificate chain that
+/// `openssl verify` accepts, connects to the built-in hub with it and sends telemetry.
+#[test]
+fn device_register_with_a_csr_gets_a_certificate_for_the_hub() {
+    let env = Env::start();
+    env.ok(&[
+        "enrollment-group",
+        "create",
+        "--group-id",
+        "certs",
+        "--issue-certificates",
+        "true",
+        "--certificate-validity-days",
+        "7",
+    ]);
+    let g = env.json(&["enrollment-group", "show", "certs"]);
+    assert_eq!(
+        g["certificateIssuance"],
+        json!({"enabled": true, "validityDays": 7})
+    );
+    let gk = env.group_key("certs");
+    let key = env.dir.path().join("dev.key");
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&key)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain = env.dir.path().join("dev-chain.pem");
+    let r = env.json(&[
+        "device",
+        "register",
+        "--registration-id",
+        "cert-dev",
+        "--group-key",
+        &gk,
+        "--csr-key",
+        key.to_str().expect("utf-8"),
+        "--cert-out",
+        chain.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(r["status"], "assigned", "{r}");
+    assert_eq!(
+        r["issuedCertificateChain"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let ca = env.info.ca_certificate.clone().expect("a local CA");
+    let out = Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(&ca)
+        .arg("-untrusted")
+        .arg(&chain)
+        .arg(&chain)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain_pem = std::fs::read_to_string(&chain).expect("chain written");
+    let key_pem = std::fs::read_to_string(&key).expect("key");
+    let mut conn = env
+        .rt
+        .block_on(muster_client::HubDeviceConnection::connect_x509(
+            &env.info.hubs[0].host_name,
+            env.info.mqtt_port,
+            "cert-dev",
+            &chain_pem,
+            &key_pem,
+            Some(&ca),
+        ))
+        .expect("the device connects to the hub with its issued certificate");
+    env.rt
+        .block_on(conn.send_event(br#"{"t":1}"#, &[]))
+        .expect("telemetry sent");
+    env.rt.block_on(conn.close());
+    // Without certificateIssuance the CSR is refused with its code.
+    env.ok(&["enrollment-group", "create", "--group-id", "plain"]);
+    let pk = env.group_key("plain");
+    let err = env.fails(&[
+        "device",
+        "register",
+        "--registration-id",
+        "plain-dev",
+        "--group-key",
+        &pk,
+        "--csr-key",
+        key.to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("400022"), "{err}");
+}
+
 #[test]
 fn registration_commands_and_cascade() {
     let env = Env::start();

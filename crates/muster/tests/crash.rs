@@ -227,6 +227,7 @@ async fn storm(
                     Transport::Mqtt
                 },
                 payload: None,
+                csr: None,
             };
             // While the server lives (no kill planned), a device that gets an error tries
             // again, as real devices do; what it got is printed for the log.

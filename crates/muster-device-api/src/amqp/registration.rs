@@ -69,6 +69,8 @@ const RESPONSE_QUEUE: usize = 32;
 struct Identity {
     device: RegistrationAddress,
     credential: DeviceCredential,
+    /// The first link's `com.microsoft:api-version` property.
+    api_version: Option<String>,
 }
 
 /// A request answered by the registrar, to be settled and answered on the connection.
@@ -223,7 +225,23 @@ fn identify(
         },
         _ => DeviceCredential::None,
     };
-    Ok(Identity { device, credential })
+    Ok(Identity {
+        device,
+        credential,
+        api_version: link_api_version(first_attach),
+    })
+}
+
+/// The `com.microsoft:api-version` property every SDK puts on its links.
+fn link_api_version(attach: &Attach) -> Option<String> {
+    attach
+        .properties
+        .as_ref()?
+        .iter()
+        .find_map(|(k, v)| match v {
+            Value::String(s) if k.as_str() == "com.microsoft:api-version" => Some(s.clone()),
+            _ => None,
+        })
 }
 
 fn unauthorized(reason: &str) -> definitions::Error {
@@ -390,6 +408,7 @@ impl Request {
                     credential: identity.credential.clone(),
                     body,
                     transport: muster_registration::Transport::Amqp,
+                    api_version: identity.api_version.clone(),
                 }),
                 Err(reply) => Request::Refused(reply),
             },
@@ -399,6 +418,7 @@ impl Request {
                     registration_id: device.registration_id.clone(),
                     operation_id,
                     credential: identity.credential.clone(),
+                    csr_sent: muster_registration::body_names_csr(&body_bytes(&message.body)),
                 }),
                 None => Request::Refused(error_reply(
                     ErrorCode::InvalidField,

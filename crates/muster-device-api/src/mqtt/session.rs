@@ -47,6 +47,8 @@ pub(crate) struct Identity {
     pub id_scope: String,
     pub registration_id: String,
     pub credential: DeviceCredential,
+    /// The `api-version` of the CONNECT user name.
+    pub api_version: Option<String>,
 }
 
 /// Checks a CONNECT (protocol level already known to be 4) and derives the device identity.
@@ -89,6 +91,7 @@ pub(crate) fn accept_connect(
         id_scope: username.id_scope,
         registration_id: username.registration_id,
         credential,
+        api_version: username.api_version,
     })
 }
 
@@ -280,6 +283,7 @@ impl Session {
                     credential: identity.credential.clone(),
                     body,
                     transport: Transport::Mqtt,
+                    api_version: identity.api_version.clone(),
                 };
                 let registrar = self.registrar.clone();
                 tokio::spawn(async move {
@@ -289,7 +293,8 @@ impl Session {
                 });
             }
             RequestTopic::Status { operation_id, .. } => {
-                // The payload is ignored: " " (Python, Node), the register JSON (C), empty (C#).
+                // The payload is ignored — " " (Python, Node), the register JSON (C), empty
+                // (C#) — except a `csr` in it, which a lookup must not carry.
                 let Some(operation_id) = operation_id else {
                     let reply = error_reply(
                         ErrorCode::InvalidField,
@@ -302,6 +307,7 @@ impl Session {
                     registration_id: identity.registration_id.clone(),
                     operation_id,
                     credential: identity.credential.clone(),
+                    csr_sent: muster_registration::body_names_csr(&publish.payload),
                 };
                 let registrar = self.registrar.clone();
                 tokio::spawn(async move {

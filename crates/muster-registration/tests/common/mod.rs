@@ -263,5 +263,6 @@ pub fn request(id: &str) -> RegisterRequest {
         )),
         body: DeviceRegistration::default(),
         transport: muster_registration::Transport::Https,
+        api_version: Some("2021-10-01".into()),
     }
 }

@@ -299,6 +299,7 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
             Mode::HttpsFresh | Mode::HttpsKeepalive | Mode::AmqpFresh => Transport::Https,
         },
         payload: None,
+        csr: None,
     };
     let reference_before = match a.target.target {
         Target::TlsReference => Some(fetch_reference_counters(&target).await?),

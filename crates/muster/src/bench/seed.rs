@@ -77,6 +77,7 @@ pub fn assigned_record(
         operation_id: Some(format!("5.{:016x}.{operation:032x}", 0x5eed)),
         enrollment_group_id: Some(group.as_str().to_string()),
         pending: None,
+        issued_certificate_chain: None,
     }
 }
 
