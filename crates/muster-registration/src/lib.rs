@@ -17,6 +17,9 @@
 //! - [`group_search`] — the search through every group for a device whose group is unknown,
 //!   and the bound on how many such searches run or wait.
 //! - [`x509`] — X.509 attestation: CN, individual thumbprints, group chains, verified CAs.
+//! - [`tpm`] — TPM attestation: the EK checked against the individual enrollment, the issued
+//!   key (sealed, bounded lifetime) and its activation blob in the 401 challenge, tokens
+//!   verified with that key, and the final blob in the assigned answer.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
 //! - [`hub_client`] — [`HubConnection`], how the engine writes devices and twins into a hub,
@@ -38,6 +41,7 @@ pub mod metrics;
 pub mod record;
 pub mod reply;
 pub mod throttle;
+pub mod tpm;
 pub mod x509;
 
 use async_trait::async_trait;
