@@ -29,6 +29,14 @@ fn tpm_token(tpm: &SwTpm, key: &str, scope: &str, rid: &str, expiry: i64) -> Str
     format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}&skn=registration")
 }
 
+fn hmac_sha256(key_b64: &str, data: &str) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(&B64.decode(key_b64).unwrap()).unwrap();
+    mac.update(data.as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// PUT register without any Authorization header (the first TPM request).
 async fn register_unauthenticated(dps: &Dps, rid: &str, body: Value) -> (u16, Value) {
     let r = dps
@@ -123,16 +131,13 @@ async fn tpm_device_registers_over_https_with_a_key_activated_in_its_tpm() {
     assert_eq!(device["authentication"]["type"], "sas");
     let hub_key = device["authentication"]["symmetricKey"]["primaryKey"]
         .as_str()
-        .unwrap();
+        .unwrap()
+        .to_string();
     let probe = format!("{hub_name}/devices/tpm-device\n{}", now() + 60);
-    let expected = {
-        use hmac::Mac;
-        let mut mac =
-            hmac::Hmac::<sha2::Sha256>::new_from_slice(&B64.decode(hub_key).unwrap()).unwrap();
-        mac.update(probe.as_bytes());
-        mac.finalize().into_bytes().to_vec()
-    };
-    assert_eq!(tpm.hmac("hub", probe.as_bytes()), expected);
+    assert_eq!(
+        tpm.hmac("hub", probe.as_bytes()),
+        hmac_sha256(&hub_key, &probe)
+    );
 
     // Polling with the TPM-signed token answers the same, with a blob again.
     let op = body["operationId"].as_str().unwrap();
@@ -141,10 +146,40 @@ async fn tpm_device_registers_over_https_with_a_key_activated_in_its_tpm() {
     assert!(polled["registrationState"]["tpm"]["authenticationKey"].is_string());
 
     // A new challenge replaces the issued key: the old token no longer works.
-    let (s, _) = register_unauthenticated(&dps, &rid, tpm_body(&rid, &ek, &srk)).await;
+    let (s, challenge) = register_unauthenticated(&dps, &rid, tpm_body(&rid, &ek, &srk)).await;
     assert_eq!(s, 401);
     let (s, _, b) = dps.register(&rid, &token, json!({})).await;
     assert_refused(s, &b, 401015, "latest TPM challenge");
+
+    // Registering again with the same EK (and no tpm object, as iot-identity-service does):
+    // the same hub and device, whose key is now the newly issued one, given to the TPM again.
+    let blob = B64
+        .decode(challenge["authenticationKey"].as_str().unwrap())
+        .unwrap();
+    tpm.import(&blob, "dps1");
+    let token = tpm_token(&tpm, "dps1", &scope, &rid, now() + 3600);
+    let (s, _, again) = dps.register(&rid, &token, json!({})).await;
+    assert_eq!(s, 202, "{again}");
+    assert_eq!(again["status"], "assigned", "{again}");
+    assert_eq!(again["registrationState"]["assignedHub"], json!(hub_name));
+    assert_eq!(again["registrationState"]["deviceId"], "tpm-device");
+    let final_blob = B64
+        .decode(
+            again["registrationState"]["tpm"]["authenticationKey"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    tpm.import(&final_blob, "hub1");
+    let (_, device) = dps.hub_call(&hub_cs, "/devices/tpm-device").await;
+    let new_hub_key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap();
+    assert_ne!(new_hub_key, hub_key);
+    assert_eq!(
+        tpm.hmac("hub1", probe.as_bytes()),
+        hmac_sha256(new_hub_key, &probe)
+    );
 
     // A disabled enrollment: the device authenticates and is told it is disabled.
     let (s, e) = dps
