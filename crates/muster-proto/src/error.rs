@@ -80,9 +80,9 @@ pub enum ErrorCode {
     /// holds.
     TpmEndorsementKeyMismatch = 401013,
     /// TPM: a token arrived but no activation key issued to this device is current (never
-    /// asked for, expired, or replaced by a newer challenge): register without a token first.
+    /// asked for, or expired): register without a token first.
     TpmChallengeMissing = 401014,
-    /// TPM: the token is not signed with the key issued in the device's last challenge.
+    /// TPM: the token is not signed with the key issued in the device's challenge.
     TpmSignatureMismatch = 401015,
     /// The policy is valid but lacks the right the operation needs.
     InsufficientRights = 403001,

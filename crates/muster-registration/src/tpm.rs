@@ -6,10 +6,12 @@
 //!    fresh 32-byte key is issued, kept for the registration (sealed: it lives in the
 //!    [`Collection::Settings`] collection, under `tpm-key/{registration id}`, with the SRK it was
 //!    wrapped for) and sent back in a 401 as an activation blob ([`challenge`]).
+//!    While an issued key is current for the same SRK, a new challenge wraps it again instead
+//!    of replacing it (an EK is no secret: nobody can retire a device's key by asking).
 //! 2. The device activates the blob in its TPM and signs its SAS token with the imported key;
 //!    the token is verified like a symmetric-key token with that key while it is current
-//!    ([`TPM_KEY_LIFETIME_SECS`] from its issue; a newer challenge replaces it)
-//!    ([`attest_token`]).
+//!    ([`TPM_KEY_LIFETIME_SECS`] from its issue; a challenge after that, or with another SRK,
+//!    issues a new one) ([`attest_token`]).
 //! 3. The hub identity gets the issued key (its secondary derived from it), and the assigned
 //!    answer carries `tpm.authenticationKey`: a new blob wrapping that key ([`result_blob`]).
 
@@ -117,6 +119,18 @@ pub async fn challenge(
     })?;
     let srk = RsaPublicArea::from_base64(srk_b64, "storage root key")
         .map_err(|e| DeviceFailure::new(ErrorCode::MalformedBody, e.to_string()))?;
+    // A key still current for this SRK is wrapped again rather than replaced: anyone may
+    // send the (public) EK, and a new key on every such request would let them retire the
+    // key of a device mid-registration, and write to the store without authenticating.
+    if let Some((issued, key)) = load_issued(store, rid).await? {
+        if issued.issued + TPM_KEY_LIFETIME_SECS > now_unix
+            && issued.storage_root_key == srk_b64.trim()
+        {
+            let blob = activation_blob(&ek, &srk, &key, entropy)
+                .map_err(|e| DeviceFailure::internal("building a TPM activation blob", e))?;
+            return Ok(B64.encode(blob));
+        }
+    }
     let mut key = [0u8; ISSUED_KEY_BYTES];
     entropy.fill(&mut key);
     let blob = activation_blob(&ek, &srk, &key, entropy)
@@ -198,7 +212,7 @@ pub async fn attest_token(
     {
         return Err(DeviceFailure::new(
             ErrorCode::TpmSignatureMismatch,
-            format!("the token is not signed with the key of '{rid}''s latest TPM challenge"),
+            format!("the token is not signed with the key issued in '{rid}''s TPM challenge"),
         ));
     }
     let enabled = enrollment.value.is_enabled();
