@@ -186,6 +186,16 @@ impl RsaPublicArea {
         self.exponent == other.exponent && bool::from(self.modulus.ct_eq(&other.modulus))
     }
 
+    /// SHA-256 of the RSA key (exponent and modulus): identifies the key whatever its
+    /// attributes, without keeping the public area.
+    pub fn key_digest(&self) -> [u8; 32] {
+        Sha256::new()
+            .chain_update(self.exponent.to_be_bytes())
+            .chain_update(&self.modulus)
+            .finalize()
+            .into()
+    }
+
     fn rsa(&self, what: &'static str) -> Result<RsaPublicKey, TpmError> {
         RsaPublicKey::new(
             BigUint::from_bytes_be(&self.modulus),
@@ -597,6 +607,8 @@ mod tests {
         let c = RsaPublicArea::parse(&public_area(&srk, 0x000300b2, &[1; 32]), "ek").unwrap();
         assert!(a.same_key(&b));
         assert!(!a.same_key(&c));
+        assert_eq!(a.key_digest(), b.key_digest());
+        assert_ne!(a.key_digest(), c.key_digest());
         assert_ne!(a.name(), b.name());
 
         let raw = public_area(&ek, 0x000300b2, &[]);

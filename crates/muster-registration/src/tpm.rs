@@ -51,6 +51,9 @@ struct IssuedKey {
     issued: i64,
     /// The SRK it was wrapped for (base64 `TPM2B_PUBLIC`), for the final blob.
     storage_root_key: String,
+    /// Hex SHA-256 of the enrolled EK it was issued for ([`RsaPublicArea::key_digest`]): an
+    /// enrollment re-created with another EK does not accept it.
+    endorsement_key_digest: String,
 }
 
 fn issued_key_name(rid: &RegistrationId) -> String {
@@ -125,6 +128,7 @@ pub async fn challenge(
     if let Some((issued, key)) = load_issued(store, rid).await? {
         if issued.issued + TPM_KEY_LIFETIME_SECS > now_unix
             && issued.storage_root_key == srk_b64.trim()
+            && issued.endorsement_key_digest == hex::encode(enrolled.key_digest())
         {
             let blob = activation_blob(&ek, &srk, &key, entropy)
                 .map_err(|e| DeviceFailure::internal("building a TPM activation blob", e))?;
@@ -139,6 +143,7 @@ pub async fn challenge(
         key: B64.encode(key),
         issued: now_unix,
         storage_root_key: srk_b64.trim().to_string(),
+        endorsement_key_digest: hex::encode(enrolled.key_digest()),
     };
     let body = serde_json::to_value(&issued)
         .map_err(|e| DeviceFailure::internal("encoding a TPM key", e))?;
@@ -203,6 +208,14 @@ pub async fn attest_token(
             ErrorCode::TpmChallengeMissing,
             format!(
                 "the TPM key issued to '{rid}' expired ({TPM_KEY_LIFETIME_SECS} s after its challenge): register without a token for a new one"
+            ),
+        ));
+    }
+    if issued.endorsement_key_digest != hex::encode(enrolled_ek(&enrollment.value)?.key_digest()) {
+        return Err(DeviceFailure::new(
+            ErrorCode::TpmChallengeMissing,
+            format!(
+                "the TPM key of '{rid}' was issued for another endorsement key than the enrolled one: register without a token for a new one"
             ),
         ));
     }

@@ -183,6 +183,24 @@ async fn tpm_device_registers_over_https_with_a_key_activated_in_its_tpm() {
         hmac_sha256(new_hub_key, &probe)
     );
 
+    // The enrollment re-created with another EK (here the SRK's key) does not accept the key
+    // issued for the old one.
+    let (s, e) = dps
+        .service(Method::DELETE, &format!("/enrollments/{rid}"), None)
+        .await;
+    assert!(s == 204 || s == 200, "{e}");
+    let (s, e) = dps
+        .service(
+            Method::PUT,
+            &format!("/enrollments/{rid}"),
+            Some(json!({"registrationId": rid,
+                "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&srk)}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+    let (s, _, b) = dps.register(&rid, &token, json!({})).await;
+    assert_refused(s, &b, 401014, "another endorsement key");
+
     // A disabled enrollment: the device authenticates and is told it is disabled.
     let (s, e) = dps
         .service(Method::DELETE, &format!("/enrollments/{rid}"), None)
