@@ -15,9 +15,12 @@
 //! * [`ca`] — CA certificates registered on the service and their proof of possession.
 //! * [`signature`] — a signature checked with a certificate's own public key, for any X.509
 //!   version (the TLS client's proof that it holds its certificate's key).
+//! * [`tpm`] — TPM attestation: EK/SRK `TPM2B_PUBLIC` parsing and comparison, the registration
+//!   id derived from an EK, and the activation blob (MakeCredential to the EK + duplication of
+//!   an HMAC key to the SRK) that only that TPM can import.
 //!
 //! Errors are [`KeyError`], [`CertificateError`], [`ChainError`], [`ProofError`],
-//! [`SignatureError`] and [`CsrError`]; none ever contains secret material.
+//! [`SignatureError`], [`CsrError`] and [`TpmError`]; none ever contains secret material.
 //!
 //! [`X509CertificateInfo`]: muster_proto::attestation::X509CertificateInfo
 
@@ -26,6 +29,7 @@ pub mod chain;
 pub mod csr;
 pub mod signature;
 pub mod symmetric_key;
+pub mod tpm;
 pub mod x509;
 
 pub use ca::{check_proof_of_possession, CaCertificate, ProofError};
@@ -37,6 +41,7 @@ pub use symmetric_key::{
     decode_key, derive_device_key, generate_key, hmac_sha256, validate_key, KeyError,
     MAX_KEY_BYTES, MIN_KEY_BYTES,
 };
+pub use tpm::{activation_blob, RsaPublicArea, TpmError};
 pub use x509::{
     certificate_info, decode_certificate, dotnet_name, format_time, Certificate, CertificateError,
 };

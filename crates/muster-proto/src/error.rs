@@ -91,6 +91,14 @@ pub enum ErrorCode {
     CaNotVerified = 401011,
     /// The chain breaks another rule: basic constraints, key usage, unsupported algorithm, ...
     CertificateInvalid = 401012,
+    /// TPM: the endorsement key the device sent is unreadable, or not the one its enrollment
+    /// holds.
+    TpmEndorsementKeyMismatch = 401013,
+    /// TPM: a token arrived but no activation key issued to this device is current (never
+    /// asked for, or expired): register without a token first.
+    TpmChallengeMissing = 401014,
+    /// TPM: the token is not signed with the key issued in the device's challenge.
+    TpmSignatureMismatch = 401015,
     /// The policy is valid but lacks the right the operation needs.
     InsufficientRights = 403001,
     NotFound = 404000,

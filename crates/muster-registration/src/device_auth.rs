@@ -13,6 +13,9 @@
 //! [`crate::group_search`].
 //!
 //! X.509 (device-protocol.md §6): the TLS client chain, judged in [`crate::x509`].
+//!
+//! TPM (device-protocol.md §7): a token for a TPM individual enrollment is checked against the
+//! key issued in the device's last challenge, in [`crate::tpm`].
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -181,6 +184,9 @@ async fn attest_symmetric(
     let individual =
         records::get::<IndividualEnrollment>(store, Collection::Enrollments, &key).await?;
     if let Some(ind) = individual {
+        if ind.value.attestation.kind == AttestationType::Tpm {
+            return crate::tpm::attest_token(store, ind, registration_id, token, now_unix).await;
+        }
         let sk = (ind.value.attestation.kind == AttestationType::SymmetricKey)
             .then(|| ind.value.attestation.symmetric_key.clone())
             .flatten();

@@ -19,13 +19,14 @@ use std::sync::{Arc, Mutex};
 use muster_attestation::symmetric_key;
 use muster_proto::device::{
     DeviceRegistrationResult, RegistrationOperationStatus, SymmetricKeyRegistrationResult,
+    TpmRegistrationResult,
 };
 use muster_proto::linked_hub::LinkedHub;
 use muster_proto::runtime::{random_hex, Clock, Entropy};
 use muster_proto::{
-    AllocationPolicy, DeviceRegistrationState, EnrollmentGroup, ErrorCode, IdScope,
-    IndividualEnrollment, InitialTwin, RegistrationId, RegistrationStatus, RegistrationSubstatus,
-    ReprovisionPolicy,
+    AllocationPolicy, AttestationType, DeviceRegistrationState, EnrollmentGroup, ErrorCode,
+    IdScope, IndividualEnrollment, InitialTwin, RegistrationId, RegistrationStatus,
+    RegistrationSubstatus, ReprovisionPolicy,
 };
 use muster_store::records;
 use muster_store::{Collection, Expect, ListQuery, Record, Store, Write};
@@ -43,7 +44,9 @@ use crate::issuance::{self, IssuingCa};
 use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
 use crate::throttle::HubThrottle;
-use crate::{DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
+use crate::{
+    DeviceCredential, DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
+};
 
 mod deprovision;
 pub use deprovision::Deprovisioned;
@@ -293,6 +296,17 @@ impl Engine {
         })?;
         let now = self.0.clock.now();
         let key = rid.key();
+        if let (DeviceCredential::None, Some(device_tpm)) = (&req.credential, &req.body.tpm) {
+            let blob = crate::tpm::challenge(
+                &*self.0.store,
+                &*self.0.entropy,
+                &rid,
+                device_tpm,
+                now.unix_seconds(),
+            )
+            .await?;
+            return Ok(DeviceReply::tpm_challenge(blob, crate::tpm::KEY_NAME));
+        }
         let previous = self.load_record(&key).await?;
         let attestation = device_auth::attest(
             &*self.0.store,
@@ -398,7 +412,9 @@ impl Engine {
                         // store works again, without waiting for a restart.
                         self.retry_later(hub, key, 0);
                     }
-                    done.map(|r| DeviceReply::registered(&operation(&r), None))
+                    let record = done?;
+                    let op = self.with_tpm(operation(&record), &attested.matched).await?;
+                    Ok(DeviceReply::registered(&op, None))
                 } else {
                     // Accept now, finish in order.
                     self.enqueue(hub.clone(), key);
@@ -937,6 +953,11 @@ impl Engine {
                 )
                 .await?
                 .ok_or_else(gone)?;
+                if e.value.attestation.kind == AttestationType::Tpm {
+                    return crate::tpm::hub_auth_for(&*self.0.store, rid)
+                        .await?
+                        .ok_or_else(gone);
+                }
                 let sk = e.value.attestation.symmetric_key.ok_or_else(gone)?;
                 (
                     sk.primary_key.unwrap_or_default(),
@@ -1065,7 +1086,7 @@ impl Engine {
         // Polls are authenticated like registrations (before saying whether the operation
         // exists); a disabled device may still read its answer.
         let loaded = self.load_record(&rid.key()).await?;
-        device_auth::attest(
+        let attestation = device_auth::attest(
             &*self.0.store,
             &self.0.groups,
             self.0.config.id_scope.as_str(),
@@ -1093,7 +1114,35 @@ impl Engine {
         record.state.etag = Some(etag);
         let retry = (record.state.status == RegistrationStatus::Assigning)
             .then_some(self.0.config.retry_after_secs);
-        Ok(DeviceReply::polled(&operation(&record), retry))
+        let op = match &attestation {
+            Attestation::Accepted(a) => self.with_tpm(operation(&record), &a.matched).await?,
+            Attestation::Disabled(_) => operation(&record),
+        };
+        Ok(DeviceReply::polled(&op, retry))
+    }
+
+    /// A TPM device's assigned answer carries `tpm.authenticationKey` (the hub key wrapped
+    /// for its TPM) instead of `symmetricKey` (device-protocol.md §7.1 step 5).
+    async fn with_tpm(
+        &self,
+        mut op: RegistrationOperationStatus,
+        matched: &Matched,
+    ) -> Result<RegistrationOperationStatus, DeviceFailure> {
+        let Some(enrollment) = crate::tpm::is_tpm(matched) else {
+            return Ok(op);
+        };
+        if op.status != RegistrationStatus::Assigned {
+            return Ok(op);
+        }
+        let rid = op.registration_state.registration_id.clone();
+        let rid = RegistrationId::new(&rid)
+            .map_err(|e| DeviceFailure::internal("reading a registration id", e))?;
+        let blob =
+            crate::tpm::result_blob(&*self.0.store, &*self.0.entropy, enrollment, &rid).await?;
+        op.registration_state.symmetric_key = None;
+        op.registration_state.tpm =
+            blob.map(|authentication_key| TpmRegistrationResult { authentication_key });
+        Ok(op)
     }
 }
 

@@ -21,6 +21,9 @@
 //!   device's checked CSR (`muster_attestation::csr`) into the `issuedCertificateChain`; the
 //!   engine checks the api-version, the enrollment's `certificateIssuance` and the key type,
 //!   records the certificate on the registration and gives the hub device its thumbprint.
+//! - [`tpm`] — TPM attestation: the EK checked against the individual enrollment, the issued
+//!   key (sealed, bounded lifetime) and its activation blob in the 401 challenge, tokens
+//!   verified with that key, and the final blob in the assigned answer.
 //! - [`allocation`] — candidate hubs and one module per policy: `hashed`, `static_hub`,
 //!   `geo_latency`, `custom` (the webhook).
 //! - [`hub_client`] — [`HubConnection`], how the engine writes devices and twins into a hub,
@@ -43,6 +46,7 @@ pub mod metrics;
 pub mod record;
 pub mod reply;
 pub mod throttle;
+pub mod tpm;
 pub mod x509;
 
 use async_trait::async_trait;

@@ -42,6 +42,20 @@ impl DeviceReply {
         }
     }
 
+    /// The TPM challenge (device-protocol.md §7.1): 401 with the activation blob and the key
+    /// name, and no `status` (the C SDK reads a body without one as the challenge).
+    pub fn tpm_challenge(authentication_key: String, key_name: &str) -> Self {
+        Self {
+            status: 401,
+            retry_after: None,
+            body: serde_json::json!({
+                "authenticationKey": authentication_key,
+                "keyName": key_name,
+                "message": "activate the authenticationKey in the TPM and sign the SAS token with the imported key",
+            }),
+        }
+    }
+
     /// An error in the DPS error shape; `tracking_id` and `now` come from the caller.
     pub fn error(
         code: ErrorCode,
