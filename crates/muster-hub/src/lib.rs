@@ -56,6 +56,7 @@
 pub mod auth;
 pub mod bulk;
 pub mod c2d;
+pub mod device_http;
 pub mod device_mqtt;
 mod devices;
 mod endpoint;
@@ -97,13 +98,12 @@ pub fn router(registry: HubRegistry) -> Router {
             get(twins::get).patch(twins::patch).put(twins::replace),
         )
         .route("/twins/{id}/methods", post(methods::invoke))
-        .route("/devices/{id}/messages/deviceBound", post(c2d::send))
-        .route("/devices/{id}/messages/devicebound", post(c2d::send))
-        .route("/devices/{id}/messages/events", get(telemetry::list))
+        .route("/devices/{id}/messages/cloudToDevice", post(c2d::send))
+        .route("/devices/{id}/telemetry", get(telemetry::list))
         .route(
-            "/devices/{id}/messages/events/stream",
+            "/devices/{id}/telemetry/stream",
             get(telemetry::device_stream),
         )
-        .route("/messages/events/stream", get(telemetry::all_stream))
+        .route("/telemetry/stream", get(telemetry::all_stream))
         .with_state(registry)
 }

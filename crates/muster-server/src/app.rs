@@ -68,7 +68,9 @@ pub fn https_app(
                 .route("/", get(front_door))
                 .with_state(DeviceServices { mqtt, amqp }),
         )
-        .merge(hub_auditor.wrap(muster_hub::router(hub)))
+        .merge(hub_auditor.wrap(muster_hub::router(hub.clone())))
+        // Device traffic, not service writes: outside the audit.
+        .merge(muster_hub::device_http::router(hub))
         .merge(muster_console::router(console))
         .route("/favicon.ico", get(muster_console::assets::favicon))
         .merge(health::routes(health))

@@ -139,7 +139,7 @@ pub(crate) async fn authenticate(
     })
 }
 
-fn verify_sas(
+pub(crate) fn verify_sas(
     hub: &HubRegistry,
     hub_host: &str,
     device: &crate::Device,
@@ -218,7 +218,7 @@ fn verify_sas(
     ))
 }
 
-fn verify_certificate(device: &crate::Device, leaf: &[u8]) -> Result<(), Refusal> {
+pub(crate) fn verify_certificate(device: &crate::Device, leaf: &[u8]) -> Result<(), Refusal> {
     use ConnectReturnCode::NotAuthorized;
     match device.authentication.auth_type {
         AuthenticationType::SelfSigned => {}
