@@ -74,7 +74,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use auth::{default_policies, HubAuthorizer, HubPolicy, HubRight, HubRights};
-pub use c2d::{CloudToDeviceInput, CloudToDeviceMessage};
+pub use c2d::{CloudToDeviceInput, CloudToDeviceMessage, Settlement};
 pub use endpoint::DeviceEndpointLimits;
 pub use error::{HubError, HubErrorCode};
 pub use model::{Device, DeviceInput, Twin, TwinUpdate};
