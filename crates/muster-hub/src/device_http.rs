@@ -178,10 +178,11 @@ const SYSTEM_HEADERS: [(&str, &str); 8] = [
     ("interfaceId", "iothub-interface-id"),
 ];
 
+/// A message's properties (application or system).
+type Properties = Map<String, Value>;
+
 /// Application and system properties of a posted message.
-fn properties_from_headers(
-    headers: &HeaderMap,
-) -> Result<(Map<String, Value>, Map<String, Value>), HubError> {
+fn properties_from_headers(headers: &HeaderMap) -> Result<(Properties, Properties), HubError> {
     let mut app = Map::new();
     for (name, value) in headers {
         if let Some(prop) = name.as_str().strip_prefix(APP_PREFIX) {
@@ -213,7 +214,7 @@ struct BatchItem {
 }
 
 /// The messages of a batch body: payload bytes and application properties.
-fn parse_batch(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Map<String, Value>)>, HubError> {
+fn parse_batch(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Properties)>, HubError> {
     let items: Vec<BatchItem> = serde_json::from_slice(bytes).map_err(|e| {
         HubError::new(
             HubErrorCode::IotHubFormatError,
