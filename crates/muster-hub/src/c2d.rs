@@ -1,11 +1,13 @@
-//! Cloud-to-device messages: a bounded, expiring queue per device, delivered over MQTT.
+//! Cloud-to-device messages: a bounded, expiring queue per device, delivered over MQTT and
+//! received over HTTPS ([`crate::device_http`]).
 //!
 //! Microsoft's service SDKs send these over AMQP (`ServiceClient.SendAsync`); Muster's hub
-//! takes them through a REST extension until AMQP arrives:
+//! takes them through a REST extension until AMQP arrives. Its path keeps off IoT Hub's
+//! device path `/devices/{id}/messages/devicebound`:
 //!
 //! | Method | Path | Right | Success | Failures |
 //! |---|---|---|---|---|
-//! | POST | `/devices/{id}/messages/deviceBound` (also `devicebound`) | ServiceConnect | 204 | 400, 401, 403 `DeviceMaximumQueueDepthExceeded`, 404 `DeviceNotFound`, 413 |
+//! | POST | `/devices/{id}/messages/cloudToDevice` | ServiceConnect | 204 | 400, 401, 403 `DeviceMaximumQueueDepthExceeded`, 404 `DeviceNotFound`, 413 |
 //!
 //! The request body is the message payload (bytes, at most
 //! [`DeviceEndpointLimits::c2d_max_body`], 64 KB). Headers set the properties, as IoT Hub's
@@ -25,6 +27,14 @@
 //! queue in order (at QoS 1, at most `c2d_max_inflight` unacknowledged); a message is
 //! deleted when the device PUBACKs it (or, on a QoS 0 subscription, when it is written).
 //! Unacknowledged messages are delivered again on the next connection (at least once).
+//! An HTTPS receive ([`HubRegistry::receive_cloud_to_device`]) instead writes a lock into the
+//! record (`lockToken`, `lockedUntilMs`, conditional on the record's etag) and counts the
+//! delivery (`deliveryCount`); [`HubRegistry::settle_cloud_to_device`] deletes it (complete,
+//! reject) or clears the lock (abandon, which wakes an MQTT session). While a lock holds,
+//! neither another receive nor an MQTT session takes the message; after
+//! [`DeviceEndpointLimits::c2d_max_delivery_count`] receives it is dropped.
+//!
+//! [`DeviceEndpointLimits::c2d_max_delivery_count`]: crate::DeviceEndpointLimits::c2d_max_delivery_count
 //! Expired messages are deleted instead of delivered. Deleting a device leaves its queue
 //! until the messages expire and are dropped by a later send or delivery; there is no
 //! feedback channel (`iothub-ack` is ignored) and `cloudToDeviceMessageCount` stays 0.
@@ -515,7 +525,7 @@ fn input_from_headers(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudToDevic
     })
 }
 
-/// `POST /devices/{id}/messages/deviceBound`.
+/// `POST /devices/{id}/messages/cloudToDevice`.
 pub(crate) async fn send(
     State(hub): State<HubRegistry>,
     path: Result<Path<String>, PathRejection>,

@@ -2,7 +2,8 @@
 //! provisioning engine and the device endpoints) and as IoT Hub's service REST API (for
 //! Microsoft's `azure-iot-hub` Python `IoTHubRegistryManager`, Node `azure-iothub`
 //! `Registry`/`Client`, C# `RegistryManager` and the Azure CLI), service-api.md §9.2; and
-//! the device MQTT endpoint (§10): telemetry, twin, cloud-to-device messages, direct methods.
+//! the device MQTT endpoint (§10): telemetry, twin, cloud-to-device messages, direct methods;
+//! and the device HTTPS API (telemetry, cloud-to-device by polling).
 //!
 //! Layout:
 //! - [`registry`] — [`HubRegistry`]: create/update/get/delete/list devices, get/patch/replace
@@ -18,10 +19,13 @@
 //! - [`properties`] — twin collections: validation, merge with `null` deletes, diffs,
 //!   `$metadata` and `$version`.
 //! - [`device_mqtt`] — one device's MQTT session ([`device_mqtt::serve_connection`]).
+//! - [`device_http`] — the device HTTPS API ([`device_http::router`], merged outside the
+//!   service audit): `POST /devices/{id}/messages/events`, `GET .../messages/devicebound`,
+//!   complete / reject / abandon by lock token; device SAS or X.509 as the MQTT CONNECT.
 //! - [`telemetry`] — device-to-cloud messages: storage, retention, REST and Server-Sent Events
 //!   (Muster's equivalent of IoT Hub's Event Hubs endpoint).
 //! - [`c2d`] — cloud-to-device messages: per-device queue, REST send (Muster's extension;
-//!   the Azure SDKs use AMQP).
+//!   the Azure SDKs use AMQP), HTTPS receive locks and delivery counts ([`Settlement`]).
 //! - [`methods`] — direct methods: [`HubRegistry::invoke_method`] and `POST /twins/{id}/methods`.
 //! - [`DeviceEndpointLimits`] — retention, queue depths and timeouts (`endpoint.rs` also holds
 //!   the table of connected sessions).
@@ -45,10 +49,13 @@
 //! | PATCH | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | PUT | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | POST | `/twins/{id}/methods` | ServiceConnect | 200 `{"status","payload"}` (404 `DeviceNotOnline`, 504 `GatewayTimeout`) |
-//! | POST | `/devices/{id}/messages/deviceBound` | ServiceConnect | 204 (Muster extension) |
-//! | GET | `/devices/{id}/messages/events?after=&limit=` | ServiceConnect | 200 [TelemetryMessage] |
-//! | GET | `/devices/{id}/messages/events/stream` | ServiceConnect | 200 `text/event-stream` |
-//! | GET | `/messages/events/stream` | ServiceConnect | 200 `text/event-stream` (all devices) |
+//! | POST | `/devices/{id}/messages/cloudToDevice` | ServiceConnect | 204 (Muster extension) |
+//! | GET | `/devices/{id}/telemetry?after=&limit=` | ServiceConnect | 200 [TelemetryMessage] (Muster extension) |
+//! | GET | `/devices/{id}/telemetry/stream` | ServiceConnect | 200 `text/event-stream` (Muster extension) |
+//! | GET | `/telemetry/stream` | ServiceConnect | 200 `text/event-stream`, all devices (Muster extension) |
+//!
+//! The extensions keep off `/devices/{id}/messages/events` and `.../messages/devicebound`:
+//! those are IoT Hub's device paths, served by [`device_http`] with device credentials.
 //!
 //! Every check happens before anything is written; handlers never read the real clock or
 //! random source (both are injected into [`HubRegistry`]).
