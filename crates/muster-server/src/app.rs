@@ -40,6 +40,8 @@ use crate::refusal_log;
 pub const FRONT_DOOR_TARGET: &str = "/console/";
 
 /// The router served on the HTTPS port.
+// One argument per service the port carries; a struct of them would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub fn https_app(
     service_api: ServiceApi,
     https_registrar: Arc<dyn DeviceRegistrar>,
