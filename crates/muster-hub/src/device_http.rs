@@ -29,8 +29,9 @@
 //! `iothub-contentencoding` (`contentEncoding`), `iothub-expiry` (`expiryTimeUtc`),
 //! `iothub-interface-id` (`interfaceId`); `iothub-ack` is ignored. With
 //! `Content-Type: application/vnd.microsoft.iothub.json` the body is a batch
-//! (`sendEventBatch`): a JSON array of `{"body": base64, "properties": {"iothub-app-{name}": value}}`,
-//! every element checked before any is stored, each stored as one message.
+//! (`sendEventBatch`): a JSON array of `{"body": base64, "properties": {"iothub-app-{name}": value}}`
+//! (the C and Java SDKs add `"base64Encoded": true`), every element checked before any is
+//! stored, each stored as one message with the request's system-property headers.
 //!
 //! **Cloud-to-device** ([`crate::c2d`], the same queue MQTT sessions drain): a receive locks
 //! the first waiting message that is not locked for
@@ -204,13 +205,19 @@ fn properties_from_headers(headers: &HeaderMap) -> Result<(Properties, Propertie
     Ok((app, system))
 }
 
-/// One element of a `sendEventBatch` body.
+/// One element of a `sendEventBatch` body. Node sends `body` and `properties`; the C and Java
+/// SDKs add `"base64Encoded": true` (`false` would make `body` the text itself).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct BatchItem {
     body: String,
+    #[serde(default = "base64_default", rename = "base64Encoded")]
+    base64_encoded: bool,
     #[serde(default)]
     properties: Map<String, Value>,
+}
+
+fn base64_default() -> bool {
+    true
 }
 
 /// The messages of a batch body: payload bytes and application properties.
@@ -231,12 +238,16 @@ fn parse_batch(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Properties)>, HubError> {
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let body = B64.decode(item.body.as_bytes()).map_err(|_| {
-                HubError::new(
-                    HubErrorCode::IotHubFormatError,
-                    format!("batch message {i}: 'body' is not base64"),
-                )
-            })?;
+            let body = if item.base64_encoded {
+                B64.decode(item.body.as_bytes()).map_err(|_| {
+                    HubError::new(
+                        HubErrorCode::IotHubFormatError,
+                        format!("batch message {i}: 'body' is not base64"),
+                    )
+                })?
+            } else {
+                item.body.into_bytes()
+            };
             let mut props = Map::new();
             for (k, v) in item.properties {
                 let name = k.strip_prefix(APP_PREFIX).unwrap_or(&k).to_string();
@@ -413,6 +424,13 @@ mod tests {
         assert_eq!(items[0].1["color"], "red");
         assert_eq!(items[1].0, b"x");
         assert!(items[1].1.is_empty());
+        // The C and Java SDKs' form.
+        let items = parse_batch(
+            br#"[{"body":"aGk=","base64Encoded":true},{"body":"plain","base64Encoded":false}]"#,
+        )
+        .unwrap();
+        assert_eq!(items[0].0, b"hi");
+        assert_eq!(items[1].0, b"plain");
         for bad in [
             &b"[]"[..],
             b"{}",
