@@ -33,8 +33,8 @@
 //! (the C and Java SDKs add `"base64Encoded": true`), every element checked before any is
 //! stored, each stored as one message with the request's system-property headers.
 //!
-//! **Cloud-to-device** ([`crate::c2d`], the same queue MQTT sessions drain): a receive locks
-//! the first waiting message that is not locked for
+//! **Cloud-to-device** ([`crate::c2d`], the same queue MQTT sessions drain): a receive takes
+//! the first waiting message no other receive holds, locks it for
 //! [`DeviceEndpointLimits::c2d_lock_timeout`] (1 minute) and answers it: the payload as
 //! body, `ETag: "{lockToken}"`, `iothub-messageid`, `iothub-sequencenumber`,
 //! `iothub-enqueuedtime`, `iothub-deliverycount`, `iothub-to`, `iothub-expiry` (when the
@@ -43,8 +43,10 @@
 //! Complete and reject delete it, abandon unlocks it (its delivery count stays); a lock that
 //! expired frees the message for the next receive. A message received
 //! [`DeviceEndpointLimits::c2d_max_delivery_count`] (10) times without completion is dropped.
-//! A message locked here is not sent over MQTT until its lock ends; one an MQTT session has
-//! in flight (not yet PUBACKed) can still be received here (at least once, either way).
+//! A message locked here is not sent over MQTT until its lock ends (abandon wakes the
+//! device's MQTT session; an expired lock is noticed at the session's next delivery: a new
+//! message or a reconnect); one an MQTT session has in flight (not yet PUBACKed) can still be
+//! received here (at least once, either way).
 //!
 //! [`DeviceEndpointLimits::d2c_max_body`]: crate::DeviceEndpointLimits::d2c_max_body
 //! [`DeviceEndpointLimits::c2d_lock_timeout`]: crate::DeviceEndpointLimits::c2d_lock_timeout
