@@ -3,6 +3,7 @@
 //     sendEvent and sendEventBatch (POST /devices/{id}/messages/events), cloud-to-device
 //     receive by polling (GET /devices/{id}/messages/devicebound), complete, abandon and
 //     reject (DELETE / POST .../devicebound/{lockToken}[/abandon]), a wrong key refused;
+//     an X.509 (selfSigned) device with `x509=true` + setOptions({cert, key});
 //   azure-iothub 1.16.6: Registry.create for the device identities.
 // Telemetry is read and C2D messages are sent through Muster's hub REST extensions
 // (GET /devices/{id}/telemetry, POST /devices/{id}/messages/cloudToDevice).
@@ -22,6 +23,7 @@ const https = require('node:https');
 const { Client: DeviceClient, Message } = require('azure-iot-device');
 const { Http } = require('azure-iot-device-http');
 const { Registry } = require('azure-iothub');
+const { makeCert, cleanup } = require('./certs');
 
 const HUB_CONNECTION_STRING = process.env.MUSTER_HUB_CONNECTION_STRING;
 if (!HUB_CONNECTION_STRING || !process.env.NODE_EXTRA_CA_CERTS) {
@@ -122,6 +124,7 @@ after(async () => {
   for (const c of openClients) {
     await c.close().catch(() => {});
   }
+  cleanup();
 });
 
 test('Http: sendEvent and sendEventBatch reach the hub telemetry', { timeout: TEST_TIMEOUT_MS }, async () => {
@@ -223,4 +226,40 @@ test('Http: a wrong device key is refused with UnauthorizedError and nothing is 
   await assert.rejects(client.sendEvent(new Message('x')), (e) => e.constructor.name === 'UnauthorizedError');
   assert.deepEqual(await storedTelemetry(deviceId), []);
   await client.close();
+});
+
+test('Http: an X.509 device sends and receives with its client certificate', { timeout: TEST_TIMEOUT_MS }, async () => {
+  const deviceId = unique('node-http-x509');
+  const leaf = makeCert(deviceId);
+  await registry.create({
+    deviceId,
+    authentication: { type: 'selfSigned', x509Thumbprint: { primaryThumbprint: leaf.sha256 } },
+  });
+  const client = DeviceClient.fromConnectionString(`HostName=${HOST};DeviceId=${deviceId};x509=true`, Http);
+  openClients.push(client);
+  // The Http transport's setOptions calls back only when the options also set the receive
+  // policy (interval, at, cron, manualPolling or drain), so the default polling goes along.
+  await client.setOptions({ cert: leaf.pem, key: leaf.key, interval: 1, drain: true });
+  const next = waiter('the cloud-to-device message');
+  client.on('message', (msg) => next.push(msg));
+  await client.open();
+  await client.sendEvent(new Message('x509 over https'));
+  const stored = await storedTelemetry(deviceId);
+  assert.deepEqual(stored.map((m) => m.body), ['x509 over https']);
+
+  await sendC2d(deviceId, 'to the x509 device', { 'iothub-messageid': 'c2d-x509' });
+  const msg = await next.promise;
+  assert.equal(msg.data.toString(), 'to the x509 device');
+  await client.complete(msg);
+  await client.close();
+
+  // Another certificate for the same device id is refused.
+  const other = makeCert(deviceId);
+  const impostor = DeviceClient.fromConnectionString(`HostName=${HOST};DeviceId=${deviceId};x509=true`, Http);
+  openClients.push(impostor);
+  await impostor.setOptions({ cert: other.pem, key: other.key, interval: 1, drain: true });
+  await impostor.open();
+  await assert.rejects(impostor.sendEvent(new Message('x')), (e) => e.constructor.name === 'UnauthorizedError');
+  assert.equal((await storedTelemetry(deviceId)).length, 1);
+  await impostor.close();
 });
