@@ -7,7 +7,7 @@
 # Usage: scripts/interop.sh [--python-only | --node-only] [--no-build] [-- PYTEST_ARGS...]
 #
 #   --python-only   run only the pytest suites
-#   --node-only     run only the node:test suites (service, device, tutorial, x509, registration, hub, amqp, hub-amqp .test.js)
+#   --node-only     run only the node:test suites (service, device, tutorial, x509, registration, hub, hub-http, amqp, hub-amqp .test.js)
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
 #
@@ -133,8 +133,8 @@ if [[ $run_node -eq 1 ]]; then
   # NODE_EXTRA_CA_CERTS is read only when node starts, so the server is started
   # first (by muster_server.py) and node is launched with the CA in its env.
   # Every tests/interop/node/*.test.js runs (service.test.js, device.test.js,
-  # tutorial.test.js, x509.test.js, registration.test.js, hub.test.js, amqp.test.js,
-  # hub-amqp.test.js), all against that one server.
+  # tutorial.test.js, x509.test.js, registration.test.js, hub.test.js, hub-http.test.js,
+  # amqp.test.js, hub-amqp.test.js), all against that one server.
   shopt -s nullglob
   node_tests=("$NODE_DIR"/*.test.js)
   shopt -u nullglob

@@ -3,10 +3,10 @@
 //! Server-Sent Events ([`HubClient::telemetry_stream`]).
 //!
 //! The stream endpoints (api-version 2021-04-12, `ServiceConnect`):
-//! - `GET /devices/{id}/messages/events/stream[?after={seq}]`: one device; with `after` (or
+//! - `GET /devices/{id}/telemetry/stream[?after={seq}]`: one device; with `after` (or
 //!   `Last-Event-ID`) the stored messages after that sequence number are replayed first, then
 //!   the stream goes live; event ids are sequence numbers.
-//! - `GET /messages/events/stream`: every device, live only; event ids are `{deviceId}/{seq}`.
+//! - `GET /telemetry/stream`: every device, live only; event ids are `{deviceId}/{seq}`.
 //!
 //! Each event's `data` is one [`TelemetryMessage`] as JSON. A comment other than the
 //! keep-alive (`lagged: N messages were skipped`) is returned as [`TelemetryEvent::Notice`].
@@ -144,10 +144,10 @@ impl HubClient {
     ) -> Result<TelemetryStream> {
         let (path, query) = match (device_id, after) {
             (Some(d), after) => (
-                format!("/devices/{}/messages/events/stream", segment(d)),
+                format!("/devices/{}/telemetry/stream", segment(d)),
                 after.map(|a| format!("&after={a}")).unwrap_or_default(),
             ),
-            (None, None) => ("/messages/events/stream".to_string(), String::new()),
+            (None, None) => ("/telemetry/stream".to_string(), String::new()),
             (None, Some(_)) => {
                 return Err(Error::InvalidInput(
                     "the stream of every device is live only; replay needs a device id".into(),
@@ -186,7 +186,7 @@ impl HubClient {
         })
     }
 
-    /// `GET /devices/{id}/messages/events?after=&limit=`: up to `limit` (1..=1000) stored
+    /// `GET /devices/{id}/telemetry?after=&limit=`: up to `limit` (1..=1000) stored
     /// messages with sequence numbers greater than `after`, oldest first.
     pub async fn read_telemetry(
         &self,
@@ -194,7 +194,7 @@ impl HubClient {
         after: u64,
         limit: u32,
     ) -> Result<Vec<TelemetryMessage>> {
-        let path = format!("/devices/{}/messages/events", segment(device_id));
+        let path = format!("/devices/{}/telemetry", segment(device_id));
         let resp = self
             .send(
                 "read telemetry",

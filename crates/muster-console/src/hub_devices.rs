@@ -158,10 +158,7 @@ pub async fn details(
             .hub(
                 &s,
                 Method::GET,
-                &format!(
-                    "/devices/{}/messages/events?after={after}&limit=1000",
-                    seg(&id)
-                ),
+                &format!("/devices/{}/telemetry?after={after}&limit=1000", seg(&id)),
             )
             .await
         {

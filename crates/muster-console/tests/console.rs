@@ -776,3 +776,66 @@ async fn console_writes_are_audited_and_the_audit_page_and_live_view_render() {
     );
     h.server.shutdown().await;
 }
+
+/// The hub device page reads telemetry through the hub's telemetry extension
+/// (`GET /devices/{id}/telemetry`): a message the device posted over the hub's device HTTPS
+/// API shows up there.
+#[tokio::test]
+async fn hub_device_page_shows_telemetry_posted_over_https() {
+    use base64::Engine;
+    let h = start().await;
+    let hub = h.info.hubs[0].clone();
+    let cs = ConnectionString::parse(&hub.connection_string).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let service = SasToken::generate(
+        &cs.host_name,
+        &b64.decode(&cs.key).unwrap(),
+        Some(&cs.key_name),
+        4_000_000_000,
+    );
+    let r = h
+        .http
+        .put(format!(
+            "https://{}/devices/page-dev?api-version=2021-04-12",
+            cs.host_name
+        ))
+        .header("authorization", &service)
+        .json(&json!({"deviceId": "page-dev"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let device: Value = r.json().await.unwrap();
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap();
+    let host = cs.host_name.split(':').next().unwrap();
+    let token = SasToken::generate(
+        &format!("{host}/devices/page-dev"),
+        &b64.decode(key).unwrap(),
+        None,
+        4_000_000_000,
+    );
+    let r = h
+        .http
+        .post(format!(
+            "https://{}/devices/page-dev/messages/events?api-version=2021-04-12",
+            cs.host_name
+        ))
+        .header("authorization", token)
+        .body("wind-speed-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let (name, owner_key) = owner(&h.info);
+    let user = h.sign_in(&name, &owner_key).await;
+    let r = h
+        .get("/console/hub/devices/page-dev", Some(&user.cookie))
+        .await;
+    let status = r.status();
+    let html = r.text().await.unwrap();
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("wind-speed-42"), "{html}");
+}

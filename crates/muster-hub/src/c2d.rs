@@ -1,11 +1,13 @@
-//! Cloud-to-device messages: a bounded, expiring queue per device, delivered over MQTT.
+//! Cloud-to-device messages: a bounded, expiring queue per device, delivered over MQTT and
+//! received over HTTPS ([`crate::device_http`]).
 //!
 //! Microsoft's service SDKs send these over AMQP (`ServiceClient.SendAsync`); Muster's hub
-//! takes them through a REST extension until AMQP arrives:
+//! takes them through a REST extension until AMQP arrives. Its path keeps off IoT Hub's
+//! device path `/devices/{id}/messages/devicebound`:
 //!
 //! | Method | Path | Right | Success | Failures |
 //! |---|---|---|---|---|
-//! | POST | `/devices/{id}/messages/deviceBound` (also `devicebound`) | ServiceConnect | 204 | 400, 401, 403 `DeviceMaximumQueueDepthExceeded`, 404 `DeviceNotFound`, 413 |
+//! | POST | `/devices/{id}/messages/cloudToDevice` | ServiceConnect | 204 | 400, 401, 403 `DeviceMaximumQueueDepthExceeded`, 404 `DeviceNotFound`, 413 |
 //!
 //! The request body is the message payload (bytes, at most
 //! [`DeviceEndpointLimits::c2d_max_body`], 64 KB). Headers set the properties, as IoT Hub's
@@ -25,6 +27,14 @@
 //! queue in order (at QoS 1, at most `c2d_max_inflight` unacknowledged); a message is
 //! deleted when the device PUBACKs it (or, on a QoS 0 subscription, when it is written).
 //! Unacknowledged messages are delivered again on the next connection (at least once).
+//! An HTTPS receive ([`HubRegistry::receive_cloud_to_device`]) instead writes a lock into the
+//! record (`lockToken`, `lockedUntilMs`, conditional on the record's etag) and counts the
+//! delivery (`deliveryCount`); [`HubRegistry::settle_cloud_to_device`] deletes it (complete,
+//! reject) or clears the lock (abandon, which wakes an MQTT session). While a lock holds,
+//! neither another receive nor an MQTT session takes the message; after
+//! [`DeviceEndpointLimits::c2d_max_delivery_count`] receives it is dropped.
+//!
+//! [`DeviceEndpointLimits::c2d_max_delivery_count`]: crate::DeviceEndpointLimits::c2d_max_delivery_count
 //! Expired messages are deleted instead of delivered. Deleting a device leaves its queue
 //! until the messages expire and are dropped by a later send or delivery; there is no
 //! feedback channel (`iothub-ack` is ignored) and `cloudToDeviceMessageCount` stays 0.
@@ -53,6 +63,9 @@ use crate::request::{read_body, QueryParams};
 use crate::routes::{admit, path_id};
 use crate::telemetry::{counter_write, message_key, Counter};
 use crate::HubRegistry;
+
+/// Conditional writes of one HTTPS receive retried this often.
+const RECEIVE_ATTEMPTS: usize = 16;
 
 /// Every delivery attempt meets a corrupt message again until it is gone: bounded lines.
 static CORRUPT_MESSAGE_LOG: muster_proto::log_limit::LogLimiter =
@@ -93,12 +106,46 @@ pub struct CloudToDeviceMessage {
     /// `messageId`, `correlationId`, `userId`, `to`, `contentType`, `contentEncoding`,
     /// `expiryTimeUtc` (only the ones set).
     pub system_properties: Map<String, Value>,
+    /// Times an HTTPS receive handed the message out (IoT Hub's `iothub-deliverycount`).
+    #[serde(default)]
+    pub delivery_count: u32,
+    /// The lock token of the HTTPS receive that holds the message (its `ETag`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_token: Option<String>,
+    /// Unix milliseconds until which that lock holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until_ms: Option<i64>,
 }
 
 impl CloudToDeviceMessage {
     pub fn body_bytes(&self) -> Vec<u8> {
         B64.decode(&self.body).unwrap_or_default()
     }
+
+    /// Whether an HTTPS receive holds the message locked at `now_ms`.
+    pub fn is_locked(&self, now_ms: i64) -> bool {
+        self.lock_token.is_some() && self.locked_until_ms.is_some_and(|until| until > now_ms)
+    }
+}
+
+/// A waiting message with its store key and record etag.
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    pub key: String,
+    pub etag: String,
+    pub message: CloudToDeviceMessage,
+}
+
+/// How a device settles a message it received over HTTPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done with it: the message is deleted.
+    Complete,
+    /// Give it back: the lock is released and the message is delivered again (its delivery
+    /// count stays).
+    Abandon,
+    /// Refuse it: the message is deleted (there is no feedback channel to record it on).
+    Reject,
 }
 
 impl HubRegistry {
@@ -185,7 +232,7 @@ impl HubRegistry {
             ));
         }
         // Numbers above anything still queued (another node may have written some).
-        let seq = last.max(waiting.last().map_or(0, |(_, m)| m.sequence_number)) + 1;
+        let seq = last.max(waiting.last().map_or(0, |q| q.message.sequence_number)) + 1;
         let message = CloudToDeviceMessage {
             device_id: device.device_id.clone(),
             sequence_number: seq,
@@ -195,6 +242,9 @@ impl HubRegistry {
             body: B64.encode(&input.body),
             properties,
             system_properties: system,
+            delivery_count: 0,
+            lock_token: None,
+            locked_until_ms: None,
         };
         let json = serde_json::to_value(&message)
             .map_err(|e| HubError::internal("encoding a cloud-to-device message", e))?;
@@ -229,7 +279,7 @@ impl HubRegistry {
         &self,
         device_id: &str,
         now_ms: i64,
-    ) -> Result<Vec<(String, CloudToDeviceMessage)>, HubError> {
+    ) -> Result<Vec<Queued>, HubError> {
         validate_device_id(device_id)?;
         let partition = self.device_partition(device_id);
         let limit = self.limits().c2d_queue_depth + 256;
@@ -248,8 +298,11 @@ impl HubRegistry {
         let mut expired = Vec::new();
         for record in records {
             let key = record.key.clone();
+            let etag = record.etag.clone();
             match decode(record) {
-                Ok(m) if m.expiry_unix_ms > now_ms => live.push((key, m)),
+                Ok(message) if message.expiry_unix_ms > now_ms => {
+                    live.push(Queued { key, etag, message })
+                }
                 Ok(_) => expired.push(Write::delete(Collection::HubC2dMessages, key, Expect::Any)),
                 Err(e) => {
                     if let Some(suppressed) = CORRUPT_MESSAGE_LOG.admit() {
@@ -268,6 +321,137 @@ impl HubRegistry {
             self.store().write(expired).await?;
         }
         Ok(live)
+    }
+
+    /// Receives one message for an HTTPS device: the first waiting message no other receive
+    /// holds locked, locked for [`crate::DeviceEndpointLimits::c2d_lock_timeout`] under a
+    /// fresh lock token, its delivery count one higher. A message already handed out
+    /// `c2d_max_delivery_count` times is dropped instead. `None` when nothing waits.
+    pub async fn receive_cloud_to_device(
+        &self,
+        device_id: &str,
+    ) -> Result<Option<CloudToDeviceMessage>, HubError> {
+        let limits = self.limits().clone();
+        for _ in 0..RECEIVE_ATTEMPTS {
+            let now_ms = self.clock().now().0.timestamp_millis();
+            let queue = self.queued_cloud_to_device(device_id, now_ms).await?;
+            let Some(q) = queue.into_iter().find(|q| !q.message.is_locked(now_ms)) else {
+                return Ok(None);
+            };
+            let partition = self.device_partition(device_id);
+            if q.message.delivery_count >= limits.c2d_max_delivery_count.max(1) {
+                tracing::debug!(
+                    device_id,
+                    sequence_number = q.message.sequence_number,
+                    "dropping a cloud-to-device message delivered the maximum number of times"
+                );
+                self.store()
+                    .write(vec![Write::delete(
+                        Collection::HubC2dMessages,
+                        q.key,
+                        Expect::Etag(q.etag),
+                    )])
+                    .await?;
+                continue;
+            }
+            let mut message = q.message;
+            message.delivery_count += 1;
+            message.lock_token = Some(self.lock_token());
+            message.locked_until_ms =
+                Some(now_ms.saturating_add(limits.c2d_lock_timeout.as_millis() as i64));
+            let json = serde_json::to_value(&message)
+                .map_err(|e| HubError::internal("encoding a cloud-to-device message", e))?;
+            let outcomes = self
+                .store()
+                .write(vec![Write::put(
+                    Collection::HubC2dMessages,
+                    q.key,
+                    Expect::Etag(q.etag),
+                    json,
+                )
+                .with_partition(Some(partition))])
+                .await?;
+            if outcomes.first().is_some_and(|o| o.is_applied()) {
+                return Ok(Some(message));
+            }
+            // Another receive, a settlement or an MQTT delivery changed it: look again.
+        }
+        Err(HubError::new(
+            HubErrorCode::ServerError,
+            "the cloud-to-device queue kept changing during the receive; retry",
+        ))
+    }
+
+    /// Settles the message an HTTPS receive locked under `lock_token`. Fails with
+    /// `DeviceMessageLockLost` when no message of the device holds that lock now (unknown
+    /// token, settled already, lock expired).
+    pub async fn settle_cloud_to_device(
+        &self,
+        device_id: &str,
+        lock_token: &str,
+        settlement: Settlement,
+    ) -> Result<(), HubError> {
+        let now_ms = self.clock().now().0.timestamp_millis();
+        let queue = self.queued_cloud_to_device(device_id, now_ms).await?;
+        let lost = || {
+            HubError::new(
+                HubErrorCode::DeviceMessageLockLost,
+                format!(
+                    "no cloud-to-device message of device '{device_id}' is locked with this lock token (unknown, already settled or its lock expired)"
+                ),
+            )
+        };
+        let q = queue
+            .into_iter()
+            .find(|q| {
+                q.message.is_locked(now_ms) && q.message.lock_token.as_deref() == Some(lock_token)
+            })
+            .ok_or_else(lost)?;
+        let write = match settlement {
+            Settlement::Complete | Settlement::Reject => {
+                Write::delete(Collection::HubC2dMessages, q.key, Expect::Etag(q.etag))
+            }
+            Settlement::Abandon => {
+                let mut message = q.message;
+                message.lock_token = None;
+                message.locked_until_ms = None;
+                let json = serde_json::to_value(&message)
+                    .map_err(|e| HubError::internal("encoding a cloud-to-device message", e))?;
+                Write::put(
+                    Collection::HubC2dMessages,
+                    q.key,
+                    Expect::Etag(q.etag),
+                    json,
+                )
+                .with_partition(Some(self.device_partition(device_id)))
+            }
+        };
+        let outcomes = self.store().write(vec![write]).await?;
+        if !outcomes.first().is_some_and(|o| o.is_applied()) {
+            return Err(lost());
+        }
+        if settlement == Settlement::Abandon {
+            // An MQTT session of the device may take it now.
+            self.endpoint().wake_c2d(&self.device_partition(device_id));
+        }
+        Ok(())
+    }
+
+    /// A fresh lock token: a random UUID (version 4 form), safe in a URL path.
+    fn lock_token(&self) -> String {
+        let mut b = [0u8; 16];
+        self.entropy().fill(&mut b);
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
     }
 
     /// Removes a delivered message.
@@ -341,7 +525,7 @@ fn input_from_headers(headers: &HeaderMap, body: Vec<u8>) -> Result<CloudToDevic
     })
 }
 
-/// `POST /devices/{id}/messages/deviceBound`.
+/// `POST /devices/{id}/messages/cloudToDevice`.
 pub(crate) async fn send(
     State(hub): State<HubRegistry>,
     path: Result<Path<String>, PathRejection>,

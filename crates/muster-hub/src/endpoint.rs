@@ -52,6 +52,14 @@ pub struct DeviceEndpointLimits {
     pub c2d_max_body: usize,
     /// Cloud-to-device messages delivered to one device and not yet PUBACKed.
     pub c2d_max_inflight: usize,
+    /// How long a message received over HTTPS stays locked (invisible to further receives)
+    /// waiting for its complete, abandon or reject (IoT Hub: 1 minute).
+    pub c2d_lock_timeout: Duration,
+    /// Receives over HTTPS after which a message that was never completed is dropped
+    /// instead of delivered again (IoT Hub's default max delivery count: 10).
+    pub c2d_max_delivery_count: u32,
+    /// Largest device-to-cloud message (or batch) posted over HTTPS (IoT Hub: 256 KB).
+    pub d2c_max_body: usize,
     /// Largest MQTT packet accepted from a device (remaining length). IoT Hub allows
     /// 256 KB device-to-cloud messages; the rest is room for the topic and property bag.
     pub max_packet_size: usize,
@@ -85,6 +93,9 @@ impl Default for DeviceEndpointLimits {
             c2d_max_ttl: Duration::from_secs(48 * 3600),
             c2d_max_body: 64 * 1024,
             c2d_max_inflight: 16,
+            c2d_lock_timeout: Duration::from_secs(60),
+            c2d_max_delivery_count: 10,
+            d2c_max_body: 256 * 1024,
             max_packet_size: 256 * 1024 + 64 * 1024,
             connect_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),

@@ -46,6 +46,9 @@ pub enum HubErrorCode {
     DeviceMaximumQueueDepthExceeded,
     /// 412: If-Match names another etag.
     PreconditionFailed,
+    /// 412: a cloud-to-device lock token (HTTPS complete / abandon / reject) names no
+    /// message this device holds locked: unknown, already settled, or its lock expired.
+    DeviceMessageLockLost,
     /// 413: the body is larger than the limit.
     MessageTooLarge,
     /// 500: storage failure or contention that did not resolve.
@@ -75,6 +78,7 @@ impl HubErrorCode {
             HubErrorCode::MethodNotAllowed => "MethodNotAllowed",
             HubErrorCode::DeviceAlreadyExists => "DeviceAlreadyExists",
             HubErrorCode::PreconditionFailed => "PreconditionFailed",
+            HubErrorCode::DeviceMessageLockLost => "DeviceMessageLockLost",
             HubErrorCode::MessageTooLarge => "MessageTooLarge",
             HubErrorCode::ServerError => "ServerError",
             HubErrorCode::ServiceUnavailable => "ServiceUnavailable",
@@ -97,7 +101,7 @@ impl HubErrorCode {
             | HubErrorCode::NotFound => 404,
             HubErrorCode::MethodNotAllowed => 405,
             HubErrorCode::DeviceAlreadyExists => 409,
-            HubErrorCode::PreconditionFailed => 412,
+            HubErrorCode::PreconditionFailed | HubErrorCode::DeviceMessageLockLost => 412,
             HubErrorCode::MessageTooLarge => 413,
             HubErrorCode::ServerError => 500,
             HubErrorCode::ServiceUnavailable => 503,

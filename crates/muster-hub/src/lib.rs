@@ -3,7 +3,7 @@
 //! Microsoft's `azure-iot-hub` Python `IoTHubRegistryManager`, Node `azure-iothub`
 //! `Registry`/`Client`, C# `RegistryManager` and the Azure CLI), service-api.md §9.2; and
 //! the device endpoint (§10) over MQTT and AMQP: telemetry, twin, cloud-to-device messages,
-//! direct methods.
+//! direct methods; and the device HTTPS API (telemetry, cloud-to-device by polling).
 //!
 //! Layout:
 //! - [`registry`] — [`HubRegistry`]: create/update/get/delete/list devices, get/patch/replace
@@ -23,10 +23,13 @@
 //! - [`device_amqp`] — one device's AMQP connection ([`device_amqp::serve`]): CBS, X.509 and
 //!   SASL PLAIN authentication (`cbs.rs`), and the telemetry, cloud-to-device, twin and
 //!   method links (`links.rs`), on the same session table and hub operations as MQTT.
+//! - [`device_http`] — the device HTTPS API ([`device_http::router`], merged outside the
+//!   service audit): `POST /devices/{id}/messages/events`, `GET .../messages/devicebound`,
+//!   complete / reject / abandon by lock token; device SAS or X.509 as the MQTT CONNECT.
 //! - [`telemetry`] — device-to-cloud messages: storage, retention, REST and Server-Sent Events
 //!   (Muster's equivalent of IoT Hub's Event Hubs endpoint).
 //! - [`c2d`] — cloud-to-device messages: per-device queue, REST send (Muster's extension;
-//!   the Azure SDKs use AMQP).
+//!   the Azure SDKs use AMQP), HTTPS receive locks and delivery counts ([`Settlement`]).
 //! - [`methods`] — direct methods: [`HubRegistry::invoke_method`] and `POST /twins/{id}/methods`.
 //! - [`DeviceEndpointLimits`] — retention, queue depths and timeouts (`endpoint.rs` also holds
 //!   the table of connected sessions).
@@ -50,10 +53,13 @@
 //! | PATCH | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | PUT | `/twins/{id}` | ServiceConnect | 200 Twin |
 //! | POST | `/twins/{id}/methods` | ServiceConnect | 200 `{"status","payload"}` (404 `DeviceNotOnline`, 504 `GatewayTimeout`) |
-//! | POST | `/devices/{id}/messages/deviceBound` | ServiceConnect | 204 (Muster extension) |
-//! | GET | `/devices/{id}/messages/events?after=&limit=` | ServiceConnect | 200 [TelemetryMessage] |
-//! | GET | `/devices/{id}/messages/events/stream` | ServiceConnect | 200 `text/event-stream` |
-//! | GET | `/messages/events/stream` | ServiceConnect | 200 `text/event-stream` (all devices) |
+//! | POST | `/devices/{id}/messages/cloudToDevice` | ServiceConnect | 204 (Muster extension) |
+//! | GET | `/devices/{id}/telemetry?after=&limit=` | ServiceConnect | 200 [TelemetryMessage] (Muster extension) |
+//! | GET | `/devices/{id}/telemetry/stream` | ServiceConnect | 200 `text/event-stream` (Muster extension) |
+//! | GET | `/telemetry/stream` | ServiceConnect | 200 `text/event-stream`, all devices (Muster extension) |
+//!
+//! The extensions keep off `/devices/{id}/messages/events` and `.../messages/devicebound`:
+//! those are IoT Hub's device paths, served by [`device_http`] with device credentials.
 //!
 //! Every check happens before anything is written; handlers never read the real clock or
 //! random source (both are injected into [`HubRegistry`]).
@@ -62,6 +68,7 @@ pub mod auth;
 pub mod bulk;
 pub mod c2d;
 pub mod device_amqp;
+pub mod device_http;
 pub mod device_mqtt;
 mod devices;
 mod endpoint;
@@ -79,7 +86,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 
 pub use auth::{default_policies, HubAuthorizer, HubPolicy, HubRight, HubRights};
-pub use c2d::{CloudToDeviceInput, CloudToDeviceMessage};
+pub use c2d::{CloudToDeviceInput, CloudToDeviceMessage, Settlement};
 pub use endpoint::DeviceEndpointLimits;
 pub use error::{HubError, HubErrorCode};
 pub use model::{Device, DeviceInput, Twin, TwinUpdate};
@@ -103,13 +110,12 @@ pub fn router(registry: HubRegistry) -> Router {
             get(twins::get).patch(twins::patch).put(twins::replace),
         )
         .route("/twins/{id}/methods", post(methods::invoke))
-        .route("/devices/{id}/messages/deviceBound", post(c2d::send))
-        .route("/devices/{id}/messages/devicebound", post(c2d::send))
-        .route("/devices/{id}/messages/events", get(telemetry::list))
+        .route("/devices/{id}/messages/cloudToDevice", post(c2d::send))
+        .route("/devices/{id}/telemetry", get(telemetry::list))
         .route(
-            "/devices/{id}/messages/events/stream",
+            "/devices/{id}/telemetry/stream",
             get(telemetry::device_stream),
         )
-        .route("/messages/events/stream", get(telemetry::all_stream))
+        .route("/telemetry/stream", get(telemetry::all_stream))
         .with_state(registry)
 }

@@ -260,6 +260,10 @@ impl HubRegistry {
         &*self.inner.clock
     }
 
+    pub(crate) fn entropy(&self) -> &dyn Entropy {
+        &*self.inner.entropy
+    }
+
     /// The store key of a device of this hub.
     pub fn store_key(&self, device_id: &str) -> String {
         format!(

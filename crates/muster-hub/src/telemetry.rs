@@ -17,14 +17,18 @@
 //! its device: deleting a device keeps its messages (until the id sends again, numbering
 //! continues).
 //!
+//! Devices send over MQTT ([`crate::device_mqtt`]) or HTTPS ([`crate::device_http`]). The
+//! reading routes below are Muster's extensions, on paths of their own (IoT Hub's device path
+//! `/devices/{id}/messages/events` is the HTTPS send).
+//!
 //! Live: every stored message is also sent on a broadcast channel
 //! ([`HubRegistry::subscribe_telemetry`]), after it is durable and in per-device order.
 //!
 //! | Method | Path | Right | Success |
 //! |---|---|---|---|
-//! | GET | `/devices/{id}/messages/events?after={seq}&limit={n}` | ServiceConnect | 200 `[TelemetryMessage]`, oldest first, sequence numbers > `after` (default 0), at most `limit` (1..=1000, default 100) |
-//! | GET | `/devices/{id}/messages/events/stream` | ServiceConnect | 200 `text/event-stream`: `id: {seq}`, `data: {TelemetryMessage}`; `Last-Event-ID: {seq}` (or `?after={seq}`) first replays the stored messages after it, then goes live; without it, live only |
-//! | GET | `/messages/events/stream` | ServiceConnect | 200 `text/event-stream` of every device: `id: {deviceId}/{seq}`, live only (`Last-Event-ID` is ignored; resume per device with the list above) |
+//! | GET | `/devices/{id}/telemetry?after={seq}&limit={n}` | ServiceConnect | 200 `[TelemetryMessage]`, oldest first, sequence numbers > `after` (default 0), at most `limit` (1..=1000, default 100) |
+//! | GET | `/devices/{id}/telemetry/stream` | ServiceConnect | 200 `text/event-stream`: `id: {seq}`, `data: {TelemetryMessage}`; `Last-Event-ID: {seq}` (or `?after={seq}`) first replays the stored messages after it, then goes live; without it, live only |
+//! | GET | `/telemetry/stream` | ServiceConnect | 200 `text/event-stream` of every device: `id: {deviceId}/{seq}`, live only (`Last-Event-ID` is ignored; resume per device with the list above) |
 //!
 //! [`DeviceEndpointLimits::telemetry_retention`]: crate::DeviceEndpointLimits::telemetry_retention
 
@@ -56,9 +60,9 @@ use crate::HubRegistry;
 static STREAM_FAILED_LOG: muster_proto::log_limit::LogLimiter =
     muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
-/// Most messages one `GET .../messages/events` returns.
+/// Most messages one `GET /devices/{id}/telemetry` returns.
 pub const MAX_PAGE: usize = 1000;
-/// Messages one `GET .../messages/events` returns without `limit`.
+/// Messages one `GET /devices/{id}/telemetry` returns without `limit`.
 pub const DEFAULT_PAGE: usize = 100;
 /// Conditional writes retried this often.
 const MAX_ATTEMPTS: usize = 16;
@@ -318,7 +322,7 @@ fn parse_u64(params: &QueryParams, name: &str) -> Result<Option<u64>, HubError> 
         .transpose()
 }
 
-/// `GET /devices/{id}/messages/events?after=&limit=`.
+/// `GET /devices/{id}/telemetry?after=&limit=`.
 pub(crate) async fn list(
     State(hub): State<HubRegistry>,
     path: Result<Path<String>, PathRejection>,
@@ -430,7 +434,7 @@ fn sse(st: StreamState) -> Response {
         .into_response()
 }
 
-/// `GET /devices/{id}/messages/events/stream`.
+/// `GET /devices/{id}/telemetry/stream`.
 pub(crate) async fn device_stream(
     State(hub): State<HubRegistry>,
     path: Result<Path<String>, PathRejection>,
@@ -479,7 +483,7 @@ pub(crate) async fn device_stream(
     }
 }
 
-/// `GET /messages/events/stream`.
+/// `GET /telemetry/stream`.
 pub(crate) async fn all_stream(
     State(hub): State<HubRegistry>,
     query: Result<Query<QueryParams>, QueryRejection>,

@@ -686,13 +686,8 @@ async fn telemetry_is_stored_in_order_with_properties_and_streamed() {
     let h = harness();
     h.sas_device("dev-1").await;
     h.sas_device("dev-2").await;
-    let mut all = open_stream(&h, &format!("/messages/events/stream?{V}"), None).await;
-    let mut live = open_stream(
-        &h,
-        &format!("/devices/dev-1/messages/events/stream?{V}"),
-        None,
-    )
-    .await;
+    let mut all = open_stream(&h, &format!("/telemetry/stream?{V}"), None).await;
+    let mut live = open_stream(&h, &format!("/devices/dev-1/telemetry/stream?{V}"), None).await;
 
     let mut m = h.connected("dev-1").await;
     for i in 1..=10u16 {
@@ -729,7 +724,7 @@ async fn telemetry_is_stored_in_order_with_properties_and_streamed() {
     let (status, list) = h
         .json(
             Method::GET,
-            &format!("/devices/dev-1/messages/events?{V}&limit=100"),
+            &format!("/devices/dev-1/telemetry?{V}&limit=100"),
             None,
         )
         .await;
@@ -760,7 +755,7 @@ async fn telemetry_is_stored_in_order_with_properties_and_streamed() {
     let (_, page) = h
         .json(
             Method::GET,
-            &format!("/devices/dev-1/messages/events?{V}&after=8&limit=2"),
+            &format!("/devices/dev-1/telemetry?{V}&after=8&limit=2"),
             None,
         )
         .await;
@@ -774,7 +769,7 @@ async fn telemetry_is_stored_in_order_with_properties_and_streamed() {
     let (status, _) = h
         .json(
             Method::GET,
-            &format!("/devices/dev-1/messages/events?{V}&limit=0"),
+            &format!("/devices/dev-1/telemetry?{V}&limit=0"),
             None,
         )
         .await;
@@ -796,7 +791,7 @@ async fn telemetry_is_stored_in_order_with_properties_and_streamed() {
     // Resume with Last-Event-ID: replay 9..11, then live.
     let mut resumed = open_stream(
         &h,
-        &format!("/devices/dev-1/messages/events/stream?{V}"),
+        &format!("/devices/dev-1/telemetry/stream?{V}"),
         Some("8"),
     )
     .await;
@@ -817,7 +812,7 @@ async fn telemetry_is_stored_in_order_with_properties_and_streamed() {
 
     // Auth: the registryRead policy can't read telemetry.
     let req = Request::builder()
-        .uri(format!("/devices/dev-1/messages/events?{V}"))
+        .uri(format!("/devices/dev-1/telemetry?{V}"))
         .header(
             "authorization",
             SasToken::generate(
@@ -963,7 +958,7 @@ async fn cloud_to_device_waits_while_offline_then_is_delivered_and_removed_on_pu
         ..DeviceEndpointLimits::default()
     });
     h.sas_device("dev-1").await;
-    let uri = format!("/devices/dev-1/messages/deviceBound?{V}");
+    let uri = format!("/devices/dev-1/messages/cloudToDevice?{V}");
     let (status, _, _) = h
         .call(
             Method::POST,
@@ -995,7 +990,7 @@ async fn cloud_to_device_waits_while_offline_then_is_delivered_and_removed_on_pu
     let (status, _, _) = h
         .call(
             Method::POST,
-            &format!("/devices/ghost/messages/deviceBound?{V}"),
+            &format!("/devices/ghost/messages/cloudToDevice?{V}"),
             &[],
             b"x".to_vec(),
         )
@@ -1535,4 +1530,55 @@ async fn patches_missed_beyond_the_session_queue_end_with_the_whole_desired_coll
     );
     m.send(Packet::PubAck(PubAck::new(full.pkid))).await;
     m.disconnect().await;
+}
+
+#[tokio::test]
+async fn cloud_to_device_locked_by_an_https_receive_is_not_sent_over_mqtt() {
+    use muster_hub::c2d::Settlement;
+    let h = harness();
+    h.sas_device("dev-1").await;
+    let uri = format!("/devices/dev-1/messages/cloudToDevice?{V}");
+    for body in ["locked", "free"] {
+        let (status, _, _) = h
+            .call(Method::POST, &uri, &[], body.as_bytes().to_vec())
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    // An HTTPS receive (muster_hub::device_http) holds the first one.
+    let held = h
+        .hub
+        .receive_cloud_to_device("dev-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.body_bytes(), b"locked");
+    assert_eq!(held.delivery_count, 1);
+
+    let mut m = h.connected("dev-1").await;
+    m.subscribe(&["devices/dev-1/messages/devicebound/#"]).await;
+    let first = m.recv_publish().await;
+    assert_eq!(&first.payload[..], b"free", "the locked message is skipped");
+    m.send(Packet::PubAck(PubAck::new(first.pkid))).await;
+
+    // Abandoning it over HTTPS wakes the session, which delivers it.
+    h.hub
+        .settle_cloud_to_device(
+            "dev-1",
+            held.lock_token.as_deref().unwrap(),
+            Settlement::Abandon,
+        )
+        .await
+        .unwrap();
+    let again = m.recv_publish().await;
+    assert_eq!(&again.payload[..], b"locked");
+    m.send(Packet::PubAck(PubAck::new(again.pkid))).await;
+    m.send(Packet::PingReq).await;
+    assert!(matches!(m.recv().await, Some(Packet::PingResp)));
+    assert_eq!(
+        h.store
+            .count(Collection::HubC2dMessages, None)
+            .await
+            .unwrap(),
+        0
+    );
 }

@@ -38,6 +38,7 @@ use crate::{refusal_log, unread_body};
 pub const FRONT_DOOR_TARGET: &str = "/console/";
 
 /// The router served on the HTTPS port.
+// One argument per service the port carries; a struct of them would only be unpacked here.
 pub fn https_app(
     service_api: ServiceApi,
     https_registrar: Arc<dyn DeviceRegistrar>,
@@ -65,7 +66,9 @@ pub fn https_app(
                 .route("/", get(front_door))
                 .with_state(devices),
         )
-        .merge(hub_auditor.wrap(muster_hub::router(hub)))
+        .merge(hub_auditor.wrap(muster_hub::router(hub.clone())))
+        // Device traffic, not service writes: outside the audit.
+        .merge(muster_hub::device_http::router(hub))
         .merge(muster_console::router(console))
         .route("/favicon.ico", get(muster_console::assets::favicon))
         .merge(health::routes(health))

@@ -1,11 +1,14 @@
 //! Live registration events and the audit log through a real server on loopback: the SSE
 //! stream delivers a registration made after subscribing, refuses subscribers beyond the limit,
-//! and hub registry writes are audited with the hub policy that signed them.
+//! and hub registry writes are audited with the hub policy that signed them (a device's
+//! telemetry over the hub's device HTTPS API is not).
 
 mod common;
 
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use common::{config, device_token, now, policy_token, Dps};
 use muster_attestation::symmetric_key::derive_device_key;
 use muster_server::Server;
@@ -135,6 +138,44 @@ async fn registrations_stream_to_subscribers_and_hub_writes_are_audited() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let device: Value = r.json().await.unwrap();
+
+    // The device's own traffic on the hub's device HTTPS API is not a service write: served
+    // beside the audited routes, left out of the log.
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap();
+    let host = hub_name.split(':').next().unwrap();
+    let token = muster_proto::SasToken::generate(
+        &format!("{host}/devices/audited-device"),
+        &B64.decode(key).unwrap(),
+        None,
+        now() + 600,
+    );
+    let r = dps
+        .http
+        .post(format!(
+            "https://{hub_name}/devices/audited-device/messages/events?api-version=2021-04-12"
+        ))
+        .header("authorization", &token)
+        .header("iothub-app-kind", "audit-check")
+        .body("from the device")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{:?}", r.text().await);
+    let r = dps
+        .http
+        .get(format!(
+            "https://{hub_name}/devices/audited-device/telemetry?api-version=2021-04-12"
+        ))
+        .header("authorization", policy_token(&hub_cs))
+        .send()
+        .await
+        .unwrap();
+    let stored: Value = r.json().await.unwrap();
+    assert_eq!(stored[0]["body"], "from the device", "{stored}");
+    assert_eq!(stored[0]["properties"]["kind"], "audit-check", "{stored}");
     let (s, log) = dps
         .service(Method::GET, "/audit?id=audited-device", None)
         .await;

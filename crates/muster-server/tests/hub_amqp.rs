@@ -198,9 +198,7 @@ async fn cbs_authentication_telemetry_and_cloud_to_device_over_amqp() {
         events.send(event).await.unwrap(),
         Outcome::Accepted(_)
     ));
-    let (status, stored) = dps
-        .hub_call(&hub_cs, "/devices/amqp-dev/messages/events")
-        .await;
+    let (status, stored) = dps.hub_call(&hub_cs, "/devices/amqp-dev/telemetry").await;
     assert_eq!(status, 200);
     assert_eq!(stored[0]["body"], "{\"t\":21}");
     assert_eq!(stored[0]["properties"]["alert"], "high");
@@ -211,7 +209,7 @@ async fn cbs_authentication_telemetry_and_cloud_to_device_over_amqp() {
         let r = dps
             .http
             .post(format!(
-                "https://{hub}/devices/amqp-dev/messages/deviceBound?api-version=2021-04-12"
+                "https://{hub}/devices/amqp-dev/messages/cloudToDevice?api-version=2021-04-12"
             ))
             .header("authorization", policy_token(&hub_cs))
             .header("iothub-messageid", format!("c2d-{body}"))
@@ -270,7 +268,7 @@ async fn cbs_authentication_telemetry_and_cloud_to_device_over_amqp() {
     let r = dps
         .http
         .post(format!(
-            "https://{hub}/devices/amqp-dev/messages/deviceBound?api-version=2021-04-12"
+            "https://{hub}/devices/amqp-dev/messages/cloudToDevice?api-version=2021-04-12"
         ))
         .header("authorization", policy_token(&hub_cs))
         .body("third")

@@ -44,8 +44,8 @@ const TEST_TIMEOUT_MS = 60000;
 const WAIT_MS = 30000; // bound for every condition the tests wait for
 
 // Muster's service-side REST extensions for what Azure hands to Event Hubs and service AMQP.
-const telemetryPath = (id) => `/devices/${encodeURIComponent(id)}/messages/events`;
-const c2dPath = (id) => `/devices/${encodeURIComponent(id)}/messages/deviceBound`;
+const telemetryPath = (id) => `/devices/${encodeURIComponent(id)}/telemetry`;
+const c2dPath = (id) => `/devices/${encodeURIComponent(id)}/messages/cloudToDevice`;
 
 const registry = Registry.fromConnectionString(HUB_CONNECTION_STRING);
 const serviceClient = ServiceClient.fromConnectionString(HUB_CONNECTION_STRING);

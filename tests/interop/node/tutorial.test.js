@@ -10,7 +10,7 @@
 //     to port 443 of the connection string's HostName) and Registry.getTwin / updateTwin;
 //   azure-iot-provisioning-service 1.11.2: the enrollment group.
 // Telemetry is read and the C2D message is sent through Muster's hub REST extensions
-// (GET /devices/{id}/messages/events, POST /devices/{id}/messages/deviceBound).
+// (GET /devices/{id}/telemetry, POST /devices/{id}/messages/cloudToDevice).
 //
 // Run through the server wrapper (NODE_EXTRA_CA_CERTS must be set when node starts):
 //
@@ -110,7 +110,7 @@ function hubRequest(method, path, body, headers = {}) {
 
 async function storedTelemetry(deviceId) {
   const r = await hubRequest('GET',
-    `/devices/${encodeURIComponent(deviceId)}/messages/events?api-version=${HUB_API_VERSION}&after=0&limit=100`);
+    `/devices/${encodeURIComponent(deviceId)}/telemetry?api-version=${HUB_API_VERSION}&after=0&limit=100`);
   assert.equal(r.status, 200, r.text);
   return JSON.parse(r.text);
 }
@@ -247,7 +247,7 @@ describe('symmetric-key group tutorial (provision, connect, telemetry, method, t
       });
       const body = JSON.stringify({ command: 'blink', times: 3 });
       const r = await hubRequest('POST',
-        `/devices/${encodeURIComponent(deviceId)}/messages/deviceBound?api-version=${HUB_API_VERSION}`,
+        `/devices/${encodeURIComponent(deviceId)}/messages/cloudToDevice?api-version=${HUB_API_VERSION}`,
         body, { 'iothub-messageid': `c2d-${run}`, 'iothub-app-priority': 'high', 'content-type': 'application/json' });
       assert.equal(r.status, 204, r.text);
       const msg = await c2d.promise;

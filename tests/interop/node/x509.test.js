@@ -264,7 +264,7 @@ async function connectAndSend(t, transport, leaf, cert, result) {
     await client.close();
   }
   const r = await restCall(HUB_CONNECTION_STRING, 'GET',
-    `/devices/${encodeURIComponent(result.deviceId)}/messages/events?api-version=${HUB_API_VERSION}&after=0&limit=10`);
+    `/devices/${encodeURIComponent(result.deviceId)}/telemetry?api-version=${HUB_API_VERSION}&after=0&limit=10`);
   assert.equal(r.status, 200, r.text);
   assert.deepEqual(r.json.map((m) => m.body), [body], r.text);
   assert.equal(r.json[0].deviceId, result.deviceId, r.text);

@@ -68,7 +68,7 @@ def test_self_signed_device_connects_with_its_certificate(muster, tmp_path, webs
     finally:
         client.shutdown()
     r = requests.get(
-        f"https://{hub['hostName']}/devices/{urllib.parse.quote(device_id, safe='')}/messages/events",
+        f"https://{hub['hostName']}/devices/{urllib.parse.quote(device_id, safe='')}/telemetry",
         params={"api-version": "2021-04-12", "after": 0, "limit": 10},
         headers={"Authorization": service_sas_token(hub["connectionString"])},
         verify=muster.ca_cert,

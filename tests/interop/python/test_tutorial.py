@@ -10,8 +10,8 @@ cloud-to-device message; refusals of a wrong key and a disabled device.
 * Service side: azure-iot-hub 2.7.0 ``IoTHubRegistryManager`` (``get_twin``, ``update_twin``,
   ``invoke_device_method``, ``update_device_with_sas``; REST through msrest/requests, CA from
   ``REQUESTS_CA_BUNDLE``). Telemetry is read and cloud-to-device messages are sent through
-  Muster's REST extensions of the hub (``GET /devices/{id}/messages/events``, ``POST
-  /devices/{id}/messages/deviceBound``): IoT Hub hands telemetry to Event Hubs and the service
+  Muster's REST extensions of the hub (``GET /devices/{id}/telemetry``, ``POST
+  /devices/{id}/messages/cloudToDevice``): IoT Hub hands telemetry to Event Hubs and the service
   SDKs send C2D over AMQP, which Muster does not speak.
 
 Every test gets its own server on an empty data dir (fixture ``muster``). No fixed sleeps:
@@ -97,23 +97,23 @@ class Tutorial:
         return {"Authorization": service_sas_token(self.hub["connectionString"])}
 
     def telemetry(self, after: int = 0, limit: int = 100) -> list:
-        """GET /devices/{id}/messages/events: the stored device-to-cloud messages, oldest first."""
+        """GET /devices/{id}/telemetry: the stored device-to-cloud messages, oldest first."""
         r = requests.get(
-            self._hub_url(f"/devices/{urllib.parse.quote(self.device_id, safe='')}/messages/events"),
+            self._hub_url(f"/devices/{urllib.parse.quote(self.device_id, safe='')}/telemetry"),
             params={"api-version": HUB_API_VERSION, "after": after, "limit": limit},
             headers=self._hub_headers(),
             verify=self.muster.ca_cert,
             timeout=30,
         )
-        assert r.status_code == 200, f"GET messages/events: {r.status_code} {r.text}"
+        assert r.status_code == 200, f"GET telemetry: {r.status_code} {r.text}"
         body = r.json()
         assert isinstance(body, list), body
         return body
 
     def send_c2d(self, body: bytes, headers: dict) -> requests.Response:
-        """POST /devices/{id}/messages/deviceBound (Muster's REST extension)."""
+        """POST /devices/{id}/messages/cloudToDevice (Muster's REST extension)."""
         return requests.post(
-            self._hub_url(f"/devices/{urllib.parse.quote(self.device_id, safe='')}/messages/deviceBound"),
+            self._hub_url(f"/devices/{urllib.parse.quote(self.device_id, safe='')}/messages/cloudToDevice"),
             params={"api-version": HUB_API_VERSION},
             data=body,
             headers={**self._hub_headers(), **headers},

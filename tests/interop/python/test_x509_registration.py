@@ -11,7 +11,7 @@
   the owner policy's SAS, as the SDKs sign it).
 * After ``assigned``: ``IoTHubDeviceClient.create_from_x509_certificate(x509=...,
   hostname=assigned_hub, device_id=...)`` connects to the built-in hub with the same
-  certificate and sends telemetry, read back through ``GET /devices/{id}/messages/events``;
+  certificate and sends telemetry, read back through ``GET /devices/{id}/telemetry``;
   azure-iot-hub 2.7.0 ``get_device`` shows ``selfSigned`` with the leaf's SHA-256 thumbprint.
 
 Cases: (a) individual enrollment, self-signed leaf; (b) group, signing certificate = root,
@@ -212,13 +212,13 @@ def connect_and_send(muster, hub, registry, files: DeviceFiles, result, websocke
         client.shutdown()
 
     r = requests.get(
-        f"https://{hub['hostName']}/devices/{urllib.parse.quote(device_id, safe='')}/messages/events",
+        f"https://{hub['hostName']}/devices/{urllib.parse.quote(device_id, safe='')}/telemetry",
         params={"api-version": HUB_API_VERSION, "after": 0, "limit": 10},
         headers={"Authorization": service_sas_token(hub["connectionString"])},
         verify=muster.ca_cert,
         timeout=30,
     )
-    assert r.status_code == 200, f"GET messages/events: {r.status_code} {r.text}"
+    assert r.status_code == 200, f"GET telemetry: {r.status_code} {r.text}"
     messages = r.json()
     assert [m["body"] for m in messages] == [body], messages
     assert messages[0]["deviceId"] == device_id, messages

@@ -228,7 +228,11 @@ pub(crate) async fn cloud_to_device(
     loop {
         let now_ms = hub.clock().now().0.timestamp_millis();
         let next = match hub.queued_cloud_to_device(&device_id, now_ms).await {
-            Ok(queue) => queue.into_iter().next(),
+            // A message an HTTPS receive holds locked waits until it is settled or abandoned.
+            Ok(queue) => queue
+                .into_iter()
+                .find(|q| !q.message.is_locked(now_ms))
+                .map(|q| (q.key, q.message)),
             Err(e) => {
                 if let Some(suppressed) = crate::device_mqtt::STORE_FAILED.admit() {
                     tracing::warn!(error = %e, suppressed, "reading the cloud-to-device queue failed");

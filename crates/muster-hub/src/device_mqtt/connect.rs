@@ -170,7 +170,7 @@ pub(crate) async fn authenticate_device(
     Ok((device.device_id, token_expiry))
 }
 
-fn verify_sas(
+pub(crate) fn verify_sas(
     hub: &HubRegistry,
     hub_host: &str,
     device: &crate::Device,
@@ -249,7 +249,7 @@ fn verify_sas(
     ))
 }
 
-fn verify_certificate(device: &crate::Device, leaf: &[u8]) -> Result<(), Refusal> {
+pub(crate) fn verify_certificate(device: &crate::Device, leaf: &[u8]) -> Result<(), Refusal> {
     use ConnectReturnCode::NotAuthorized;
     match device.authentication.auth_type {
         AuthenticationType::SelfSigned => {}

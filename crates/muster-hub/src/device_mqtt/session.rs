@@ -466,8 +466,10 @@ impl Session {
                 return Flow::Continue;
             }
         };
-        for (key, message) in queue {
-            if self.c2d_sent.contains(&key) {
+        for q in queue {
+            let (key, message) = (q.key, q.message);
+            // Held by an HTTPS receive of the same device until settled or expired.
+            if self.c2d_sent.contains(&key) || message.is_locked(now_ms) {
                 continue;
             }
             if self.c2d_inflight.len() >= max {

@@ -379,6 +379,9 @@ mod tests {
             body: String::new(),
             properties: props,
             system_properties: system,
+            delivery_count: 0,
+            lock_token: None,
+            locked_until_ms: None,
         };
         let t = c2d_topic("d1", &m);
         assert_eq!(
