@@ -311,8 +311,8 @@ pub async fn serve_mqtt(
     .await;
 }
 
-/// Serves device AMQP over TLS: each connection goes to registration (or, later, the hub's
-/// device endpoint), by its SASL identity or first link (`amqp_dispatch`).
+/// Serves device AMQP over TLS: each connection goes to registration or to the hub's device
+/// endpoint, by its SASL identity or first link (`amqp_dispatch`).
 pub async fn serve_amqp(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
