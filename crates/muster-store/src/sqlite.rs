@@ -195,6 +195,9 @@ impl Drop for Inner {
     }
 }
 
+/// The page size of a database Muster creates (see `open_writer`).
+pub const PAGE_SIZE: u32 = 8192;
+
 fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let context = |what: &str| format!("opening SQLite database {}: {what}", path.display());
     let conn = Connection::open_with_flags(
@@ -206,6 +209,12 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     .map_err(|e| db_err(&context("open"), e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| db_err(&context("setting the busy timeout"), e))?;
+    // Only a new, empty database takes this (an existing one keeps its page size). With 4 KiB
+    // pages a `WITHOUT ROWID` cell holds at most 1,002 bytes before it spills to an overflow
+    // page, and a sealed hub device record (identity + twin) is just over that: every
+    // registration wrote and read one more page. 8 KiB pages keep such records in one cell.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)
+        .map_err(|e| db_err(&context("setting the page size"), e))?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(|e| db_err(&context("enabling WAL"), e))?;

@@ -880,3 +880,36 @@ async fn sealed_bodies_kept_as_text_are_rewritten_as_bytes_and_read_back() {
         .expect("get")
         .is_some());
 }
+
+/// A new database gets 8 KiB pages, so a sealed hub device record stays in one b-tree cell
+/// instead of spilling to an overflow page; an existing database keeps the page size it has.
+#[tokio::test]
+async fn new_databases_use_8k_pages_and_old_ones_keep_theirs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let page_size = |path: &Path| -> u32 {
+        raw(path)
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .expect("page_size")
+    };
+
+    let fresh = dir.path().join("fresh.db");
+    let store = open(&fresh);
+    put(&store, "dev-1", None, json!({"body": "x".repeat(1_100)})).await;
+    drop(store);
+    assert_eq!(page_size(&fresh), muster_store::sqlite::PAGE_SIZE);
+    assert_eq!(muster_store::sqlite::PAGE_SIZE, 8192);
+
+    let old = dir.path().join("old.db");
+    {
+        let conn = raw(&old);
+        conn.pragma_update(None, "page_size", 4096)
+            .expect("page_size");
+        conn.execute_batch("CREATE TABLE placeholder (x INTEGER)")
+            .expect("create");
+    }
+    let store = open(&old);
+    let etag = put(&store, "dev-2", None, json!({"n": 2})).await;
+    assert!(!etag.is_empty());
+    drop(store);
+    assert_eq!(page_size(&old), 4096);
+}
