@@ -40,6 +40,9 @@ const MIGRATIONS: &[&str] = &[
         name  TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 2: claims (`Store::claim`): which node works on a record, until when (Unix ms).
+    "ALTER TABLE muster_records ADD COLUMN claim_owner TEXT;
+    ALTER TABLE muster_records ADD COLUMN claim_until BIGINT;",
 ];
 
 /// The schema version this build creates and understands.
