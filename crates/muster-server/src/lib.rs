@@ -339,6 +339,14 @@ impl Server {
         engine_config.region = config.region.clone();
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
+        engine_config.node_id = match (&config.node_id, config.store_location()?) {
+            (Some(id), _) => id.clone(),
+            (None, config::StoreLocation::Sqlite(_)) => "local".into(),
+            // Unique per start: a restarted node's old claims lapse and are taken up.
+            (None, _) => format!("node-{}", muster_proto::runtime::random_hex(&*entropy, 8)),
+        };
+        engine_config.lease = std::time::Duration::from_millis(config.lease_ms);
+        engine_config.sweep_interval = std::time::Duration::from_millis(config.sweep_interval_ms);
         // The built-in hub is written in process; other linked hubs over their REST API.
         let issuing = issuing_ca::load(&config, &data_dir, &ca)?;
         let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
@@ -472,6 +480,7 @@ impl Server {
             .resume_pending()
             .await
             .map_err(|f| ServerError::Engine(f.message))?;
+        tasks.spawn(engine.clone().run_sweeps(shutdown_rx.clone()));
 
         // With --tls-cert clients trust the chain's issuer (a public CA: the system roots),
         // not the local CA.

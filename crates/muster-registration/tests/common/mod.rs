@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use muster_proto::device::DeviceRegistration;
-use muster_proto::runtime::{SeededEntropy, SystemClock};
+use muster_proto::runtime::{Clock, SeededEntropy, SystemClock};
 use muster_proto::{IdScope, SasToken};
 use muster_registration::hub_client::{HubDeviceSpec, HubError, TwinWrite};
 use muster_registration::{DeviceCredential, Engine, EngineConfig, HubConnection, RegisterRequest};
@@ -48,6 +48,8 @@ pub struct TwoStepHub {
     /// Every device put answers 400, before anything is written.
     pub refuse_puts: AtomicBool,
     pub pause_delete: Mutex<Option<Pause>>,
+    /// A pause at the start of the next device put.
+    pub pause_put: Mutex<Option<Pause>>,
 }
 
 impl TwoStepHub {
@@ -59,6 +61,14 @@ impl TwoStepHub {
         let mut n = self.next_etag.lock().expect("lock");
         *n += 1;
         *n
+    }
+
+    async fn pause_put_if_asked(&self) {
+        let pause = self.pause_put.lock().expect("lock").take();
+        if let Some(p) = pause {
+            let _ = p.reached.send(());
+            let _ = p.proceed.await;
+        }
     }
 
     async fn pause_if_asked(&self) {
@@ -86,6 +96,7 @@ impl HubConnection for TwoStepHub {
         spec: &HubDeviceSpec,
         twin: TwinWrite<'_>,
     ) -> Result<bool, HubError> {
+        self.pause_put_if_asked().await;
         if self.refuse_puts.load(Ordering::SeqCst) {
             return Err(refused(400, "create device"));
         }
@@ -198,12 +209,18 @@ impl Fixture {
 
     /// An engine on the fixture's store and hub: a new one stands for a restarted server.
     pub fn engine(&self) -> Engine {
+        self.engine_as("local", Arc::new(SystemClock))
+    }
+
+    /// An engine for node `node_id` with its own clock: several stand for several nodes.
+    pub fn engine_as(&self, node_id: &str, clock: Arc<dyn Clock>) -> Engine {
         let mut config = EngineConfig::new(IdScope::new(SCOPE).expect("scope"));
         // The engine's own retry of a kept intent must not race the test's restart.
         config.retry_after_secs = 600;
+        config.node_id = node_id.into();
         Engine::new(
             self.store.clone(),
-            Arc::new(SystemClock),
+            clock,
             Arc::new(SeededEntropy::new(1)),
             unused_http_client(),
             config,
