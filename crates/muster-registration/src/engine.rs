@@ -52,7 +52,7 @@ use crate::hub_client::{
 use crate::issuance::{self, IssuingCa};
 use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
-use crate::throttle::HubThrottle;
+use crate::throttle::Limiter;
 use crate::{
     DeviceCredential, DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
 };
@@ -119,7 +119,7 @@ struct Inner {
     local_hubs: HashMap<String, Arc<dyn HubConnection>>,
     groups: GroupCache,
     http: reqwest::Client,
-    throttle: HubThrottle,
+    throttle: Limiter,
     in_flight: Semaphore,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<String>>>,
     /// Pending assignments this node holds a claim on and renews (`claims`).
@@ -154,6 +154,7 @@ impl Engine {
         config: EngineConfig,
     ) -> Self {
         let in_flight = Semaphore::new(config.max_in_flight);
+        let throttle = Limiter::new(store.clone(), clock.clone());
         Self(Arc::new(Inner {
             hubs: HubClient::new(http.clone(), clock.clone()),
             store,
@@ -163,7 +164,7 @@ impl Engine {
             local_hubs: HashMap::new(),
             groups: GroupCache::default(),
             http,
-            throttle: HubThrottle::default(),
+            throttle,
             in_flight,
             queues: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
@@ -457,7 +458,7 @@ impl Engine {
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
                     .and_then(|h| h.max_registrations_per_second);
-                let run_now = self.0.throttle.try_take(&plan.hub, rate);
+                let run_now = self.0.throttle.try_take(&plan.hub, rate).await;
                 // Intent before effect: the plan is durable (the record `assigning` with it,
                 // and its marker, in one transaction) before any hub is written, so a crash
                 // in between is finished on start-up by `resume_pending` instead of leaving a
@@ -491,7 +492,7 @@ impl Engine {
                 } else {
                     // Accept now, finish in order.
                     self.enqueue(hub.clone(), key);
-                    let wait = self.0.throttle.wait_hint(&hub).as_secs() as u32;
+                    let wait = self.0.throttle.wait_hint(&hub, rate).as_secs() as u32;
                     Ok(DeviceReply::registered(
                         &operation(&record),
                         Some(wait.max(self.0.config.retry_after_secs)),

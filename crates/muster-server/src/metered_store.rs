@@ -83,6 +83,16 @@ impl Store for MeteredStore {
         self.inner.release(collection, owner, keys).await
     }
 
+    // Forwarded: a shared store's rate limits hold across nodes.
+    async fn take_token(
+        &self,
+        name: &str,
+        rate: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        self.inner.take_token(name, rate, now_ms).await
+    }
+
     // Forwarded: the group cache keeps decoded groups only while this stands still.
     fn changes(&self, collection: Collection) -> Option<u64> {
         self.inner.changes(collection)

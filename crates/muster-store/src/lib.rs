@@ -414,6 +414,22 @@ pub trait Store: Send + Sync + 'static {
         keys: &[String],
     ) -> Result<(), StoreError>;
 
+    /// Takes one token of the shared rate limit `name`: at most `rate` per second, with a
+    /// burst of one second's worth, counted over every process using this store, at time
+    /// `now_ms` (Unix milliseconds; a time before the bucket's last refill counts as that
+    /// time). `Ok(Some(taken))` when the store shares limits between processes; `Ok(None)`
+    /// (the default) when it does not, so the caller limits in process (a store only one
+    /// process uses, like SQLite).
+    async fn take_token(
+        &self,
+        name: &str,
+        rate: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let _ = (name, rate, now_ms);
+        Ok(None)
+    }
+
     /// A counter that moves whenever a write to `collection` may have committed, before the
     /// writer hears of it; callers may keep what they decoded from the collection while it
     /// stands still. `None` (the default) means this store cannot tell, so nothing may be

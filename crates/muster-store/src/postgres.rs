@@ -38,6 +38,12 @@
 //! none waits. A write locks its rows `FOR UPDATE` as above, so a claim never interleaves
 //! with one.
 //!
+//! # Shared rate limits
+//!
+//! [`Store::take_token`] keeps one token bucket per name in `muster_rate_limits` (migration
+//! 3) and takes a token with one `INSERT ... ON CONFLICT DO UPDATE ... WHERE ... RETURNING`:
+//! the row lock orders the nodes, so their sum never exceeds the rate.
+//!
 //! # Several processes
 //!
 //! [`Store::changes`] counts the writes of every node to the configuration collections
@@ -712,6 +718,42 @@ impl Store for PostgresStore {
             .await
             .map_err(|e| pg_err(&context(), &e))?;
         Ok(())
+    }
+
+    async fn take_token(
+        &self,
+        name: &str,
+        rate: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let context = || format!("taking a token of rate limit {name}");
+        let capacity = f64::from(rate.max(1));
+        let client = self.client().await?;
+        // One statement: the row lock orders concurrent takers, the refill is computed from
+        // the last update, and a bucket without a whole token is left as it was (its refill
+        // is recomputed next time from the same instant).
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO muster_rate_limits AS b (name, tokens, updated_ms)
+                 VALUES ($1::TEXT, $2::DOUBLE PRECISION - 1, $3::BIGINT)
+                 ON CONFLICT (name) DO UPDATE SET
+                     tokens = LEAST($2::DOUBLE PRECISION, b.tokens
+                         + GREATEST(0, $3::BIGINT - b.updated_ms)::DOUBLE PRECISION
+                           * $2::DOUBLE PRECISION / 1000.0) - 1,
+                     updated_ms = GREATEST(b.updated_ms, $3::BIGINT)
+                 WHERE LEAST($2::DOUBLE PRECISION, b.tokens
+                         + GREATEST(0, $3::BIGINT - b.updated_ms)::DOUBLE PRECISION
+                           * $2::DOUBLE PRECISION / 1000.0) >= 1
+                 RETURNING tokens",
+            )
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let taken = client
+            .query_opt(&stmt, &[&name, &capacity, &now_ms])
+            .await
+            .map_err(|e| pg_err(&context(), &e))?
+            .is_some();
+        Ok(Some(taken))
     }
 
     fn changes(&self, collection: Collection) -> Option<u64> {

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 pub const SCOPE: &str = "0ne00000001";
 pub const HUB: &str = "twostep.example";
-const DEVICE_KEY: [u8; 32] = [7; 32];
+pub const DEVICE_KEY: [u8; 32] = [7; 32];
 
 /// One device in the fake hub: its identity etag (new on every identity write) and twin.
 #[derive(Clone)]
@@ -53,6 +53,10 @@ pub struct TwoStepHub {
 }
 
 impl TwoStepHub {
+    pub fn device_count(&self) -> usize {
+        self.devices.lock().expect("lock").len()
+    }
+
     pub fn device(&self, id: &str) -> Option<FakeDevice> {
         self.devices.lock().expect("lock").get(id).cloned()
     }
