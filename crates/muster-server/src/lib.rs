@@ -5,6 +5,8 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`shared_tls`] — with a PostgreSQL store, that CA and certificate created once and kept
+//!   in the store, so every node serves the same chain.
 //! - [`issuing_ca`] — the CA that signs device certificates for CSRs: `issuing-ca.pem` /
 //!   `issuing-ca.key`, an intermediate under the local CA, or operator-supplied files.
 //! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
@@ -62,6 +64,7 @@ pub mod mqtt_dispatch;
 pub mod refusal_log;
 pub mod registration_events;
 pub mod server_cert;
+pub mod shared_tls;
 pub mod tls;
 pub mod unread_body;
 
@@ -223,10 +226,20 @@ impl Server {
             .hub_host
             .clone()
             .unwrap_or_else(|| config.dps_host.clone());
-        let ca = tls::LocalCa::load_or_create(&data_dir)?;
         let mut hosts = vec![config.dps_host.clone(), hub_host.clone()];
         hosts.extend(config.extra_hosts.iter().cloned());
         hosts.dedup();
+        // Several nodes on one database serve one chain: the generated CA and server
+        // certificate come from the store (--tls-cert overrides, as on one node).
+        if config.tls_cert.is_none()
+            && matches!(
+                config.store_location()?,
+                config::StoreLocation::Postgres { .. }
+            )
+        {
+            shared_tls::share(&*store, &data_dir, &hosts).await?;
+        }
+        let ca = tls::LocalCa::load_or_create(&data_dir)?;
         let server_identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
             _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,

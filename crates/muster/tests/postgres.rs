@@ -190,6 +190,47 @@ fn serve_and_migrate_on_postgres() {
     let dir = tempfile::tempdir().expect("tempdir");
     serve_keeps_devices_across_restarts(&rt, &cluster, dir.path());
     migrate_copies_an_installation(&rt, &cluster, dir.path());
+    nodes_share_one_tls_identity(&rt, &cluster, dir.path());
+}
+
+/// Two nodes on one database, each with its own empty data dir (only the sealing key is
+/// shared): the second takes the CA and server certificate the first stored, so both serve
+/// the same chain; a device trusting the first node's CA registers through the second.
+fn nodes_share_one_tls_identity(rt: &tokio::runtime::Runtime, cluster: &PgCluster, dir: &Path) {
+    let url = rt.block_on(cluster.create_database("tls"));
+    let first_dir = dir.join("tls-first");
+    let second_dir = dir.join("tls-second");
+    std::fs::create_dir_all(&second_dir).expect("mkdir");
+    let key = dir.join("tls-store.key");
+    let key_arg = key.to_str().expect("utf-8");
+    let store_args = ["--store", url.as_str(), "--sealing-key", key_arg];
+    let first = Serve::start(&first_dir, &store_args).expect("first node starts");
+    let second = Serve::start(&second_dir, &store_args).expect("second node starts");
+    for file in ["ca.pem", "server.pem", "server.key"] {
+        let a = std::fs::read(first_dir.join(file)).expect("first node's file");
+        let b = std::fs::read(second_dir.join(file)).expect("second node's file");
+        assert!(a == b, "{file} differs between the nodes");
+    }
+    // The second node serves that chain: a device trusting only the first node's CA
+    // registers over HTTPS on the second node's port.
+    let group_key = first.register("shared-tls-a");
+    let endpoint = format!("{}:{}", host(), second.https_port());
+    let ca = first_dir.join("ca.pem");
+    let r = first.json(&[
+        "device",
+        "register",
+        "--registration-id",
+        "shared-tls-b",
+        "--group-key",
+        &group_key,
+        "--endpoint",
+        &endpoint,
+        "--ca-cert",
+        ca.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(r["status"], "assigned", "{r}");
+    second.stop();
+    first.stop();
 }
 
 fn serve_keeps_devices_across_restarts(
