@@ -8,7 +8,9 @@
 //! touching them.
 //!
 //! Layout:
-//! - [`Store`]: the interface every implementation provides.
+//! - [`Store`]: the interface every implementation provides, including what several nodes
+//!   sharing a store need: claims with leases on records ([`Store::claim`], [`Lease`]) and
+//!   shared rate limits ([`Store::take_token`]).
 //! - [`audit`] — the audit log of service-API and console writes: entries, chronological
 //!   keys, filtered listing and retention pruning.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
