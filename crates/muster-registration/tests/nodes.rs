@@ -1,7 +1,8 @@
 //! Several nodes (engines with their own node ids) on one store: a plan saved by a node that
 //! then stalls or dies is taken over by another once its lease lapses, not before, and not
 //! while the first node renews it; the stalled node finishing late does not overwrite the
-//! record the other node saved.
+//! record the other node saved. Run on SQLite (one handle) and on PostgreSQL (a pool per
+//! node, on a throwaway cluster).
 
 mod common;
 
@@ -9,8 +10,9 @@ use std::sync::Arc;
 
 use common::{request, Fixture, Pause};
 use muster_proto::runtime::{Clock, ManualClock};
-use muster_registration::DeviceRegistrar;
-use muster_store::{Collection, Store};
+use muster_registration::{DeviceRegistrar, Engine};
+use muster_store::test_cluster::PgCluster;
+use muster_store::{Collection, PostgresStore};
 use tokio::sync::oneshot;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,7 +21,35 @@ async fn a_stalled_nodes_plan_is_taken_over_after_its_lease_and_finished_once() 
     let clock = Arc::new(ManualClock::new(muster_proto::runtime::SystemClock.now()));
     let a = f.engine_as("node-a", clock.clone());
     let b = f.engine_as("node-b", clock.clone());
+    stalled_node_taken_over(&f, &clock, a, b).await;
+}
 
+/// The same with each node on its own connection pool to one PostgreSQL database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_stalled_nodes_plan_is_taken_over_after_its_lease_and_finished_once() {
+    let Some(cluster) = PgCluster::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("store.key");
+    let a_store = Arc::new(
+        PostgresStore::open(cluster.url(), &key)
+            .await
+            .expect("node a"),
+    );
+    let b_store = Arc::new(
+        PostgresStore::open(cluster.url(), &key)
+            .await
+            .expect("node b"),
+    );
+    let f = Fixture::on(a_store.clone(), dir, &["dev-x"]).await;
+    let clock = Arc::new(ManualClock::new(muster_proto::runtime::SystemClock.now()));
+    let a = f.engine_on(a_store, "node-a", clock.clone());
+    let b = f.engine_on(b_store, "node-b", clock.clone());
+    stalled_node_taken_over(&f, &clock, a, b).await;
+}
+
+async fn stalled_node_taken_over(f: &Fixture, clock: &ManualClock, a: Engine, b: Engine) {
     // Node A saves its plan, then stalls right before its hub write.
     let (reached_tx, reached_rx) = oneshot::channel();
     let (proceed_tx, proceed_rx) = oneshot::channel();

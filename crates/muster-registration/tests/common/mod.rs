@@ -173,7 +173,7 @@ impl HubConnection for TwoStepHub {
 
 pub struct Fixture {
     _dir: tempfile::TempDir,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     pub hub: Arc<TwoStepHub>,
 }
 
@@ -183,6 +183,11 @@ impl Fixture {
     pub async fn new(ids: &[&str]) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SqliteStore::open(&dir.path().join("muster.db")).expect("store"));
+        Self::on(store, dir, ids).await
+    }
+
+    /// [`Fixture::new`] on a store the caller opened (`dir` lives as long as the fixture).
+    pub async fn on(store: Arc<dyn Store>, dir: tempfile::TempDir, ids: &[&str]) -> Fixture {
         let key = B64.encode(DEVICE_KEY);
         let mut writes = vec![Write::put(
             Collection::LinkedHubs,
@@ -218,12 +223,18 @@ impl Fixture {
 
     /// An engine for node `node_id` with its own clock: several stand for several nodes.
     pub fn engine_as(&self, node_id: &str, clock: Arc<dyn Clock>) -> Engine {
+        self.engine_on(self.store.clone(), node_id, clock)
+    }
+
+    /// An engine for node `node_id` on `store` (another handle on the fixture's database,
+    /// as a node on another machine has).
+    pub fn engine_on(&self, store: Arc<dyn Store>, node_id: &str, clock: Arc<dyn Clock>) -> Engine {
         let mut config = EngineConfig::new(IdScope::new(SCOPE).expect("scope"));
         // The engine's own retry of a kept intent must not race the test's restart.
         config.retry_after_secs = 600;
         config.node_id = node_id.into();
         Engine::new(
-            self.store.clone(),
+            store,
             clock,
             Arc::new(SeededEntropy::new(1)),
             unused_http_client(),
