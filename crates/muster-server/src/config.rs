@@ -543,6 +543,28 @@ mod tests {
     }
 
     #[test]
+    fn claims_settings_come_from_the_file_and_a_sweep_must_be_shorter_than_a_lease() {
+        let c: Config =
+            toml::from_str("node-id = \"n1\"\nlease-ms = 10000\nsweep-interval-ms = 2000\n")
+                .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("n1"));
+        assert_eq!((c.lease_ms, c.sweep_interval_ms), (10_000, 2_000));
+        let slow = Config {
+            lease_ms: 5_000,
+            sweep_interval_ms: 5_000,
+            ..Config::default()
+        };
+        let e = slow.validate().unwrap_err().to_string();
+        assert!(e.contains("sweep-interval-ms"), "{e}");
+        let zero = Config {
+            lease_ms: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
     fn listen_addresses_are_ips_and_admin_listen_an_address_with_port() {
         let text = "listen = [\"0.0.0.0\", \"[::]\", \"::1\", \"0.0.0.0\"]\n\
                     admin-listen = \"127.0.0.1:9090\"\nlog-format = \"json\"\n";
