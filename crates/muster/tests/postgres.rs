@@ -277,7 +277,7 @@ fn a_killed_nodes_queue_is_finished_by_another(
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while count(muster_store::Collection::PendingAssignments) < 2 {
         assert!(std::time::Instant::now() < deadline, "node A never queued");
-        rt.block_on(tokio::time::sleep(Duration::from_millis(20)));
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
     }
     a.child.kill().expect("kill -9 node A");
     a.child.wait().expect("node A gone");
@@ -298,7 +298,7 @@ fn a_killed_nodes_queue_is_finished_by_another(
             std::time::Instant::now() < deadline,
             "node B never finished node A's queue"
         );
-        rt.block_on(tokio::time::sleep(Duration::from_millis(50)));
+        rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
     }
     let records = rt.block_on(async {
         muster_store::Store::list(
