@@ -5,6 +5,9 @@
 //! The server runs as the real binary on loopback with ports chosen by the kernel; the devices
 //! register through the CLI over HTTPS. A restart uses a new, empty data dir (only the sealing
 //! key is carried over), so what it finds can only have come from the database.
+//!
+//! Several nodes: two nodes on one database serve one TLS identity, and a node killed with
+//! queued registrations has them finished by another node once its lease lapses.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
