@@ -12,9 +12,18 @@
 //! device is saved with the plan before the put, so a retry still writes the initial twin.
 //! `deprovision` (in `engine/deprovision.rs`) follows the same rule, and deletes a hub device
 //! only while its etag is the one read before the record went.
+//!
+//! Several nodes on one store (`engine/claims.rs`): a marker is written claimed by the node
+//! that saved it (a lease it renews while it works), and a periodic [`Engine::sweep`] claims
+//! the markers and hub removals whose lease lapsed (a dead node's), so each intent is worked
+//! on by one node and taken over when that node dies. As a backstop, finishing a plan is
+//! conditional on the record's and marker's etags as read before the hub writes: a record
+//! another node changed meanwhile is never overwritten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use muster_attestation::symmetric_key;
 use muster_proto::device::{
@@ -29,7 +38,7 @@ use muster_proto::{
     RegistrationSubstatus, ReprovisionPolicy,
 };
 use muster_store::records;
-use muster_store::{Collection, Expect, ListQuery, Record, Store, Write};
+use muster_store::{Collection, Expect, ListQuery, Record, Store, Write, WriteOutcome};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{info, warn};
@@ -43,11 +52,12 @@ use crate::hub_client::{
 use crate::issuance::{self, IssuingCa};
 use crate::metrics;
 use crate::record::{EnrollmentRef, PendingAssignment, RegistrationRecord, TwinOutcome, TwinPlan};
-use crate::throttle::HubThrottle;
+use crate::throttle::Limiter;
 use crate::{
     DeviceCredential, DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
 };
 
+mod claims;
 mod deprovision;
 pub use deprovision::Deprovisioned;
 
@@ -68,6 +78,16 @@ pub struct EngineConfig {
     pub max_in_flight: usize,
     /// `retry-after` (seconds) for registrations left `assigning`.
     pub retry_after_secs: u32,
+    /// This node's name in claims on shared work (see [`Engine::sweep`]); unique per node of
+    /// a store shared by several, and best kept across restarts (a restarted node then takes
+    /// its own work back at once instead of after its leases lapse).
+    pub node_id: String,
+    /// How long a claim on an intent holds without renewal: a dead node's work waits this
+    /// long before another node takes it over.
+    pub lease: Duration,
+    /// How often a node renews its claims and looks for work whose lease lapsed; well under
+    /// `lease`.
+    pub sweep_interval: Duration,
 }
 
 impl EngineConfig {
@@ -79,6 +99,9 @@ impl EngineConfig {
             webhook: custom::WebhookPolicy::default(),
             max_in_flight: 4096,
             retry_after_secs: 2,
+            node_id: "local".into(),
+            lease: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(5),
         }
     }
 }
@@ -96,9 +119,13 @@ struct Inner {
     local_hubs: HashMap<String, Arc<dyn HubConnection>>,
     groups: GroupCache,
     http: reqwest::Client,
-    throttle: HubThrottle,
+    throttle: Limiter,
     in_flight: Semaphore,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<String>>>,
+    /// Pending assignments this node holds a claim on and renews (`claims`).
+    held: Mutex<HashSet<String>>,
+    /// Whether the one-time scan for markers of an old database was done.
+    legacy_checked: AtomicBool,
     /// Signs certificates for CSRs; `None`: every CSR is refused as not enabled.
     issuing_ca: Option<Arc<IssuingCa>>,
 }
@@ -127,6 +154,7 @@ impl Engine {
         config: EngineConfig,
     ) -> Self {
         let in_flight = Semaphore::new(config.max_in_flight);
+        let throttle = Limiter::new(store.clone(), clock.clone());
         Self(Arc::new(Inner {
             hubs: HubClient::new(http.clone(), clock.clone()),
             store,
@@ -136,9 +164,11 @@ impl Engine {
             local_hubs: HashMap::new(),
             groups: GroupCache::default(),
             http,
-            throttle: HubThrottle::default(),
+            throttle,
             in_flight,
             queues: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
+            legacy_checked: AtomicBool::new(false),
             issuing_ca: None,
         }))
     }
@@ -230,11 +260,30 @@ impl Engine {
         }
     }
 
+    /// Saves a record whatever is stored (a new registration's outcome); returns its etag.
     async fn save_record(
         &self,
         key: &str,
         record: &RegistrationRecord,
     ) -> Result<String, DeviceFailure> {
+        match self.save_record_if(key, record, &Expected::any()).await? {
+            Saved::Written { etag, .. } => Ok(etag),
+            Saved::Changed => Err(DeviceFailure::internal(
+                "saving a registration record",
+                "not written",
+            )),
+        }
+    }
+
+    /// Saves a record and its marker in one transaction when both are as `expected`. A plan
+    /// marker is written claimed by this node. Nothing is written when the record changed
+    /// ([`Saved::Changed`]).
+    async fn save_record_if(
+        &self,
+        key: &str,
+        record: &RegistrationRecord,
+        expected: &Expected,
+    ) -> Result<Saved, DeviceFailure> {
         let mut body = record.clone();
         body.state.etag = None;
         let body = serde_json::to_value(&body)
@@ -246,25 +295,42 @@ impl Engine {
         // The marker that lets a restart find this record without scanning them all moves in
         // the same transaction as the record.
         let marker = match &record.pending {
-            Some(plan) => Write::put(
-                Collection::PendingAssignments,
-                key,
-                Expect::Any,
-                json!({"hub": plan.hub, "since": record.state.last_updated_date_time_utc}),
-            ),
-            None => Write::delete(Collection::PendingAssignments, key, Expect::Any),
+            Some(plan) => {
+                self.hold(key);
+                Write::put(
+                    Collection::PendingAssignments,
+                    key,
+                    expected.marker.clone(),
+                    json!({"hub": plan.hub, "since": record.state.last_updated_date_time_utc}),
+                )
+                .with_lease(self.lease())
+            }
+            None => Write::delete(Collection::PendingAssignments, key, expected.marker.clone()),
         };
         let outcome = self
             .0
             .store
             .write(vec![
-                Write::put(Collection::Registrations, key, Expect::Any, body)
-                    .with_partition(partition),
+                Write::put(
+                    Collection::Registrations,
+                    key,
+                    expected.record.clone(),
+                    body,
+                )
+                .with_partition(partition),
                 marker,
             ])
             .await?;
-        match outcome.into_iter().next() {
-            Some(muster_store::WriteOutcome::Written { etag }) => Ok(etag),
+        let mut outcome = outcome.into_iter();
+        match (outcome.next(), outcome.next()) {
+            (Some(WriteOutcome::Written { etag }), marker) => {
+                let marker = match marker {
+                    Some(WriteOutcome::Written { etag }) => Some(etag),
+                    _ => None,
+                };
+                Ok(Saved::Written { etag, marker })
+            }
+            (Some(WriteOutcome::EtagMismatch | WriteOutcome::NotFound), _) => Ok(Saved::Changed),
             _ => Err(DeviceFailure::internal(
                 "saving a registration record",
                 "not written",
@@ -392,7 +458,7 @@ impl Engine {
                     .iter()
                     .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
                     .and_then(|h| h.max_registrations_per_second);
-                let run_now = self.0.throttle.try_take(&plan.hub, rate);
+                let run_now = self.0.throttle.try_take(&plan.hub, rate).await;
                 // Intent before effect: the plan is durable (the record `assigning` with it,
                 // and its marker, in one transaction) before any hub is written, so a crash
                 // in between is finished on start-up by `resume_pending` instead of leaving a
@@ -400,11 +466,19 @@ impl Engine {
                 let hub = plan.hub.clone();
                 record.state.status = RegistrationStatus::Assigning;
                 record.pending = Some(plan.clone());
-                let etag = self.save_record(&key, &record).await?;
+                let Saved::Written { etag, marker } =
+                    self.save_record_if(&key, &record, &Expected::any()).await?
+                else {
+                    return Err(DeviceFailure::internal(
+                        "saving a registration plan",
+                        "not written",
+                    ));
+                };
+                let expected = Expected::saved(&etag, marker.as_deref());
                 record.state.etag = Some(etag);
                 if run_now {
                     let done = self
-                        .complete(&key, record, plan, &attested.hub_auth, &linked)
+                        .complete(&key, record, plan, expected, &attested.hub_auth, &linked)
                         .await;
                     if matches!(&done, Err(f) if f.is_transient()) {
                         // The device is told to retry, but may not: the kept intent is also
@@ -418,7 +492,7 @@ impl Engine {
                 } else {
                     // Accept now, finish in order.
                     self.enqueue(hub.clone(), key);
-                    let wait = self.0.throttle.wait_hint(&hub).as_secs() as u32;
+                    let wait = self.0.throttle.wait_hint(&hub, rate).as_secs() as u32;
                     Ok(DeviceReply::registered(
                         &operation(&record),
                         Some(wait.max(self.0.config.retry_after_secs)),
@@ -428,18 +502,25 @@ impl Engine {
         }
     }
 
-    /// Runs the hub writes of `plan` and saves the outcome.
+    /// Runs the hub writes of `plan` and saves the outcome, provided the record and marker
+    /// are still as `expected` (read before the hub writes). When another node changed them
+    /// meanwhile (it finished the same plan, or the device registered again), its record
+    /// stands and is returned.
     async fn complete(
         &self,
         key: &str,
         mut record: RegistrationRecord,
         plan: PendingAssignment,
+        expected: Expected,
         hub_auth: &HubAuthentication,
         linked: &[LinkedHub],
     ) -> Result<RegistrationRecord, DeviceFailure> {
-        let plan = self
-            .record_device_creation(key, &record, plan, linked)
-            .await?;
+        let Some((plan, expected)) = self
+            .record_device_creation(key, &record, plan, expected, linked)
+            .await?
+        else {
+            return self.current_record(key).await;
+        };
         record.pending = None;
         record.state.last_updated_date_time_utc = Some(self.0.clock.now());
         let started = tokio::time::Instant::now();
@@ -467,9 +548,32 @@ impl Engine {
                 record.state.error_message = Some(f.message);
             }
         }
-        let etag = self.save_record(key, &record).await?;
-        record.state.etag = Some(etag);
-        Ok(record)
+        let saved = self.save_record_if(key, &record, &expected).await?;
+        self.unhold(key);
+        match saved {
+            Saved::Written { etag, .. } => {
+                record.state.etag = Some(etag);
+                Ok(record)
+            }
+            Saved::Changed => {
+                info!(registration = %key, "the registration was changed by another node meanwhile; its record stands");
+                self.current_record(key).await
+            }
+        }
+    }
+
+    /// The stored record of `key` with its etag, after another node changed it.
+    async fn current_record(&self, key: &str) -> Result<RegistrationRecord, DeviceFailure> {
+        match self.load_record(key).await? {
+            Some((mut record, etag)) => {
+                record.state.etag = Some(etag);
+                Ok(record)
+            }
+            None => Err(DeviceFailure::new(
+                ErrorCode::RegistrationNotFound,
+                "the registration was deleted while it was being assigned",
+            )),
+        }
     }
 
     /// Intent before effect for hubs that write a device and its twin in two calls (REST):
@@ -477,21 +581,24 @@ impl Engine {
     /// and a device it lacks is recorded in the plan (`creates_device`) before the put. A
     /// retry or restart after the device put but before the twin write then still writes
     /// the initial twin, instead of taking the device for one the hub already had.
+    ///
+    /// The re-saved plan is conditional like the final save: `None` when the record changed.
     async fn record_device_creation(
         &self,
         key: &str,
         record: &RegistrationRecord,
         mut plan: PendingAssignment,
+        expected: Expected,
         linked: &[LinkedHub],
-    ) -> Result<PendingAssignment, DeviceFailure> {
+    ) -> Result<Option<(PendingAssignment, Expected)>, DeviceFailure> {
         if plan.creates_device || !plan.twin_depends_on_creation() {
-            return Ok(plan);
+            return Ok(Some((plan, expected)));
         }
         let Some(target) = linked
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
         else {
-            return Ok(plan); // `execute` reports it
+            return Ok(Some((plan, expected))); // `execute` reports it
         };
         let hub = self.connection(target);
         if hub.writes_device_and_twin_together()
@@ -501,13 +608,20 @@ impl Engine {
                 .map_err(hub_failure)?
                 .is_some()
         {
-            return Ok(plan);
+            return Ok(Some((plan, expected)));
         }
         plan.creates_device = true;
         let mut intent = record.clone();
         intent.pending = Some(plan.clone());
-        self.save_record(key, &intent).await?;
-        Ok(plan)
+        match self.save_record_if(key, &intent, &expected).await? {
+            Saved::Written { etag, marker } => {
+                Ok(Some((plan, Expected::saved(&etag, marker.as_deref()))))
+            }
+            Saved::Changed => {
+                self.unhold(key);
+                Ok(None)
+            }
+        }
     }
 
     /// Checks a registration's CSR against its enrollment's `certificateIssuance` and issues
@@ -862,6 +976,10 @@ impl Engine {
     /// Finishes one queued intent within the hub's rate; after a transient failure (a hub or
     /// the store answering 503) it is tried again later (`retry_later`).
     async fn run_queued(&self, hub: String, key: String, attempt: u32) {
+        if !self.holds(&key) {
+            // Another node took it over (this node's lease lapsed) or it is finished.
+            return;
+        }
         let rate = self
             .linked_hubs()
             .await
@@ -896,26 +1014,45 @@ impl Engine {
     }
 
     /// Finishes a throttled or interrupted assignment from its stored plan.
+    ///
+    /// The marker is read before the record: every save of a record writes its marker too,
+    /// so a record changed after these reads fails the record's expectation, and one changed
+    /// in between fails the marker's, never deleting a newer plan's marker.
     async fn finish_pending(&self, key: &str) -> Result<(), DeviceFailure> {
-        let loaded = self.load_record(key).await?.map(|(record, _)| record);
-        let Some((record, plan)) = loaded.and_then(|r| r.pending.clone().map(|p| (r, p))) else {
+        let Some(marker) = self
+            .0
+            .store
+            .get(Collection::PendingAssignments, key)
+            .await?
+        else {
+            self.unhold(key);
+            return Ok(());
+        };
+        let loaded = self.load_record(key).await?;
+        let Some((record, plan, etag)) =
+            loaded.and_then(|(r, etag)| r.pending.clone().map(|p| (r, p, etag)))
+        else {
             // Deleted or finished meanwhile: the marker is stale.
             self.0
                 .store
                 .write(vec![Write::delete(
                     Collection::PendingAssignments,
                     key,
-                    Expect::Any,
+                    Expect::Etag(marker.etag),
                 )])
                 .await?;
+            self.unhold(key);
             return Ok(());
         };
+        let expected = Expected::saved(&etag, Some(&marker.etag));
         let rid = record.state.registration_id.clone();
         // The record's last update is the register request that saved this plan.
         let requested = record.state.last_updated_date_time_utc;
         let auth = self.hub_auth_for(&plan, &rid).await?;
         let linked = self.linked_hubs().await?;
-        let done = self.complete(key, record, plan, &auth, &linked).await?;
+        let done = self
+            .complete(key, record, plan, expected, &auth, &linked)
+            .await?;
         if let (RegistrationStatus::Assigned, Some(requested), Some(finished)) = (
             done.state.status,
             requested,
@@ -986,19 +1123,11 @@ impl Engine {
         })
     }
 
-    /// Finishes every intent a crash interrupted (after a restart): hub removals of
-    /// deprovisionings first, then every accepted assignment is re-queued.
+    /// Finishes every intent a crash interrupted (after a restart): the first
+    /// [`Engine::sweep`], which takes this node's own claims back at once. Returns how many
+    /// assignments were queued.
     pub async fn resume_pending(&self) -> Result<usize, DeviceFailure> {
-        self.finish_hub_removals().await?;
-        let pending = self.pending_assignments().await?;
-        let n = pending.len();
-        for p in pending {
-            self.enqueue(p.hub, p.key);
-        }
-        if n > 0 {
-            info!(count = n, "resumed pending assignments");
-        }
-        Ok(n)
+        self.sweep().await
     }
 
     /// The accepted, unfinished assignments, oldest first, from their markers. A database
@@ -1031,7 +1160,7 @@ impl Engine {
 
     /// One full scan of the registration records for pending plans saved before markers
     /// existed; writes their markers, then the setting that says it was done.
-    async fn mark_legacy_pending(&self) -> Result<(), DeviceFailure> {
+    pub(crate) async fn mark_legacy_pending(&self) -> Result<(), DeviceFailure> {
         let store = &*self.0.store;
         let mut after = None;
         loop {
@@ -1249,6 +1378,45 @@ struct MarkerBody {
     hub: String,
     #[serde(default)]
     since: Option<muster_proto::Timestamp>,
+}
+
+/// What a conditional save of a record and its marker expects to find.
+#[derive(Debug, Clone)]
+struct Expected {
+    record: Expect,
+    marker: Expect,
+}
+
+impl Expected {
+    /// Whatever is stored.
+    fn any() -> Self {
+        Self {
+            record: Expect::Any,
+            marker: Expect::Any,
+        }
+    }
+
+    /// The record and marker as a save or a read left them (`marker: None`, no marker).
+    fn saved(record: &str, marker: Option<&str>) -> Self {
+        Self {
+            record: Expect::Etag(record.to_owned()),
+            marker: match marker {
+                Some(m) => Expect::Etag(m.to_owned()),
+                None => Expect::Absent,
+            },
+        }
+    }
+}
+
+/// The result of a conditional save.
+enum Saved {
+    /// The record's new etag, and its marker's when a plan's marker was written.
+    Written {
+        etag: String,
+        marker: Option<String>,
+    },
+    /// The record is not as expected: nothing was written.
+    Changed,
 }
 
 fn decode_record(r: &Record) -> Result<RegistrationRecord, DeviceFailure> {

@@ -11,6 +11,8 @@
 //!   queues; every plan is saved before its hub write (intent before effect), and
 //!   `engine/deprovision.rs` removes a record and its hub device the same way (the hub delete
 //!   conditional on the device's etag, so a device that registered again keeps it).
+//!   `engine/claims.rs` shares that work between the nodes of one store: claims with leases,
+//!   renewed and taken over by the periodic [`Engine::sweep`].
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
 //!   kept until one is written; one group by id.
@@ -30,7 +32,8 @@
 //!   and its IoT Hub registry REST implementation.
 //! - [`record`] — the stored registration record and the plan of a pending assignment, with
 //!   the twin rule (`TwinPlan`) and the substatus it yields.
-//! - [`throttle`] — per-hub token buckets.
+//! - [`throttle`] — per-hub token buckets: in process, or in the store when it is shared by
+//!   several nodes (`Limiter`).
 //! - [`reply`] — [`DeviceReply`], what transports send back.
 //! - [`metrics`] — the engine's metrics (registrations, latencies, throttle queues,
 //!   webhook calls), recorded through the `metrics` facade; the server installs the exporter.

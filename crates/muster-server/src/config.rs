@@ -96,6 +96,15 @@ pub struct Config {
     pub audit_retention_days: u32,
     /// Most `GET /events/registrations` streams (console live views included) open at once.
     pub max_event_subscribers: usize,
+    /// This node's name in claims on shared work (pending assignments, hub removals); unique
+    /// among the nodes of one PostgreSQL store, best kept across restarts. `None`: `local`
+    /// with SQLite, a random name per start with PostgreSQL.
+    pub node_id: Option<String>,
+    /// How long a node's claim on shared work holds without renewal: a dead node's work is
+    /// taken over this long after it died.
+    pub lease_ms: u64,
+    /// How often a node renews its claims and looks for work whose claim lapsed.
+    pub sweep_interval_ms: u64,
 }
 
 /// How log lines are written: `text` for people, `json` (one object per line) for collectors.
@@ -202,6 +211,9 @@ impl Default for Config {
             hub_session_expiry_secs: 3600,
             audit_retention_days: 90,
             max_event_subscribers: 32,
+            node_id: None,
+            lease_ms: 30_000,
+            sweep_interval_ms: 5_000,
         }
     }
 }
@@ -259,6 +271,12 @@ impl Config {
                 "hub-session-expiry-secs must be at least 1".into(),
             ));
         }
+        if self.sweep_interval_ms >= self.lease_ms {
+            return Err(ConfigError::Invalid(
+                "sweep-interval-ms must be shorter than lease-ms (claims are renewed every sweep)"
+                    .into(),
+            ));
+        }
         if self.audit_retention_days == 0 {
             return Err(ConfigError::Invalid(
                 "audit-retention-days must be at least 1".into(),
@@ -302,6 +320,8 @@ impl Config {
             ("mqtt-connect-timeout-ms", self.mqtt_connect_timeout_ms),
             ("mqtt-auth-timeout-ms", self.mqtt_auth_timeout_ms),
             ("mqtt-max-idle-secs", self.mqtt_max_idle_secs),
+            ("lease-ms", self.lease_ms),
+            ("sweep-interval-ms", self.sweep_interval_ms),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -517,6 +537,28 @@ mod tests {
         assert!(e.contains("mqtt-auth-timeout-ms"), "{e}");
         let zero = Config {
             max_unauthenticated_per_address: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn claims_settings_come_from_the_file_and_a_sweep_must_be_shorter_than_a_lease() {
+        let c: Config =
+            toml::from_str("node-id = \"n1\"\nlease-ms = 10000\nsweep-interval-ms = 2000\n")
+                .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("n1"));
+        assert_eq!((c.lease_ms, c.sweep_interval_ms), (10_000, 2_000));
+        let slow = Config {
+            lease_ms: 5_000,
+            sweep_interval_ms: 5_000,
+            ..Config::default()
+        };
+        let e = slow.validate().unwrap_err().to_string();
+        assert!(e.contains("sweep-interval-ms"), "{e}");
+        let zero = Config {
+            lease_ms: 0,
             ..Config::default()
         };
         assert!(zero.validate().is_err());

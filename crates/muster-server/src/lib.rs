@@ -5,6 +5,8 @@
 //! - [`config`] — the settings `muster serve` takes (TOML file, flags, environment).
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
+//! - [`shared_tls`] — with a PostgreSQL store, that CA and certificate created once and kept
+//!   in the store, so every node serves the same chain.
 //! - [`issuing_ca`] — the CA that signs device certificates for CSRs: `issuing-ca.pem` /
 //!   `issuing-ca.key`, an intermediate under the local CA, or operator-supplied files.
 //! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
@@ -62,6 +64,7 @@ pub mod mqtt_dispatch;
 pub mod refusal_log;
 pub mod registration_events;
 pub mod server_cert;
+pub mod shared_tls;
 pub mod tls;
 pub mod unread_body;
 
@@ -223,10 +226,20 @@ impl Server {
             .hub_host
             .clone()
             .unwrap_or_else(|| config.dps_host.clone());
-        let ca = tls::LocalCa::load_or_create(&data_dir)?;
         let mut hosts = vec![config.dps_host.clone(), hub_host.clone()];
         hosts.extend(config.extra_hosts.iter().cloned());
         hosts.dedup();
+        // Several nodes on one database serve one chain: the generated CA and server
+        // certificate come from the store (--tls-cert overrides, as on one node).
+        if config.tls_cert.is_none()
+            && matches!(
+                config.store_location()?,
+                config::StoreLocation::Postgres { .. }
+            )
+        {
+            shared_tls::share(&*store, &data_dir, &hosts).await?;
+        }
+        let ca = tls::LocalCa::load_or_create(&data_dir)?;
         let server_identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => tls::ServerIdentity::from_pem_files(cert, key)?,
             _ => tls::ServerIdentity::load_or_create(&data_dir, &ca, &hosts)?,
@@ -339,6 +352,14 @@ impl Server {
         engine_config.region = config.region.clone();
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
+        engine_config.node_id = match (&config.node_id, config.store_location()?) {
+            (Some(id), _) => id.clone(),
+            (None, config::StoreLocation::Sqlite(_)) => "local".into(),
+            // Unique per start: a restarted node's old claims lapse and are taken up.
+            (None, _) => format!("node-{}", muster_proto::runtime::random_hex(&*entropy, 8)),
+        };
+        engine_config.lease = std::time::Duration::from_millis(config.lease_ms);
+        engine_config.sweep_interval = std::time::Duration::from_millis(config.sweep_interval_ms);
         // The built-in hub is written in process; other linked hubs over their REST API.
         let issuing = issuing_ca::load(&config, &data_dir, &ca)?;
         let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
@@ -472,6 +493,7 @@ impl Server {
             .resume_pending()
             .await
             .map_err(|f| ServerError::Engine(f.message))?;
+        tasks.spawn(engine.clone().run_sweeps(shutdown_rx.clone()));
 
         // With --tls-cert clients trust the chain's issuer (a public CA: the system roots),
         // not the local CA.

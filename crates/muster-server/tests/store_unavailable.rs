@@ -68,6 +68,38 @@ impl Store for FullDiskStore {
         self.inner.count(collection, partition).await
     }
 
+    async fn claim(
+        &self,
+        collection: Collection,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner
+            .claim(collection, owner, now_ms, until_ms, limit)
+            .await
+    }
+
+    async fn renew(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+        until_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.renew(collection, owner, keys, until_ms).await
+    }
+
+    async fn release(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+    ) -> Result<(), StoreError> {
+        self.inner.release(collection, owner, keys).await
+    }
+
     fn changes(&self, collection: Collection) -> Option<u64> {
         self.inner.changes(collection)
     }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::{Collection, Expect, ListQuery, Record, Store, Write, WriteOutcome};
+use crate::{Collection, Expect, Lease, ListQuery, Record, Store, Write, WriteOutcome};
 
 const C: Collection = Collection::Enrollments;
 
@@ -72,6 +72,12 @@ where
         secret_collections_are_queryable,
         audit_log_lists_in_time_order_and_prunes,
         counted_changes_move_on_every_write,
+        claims_take_free_expired_and_own_records,
+        racing_claimers_each_record_goes_to_one,
+        expired_lease_is_taken_over,
+        renewed_lease_is_not_taken,
+        lease_written_with_a_put_and_kept_by_later_puts,
+        released_claim_is_free,
     );
 }
 
@@ -1170,4 +1176,253 @@ pub async fn counted_changes_move_on_every_write<S: Store>(store: S) {
             assert_ne!(before, after, "the counter did not move on {described}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claims
+
+/// The collection claims are checked on (the one the engine claims).
+const CL: Collection = Collection::PendingAssignments;
+
+async fn claim<S: Store>(
+    store: &S,
+    owner: &str,
+    now: i64,
+    until: i64,
+    limit: usize,
+) -> Vec<String> {
+    store
+        .claim(CL, owner, now, until, limit)
+        .await
+        .unwrap_or_else(|e| panic!("claim by {owner} failed: {e}"))
+        .into_iter()
+        .map(|r| r.key)
+        .collect()
+}
+
+fn names(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// A claim returns records nobody holds, in key order with their bodies and etags, up to
+/// its limit; it leaves etags alone; another claimer gets none of them while the lease
+/// runs; the holder claiming again gets its own records back (a restarted node).
+pub async fn claims_take_free_expired_and_own_records<S: Store>(store: S) {
+    let mut etags = Vec::new();
+    for k in ["c", "a", "b"] {
+        etags.push((k, put(&store, CL, k, json!({"k": k})).await));
+    }
+    let first = store
+        .claim(CL, "node-1", 1_000, 31_000, 2)
+        .await
+        .unwrap_or_else(|e| panic!("claim failed: {e}"));
+    let got: Vec<&str> = first.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(
+        got,
+        ["a", "b"],
+        "a claim takes free records in key order, up to its limit"
+    );
+    for r in &first {
+        assert_eq!(r.body, json!({"k": r.key}), "a claim returns the body");
+        let (_, etag) = etags.iter().find(|(k, _)| *k == r.key).expect("written");
+        assert_eq!(
+            &r.etag, etag,
+            "a claim returns the etag and does not change it"
+        );
+        assert_eq!(&must_get(&store, CL, &r.key).await.etag, etag);
+    }
+    assert_eq!(
+        claim(&store, "node-2", 2_000, 32_000, 10).await,
+        names(&["c"]),
+        "another node gets only what is not held"
+    );
+    assert_eq!(
+        claim(&store, "node-1", 3_000, 33_000, 10).await,
+        names(&["a", "b"]),
+        "the holder claiming again gets its own records back"
+    );
+    assert!(
+        claim(&store, "node-3", 4_000, 34_000, 10).await.is_empty(),
+        "nothing is free while the leases run"
+    );
+    one(&store, Write::delete(CL, "a", Expect::Any)).await;
+    assert_eq!(
+        claim(&store, "node-1", 5_000, 35_000, 10).await,
+        names(&["b"]),
+        "a deleted record is no longer claimed"
+    );
+    put(&store, CL, "a", json!({"k": "again"})).await;
+    assert_eq!(
+        claim(&store, "node-3", 6_000, 36_000, 10).await,
+        names(&["a"]),
+        "a record written again after its delete starts unclaimed"
+    );
+}
+
+/// Two claimers racing over the same records: each record goes to exactly one of them.
+pub async fn racing_claimers_each_record_goes_to_one<S: Store>(store: S) {
+    let store = Arc::new(store);
+    let n = 60;
+    for i in 0..n {
+        put(&*store, CL, &format!("r{i:03}"), json!({"i": i})).await;
+    }
+    let mut handles = Vec::new();
+    for node in ["node-a", "node-b"] {
+        for _ in 0..4 {
+            let store = Arc::clone(&store);
+            handles.push(tokio::spawn(async move {
+                let got = claim(&*store, node, 1_000, 31_000, 7).await;
+                (node, got)
+            }));
+        }
+    }
+    let mut by_node: std::collections::HashMap<&str, HashSet<String>> = Default::default();
+    for handle in handles {
+        let (node, got) = handle
+            .await
+            .unwrap_or_else(|e| panic!("claim task failed: {e}"));
+        by_node.entry(node).or_default().extend(got);
+    }
+    let a = by_node.remove("node-a").unwrap_or_default();
+    let b = by_node.remove("node-b").unwrap_or_default();
+    let both: Vec<&String> = a.intersection(&b).collect();
+    assert!(both.is_empty(), "records claimed by both nodes: {both:?}");
+    // Whatever the first round left free goes to one of them now; nothing is lost.
+    let mut rest = claim(&*store, "node-a", 2_000, 31_000, 1000).await;
+    rest.retain(|k| !a.contains(k));
+    let total = a.len() + b.len() + rest.len();
+    assert_eq!(total, n, "every record is claimed by exactly one node");
+    assert!(
+        claim(&*store, "node-c", 3_000, 33_000, 1000)
+            .await
+            .is_empty(),
+        "a third node finds nothing free"
+    );
+}
+
+/// A lease that lapsed (`until <= now`) is taken over by another node, and the old holder
+/// can no longer renew it.
+pub async fn expired_lease_is_taken_over<S: Store>(store: S) {
+    put(&store, CL, "work", json!({})).await;
+    assert_eq!(
+        claim(&store, "dead", 1_000, 31_000, 10).await,
+        names(&["work"])
+    );
+    assert!(
+        claim(&store, "alive", 30_999, 60_999, 10).await.is_empty(),
+        "a running lease is not taken"
+    );
+    assert_eq!(
+        claim(&store, "alive", 31_000, 61_000, 10).await,
+        names(&["work"]),
+        "a lapsed lease is taken over"
+    );
+    let renewed = store
+        .renew(CL, "dead", &names(&["work"]), 90_000)
+        .await
+        .unwrap_or_else(|e| panic!("renew failed: {e}"));
+    assert!(
+        renewed.is_empty(),
+        "the old holder must not renew a taken record"
+    );
+    assert!(
+        claim(&store, "third", 60_000, 90_000, 10).await.is_empty(),
+        "the new lease holds"
+    );
+}
+
+/// A lease renewed before it lapsed is not taken when the original expiry passes; renewing
+/// reports only what the caller holds.
+pub async fn renewed_lease_is_not_taken<S: Store>(store: S) {
+    put(&store, CL, "mine", json!({})).await;
+    put(&store, CL, "theirs", json!({})).await;
+    assert_eq!(
+        claim(&store, "me", 1_000, 31_000, 1).await,
+        names(&["mine"])
+    );
+    assert_eq!(
+        claim(&store, "them", 1_000, 31_000, 1).await,
+        names(&["theirs"])
+    );
+    let renewed = store
+        .renew(CL, "me", &names(&["mine", "theirs", "gone"]), 61_000)
+        .await
+        .unwrap_or_else(|e| panic!("renew failed: {e}"));
+    assert_eq!(
+        renewed,
+        names(&["mine"]),
+        "only the caller's own leases are renewed"
+    );
+    assert_eq!(
+        claim(&store, "other", 40_000, 70_000, 10).await,
+        names(&["theirs"]),
+        "the renewed lease holds past its first expiry; the other lapsed"
+    );
+    assert_eq!(
+        claim(&store, "other", 61_000, 91_000, 10).await,
+        names(&["mine", "theirs"])
+    );
+}
+
+/// A put with a lease writes the record already claimed (no node can take it in between);
+/// a later put without one keeps the claim.
+pub async fn lease_written_with_a_put_and_kept_by_later_puts<S: Store>(store: S) {
+    let lease = Lease {
+        owner: "writer".into(),
+        until_ms: 31_000,
+    };
+    let outcome = one(
+        &store,
+        Write::put(CL, "born-claimed", Expect::Absent, json!({"v": 1})).with_lease(lease),
+    )
+    .await;
+    assert!(outcome.is_applied(), "{outcome:?}");
+    assert!(
+        claim(&store, "other", 1_000, 31_000, 10).await.is_empty(),
+        "a record written with a lease is claimed from its first write"
+    );
+    put(&store, CL, "born-claimed", json!({"v": 2})).await;
+    assert!(
+        claim(&store, "other", 2_000, 32_000, 10).await.is_empty(),
+        "a put without a lease keeps the claim"
+    );
+    assert_eq!(
+        claim(&store, "writer", 2_000, 32_000, 10).await,
+        names(&["born-claimed"])
+    );
+    assert_eq!(
+        must_get(&store, CL, "born-claimed").await.body,
+        json!({"v": 2})
+    );
+    assert_eq!(
+        claim(&store, "other", 32_000, 62_000, 10).await,
+        names(&["born-claimed"]),
+        "it lapses like any claim"
+    );
+}
+
+/// A released claim is free at once; a release by another node changes nothing.
+pub async fn released_claim_is_free<S: Store>(store: S) {
+    put(&store, CL, "k", json!({})).await;
+    assert_eq!(
+        claim(&store, "holder", 1_000, 31_000, 10).await,
+        names(&["k"])
+    );
+    store
+        .release(CL, "stranger", &names(&["k"]))
+        .await
+        .unwrap_or_else(|e| panic!("release failed: {e}"));
+    assert!(
+        claim(&store, "other", 2_000, 32_000, 10).await.is_empty(),
+        "a stranger cannot release another node's claim"
+    );
+    store
+        .release(CL, "holder", &names(&["k"]))
+        .await
+        .unwrap_or_else(|e| panic!("release failed: {e}"));
+    assert_eq!(
+        claim(&store, "other", 2_000, 32_000, 10).await,
+        names(&["k"]),
+        "a released record is claimable at once"
+    );
 }

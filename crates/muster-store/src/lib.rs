@@ -8,7 +8,9 @@
 //! touching them.
 //!
 //! Layout:
-//! - [`Store`]: the interface every implementation provides.
+//! - [`Store`]: the interface every implementation provides, including what several nodes
+//!   sharing a store need: claims with leases on records ([`Store::claim`], [`Lease`]) and
+//!   shared rate limits ([`Store::take_token`]).
 //! - [`audit`] — the audit log of service-API and console writes: entries, chronological
 //!   keys, filtered listing and retention pruning.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
@@ -177,6 +179,18 @@ pub struct Write {
     pub key: String,
     pub expect: Expect,
     pub op: WriteOp,
+    /// For a put: the record is claimed with this lease as it is written (see
+    /// [`Store::claim`]), so work a node saves for itself is never claimable by another
+    /// node in between. `None` keeps whatever claim the record has (none for a new one).
+    pub lease: Option<Lease>,
+}
+
+/// A node's claim on a record: the node's id and when the claim lapses, in Unix
+/// milliseconds of the caller's clock (every node must use the same time base).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    pub until_ms: i64,
 }
 
 impl Write {
@@ -194,6 +208,7 @@ impl Write {
                 partition: None,
                 body,
             },
+            lease: None,
         }
     }
 
@@ -203,7 +218,14 @@ impl Write {
             key: key.into(),
             expect,
             op: WriteOp::Delete,
+            lease: None,
         }
+    }
+
+    /// Claims the record for `lease.owner` as it is written (puts only).
+    pub fn with_lease(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     pub fn with_partition(mut self, partition: Option<String>) -> Self {
@@ -358,6 +380,57 @@ pub trait Store: Send + Sync + 'static {
         collection: Collection,
         partition: Option<&str>,
     ) -> Result<u64, StoreError>;
+
+    /// Claims up to `limit` records of `collection` for `owner` until `until_ms`, and returns
+    /// them in key order: records nobody claimed, records whose lease lapsed (`until_ms <=
+    /// now_ms`) and records `owner` already holds. Of several nodes claiming at once, each
+    /// record goes to exactly one (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite: one write
+    /// transaction). A claim does not change a record's etag or body; a put keeps it unless
+    /// the put carries its own lease ([`Write::with_lease`]); a delete ends it.
+    async fn claim(
+        &self,
+        collection: Collection,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// Extends `owner`'s leases on `keys` to `until_ms` and returns the keys it still holds
+    /// (in key order). A key another node claimed after the lease lapsed, or that is gone,
+    /// is not renewed: the caller must stop working on it.
+    async fn renew(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+        until_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Ends `owner`'s leases on `keys` (others' leases are left alone), so any node may
+    /// claim them at once.
+    async fn release(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+    ) -> Result<(), StoreError>;
+
+    /// Takes one token of the shared rate limit `name`: at most `rate` per second, with a
+    /// burst of one second's worth, counted over every process using this store, at time
+    /// `now_ms` (Unix milliseconds; a time before the bucket's last refill counts as that
+    /// time). `Ok(Some(taken))` when the store shares limits between processes; `Ok(None)`
+    /// (the default) when it does not, so the caller limits in process (a store only one
+    /// process uses, like SQLite).
+    async fn take_token(
+        &self,
+        name: &str,
+        rate: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let _ = (name, rate, now_ms);
+        Ok(None)
+    }
 
     /// A counter that moves whenever a write to `collection` may have committed, before the
     /// writer hears of it; callers may keep what they decoded from the collection while it

@@ -30,6 +30,20 @@
 //! whole a few times before the caller hears [`StoreError::Unavailable`]. The commit returns
 //! once PostgreSQL has made the transaction durable (`synchronous_commit`, per the server).
 //!
+//! # Claims
+//!
+//! `claim_owner`/`claim_until` (migration 2) say which node works on a record until when.
+//! [`Store::claim`] is one `UPDATE` over a `SELECT ... FOR UPDATE SKIP LOCKED`: rows another
+//! node is claiming or writing are skipped, so each row goes to exactly one claimer and
+//! none waits. A write locks its rows `FOR UPDATE` as above, so a claim never interleaves
+//! with one.
+//!
+//! # Shared rate limits
+//!
+//! [`Store::take_token`] keeps one token bucket per name in `muster_rate_limits` (migration
+//! 3) and takes a token with one `INSERT ... ON CONFLICT DO UPDATE ... WHERE ... RETURNING`:
+//! the row lock orders the nodes, so their sum never exceeds the rate.
+//!
 //! # Several processes
 //!
 //! [`Store::changes`] counts the writes of every node to the configuration collections
@@ -56,7 +70,7 @@ use muster_proto::runtime::{Entropy, OsEntropy};
 use crate::sealing::Sealer;
 use crate::sqlite::format_etag;
 use crate::{
-    Collection, Expect, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome,
+    Collection, Expect, Lease, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome,
 };
 use changes::Changes;
 pub use changes::LISTENER_NAME;
@@ -310,20 +324,30 @@ impl PostgresStore {
                         StoreError::Backend(context("no etag was drawn for writing"))
                     })?;
                     let etag = format_etag(u64::try_from(counter).unwrap_or(0));
+                    let (owner, until) = write
+                        .lease
+                        .as_ref()
+                        .map(|l| (l.owner.as_str(), l.until_ms))
+                        .unzip();
                     // A create must not overwrite a row another node inserted since the lock
-                    // found none; an unconditional put overwrites it.
+                    // found none; an unconditional put overwrites it. A put without a lease
+                    // keeps the record's claim (see `Store::claim`).
                     let sql = if write.expect == Expect::Absent {
-                        "INSERT INTO muster_records (collection, key, partition, etag, body, sealed)
-                         VALUES ($1, $2, $3, $4, $5, $6)
+                        "INSERT INTO muster_records
+                             (collection, key, partition, etag, body, sealed, claim_owner, claim_until)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                          ON CONFLICT (collection, key) DO NOTHING"
                     } else {
-                        "INSERT INTO muster_records (collection, key, partition, etag, body, sealed)
-                         VALUES ($1, $2, $3, $4, $5, $6)
+                        "INSERT INTO muster_records
+                             (collection, key, partition, etag, body, sealed, claim_owner, claim_until)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                          ON CONFLICT (collection, key) DO UPDATE SET
                              partition = excluded.partition,
                              etag = excluded.etag,
                              body = excluded.body,
-                             sealed = excluded.sealed"
+                             sealed = excluded.sealed,
+                             claim_owner = COALESCE(excluded.claim_owner, muster_records.claim_owner),
+                             claim_until = COALESCE(excluded.claim_until, muster_records.claim_until)"
                     };
                     let put = tx
                         .prepare_cached(sql)
@@ -339,6 +363,8 @@ impl PostgresStore {
                                 &etag,
                                 &body.text(),
                                 &body.sealed(),
+                                &owner,
+                                &until,
                             ],
                         )
                         .await
@@ -443,6 +469,7 @@ struct PreparedWrite {
     key: String,
     expect: Expect,
     op: PreparedOp,
+    lease: Option<Lease>,
 }
 
 enum PreparedOp {
@@ -488,6 +515,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
         key: write.key,
         expect: write.expect,
         op,
+        lease: write.lease,
     })
 }
 
@@ -595,6 +623,137 @@ impl Store for PostgresStore {
         rows.iter()
             .map(|row| self.decode(collection, row.get(0), row, 1))
             .collect()
+    }
+
+    async fn claim(
+        &self,
+        collection: Collection,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let context = || format!("claiming {}", collection.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        // Rows another node is claiming (or writing) right now are skipped, not waited for:
+        // of two claimers each row goes to one, and neither blocks on the other.
+        let stmt = client
+            .prepare_cached(
+                "UPDATE muster_records r SET claim_owner = $2, claim_until = $4
+                 FROM (SELECT key FROM muster_records
+                       WHERE collection = $1 AND (claim_owner IS NULL
+                           OR claim_owner = $2 OR claim_until <= $3)
+                       ORDER BY key LIMIT $5
+                       FOR UPDATE SKIP LOCKED) c
+                 WHERE r.collection = $1 AND r.key = c.key
+                 RETURNING r.key, r.partition, r.etag, r.body, r.sealed",
+            )
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let rows = client
+            .query(
+                &stmt,
+                &[&collection.as_str(), &owner, &now_ms, &until_ms, &limit],
+            )
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let mut records = rows
+            .iter()
+            .map(|row| self.decode(collection, row.get(0), row, 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(records)
+    }
+
+    async fn renew(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+        until_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let context = || format!("renewing claims on {}", collection.as_str());
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE muster_records SET claim_until = $3
+                 WHERE collection = $1 AND claim_owner = $2 AND key = ANY($4)
+                 RETURNING key",
+            )
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let rows = client
+            .query(&stmt, &[&collection.as_str(), &owner, &until_ms, &keys])
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let mut renewed: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        renewed.sort();
+        Ok(renewed)
+    }
+
+    async fn release(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+    ) -> Result<(), StoreError> {
+        let context = || format!("releasing claims on {}", collection.as_str());
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE muster_records SET claim_owner = NULL, claim_until = NULL
+                 WHERE collection = $1 AND claim_owner = $2 AND key = ANY($3)",
+            )
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        client
+            .execute(&stmt, &[&collection.as_str(), &owner, &keys])
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        Ok(())
+    }
+
+    async fn take_token(
+        &self,
+        name: &str,
+        rate: u32,
+        now_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let context = || format!("taking a token of rate limit {name}");
+        let capacity = f64::from(rate.max(1));
+        let client = self.client().await?;
+        // One statement: the row lock orders concurrent takers, the refill is computed from
+        // the last update, and a bucket without a whole token is left as it was (its refill
+        // is recomputed next time from the same instant).
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO muster_rate_limits AS b (name, tokens, updated_ms)
+                 VALUES ($1::TEXT, $2::DOUBLE PRECISION - 1, $3::BIGINT)
+                 ON CONFLICT (name) DO UPDATE SET
+                     tokens = LEAST($2::DOUBLE PRECISION, b.tokens
+                         + GREATEST(0, $3::BIGINT - b.updated_ms)::DOUBLE PRECISION
+                           * $2::DOUBLE PRECISION / 1000.0) - 1,
+                     updated_ms = GREATEST(b.updated_ms, $3::BIGINT)
+                 WHERE LEAST($2::DOUBLE PRECISION, b.tokens
+                         + GREATEST(0, $3::BIGINT - b.updated_ms)::DOUBLE PRECISION
+                           * $2::DOUBLE PRECISION / 1000.0) >= 1
+                 RETURNING tokens",
+            )
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let taken = client
+            .query_opt(&stmt, &[&name, &capacity, &now_ms])
+            .await
+            .map_err(|e| pg_err(&context(), &e))?
+            .is_some();
+        Ok(Some(taken))
     }
 
     fn changes(&self, collection: Collection) -> Option<u64> {

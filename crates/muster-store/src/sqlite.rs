@@ -32,6 +32,12 @@
 //! and a batch that hits a database error is rolled back alone. An answer is sent only once
 //! the transaction is committed and synced, so a write is durable before `write` returns.
 //!
+//! # Claims
+//!
+//! [`Store::claim`] and its kin only set `records.claim_owner`/`claim_until` (added by
+//! migration 4), so they run on a second read-write connection (`claims`), not through the
+//! writer thread; a put carrying a lease sets them in the writer's statement.
+//!
 //! # Reads: a small pool
 //!
 //! Reads use a few read-only connections on the blocking thread pool. In WAL mode readers see
@@ -50,6 +56,7 @@
 //! its connection (checkpointing the WAL) and the drop waits for it to exit.
 
 mod body;
+mod claims;
 mod files;
 mod readers;
 mod schema;
@@ -93,6 +100,8 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     readers: Arc<ReadPool>,
+    /// Claims on records (`Store::claim`), on a connection of their own (see `claims`).
+    claims: claims::Claims,
     changes: Arc<writer::ChangeCounters>,
     /// Seals the bodies of secret collections (see `crate::sealing`).
     sealer: Arc<Sealer>,
@@ -146,6 +155,7 @@ impl SqliteStore {
         let etags = EtagCounter::load(&conn).map_err(explain)?;
         let readers =
             ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT).map_err(explain)?;
+        let claims = claims::Claims::open(path).map_err(explain)?;
 
         let (requests, queue) = mpsc::channel();
         let changes = Arc::new(writer::ChangeCounters::new());
@@ -160,6 +170,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 readers,
+                claims,
                 changes,
                 sealer,
                 requests: Some(requests),
@@ -186,6 +197,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Readers first, so the writer's connection is the last one and checkpoints the WAL.
         self.readers.close_idle();
+        self.claims.close();
         drop(self.requests.take());
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
@@ -493,6 +505,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
         key: write.key,
         expect: write.expect,
         op,
+        lease: write.lease,
     })
 }
 
@@ -612,6 +625,52 @@ impl Store for SqliteStore {
         } else {
             self.inner.readers.run(read).await
         }
+    }
+
+    async fn claim(
+        &self,
+        collection: Collection,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner
+            .claims
+            .claim(
+                self.inner.sealer.clone(),
+                collection,
+                owner.to_owned(),
+                now_ms,
+                until_ms,
+                limit,
+            )
+            .await
+    }
+
+    async fn renew(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+        until_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner
+            .claims
+            .renew(collection, owner.to_owned(), keys.to_vec(), until_ms)
+            .await
+    }
+
+    async fn release(
+        &self,
+        collection: Collection,
+        owner: &str,
+        keys: &[String],
+    ) -> Result<(), StoreError> {
+        self.inner
+            .claims
+            .release(collection, owner.to_owned(), keys.to_vec())
+            .await
     }
 
     fn changes(&self, collection: Collection) -> Option<u64> {

@@ -37,6 +37,7 @@ async fn postgres_store() {
     conformance(&cluster, &key).await;
     sealed_bodies_are_bytes_from_the_injected_entropy(&cluster, &key).await;
     group_changes_reach_the_other_node(&cluster, &key).await;
+    rate_limits_are_shared_by_the_nodes(&cluster, &key).await;
     migrations_run_once_under_the_lock(&cluster, &key).await;
     refuses_a_newer_schema(&cluster, &key).await;
     refuses_another_or_a_missing_sealing_key(&cluster, keys.path()).await;
@@ -45,6 +46,56 @@ async fn postgres_store() {
     read_only_database_is_unavailable(&cluster, &key).await;
     // Last: it stops the server.
     outage_is_unavailable(&cluster, &key).await;
+}
+
+/// Two nodes take tokens of one bucket: one second's worth in all at one instant, refilled
+/// at the rate, capped at one second's worth, and a node whose clock lags gets no refill
+/// from the bucket's past.
+async fn rate_limits_are_shared_by_the_nodes(cluster: &PgCluster, key: &std::path::Path) {
+    let url = cluster.create_database("rate_limits").await;
+    let a = open(&url, key).await;
+    let b = open(&url, key).await;
+    let take = |store: &PostgresStore, now: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .take_token("hub/h.example", 4, now)
+                .await
+                .expect("take")
+                .expect("a PostgreSQL store shares its limits")
+        }
+    };
+    let t0 = 1_000_000;
+    let mut taken = 0;
+    for i in 0..10 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        if take(node, t0).await {
+            taken += 1;
+        }
+    }
+    assert_eq!(
+        taken, 4,
+        "both nodes together get one second's worth at one instant"
+    );
+    assert!(!take(&b, t0 + 200).await, "0.8 tokens after 200 ms: none");
+    assert!(take(&a, t0 + 250).await, "one token after 250 ms");
+    assert!(
+        !take(&b, t0 + 100).await,
+        "a lagging clock gets no refill from the past"
+    );
+    let mut later = 0;
+    for i in 0..10 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        if take(node, t0 + 60_000).await {
+            later += 1;
+        }
+    }
+    assert_eq!(later, 4, "a long pause refills at most one second's worth");
+    let other = a
+        .take_token("hub/other.example", 4, t0)
+        .await
+        .expect("take");
+    assert_eq!(other, Some(true), "buckets are per name");
 }
 
 async fn conformance(cluster: &PgCluster, key: &std::path::Path) {

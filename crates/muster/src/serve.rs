@@ -105,6 +105,16 @@ pub struct ServeArgs {
     /// Days the audit log keeps an entry [default: 90]
     #[arg(long, env = "MUSTER_AUDIT_RETENTION_DAYS")]
     audit_retention_days: Option<u32>,
+    /// This node's name in claims on shared work, unique per node of a PostgreSQL store
+    /// [default: `local` with SQLite, random per start with PostgreSQL]
+    #[arg(long, env = "MUSTER_NODE_ID")]
+    node_id: Option<String>,
+    /// How long a node's claim on shared work holds unrenewed, in ms [default: 30000]
+    #[arg(long, env = "MUSTER_LEASE_MS")]
+    lease_ms: Option<u64>,
+    /// How often a node renews its claims and takes up lapsed ones, in ms [default: 5000]
+    #[arg(long, env = "MUSTER_SWEEP_INTERVAL_MS")]
+    sweep_interval_ms: Option<u64>,
     /// Print the effective configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -167,6 +177,15 @@ impl ServeArgs {
         c.extra_hosts.extend(self.extra_hosts.iter().cloned());
         if let Some(v) = self.audit_retention_days {
             c.audit_retention_days = v;
+        }
+        if let Some(v) = &self.node_id {
+            c.node_id = Some(v.clone());
+        }
+        if let Some(v) = self.lease_ms {
+            c.lease_ms = v;
+        }
+        if let Some(v) = self.sweep_interval_ms {
+            c.sweep_interval_ms = v;
         }
         let numbers = [
             (self.max_connections, &mut c.max_connections),

@@ -4,15 +4,14 @@
 //! Intent before effect: the record's removal and one `HubRemovals` intent per hub device it
 //! may have written (its assignment, and the target of an unfinished plan) are one store
 //! transaction; the hub deletes follow, and each intent is removed once its hub confirmed.
-//! After a crash, [`Engine::finish_hub_removals`] (run by `resume_pending` on start-up)
-//! finishes every intent left. A device that registered again in between keeps its hub
+//! After a crash, [`Engine::finish_hub_removals`] (run by every [`Engine::sweep`]) finishes
+//! every intent left, once the lease of the node that wrote it lapsed. A device that registered again in between keeps its hub
 //! identity: each intent names the hub device's etag as read before the record was removed,
 //! and the hub delete is conditional on it (`If-Match`), so a device a newer registration
 //! wrote meanwhile (a new etag) is left alone; an intent is also dropped without a hub call
 //! when a record claims that device again.
 
 use muster_proto::{ErrorCode, RegistrationId, Timestamp};
-use muster_store::records;
 use muster_store::{Collection, Expect, Write, WriteOutcome};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -146,13 +145,18 @@ impl Engine {
             Write::delete(Collection::PendingAssignments, key.clone(), Expect::Any),
         ];
         for r in &removals {
-            writes.push(Write::put(
-                Collection::HubRemovals,
-                r.key(),
-                Expect::Any,
-                serde_json::to_value(r)
-                    .map_err(|e| DeviceFailure::internal("encoding a hub removal", e))?,
-            ));
+            // Claimed by this node, which finishes it below; another takes it over if this
+            // one dies first.
+            writes.push(
+                Write::put(
+                    Collection::HubRemovals,
+                    r.key(),
+                    Expect::Any,
+                    serde_json::to_value(r)
+                        .map_err(|e| DeviceFailure::internal("encoding a hub removal", e))?,
+                )
+                .with_lease(self.lease()),
+            );
         }
         // A batch applies the writes whose expectation holds, so the intents are only
         // written together with the record's removal when the record is still the one read.
@@ -249,9 +253,10 @@ impl Engine {
         Ok(assigned || planned)
     }
 
-    /// Finishes the hub removals a crash interrupted; returns how many.
+    /// Finishes the hub removals a crash interrupted that no live node holds (claimed for
+    /// this node first, see `claims`); returns how many.
     pub async fn finish_hub_removals(&self) -> Result<usize, DeviceFailure> {
-        let intents = records::list_all(&*self.0.store, Collection::HubRemovals, 1000).await?;
+        let intents = self.claim_hub_removals().await?;
         let n = intents.len();
         for stored in intents {
             let removal: HubRemoval = serde_json::from_value(stored.body)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use muster_proto::device::DeviceRegistration;
-use muster_proto::runtime::{SeededEntropy, SystemClock};
+use muster_proto::runtime::{Clock, SeededEntropy, SystemClock};
 use muster_proto::{IdScope, SasToken};
 use muster_registration::hub_client::{HubDeviceSpec, HubError, TwinWrite};
 use muster_registration::{DeviceCredential, Engine, EngineConfig, HubConnection, RegisterRequest};
@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 pub const SCOPE: &str = "0ne00000001";
 pub const HUB: &str = "twostep.example";
-const DEVICE_KEY: [u8; 32] = [7; 32];
+pub const DEVICE_KEY: [u8; 32] = [7; 32];
 
 /// One device in the fake hub: its identity etag (new on every identity write) and twin.
 #[derive(Clone)]
@@ -48,9 +48,15 @@ pub struct TwoStepHub {
     /// Every device put answers 400, before anything is written.
     pub refuse_puts: AtomicBool,
     pub pause_delete: Mutex<Option<Pause>>,
+    /// A pause at the start of the next device put.
+    pub pause_put: Mutex<Option<Pause>>,
 }
 
 impl TwoStepHub {
+    pub fn device_count(&self) -> usize {
+        self.devices.lock().expect("lock").len()
+    }
+
     pub fn device(&self, id: &str) -> Option<FakeDevice> {
         self.devices.lock().expect("lock").get(id).cloned()
     }
@@ -59,6 +65,14 @@ impl TwoStepHub {
         let mut n = self.next_etag.lock().expect("lock");
         *n += 1;
         *n
+    }
+
+    async fn pause_put_if_asked(&self) {
+        let pause = self.pause_put.lock().expect("lock").take();
+        if let Some(p) = pause {
+            let _ = p.reached.send(());
+            let _ = p.proceed.await;
+        }
     }
 
     async fn pause_if_asked(&self) {
@@ -86,6 +100,7 @@ impl HubConnection for TwoStepHub {
         spec: &HubDeviceSpec,
         twin: TwinWrite<'_>,
     ) -> Result<bool, HubError> {
+        self.pause_put_if_asked().await;
         if self.refuse_puts.load(Ordering::SeqCst) {
             return Err(refused(400, "create device"));
         }
@@ -158,7 +173,7 @@ impl HubConnection for TwoStepHub {
 
 pub struct Fixture {
     _dir: tempfile::TempDir,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn Store>,
     pub hub: Arc<TwoStepHub>,
 }
 
@@ -168,6 +183,11 @@ impl Fixture {
     pub async fn new(ids: &[&str]) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(SqliteStore::open(&dir.path().join("muster.db")).expect("store"));
+        Self::on(store, dir, ids).await
+    }
+
+    /// [`Fixture::new`] on a store the caller opened (`dir` lives as long as the fixture).
+    pub async fn on(store: Arc<dyn Store>, dir: tempfile::TempDir, ids: &[&str]) -> Fixture {
         let key = B64.encode(DEVICE_KEY);
         let mut writes = vec![Write::put(
             Collection::LinkedHubs,
@@ -198,12 +218,24 @@ impl Fixture {
 
     /// An engine on the fixture's store and hub: a new one stands for a restarted server.
     pub fn engine(&self) -> Engine {
+        self.engine_as("local", Arc::new(SystemClock))
+    }
+
+    /// An engine for node `node_id` with its own clock: several stand for several nodes.
+    pub fn engine_as(&self, node_id: &str, clock: Arc<dyn Clock>) -> Engine {
+        self.engine_on(self.store.clone(), node_id, clock)
+    }
+
+    /// An engine for node `node_id` on `store` (another handle on the fixture's database,
+    /// as a node on another machine has).
+    pub fn engine_on(&self, store: Arc<dyn Store>, node_id: &str, clock: Arc<dyn Clock>) -> Engine {
         let mut config = EngineConfig::new(IdScope::new(SCOPE).expect("scope"));
         // The engine's own retry of a kept intent must not race the test's restart.
         config.retry_after_secs = 600;
+        config.node_id = node_id.into();
         Engine::new(
-            self.store.clone(),
-            Arc::new(SystemClock),
+            store,
+            clock,
             Arc::new(SeededEntropy::new(1)),
             unused_http_client(),
             config,

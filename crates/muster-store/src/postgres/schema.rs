@@ -40,6 +40,15 @@ const MIGRATIONS: &[&str] = &[
         name  TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 2: claims (`Store::claim`): which node works on a record, until when (Unix ms).
+    "ALTER TABLE muster_records ADD COLUMN claim_owner TEXT;
+    ALTER TABLE muster_records ADD COLUMN claim_until BIGINT;",
+    // 3: shared rate limits (`Store::take_token`): a token bucket per name.
+    "CREATE TABLE muster_rate_limits (
+        name       TEXT PRIMARY KEY,
+        tokens     DOUBLE PRECISION NOT NULL,
+        updated_ms BIGINT NOT NULL
+    );",
 ];
 
 /// The schema version this build creates and understands.

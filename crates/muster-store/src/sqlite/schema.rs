@@ -57,6 +57,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: "",
         then: Some(sealed_text_to_bytes),
     },
+    // 4: claims (`Store::claim`): which node works on a record, until when (Unix ms).
+    Migration {
+        sql: "ALTER TABLE records ADD COLUMN claim_owner TEXT;
+        ALTER TABLE records ADD COLUMN claim_until INTEGER;",
+        then: None,
+    },
 ];
 
 /// `sealing` row holding [`Sealer::key_check`].

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::body::StoredBody;
 use super::db_err;
-use crate::{Collection, Expect, StoreError, WriteOutcome};
+use crate::{Collection, Expect, Lease, StoreError, WriteOutcome};
 
 /// One counter per collection, moved by every group that wrote to it (see `Store::changes`).
 pub(super) struct ChangeCounters(Vec<AtomicU64>);
@@ -60,6 +60,7 @@ pub(super) struct PreparedWrite {
     pub(super) key: String,
     pub(super) expect: Expect,
     pub(super) op: PreparedOp,
+    pub(super) lease: Option<Lease>,
 }
 
 pub(super) enum PreparedOp {
@@ -257,16 +258,33 @@ fn apply_batch(
             }
             PreparedOp::Put { partition, body } => {
                 let etag = etags.issue();
+                let (owner, until) = write
+                    .lease
+                    .as_ref()
+                    .map(|l| (l.owner.as_str(), l.until_ms))
+                    .unzip();
+                // A put without a lease keeps the record's claim (see `Store::claim`).
                 conn.prepare_cached(
-                    "INSERT INTO records (collection, key, partition, etag, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO records
+                         (collection, key, partition, etag, body, claim_owner, claim_until)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (collection, key) DO UPDATE SET
                          partition = excluded.partition,
                          etag = excluded.etag,
-                         body = excluded.body",
+                         body = excluded.body,
+                         claim_owner = COALESCE(excluded.claim_owner, records.claim_owner),
+                         claim_until = COALESCE(excluded.claim_until, records.claim_until)",
                 )
                 .and_then(|mut stmt| {
-                    stmt.execute(params![write.collection, write.key, partition, etag, body])
+                    stmt.execute(params![
+                        write.collection,
+                        write.key,
+                        partition,
+                        etag,
+                        body,
+                        owner,
+                        until
+                    ])
                 })
                 .map_err(|e| db_err(&context("writing"), e))?;
                 WriteOutcome::Written { etag }
