@@ -157,7 +157,7 @@ where
     let device_key = hub.store_key(&identity.device_id);
     // Subscribe before anything can change, so no desired change falls in between.
     let mut desired_rx = hub.subscribe_desired();
-    let handles = hub.endpoint().register(&device_key);
+    let handles = hub.register_session(&device_key);
     let mut methods_rx = handles.methods;
     let resumed = hub.endpoint().open_session(
         &device_key,

@@ -40,6 +40,13 @@ const MIGRATIONS: &[&str] = &[
         name  TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 2: bus messages too large for a notification (`bus.rs`), kept a minute.
+    "CREATE TABLE muster_bus_spill (
+        id         BIGSERIAL PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        payload    BYTEA NOT NULL
+    );
+    CREATE INDEX muster_bus_spill_by_age ON muster_bus_spill (created_at);",
 ];
 
 /// The schema version this build creates and understands.
