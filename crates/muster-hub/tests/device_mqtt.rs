@@ -57,6 +57,36 @@ fn policy(name: &str, key: &[u8], rights: &str) -> HubPolicy {
 fn harness_with(limits: DeviceEndpointLimits) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("muster.db")).unwrap());
+    harness_on(dir, store, None, limits)
+}
+
+/// Two nodes of one hub: one store, a bus between them (as PostgreSQL gives several Muster
+/// processes), each with its own sessions and routes.
+fn two_nodes() -> (Harness, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("muster.db")).unwrap());
+    let bus = muster_store::bus::MemoryBus::default();
+    let a = harness_on(
+        tempfile::tempdir().unwrap(),
+        store.clone(),
+        Some(bus.node()),
+        DeviceEndpointLimits::default(),
+    );
+    let b = harness_on(
+        dir,
+        store,
+        Some(bus.node()),
+        DeviceEndpointLimits::default(),
+    );
+    (a, b)
+}
+
+fn harness_on(
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    bus: Option<Arc<dyn muster_store::bus::Bus>>,
+    limits: DeviceEndpointLimits,
+) -> Harness {
     let clock = Arc::new(ManualClock::new(
         Timestamp::from_unix_millis(NOW * 1000).unwrap(),
     ));
@@ -75,7 +105,8 @@ fn harness_with(limits: DeviceEndpointLimits) -> Harness {
         clock.clone(),
         Arc::new(SeededEntropy::new(3)),
         limits,
-    );
+    )
+    .with_bus(bus);
     let app = muster_hub::router(hub.clone()).fallback(muster_hub::not_found);
     Harness {
         app,
@@ -1581,4 +1612,70 @@ async fn cloud_to_device_locked_by_an_https_receive_is_not_sent_over_mqtt() {
             .unwrap(),
         0
     );
+}
+
+/// A device connected to node A; the service calls on node B: its direct method is answered
+/// through A, its cloud-to-device message delivered at once, its telemetry shown on B's live
+/// stream; a device no node holds is not online; connecting to B closes A's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_one_node_is_reached_from_another() {
+    let (a, b) = two_nodes();
+    a.sas_device("dev-1").await;
+    a.sas_device("dev-2").await;
+    let mut live = open_stream(&b, &format!("/devices/dev-1/telemetry/stream?{V}"), None).await;
+
+    let mut m = a.connected("dev-1").await;
+    m.subscribe(&[
+        "$iothub/methods/POST/#",
+        "devices/dev-1/messages/devicebound/#",
+    ])
+    .await;
+    assert!(
+        !b.hub.is_connected("dev-1"),
+        "the session is on node A only"
+    );
+    method_round_trip(&b, &mut m, "dev-1").await;
+
+    let (status, _, _) = b
+        .call(
+            Method::POST,
+            &format!("/devices/dev-1/messages/cloudToDevice?{V}"),
+            &[],
+            b"from node b".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let c2d = m.recv_publish().await;
+    assert_eq!(&c2d.payload[..], b"from node b");
+    m.send(Packet::PubAck(PubAck::new(c2d.pkid))).await;
+
+    m.publish(
+        "devices/dev-1/messages/events/",
+        br#"{"t":1}"#,
+        QoS::AtLeastOnce,
+        7,
+    )
+    .await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+    let events = read_events(&mut live, 1).await;
+    assert_eq!(events[0].1["deviceId"], "dev-1");
+    assert_eq!(events[0].1["body"], r#"{"t":1}"#);
+
+    // dev-2 has no session on any node.
+    let (status, body) = b.invoke("dev-2", "reboot").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["Message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ErrorCode:DeviceNotOnline;"),
+        "{body}"
+    );
+
+    // The device reconnects to node B: node A's connection closes, B answers locally.
+    let mut on_b = b.connected("dev-1").await;
+    m.expect_closed().await;
+    on_b.subscribe(&["$iothub/methods/POST/#"]).await;
+    method_round_trip(&a, &mut on_b, "dev-1").await;
+    on_b.disconnect().await;
 }
