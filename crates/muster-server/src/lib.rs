@@ -300,7 +300,9 @@ impl Server {
                 ..muster_hub::DeviceEndpointLimits::default()
             },
         )
-        .with_storage_name(&hub_storage_name);
+        .with_storage_name(&hub_storage_name)
+        // Several nodes on one database reach each other's devices and viewers.
+        .with_bus(store.bus());
         let hub_owner = hub_policies
             .iter()
             .find(|p| p.key_name == bootstrap::HUB_OWNER_POLICY)
@@ -349,18 +351,28 @@ impl Server {
             .with_issuing_ca(Arc::new(issuing));
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
         let events = RegistrationFeed::new(config.max_event_subscribers);
+        let bus = store.bus();
         let reporting = |transport: &'static str| -> Arc<dyn DeviceRegistrar> {
             Arc::new(registration_events::ReportingRegistrar {
                 inner: registrar.clone(),
                 transport,
                 feed: events.clone(),
                 clock: clock.clone(),
+                bus: bus.clone(),
             })
         };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        if let Some(bus) = &bus {
+            // Subscribed now, so nothing published from here on is missed.
+            tasks.spawn(registration_events::relay(
+                bus.subscribe(),
+                events.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         let mqtt_services = mqtt_dispatch::MqttServices {
             registrar: reporting("mqtt"),
             hub: hub.clone(),
