@@ -11,6 +11,7 @@
 //! | `sessionOpened` | a device connected here | closes its own session of that device (a device has one connection) |
 //! | `closeSession` | a device was deleted or disabled | closes its session and drops its saved MQTT session |
 //! | `telemetry` | a device-to-cloud message was stored | sends it to its live streams (`/telemetry/stream`) |
+//! | `sessionWanted` | a device reconnected with CleanSession=0 and this node has no session of it | hands its persistent session over (`sessionHandoff`) and forgets it |
 //! | `methodCall` | a direct method was invoked for a device with no session here | if it holds the session: `methodAccepted`, runs it, `methodAnswer`; connected but not subscribed: `methodRefused` |
 //!
 //! Direct methods: the invoking node gives the call a request id unique across nodes
@@ -38,7 +39,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
-use crate::endpoint::lock;
+use crate::endpoint::{lock, SessionState};
 use crate::telemetry::TelemetryMessage;
 
 /// The bus topic of hub events.
@@ -47,6 +48,8 @@ pub const TOPIC: &str = "hub";
 pub const DISCOVERY: Duration = Duration::from_secs(1);
 /// How often a method call not yet accepted is published again.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a reconnecting device's node waits for another node to hand its session over.
+pub const HANDOFF_WAIT: Duration = Duration::from_millis(500);
 /// How long a node remembers a request id it ran (repeats of the call are ignored): longer
 /// than the longest connect plus response timeout.
 const SEEN_FOR: Duration = Duration::from_secs(2 * crate::methods::MAX_TIMEOUT_SECS + 60);
@@ -86,6 +89,12 @@ pub(crate) enum HubEvent {
         status: u16,
         payload: Value,
     },
+    /// A device reconnected with CleanSession=0 to the sending node, which has no session
+    /// of it: the node that has one hands it over.
+    #[serde(rename_all = "camelCase")]
+    SessionWanted { rid: String, device: String },
+    #[serde(rename_all = "camelCase")]
+    SessionHandoff { rid: String, state: SessionState },
     /// The holding node gave up: its session closed (`timed_out` false) or the device did not
     /// answer in time.
     #[serde(rename_all = "camelCase")]
@@ -99,6 +108,7 @@ pub(crate) enum Reply {
     Refused,
     Answer { status: u16, payload: Value },
     Failed { timed_out: bool },
+    Session(SessionState),
 }
 
 /// A node's part of the hub's cluster.
@@ -210,6 +220,43 @@ impl crate::HubRegistry {
         }
     }
 
+    /// Before a CleanSession=0 connection of a device this node keeps no session of: if the
+    /// device was connected within the session expiry (so another node may keep its
+    /// session), asks the other nodes for it and waits up to [`HANDOFF_WAIT`]; what arrives
+    /// is kept here for the connection to resume.
+    pub(crate) async fn fetch_session(&self, device_id: &str, device_key: &str) {
+        let Some(cluster) = self.cluster() else {
+            return;
+        };
+        if self.endpoint().has_saved_session(device_key) {
+            return;
+        }
+        let now = self.clock().now();
+        let recent = match self.get_device(device_id).await {
+            Ok(d) => d.connection_state_updated_time.0.is_some_and(|at| {
+                (now.0 - at.0).to_std().unwrap_or_default() < self.limits().session_expiry
+            }),
+            Err(_) => false,
+        };
+        if !recent {
+            return;
+        }
+        let mut waiting = cluster.expect();
+        cluster.publish(&HubEvent::SessionWanted {
+            rid: waiting.rid.clone(),
+            device: device_key.to_string(),
+        });
+        let deadline = Instant::now() + HANDOFF_WAIT;
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, waiting.replies.recv()).await
+        {
+            if let Reply::Session(state) = reply {
+                self.endpoint()
+                    .adopt_session(device_key, state, now.0.timestamp_millis());
+                return;
+            }
+        }
+    }
+
     /// What this node does with another node's event.
     pub(crate) fn on_hub_event(&self, event: HubEvent) {
         let Some(cluster) = self.cluster() else {
@@ -264,6 +311,14 @@ impl crate::HubRegistry {
                     });
                 });
             }
+            HubEvent::SessionWanted { rid, device } => {
+                let now_ms = self.clock().now().0.timestamp_millis();
+                if let Some(state) = self.endpoint().take_saved_session(&device, now_ms) {
+                    tracing::debug!(device, "persistent session handed to another node");
+                    cluster.publish(&HubEvent::SessionHandoff { rid, state });
+                }
+            }
+            HubEvent::SessionHandoff { rid, state } => cluster.reply(&rid, Reply::Session(state)),
             HubEvent::MethodAccepted { rid } => cluster.reply(&rid, Reply::Accepted),
             HubEvent::MethodRefused { rid } => cluster.reply(&rid, Reply::Refused),
             HubEvent::MethodAnswer {

@@ -240,6 +240,7 @@ impl HubRegistry {
                 match tokio::time::timeout_at(probe_end, waiting.replies.recv()).await {
                     Ok(Some(Reply::Accepted)) => break true,
                     Ok(Some(Reply::Refused)) => refused = true,
+                    Ok(Some(Reply::Session(_))) => {}
                     // Replies to a call not accepted yet come from a node that accepted it:
                     // keep them for below.
                     Ok(Some(r @ (Reply::Answer { .. } | Reply::Failed { .. }))) => {
@@ -256,7 +257,7 @@ impl HubRegistry {
         loop {
             match tokio::time::timeout_at(deadline, waiting.replies.recv()).await {
                 // Another node held a session too (a reconnect in between): the first answer counts.
-                Ok(Some(Reply::Accepted | Reply::Refused)) => continue,
+                Ok(Some(Reply::Accepted | Reply::Refused | Reply::Session(_))) => continue,
                 Ok(Some(r)) => return settle(r, device_id, method_name),
                 Ok(None) | Err(_) => return Err(failed(device_id, method_name, true)),
             }
@@ -269,7 +270,7 @@ fn settle(reply: Reply, device_id: &str, method_name: &str) -> Result<(u16, Valu
     match reply {
         Reply::Answer { status, payload } => Ok((status, payload)),
         Reply::Failed { timed_out } => Err(failed(device_id, method_name, timed_out)),
-        Reply::Accepted | Reply::Refused => Err(not_online(device_id)),
+        Reply::Accepted | Reply::Refused | Reply::Session(_) => Err(not_online(device_id)),
     }
 }
 

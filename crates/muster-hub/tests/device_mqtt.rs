@@ -1616,7 +1616,8 @@ async fn cloud_to_device_locked_by_an_https_receive_is_not_sent_over_mqtt() {
 
 /// A device connected to node A; the service calls on node B: its direct method is answered
 /// through A, its cloud-to-device message delivered at once, its telemetry shown on B's live
-/// stream; a device no node holds is not online; connecting to B closes A's connection.
+/// stream; a device no node holds is not online; reconnecting to B closes A's connection and
+/// moves its persistent session to B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_on_one_node_is_reached_from_another() {
     let (a, b) = two_nodes();
@@ -1624,7 +1625,8 @@ async fn a_device_on_one_node_is_reached_from_another() {
     a.sas_device("dev-2").await;
     let mut live = open_stream(&b, &format!("/devices/dev-1/telemetry/stream?{V}"), None).await;
 
-    let mut m = a.connected("dev-1").await;
+    let (mut m, present) = a.connected_persistent("dev-1").await;
+    assert!(!present);
     m.subscribe(&[
         "$iothub/methods/POST/#",
         "devices/dev-1/messages/devicebound/#",
@@ -1672,10 +1674,12 @@ async fn a_device_on_one_node_is_reached_from_another() {
         "{body}"
     );
 
-    // The device reconnects to node B: node A's connection closes, B answers locally.
-    let mut on_b = b.connected("dev-1").await;
+    // The device reconnects to node B with CleanSession=0 and subscribes to nothing, as the
+    // SDKs do when they renew their token: node A's connection closes and hands its session
+    // over, so B resumes the methods subscription; a call made on A reaches it on B.
+    let (mut on_b, present) = b.connected_persistent("dev-1").await;
+    assert!(present, "node B resumed node A's session");
     m.expect_closed().await;
-    on_b.subscribe(&["$iothub/methods/POST/#"]).await;
     method_round_trip(&a, &mut on_b, "dev-1").await;
     on_b.disconnect().await;
 }
