@@ -10,6 +10,7 @@
 //! | `c2dWake` | a cloud-to-device message was queued or abandoned | wakes the device's session, if it holds it; the message itself is in the store |
 //! | `sessionOpened` | a device connected here | closes its own session of that device (a device has one connection) |
 //! | `closeSession` | a device was deleted or disabled | closes its session and drops its saved MQTT session |
+//! | `desired` | a twin's desired properties changed | pushes the patch to its session of the device, or queues it in a persistent session it keeps |
 //! | `telemetry` | a device-to-cloud message was stored | sends it to its live streams (`/telemetry/stream`) |
 //! | `sessionWanted` | a device reconnected with CleanSession=0 and this node has no session of it | hands its persistent session over (`sessionHandoff`) and forgets it |
 //! | `methodCall` | a direct method was invoked for a device with no session here | if it holds the session: `methodAccepted`, runs it, `methodAnswer`; connected but not subscribed: `methodRefused` |
@@ -65,6 +66,13 @@ pub(crate) enum HubEvent {
     SessionOpened { device: String },
     #[serde(rename_all = "camelCase")]
     CloseSession { device: String },
+    #[serde(rename_all = "camelCase")]
+    Desired {
+        device: String,
+        device_id: String,
+        version: u64,
+        patch: serde_json::Map<String, Value>,
+    },
     #[serde(rename_all = "camelCase")]
     Telemetry {
         hub: String,
@@ -269,6 +277,12 @@ impl crate::HubRegistry {
                 self.endpoint().close_session(&device);
                 self.endpoint().forget_session(&device);
             }
+            HubEvent::Desired {
+                device,
+                device_id,
+                version,
+                patch,
+            } => self.deliver_desired(&device, &device_id, version, patch),
             HubEvent::Telemetry { hub, message } => {
                 if hub == self.hub_partition() {
                     let _ = self.endpoint().telemetry_tx.send(Arc::new(message));

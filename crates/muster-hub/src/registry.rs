@@ -900,17 +900,38 @@ impl HubRegistry {
         let version = stored.twin.desired.version;
         let mut patch = change;
         patch.insert("$version".into(), Value::from(version));
+        let key = self.store_key(&stored.device.device_id);
+        if let Some(c) = self.cluster() {
+            c.publish(&crate::cluster::HubEvent::Desired {
+                device: key.clone(),
+                device_id: stored.device.device_id.clone(),
+                version,
+                patch: patch.clone(),
+            });
+        }
+        self.deliver_desired(&key, &stored.device.device_id, version, patch);
+    }
+
+    /// Sends a desired change to the device's session on this node, or queues it in the
+    /// device's persistent session kept here.
+    pub(crate) fn deliver_desired(
+        &self,
+        device_key: &str,
+        device_id: &str,
+        version: u64,
+        patch: Map<String, Value>,
+    ) {
         // A device away with a persistent session gets it when it resumes.
         if let Ok(body) = serde_json::to_vec(&patch) {
             self.inner.endpoint.queue_for_absent(
-                &self.store_key(&stored.device.device_id),
+                device_key,
                 format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
                 body,
             );
         }
         // No subscriber is not an error.
         let _ = self.inner.desired_tx.send(DesiredChange {
-            device_id: stored.device.device_id.clone(),
+            device_id: device_id.to_string(),
             version,
             patch,
         });

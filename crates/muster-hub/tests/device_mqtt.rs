@@ -1638,6 +1638,31 @@ async fn a_device_on_one_node_is_reached_from_another() {
     );
     method_round_trip(&b, &mut m, "dev-1").await;
 
+    // A desired-property update made on node B reaches the session on node A.
+    m.subscribe(&["$iothub/twin/PATCH/properties/desired/#"])
+        .await;
+    let (status, _) = b
+        .json(
+            Method::PATCH,
+            &format!("/twins/dev-1?{V}"),
+            Some(json!({"properties": {"desired": {"from": "b"}}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let patch = m.recv_publish().await;
+    assert!(
+        patch
+            .topic
+            .starts_with("$iothub/twin/PATCH/properties/desired/"),
+        "{}",
+        patch.topic
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&patch.payload).unwrap()["from"],
+        "b"
+    );
+    m.send(Packet::PubAck(PubAck::new(patch.pkid))).await;
+
     let (status, _, _) = b
         .call(
             Method::POST,
