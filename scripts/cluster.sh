@@ -24,7 +24,7 @@
 # certificate in its data dir; the other nodes get copies of both CAs and serve node 1's
 # certificate (--tls-cert/--tls-key), so every node presents the same identity. They share
 # the sealing key file DIR/store.key; the ID scope and the hub's policies come from the
-# database. Files: DIR/url (the database), DIR/nodes (one line per node: index, pid, admin
+# database. Files: DIR/url (the database), DIR/pgdir (where PostgreSQL lives), DIR/nodes (one line per node: index, pid, admin
 # URL, data dir), DIR/node-I.log. The nodes run with no MUSTER_* variables but these.
 set -euo pipefail
 
@@ -93,9 +93,13 @@ start() {
   [[ -f $dir/nodes ]] && die "a cluster is already started in $dir (scripts/cluster.sh stop $dir first)"
   mkdir -p "$dir"
   chmod 700 "$dir"
-  # PostgreSQL run as `postgres` (as root) must reach its directory under DIR.
-  ((EUID == 0)) && chmod 711 "$dir"
-  MUSTER_PG_HOST=$host bash "$ROOT/scripts/pg.sh" start "$dir/pg" >"$dir/url"
+  # PostgreSQL runs as `postgres` when we are root, so its directory is one of its own
+  # under /tmp (DIR's parents may be closed to others); DIR/pgdir names it.
+  local pgroot
+  pgroot=$(mktemp -d /tmp/muster-cluster-pg.XXXXXX)
+  chmod 711 "$pgroot"
+  echo "$pgroot" >"$dir/pgdir"
+  MUSTER_PG_HOST=$host bash "$ROOT/scripts/pg.sh" start "$pgroot/pg" >"$dir/url"
   : >"$dir/nodes"
   for ((i = 1; i <= nodes; i++)); do
     start_node "$i"
@@ -119,7 +123,12 @@ stop() {
       fi
     done
   fi
-  [[ -d $dir/pg ]] && bash "$ROOT/scripts/pg.sh" stop "$dir/pg"
+  if [[ -f $dir/pgdir ]]; then
+    local pgroot
+    pgroot=$(cat "$dir/pgdir")
+    bash "$ROOT/scripts/pg.sh" stop "$pgroot/pg"
+    rmdir "$pgroot" 2>/dev/null || true
+  fi
   rm -rf "$dir"
 }
 
