@@ -14,7 +14,7 @@
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, device WebSockets.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
 //! - [`bind_set`] — the addresses every listener binds (`--listen`), apart from the
-//!   advertised names.
+//!   advertised names; `SO_REUSEPORT` for nodes sharing a port (`--reuse-port`).
 //! - [`health`] — `/healthz` and `/readyz` (store write probe, listeners accepting).
 //! - [`admin`] — the optional plain-HTTP admin listener (`--admin-listen`): health, metrics.
 //! - [`hub_rename`] — a built-in hub whose address changed takes every stored reference to
@@ -33,7 +33,11 @@
 //! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
 //!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
 //! - [`registration_events`] — each transport's view of the engine, publishing every
-//!   registration to the live event feed.
+//!   registration to the live event feed, and to the other nodes over the store's bus.
+//!
+//! Several nodes on one PostgreSQL store: the built-in hub and the registration feed use
+//! the store's bus (`Store::bus`, `muster_hub::HubRegistry::with_bus`), so sessions, method
+//! calls and live streams reach across nodes; with SQLite there is no bus.
 //! - [`audit_retention`] — the periodic pruning of the audit log.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
