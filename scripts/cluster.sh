@@ -93,6 +93,8 @@ start() {
   [[ -f $dir/nodes ]] && die "a cluster is already started in $dir (scripts/cluster.sh stop $dir first)"
   mkdir -p "$dir"
   chmod 700 "$dir"
+  # Whatever fails from here on, nothing is left running (the failing node's log was shown).
+  trap 'rc=$?; if ((rc)); then stop; fi' EXIT
   # PostgreSQL runs as `postgres` when we are root, so its directory is one of its own
   # under /tmp (DIR's parents may be closed to others); DIR/pgdir names it.
   local pgroot
