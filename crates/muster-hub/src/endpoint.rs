@@ -466,3 +466,41 @@ pub(crate) fn seq_lock(
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_live_persistent_session_is_handed_over_and_then_it_is_gone_here() {
+        let limits = DeviceEndpointLimits {
+            session_expiry: Duration::from_secs(60),
+            ..DeviceEndpointLimits::default()
+        };
+        let e = EndpointState::new(limits);
+        let subscribed = SessionState {
+            methods: Some(0),
+            ..SessionState::default()
+        };
+        // Persistent and connected: handed over, and writes of its connection are ignored.
+        e.open_session("hub/a", 1, false, 0);
+        e.save_session("hub/a", 1, &subscribed);
+        assert_eq!(
+            e.take_saved_session("hub/a", 1_000),
+            Some(subscribed.clone())
+        );
+        assert!(!e.has_saved_session("hub/a"));
+        e.save_session("hub/a", 1, &SessionState::default());
+        assert!(!e.has_saved_session("hub/a"));
+        // A CleanSession=1 session is never handed over.
+        e.open_session("hub/b", 2, true, 0);
+        assert_eq!(e.take_saved_session("hub/b", 1_000), None);
+        // Persistent but expired: not handed over.
+        e.open_session("hub/c", 3, false, 0);
+        e.close_saved_session("hub/c", 3, 0);
+        assert_eq!(e.take_saved_session("hub/c", 61_000), None);
+        // Adopted: the next CleanSession=0 connection resumes it.
+        e.adopt_session("hub/d", subscribed.clone(), 5_000);
+        assert_eq!(e.open_session("hub/d", 4, false, 6_000), Some(subscribed));
+    }
+}
