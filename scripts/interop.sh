@@ -4,16 +4,22 @@
 # MQTT-WS) and IoT hub service SDKs (Python and Node), unchanged, against a real
 # Muster server. See tests/interop/README.md.
 #
-# Usage: scripts/interop.sh [--python-only | --node-only] [--no-build] [-- PYTEST_ARGS...]
+# Usage: scripts/interop.sh [--python-only | --node-only | --cluster-only] [--no-cluster]
+#                            [--no-build] [-- PYTEST_ARGS...]
 #
 #   --python-only   run only the pytest suites
 #   --node-only     run only the node:test suites (service, device, tutorial, x509, registration, hub, hub-http, amqp, hub-amqp .test.js)
+#   --cluster-only  run only the cluster stage: hub, registration and service .test.js
+#                   against 3 nodes on PostgreSQL (scripts/cluster.sh; needs PostgreSQL)
+#   --no-cluster    skip the cluster stage
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
 #
 # Environment:
 #   MUSTER_BIN        muster binary to test (default: target/debug/muster, built here)
 #   MUSTER_DPS_HOST   loopback address for the servers (default 127.0.0.2)
+#   MUSTER_CLUSTER_NODE_HOSTS  own addresses of the cluster's nodes, for the hub test that
+#                     pins its service calls to one node (default 127.0.0.3 for node 1)
 #
 # Needs: python3 (with venv), node >= 20 and npm, cargo, openssl (node/x509.test.js
 # makes its certificates with it); root (or CAP_NET_BIND_SERVICE): port 443.
@@ -29,15 +35,18 @@ NODE_DIR="$INTEROP/node"
 
 run_python=1
 run_node=1
+run_cluster=1
 build=1
 pytest_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --python-only) run_node=0 ;;
-    --node-only) run_python=0 ;;
+    --python-only) run_node=0; run_cluster=0 ;;
+    --node-only) run_python=0; run_cluster=0 ;;
+    --cluster-only) run_python=0; run_node=0 ;;
+    --no-cluster) run_cluster=0 ;;
     --no-build) build=0 ;;
     --) shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -69,7 +78,7 @@ fi
   | grep -Ei '^(azure-iot-deviceprovisioning|azure-iothub-provisioningserviceclient|azure-iot-device|azure-iot-hub|pytest|cryptography)==' || true
 
 # ---------------------------------------------------------------------------
-if [[ $run_node -eq 1 ]]; then
+if [[ $run_node -eq 1 || $run_cluster -eq 1 ]]; then
   section "Node environment (tests/interop/node/node_modules)"
   command -v node >/dev/null || die "node not found"
   command -v npm >/dev/null || die "npm not found"
@@ -149,7 +158,22 @@ if [[ $run_node -eq 1 ]]; then
   fi
 fi
 
+cluster_status="skipped"
+if [[ $run_cluster -eq 1 ]]; then
+  section "Node against a 3-node cluster on PostgreSQL (scripts/cluster.sh): hub, registration, service"
+  # The suites whose calls cross nodes: a device's session on one node, the service call on
+  # another (hub.test.js pins one node through its own address to make sure of it).
+  set +e
+  MUSTER_CLUSTER=3 MUSTER_CLUSTER_NODE_HOSTS="${MUSTER_CLUSTER_NODE_HOSTS-127.0.0.3,,}" \
+    "$VENV/bin/python" "$INTEROP/muster_server.py" -- node --test \
+    "$NODE_DIR/hub.test.js" "$NODE_DIR/registration.test.js" "$NODE_DIR/service.test.js"
+  rc=$?
+  set -e
+  if [[ $rc -eq 0 ]]; then cluster_status="passed"; else cluster_status="FAILED (exit $rc)"; failed=1; fi
+fi
+
 section "Interop summary"
-echo "python: $py_status"
-echo "node:   $node_status"
+echo "python:  $py_status"
+echo "node:    $node_status"
+echo "cluster: $cluster_status"
 exit $failed

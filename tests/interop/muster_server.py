@@ -24,6 +24,13 @@ listeners are bound). The wait is a bounded poll, never a fixed sleep.
 Environment:
   MUSTER_BIN       path of the muster binary (default: <repo>/target/debug/muster)
   MUSTER_DPS_HOST  loopback address the server binds (default: 127.0.0.2)
+  MUSTER_CLUSTER   N > 1: the wrapper starts a cluster instead, PostgreSQL and N nodes
+                   sharing MUSTER_DPS_HOST and the ports (``scripts/cluster.sh``), and
+                   also sets ``MUSTER_CLUSTER_ADMIN_URLS`` (each node's admin listener,
+                   comma-separated) and ``MUSTER_CLUSTER_NODE_ADDRS`` (each node's own
+                   extra address from ``MUSTER_CLUSTER_NODE_HOSTS``, empty for none) for
+                   the command; connection details are node 1's (every node presents the
+                   same certificate and hub).
 """
 
 from __future__ import annotations
@@ -263,6 +270,64 @@ def loopback_no_proxy(env: dict) -> None:
         env[key] = f"{cur},{extra}" if cur else extra
 
 
+class MusterCluster:
+    """PostgreSQL and N ``muster serve`` nodes started by ``scripts/cluster.sh``."""
+
+    def __init__(self, root: Path, nodes: int):
+        self.root = root
+        self.nodes = nodes
+        self.node_hosts = os.environ.get("MUSTER_CLUSTER_NODE_HOSTS", "")
+        self.info: dict = {}
+        self.admin_urls: list = []
+        self.data_dir = root / "node-1" / "data"
+        self.log_path = root
+
+    def _script(self, action: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MUSTER_")}
+        env.update(
+            MUSTER_CLUSTER_HOST=dps_host(),
+            MUSTER_CLUSTER_NODES=str(self.nodes),
+            MUSTER_CLUSTER_NODE_HOSTS=self.node_hosts,
+            MUSTER_BIN=str(muster_bin()),
+        )
+        return subprocess.run(
+            ["bash", str(REPO_ROOT / "scripts" / "cluster.sh"), action, str(self.root)],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        )
+
+    def start(self) -> "MusterCluster":
+        _LIVE.add(self)
+        done = self._script("start")
+        sys.stdout.write(done.stdout)
+        if done.returncode != 0:
+            raise MusterStartError(f"scripts/cluster.sh start failed:\n{done.stderr}")
+        self.info = json.loads((self.data_dir / "connection.json").read_text())
+        for line in (self.root / "nodes").read_text().splitlines():
+            self.admin_urls.append(line.split()[2])
+        return self
+
+    def stop(self) -> Optional[int]:
+        _LIVE.discard(self)
+        done = self._script("stop")
+        if done.returncode != 0:
+            print(f"scripts/cluster.sh stop failed: {done.stderr}", file=sys.stderr)
+        return None
+
+    @property
+    def ca_cert(self) -> str:
+        return self.info["caCertificate"]
+
+    @property
+    def id_scope(self) -> str:
+        return self.info["idScope"]
+
+    def builtin_hub(self) -> Optional[dict]:
+        for hub in self.info.get("hubs") or []:
+            if hub.get("builtIn"):
+                return hub
+        return None
+
+
 def main(argv: list[str]) -> int:
     if "--" in argv:
         argv = argv[argv.index("--") + 1:]
@@ -270,7 +335,11 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="muster-interop-"))
-    server = MusterServer(data_dir=tmp / "data")
+    nodes = int(os.environ.get("MUSTER_CLUSTER") or "1")
+    if nodes > 1:
+        server = MusterCluster(tmp / "cluster", nodes)
+    else:
+        server = MusterServer(data_dir=tmp / "data")
     rc = 1
     # Stop the server on SIGTERM/SIGINT to this wrapper too.
     def _on_signal(signum, _frame):
@@ -281,10 +350,15 @@ def main(argv: list[str]) -> int:
         print(f"muster ready: host={server.info['dpsHost']} idScope={server.id_scope} "
               f"ca={server.ca_cert} data={server.data_dir}", flush=True)
         env = dict(os.environ)
+        if isinstance(server, MusterCluster):
+            env.update(
+                MUSTER_CLUSTER_ADMIN_URLS=",".join(server.admin_urls),
+                MUSTER_CLUSTER_NODE_ADDRS=server.node_hosts,
+            )
         env.update(
-            MUSTER_CONNECTION_STRING=server.connection_string,
+            MUSTER_CONNECTION_STRING=server.info["serviceConnectionString"],
             MUSTER_CA_CERT=server.ca_cert,
-            MUSTER_CONNECTION_JSON=str(server.connection_json),
+            MUSTER_CONNECTION_JSON=str(server.data_dir / "connection.json"),
             MUSTER_DPS_HOST=server.info["dpsHost"],
             MUSTER_ID_SCOPE=server.id_scope,
             NODE_EXTRA_CA_CERTS=server.ca_cert,

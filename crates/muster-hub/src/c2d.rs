@@ -269,7 +269,7 @@ impl HubRegistry {
             ));
         }
         drop(guard);
-        self.endpoint().wake_c2d(&partition);
+        self.wake_c2d_everywhere(&partition);
         Ok(message)
     }
 
@@ -432,7 +432,7 @@ impl HubRegistry {
         }
         if settlement == Settlement::Abandon {
             // An MQTT session of the device may take it now.
-            self.endpoint().wake_c2d(&self.device_partition(device_id));
+            self.wake_c2d_everywhere(&self.device_partition(device_id));
         }
         Ok(())
     }

@@ -3,9 +3,8 @@
 //! their answer, the live telemetry channel and the per-device sequence counters.
 //!
 //! Everything here is in memory and per process: a device's session lives on the node it
-//! is connected to, so invoking a method or waking a cloud-to-device delivery only reaches
-//! devices connected to this process (one Muster node; a shared store between nodes would
-//! need a message bus for these).
+//! is connected to. With several nodes, `cluster.rs` carries method calls, cloud-to-device
+//! wakes, live telemetry and persistent sessions between them over the store's bus.
 //!
 //! **Persistent MQTT sessions** (CleanSession=0, MQTT 3.1.1 §3.1.2.4): the table of
 //! [`SavedSession`]s keeps, per device, the granted subscriptions, the QoS 1 publishes sent
@@ -15,9 +14,9 @@
 //! old connection has not finished closing. A session not resumed within
 //! [`DeviceEndpointLimits::session_expiry`] after its device disconnected is dropped; a
 //! CleanSession=1 connection discards it and keeps nothing after it closes. Cloud-to-device
-//! messages are not part of it: they wait in the store until PUBACKed. [`SavedSession`] is
-//! plain serde data keyed by the device's store key, so a multi-node store can hold it
-//! instead of this map (ARCHITECTURE.md).
+//! messages are not part of it: they wait in the store until PUBACKed. A device that
+//! reconnects to another node gets its session from the node that had it
+//! (`HubRegistry::fetch_session`, over the bus).
 //!
 //! [`HubRegistry`]: crate::HubRegistry
 
@@ -286,6 +285,41 @@ impl EndpointState {
         });
     }
 
+    /// Whether this node keeps a session of the device (connected or not).
+    pub fn has_saved_session(&self, device_key: &str) -> bool {
+        lock(&self.saved_sessions).contains_key(device_key)
+    }
+
+    /// Hands a persistent, unexpired session over to another node: removed here (writes of
+    /// the connection that owned it are ignored from now on) and returned.
+    pub fn take_saved_session(&self, device_key: &str, now_ms: i64) -> Option<SessionState> {
+        let expiry_ms = i64::try_from(self.limits.session_expiry.as_millis()).unwrap_or(i64::MAX);
+        let mut sessions = lock(&self.saved_sessions);
+        let live = sessions.get(device_key).is_some_and(|s| {
+            s.persistent
+                && s.disconnected_at_ms
+                    .is_none_or(|at| now_ms.saturating_sub(at) < expiry_ms)
+        });
+        if !live {
+            return None;
+        }
+        sessions.remove(device_key).map(|s| s.state)
+    }
+
+    /// Keeps a session another node handed over, as if its device had just disconnected
+    /// here (the next CleanSession=0 connection resumes it).
+    pub fn adopt_session(&self, device_key: &str, state: SessionState, now_ms: i64) {
+        lock(&self.saved_sessions).insert(
+            device_key.to_string(),
+            SavedSession {
+                state,
+                persistent: true,
+                owner: None,
+                disconnected_at_ms: Some(now_ms),
+            },
+        );
+    }
+
     /// Drops the device's session (device deleted).
     pub fn forget_session(&self, device_key: &str) {
         lock(&self.saved_sessions).remove(device_key);
@@ -431,4 +465,42 @@ pub(crate) fn seq_lock(
 /// data consistent).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_live_persistent_session_is_handed_over_and_then_it_is_gone_here() {
+        let limits = DeviceEndpointLimits {
+            session_expiry: Duration::from_secs(60),
+            ..DeviceEndpointLimits::default()
+        };
+        let e = EndpointState::new(limits);
+        let subscribed = SessionState {
+            methods: Some(0),
+            ..SessionState::default()
+        };
+        // Persistent and connected: handed over, and writes of its connection are ignored.
+        e.open_session("hub/a", 1, false, 0);
+        e.save_session("hub/a", 1, &subscribed);
+        assert_eq!(
+            e.take_saved_session("hub/a", 1_000),
+            Some(subscribed.clone())
+        );
+        assert!(!e.has_saved_session("hub/a"));
+        e.save_session("hub/a", 1, &SessionState::default());
+        assert!(!e.has_saved_session("hub/a"));
+        // A CleanSession=1 session is never handed over.
+        e.open_session("hub/b", 2, true, 0);
+        assert_eq!(e.take_saved_session("hub/b", 1_000), None);
+        // Persistent but expired: not handed over.
+        e.open_session("hub/c", 3, false, 0);
+        e.close_saved_session("hub/c", 3, 0);
+        assert_eq!(e.take_saved_session("hub/c", 61_000), None);
+        // Adopted: the next CleanSession=0 connection resumes it.
+        e.adopt_session("hub/d", subscribed.clone(), 5_000);
+        assert_eq!(e.open_session("hub/d", 4, false, 6_000), Some(subscribed));
+    }
 }

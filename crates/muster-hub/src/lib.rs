@@ -31,6 +31,8 @@
 //! - [`c2d`] — cloud-to-device messages: per-device queue, REST send (Muster's extension;
 //!   the Azure SDKs use AMQP), HTTPS receive locks and delivery counts ([`Settlement`]).
 //! - [`methods`] — direct methods: [`HubRegistry::invoke_method`] and `POST /twins/{id}/methods`.
+//! - `cluster` — several nodes serving one hub ([`HubRegistry::with_bus`]): cloud-to-device
+//!   wakes, direct methods, session takeovers and live telemetry over the store's bus.
 //! - [`DeviceEndpointLimits`] — retention, queue depths and timeouts (`endpoint.rs` also holds
 //!   the table of connected sessions).
 //! - [`auth`] — hub policies (`HubPolicy`, `HubRights`, [`default_policies`]) and SAS checks.
@@ -67,6 +69,7 @@
 pub mod auth;
 pub mod bulk;
 pub mod c2d;
+mod cluster;
 pub mod device_amqp;
 pub mod device_http;
 pub mod device_mqtt;

@@ -19,6 +19,10 @@
 //! answers `$iothub/methods/res/{status}/?$rid={rid}` with a JSON body (empty → `null`; text
 //! that is not JSON is returned as a JSON string). Request ids are unique per hub process; an
 //! answer counts only from the device the request was sent to.
+//!
+//! Several nodes: a device with no session on the invoking node is called through the node
+//! that holds its session (`cluster.rs`); with no node holding one, `DeviceNotOnline` comes
+//! after the discovery window ([`crate::cluster::DISCOVERY`], 1 s) instead of at once.
 
 use std::time::Duration;
 
@@ -31,6 +35,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::auth::{HubRight, Scope};
+use crate::cluster::{Cluster, HubEvent, Reply, DISCOVERY, PROBE_INTERVAL};
 use crate::endpoint::MethodCall;
 use crate::error::{HubError, HubErrorCode};
 use crate::model::validate_device_id;
@@ -113,6 +118,19 @@ impl HubRegistry {
             if let Some(s) = self.endpoint().method_sender(&key) {
                 break s;
             }
+            if let Some(cluster) = self.cluster() {
+                return self
+                    .invoke_elsewhere(
+                        cluster,
+                        &key,
+                        &device.device_id,
+                        method_name,
+                        payload,
+                        response_timeout,
+                        connect_deadline,
+                    )
+                    .await;
+            }
             if Instant::now() >= connect_deadline {
                 if self.endpoint().is_connected(&key) {
                     return Err(not_subscribed(&device.device_id));
@@ -121,8 +139,28 @@ impl HubRegistry {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let (rid, answer) = self.endpoint().pending_method(&key);
-        let deadline = Instant::now() + response_timeout;
+        self.call_session(
+            &key,
+            sender,
+            method_name,
+            payload,
+            Instant::now() + response_timeout,
+        )
+        .await
+        .map_err(|timed_out| failed(&device.device_id, method_name, timed_out))
+    }
+
+    /// Runs the call on this node's session of `device_key` until `deadline`; `Err(true)`
+    /// when the device did not answer in time, `Err(false)` when the session closed first.
+    pub(crate) async fn call_session(
+        &self,
+        device_key: &str,
+        sender: tokio::sync::mpsc::Sender<MethodCall>,
+        method_name: &str,
+        payload: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<(u16, Value), bool> {
+        let (rid, answer) = self.endpoint().pending_method(device_key);
         let call = MethodCall {
             rid: rid.clone(),
             method_name: method_name.to_string(),
@@ -130,11 +168,11 @@ impl HubRegistry {
         };
         let result = tokio::time::timeout_at(deadline, async {
             if sender.send(call).await.is_err() {
-                return Err(not_online(&device.device_id));
+                return Err(false);
             }
             // The sender side is dropped without an answer when the session could not
             // deliver the call (it closed or unsubscribed).
-            answer.await.map_err(|_| not_online(&device.device_id))
+            answer.await.map_err(|_| false)
         })
         .await;
         match result {
@@ -145,15 +183,108 @@ impl HubRegistry {
             }
             Err(_) => {
                 self.endpoint().forget_method(&rid);
-                Err(HubError::new(
-                    HubErrorCode::GatewayTimeout,
-                    format!(
-                        "Timed out waiting for the response from device '{}' to method '{method_name}'.",
-                        device.device_id
-                    ),
-                ))
+                Err(true)
             }
         }
+    }
+
+    /// The device has no session here: asks the other nodes (`cluster.rs`). Waits for one to
+    /// accept until the connect deadline (at least [`DISCOVERY`]), publishing the call again
+    /// every [`PROBE_INTERVAL`] and running it here if the device connects here meanwhile;
+    /// then for the answer up to `response_timeout`.
+    #[allow(clippy::too_many_arguments)]
+    async fn invoke_elsewhere(
+        &self,
+        cluster: &Cluster,
+        key: &str,
+        device_id: &str,
+        method_name: &str,
+        payload: Vec<u8>,
+        response_timeout: Duration,
+        connect_deadline: Instant,
+    ) -> Result<(u16, Value), HubError> {
+        let mut waiting = cluster.expect();
+        let call = HubEvent::MethodCall {
+            rid: waiting.rid.clone(),
+            device: key.to_string(),
+            method: method_name.to_string(),
+            payload: String::from_utf8_lossy(&payload).into_owned(),
+            timeout_ms: u64::try_from(response_timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        let discovery_end = connect_deadline.max(Instant::now() + DISCOVERY);
+        let mut refused = false;
+        loop {
+            if let Some(sender) = self.endpoint().method_sender(key) {
+                drop(waiting);
+                return self
+                    .call_session(
+                        key,
+                        sender,
+                        method_name,
+                        payload,
+                        Instant::now() + response_timeout,
+                    )
+                    .await
+                    .map_err(|timed_out| failed(device_id, method_name, timed_out));
+            }
+            let now = Instant::now();
+            if now >= discovery_end {
+                if refused || self.endpoint().is_connected(key) {
+                    return Err(not_subscribed(device_id));
+                }
+                return Err(not_online(device_id));
+            }
+            cluster.publish(&call);
+            let probe_end = (now + PROBE_INTERVAL).min(discovery_end);
+            let accepted = loop {
+                match tokio::time::timeout_at(probe_end, waiting.replies.recv()).await {
+                    Ok(Some(Reply::Accepted)) => break true,
+                    Ok(Some(Reply::Refused)) => refused = true,
+                    Ok(Some(Reply::Session(_))) => {}
+                    // Replies to a call not accepted yet come from a node that accepted it:
+                    // keep them for below.
+                    Ok(Some(r @ (Reply::Answer { .. } | Reply::Failed { .. }))) => {
+                        return settle(r, device_id, method_name);
+                    }
+                    Ok(None) | Err(_) => break false,
+                }
+            };
+            if accepted {
+                break;
+            }
+        }
+        let deadline = Instant::now() + response_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, waiting.replies.recv()).await {
+                // Another node held a session too (a reconnect in between): the first answer counts.
+                Ok(Some(Reply::Accepted | Reply::Refused | Reply::Session(_))) => continue,
+                Ok(Some(r)) => return settle(r, device_id, method_name),
+                Ok(None) | Err(_) => return Err(failed(device_id, method_name, true)),
+            }
+        }
+    }
+}
+
+/// The answer or failure another node reported.
+fn settle(reply: Reply, device_id: &str, method_name: &str) -> Result<(u16, Value), HubError> {
+    match reply {
+        Reply::Answer { status, payload } => Ok((status, payload)),
+        Reply::Failed { timed_out } => Err(failed(device_id, method_name, timed_out)),
+        Reply::Accepted | Reply::Refused | Reply::Session(_) => Err(not_online(device_id)),
+    }
+}
+
+/// A call that got no answer: 504 when the device took too long, else 404 (session gone).
+fn failed(device_id: &str, method_name: &str, timed_out: bool) -> HubError {
+    if timed_out {
+        HubError::new(
+            HubErrorCode::GatewayTimeout,
+            format!(
+                "Timed out waiting for the response from device '{device_id}' to method '{method_name}'."
+            ),
+        )
+    } else {
+        not_online(device_id)
     }
 }
 

@@ -132,6 +132,8 @@ struct Inner {
     entropy: Arc<dyn Entropy>,
     desired_tx: broadcast::Sender<DesiredChange>,
     endpoint: EndpointState,
+    /// The other nodes of this hub, when the store has a bus ([`Self::with_bus`]).
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl std::fmt::Debug for HubRegistry {
@@ -183,6 +185,7 @@ impl HubRegistry {
                 entropy,
                 desired_tx,
                 endpoint: EndpointState::new(limits),
+                cluster: None,
             }),
         }
     }
@@ -196,6 +199,56 @@ impl HubRegistry {
             None => tracing::error!("with_storage_name called on a shared HubRegistry; ignored"),
         }
         self
+    }
+
+    /// Serves the hub together with the other nodes on `bus` (the store's, [`Store::bus`]):
+    /// cloud-to-device wakes, direct methods, session takeovers and live telemetry reach
+    /// devices and viewers on any node (`cluster.rs`). `None` keeps everything in this
+    /// process. Call it right after construction, before any clone, inside a Tokio runtime:
+    /// it starts the task that relays the other nodes' events (it ends with the registry).
+    pub fn with_bus(mut self, bus: Option<Arc<dyn muster_store::bus::Bus>>) -> Self {
+        let Some(bus) = bus else {
+            return self;
+        };
+        let cluster = crate::cluster::Cluster::new(bus);
+        let mut events = cluster.subscribe();
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.cluster = Some(cluster),
+            None => {
+                tracing::error!("with_bus called on a shared HubRegistry; ignored");
+                return self;
+            }
+        }
+        let registry = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let message = match events.recv().await {
+                    Ok(m) => m,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "hub events lost: this node fell behind the bus");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(inner) = registry.upgrade() else {
+                    return;
+                };
+                if let Some(event) = crate::cluster::decode(&message) {
+                    HubRegistry { inner }.on_hub_event(event);
+                }
+            }
+        });
+        self
+    }
+
+    /// The other nodes of this hub, if it has any.
+    pub(crate) fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// The lower-case name this hub's records are kept under.
+    pub(crate) fn hub_partition(&self) -> &str {
+        &self.inner.partition
     }
 
     /// The device endpoint's limits.
@@ -414,7 +467,11 @@ impl HubRegistry {
         if planned.existed {
             let id = &planned.stored.device.device_id;
             if planned.stored.device.status == DeviceStatus::Disabled {
-                self.inner.endpoint.close_session(&self.store_key(id));
+                let key = self.store_key(id);
+                self.inner.endpoint.close_session(&key);
+                if let Some(c) = self.cluster() {
+                    c.publish(&crate::cluster::HubEvent::CloseSession { device: key });
+                }
             }
             if !planned.desired_change.is_empty() {
                 self.notify(&planned.stored, planned.desired_change.clone());
@@ -427,6 +484,9 @@ impl HubRegistry {
         let key = self.store_key(device_id);
         self.inner.endpoint.close_session(&key);
         self.inner.endpoint.forget_session(&key);
+        if let Some(c) = self.cluster() {
+            c.publish(&crate::cluster::HubEvent::CloseSession { device: key });
+        }
     }
 
     /// Device-scope rules, as IoT Hub applies them:
@@ -840,17 +900,38 @@ impl HubRegistry {
         let version = stored.twin.desired.version;
         let mut patch = change;
         patch.insert("$version".into(), Value::from(version));
+        let key = self.store_key(&stored.device.device_id);
+        if let Some(c) = self.cluster() {
+            c.publish(&crate::cluster::HubEvent::Desired {
+                device: key.clone(),
+                device_id: stored.device.device_id.clone(),
+                version,
+                patch: patch.clone(),
+            });
+        }
+        self.deliver_desired(&key, &stored.device.device_id, version, patch);
+    }
+
+    /// Sends a desired change to the device's session on this node, or queues it in the
+    /// device's persistent session kept here.
+    pub(crate) fn deliver_desired(
+        &self,
+        device_key: &str,
+        device_id: &str,
+        version: u64,
+        patch: Map<String, Value>,
+    ) {
         // A device away with a persistent session gets it when it resumes.
         if let Ok(body) = serde_json::to_vec(&patch) {
             self.inner.endpoint.queue_for_absent(
-                &self.store_key(&stored.device.device_id),
+                device_key,
                 format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
                 body,
             );
         }
         // No subscriber is not an error.
         let _ = self.inner.desired_tx.send(DesiredChange {
-            device_id: stored.device.device_id.clone(),
+            device_id: device_id.to_string(),
             version,
             patch,
         });

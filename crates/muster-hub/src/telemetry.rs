@@ -207,6 +207,7 @@ impl HubRegistry {
                 let message = Arc::new(message);
                 // No subscriber is not an error.
                 let _ = self.endpoint().telemetry_tx.send(message.clone());
+                self.share_telemetry(&message);
                 return Ok(message);
             }
             // Another writer (a second node on the same store) took this number.

@@ -57,6 +57,36 @@ fn policy(name: &str, key: &[u8], rights: &str) -> HubPolicy {
 fn harness_with(limits: DeviceEndpointLimits) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("muster.db")).unwrap());
+    harness_on(dir, store, None, limits)
+}
+
+/// Two nodes of one hub: one store, a bus between them (as PostgreSQL gives several Muster
+/// processes), each with its own sessions and routes.
+fn two_nodes() -> (Harness, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("muster.db")).unwrap());
+    let bus = muster_store::bus::MemoryBus::default();
+    let a = harness_on(
+        tempfile::tempdir().unwrap(),
+        store.clone(),
+        Some(bus.node()),
+        DeviceEndpointLimits::default(),
+    );
+    let b = harness_on(
+        dir,
+        store,
+        Some(bus.node()),
+        DeviceEndpointLimits::default(),
+    );
+    (a, b)
+}
+
+fn harness_on(
+    dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    bus: Option<Arc<dyn muster_store::bus::Bus>>,
+    limits: DeviceEndpointLimits,
+) -> Harness {
     let clock = Arc::new(ManualClock::new(
         Timestamp::from_unix_millis(NOW * 1000).unwrap(),
     ));
@@ -75,7 +105,8 @@ fn harness_with(limits: DeviceEndpointLimits) -> Harness {
         clock.clone(),
         Arc::new(SeededEntropy::new(3)),
         limits,
-    );
+    )
+    .with_bus(bus);
     let app = muster_hub::router(hub.clone()).fallback(muster_hub::not_found);
     Harness {
         app,
@@ -1581,4 +1612,99 @@ async fn cloud_to_device_locked_by_an_https_receive_is_not_sent_over_mqtt() {
             .unwrap(),
         0
     );
+}
+
+/// A device connected to node A; the service calls on node B: its direct method is answered
+/// through A, its cloud-to-device message delivered at once, its telemetry shown on B's live
+/// stream; a device no node holds is not online; reconnecting to B closes A's connection and
+/// moves its persistent session to B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_one_node_is_reached_from_another() {
+    let (a, b) = two_nodes();
+    a.sas_device("dev-1").await;
+    a.sas_device("dev-2").await;
+    let mut live = open_stream(&b, &format!("/devices/dev-1/telemetry/stream?{V}"), None).await;
+
+    let (mut m, present) = a.connected_persistent("dev-1").await;
+    assert!(!present);
+    m.subscribe(&[
+        "$iothub/methods/POST/#",
+        "devices/dev-1/messages/devicebound/#",
+    ])
+    .await;
+    assert!(
+        !b.hub.is_connected("dev-1"),
+        "the session is on node A only"
+    );
+    method_round_trip(&b, &mut m, "dev-1").await;
+
+    // A desired-property update made on node B reaches the session on node A.
+    m.subscribe(&["$iothub/twin/PATCH/properties/desired/#"])
+        .await;
+    let (status, _) = b
+        .json(
+            Method::PATCH,
+            &format!("/twins/dev-1?{V}"),
+            Some(json!({"properties": {"desired": {"from": "b"}}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let patch = m.recv_publish().await;
+    assert!(
+        patch
+            .topic
+            .starts_with("$iothub/twin/PATCH/properties/desired/"),
+        "{}",
+        patch.topic
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&patch.payload).unwrap()["from"],
+        "b"
+    );
+    m.send(Packet::PubAck(PubAck::new(patch.pkid))).await;
+
+    let (status, _, _) = b
+        .call(
+            Method::POST,
+            &format!("/devices/dev-1/messages/cloudToDevice?{V}"),
+            &[],
+            b"from node b".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let c2d = m.recv_publish().await;
+    assert_eq!(&c2d.payload[..], b"from node b");
+    m.send(Packet::PubAck(PubAck::new(c2d.pkid))).await;
+
+    m.publish(
+        "devices/dev-1/messages/events/",
+        br#"{"t":1}"#,
+        QoS::AtLeastOnce,
+        7,
+    )
+    .await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+    let events = read_events(&mut live, 1).await;
+    assert_eq!(events[0].1["deviceId"], "dev-1");
+    assert_eq!(events[0].1["body"], r#"{"t":1}"#);
+
+    // dev-2 has no session on any node.
+    let (status, body) = b.invoke("dev-2", "reboot").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body["Message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ErrorCode:DeviceNotOnline;"),
+        "{body}"
+    );
+
+    // The device reconnects to node B with CleanSession=0 and subscribes to nothing, as the
+    // SDKs do when they renew their token: node A's connection closes and hands its session
+    // over, so B resumes the methods subscription; a call made on A reaches it on B.
+    let (mut on_b, present) = b.connected_persistent("dev-1").await;
+    assert!(present, "node B resumed node A's session");
+    m.expect_closed().await;
+    method_round_trip(&a, &mut on_b, "dev-1").await;
+    on_b.disconnect().await;
 }

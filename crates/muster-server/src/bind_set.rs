@@ -6,6 +6,12 @@
 //! the one set on its own port, through [`BindSet::bind`].
 //!
 //! IPv6 sockets are IPv6-only, so `0.0.0.0` and `::` can be bound side by side.
+//!
+//! With `--reuse-port` every socket is bound with `SO_REUSEPORT` (Linux, the BSDs): several
+//! Muster nodes on one machine bind the same address and port, and the kernel spreads new
+//! connections among their listeners (Linux hashes the connection's addresses and ports; a
+//! node that exits leaves the others taking every connection). Only processes of the same
+//! user may share a port this way. The admin listener is per node and never shares.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -31,6 +37,8 @@ pub enum BindSource {
 pub struct BindSet {
     ips: Vec<IpAddr>,
     source: BindSource,
+    /// Bind with `SO_REUSEPORT` (`--reuse-port`).
+    reuse_port: bool,
 }
 
 impl BindSet {
@@ -41,6 +49,7 @@ impl BindSet {
             return Ok(BindSet {
                 ips: listen,
                 source: BindSource::Listen,
+                reuse_port: config.reuse_port,
             });
         }
         let mut ips = resolve(&config.dps_host).await?;
@@ -54,6 +63,7 @@ impl BindSet {
         Ok(BindSet {
             ips,
             source: BindSource::AdvertisedHosts,
+            reuse_port: config.reuse_port,
         })
     }
 
@@ -77,7 +87,7 @@ impl BindSet {
         let mut port = port;
         for ip in &self.ips {
             let addr = SocketAddr::new(*ip, port);
-            let listener = bind_one(addr).map_err(|source| ServerError::Bind {
+            let listener = bind_one(addr, self.reuse_port).map_err(|source| ServerError::Bind {
                 what: what.to_string(),
                 addr,
                 hint: bind_hint(&addr, &source, self.source),
@@ -92,7 +102,7 @@ impl BindSet {
     }
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
@@ -101,10 +111,26 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // As std and tokio do: a restart may bind while old connections sit in TIME_WAIT.
     #[cfg(unix)]
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        set_reuse_port(&socket)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(ACCEPT_BACKLOG)?;
     TcpListener::from_std(socket.into())
+}
+
+#[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+fn set_reuse_port(socket: &socket2::Socket) -> std::io::Result<()> {
+    socket.set_reuse_port(true)
+}
+
+#[cfg(not(all(unix, not(any(target_os = "solaris", target_os = "illumos")))))]
+fn set_reuse_port(_socket: &socket2::Socket) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "--reuse-port needs SO_REUSEPORT, which this platform lacks",
+    ))
 }
 
 fn bind_hint(addr: &SocketAddr, e: &std::io::Error, source: BindSource) -> String {
@@ -116,7 +142,8 @@ fn bind_hint(addr: &SocketAddr, e: &std::io::Error, source: BindSource) -> Strin
             addr.port()
         ),
         std::io::ErrorKind::AddrInUse => format!(
-            "another process already listens on {addr}: stop it or choose another port"
+            "another process already listens on {addr}: stop it or choose another port \
+             (nodes of one cluster on one machine share it with --reuse-port, all of them)"
         ),
         std::io::ErrorKind::AddrNotAvailable => match source {
             BindSource::Listen => format!("{} is not an address of this machine: check --listen", addr.ip()),
@@ -166,6 +193,7 @@ mod tests {
                 IpAddr::V4(Ipv4Addr::new(127, 0, 0, 23)),
             ],
             source: BindSource::Listen,
+            reuse_port: false,
         };
         let listeners = set.bind(0, "test").await.unwrap();
         let ports: Vec<u16> = listeners
@@ -193,6 +221,35 @@ mod tests {
         assert_eq!(set.ips().len(), 2);
         assert!(!set.is_loopback_only());
         assert_eq!(set.source(), BindSource::Listen);
+    }
+
+    #[tokio::test]
+    async fn with_reuse_port_two_nodes_bind_one_port_and_both_accept() {
+        let node = |reuse_port| BindSet {
+            ips: vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 32))],
+            source: BindSource::Listen,
+            reuse_port,
+        };
+        let first = node(true).bind(0, "test").await.unwrap();
+        let port = first[0].local_addr().unwrap().port();
+        let second = node(true).bind(port, "test").await.unwrap();
+        assert_eq!(second[0].local_addr().unwrap().port(), port);
+        // Without the option the port stays taken.
+        let e = node(false).bind(port, "test").await.unwrap_err();
+        assert!(e.to_string().contains("--reuse-port"), "{e}");
+        // The kernel spreads connections over both listeners (by a hash of the client's
+        // address and port): connect until each has accepted one.
+        let addr = first[0].local_addr().unwrap();
+        let (mut a, mut b) = (0, 0);
+        let mut clients = Vec::new();
+        while a == 0 || b == 0 {
+            assert!(clients.len() < 200, "one listener never got a connection");
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            tokio::select! {
+                r = first[0].accept() => { r.unwrap(); a += 1 }
+                r = second[0].accept() => { r.unwrap(); b += 1 }
+            }
+        }
     }
 
     #[test]

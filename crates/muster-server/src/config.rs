@@ -33,6 +33,10 @@ pub struct Config {
     /// IP addresses every listener binds (`0.0.0.0`, `::`, `[::]` allowed). Empty: the
     /// addresses the advertised hosts resolve to (loopback for the default `localhost`).
     pub listen: Vec<String>,
+    /// Bind the device and service listeners with `SO_REUSEPORT`, so several Muster nodes
+    /// on one machine share an address and port and the kernel spreads the connections
+    /// among them (a cluster on one host, or a rolling restart without a closed port).
+    pub reuse_port: bool,
     /// `ADDR:PORT` of a plain-HTTP admin listener (`/healthz`, `/readyz`); off when `None`.
     pub admin_listen: Option<String>,
     /// How `muster serve` writes its log lines.
@@ -185,6 +189,7 @@ impl Default for Config {
             dps_host: "localhost".into(),
             hub_host: None,
             listen: Vec::new(),
+            reuse_port: false,
             admin_listen: None,
             log_format: LogFormat::Text,
             https_port: 443,

@@ -16,7 +16,7 @@
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, device WebSockets.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
 //! - [`bind_set`] — the addresses every listener binds (`--listen`), apart from the
-//!   advertised names.
+//!   advertised names; `SO_REUSEPORT` for nodes sharing a port (`--reuse-port`).
 //! - [`health`] — `/healthz` and `/readyz` (store write probe, listeners accepting).
 //! - [`admin`] — the optional plain-HTTP admin listener (`--admin-listen`): health, metrics.
 //! - [`hub_rename`] — a built-in hub whose address changed takes every stored reference to
@@ -35,7 +35,11 @@
 //! - [`metrics`] — the Prometheus recorder (installed once per process), connection and TLS
 //!   metrics, and `GET /metrics`; [`metered_store`] times every store write.
 //! - [`registration_events`] — each transport's view of the engine, publishing every
-//!   registration to the live event feed.
+//!   registration to the live event feed, and to the other nodes over the store's bus.
+//!
+//! Several nodes on one PostgreSQL store: the built-in hub and the registration feed use
+//! the store's bus (`Store::bus`, `muster_hub::HubRegistry::with_bus`), so sessions, method
+//! calls and live streams reach across nodes; with SQLite there is no bus.
 //! - [`audit_retention`] — the periodic pruning of the audit log.
 //!
 //! [`Server::start`] binds every listener before it writes `connection.json`, so a harness
@@ -313,7 +317,9 @@ impl Server {
                 ..muster_hub::DeviceEndpointLimits::default()
             },
         )
-        .with_storage_name(&hub_storage_name);
+        .with_storage_name(&hub_storage_name)
+        // Several nodes on one database reach each other's devices and viewers.
+        .with_bus(store.bus());
         let hub_owner = hub_policies
             .iter()
             .find(|p| p.key_name == bootstrap::HUB_OWNER_POLICY)
@@ -370,18 +376,28 @@ impl Server {
             .with_issuing_ca(Arc::new(issuing));
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
         let events = RegistrationFeed::new(config.max_event_subscribers);
+        let bus = store.bus();
         let reporting = |transport: &'static str| -> Arc<dyn DeviceRegistrar> {
             Arc::new(registration_events::ReportingRegistrar {
                 inner: registrar.clone(),
                 transport,
                 feed: events.clone(),
                 clock: clock.clone(),
+                bus: bus.clone(),
             })
         };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        if let Some(bus) = &bus {
+            // Subscribed now, so nothing published from here on is missed.
+            tasks.spawn(registration_events::relay(
+                bus.subscribe(),
+                events.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         let mqtt_services = mqtt_dispatch::MqttServices {
             registrar: reporting("mqtt"),
             hub: hub.clone(),

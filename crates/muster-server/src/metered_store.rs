@@ -97,4 +97,8 @@ impl Store for MeteredStore {
     fn changes(&self, collection: Collection) -> Option<u64> {
         self.inner.changes(collection)
     }
+
+    fn bus(&self) -> Option<Arc<dyn muster_store::bus::Bus>> {
+        self.inner.bus()
+    }
 }

@@ -2,6 +2,10 @@
 //! gets the engine behind a [`ReportingRegistrar`] that names the transport, times the
 //! request by the injected clock and publishes what the engine answered. Polls are not
 //! registrations and pass through unreported.
+//!
+//! Several nodes: each event also goes on the store's bus (topic [`TOPIC`], the event's JSON),
+//! and [`relay`] feeds the other nodes' events into this node's stream, so a viewer on any
+//! node sees every registration (at most once: the bus may drop an event under load).
 
 use std::sync::Arc;
 
@@ -9,7 +13,12 @@ use async_trait::async_trait;
 use muster_proto::runtime::Clock;
 use muster_registration::{DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest};
 use muster_service_api::events::{RegistrationEvent, RegistrationFeed};
+use muster_store::bus::{Bus, BusMessage};
 use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+
+/// The bus topic of registration events.
+pub const TOPIC: &str = "registrations";
 
 /// The engine as one transport sees it.
 pub struct ReportingRegistrar {
@@ -17,6 +26,8 @@ pub struct ReportingRegistrar {
     pub transport: &'static str,
     pub feed: RegistrationFeed,
     pub clock: Arc<dyn Clock>,
+    /// The other nodes' way to this event, when there are any.
+    pub bus: Option<Arc<dyn Bus>>,
 }
 
 #[async_trait]
@@ -27,18 +38,51 @@ impl DeviceRegistrar for ReportingRegistrar {
         let reply = self.inner.register(request).await;
         let time = self.clock.now();
         let duration_ms = (time.0 - started.0).num_milliseconds().max(0) as u64;
-        self.feed.publish(event_of(
-            &reply,
-            registration_id,
-            self.transport,
-            time,
-            duration_ms,
-        ));
+        let event = event_of(&reply, registration_id, self.transport, time, duration_ms);
+        if let Some(bus) = &self.bus {
+            match serde_json::to_vec(&event) {
+                Ok(bytes) => bus.publish(TOPIC, bytes),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration event not shared: encoding failed")
+                }
+            }
+        }
+        self.feed.publish(event);
         reply
     }
 
     async fn operation_status(&self, request: StatusRequest) -> DeviceReply {
         self.inner.operation_status(request).await
+    }
+}
+
+/// Feeds the other nodes' registration events into this node's stream until `shutdown`.
+pub async fn relay(
+    mut events: broadcast::Receiver<Arc<BusMessage>>,
+    feed: RegistrationFeed,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            m = events.recv() => m,
+        };
+        match message {
+            Ok(m) if m.topic == TOPIC => match serde_json::from_slice(&m.payload) {
+                Ok(event) => feed.publish(event),
+                Err(e) => {
+                    tracing::debug!(error = %e, "ignored a registration event this node does not understand")
+                }
+            },
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    lost = n,
+                    "registration events of other nodes lost: this node fell behind the bus"
+                )
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

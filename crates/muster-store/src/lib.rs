@@ -13,13 +13,16 @@
 //!   shared rate limits ([`Store::take_token`]).
 //! - [`audit`] — the audit log of service-API and console writes: entries, chronological
 //!   keys, filtered listing and retention pruning.
+//! - [`bus`] — [`bus::Bus`], messages between the nodes sharing a store (sessions, method
+//!   calls, live streams), and [`bus::MemoryBus`] for several nodes in one process.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations;
 //!   `sqlite::snapshot` copies it consistently while a server runs, for `muster backup`).
 //! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database;
-//!   `postgres::changes` tells every node of writes to cached collections (LISTEN/NOTIFY).
+//!   `postgres::changes` tells every node of writes to cached collections (LISTEN/NOTIFY),
+//!   `postgres::bus` carries the [`bus::Bus`] over LISTEN/NOTIFY.
 //! - [`conformance`] (feature `conformance`): the shared test suite every implementation
 //!   must pass; with `postgres` too, `test_cluster` starts a throwaway PostgreSQL.
 //!
@@ -38,6 +41,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 pub mod audit;
+pub mod bus;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "postgres")]
@@ -438,6 +442,12 @@ pub trait Store: Send + Sync + 'static {
     /// kept: a store shared by several processes must return `None` or a shared counter.
     fn changes(&self, collection: Collection) -> Option<u64> {
         let _ = collection;
+        None
+    }
+
+    /// The message bus between the nodes sharing this store ([`bus`]); `None` (the default)
+    /// for a store one process uses alone, where everything stays in that process.
+    fn bus(&self) -> Option<std::sync::Arc<dyn bus::Bus>> {
         None
     }
 }

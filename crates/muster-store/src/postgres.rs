@@ -52,7 +52,10 @@
 //! every other collection it answers `None`: callers keep no decoded copy.
 //!
 //! - `changes` — the cross-node change counters and their listening connection.
+//! - `bus` — [`Store::bus`]: messages between the nodes (`NOTIFY muster_bus`, large ones
+//!   through `muster_bus_spill`), for what lives in a node's memory.
 
+mod bus;
 mod changes;
 mod connect;
 mod errors;
@@ -72,6 +75,7 @@ use crate::sqlite::format_etag;
 use crate::{
     Collection, Expect, Lease, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome,
 };
+pub use bus::{BUS_LISTENER_NAME, INLINE_MAX as BUS_INLINE_MAX};
 use changes::Changes;
 pub use changes::LISTENER_NAME;
 pub use connect::is_postgres_url;
@@ -98,6 +102,8 @@ struct Inner {
     changes: Arc<Changes>,
     /// Listens for other nodes' changes; aborted when the store goes.
     listener: tokio::task::JoinHandle<()>,
+    /// This node's end of the bus between the nodes.
+    bus: Arc<bus::PgBus>,
 }
 
 impl Drop for Inner {
@@ -146,6 +152,7 @@ impl PostgresStore {
             .await
             .map_err(|e| pg_err(&context("connecting"), &e))?;
         let connection = tokio::spawn(connection);
+        let entropy_for_bus = entropy.clone();
         let sealer = schema::prepare(&mut client, &database, key_path, entropy).await;
         drop(client);
         // The connection ends once the client is gone; its own error is of no interest then.
@@ -169,6 +176,13 @@ impl PostgresStore {
             .map_err(|e| StoreError::Backend(context(&format!("building the pool: {e}"))))?;
         let changes = Arc::new(Changes::default());
         let listener = changes::spawn_listener(&target, changes.clone());
+        let mut node_id = [0u8; 8];
+        entropy_for_bus.fill(&mut node_id);
+        let bus = Arc::new(bus::PgBus::start(
+            &target,
+            pool.clone(),
+            u64::from_be_bytes(node_id),
+        ));
         tracing::debug!(database = %database, "opened PostgreSQL store");
         Ok(PostgresStore {
             inner: Arc::new(Inner {
@@ -177,6 +191,7 @@ impl PostgresStore {
                 display: database,
                 changes,
                 listener,
+                bus,
             }),
         })
     }
@@ -758,6 +773,10 @@ impl Store for PostgresStore {
 
     fn changes(&self, collection: Collection) -> Option<u64> {
         self.inner.changes.get(collection)
+    }
+
+    fn bus(&self) -> Option<Arc<dyn crate::bus::Bus>> {
+        Some(self.inner.bus.clone())
     }
 
     async fn count(

@@ -80,6 +80,8 @@ use crate::{
 };
 use body::StoredBody;
 use readers::ReadPool;
+// The PostgreSQL store renders its etags the same way.
+#[cfg(feature = "postgres")]
 pub(crate) use writer::format_etag;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 

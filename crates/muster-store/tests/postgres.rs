@@ -38,6 +38,7 @@ async fn postgres_store() {
     sealed_bodies_are_bytes_from_the_injected_entropy(&cluster, &key).await;
     group_changes_reach_the_other_node(&cluster, &key).await;
     rate_limits_are_shared_by_the_nodes(&cluster, &key).await;
+    bus_messages_reach_the_other_node(&cluster, &key).await;
     migrations_run_once_under_the_lock(&cluster, &key).await;
     refuses_a_newer_schema(&cluster, &key).await;
     refuses_another_or_a_missing_sealing_key(&cluster, keys.path()).await;
@@ -402,6 +403,61 @@ async fn group_changes_reach_the_other_node(cluster: &PgCluster, key: &std::path
     let b2 = b.changes(groups);
     put_group(&a, "g2").await;
     wait_until("node b hears of the next group", || b.changes(groups) != b2).await;
+}
+
+/// Two nodes on one database: what one publishes on the bus the other receives, in order,
+/// and a payload too large for a notification arrives whole through `muster_bus_spill`; a
+/// node does not hear itself.
+async fn bus_messages_reach_the_other_node(cluster: &PgCluster, key: &std::path::Path) {
+    let url = cluster.create_database("bus").await;
+    let a = open(&url, key).await;
+    let b = open(&url, key).await;
+    let (bus_a, bus_b) = (a.bus().expect("bus"), b.bus().expect("bus"));
+    assert_ne!(bus_a.node_id(), bus_b.node_id());
+    let mut at_a = bus_a.subscribe();
+    let mut at_b = bus_b.subscribe();
+    // Messages sent before b's listening connection is up are lost: probe until one lands.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        bus_a.publish("probe", Vec::new());
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), at_b.recv()).await {
+            assert_eq!((m.origin, m.topic.as_str()), (bus_a.node_id(), "probe"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "node b never heard node a");
+    }
+    let large: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    bus_a.publish("hub", b"small".to_vec());
+    bus_a.publish("hub", large.clone());
+    bus_a.publish("hub", b"after".to_vec());
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), at_b.recv())
+            .await
+            .expect("node b receives")
+            .expect("open");
+        if m.topic == "hub" {
+            got.push(m.payload.clone());
+        }
+    }
+    assert_eq!(got, [b"small".to_vec(), large, b"after".to_vec()]);
+    let spilled = query_strings(&url, "SELECT count(*)::TEXT FROM muster_bus_spill").await;
+    assert_eq!(
+        spilled,
+        ["1"],
+        "only the large message went through the table"
+    );
+    // Node a heard nothing of its own (b said nothing).
+    assert!(at_a.try_recv().is_err());
+    bus_b.publish("hub", b"from b".to_vec());
+    let m = tokio::time::timeout(Duration::from_secs(20), at_a.recv())
+        .await
+        .expect("node a receives")
+        .expect("open");
+    assert_eq!(
+        (m.origin, m.payload.as_slice()),
+        (bus_b.node_id(), &b"from b"[..])
+    );
 }
 
 async fn import_keeps_etags_and_moves_the_sequence(cluster: &PgCluster, key: &std::path::Path) {

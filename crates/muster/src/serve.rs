@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// comma-separated) [default: the addresses of --dps-host and --hub-host]
     #[arg(long = "listen", env = "MUSTER_LISTEN", value_delimiter = ',')]
     listen: Vec<String>,
+    /// Bind the device and service ports with SO_REUSEPORT, so several nodes on one machine
+    /// share them and the kernel spreads connections (a cluster on one host) [default: off]
+    #[arg(long, env = "MUSTER_REUSE_PORT")]
+    reuse_port: bool,
     /// ADDR:PORT of a plain-HTTP admin listener serving /healthz and /readyz [default: off]
     #[arg(long, env = "MUSTER_ADMIN_LISTEN")]
     admin_listen: Option<String>,
@@ -147,6 +151,9 @@ impl ServeArgs {
         }
         if !self.listen.is_empty() {
             c.listen = self.listen.clone();
+        }
+        if self.reuse_port {
+            c.reuse_port = true;
         }
         if let Some(v) = &self.admin_listen {
             c.admin_listen = Some(v.clone());

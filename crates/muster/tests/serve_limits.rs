@@ -235,3 +235,26 @@ fn limits_and_deadlines_come_from_flags_and_environment() {
         assert!(toml.lines().any(|l| l == line), "{line} in {toml}");
     }
 }
+
+#[test]
+fn reuse_port_comes_from_the_flag_or_the_environment() {
+    let print = |args: &[&str], env: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["serve", "--print-config"]).args(args);
+        c.env_remove("MUSTER_REUSE_PORT");
+        if let Some(v) = env {
+            c.env("MUSTER_REUSE_PORT", v);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let has = |toml: &str, line: &str| toml.lines().any(|l| l == line);
+    assert!(has(&print(&[], None), "reuse-port = false"));
+    assert!(has(&print(&["--reuse-port"], None), "reuse-port = true"));
+    assert!(has(&print(&[], Some("true")), "reuse-port = true"));
+}

@@ -15,6 +15,14 @@
 //       node --test tests/interop/node/hub.test.js
 //
 // All tests share that one server; every test uses its own device ids.
+//
+// Against a cluster (MUSTER_CLUSTER=3 for the wrapper, scripts/cluster.sh), one more test
+// reaches a device whose session sits on another node: the nodes share one address and port
+// (the kernel picks the node of each connection), and the wrapper passes each node's admin
+// URL (MUSTER_CLUSTER_ADMIN_URLS) and its own extra address, if it has one
+// (MUSTER_CLUSTER_NODE_ADDRS, comma-separated, empty for none). The test connects the
+// device through the shared address until the pinned node's admin /metrics shows the
+// connection went elsewhere, then makes the service calls through the pinned node only.
 'use strict';
 
 const { test, describe, after } = require('node:test');
@@ -23,6 +31,8 @@ const crypto = require('node:crypto');
 const { Client: DeviceClient } = require('azure-iot-device');
 const HubMqtt = require('azure-iot-device-mqtt');
 const { Client: ServiceClient, Registry } = require('azure-iothub');
+const https = require('node:https');
+const tls = require('node:tls');
 
 const HUB_CONNECTION_STRING = process.env.MUSTER_HUB_CONNECTION_STRING;
 if (!HUB_CONNECTION_STRING || !process.env.NODE_EXTRA_CA_CERTS) {
@@ -252,5 +262,95 @@ describe('device scope', () => {
     assert.ok(err, 'update with a bad scope was accepted');
     assert.equal(err.response.statusCode, 400);
     assert.equal((await registry.get(leaf.deviceId)).responseBody.deviceScope, edge.deviceScope);
+  });
+});
+
+const CLUSTER_ADMIN = (process.env.MUSTER_CLUSTER_ADMIN_URLS || '').split(',').filter(Boolean);
+const CLUSTER_ADDRS = (process.env.MUSTER_CLUSTER_NODE_ADDRS || '').split(',');
+const PINNED = CLUSTER_ADDRS.findIndex(Boolean);
+
+// Open MQTT connections on one node, from its admin listener's Prometheus text.
+async function openMqtt(adminUrl) {
+  const text = await (await fetch(`${adminUrl}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith('muster_open_connections{listener="mqtt"}'));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+// An agent whose connections all go to one node's own address, whatever host the request
+// names (the Host header, the SAS audience and the certificate check stay the hub's).
+class PinnedAgent extends https.Agent {
+  constructor(address) {
+    super({ keepAlive: true });
+    this.address = address;
+  }
+
+  createConnection(options, callback) {
+    return tls.connect({ ...options, host: this.address, servername: undefined }, callback);
+  }
+}
+
+describe('cluster: a device on another node', { skip: PINNED < 0 && 'not a cluster with a node address (MUSTER_CLUSTER_NODE_ADDRS)' }, () => {
+  test('direct method, C2D and twin through the pinned node reach the device elsewhere', { timeout: 2 * TEST_TIMEOUT_MS }, async () => {
+    const pinned = ServiceClient.fromConnectionString(HUB_CONNECTION_STRING);
+    // The SDK's REST client takes its agent from setOptions; the Client sets one keep-alive
+    // agent there in its constructor, replaced here by the pinned one.
+    pinned._restApiClient.setOptions({ http: { agent: new PinnedAgent(CLUSTER_ADDRS[PINNED]) } });
+    const deviceId = unique('node-cluster');
+    const { responseBody: device } = await registry.create({ deviceId });
+    const key = device.authentication.symmetricKey.primaryKey;
+
+    let client;
+    for (let attempt = 1; ; attempt += 1) {
+      const before = await openMqtt(CLUSTER_ADMIN[PINNED]);
+      client = DeviceClient.fromConnectionString(
+        `HostName=${HOST};DeviceId=${deviceId};SharedAccessKey=${key}`, HubMqtt.Mqtt);
+      await client.open();
+      if (await openMqtt(CLUSTER_ADMIN[PINNED]) === before) break;
+      await client.close();
+      assert.ok(attempt < 20, 'the kernel sent every connection to the pinned node');
+    }
+    openClients.push(client);
+    const calls = waiter('the direct method');
+    client.onDeviceMethod('where', (request, response) => {
+      calls.push(request.payload);
+      response.send(200, { seen: request.payload }, () => {});
+    });
+    const messages = waiter('the cloud-to-device message');
+    client.on('message', (msg) => {
+      messages.push(msg.getData().toString());
+      client.complete(msg, () => {});
+    });
+    const twin = await client.getTwin();
+    const patches = waiter('the desired patch', (p) => p.pinned === true);
+    twin.on('properties.desired', (delta) => patches.push(delta));
+
+    const { result } = await pinned.invokeDeviceMethod(deviceId, {
+      methodName: 'where', payload: { via: 'pinned' }, responseTimeoutInSeconds: 20, connectTimeoutInSeconds: 10,
+    });
+    assert.equal(result.status, 200, JSON.stringify(result));
+    assert.deepEqual(result.payload, { seen: { via: 'pinned' } });
+    assert.deepEqual(await calls.promise, { via: 'pinned' });
+
+    // C2D through Muster's REST extension on the pinned node (the SDK's Client.send is AMQP).
+    const cs = Object.fromEntries(HUB_CONNECTION_STRING.split(';').map((p) => [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)]));
+    const token = require('azure-iot-common').SharedAccessSignature.create(
+      HOST, cs.SharedAccessKeyName, cs.SharedAccessKey, Math.floor(Date.now() / 1000) + 600).toString();
+    const status = await new Promise((resolve, reject) => {
+      const req = https.request({
+        host: HOST, method: 'POST', agent: new PinnedAgent(CLUSTER_ADDRS[PINNED]),
+        path: `/devices/${deviceId}/messages/cloudToDevice?api-version=2021-04-12`,
+        headers: { authorization: token, 'content-type': 'text/plain' },
+      }, (res) => { res.resume(); resolve(res.statusCode); });
+      req.on('error', reject);
+      req.end('through the pinned node');
+    });
+    assert.equal(status, 204);
+    assert.equal(await messages.promise, 'through the pinned node');
+
+    // A desired-property update made on the pinned node reaches the device's session.
+    const pinnedRegistry = Registry.fromConnectionString(HUB_CONNECTION_STRING);
+    pinnedRegistry._restApiClient.setOptions({ http: { agent: new PinnedAgent(CLUSTER_ADDRS[PINNED]) } });
+    await pinnedRegistry.updateTwin(deviceId, { properties: { desired: { pinned: true } } }, '*');
+    await patches.promise;
   });
 });

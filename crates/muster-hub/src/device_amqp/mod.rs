@@ -172,7 +172,7 @@ impl Conn {
         let device_key = hub.store_key(&device_id);
         // Subscribe before anything can change, so no desired change falls in between.
         let desired_rx = hub.subscribe_desired();
-        let handles = hub.endpoint().register(&device_key);
+        let handles = hub.register_session(&device_key);
         hub.endpoint().open_session(
             &device_key,
             handles.conn_id,

@@ -155,9 +155,13 @@ where
     };
 
     let device_key = hub.store_key(&identity.device_id);
+    if !connect.clean_session {
+        // Its session may be on another node (a reconnect the load balancer sent here).
+        hub.fetch_session(&identity.device_id, &device_key).await;
+    }
     // Subscribe before anything can change, so no desired change falls in between.
     let mut desired_rx = hub.subscribe_desired();
-    let handles = hub.endpoint().register(&device_key);
+    let handles = hub.register_session(&device_key);
     let mut methods_rx = handles.methods;
     let resumed = hub.endpoint().open_session(
         &device_key,

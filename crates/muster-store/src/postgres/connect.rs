@@ -26,6 +26,7 @@ use crate::StoreError;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A parsed store URL.
+#[derive(Clone)]
 pub(super) struct Target {
     pub(super) config: tokio_postgres::Config,
     pub(super) tls: MakeRustlsConnect,

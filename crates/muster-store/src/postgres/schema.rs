@@ -49,6 +49,13 @@ const MIGRATIONS: &[&str] = &[
         tokens     DOUBLE PRECISION NOT NULL,
         updated_ms BIGINT NOT NULL
     );",
+    // 4: bus messages too large for a notification (`bus.rs`), kept a minute.
+    "CREATE TABLE muster_bus_spill (
+        id         BIGSERIAL PRIMARY KEY,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        payload    BYTEA NOT NULL
+    );
+    CREATE INDEX muster_bus_spill_by_age ON muster_bus_spill (created_at);",
 ];
 
 /// The schema version this build creates and understands.
