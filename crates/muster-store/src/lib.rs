@@ -11,6 +11,8 @@
 //! - [`Store`]: the interface every implementation provides.
 //! - [`audit`] — the audit log of service-API and console writes: entries, chronological
 //!   keys, filtered listing and retention pruning.
+//! - [`issued`] — issued-certificate records: record one, look one up by serial, list them
+//!   (optionally one registration's) in pages, revoke one.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
@@ -38,6 +40,7 @@ use serde_json::Value;
 pub mod audit;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod issued;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod records;
@@ -92,6 +95,9 @@ pub enum Collection {
     /// `{unix milliseconds, 15 digits}-{sequence, 10 digits}-{random}` so key order is time
     /// order; see [`audit`]. Holds no keys or bodies.
     AuditLog,
+    /// Certificates Muster issued for CSRs, keyed by serial number (upper-case hex),
+    /// partitioned by the lower-cased registration id; see [`issued`].
+    IssuedCertificates,
 }
 
 impl Collection {
@@ -110,6 +116,7 @@ impl Collection {
         Collection::PendingAssignments,
         Collection::HubRemovals,
         Collection::AuditLog,
+        Collection::IssuedCertificates,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -137,6 +144,7 @@ impl Collection {
             Collection::PendingAssignments => "pending_assignments",
             Collection::HubRemovals => "hub_removals",
             Collection::AuditLog => "audit_log",
+            Collection::IssuedCertificates => "issued_certificates",
         }
     }
 }
