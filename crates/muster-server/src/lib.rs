@@ -332,6 +332,7 @@ impl Server {
             entropy: entropy.clone(),
             limits: Limits::default(),
             deprovisioner: None,
+            certificates: None,
         };
 
         let http = outbound_client(&ca)?;
@@ -358,6 +359,7 @@ impl Server {
             })
         };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
+        api.certificates = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
