@@ -101,6 +101,8 @@ pub enum ServerError {
     IdScopeMismatch { expected: String, stored: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    IssuingCa(#[from] issuing_ca::ImportError),
     #[error(
         "could not resolve {host}: {source}; to advertise a name this machine cannot resolve, \
          bind its addresses with --listen (e.g. --listen 0.0.0.0)"
@@ -341,13 +343,15 @@ impl Server {
         engine_config.webhook.timeout = std::time::Duration::from_millis(config.webhook_timeout_ms);
         engine_config.webhook.retries = config.webhook_retries;
         // The built-in hub is written in process; other linked hubs over their REST API.
-        let issuing = issuing_ca::load(&config, &data_dir, &ca)?;
+        let issuing = issuing_ca::load_all(&config, &data_dir, &ca, &*store, clock.now()).await?;
         let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
             .with_local_hub(
                 &hub_endpoint,
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
-            )
-            .with_issuing_ca(Arc::new(issuing));
+            );
+        let engine = issuing.into_iter().fold(engine, |engine, (name, ca)| {
+            engine.with_named_issuing_ca(&name, Arc::new(ca))
+        });
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
         let events = RegistrationFeed::new(config.max_event_subscribers);
         let reporting = |transport: &'static str| -> Arc<dyn DeviceRegistrar> {

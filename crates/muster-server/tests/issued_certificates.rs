@@ -519,3 +519,113 @@ async fn listing_pages_filters_and_read_only_policies_cannot_revoke() {
     assert_eq!(s, 404, "nothing written");
     server.shutdown().await;
 }
+
+/// An operator root and intermediate (rcgen): the intermediate's PEM chain and key.
+fn operator_ca(cn: &str) -> (String, String, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_params = |name: &str| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    };
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let root = ca_params(&format!("{cn} Root"))
+        .self_signed(&root_key)
+        .unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let inter = ca_params(cn).signed_by(&key, &root, &root_key).unwrap();
+    (
+        format!("{}{}", inter.pem(), root.pem()),
+        key.serialize_pem(),
+        inter.der().to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn a_named_operator_ca_is_imported_sealed_and_chosen_per_enrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let (chain_pem, key_pem, inter_der) = operator_ca("Fleet Issuing CA");
+    let cert = files.path().join("fleet.pem");
+    let key_path = files.path().join("fleet.key");
+    std::fs::write(&cert, &chain_pem).unwrap();
+    std::fs::write(&key_path, &key_pem).unwrap();
+    let mut config = common::config(dir.path(), HOST);
+    config.issuing_cas = vec![muster_server::config::IssuingCaConfig {
+        name: "fleet".into(),
+        cert: cert.clone(),
+        key: key_path.clone(),
+    }];
+    let server = Server::start(config).await.unwrap();
+    server.shutdown().await;
+    // The files go; the next start (without the option) loads the CA from the store.
+    drop(files);
+    let server = Server::start(common::config(dir.path(), HOST))
+        .await
+        .unwrap();
+    let dps = Dps::new(&server.connection);
+    let (s, g) = dps
+        .service(
+            Method::PUT,
+            "/enrollmentGroups/op",
+            Some(json!({"attestation": {"type": "symmetricKey"},
+                        "certificateIssuance": {"enabled": true, "issuingCa": "fleet"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{g}");
+    let group_key = g["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = DeviceKey::new();
+    let t = token(&dps, &group_key, "o-1");
+    let (s, b) = register(&dps, "o-1", Some(&t), None, json!({"csr": key.csr("o-1")})).await;
+    assert_eq!(s, 202, "{b}");
+    let chain = b["registrationState"]["issuedCertificateChain"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(chain.len(), 3, "leaf, the operator intermediate, its root");
+    assert_eq!(B64.decode(chain[1].as_str().unwrap()).unwrap(), inter_der);
+    let leaf = B64.decode(chain[0].as_str().unwrap()).unwrap();
+    muster_attestation::verify_signed_by(&leaf, &inter_der).unwrap();
+    let (_, rec) = dps
+        .service(
+            Method::GET,
+            &format!("/certificates/issued/{}", serial_of(&leaf)),
+            None,
+        )
+        .await;
+    assert_eq!(rec["issuingCa"], "fleet", "{rec}");
+    assert_eq!(rec["issuerName"], "CN=Fleet Issuing CA", "{rec}");
+    server.shutdown().await;
+
+    // At rest the key is sealed: its PEM body is nowhere in the database files.
+    let needle = key_pem
+        .lines()
+        .find(|l| !l.starts_with("-----"))
+        .unwrap()
+        .to_string();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("muster.db")
+        {
+            let bytes = std::fs::read(&path).unwrap();
+            checked += bytes.len();
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} holds the issuing CA key in clear",
+                path.display()
+            );
+        }
+    }
+    assert!(checked > 0, "the database files were read");
+}
