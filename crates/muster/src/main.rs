@@ -10,6 +10,7 @@ mod conn;
 mod device;
 mod enrollment;
 mod hub;
+mod issued_cert;
 mod linked_hub;
 mod logging;
 mod output;
@@ -103,6 +104,9 @@ enum Command {
     /// The audit log: who changed what, when, with which result.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Certificates Muster issued for devices' CSRs: list, show, revoke.
+    #[command(subcommand)]
+    Certificate(issued_cert::CertificateCommand),
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
         Command::Audit(c) => runtime.block_on(audit::run(c)),
+        Command::Certificate(c) => runtime.block_on(issued_cert::run(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
