@@ -6,7 +6,8 @@
 //! - [`bootstrap`] — the service identity kept in the store (ID scope, access policies).
 //! - [`tls`] — the local CA and the server certificate it issues.
 //! - [`issuing_ca`] — the CA that signs device certificates for CSRs: `issuing-ca.pem` /
-//!   `issuing-ca.key`, an intermediate under the local CA, or operator-supplied files.
+//!   `issuing-ca.key`, an intermediate under the local CA, and named operator CAs imported
+//!   into the store sealed (`--issuing-ca NAME=CERT,KEY`) and loaded from it.
 //! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
 //!   reloaded when its files change or on demand (SIGHUP).
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake

@@ -1,7 +1,8 @@
 //! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
 //! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
-//! restore of a data dir.
+//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, issued
+//! certificates (`certificate issued list|show|revoke`, issued_cert.rs), backup and restore of
+//! a data dir.
 
 mod audit;
 mod backup;
