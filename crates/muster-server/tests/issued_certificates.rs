@@ -154,6 +154,25 @@ async fn amqp_hub_telemetry(
         .unwrap_or(false)
 }
 
+/// The built-in hub's device HTTPS API with a client certificate: the status of a telemetry
+/// POST.
+async fn https_hub_telemetry(dps: &Dps, device_id: &str, cert: &[u8], key: &DeviceKey) -> u16 {
+    let (hub, _) = dps.hub();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls_config(dps, Some((cert, key))))
+        .build()
+        .unwrap();
+    http.post(format!(
+        "https://{hub}/devices/{device_id}/messages/events?api-version=2021-04-12"
+    ))
+    .body("hello")
+    .send()
+    .await
+    .unwrap()
+    .status()
+    .as_u16()
+}
+
 /// Registers over HTTPS with a SAS token (or, without one, the TLS client certificate).
 async fn register(
     dps: &Dps,
@@ -263,6 +282,7 @@ async fn revoked_certificate_is_refused_at_the_hub_and_registration_and_rotation
         ConnectReturnCode::Success
     );
     assert!(amqp_hub_telemetry(&dps, &server, "r-1", &leaf, &key).await);
+    assert_eq!(https_hub_telemetry(&dps, "r-1", &leaf, &key).await, 204);
 
     let (s, revoked) = dps
         .service(
@@ -288,6 +308,7 @@ async fn revoked_certificate_is_refused_at_the_hub_and_registration_and_rotation
         ConnectReturnCode::NotAuthorized
     );
     assert!(!amqp_hub_telemetry(&dps, &server, "r-1", &leaf, &key).await);
+    assert_eq!(https_hub_telemetry(&dps, "r-1", &leaf, &key).await, 401);
 
     // Even with the thumbprint put back by hand, the hub refuses the revoked certificate.
     let thumbprint = rec["sha256Thumbprint"].as_str().unwrap();
@@ -312,6 +333,8 @@ async fn revoked_certificate_is_refused_at_the_hub_and_registration_and_rotation
         mqtt_hub_connect(&dps, &server, "r-1", &leaf, &key).await,
         ConnectReturnCode::NotAuthorized
     );
+    assert!(!amqp_hub_telemetry(&dps, &server, "r-1", &leaf, &key).await);
+    assert_eq!(https_hub_telemetry(&dps, "r-1", &leaf, &key).await, 401);
 
     // Registering with the revoked certificate (X.509 over TLS) is refused with its code.
     let (s, e) = register(&dps, "r-1", None, Some((&leaf, &key)), json!({})).await;
