@@ -189,12 +189,20 @@ impl Engine {
                 format!("the certificate is revoked, but hub '{hub}' of device '{device_id}' is not linked, so its identity still holds the thumbprint; remove it there"),
             ));
         };
+        let hub_connection = self.connection(target);
+        // The put replaces the whole identity: an IoT Edge device stays one.
+        let iot_edge = hub_connection
+            .get_twin(&device_id)
+            .await
+            .map_err(super::hub_failure)?
+            .and_then(|t| t.pointer("/capabilities/iotEdge").and_then(|v| v.as_bool()))
+            .unwrap_or(false);
         let spec = HubDeviceSpec {
             device_id: device_id.clone(),
             authentication: HubAuthentication::None,
-            iot_edge: false,
+            iot_edge,
         };
-        self.connection(target)
+        hub_connection
             .put_device(&spec, TwinWrite::Keep)
             .await
             .map_err(super::hub_failure)?;
