@@ -787,6 +787,18 @@ fn device_register_with_a_csr_gets_a_certificate_for_the_hub() {
         .is_err());
     let err = env.fails(&["certificate", "issued", "show", "ABCDEF"]);
     assert!(err.contains("404207"), "{err}");
+    // An issuing CA the server does not have is refused when the group is written.
+    let err = env.fails(&[
+        "enrollment-group",
+        "create",
+        "--group-id",
+        "other-ca",
+        "--issue-certificates",
+        "true",
+        "--issuing-ca",
+        "nope",
+    ]);
+    assert!(err.contains("400015") && err.contains("issuingCa"), "{err}");
     // Without certificateIssuance the CSR is refused with its code.
     env.ok(&["enrollment-group", "create", "--group-id", "plain"]);
     let pk = env.group_key("plain");
