@@ -375,7 +375,7 @@ impl Engine {
         record.state.x509 = attested.x509.as_deref().cloned();
         if let Some(csr) = req.body.csr.as_deref() {
             let (issued, ca_name) = self.issue(csr, &rid, &attested.matched, now)?;
-            self.record_issued(&issued, &attested.matched, &ca_name, now)
+            self.record_issued(&issued, &rid, &attested.matched, &ca_name, now)
                 .await?;
             // The hub identity becomes the issued certificate (for symmetric-key and X.509
             // devices alike); a pending plan keeps its thumbprint.

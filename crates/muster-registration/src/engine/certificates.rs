@@ -11,7 +11,7 @@
 
 use muster_proto::audit::{AuditEntry, AuditSource};
 use muster_proto::issued_certificate::IssuedCertificate;
-use muster_proto::{ErrorCode, Timestamp};
+use muster_proto::{ErrorCode, RegistrationId, Timestamp};
 use muster_store::issued::{self, Revoked};
 use muster_store::Collection;
 use tracing::{info, warn};
@@ -41,20 +41,16 @@ impl Engine {
     pub(super) async fn record_issued(
         &self,
         issued: &Issued,
+        registration_id: &RegistrationId,
         matched: &Matched,
         issuing_ca: &str,
         now: Timestamp,
     ) -> Result<(), DeviceFailure> {
         let info = &issued.info;
-        let registration_id = info
-            .subject_name
-            .strip_prefix("CN=")
-            .unwrap_or(&info.subject_name)
-            .to_string();
         let cert = IssuedCertificate {
             serial_number: info.serial_number.clone(),
             sha256_thumbprint: info.sha256_thumbprint.clone(),
-            registration_id,
+            registration_id: registration_id.to_string(),
             enrollment_type: match matched {
                 Matched::Individual(_) => "individual".into(),
                 Matched::Group(_) => "group".into(),
