@@ -576,12 +576,20 @@ async fn a_named_operator_ca_is_imported_sealed_and_chosen_per_enrollment() {
     let key_path = files.path().join("fleet.key");
     std::fs::write(&cert, &chain_pem).unwrap();
     std::fs::write(&key_path, &key_pem).unwrap();
+    // `issuing-ca-cert`/`-key` are imported the same way, as `local`.
+    let (local_chain, local_key, local_der) = operator_ca("Override Issuing CA");
+    let local_cert = files.path().join("local.pem");
+    let local_key_path = files.path().join("local.key");
+    std::fs::write(&local_cert, &local_chain).unwrap();
+    std::fs::write(&local_key_path, &local_key).unwrap();
     let mut config = common::config(dir.path(), HOST);
     config.issuing_cas = vec![muster_server::config::IssuingCaConfig {
         name: "fleet".into(),
         cert: cert.clone(),
         key: key_path.clone(),
     }];
+    config.issuing_ca_cert = Some(local_cert);
+    config.issuing_ca_key = Some(local_key_path);
     let server = Server::start(config).await.unwrap();
     server.shutdown().await;
     // The files go; the next start (without the option) loads the CA from the store.
@@ -624,6 +632,19 @@ async fn a_named_operator_ca_is_imported_sealed_and_chosen_per_enrollment() {
         .await;
     assert_eq!(rec["issuingCa"], "fleet", "{rec}");
     assert_eq!(rec["issuerName"], "CN=Fleet Issuing CA", "{rec}");
+    // A group naming no CA gets `local`: here the imported override, not Muster's own.
+    let default_key = issuing_group(&dps, "default-ca").await;
+    let (leaf, _) = issue(&dps, &default_key, "o-2").await;
+    muster_attestation::verify_signed_by(&leaf, &local_der).unwrap();
+    let (_, rec) = dps
+        .service(
+            Method::GET,
+            &format!("/certificates/issued/{}", serial_of(&leaf)),
+            None,
+        )
+        .await;
+    assert_eq!(rec["issuingCa"], "local", "{rec}");
+    assert_eq!(rec["issuerName"], "CN=Override Issuing CA", "{rec}");
     server.shutdown().await;
 
     // At rest the key is sealed: its PEM body is nowhere in the database files.
