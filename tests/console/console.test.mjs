@@ -59,7 +59,7 @@ before(async () => {
     ignoreHTTPSErrors: true,
   });
   page = context.pages()[0] ?? (await context.newPage());
-  page.on("dialog", (d) => d.accept()); // the delete confirmation
+  page.on("dialog", (d) => d.accept()); // the delete and revoke confirmations
 });
 
 after(async () => {
@@ -182,6 +182,43 @@ test("the other pages: registration records, linked hubs, hub devices", async ()
   await page.getByRole("heading", { name: `Device ${deviceId}` }).waitFor();
   assert.match(await page.locator("#twin").textContent(), /"line": "e2e"/);
   await screenshot("hub-device");
+});
+
+test("issued certificates: a CSR registration's certificate is listed and revoked with a reason", async () => {
+  const cli = (args) =>
+    execFileSync(process.env.MUSTER_BIN, [...args, "--data-dir", process.env.MUSTER_DATA_DIR], { encoding: "utf8" });
+  const certGroup = `console-certs-${suffix}`;
+  const certDevice = `e2e-cert-${suffix}`;
+  cli(["enrollment-group", "create", "--group-id", certGroup, "--issue-certificates", "true"]);
+  const shown = JSON.parse(cli(["enrollment-group", "show", certGroup, "--show-keys", "--output", "json"]));
+  const dir = mkdtempSync(join(tmpdir(), "muster-console-csr-"));
+  try {
+    const key = join(dir, "dev.key");
+    execFileSync("openssl", ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key]);
+    const out = cli([
+      "device", "register", "--registration-id", certDevice,
+      "--group-key", shown.attestation.symmetricKey.primaryKey, "--csr-key", key,
+    ]);
+    assert.match(out, /assigned/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  await page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Issued certificates" }).click();
+  await page.getByLabel("Registration ID").fill(certDevice);
+  await page.getByRole("button", { name: "Filter" }).click();
+  const row = page.locator("#issued-certificates tbody tr", { hasText: certDevice });
+  await row.waitFor();
+  const serial = (await row.locator("th").textContent()).trim();
+  assert.match(serial, /^[0-9A-F]+$/);
+  await screenshot("issued-certificates");
+  await row.getByLabel("Reason").fill("lost in the field");
+  await row.getByRole("button", { name: "Revoke" }).click(); // the confirmation is accepted
+  await page.getByText(`Revoked certificate ${serial}.`).waitFor();
+  const revoked = page.locator("#issued-certificates tbody tr", { hasText: serial });
+  assert.match(await revoked.textContent(), /lost in the field/);
+  assert.equal(await revoked.getByRole("button", { name: "Revoke" }).count(), 0);
+  assert.equal(await page.locator("p.error").count(), 0);
+  await screenshot("issued-certificate-revoked");
 });
 
 test("a form posted without the CSRF token is refused", async () => {

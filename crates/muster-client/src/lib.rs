@@ -5,6 +5,7 @@
 //!   registration records (get, create or update with ETags, delete, attestation mechanism,
 //!   paged queries, bulk) and Muster's `/linkedHubs` extension. Every request is signed with a
 //!   fresh SAS token from the connection string's policy.
+//!   [`issued`] adds Muster's `/certificates/issued` (list, show, revoke) to it.
 //! - [`DeviceClient`] — device registration over HTTPS or MQTT (TLS) with a symmetric key, or
 //!   a key derived from an enrollment-group key, or an X.509 certificate (TLS client
 //!   authentication; [`DeviceKey::X509`]); polls while `assigning`, honouring
@@ -26,6 +27,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub mod hub_device;
+pub mod issued;
 mod mqtt;
 pub mod service;
 pub mod telemetry;

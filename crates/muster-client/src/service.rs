@@ -216,7 +216,7 @@ impl ServiceClient {
     }
 
     /// A request with a fresh token and the api-version.
-    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+    pub(crate) fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!(
             "{}{path}{sep}api-version={SERVICE_API_VERSION}",
@@ -232,7 +232,7 @@ impl ServiceClient {
         }
     }
 
-    async fn send(&self, what: &str, req: RequestBuilder) -> Result<Response> {
+    pub(crate) async fn send(&self, what: &str, req: RequestBuilder) -> Result<Response> {
         let resp = req.send().await.map_err(|source| Error::Transport {
             url: self.base_url.clone(),
             source,

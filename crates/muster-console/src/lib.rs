@@ -22,6 +22,8 @@
 //! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
 //!   details (settings, registration records), enable/disable, delete with cascade.
 //! - [`registrations`] — registration records filtered by status, group and hub, paged.
+//! - [`issued_certificates`] — certificates issued for CSRs, filtered by registration, paged;
+//!   revoke (with a reason and a confirmation) for policies with RegistrationStatusWrite.
 //! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
 //! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
 //! - [`device_key`] — derive a device key from a group key.
@@ -42,6 +44,7 @@ pub mod device_key;
 pub mod enrollments;
 pub mod events;
 pub mod hub_devices;
+pub mod issued_certificates;
 pub mod linked_hubs;
 pub mod overview;
 pub mod page;
@@ -204,6 +207,11 @@ pub fn router(console: Console) -> Router {
         )
         .route("/console/registrations", get(registrations::list))
         .route("/console/audit", get(audit_log::list))
+        .route("/console/certificates", get(issued_certificates::list))
+        .route(
+            "/console/certificates/{serial}/revoke",
+            post(issued_certificates::revoke),
+        )
         .route("/console/events/registrations", get(events::stream))
         .route(
             "/console/linked-hubs",

@@ -450,6 +450,25 @@ async fn a_read_only_policy_cannot_create_and_failed_forms_keep_their_values() {
     assert!(r.text().await.unwrap().contains("ServiceConfig"));
     let r = h.get("/console/linked-hubs", Some(&reader.cookie)).await;
     assert_eq!(r.status(), 403);
+    // Issued certificates: the reader lists them, but gets no revoke column and its revoke
+    // is refused by the API's rights.
+    let r = h.get("/console/certificates", Some(&reader.cookie)).await;
+    let status = r.status();
+    let html = r.text().await.unwrap();
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("<h1>Issued certificates</h1>"), "{html}");
+    assert!(!html.contains("<th scope=\"col\">Revoke</th>"), "{html}");
+    let r = h
+        .post_form(
+            "/console/certificates/ABCDEF/revoke",
+            Some(&reader.cookie),
+            &[("csrf", reader.csrf.as_str()), ("reason", "x")],
+        )
+        .await;
+    let status = r.status();
+    let html = r.text().await.unwrap();
+    assert_eq!(status, 403, "{html}");
+    assert!(html.contains("RegistrationStatusWrite"), "{html}");
 
     // The owner: a twin that is not JSON is caught before the API, a bad id by the API.
     let owner = h.sign_in(&name, &key).await;
@@ -489,6 +508,24 @@ async fn a_read_only_policy_cannot_create_and_failed_forms_keep_their_values() {
     );
     assert!(html.contains("value=\"bad id!\""));
     assert_eq!(h.api_get("/enrollmentGroups/line-8").await.status(), 404);
+    // The owner may revoke: the column is there; an unknown serial is the API's 404207.
+    let r = h.get("/console/certificates", Some(&owner.cookie)).await;
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("<th scope=\"col\">Revoke</th>"));
+    let r = h
+        .post_form(
+            "/console/certificates/ABCDEF/revoke",
+            Some(&owner.cookie),
+            &[("csrf", owner.csrf.as_str())],
+        )
+        .await;
+    let status = r.status();
+    let html = r.text().await.unwrap();
+    assert_eq!(status, 404, "{html}");
+    assert!(html.contains("404207"), "{html}");
     h.server.shutdown().await;
 }
 

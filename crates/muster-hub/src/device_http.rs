@@ -149,6 +149,11 @@ async fn admit_device(
                     )
                 })?;
             verify_certificate(&device, leaf).map_err(|(_, why)| HubError::unauthorized(why))?;
+            if hub.certificate_revoked(leaf).await? {
+                return Err(HubError::unauthorized(
+                    "the client certificate was issued by Muster and has been revoked",
+                ));
+            }
         }
     }
     Ok((device.device_id, params))

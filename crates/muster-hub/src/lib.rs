@@ -19,7 +19,9 @@
 //! - [`properties`] — twin collections: validation, merge with `null` deletes, diffs,
 //!   `$metadata` and `$version`.
 //! - [`device_mqtt`] — one device's MQTT session ([`device_mqtt::serve_connection`]);
-//!   `device_mqtt::connect` also holds the device authentication both transports share.
+//!   `device_mqtt::connect` also holds the device authentication both transports share
+//!   (and the HTTPS API reuses), which refuses certificates Muster issued and an operator
+//!   revoked ([`HubRegistry`]'s `certificate_revoked`: `muster_store::issued`).
 //! - [`device_amqp`] — one device's AMQP connection ([`device_amqp::serve`]): CBS, X.509 and
 //!   SASL PLAIN authentication (`cbs.rs`), and the telemetry, cloud-to-device, twin and
 //!   method links (`links.rs`), on the same session table and hub operations as MQTT.

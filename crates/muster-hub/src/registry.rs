@@ -313,6 +313,28 @@ impl HubRegistry {
         &*self.inner.clock
     }
 
+    /// Whether `leaf` (DER) is a certificate Muster issued for a CSR and an operator revoked
+    /// (`muster_store::issued`: one read by serial; the SHA-256 thumbprint must match too).
+    /// Refused at every device endpoint even if a device's thumbprint names it again.
+    pub(crate) async fn certificate_revoked(&self, leaf: &[u8]) -> Result<bool, HubError> {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+            return Ok(false);
+        };
+        let serial: String = cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        let Some(record) = muster_store::issued::get(&*self.inner.store, &serial)
+            .await
+            .map_err(HubError::from)?
+        else {
+            return Ok(false);
+        };
+        let (_, sha256) = crate::device_mqtt::connect::thumbprints(leaf);
+        Ok(record.is_revoked() && record.sha256_thumbprint.eq_ignore_ascii_case(&sha256))
+    }
+
     pub(crate) fn entropy(&self) -> &dyn Entropy {
         &*self.inner.entropy
     }

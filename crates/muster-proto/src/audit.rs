@@ -32,13 +32,16 @@ pub struct AuditEntry {
     pub error_code: Option<String>,
 }
 
-/// Who sent a request: an SDK or other client, Muster's console, or Muster's CLI.
+/// Who sent a request: an SDK or other client, Muster's console, Muster's CLI, or a device
+/// (whose registration was issued a certificate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditSource {
     Api,
     Console,
     Cli,
+    /// A device's registration (a certificate issued for its CSR); `policy` is `None`.
+    Device,
 }
 
 impl AuditSource {
@@ -47,6 +50,7 @@ impl AuditSource {
             AuditSource::Api => "api",
             AuditSource::Console => "console",
             AuditSource::Cli => "cli",
+            AuditSource::Device => "device",
         }
     }
 }

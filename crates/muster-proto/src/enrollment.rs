@@ -167,12 +167,23 @@ pub struct CertificateIssuance {
     /// The key types a CSR may carry (every supported one when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_types: Option<Vec<CsrKeyType>>,
+    /// Which issuing CA signs: `local` (Muster's intermediate, also when absent) or the name
+    /// of an operator CA the server is configured with (`--issuing-ca NAME=CERT,KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuing_ca: Option<String>,
 }
 
 impl CertificateIssuance {
     pub const DEFAULT_VALIDITY_DAYS: u32 = 30;
     /// What public-CA rules allow for a leaf (397 days).
     pub const MAX_VALIDITY_DAYS: u32 = 397;
+
+    /// The issuing CA's name ([`crate::issued_certificate::LOCAL_ISSUING_CA`] when unset).
+    pub fn issuing_ca(&self) -> &str {
+        self.issuing_ca
+            .as_deref()
+            .unwrap_or(crate::issued_certificate::LOCAL_ISSUING_CA)
+    }
 
     pub fn validity_days(&self) -> u32 {
         self.validity_days.unwrap_or(Self::DEFAULT_VALIDITY_DAYS)

@@ -99,6 +99,8 @@ pub enum ErrorCode {
     TpmChallengeMissing = 401014,
     /// TPM: the token is not signed with the key issued in the device's challenge.
     TpmSignatureMismatch = 401015,
+    /// The device's X.509 certificate is one Muster issued and an operator revoked.
+    CertificateRevoked = 401016,
     /// The policy is valid but lacks the right the operation needs.
     InsufficientRights = 403001,
     NotFound = 404000,
@@ -109,6 +111,8 @@ pub enum ErrorCode {
     OperationNotFound = 404204,
     LinkedHubNotFound = 404205,
     CaCertificateNotFound = 404206,
+    /// No issued certificate has this serial number.
+    IssuedCertificateNotFound = 404207,
     MethodNotAllowed = 405000,
     EnrollmentExists = 409201,
     EnrollmentGroupExists = 409202,

@@ -15,6 +15,8 @@
 //! - [`twin`] — `InitialTwin`.
 //! - [`device`] — device-facing register request (with `csr`), operation status and
 //!   registration result (with `issuedCertificateChain`).
+//! - [`issued_certificate`] — Muster's issued-certificate records (serial, thumbprint,
+//!   registration, issuing CA, validity, revocation) and the revoke request.
 //! - [`linked_hub`] — linked IoT hubs as the `/linkedHubs` extension shows them.
 //! - [`registration`] — `DeviceRegistrationState`, its status enums and the issued
 //!   certificate it records.
@@ -45,6 +47,7 @@ pub mod enrollment;
 pub mod error;
 pub mod ids;
 pub mod if_match;
+pub mod issued_certificate;
 pub mod linked_hub;
 pub mod log_limit;
 pub mod query;
@@ -74,6 +77,7 @@ pub use enrollment::{
 pub use error::{ErrorBody, ErrorCode};
 pub use ids::{EnrollmentGroupId, IdError, IdScope, RegistrationId};
 pub use if_match::IfMatch;
+pub use issued_certificate::{IssuedCertificate, RevokeRequest};
 pub use query::{ItemType, QuerySpecification, UnsupportedQuery};
 pub use registration::{
     DeviceRegistrationState, IssuedCertificateInfo, RegistrationStatus, RegistrationSubstatus,

@@ -58,7 +58,9 @@ use crate::{
 };
 
 mod claims;
+mod certificates;
 mod deprovision;
+pub use certificates::{Revocation, ISSUE_AUDIT_ROUTE};
 pub use deprovision::Deprovisioned;
 
 /// A hub refusing every device would otherwise write a line per registration.
@@ -126,8 +128,9 @@ struct Inner {
     held: Mutex<HashSet<String>>,
     /// Whether the one-time scan for markers of an old database was done.
     legacy_checked: AtomicBool,
-    /// Signs certificates for CSRs; `None`: every CSR is refused as not enabled.
-    issuing_ca: Option<Arc<IssuingCa>>,
+    /// Sign certificates for CSRs, by name (`local`: the server's default); an enrollment
+    /// naming none that is here has its CSRs refused as not enabled.
+    issuing_cas: HashMap<String, Arc<IssuingCa>>,
 }
 
 /// The enrollment settings that decide a registration, whichever kind matched.
@@ -169,7 +172,7 @@ impl Engine {
             queues: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
             legacy_checked: AtomicBool::new(false),
-            issuing_ca: None,
+            issuing_cas: HashMap::new(),
         }))
     }
 
@@ -179,9 +182,19 @@ impl Engine {
     /// # Panics
     /// If the engine was already cloned (a start-up wiring error).
     #[must_use]
-    pub fn with_issuing_ca(mut self, ca: Arc<IssuingCa>) -> Self {
+    pub fn with_issuing_ca(self, ca: Arc<IssuingCa>) -> Self {
+        self.with_named_issuing_ca(muster_proto::issued_certificate::LOCAL_ISSUING_CA, ca)
+    }
+
+    /// Adds an issuing CA that enrollments select with `certificateIssuance.issuingCa: name`
+    /// (`local` is the default one). Call before the engine is cloned or shared.
+    ///
+    /// # Panics
+    /// If the engine was already cloned (a start-up wiring error).
+    #[must_use]
+    pub fn with_named_issuing_ca(mut self, name: &str, ca: Arc<IssuingCa>) -> Self {
         let inner = Arc::get_mut(&mut self.0).expect("with_issuing_ca before the engine is shared");
-        inner.issuing_ca = Some(ca);
+        inner.issuing_cas.insert(name.to_string(), ca);
         self
     }
 
@@ -373,6 +386,11 @@ impl Engine {
             .await?;
             return Ok(DeviceReply::tpm_challenge(blob, crate::tpm::KEY_NAME));
         }
+        if let DeviceCredential::X509 { chain } = &req.credential {
+            if let Some(leaf) = chain.first() {
+                self.refuse_revoked(leaf).await?;
+            }
+        }
         let previous = self.load_record(&key).await?;
         let attestation = device_auth::attest(
             &*self.0.store,
@@ -422,7 +440,9 @@ impl Engine {
         record.enrollment_group_id = attested.matched.group_id();
         record.state.x509 = attested.x509.as_deref().cloned();
         if let Some(csr) = req.body.csr.as_deref() {
-            let issued = self.issue(csr, &rid, &attested.matched, now)?;
+            let (issued, ca_name) = self.issue(csr, &rid, &attested.matched, now)?;
+            self.record_issued(&issued, &rid, &attested.matched, &ca_name, now)
+                .await?;
             // The hub identity becomes the issued certificate (for symmetric-key and X.509
             // devices alike); a pending plan keeps its thumbprint.
             attested.hub_auth = crate::x509::hub_auth(&issued.info.sha256_thumbprint);
@@ -625,14 +645,14 @@ impl Engine {
     }
 
     /// Checks a registration's CSR against its enrollment's `certificateIssuance` and issues
-    /// its certificate.
+    /// its certificate with the CA the policy names; the certificate and that CA's name.
     fn issue(
         &self,
         csr: &str,
         rid: &RegistrationId,
         matched: &Matched,
         now: muster_proto::Timestamp,
-    ) -> Result<issuance::Issued, DeviceFailure> {
+    ) -> Result<(issuance::Issued, String), DeviceFailure> {
         let (kind, settings) = match matched {
             Matched::Individual(e) => (
                 format!("individual enrollment '{}'", e.value.registration_id),
@@ -649,10 +669,11 @@ impl Engine {
                 format!("the device sent a csr, but {kind} does not issue certificates (certificateIssuance is not enabled)"),
             ));
         };
-        let Some(ca) = self.0.issuing_ca.as_deref() else {
+        let ca_name = policy.issuing_ca();
+        let Some(ca) = self.0.issuing_cas.get(ca_name) else {
             return Err(DeviceFailure::new(
                 ErrorCode::CsrNotEnabled,
-                "the device sent a csr, but this server has no issuing CA configured",
+                format!("the device sent a csr, but {kind} names issuing CA '{ca_name}', which this server does not have"),
             ));
         };
         let checked =
@@ -667,6 +688,7 @@ impl Engine {
             ));
         }
         ca.issue(&checked, policy.validity_days(), now, &*self.0.entropy)
+            .map(|issued| (issued, ca_name.to_string()))
             .map_err(|e| DeviceFailure::internal("issuing a device certificate", e))
     }
 
@@ -836,7 +858,7 @@ impl Engine {
                 HubAuthentication::SelfSigned {
                     primary_thumbprint, ..
                 } => Some(primary_thumbprint.clone()),
-                HubAuthentication::Sas { .. } => None,
+                HubAuthentication::Sas { .. } | HubAuthentication::None => None,
             },
             creates_device: false,
         };

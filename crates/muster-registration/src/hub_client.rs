@@ -56,6 +56,9 @@ pub enum HubAuthentication {
         primary_thumbprint: String,
         secondary_thumbprint: String,
     },
+    /// No credential (IoT Hub's `none`): what a device whose issued certificate was revoked
+    /// is left with, so nothing connects as it.
+    None,
 }
 
 impl std::fmt::Debug for HubAuthentication {
@@ -67,6 +70,7 @@ impl std::fmt::Debug for HubAuthentication {
             } => {
                 write!(f, "SelfSigned({primary_thumbprint})")
             }
+            HubAuthentication::None => f.write_str("None"),
         }
     }
 }
@@ -86,6 +90,7 @@ impl HubAuthentication {
                 secondary_thumbprint,
             } => json!({"type": "selfSigned", "x509Thumbprint": {
                 "primaryThumbprint": primary_thumbprint, "secondaryThumbprint": secondary_thumbprint}}),
+            HubAuthentication::None => json!({"type": "none"}),
         }
     }
 }

@@ -10,9 +10,12 @@
 //! - [`engine`] — the [`Engine`]: the registration flow, reprovisioning, records, throttled
 //!   queues; every plan is saved before its hub write (intent before effect), and
 //!   `engine/deprovision.rs` removes a record and its hub device the same way (the hub delete
-//!   conditional on the device's etag, so a device that registered again keeps it).
+//!   conditional on the device's etag, so a device that registered again keeps it);
 //!   `engine/claims.rs` shares that work between the nodes of one store: claims with leases,
-//!   renewed and taken over by the periodic [`Engine::sweep`].
+//!   renewed and taken over by the periodic [`Engine::sweep`];
+//!   `engine/certificates.rs` records each issued certificate (with its audit entry) before it
+//!   leaves, refuses X.509 devices presenting a revoked one (401016), and revokes (the record,
+//!   then the hub device written back with authentication `none`).
 //! - [`device_auth`] — which enrollment accepts a device (symmetric keys; X.509 via [`x509`]).
 //! - [`group_cache`] — every enrollment group, decoded once with its keys prepared for HMAC,
 //!   kept until one is written; one group by id.
@@ -23,6 +26,8 @@
 //!   device's checked CSR (`muster_attestation::csr`) into the `issuedCertificateChain`; the
 //!   engine checks the api-version, the enrollment's `certificateIssuance` and the key type,
 //!   records the certificate on the registration and gives the hub device its thumbprint.
+//!   Several CAs may be configured by name ([`Engine::with_named_issuing_ca`]); the
+//!   enrollment's `certificateIssuance.issuingCa` picks one (`local` by default).
 //! - [`tpm`] — TPM attestation: the EK checked against the individual enrollment, the issued
 //!   key (sealed, bounded lifetime) and its activation blob in the 401 challenge, tokens
 //!   verified with that key, and the final blob in the assigned answer.

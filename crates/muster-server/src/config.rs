@@ -57,6 +57,10 @@ pub struct Config {
     pub issuing_ca_cert: Option<PathBuf>,
     /// PEM (PKCS #8) private key for `issuing_ca_cert`.
     pub issuing_ca_key: Option<PathBuf>,
+    /// Named operator issuing CAs (`[[issuing-cas]]`), imported at start into the store,
+    /// sealed, for enrollments to select with `certificateIssuance.issuingCa`; once imported
+    /// they load from the store and the files are no longer read.
+    pub issuing_cas: Vec<IssuingCaConfig>,
     /// How often the TLS certificate and key files are checked for a change (SIGHUP checks
     /// at once).
     pub tls_reload_interval_ms: u64,
@@ -148,6 +152,37 @@ pub struct ConnectionLimits {
     pub mqtt_max_idle: Duration,
 }
 
+/// An `[[issuing-cas]]` entry of the config file (`--issuing-ca NAME=CERT,KEY`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IssuingCaConfig {
+    /// What `certificateIssuance.issuingCa` names it by.
+    pub name: String,
+    /// PEM chain: the intermediate first, then up to the root.
+    pub cert: PathBuf,
+    /// Its PEM (PKCS #8) private key.
+    pub key: PathBuf,
+}
+
+impl std::str::FromStr for IssuingCaConfig {
+    type Err = String;
+
+    /// `NAME=CERT.pem,KEY.pem`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("'{s}' is not NAME=CERT.pem,KEY.pem");
+        let (name, files) = s.split_once('=').ok_or_else(bad)?;
+        let (cert, key) = files.split_once(',').ok_or_else(bad)?;
+        if name.is_empty() || cert.is_empty() || key.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self {
+            name: name.to_string(),
+            cert: cert.into(),
+            key: key.into(),
+        })
+    }
+}
+
 /// A `[[linked-hubs]]` entry of the config file.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -199,6 +234,7 @@ impl Default for Config {
             tls_key: None,
             issuing_ca_cert: None,
             issuing_ca_key: None,
+            issuing_cas: Vec::new(),
             tls_reload_interval_ms: 5_000,
             extra_hosts: Vec::new(),
             max_connections: 10_000,
@@ -296,6 +332,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "issuing-ca-cert and issuing-ca-key go together: give both or neither".into(),
             ));
+        }
+        for (i, ca) in self.issuing_cas.iter().enumerate() {
+            crate::issuing_ca::check_name(&ca.name)
+                .map_err(|e| ConfigError::Invalid(format!("issuing-cas: {e}")))?;
+            if self.issuing_cas[..i].iter().any(|o| o.name == ca.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "issuing-cas: '{}' is named twice",
+                    ca.name
+                )));
+            }
         }
         for h in &self.linked_hubs {
             muster_proto::ConnectionString::parse(&h.connection_string).map_err(|e| {

@@ -6,26 +6,158 @@
 //! created again when it no longer chains to the local CA (the local CA was replaced). The
 //! device gets the chain leaf → issuing CA → local CA. With `issuing-ca-cert` /
 //! `issuing-ca-key` the operator's intermediate (its PEM chain up to the root) signs instead.
-//! The key file is written with mode 0600, like the local CA's.
+//! Muster's own key file is written with mode 0600, like the local CA's.
+//!
+//! Operator CAs are kept in the store, sealed with the sealing key like every other secret
+//! (a `Settings` record `issuing-ca/{name}` holding the PEM chain and key): [`import`] checks
+//! and stores them (the `[[issuing-cas]]` entries, `--issuing-ca NAME=CERT,KEY`, and the
+//! `issuing-ca-cert`/`-key` pair under the name `local`) at start, and [`load_all`] reads every
+//! stored one, so after the first start the files need not stay on disk; importing again
+//! under the same name rotates the CA. A stored `local` replaces Muster's own intermediate.
 
 use std::path::Path;
 
+use muster_proto::issued_certificate::LOCAL_ISSUING_CA;
+use muster_proto::Timestamp;
 use muster_registration::IssuingCa;
+use muster_store::{Collection, Expect, Store, Write};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::tls::{LocalCa, TlsError};
 
+/// Settings keys of stored operator CAs start with this.
+pub const STORED_PREFIX: &str = "issuing-ca/";
+
+/// A stored operator CA (sealed at rest: `Settings` is a secret collection).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredCa {
+    name: String,
+    certificate_pem: String,
+    key_pem: String,
+    imported_at_utc: Timestamp,
+}
+
+/// Issuing CA names: 1 to 64 of `a-z 0-9 - _ .`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "issuing CA name '{name}' must be 1 to 64 characters of a-z, 0-9, '-', '_', '.'"
+        ))
+    }
+}
+
+/// Why an operator CA could not be imported or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Files(#[from] TlsError),
+    #[error("issuing CA '{name}': {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("issuing CA '{name}': {source}")]
+    Store {
+        name: String,
+        source: muster_store::StoreError,
+    },
+}
+
+/// Checks the PEM chain and key files of operator CA `name` and stores them sealed,
+/// replacing a CA stored under that name before.
+pub async fn import(
+    store: &dyn Store,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    now: Timestamp,
+) -> Result<(), ImportError> {
+    let invalid = |reason: String| ImportError::Invalid {
+        name: name.to_string(),
+        reason,
+    };
+    check_name(name).map_err(invalid)?;
+    let certificate_pem = crate::tls::read_pem(cert)?;
+    let key_pem = crate::tls::read_pem(key)?;
+    // Refuse what would not sign before anything is stored.
+    let chain = crate::tls::pem_certificates(cert, certificate_pem.as_bytes())?;
+    IssuingCa::new(chain, &key_pem).map_err(|e| invalid(e.to_string()))?;
+    let stored = StoredCa {
+        name: name.to_string(),
+        certificate_pem,
+        key_pem,
+        imported_at_utc: now,
+    };
+    let body = serde_json::to_value(&stored).map_err(|e| invalid(e.to_string()))?;
+    store
+        .write(vec![Write::put(
+            Collection::Settings,
+            format!("{STORED_PREFIX}{name}"),
+            Expect::Any,
+            body,
+        )])
+        .await
+        .map_err(|source| ImportError::Store {
+            name: name.to_string(),
+            source,
+        })?;
+    tracing::info!(issuing_ca = name, cert = %cert.display(), "imported an issuing CA into the store (sealed)");
+    Ok(())
+}
+
+/// Imports what the configuration names, then loads every issuing CA: `local` (a stored
+/// operator CA under that name, else Muster's own) and each stored operator CA.
+pub async fn load_all(
+    config: &Config,
+    data_dir: &Path,
+    local: &LocalCa,
+    store: &dyn Store,
+    now: Timestamp,
+) -> Result<Vec<(String, IssuingCa)>, ImportError> {
+    if let (Some(cert), Some(key)) = (&config.issuing_ca_cert, &config.issuing_ca_key) {
+        import(store, LOCAL_ISSUING_CA, cert, key, now).await?;
+    }
+    for ca in &config.issuing_cas {
+        import(store, &ca.name, &ca.cert, &ca.key, now).await?;
+    }
+    let settings = muster_store::records::list_all(store, Collection::Settings, 100)
+        .await
+        .map_err(|source| ImportError::Store {
+            name: "*".into(),
+            source,
+        })?;
+    let mut out = Vec::new();
+    for record in settings
+        .into_iter()
+        .filter(|r| r.key.starts_with(STORED_PREFIX))
+    {
+        let name = record.key[STORED_PREFIX.len()..].to_string();
+        let invalid = |reason: String| ImportError::Invalid {
+            name: name.clone(),
+            reason,
+        };
+        let stored: StoredCa =
+            serde_json::from_value(record.body).map_err(|e| invalid(e.to_string()))?;
+        let path = Path::new("<store>");
+        let chain = crate::tls::pem_certificates(path, stored.certificate_pem.as_bytes())?;
+        let ca = IssuingCa::new(chain, &stored.key_pem).map_err(|e| invalid(e.to_string()))?;
+        out.push((name, ca));
+    }
+    if !out.iter().any(|(n, _)| n == LOCAL_ISSUING_CA) {
+        out.push((LOCAL_ISSUING_CA.to_string(), own(data_dir, local)?));
+    }
+    Ok(out)
+}
+
 /// File names inside the data directory.
 pub const ISSUING_CERT_FILE: &str = "issuing-ca.pem";
 pub const ISSUING_KEY_FILE: &str = "issuing-ca.key";
-
-/// The issuing CA the configuration names, or Muster's own under `local`.
-pub fn load(config: &Config, data_dir: &Path, local: &LocalCa) -> Result<IssuingCa, TlsError> {
-    match (&config.issuing_ca_cert, &config.issuing_ca_key) {
-        (Some(cert), Some(key)) => from_files(cert, key, None),
-        _ => own(data_dir, local),
-    }
-}
 
 /// Muster's intermediate, created when missing or no longer issued by `local`.
 fn own(dir: &Path, local: &LocalCa) -> Result<IssuingCa, TlsError> {

@@ -8,7 +8,8 @@
 //! - [`shared_tls`] — with a PostgreSQL store, that CA and certificate created once and kept
 //!   in the store, so every node serves the same chain.
 //! - [`issuing_ca`] — the CA that signs device certificates for CSRs: `issuing-ca.pem` /
-//!   `issuing-ca.key`, an intermediate under the local CA, or operator-supplied files.
+//!   `issuing-ca.key`, an intermediate under the local CA, and named operator CAs imported
+//!   into the store sealed (`--issuing-ca NAME=CERT,KEY`) and loaded from it.
 //! - [`server_cert`] — the certificate every TLS listener presents (one shared resolver),
 //!   reloaded when its files change or on demand (SIGHUP).
 //! - [`client_cert`] — optional device client certificates (any X.509 version: the handshake
@@ -108,6 +109,8 @@ pub enum ServerError {
     IdScopeMismatch { expected: String, stored: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    IssuingCa(#[from] issuing_ca::ImportError),
     #[error(
         "could not resolve {host}: {source}; to advertise a name this machine cannot resolve, \
          bind its addresses with --listen (e.g. --listen 0.0.0.0)"
@@ -351,6 +354,7 @@ impl Server {
             entropy: entropy.clone(),
             limits: Limits::default(),
             deprovisioner: None,
+            certificates: None,
         };
 
         let http = outbound_client(&ca)?;
@@ -367,13 +371,15 @@ impl Server {
         engine_config.lease = std::time::Duration::from_millis(config.lease_ms);
         engine_config.sweep_interval = std::time::Duration::from_millis(config.sweep_interval_ms);
         // The built-in hub is written in process; other linked hubs over their REST API.
-        let issuing = issuing_ca::load(&config, &data_dir, &ca)?;
+        let issuing = issuing_ca::load_all(&config, &data_dir, &ca, &*store, clock.now()).await?;
         let engine = Engine::new(store.clone(), clock.clone(), entropy, http, engine_config)
             .with_local_hub(
                 &hub_endpoint,
                 Arc::new(local_hub::LocalHub::new(hub.clone())),
-            )
-            .with_issuing_ca(Arc::new(issuing));
+            );
+        let engine = issuing.into_iter().fold(engine, |engine, (name, ca)| {
+            engine.with_named_issuing_ca(&name, Arc::new(ca))
+        });
         let registrar: Arc<dyn DeviceRegistrar> = Arc::new(engine.clone());
         let events = RegistrationFeed::new(config.max_event_subscribers);
         let bus = store.bus();
@@ -387,6 +393,7 @@ impl Server {
             })
         };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
+        api.certificates = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -39,6 +39,27 @@ impl muster_console::HubDeviceRemover for EngineHubDevices {
     }
 }
 
+/// `POST /certificates/issued/{serial}/revoke` and the issuing CA names of the service API,
+/// carried out by the engine.
+#[async_trait]
+impl muster_service_api::CertificateIssuer for EngineHubDevices {
+    fn issuing_ca_names(&self) -> Vec<String> {
+        self.0.issuing_ca_names()
+    }
+
+    async fn revoke(
+        &self,
+        serial: &str,
+        reason: Option<String>,
+    ) -> Result<muster_proto::IssuedCertificate, muster_service_api::ApiError> {
+        self.0
+            .revoke_issued(serial, reason)
+            .await
+            .map(|r| r.certificate)
+            .map_err(|f| muster_service_api::ApiError::new(f.code, f.message))
+    }
+}
+
 /// `POST /deprovisions/{id}` of the service API, carried out by the engine.
 #[async_trait]
 impl muster_service_api::Deprovisioner for EngineHubDevices {

@@ -50,6 +50,8 @@ pub trait EnrollmentKind:
     fn clear_read_only(&mut self);
     /// Checks specific to this kind (device id rules, attestation types it allows).
     fn validate_kind(&self) -> Result<(), ApiError>;
+    /// Muster's `certificateIssuance` extension.
+    fn certificate_issuance(&self) -> Option<&muster_proto::CertificateIssuance>;
 }
 
 impl EnrollmentKind for IndividualEnrollment {
@@ -103,6 +105,9 @@ impl EnrollmentKind for IndividualEnrollment {
     fn clear_read_only(&mut self) {
         self.registration_state = None;
         self.etag = None;
+    }
+    fn certificate_issuance(&self) -> Option<&muster_proto::CertificateIssuance> {
+        self.certificate_issuance.as_ref()
     }
     fn validate_kind(&self) -> Result<(), ApiError> {
         if let Some(d) = &self.device_id {
@@ -160,6 +165,9 @@ impl EnrollmentKind for EnrollmentGroup {
     fn set_registration_state(&mut self, _: Option<DeviceRegistrationState>) {}
     fn clear_read_only(&mut self) {
         self.etag = None;
+    }
+    fn certificate_issuance(&self) -> Option<&muster_proto::CertificateIssuance> {
+        self.certificate_issuance.as_ref()
     }
     fn validate_kind(&self) -> Result<(), ApiError> {
         validate_issuance(self.certificate_issuance.as_ref())

@@ -7,7 +7,8 @@
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
 //!   `routes/linked_hubs.rs`, `routes/access_policies.rs`, `routes/ca_certificates.rs` and
-//!   `routes/deprovisions.rs`, `routes/audit_log.rs` (Muster's extensions): one
+//!   `routes/deprovisions.rs`, `routes/audit_log.rs`, `routes/issued_certificates.rs`
+//!   (`/certificates/issued`: list, show, revoke) (Muster's extensions): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups
 //!   share (get, put, delete, attestation mechanism, query, bulk) over the [`kind::EnrollmentKind`]
 //!   trait.
@@ -84,6 +85,24 @@ pub struct ServiceApi {
     pub limits: Limits,
     /// Carries out `POST /deprovisions/{id}`; `None` answers 404 there.
     pub deprovisioner: Option<Arc<dyn Deprovisioner>>,
+    /// Names the issuing CAs and revokes issued certificates; `None`: only `local` is a
+    /// known issuing CA and revoking answers 404.
+    pub certificates: Option<Arc<dyn CertificateIssuer>>,
+}
+
+/// What the issued-certificate extension needs from the server (which implements it with
+/// the registration engine).
+#[async_trait::async_trait]
+pub trait CertificateIssuer: Send + Sync {
+    /// The names `certificateIssuance.issuingCa` may use (`local` among them).
+    fn issuing_ca_names(&self) -> Vec<String>;
+    /// Revokes the certificate with `serial` (upper-case hex) and, when it is its
+    /// registration's current one, takes it off the hub device; the record as stored.
+    async fn revoke(
+        &self,
+        serial: &str,
+        reason: Option<String>,
+    ) -> Result<muster_proto::IssuedCertificate, ApiError>;
 }
 
 /// Removes a registration record and its hub device, intent first, so a crash leaves no hub

@@ -71,6 +71,7 @@ where
         unicode_and_large_bodies,
         secret_collections_are_queryable,
         audit_log_lists_in_time_order_and_prunes,
+        issued_certificates_list_filter_and_revoke,
         counted_changes_move_on_every_write,
         claims_take_free_expired_and_own_records,
         racing_claimers_each_record_goes_to_one,
@@ -1150,6 +1151,99 @@ pub async fn audit_log_lists_in_time_order_and_prunes<S: Store>(store: S) {
         .await
         .expect("listing after pruning");
     assert_eq!(ids(&left), ["b", "c"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issued certificates
+
+/// Issued certificates: recorded once per serial, listed by serial in pages, one
+/// registration's through its partition, revoked once (a second revocation keeps the first).
+pub async fn issued_certificates_list_filter_and_revoke<S: Store>(store: S) {
+    use crate::issued::{self, Revoked};
+    use muster_proto::issued_certificate::IssuedCertificate;
+    use muster_proto::Timestamp;
+
+    let at =
+        |secs: i64| Timestamp::from_unix_millis(1_700_000_000_000 + secs * 1000).expect("time");
+    let cert = |serial: &str, rid: &str| IssuedCertificate {
+        serial_number: serial.into(),
+        sha256_thumbprint: format!("{serial}{}", "0".repeat(64 - serial.len())),
+        registration_id: rid.into(),
+        enrollment_type: "group".into(),
+        enrollment_group_id: Some("sensors".into()),
+        issuing_ca: "local".into(),
+        subject_name: format!("CN={rid}"),
+        issuer_name: "CN=Muster Device Issuing CA".into(),
+        not_before_utc: at(0),
+        not_after_utc: at(86_400),
+        issued_date_time_utc: at(300),
+        revoked_date_time_utc: None,
+        revocation_reason: None,
+    };
+    for (serial, rid) in [("3C", "Dev-1"), ("1A", "dev-2"), ("2B", "dev-1")] {
+        let write = issued::record_write(&cert(serial, rid)).expect("encoding");
+        assert!(one(&store, write).await.is_applied(), "recording {serial}");
+    }
+    let again = issued::record_write(&cert("1A", "dev-9")).expect("encoding");
+    assert_eq!(
+        one(&store, again).await,
+        WriteOutcome::AlreadyExists,
+        "a serial is recorded once"
+    );
+    let serials = |certs: &[IssuedCertificate]| -> Vec<String> {
+        certs.iter().map(|c| c.serial_number.clone()).collect()
+    };
+    let (all, next) = issued::list(&store, None, None, 10).await.expect("listing");
+    assert_eq!(serials(&all), ["1A", "2B", "3C"], "listed by serial");
+    assert_eq!(next, None, "a short page is the last");
+    let (first, next) = issued::list(&store, None, None, 2).await.expect("page 1");
+    assert_eq!(serials(&first), ["1A", "2B"]);
+    let (second, next) = issued::list(&store, None, next, 2).await.expect("page 2");
+    assert_eq!(
+        serials(&second),
+        ["3C"],
+        "the next page starts after the first"
+    );
+    assert_eq!(next, None);
+    let (dev1, _) = issued::list(&store, Some("DEV-1"), None, 10)
+        .await
+        .expect("one registration's");
+    assert_eq!(
+        serials(&dev1),
+        ["2B", "3C"],
+        "filtered by registration id, any case"
+    );
+
+    let revoked = issued::revoke(&store, "2b", at(600), Some("key lost".into()))
+        .await
+        .expect("revoking");
+    let Revoked::Now(now) = revoked else {
+        panic!("the first revocation applies: {revoked:?}")
+    };
+    assert_eq!(now.revoked_date_time_utc, Some(at(600)));
+    let stored = issued::get(&store, "2B")
+        .await
+        .expect("get")
+        .expect("still there");
+    assert_eq!(stored.revocation_reason.as_deref(), Some("key lost"));
+    assert!(stored.is_revoked());
+    let twice = issued::revoke(&store, "2B", at(900), Some("other".into()))
+        .await
+        .expect("revoking again");
+    assert!(
+        matches!(&twice, Revoked::Already(c) if c.revocation_reason.as_deref() == Some("key lost")),
+        "a second revocation keeps the first: {twice:?}"
+    );
+    let (dev1, _) = issued::list(&store, Some("dev-1"), None, 10)
+        .await
+        .expect("after revoke");
+    assert_eq!(serials(&dev1), ["2B", "3C"], "revoking keeps the partition");
+    assert_eq!(
+        issued::revoke(&store, "FF", at(0), None)
+            .await
+            .expect("unknown"),
+        Revoked::NotFound
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@
 //!   keys, filtered listing and retention pruning.
 //! - [`bus`] — [`bus::Bus`], messages between the nodes sharing a store (sessions, method
 //!   calls, live streams), and [`bus::MemoryBus`] for several nodes in one process.
+//! - [`issued`] — issued-certificate records: record one, look one up by serial, list them
+//!   (optionally one registration's) in pages, revoke one.
 //! - [`records`] — typed access (enrollments, groups, registration records) with etags.
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
@@ -44,6 +46,7 @@ pub mod audit;
 pub mod bus;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod issued;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod records;
@@ -98,6 +101,9 @@ pub enum Collection {
     /// `{unix milliseconds, 15 digits}-{sequence, 10 digits}-{random}` so key order is time
     /// order; see [`audit`]. Holds no keys or bodies.
     AuditLog,
+    /// Certificates Muster issued for CSRs, keyed by serial number (upper-case hex),
+    /// partitioned by the lower-cased registration id; see [`issued`].
+    IssuedCertificates,
 }
 
 impl Collection {
@@ -116,6 +122,7 @@ impl Collection {
         Collection::PendingAssignments,
         Collection::HubRemovals,
         Collection::AuditLog,
+        Collection::IssuedCertificates,
     ];
 
     /// Position in [`Collection::ALL`].
@@ -143,6 +150,7 @@ impl Collection {
             Collection::PendingAssignments => "pending_assignments",
             Collection::HubRemovals => "hub_removals",
             Collection::AuditLog => "audit_log",
+            Collection::IssuedCertificates => "issued_certificates",
         }
     }
 }

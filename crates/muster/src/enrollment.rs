@@ -95,6 +95,10 @@ pub struct Settings {
     /// Key types a CSR may carry: rsa, ecP256, ecP384, ed25519 (comma-separated) [default: all]
     #[arg(long, value_delimiter = ',', num_args = 1.., requires = "issue_certificates")]
     pub certificate_key_types: Option<Vec<String>>,
+    /// Issuing CA that signs: local, or an operator CA's name (muster serve --issuing-ca)
+    /// [default: local]
+    #[arg(long, requires = "issue_certificates")]
+    pub issuing_ca: Option<String>,
     /// Show the symmetric keys in the answer
     #[arg(long)]
     pub show_keys: bool,
@@ -329,6 +333,9 @@ fn apply<K: CliKind>(
                     .map_err(|e| anyhow::anyhow!("--certificate-key-types: {e}"))?;
             }
             issuance["keyTypes"] = json!(k.iter().map(|t| t.trim()).collect::<Vec<_>>());
+        }
+        if let Some(ca) = &s.issuing_ca {
+            issuance["issuingCa"] = json!(ca);
         }
         m.insert("certificateIssuance".into(), issuance);
     }

@@ -1,7 +1,8 @@
 //! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
 //! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
-//! restore of a data dir.
+//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, issued
+//! certificates (`certificate issued list|show|revoke`, issued_cert.rs), backup and restore of
+//! a data dir.
 
 mod audit;
 mod backup;
@@ -10,6 +11,7 @@ mod conn;
 mod device;
 mod enrollment;
 mod hub;
+mod issued_cert;
 mod linked_hub;
 mod logging;
 mod output;
@@ -103,6 +105,9 @@ enum Command {
     /// The audit log: who changed what, when, with which result.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Certificates Muster issued for devices' CSRs: list, show, revoke.
+    #[command(subcommand)]
+    Certificate(issued_cert::CertificateCommand),
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -183,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
         Command::Audit(c) => runtime.block_on(audit::run(c)),
+        Command::Certificate(c) => runtime.block_on(issued_cert::run(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),

@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// PEM (PKCS #8) private key for --issuing-ca-cert
     #[arg(long, env = "MUSTER_ISSUING_CA_KEY", requires = "issuing_ca_cert")]
     issuing_ca_key: Option<PathBuf>,
+    /// A named operator issuing CA, NAME=CERT.pem,KEY.pem (repeatable): imported into the
+    /// store sealed at start (later starts need neither the option nor the files; giving it
+    /// again with new files rotates it); enrollments pick it with certificateIssuance.issuingCa
+    #[arg(long = "issuing-ca", value_name = "NAME=CERT,KEY")]
+    issuing_ca: Vec<muster_server::config::IssuingCaConfig>,
     /// How often the TLS certificate and key files are checked for a change, in ms
     /// [default: 5000]
     #[arg(long, env = "MUSTER_TLS_RELOAD_INTERVAL_MS")]
@@ -182,6 +187,7 @@ impl ServeArgs {
             c.issuing_ca_key = self.issuing_ca_key.clone();
         }
         c.extra_hosts.extend(self.extra_hosts.iter().cloned());
+        c.issuing_cas.extend(self.issuing_ca.iter().cloned());
         if let Some(v) = self.audit_retention_days {
             c.audit_retention_days = v;
         }

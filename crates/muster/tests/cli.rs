@@ -744,6 +744,61 @@ fn device_register_with_a_csr_gets_a_certificate_for_the_hub() {
         .block_on(conn.send_event(br#"{"t":1}"#, &[]))
         .expect("telemetry sent");
     env.rt.block_on(conn.close());
+    // `muster certificate issued`: list, show, revoke; the revoked certificate no longer
+    // opens the hub.
+    let listed = env.json(&[
+        "certificate",
+        "issued",
+        "list",
+        "--registration-id",
+        "cert-dev",
+    ]);
+    let serial = listed[0]["serialNumber"]
+        .as_str()
+        .expect("a serial")
+        .to_string();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let table = env.ok(&["certificate", "issued", "list"]);
+    assert!(
+        table.contains("SERIAL") && table.contains(&serial),
+        "{table}"
+    );
+    let shown = env.json(&["certificate", "issued", "show", &serial]);
+    assert_eq!(shown["registrationId"], "cert-dev", "{shown}");
+    let revoked = env.json(&[
+        "certificate",
+        "issued",
+        "revoke",
+        &serial,
+        "--reason",
+        "lost",
+    ]);
+    assert_eq!(revoked["revocationReason"], "lost", "{revoked}");
+    assert!(env
+        .rt
+        .block_on(muster_client::HubDeviceConnection::connect_x509(
+            &env.info.hubs[0].host_name,
+            env.info.mqtt_port,
+            "cert-dev",
+            &chain_pem,
+            &key_pem,
+            Some(&ca),
+        ))
+        .is_err());
+    let err = env.fails(&["certificate", "issued", "show", "ABCDEF"]);
+    assert!(err.contains("404207"), "{err}");
+    // An issuing CA the server does not have is refused when the group is written.
+    let err = env.fails(&[
+        "enrollment-group",
+        "create",
+        "--group-id",
+        "other-ca",
+        "--issue-certificates",
+        "true",
+        "--issuing-ca",
+        "nope",
+    ]);
+    assert!(err.contains("400015") && err.contains("issuingCa"), "{err}");
     // Without certificateIssuance the CSR is refused with its code.
     env.ok(&["enrollment-group", "create", "--group-id", "plain"]);
     let pk = env.group_key("plain");

@@ -164,6 +164,16 @@ pub(crate) async fn authenticate_device(
         }
         DeviceCredential::Certificate(leaf) => {
             verify_certificate(&device, leaf)?;
+            match hub.certificate_revoked(leaf).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return Err(refuse(
+                        NotAuthorized,
+                        "the client certificate was issued by Muster and has been revoked",
+                    ))
+                }
+                Err(e) => return Err(refuse(ServiceUnavailable, e.to_string())),
+            }
             None
         }
     };

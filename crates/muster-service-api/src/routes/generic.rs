@@ -37,6 +37,30 @@ pub(crate) fn admit(
     Ok(())
 }
 
+/// `certificateIssuance.issuingCa` must name an issuing CA this server has.
+fn check_issuing_ca(
+    api: &ServiceApi,
+    issuance: Option<&muster_proto::CertificateIssuance>,
+) -> Result<(), ApiError> {
+    let Some(name) = issuance.and_then(|i| i.issuing_ca.as_deref()) else {
+        return Ok(());
+    };
+    let known = match &api.certificates {
+        Some(c) => c.issuing_ca_names(),
+        None => vec![muster_proto::issued_certificate::LOCAL_ISSUING_CA.to_string()],
+    };
+    if known.iter().any(|k| k == name) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        ErrorCode::InvalidField,
+        format!(
+            "certificateIssuance.issuingCa '{name}' is not an issuing CA of this server (it has: {})",
+            known.join(", ")
+        ),
+    ))
+}
+
 fn not_found<K: EnrollmentKind>(id: &str) -> ApiError {
     ApiError::new(K::NOT_FOUND, format!("{} '{id}' not found", K::NOUN))
 }
@@ -188,6 +212,7 @@ pub(crate) async fn put<K: EnrollmentKind>(
         api.clock.now(),
         &*api.entropy,
     )?;
+    check_issuing_ca(&api, prepared.certificate_issuance())?;
     let write = Write::put(K::COLLECTION, key, expect, stored_body(&prepared)?);
     let outcome = api.store.write(vec![write]).await?.into_iter().next();
     match outcome {
@@ -499,6 +524,7 @@ async fn plan_bulk_item<K: EnrollmentKind>(
         now,
         &*api.entropy,
     )?;
+    check_issuing_ca(api, prepared.certificate_issuance())?;
     Ok(Write::put(
         K::COLLECTION,
         key,

@@ -7,6 +7,7 @@ mod deprovisions;
 mod enrollment_groups;
 mod enrollments;
 mod generic;
+mod issued_certificates;
 mod linked_hubs;
 mod registrations;
 
@@ -31,6 +32,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(ca_certificates::routes())
         .merge(deprovisions::routes())
         .merge(audit_log::routes())
+        .merge(issued_certificates::routes())
         // A route layer: only matched routes, whose template labels the metrics.
         .route_layer(axum::middleware::from_fn(crate::metrics::record));
     crate::audit::Auditor::for_service_api(&api)
