@@ -1,6 +1,8 @@
 //! TPM attestation over HTTPS (device-protocol.md §7) with a real software TPM (swtpm, driven
 //! by tpm2-tools as a device SDK drives its TPM): the 401 challenge, activation in the TPM, a
-//! token HMAC-signed inside the TPM, the hub device, the final blob, and every refusal.
+//! token HMAC-signed inside the TPM, the hub device, the final blob, every refusal, the
+//! issued key's expiry (an injected clock), and re-registration with and without
+//! reprovisioning.
 
 mod common;
 #[path = "common/swtpm.rs"]
@@ -10,13 +12,16 @@ use std::net::Ipv4Addr;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{device_token, now, start, Dps};
+use common::{config, device_token, now, start, Dps};
 use muster_attestation::tpm::registration_id;
+use muster_proto::runtime::{Clock, ManualClock, OsEntropy, SystemClock};
+use muster_registration::tpm::TPM_KEY_LIFETIME_SECS;
 use reqwest::Method;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use swtpm::SwTpm;
 
-const IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 33);
+const IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 34);
 
 /// A token signed inside the TPM with the key imported as `key`, C style (`%2f`).
 fn tpm_token(tpm: &SwTpm, key: &str, scope: &str, rid: &str, expiry: i64) -> String {
@@ -233,4 +238,176 @@ async fn tpm_device_registers_over_https_with_a_key_activated_in_its_tpm() {
     assert_refused(s, &b, 401005, "no TPM individual enrollment");
 
     server.shutdown().await;
+}
+
+/// The challenge for `rid`, taken into the TPM as `name`: returns a token signed with it.
+async fn challenge_and_sign(dps: &Dps, tpm: &SwTpm, rid: &str, name: &str) -> String {
+    let body = tpm_body(rid, &tpm.endorsement_key(), &tpm.storage_root_key());
+    let (s, challenge) = register_unauthenticated(dps, rid, body).await;
+    assert_eq!(s, 401, "{challenge}");
+    let blob = B64
+        .decode(challenge["authenticationKey"].as_str().unwrap())
+        .unwrap();
+    tpm.import(&blob, name);
+    tpm_token(tpm, name, &dps.info.id_scope, rid, now() + 3600)
+}
+
+async fn tpm_enrollment(dps: &Dps, rid: &str, ek: &[u8], extra: Value) {
+    let mut body = json!({"registrationId": rid, "deviceId": rid,
+        "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(ek)}}});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let (s, e) = dps
+        .service(Method::PUT, &format!("/enrollments/{rid}"), Some(body))
+        .await;
+    assert_eq!(s, 200, "{e}");
+}
+
+#[tokio::test]
+async fn the_issued_key_expires_and_a_replayed_older_key_is_refused() {
+    let tpm = SwTpm::start(IP);
+    let ek = tpm.endorsement_key();
+    let rid = registration_id(&ek);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(SystemClock.now()));
+    let server = muster_server::Server::start_with(
+        config(dir.path(), &IP.to_string()),
+        clock.clone(),
+        Arc::new(OsEntropy),
+    )
+    .await
+    .unwrap();
+    let dps = Dps::new(&server.connection);
+    tpm_enrollment(&dps, &rid, &ek, json!({})).await;
+
+    // A key activated in the TPM but used after its lifetime: refused, nothing registered.
+    let old = challenge_and_sign(&dps, &tpm, &rid, "old").await;
+    clock.advance_secs(TPM_KEY_LIFETIME_SECS + 1);
+    let (s, _, b) = dps.register(&rid, &old, json!({})).await;
+    assert_refused(s, &b, 401014, "expired");
+    let (s, r) = dps
+        .service(Method::GET, &format!("/registrations/{rid}"), None)
+        .await;
+    assert_eq!(s, 404, "nothing was registered: {r}");
+
+    // A new challenge issues a new key: the old one, replayed, is refused; the new one works.
+    let new = challenge_and_sign(&dps, &tpm, &rid, "new").await;
+    let (s, _, b) = dps.register(&rid, &old, json!({})).await;
+    assert_refused(s, &b, 401015, "not signed with the key issued");
+    let (s, _, b) = dps.register(&rid, &new, json!({})).await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["status"], "assigned", "{b}");
+
+    // Polls with the token stop working once the key expired too.
+    let op = b["operationId"].as_str().unwrap();
+    clock.advance_secs(TPM_KEY_LIFETIME_SECS + 1);
+    let (s, b) = dps.poll(&rid, op, &new).await;
+    assert_refused(s, &b, 401014, "expired");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn re_registration_with_the_same_ek_keeps_or_moves_the_hub_as_the_policy_says() {
+    let tpm = SwTpm::start(IP);
+    let ek = tpm.endorsement_key();
+    let rid = registration_id(&ek);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a_server = start(dirs[0].path(), &IP.to_string(), None).await;
+    let b_server = start(dirs[1].path(), &IP.to_string(), Some(dirs[0].path())).await;
+    let dps = Dps::new(&a_server.connection);
+    let a = a_server.connection.hubs[0].clone();
+    let b = b_server.connection.hubs[0].clone();
+    let (s, e) = dps
+        .service(
+            Method::PUT,
+            &format!("/linkedHubs/{}", b.host_name),
+            Some(json!({"connectionString": b.connection_string})),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+
+    for (update_hub, lands_on) in [(false, &a), (true, &b)] {
+        // One enrollment per policy, each with this TPM's EK.
+        let rid = format!("{rid}-{}", if update_hub { "moves" } else { "stays" });
+        let policy = json!({"updateHubAssignment": update_hub, "migrateDeviceData": false});
+        tpm_enrollment(
+            &dps,
+            &rid,
+            &ek,
+            json!({"allocationPolicy": "static", "iotHubs": [a.host_name],
+                   "reprovisionPolicy": policy}),
+        )
+        .await;
+        let token = challenge_and_sign(&dps, &tpm, &rid, &format!("{rid}-1")).await;
+        let (s, _, r) = dps.register(&rid, &token, json!({})).await;
+        assert_eq!(s, 202, "{r}");
+        assert_eq!(
+            r["registrationState"]["assignedHub"],
+            json!(a.host_name),
+            "{r}"
+        );
+
+        // The enrollment now points at hub B; the device registers again with the same EK.
+        let (_, mut e) = dps
+            .service(Method::GET, &format!("/enrollments/{rid}"), None)
+            .await;
+        e["iotHubs"] = json!([b.host_name]);
+        let r = dps
+            .http
+            .put(format!(
+                "{}/enrollments/{rid}?api-version=2021-10-01",
+                dps.info.service_endpoint
+            ))
+            .header(
+                "authorization",
+                common::policy_token(&dps.info.service_connection_string),
+            )
+            .header("if-match", "*")
+            .json(&e)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let token = challenge_and_sign(&dps, &tpm, &rid, &format!("{rid}-2")).await;
+        let (s, _, r) = dps.register(&rid, &token, json!({})).await;
+        assert_eq!(s, 202, "{r}");
+        let state = &r["registrationState"];
+        assert_eq!(r["status"], "assigned", "{r}");
+        assert_eq!(state["assignedHub"], json!(lands_on.host_name), "{r}");
+        let want_sub = if update_hub {
+            "deviceDataReset"
+        } else {
+            "initialAssignment"
+        };
+        assert_eq!(state["substatus"], want_sub, "{r}");
+
+        // The device is on that hub only, with the key its TPM takes in from the answer.
+        let (on_a, _) = dps
+            .hub_call(&a.connection_string, &format!("/devices/{rid}"))
+            .await;
+        let (on_b, _) = dps
+            .hub_call(&b.connection_string, &format!("/devices/{rid}"))
+            .await;
+        let expect = if update_hub { (404, 200) } else { (200, 404) };
+        assert_eq!((on_a, on_b), expect, "on A, on B");
+        let (_, device) = dps
+            .hub_call(&lands_on.connection_string, &format!("/devices/{rid}"))
+            .await;
+        let final_blob = B64
+            .decode(state["tpm"]["authenticationKey"].as_str().unwrap())
+            .unwrap();
+        let name = format!("{rid}-hub");
+        tpm.import(&final_blob, &name);
+        let hub_key = device["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .unwrap();
+        let probe = format!("{}/devices/{rid}\n{}", lands_on.host_name, now() + 60);
+        assert_eq!(
+            tpm.hmac(&name, probe.as_bytes()),
+            hmac_sha256(hub_key, &probe)
+        );
+    }
+    a_server.shutdown().await;
+    b_server.shutdown().await;
 }

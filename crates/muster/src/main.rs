@@ -18,6 +18,7 @@ mod registration;
 mod serve;
 #[cfg(feature = "postgres")]
 mod store;
+mod tpm;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -106,6 +107,9 @@ enum Command {
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// A device's TPM: its endorsement key and registration id.
+    #[command(subcommand)]
+    Tpm(tpm::TpmCommand),
     /// Register many devices of an enrollment group on their behalf and write their
     /// assignments (and derived keys) to a CSV file.
     ///
@@ -184,6 +188,7 @@ fn main() -> anyhow::Result<()> {
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
         Command::Audit(c) => runtime.block_on(audit::run(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
+        Command::Tpm(c) => tpm::run(c),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
         Command::Bench(c) => runtime.block_on(bench::run(c)),
