@@ -75,9 +75,13 @@ impl Drop for SwTpm {
     }
 }
 
-fn muster(data_dir: &std::path::Path, args: &[&str]) -> Output {
+/// Runs `muster ARGS`, with `--data-dir` when given (service and device commands).
+fn muster(data_dir: Option<&std::path::Path>, args: &[&str]) -> Output {
     let mut c = Command::new(BIN);
-    c.args(args).arg("--data-dir").arg(data_dir);
+    c.args(args);
+    if let Some(d) = data_dir {
+        c.arg("--data-dir").arg(d);
+    }
     for (k, _) in std::env::vars() {
         if k.starts_with("MUSTER_") {
             c.env_remove(k);
@@ -122,7 +126,7 @@ fn the_cli_registers_a_tpm_device_that_then_sends_telemetry_signed_in_its_tpm() 
     // created and persisted on first use).
     let ek = json_of(
         muster(
-            &data,
+            None,
             &["tpm", "show-ek", "--tcti", &swtpm.tcti, "-o", "json"],
         ),
         "tpm show-ek",
@@ -136,7 +140,7 @@ fn the_cli_registers_a_tpm_device_that_then_sends_telemetry_signed_in_its_tpm() 
     // Read again: the same persisted EK.
     let again = json_of(
         muster(
-            &data,
+            None,
             &["tpm", "show-ek", "--tcti", &swtpm.tcti, "-o", "json"],
         ),
         "tpm show-ek",
@@ -146,7 +150,7 @@ fn the_cli_registers_a_tpm_device_that_then_sends_telemetry_signed_in_its_tpm() 
     // Operator: enroll the EK.
     json_of(
         muster(
-            &data,
+            Some(&data),
             &[
                 "enrollment",
                 "create",
@@ -168,7 +172,7 @@ fn the_cli_registers_a_tpm_device_that_then_sends_telemetry_signed_in_its_tpm() 
     // Device: register with the TPM (the registration id defaults to the EK's).
     let r = json_of(
         muster(
-            &data,
+            Some(&data),
             &[
                 "device",
                 "register",
@@ -241,7 +245,7 @@ fn the_cli_registers_a_tpm_device_that_then_sends_telemetry_signed_in_its_tpm() 
     // A TPM whose EK is not enrolled is refused with the service's code.
     let other = SwTpm::start();
     let out = muster(
-        &data,
+        Some(&data),
         &[
             "device",
             "register",
