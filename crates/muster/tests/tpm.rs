@@ -57,7 +57,7 @@ impl SwTpm {
         for p in [port, ctrl] {
             while TcpStream::connect(SocketAddr::from((IP, p))).is_err() {
                 assert!(Instant::now() < deadline, "swtpm did not start");
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::yield_now();
             }
         }
         SwTpm {
