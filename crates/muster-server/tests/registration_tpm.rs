@@ -281,6 +281,12 @@ async fn the_issued_key_expires_and_a_replayed_older_key_is_refused() {
     let dps = Dps::new(&server.connection);
     tpm_enrollment(&dps, &rid, &ek, json!({})).await;
 
+    // An EK that is no TPM2B_PUBLIC at all: refused with the EK's code, saying why.
+    let mut garbled = tpm_body(&rid, &ek, &tpm.storage_root_key());
+    garbled["tpm"]["endorsementKey"] = json!(B64.encode(b"not a public area"));
+    let (s, b) = register_unauthenticated(&dps, &rid, garbled).await;
+    assert_refused(s, &b, 401013, "the endorsement key is not a TPM2B_PUBLIC");
+
     // A key activated in the TPM but used after its lifetime: refused.
     let old = challenge_and_sign(&dps, &tpm, &rid, "old").await;
     clock.advance_secs(TPM_KEY_LIFETIME_SECS + 1);
