@@ -26,7 +26,7 @@ use muster_proto::SasToken;
 use serde_json::{json, Value};
 use tss_esapi::abstraction::{ek, DefaultKey};
 use tss_esapi::attributes::ObjectAttributesBuilder;
-use tss_esapi::constants::SessionType;
+use tss_esapi::constants::{CapabilityType, SessionType};
 use tss_esapi::handles::{
     AuthHandle, KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle,
 };
@@ -38,8 +38,8 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, Digest, EncryptedSecret, IdObject, MaxBuffer, Nonce, Private, Public, PublicBuilder,
-    PublicKeyRsa, PublicRsaParametersBuilder, RsaExponent, SymmetricDefinition,
+    CapabilityData, Data, Digest, EncryptedSecret, IdObject, MaxBuffer, Nonce, Private, Public,
+    PublicBuilder, PublicKeyRsa, PublicRsaParametersBuilder, RsaExponent, SymmetricDefinition,
     SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
@@ -312,15 +312,27 @@ fn blob_err(what: &'static str) -> impl FnOnce(tss_esapi::Error) -> Error {
     move |e| Error::Tpm(format!("the activation blob's {what}: {e}"))
 }
 
-/// The persistent object at `handle`, if there is one.
+/// The persistent object at `handle`, if there is one (asked with TPM2_GetCapability, so an
+/// absent handle logs no TPM error).
 fn persistent(ctx: &mut Context, handle: u32) -> Result<Option<KeyHandle>> {
     let tpm_handle = PersistentTpmHandle::new(handle)
         .map_err(|e| Error::Tpm(format!("handle {handle:#x}: {e}")))?;
-    match ctx.execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(tpm_handle))) {
-        Ok(h) => Ok(Some(h.into())),
-        // TPM_RC_HANDLE: nothing there.
-        Err(_) => Ok(None),
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, handle, 1)
+        .map_err(tpm_err("listing the persistent handles"))?;
+    let present = match data {
+        CapabilityData::Handles(list) => list
+            .iter()
+            .any(|h| matches!(h, TpmHandle::Persistent(p) if u32::from(*p) == handle)),
+        _ => false,
+    };
+    if !present {
+        return Ok(None);
     }
+    let object = ctx
+        .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(tpm_handle)))
+        .map_err(tpm_err("reading a persistent object"))?;
+    Ok(Some(object.into()))
 }
 
 /// TPM2_EvictControl: makes `object` persistent at `handle`, or removes the persistent one.
