@@ -242,6 +242,36 @@ fn the_cli_registers_a_tpm_device_that_then_sends_telemetry_signed_in_its_tpm() 
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].body_bytes(), br#"{"from":"tpm"}"#);
 
+    // Registering again with the same TPM: the same device and hub, and the key persisted
+    // again still signs for it.
+    let again = json_of(
+        muster(
+            Some(&data),
+            &[
+                "device",
+                "register",
+                "--tpm",
+                "--tcti",
+                &swtpm.tcti,
+                "-o",
+                "json",
+            ],
+        ),
+        "device register --tpm, again",
+    );
+    assert_eq!(again["status"], "assigned", "{again}");
+    assert_eq!(again["deviceId"], "tpm-cli-device", "{again}");
+    assert_eq!(again["assignedHub"], hub_host.as_str(), "{again}");
+    let mut tpm = Tpm::open(&swtpm.tcti).expect("the TPM opens");
+    tpm.load_device_key().expect("the hub key is persisted");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&B64.decode(&hub_key).unwrap()).unwrap();
+    mac.update(probe.as_bytes());
+    assert_eq!(
+        tpm.hmac(probe.as_bytes()).expect("HMAC in the TPM"),
+        mac.finalize().into_bytes().to_vec()
+    );
+    drop(tpm);
+
     // A TPM whose EK is not enrolled is refused with the service's code.
     let other = SwTpm::start();
     let out = muster(
