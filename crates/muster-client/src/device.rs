@@ -15,7 +15,7 @@ use reqwest::Response;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::service::{read_json, retry_after, segment, service_error};
+use crate::service::{error_from_text, read_json, retry_after, segment, service_error};
 
 /// The api-version devices send over HTTPS.
 pub const DEVICE_API_VERSION: &str = "2021-06-01";
@@ -156,7 +156,7 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn wait(&self, retry_after: Option<Duration>, attempt: u32) -> Duration {
+    pub(crate) fn wait(&self, retry_after: Option<Duration>, attempt: u32) -> Duration {
         match retry_after {
             Some(d) => d.min(self.max_wait),
             None => (self.default_wait * attempt.max(1)).min(self.max_wait),
@@ -194,9 +194,15 @@ impl Registration {
 }
 
 /// How one registration authenticates: a SAS token signed with the device key, or a client
-/// certificate (an HTTP client and a TLS configuration presenting it).
+/// certificate (an HTTP client and a TLS configuration presenting it), or a token signed
+/// elsewhere (a TPM) with the register body's `tpm` object.
 pub(crate) enum Auth {
     Sas(String),
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
+    Token {
+        token: String,
+        tpm: Option<Value>,
+    },
     X509 {
         http: reqwest::Client,
         tls: Arc<rustls::ClientConfig>,
@@ -335,6 +341,10 @@ impl DeviceClient {
                 .request(method, url)
                 .header("authorization", self.token(registration_id, device_key)?),
             Auth::X509 { http, .. } => http.request(method, url),
+            Auth::Token { token, .. } => self
+                .http
+                .request(method, url)
+                .header("authorization", token.as_str()),
         })
     }
 
@@ -370,13 +380,16 @@ impl DeviceClient {
         })
     }
 
-    async fn register_https(
+    pub(crate) async fn register_https(
         &self,
         registration_id: &str,
         auth: &Auth,
         options: &RegisterOptions,
     ) -> Result<Registration> {
         let mut body = json!({ "registrationId": registration_id });
+        if let Auth::Token { tpm: Some(tpm), .. } = auth {
+            body["tpm"] = tpm.clone();
+        }
         if let Some(p) = &options.payload {
             body["payload"] = p.clone();
         }
@@ -436,6 +449,56 @@ impl DeviceClient {
             state: op.registration_state,
             attempts: 1,
         })
+    }
+}
+
+impl DeviceClient {
+    /// The first request of a TPM registration (§7.1): PUT register with the EK and SRK and
+    /// no credentials; the answer is 401 with the activation blob and the key name to sign
+    /// with. Any other answer is an error.
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
+    pub(crate) async fn tpm_challenge(
+        &self,
+        registration_id: &str,
+        tpm: &Value,
+        options: &RegisterOptions,
+    ) -> Result<(Vec<u8>, String)> {
+        let mut body = json!({ "registrationId": registration_id, "tpm": tpm });
+        if let Some(p) = &options.payload {
+            body["payload"] = p.clone();
+        }
+        let url = self.device_url(registration_id, "register", DEVICE_API_VERSION);
+        let resp = self
+            .send(self.http.request(reqwest::Method::PUT, url).json(&body))
+            .await?;
+        if resp.status().as_u16() != 401 {
+            return Err(match resp.status().as_u16() {
+                200 | 202 => Error::UnexpectedResponse {
+                    what: "TPM challenge".into(),
+                    status: resp.status().as_u16(),
+                    detail: "a registration without credentials was accepted".into(),
+                },
+                _ => service_error("TPM challenge", resp).await,
+            });
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let Some(blob) = answer.get("authenticationKey").and_then(Value::as_str) else {
+            // A DPS error body: the EK was refused, or there is no TPM enrollment.
+            return Err(error_from_text("TPM challenge", status, None, &text));
+        };
+        let blob = B64.decode(blob).map_err(|_| Error::UnexpectedResponse {
+            what: "TPM challenge".into(),
+            status,
+            detail: "authenticationKey is not base64".into(),
+        })?;
+        let key_name = answer
+            .get("keyName")
+            .and_then(Value::as_str)
+            .unwrap_or("registration")
+            .to_string();
+        Ok((blob, key_name))
     }
 }
 

@@ -57,6 +57,9 @@ pub enum Error {
     /// TLS configuration (CA file unreadable or not PEM).
     #[error("TLS: {0}")]
     Tls(String),
+    /// The TPM refused a command, or its answer is unusable (feature `tpm`).
+    #[error("TPM: {0}")]
+    Tpm(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -67,6 +67,19 @@ impl HubDeviceConnection {
         Self::connect_with(hub_host, mqtt_port, device_id, tls, token).await
     }
 
+    /// Connects `device_id` with a device SAS token for `{hub_host}/devices/{device_id}` signed
+    /// elsewhere, e.g. in the device's TPM (`Tpm::sas_token`).
+    pub async fn connect_with_token(
+        hub_host: &str,
+        mqtt_port: u16,
+        device_id: &str,
+        token: String,
+        ca_pem: Option<&Path>,
+    ) -> Result<Self> {
+        let tls = Arc::new(crate::tls::client_config(ca_pem)?);
+        Self::connect_with(hub_host, mqtt_port, device_id, tls, token).await
+    }
+
     /// Connects `device_id` authenticated with its X.509 certificate (`chain_pem`: the
     /// device certificate first, e.g. the `issuedCertificateChain` of a CSR registration;
     /// `key_pem`: its PKCS #8 key), presented in the TLS handshake.

@@ -15,6 +15,9 @@
 //!   built-in hub's telemetry: stored pages and the live Server-Sent Events stream
 //!   ([`HubClient::telemetry_stream`]).
 //! - [`HubDeviceConnection`] — a device's MQTT connection to a hub, to send telemetry.
+//! - `tpm` (cargo feature `tpm`; needs libtss2) — `Tpm`, a device whose keys live in a TPM
+//!   2.0 (EK, SRK, activation blobs, HMAC inside the TPM), and
+//!   `DeviceClient::register_tpm`, TPM attestation over HTTPS.
 //! - [`ConnectionFile`] — `DATA_DIR/connection.json` as `muster serve` writes it.
 //! - [`tls`] — building a `reqwest::Client` / rustls config that trusts the system roots and,
 //!   when given, a CA PEM file.
@@ -32,6 +35,8 @@ mod mqtt;
 pub mod service;
 pub mod telemetry;
 pub mod tls;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 pub use connection::{ConnectionFile, ConnectionHub, ConnectionTlsCertificate};
 pub use device::{DeviceClient, DeviceKey, RegisterOptions, Registration, RetryPolicy, Transport};
@@ -40,6 +45,8 @@ pub use hub::HubClient;
 pub use hub_device::HubDeviceConnection;
 pub use service::{AuditQuery, EnrollmentKind, Pager, ServiceClient};
 pub use telemetry::{TelemetryEvent, TelemetryMessage, TelemetryStream};
+#[cfg(feature = "tpm")]
+pub use tpm::Tpm;
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_now() -> i64 {

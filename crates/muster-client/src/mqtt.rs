@@ -205,6 +205,7 @@ pub(crate) async fn register(
             client.token(registration_id, device_key)?,
         ),
         Auth::X509 { tls, .. } => (tls.clone(), String::new()),
+        Auth::Token { token, .. } => (client.tls_config(), token.clone()),
     };
     let mut conn = tls_connect(client.host(), client.mqtt_port(), tls).await?;
 

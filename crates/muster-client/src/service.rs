@@ -109,7 +109,17 @@ pub(crate) async fn service_error(what: &str, resp: Response) -> Error {
     let status = resp.status().as_u16();
     let retry_after = retry_after(&resp);
     let text = resp.text().await.unwrap_or_default();
-    match serde_json::from_str::<ErrorBody>(&text) {
+    error_from_text(what, status, retry_after, &text)
+}
+
+/// An error answer already read: the DPS error body when `text` is one.
+pub(crate) fn error_from_text(
+    what: &str,
+    status: u16,
+    retry_after: Option<Duration>,
+    text: &str,
+) -> Error {
+    match serde_json::from_str::<ErrorBody>(text) {
         Ok(b) => Error::Service {
             status,
             error_code: b.error_code,
@@ -127,7 +137,7 @@ pub(crate) async fn service_error(what: &str, resp: Response) -> Error {
         Err(_) => Error::UnexpectedResponse {
             what: what.to_string(),
             status,
-            detail: truncate(&text),
+            detail: truncate(text),
         },
     }
 }

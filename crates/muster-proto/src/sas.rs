@@ -170,8 +170,24 @@ impl SasToken {
 
     /// Makes a token the way Python and C# do: `sr` encoded, and the encoded form signed.
     pub fn generate(resource: &str, key: &[u8], key_name: Option<&str>, expiry: i64) -> String {
+        let signed: Result<String, std::convert::Infallible> =
+            Self::generate_with(resource, key_name, expiry, |m| Ok(hmac_bytes(key, m)));
+        match signed {
+            Ok(t) => t,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Like [`SasToken::generate`], with the HMAC-SHA256 computed by `sign` over the string to
+    /// sign (`{encoded sr}\n{expiry}`): for a key that never leaves its holder, e.g. a TPM.
+    pub fn generate_with<E>(
+        resource: &str,
+        key_name: Option<&str>,
+        expiry: i64,
+        sign: impl FnOnce(&str) -> Result<Vec<u8>, E>,
+    ) -> Result<String, E> {
         let sr = encode_resource(resource);
-        let sig = sign(key, &format!("{sr}\n{expiry}"));
+        let sig = B64.encode(sign(&format!("{sr}\n{expiry}"))?);
         let mut token = format!(
             "{PREFIX}sr={sr}&sig={}&se={expiry}",
             utf8_percent_encode(&sig, QUOTE_PLUS)
@@ -180,7 +196,7 @@ impl SasToken {
             token.push_str("&skn=");
             token.push_str(&encode_resource(name));
         }
-        token
+        Ok(token)
     }
 }
 

@@ -30,7 +30,14 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
 {
-    let opened = match amqp::open(stream, client_certs, &services.limits).await {
+    let opened = match amqp::open(
+        stream,
+        client_certs,
+        &services.limits,
+        Some(&services.registrar),
+    )
+    .await
+    {
         Ok(o) => o,
         Err(e) => {
             tracing::debug!(error = %e, "AMQP connection closed before its first link");

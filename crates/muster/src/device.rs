@@ -34,9 +34,10 @@ pub fn compute_device_key(a: ComputeKeyArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("credential").required(true).args(["key", "group_key", "cert"])))]
+#[command(group(clap::ArgGroup::new("credential").required(true).args(["key", "group_key", "cert", "tpm"])))]
 pub struct RegisterArgs {
-    /// The device's registration id [with --cert, default: the certificate's subject CN]
+    /// The device's registration id [with --cert, default: the certificate's subject CN;
+    /// with --tpm, the id derived from the EK (`muster tpm show-ek`)]
     #[arg(long, visible_alias = "rid")]
     pub registration_id: Option<String>,
     /// The device's symmetric key (individual enrollment, or an already derived key)
@@ -51,6 +52,12 @@ pub struct RegisterArgs {
     /// X.509: PEM file with the certificate's private key (PKCS#8, EC or RSA)
     #[arg(long, requires = "cert")]
     pub cert_key: Option<PathBuf>,
+    /// TPM: attest with the TPM's endorsement key (HTTPS); the hub key it gets is kept in
+    /// the TPM at 0x81000100
+    #[arg(long, conflicts_with_all = ["key", "group_key", "cert", "csr_key"])]
+    pub tpm: bool,
+    #[command(flatten)]
+    pub tcti: crate::tpm::TctiArgs,
     /// https or mqtt
     #[arg(long, default_value = "https")]
     pub transport: Transport,
@@ -80,11 +87,14 @@ pub enum DeviceCommand {
     ///
     /// With --key or --group-key the device signs a SAS token; with --cert/--cert-key it
     /// presents its X.509 certificate in the TLS handshake (HTTPS and MQTT), and the
-    /// registration id is the certificate's subject CN.
+    /// registration id is the certificate's subject CN; with --tpm its TPM answers the
+    /// service's challenge and signs the token (HTTPS; needs a muster built with the `tpm`
+    /// feature).
     ///
     /// Examples:
     ///   muster device register --registration-id dev-001 --group-key "$GROUP_KEY"
     ///   muster device register --cert dev-003-chain.pem --cert-key dev-003.key --transport mqtt
+    ///   muster device register --tpm --tcti device:/dev/tpmrm0
     ///   muster device register --registration-id dev-004 --group-key "$GROUP_KEY" \
     ///       --csr-key dev-004.key --cert-out dev-004-chain.pem
     ///   muster device register --id-scope 0ne0012AB34 --endpoint dps.example.lan --ca-cert ca.pem \
@@ -100,6 +110,30 @@ pub async fn run(c: DeviceCommand) -> anyhow::Result<()> {
 }
 
 async fn register(a: RegisterArgs) -> anyhow::Result<()> {
+    if a.tpm {
+        let client = a
+            .conn
+            .client()?
+            .with_retry_policy(muster_client::RetryPolicy {
+                max_attempts: a.retries.max(1),
+                ..Default::default()
+            });
+        let payload = match &a.payload {
+            Some(p) => {
+                Some(serde_json::from_str::<Value>(p).context("--payload is not valid JSON")?)
+            }
+            None => None,
+        };
+        let options = RegisterOptions {
+            transport: a.transport,
+            payload,
+            csr: None,
+        };
+        let (rid, r) =
+            crate::tpm::register(&client, a.registration_id.clone(), &a.tcti.tcti, &options)
+                .await?;
+        return report(&a, &rid, &r);
+    }
     let key = match (&a.cert, &a.cert_key, &a.key, &a.group_key) {
         (Some(cert), Some(cert_key), _, _) => DeviceKey::x509_from_files(cert, cert_key)?,
         (Some(_), None, _, _) | (None, Some(_), _, _) => {
@@ -144,6 +178,15 @@ async fn register(a: RegisterArgs) -> anyhow::Result<()> {
         )
         .await
         .with_context(|| format!("registering '{registration_id}'"))?;
+    report(&a, &registration_id, &r)
+}
+
+/// Prints the outcome (and writes an issued chain); an error unless assigned.
+fn report(
+    a: &RegisterArgs,
+    registration_id: &str,
+    r: &muster_client::Registration,
+) -> anyhow::Result<()> {
     let mut v = serde_json::to_value(&r.state)?;
     if let Some(m) = v.as_object_mut() {
         m.insert("operationId".into(), json!(r.operation_id));

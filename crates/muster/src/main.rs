@@ -20,6 +20,7 @@ mod registration;
 mod serve;
 #[cfg(feature = "postgres")]
 mod store;
+mod tpm;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -111,6 +112,9 @@ enum Command {
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// A device's TPM: its endorsement key and registration id.
+    #[command(subcommand)]
+    Tpm(tpm::TpmCommand),
     /// Register many devices of an enrollment group on their behalf and write their
     /// assignments (and derived keys) to a CSV file.
     ///
@@ -190,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         Command::Audit(c) => runtime.block_on(audit::run(c)),
         Command::Certificate(c) => runtime.block_on(issued_cert::run(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
+        Command::Tpm(c) => tpm::run(c),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
         Command::Bench(c) => runtime.block_on(bench::run(c)),

@@ -1,14 +1,15 @@
 //! AMQP 1.0 for devices (device-protocol.md §5), for any byte stream: TLS on 5671, or a
-//! WebSocket (`AMQPWSB10`) adapted by [`crate::websocket::WsByteStream`]. The AMQP framing,
-//! SASL exchange and link state machines are `fe2o3-amqp`'s; this module decides what a
+//! WebSocket (`AMQPWSB10`) adapted by [`crate::websocket::WsByteStream`]. The AMQP framing and
+//! link state machines are `fe2o3-amqp`'s, the SASL exchange ours; this module decides what a
 //! connection may do and hands its messages to the registration engine.
 //!
 //! Layout:
 //! - this file — [`open`]: the protocol header (SASL, or none at all, on the same port: X.509
 //!   devices, and hub devices that authenticate with a CBS put-token, skip SASL), the
 //!   connection's open, its session and its first link, within [`AmqpLimits::open_timeout`];
-//! - [`sasl`] — the SASL mechanisms offered (`PLAIN`, `ANONYMOUS`, `EXTERNAL`) and what the
-//!   device presented;
+//! - [`sasl`] — the SASL exchange, run here rather than by fe2o3: the mechanisms offered
+//!   (`PLAIN`, `ANONYMOUS`, `EXTERNAL`, and `TPM` with its challenge rounds, which wait on the
+//!   registrar) and what the device presented;
 //! - [`address`] — `[amqps://host/]{idScope}/registrations/{registrationId}`;
 //! - [`dispatch`] — which service a connection is for (the SASL identity, else the first link):
 //!   the registration session here, or the built-in hub's device session
@@ -23,6 +24,7 @@ pub mod dispatch;
 pub mod registration;
 pub mod sasl;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -32,6 +34,7 @@ use fe2o3_amqp::acceptor::{
 use fe2o3_amqp::types::definitions::Role;
 use fe2o3_amqp::types::messaging::TargetArchetype;
 use fe2o3_amqp::types::performatives::Attach;
+use muster_registration::DeviceRegistrar;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
@@ -130,15 +133,17 @@ pub enum OpenFailed {
     Ended,
 }
 
-/// Reads the protocol header, runs SASL when the device asked for it (DPS SAS devices), then
-/// waits for the open, the first session and its first attach, all before
-/// `limits.open_timeout`. A connection without SASL is not refused here: it authenticates
-/// later, with its TLS client certificate or (on the hub) a CBS token, and the session it is
-/// handed to refuses it otherwise.
+/// Reads the protocol header, runs SASL when the device asked for it (DPS SAS and TPM devices,
+/// [`sasl::negotiate`]; `registrar` answers the `TPM` mechanism's challenge, which is offered
+/// only with one), then waits for the open, the first session and its first attach, all
+/// before `limits.open_timeout`. A connection without SASL is not refused here: it
+/// authenticates later, with its TLS client certificate or (on the hub) a CBS token, and the
+/// session it is handed to refuses it otherwise.
 pub async fn open<S>(
     mut stream: S,
     client_certs: Vec<Vec<u8>>,
     limits: &AmqpLimits,
+    registrar: Option<&Arc<dyn DeviceRegistrar>>,
 ) -> Result<Opened, OpenFailed>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug + 'static,
@@ -149,29 +154,36 @@ where
         Ok(Ok(_)) => {}
         _ => return Err(OpenFailed::NoHeader),
     }
-    let replay = Rewind::new(BytesMut::from(&header[..]), stream);
-    let sasl = sasl::RecordingSasl::default();
+    let mut identity = SaslIdentity::None;
     let opening = async {
-        let connection = match header {
-            HEADER_SASL => acceptor!(limits)
-                .sasl_acceptor(sasl.clone())
-                .build()
-                .accept(replay)
-                .await
-                .map_err(|e| OpenFailed::Open(e.to_string()))?,
-            HEADER_AMQP => acceptor!(limits)
-                .build()
-                .accept(replay)
-                .await
-                .map_err(|e| OpenFailed::Open(e.to_string()))?,
+        let header = match header {
+            HEADER_SASL => {
+                let io = |e: std::io::Error| OpenFailed::Open(e.to_string());
+                stream.write_all(&HEADER_SASL).await.map_err(io)?;
+                identity = sasl::negotiate(&mut stream, registrar)
+                    .await
+                    .map_err(|e| OpenFailed::Open(e.to_string()))?;
+                // After SASL the device starts AMQP with its protocol header.
+                let mut next = [0u8; 8];
+                stream.read_exact(&mut next).await.map_err(io)?;
+                if next != HEADER_AMQP {
+                    return Err(OpenFailed::NotAmqp(next));
+                }
+                next
+            }
+            HEADER_AMQP => header,
             other => {
-                let mut stream = replay;
                 let _ = stream.write_all(&HEADER_AMQP).await;
                 let _ = stream.shutdown().await;
                 return Err(OpenFailed::NotAmqp(other));
             }
         };
-        let mut connection = connection;
+        let replay = Rewind::new(BytesMut::from(&header[..]), stream);
+        let mut connection = acceptor!(limits)
+            .build()
+            .accept(replay)
+            .await
+            .map_err(|e| OpenFailed::Open(e.to_string()))?;
         let session = SessionAcceptor::new()
             .accept(&mut connection)
             .await
@@ -192,7 +204,7 @@ where
         session,
         first_attach,
         peer: Peer {
-            sasl: sasl.identity(),
+            sasl: identity,
             client_certs,
         },
     })

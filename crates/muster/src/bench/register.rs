@@ -115,6 +115,7 @@ pub fn error_kind(e: &muster_client::Error) -> String {
         Error::Stream { .. } => "stream".into(),
         Error::InvalidInput(_) => "invalid input".into(),
         Error::Tls(_) => "tls configuration".into(),
+        Error::Tpm(_) => "tpm".into(),
         Error::Io { .. } => "io".into(),
     }
 }
