@@ -56,7 +56,8 @@ use muster_proto::runtime::{Entropy, OsEntropy};
 use crate::sealing::Sealer;
 use crate::sqlite::format_etag;
 use crate::{
-    Collection, Expect, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome,
+    Collection, Expect, ListQuery, Record, SearchField, SearchQuery, Store, StoreError, Write,
+    WriteOp, WriteOutcome,
 };
 use changes::Changes;
 pub use changes::LISTENER_NAME;
@@ -592,6 +593,45 @@ impl Store for PostgresStore {
             }
         }
         .map_err(|e| pg_err(&context(), &e))?;
+        rows.iter()
+            .map(|row| self.decode(collection, row.get(0), row, 1))
+            .collect()
+    }
+
+    async fn search(
+        &self,
+        collection: Collection,
+        query: SearchQuery,
+    ) -> Result<Vec<Record>, StoreError> {
+        query.check(collection)?;
+        let context = || format!("searching {}", collection.as_str());
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let low = query.folded_prefix();
+        let high = SearchQuery::upper_bound(&low);
+        let client = self.client().await?;
+        // The device id expression must match the index `muster_records_registrations_by_device`
+        // exactly, and name the collection literally, for the planner to use it.
+        let sql = match query.field {
+            SearchField::Key => {
+                "SELECT key, partition, etag, body, sealed FROM muster_records
+                 WHERE collection = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4"
+            }
+            SearchField::DeviceId => {
+                "SELECT key, partition, etag, body, sealed FROM muster_records
+                 WHERE collection = 'registrations' AND $1::text IS NOT NULL
+                   AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") >= $2
+                   AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") < $3
+                 ORDER BY lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\"), key LIMIT $4"
+            }
+        };
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let rows = client
+            .query(&stmt, &[&collection.as_str(), &low, &high, &limit])
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
         rows.iter()
             .map(|row| self.decode(collection, row.get(0), row, 1))
             .collect()

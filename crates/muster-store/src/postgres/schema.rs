@@ -40,6 +40,12 @@ const MIGRATIONS: &[&str] = &[
         name  TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );",
+    // 2: registration records found by device id (`Store::search`): a partial expression
+    // index over the lower-cased `deviceId` of registration bodies (kept in clear), in byte
+    // order (`C`), then key.
+    "CREATE INDEX muster_records_registrations_by_device ON muster_records
+        ((lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\")), key)
+        WHERE collection = 'registrations';",
 ];
 
 /// The schema version this build creates and understands.
