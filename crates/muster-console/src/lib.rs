@@ -21,13 +21,18 @@
 //! - [`audit_log`] — the audit log (`GET /audit`), filtered by time, policy and id, paged.
 //! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
 //!   details (settings, registration records), enable/disable, delete with cascade.
-//! - [`registrations`] — registration records filtered by status, group and hub, paged.
+//! - [`registrations`] — registration records filtered by status, group and hub, paged;
+//!   search by registration id or device id (one indexed store lookup); delete a record, or
+//!   a record and its hub device.
 //! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
 //! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
 //! - [`device_key`] — derive a device key from a group key.
 //! - [`assets`] — the embedded CSS, JavaScript and favicon (no inline scripts or styles: the CSP
 //!   forbids them).
-//! - [`page`] — what every page's layout needs (the footer shows [`VERSION`]), rendering,
+//! - [`times`] — timestamps shown relative ("3 minutes ago") with the exact UTC time on
+//!   hover, "never" for DPS's zero time.
+//! - [`page`] — what every page's layout needs (the signed-in policy's missing rights, which
+//!   disable the controls that need them) (the footer shows [`VERSION`]), rendering,
 //!   security headers.
 //!
 //! What it must never do: put a key in a cookie, a URL or a log line; accept a POST without
@@ -47,6 +52,7 @@ pub mod overview;
 pub mod page;
 pub mod registrations;
 pub mod session;
+pub mod times;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -203,6 +209,10 @@ pub fn router(console: Console) -> Router {
             post(enrollments::delete),
         )
         .route("/console/registrations", get(registrations::list))
+        .route(
+            "/console/registrations/{id}/delete",
+            post(registrations::delete),
+        )
         .route("/console/audit", get(audit_log::list))
         .route("/console/events/registrations", get(events::stream))
         .route(

@@ -17,12 +17,37 @@ pub struct PageCtx {
     pub policy: Option<String>,
     /// A one-shot message from the previous POST.
     pub flash: Option<String>,
+    /// The rights the signed-in policy lacks: controls that need one are disabled or hidden
+    /// and name it ([`PageCtx::needs`]).
+    pub lacking: Vec<muster_proto::AccessRight>,
+    /// The injected clock's time (unix seconds) when the page was made, for relative times.
+    pub now: i64,
 }
 
 impl PageCtx {
     /// The running Muster's version, shown in every page's footer.
     pub fn version(&self) -> &'static str {
         crate::VERSION
+    }
+
+    /// A timestamp as pages show it ([`crate::times`]).
+    pub fn time(&self, text: &str) -> crate::times::Shown {
+        crate::times::show(text, self.now)
+    }
+
+    /// Whether the signed-in policy lacks `right` (an [`muster_proto::AccessRight`] name).
+    pub fn lacks(&self, right: &str) -> bool {
+        self.lacking.iter().any(|r| r.as_str() == right)
+    }
+
+    /// "needs EnrollmentWrite" when the policy lacks `right`, else "": the title and note of
+    /// a control the policy cannot use.
+    pub fn needs(&self, right: &str) -> String {
+        if self.lacks(right) {
+            format!("needs {right}")
+        } else {
+            String::new()
+        }
     }
 
     /// `aria-current="page"` for the current navigation entry.
