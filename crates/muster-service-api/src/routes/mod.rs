@@ -9,6 +9,7 @@ mod enrollments;
 mod generic;
 mod linked_hubs;
 mod registrations;
+mod service_settings;
 
 use axum::Router;
 
@@ -28,6 +29,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(registrations::routes())
         .merge(linked_hubs::routes())
         .merge(access_policies::routes())
+        .merge(service_settings::routes())
         .merge(ca_certificates::routes())
         .merge(deprovisions::routes())
         .merge(audit_log::routes())
