@@ -25,8 +25,8 @@ pub struct PolicyRow {
 }
 
 impl PolicyRow {
-    pub fn has(&self, right: &&str) -> bool {
-        self.rights.contains(right)
+    pub fn has(&self, right: &str) -> bool {
+        self.rights.contains(&right)
     }
 }
 
@@ -45,10 +45,14 @@ struct PoliciesPage {
     error: Option<String>,
     form_error: Option<String>,
     keys: Option<ShownKeys>,
-    owner: &'static str,
 }
 
 impl PoliciesPage {
+    /// The right the owner policy always keeps.
+    fn is_config(&self, right: &str) -> bool {
+        right == AccessRight::ServiceConfig.as_str()
+    }
+
     fn all_rights(&self) -> Vec<&'static str> {
         AccessRight::ALL.iter().map(|r| r.as_str()).collect()
     }
@@ -91,7 +95,10 @@ async fn view(
     status: StatusCode,
 ) -> Response {
     let (mut rows, mut error, mut code) = (Vec::new(), None, status);
-    match c.service(s, Method::GET, "/accessPolicies", None, &[]).await {
+    match c
+        .service(s, Method::GET, "/accessPolicies", None, &[])
+        .await
+    {
         Ok(r) => {
             rows = r
                 .body
@@ -114,7 +121,6 @@ async fn view(
             error,
             form_error,
             keys,
-            owner: muster_service_api::OWNER_POLICY,
         },
     )
 }
@@ -163,11 +169,7 @@ pub async fn create(State(c): State<Console>, req: Request) -> Response {
 
 /// `POST /console/access-policies/{name}`: `action` is `rights` (save the ticked rights),
 /// `keys` (show), `regenerate` (with `key` primary or secondary) or `delete`.
-pub async fn update(
-    State(c): State<Console>,
-    Path(name): Path<String>,
-    req: Request,
-) -> Response {
+pub async fn update(State(c): State<Console>, Path(name): Path<String>, req: Request) -> Response {
     let (s, fields, _) = match c.guard(req).await {
         Ok(x) => x,
         Err(r) => return r,

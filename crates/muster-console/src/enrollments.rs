@@ -104,6 +104,8 @@ pub struct EnrollmentForm {
     /// `reprovisionAndMigrate`, `reprovisionAndReset` or `never`.
     pub reprovision: String,
     pub enabled: bool,
+    /// `capabilities.iotEdge`: the device is an IoT Edge device.
+    pub iot_edge: bool,
 }
 
 impl Default for EnrollmentForm {
@@ -125,6 +127,7 @@ impl Default for EnrollmentForm {
             initial_twin: "{\n  \"tags\": {},\n  \"properties\": {\"desired\": {}}\n}".into(),
             reprovision: "reprovisionAndMigrate".into(),
             enabled: true,
+            iot_edge: false,
         }
     }
 }
@@ -200,6 +203,7 @@ impl EnrollmentForm {
             initial_twin: f.get("initial_twin").to_string(),
             reprovision: f.get("reprovision").to_string(),
             enabled: f.has("enabled"),
+            iot_edge: f.has("iot_edge"),
         }
     }
 
@@ -243,6 +247,10 @@ impl EnrollmentForm {
             }
             .into(),
             enabled: str_at(v, "provisioningStatus").as_deref() != Some("disabled"),
+            iot_edge: v
+                .pointer("/capabilities/iotEdge")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             device_id: str_at(v, "deviceId").unwrap_or_default(),
             ..d
         }
@@ -291,6 +299,10 @@ impl EnrollmentForm {
         obj.insert(
             "provisioningStatus".into(),
             Value::String(if self.enabled { "enabled" } else { "disabled" }.into()),
+        );
+        obj.insert(
+            "capabilities".into(),
+            serde_json::json!({ "iotEdge": self.iot_edge }),
         );
     }
 

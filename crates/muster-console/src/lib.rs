@@ -25,6 +25,11 @@
 //!   search by registration id or device id (one indexed store lookup); delete a record, or
 //!   a record and its hub device.
 //! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
+//! - [`ca_certificates`] — CA certificates: upload, verification code, verify with a PEM
+//!   (proof of possession), delete.
+//! - [`access_policies`] — shared access policies: list, create, edit rights, show and
+//!   regenerate keys, delete.
+//! - [`service_settings`] — the service's default allocation policy.
 //! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
 //! - [`device_key`] — derive a device key from a group key.
 //! - [`assets`] — the embedded CSS, JavaScript and favicon (no inline scripts or styles: the CSP
@@ -39,9 +44,11 @@
 //! the session's CSRF token; read the real clock or random source (both come from the
 //! [`ServiceApi`]).
 
+pub mod access_policies;
 pub mod api;
 pub mod assets;
 pub mod audit_log;
+pub mod ca_certificates;
 pub mod csrf;
 pub mod device_key;
 pub mod enrollments;
@@ -51,6 +58,7 @@ pub mod linked_hubs;
 pub mod overview;
 pub mod page;
 pub mod registrations;
+pub mod service_settings;
 pub mod session;
 pub mod times;
 
@@ -223,6 +231,26 @@ pub fn router(console: Console) -> Router {
         .route(
             "/console/linked-hubs/{name}/delete",
             post(linked_hubs::remove),
+        )
+        .route(
+            "/console/ca-certificates",
+            get(ca_certificates::list).post(ca_certificates::upload),
+        )
+        .route(
+            "/console/ca-certificates/{name}",
+            post(ca_certificates::update),
+        )
+        .route(
+            "/console/access-policies",
+            get(access_policies::list).post(access_policies::create),
+        )
+        .route(
+            "/console/access-policies/{name}",
+            post(access_policies::update),
+        )
+        .route(
+            "/console/settings",
+            get(service_settings::page).post(service_settings::save),
         )
         .route("/console/hub/devices", get(hub_devices::list))
         .route("/console/hub/devices/{id}", get(hub_devices::details))
