@@ -244,6 +244,7 @@ impl Console {
                 .filter(|r| self.has_right(s, *r).is_err())
                 .collect(),
             now: self.now_unix(),
+            denied: None,
         }
     }
 

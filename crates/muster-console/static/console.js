@@ -16,10 +16,13 @@
     });
   });
 
-  // Confirmation for destructive forms: data-confirm="question".
+  // Confirmation for destructive forms: data-confirm="question"; data-confirm-cascade is asked
+  // instead when the form's "cascade" box is ticked (it names what the cascade removes).
   document.addEventListener("submit", function (ev) {
     var form = ev.target;
     var q = form.getAttribute && form.getAttribute("data-confirm");
+    var cascade = form.querySelector && form.querySelector("input[name=cascade]:checked");
+    if (cascade && form.getAttribute("data-confirm-cascade")) q = form.getAttribute("data-confirm-cascade");
     if (q && !window.confirm(q)) ev.preventDefault();
   });
 
