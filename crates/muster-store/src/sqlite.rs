@@ -75,6 +75,7 @@ use crate::{
 };
 use body::StoredBody;
 use readers::ReadPool;
+#[cfg(feature = "postgres")]
 pub(crate) use writer::format_etag;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
