@@ -74,7 +74,8 @@
       var e;
       try { e = JSON.parse(ev.data); } catch (x) { return; }
       var tr = document.createElement("tr");
-      [e.time, e.registrationId, e.outcome, e.hub || "", e.transport, String(e.durationMs),
+      // Whole seconds, UTC: DPS's 7 fractional digits are noise on a screen.
+      [String(e.time).replace(/\.\d+Z$/, "Z").replace("T", " "), e.registrationId, e.outcome, e.hub || "", e.transport, String(e.durationMs),
         e.errorCode == null ? "" : String(e.errorCode)].forEach(function (text) {
         var td = document.createElement("td");
         td.textContent = text;
