@@ -360,6 +360,10 @@ test("a read-only policy sees disabled controls naming the right it lacks", asyn
   await page.getByRole("heading", { name: "Overview" }).waitFor();
   await page.goto(`${base}/registrations`);
   await page.locator("#delete-needs", { hasText: "needs RegistrationStatusWrite" }).waitFor();
+  await page.goto(`${base}/enrollments`);
+  await page.getByText("Adding enrollments needs EnrollmentWrite").waitFor();
+  assert.equal(await page.getByRole("link", { name: /^Add enrollment/ }).count(), 0, "no add link");
+  await screenshot("read-only-enrollments");
   await page.goto(`${base}/settings`);
   const save = page.getByRole("button", { name: "Save" });
   assert.ok(await save.isDisabled());

@@ -517,6 +517,27 @@ fn etag_counter(etag: &str) -> Option<u64> {
     (format_etag(counter) == etag).then_some(counter)
 }
 
+/// The statement [`Store::search`] runs for `field` (`$1` collection, `$2` lower bound, `$3`
+/// exclusive upper bound, `$4` limit); public so tests can check its plan. The device id
+/// expression must match the index `muster_records_registrations_by_device` exactly, and the
+/// collection is named literally, for the planner to use that partial index.
+#[doc(hidden)]
+pub fn search_sql(field: SearchField) -> &'static str {
+    match field {
+        SearchField::Key => {
+            "SELECT key, partition, etag, body, sealed FROM muster_records
+             WHERE collection = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4"
+        }
+        SearchField::DeviceId => {
+            "SELECT key, partition, etag, body, sealed FROM muster_records
+             WHERE collection = 'registrations' AND $1::text IS NOT NULL
+               AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") >= $2
+               AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") < $3
+             ORDER BY lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\"), key LIMIT $4"
+        }
+    }
+}
+
 const GET_SQL: &str = "SELECT partition, etag, body, sealed FROM muster_records
      WHERE collection = $1 AND key = $2";
 
@@ -609,21 +630,7 @@ impl Store for PostgresStore {
         let low = query.folded_prefix();
         let high = SearchQuery::upper_bound(&low);
         let client = self.client().await?;
-        // The device id expression must match the index `muster_records_registrations_by_device`
-        // exactly, and name the collection literally, for the planner to use it.
-        let sql = match query.field {
-            SearchField::Key => {
-                "SELECT key, partition, etag, body, sealed FROM muster_records
-                 WHERE collection = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4"
-            }
-            SearchField::DeviceId => {
-                "SELECT key, partition, etag, body, sealed FROM muster_records
-                 WHERE collection = 'registrations' AND $1::text IS NOT NULL
-                   AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") >= $2
-                   AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") < $3
-                 ORDER BY lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\"), key LIMIT $4"
-            }
-        };
+        let sql = search_sql(query.field);
         let stmt = client
             .prepare_cached(sql)
             .await

@@ -904,7 +904,10 @@ async fn search_at_a_million_records() {
             .collect();
         store.write(writes).await.expect("write");
     }
-    eprintln!("seeded {N} registration records in {:.1?}", started.elapsed());
+    eprintln!(
+        "seeded {N} registration records in {:.1?}",
+        started.elapsed()
+    );
     for (field, prefix, want) in [
         (SearchField::Key, "sensor-0765432", 1),
         (SearchField::Key, "sensor-07654", 51),
