@@ -58,14 +58,16 @@ fn relative(age: i64) -> String {
     if s < 5 {
         return "just now".into();
     }
-    let (n, unit) = match s {
-        0..=59 => (s, "second"),
-        60..=3_599 => (s / 60, "minute"),
-        3_600..=86_399 => (s / 3_600, "hour"),
-        86_400..=2_591_999 => (s / 86_400, "day"),
-        2_592_000..=31_535_999 => (s / 2_592_000, "month"),
-        _ => (s / 31_536_000, "year"),
+    // Rounded to the nearest unit: 47 hours 59 minutes reads "2 days", not "1 day".
+    let (size, unit) = match s {
+        0..=59 => (1, "second"),
+        60..=3_599 => (60, "minute"),
+        3_600..=86_399 => (3_600, "hour"),
+        86_400..=2_591_999 => (86_400, "day"),
+        2_592_000..=31_535_999 => (2_592_000, "month"),
+        _ => (31_536_000, "year"),
     };
+    let n = (s + size / 2) / size;
     let plural = if n == 1 { "" } else { "s" };
     if future {
         format!("in {n} {unit}{plural}")
@@ -90,6 +92,11 @@ mod tests {
         assert_eq!(show("2025-12-03T19:27:15Z", NOW).relative, "1 hour ago");
         assert_eq!(show("2025-11-30T20:27:15Z", NOW).relative, "3 days ago");
         assert_eq!(show("2025-12-03T22:27:15Z", NOW).relative, "in 2 hours");
+        assert_eq!(
+            show("2025-12-05T20:27:00Z", NOW).relative,
+            "in 2 days",
+            "rounded"
+        );
     }
 
     #[test]
