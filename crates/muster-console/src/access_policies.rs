@@ -175,7 +175,16 @@ pub async fn update(State(c): State<Console>, Path(name): Path<String>, req: Req
         Err(r) => return r,
     };
     let path = format!("/accessPolicies/{}", seg(&name));
-    let result = match fields.get("action") {
+    let action = fields.get("action");
+    // The session signs with this policy's key: re-keying or deleting it would end the
+    // session mid-page. Use another ServiceConfig policy (or the CLI) for that.
+    if matches!(action, "regenerate" | "delete") && name.eq_ignore_ascii_case(&s.policy) {
+        let msg = format!(
+            "you are signed in with '{name}': sign in with another policy that has ServiceConfig to re-key or delete it"
+        );
+        return view(&c, &s, Some(msg), None, StatusCode::CONFLICT).await;
+    }
+    let result = match action {
         "rights" => {
             let body = json!({ "rights": rights_of(&fields) });
             c.service(&s, Method::PUT, &path, Some(&body), &[])
