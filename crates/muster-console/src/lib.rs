@@ -20,7 +20,8 @@
 //!   `console.js`; without JavaScript the section links to the records instead).
 //! - [`audit_log`] — the audit log (`GET /audit`), filtered by time, policy and id, paged.
 //! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
-//!   details (settings, registration records), enable/disable, delete with cascade.
+//!   details (settings with the IoT Edge toggle, registration records), enable/disable,
+//!   delete with cascade (its confirmation counts the records and hub devices it removes).
 //! - [`registrations`] — registration records filtered by status, group and hub, paged;
 //!   search by registration id or device id (one indexed store lookup); delete a record, or
 //!   a record and its hub device.
