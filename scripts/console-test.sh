@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Browser test of the web console: builds the muster binary, starts `muster serve` with a
 # fresh data dir on a loopback address, and drives the console in Debian's chromium with
-# playwright-core (tests/console/console.test.mjs). Screenshots go to
-# tests/console/artifacts/ (git-ignored).
+# playwright-core (tests/console/console.test.mjs). Screenshots of every page go to
+# tests/console/artifacts/ and, as the run's test artefacts, are copied (with the server log
+# when the test fails) to $MUSTER_ARTIFACTS_DIR/console/ (default: artifacts/console/ at the
+# repository root; git-ignored, and the directory CI keeps).
 #
 # Usage: scripts/console-test.sh [--no-build]
 #
@@ -10,6 +12,7 @@
 #   MUSTER_BIN           muster binary (default: $CARGO_TARGET_DIR or target, /debug/muster)
 #   MUSTER_CONSOLE_HOST  loopback address for the server (default 127.0.0.13)
 #   CHROMIUM             browser binary (default /usr/bin/chromium; apt-get install chromium)
+#   MUSTER_ARTIFACTS_DIR where test artefacts are kept (default: artifacts/ at the repo root)
 #
 # Needs: node >= 20 and npm, chromium, cargo.
 set -euo pipefail
@@ -43,7 +46,12 @@ fi
 DATA="$(mktemp -d)"
 LOG="$DATA.log"
 server_pid=""
+ARTIFACTS="${MUSTER_ARTIFACTS_DIR:-$ROOT/artifacts}/console"
 cleanup() {
+  # Keep the screenshots (and, on failure, the server log) as the run's artefacts.
+  rm -rf "$ARTIFACTS" && mkdir -p "$ARTIFACTS"
+  cp "$TEST_DIR"/artifacts/*.png "$ARTIFACTS"/ 2>/dev/null || true
+  if [[ "${status:-0}" != 0 && -f "$LOG" ]]; then cp "$LOG" "$ARTIFACTS/muster-serve.log"; fi
   if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true

@@ -8,6 +8,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -29,6 +30,7 @@ const deviceId = `e2e-dev-${suffix}`;
 
 let context;
 let page;
+const dialogs = [];
 let profile;
 let shot = 0;
 
@@ -59,7 +61,11 @@ before(async () => {
     ignoreHTTPSErrors: true,
   });
   page = context.pages()[0] ?? (await context.newPage());
-  page.on("dialog", (d) => d.accept()); // the delete and revoke confirmations
+  // Delete confirmations: accepted, and kept so tests can check what they said.
+  page.on("dialog", (d) => {
+    dialogs.push(d.message());
+    d.accept();
+  });
 });
 
 after(async () => {
@@ -221,6 +227,110 @@ test("issued certificates: a CSR registration's certificate is listed and revoke
   await screenshot("issued-certificate-revoked");
 });
 
+test("search registration records by registration id and by device id, then delete one", async () => {
+  // A second device of the group, to delete.
+  const second = `${deviceId}-b`;
+  const secondKey = createHmac("sha256", Buffer.from(groupKey, "base64")).update(second).digest("base64");
+  execFileSync(
+    process.env.MUSTER_BIN,
+    ["device", "register", "--registration-id", second, "--key", secondKey, "--data-dir", process.env.MUSTER_DATA_DIR],
+    { encoding: "utf8" },
+  );
+  await page.goto(`${base}/registrations?q=${encodeURIComponent(deviceId.slice(0, 12).toUpperCase())}&by=registrationId`);
+  const row = page.locator("#registrations tbody tr").filter({ has: page.getByRole("rowheader", { name: deviceId, exact: true }) });
+  await row.waitFor();
+  // Relative time with the exact UTC time on hover, whole seconds.
+  const time = row.locator("time");
+  assert.match(await time.textContent(), /just now|seconds? ago|minutes? ago/);
+  assert.match(await time.getAttribute("title"), /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$/);
+  await screenshot("registration-search");
+  await page.getByLabel("Search", { exact: true }).fill(deviceId);
+  await page.getByLabel("by", { exact: true }).selectOption("deviceId");
+  await page.getByRole("button", { name: "Filter" }).click();
+  await row.waitFor();
+  assert.equal(await page.locator("#registrations tbody tr").count(), 2, "both devices start with the searched id");
+  await page.goto(`${base}/registrations?q=no-such-device-${suffix}&by=deviceId`);
+  await page.getByText("No registration record matches.").waitFor();
+
+  // Delete the second record with its hub device; the confirmation says exactly that.
+  await page.goto(`${base}/registrations?q=${second}`);
+  await page.getByRole("button", { name: `Delete record and device ${second}` }).click();
+  await page.getByText(`Deleted the registration record of '${second}' and 1 device(s) in its IoT hub.`).waitFor();
+  assert.match(dialogs.at(-1), new RegExp(`removes 1 registration record and 1 device \\(${second}\\) from IoT hub ${builtInHub.replace(/\./g, "\\.")}`));
+  assert.match(page.url(), new RegExp(`q=${second}`), "back on the same search");
+  await page.getByText("No registration record matches.").waitFor();
+  await page.goto(`${base}/hub/devices`);
+  assert.equal(await page.getByRole("link", { name: second, exact: true }).count(), 0, "its hub device is gone");
+});
+
+test("the IoT Edge toggle, CA certificates, access policies and the default allocation policy", async () => {
+  await page.goto(`${base}/enrollments/groups/${groupId}`);
+  await page.getByLabel("IoT Edge device").check();
+  await page.getByRole("button", { name: "Save settings" }).click();
+  await page.goto(`${base}/enrollments/groups/${groupId}`);
+  assert.ok(await page.getByLabel("IoT Edge device").isChecked(), "the toggle is saved");
+
+  await page.getByRole("link", { name: "CA certificates" }).click();
+  await page.getByRole("heading", { name: "CA certificates" }).waitFor();
+  // A CA of our own (openssl), so the test can sign the verification certificate.
+  const caDir = mkdtempSync(join(tmpdir(), "muster-console-ca-"));
+  const ossl = (...args) => execFileSync("openssl", args, { cwd: caDir, stdio: ["ignore", "pipe", "pipe"] });
+  ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key",
+    "-out", "ca.pem", "-days", "2", "-subj", `/CN=e2e-ca-${suffix}`,
+    "-addext", "basicConstraints=critical,CA:true", "-addext", "keyUsage=critical,keyCertSign,cRLSign");
+  const caName = `e2e-ca-${suffix}`;
+  await page.getByLabel("Certificate name").fill(caName);
+  await page.getByLabel("Certificate (PEM)").fill(readFileSync(join(caDir, "ca.pem"), "utf8"));
+  await page.getByRole("button", { name: "Upload" }).click();
+  await page.getByText(`Uploaded CA certificate '${caName}'.`).waitFor();
+  const caRow = page.locator("#ca-certificates tbody tr", { hasText: caName });
+  assert.match(await caRow.textContent(), /unverified/);
+  assert.equal(await caRow.locator("time").textContent(), "in 2 days", "the CA expires in two days");
+  // A wrong proof is refused with the API's reason, and nothing changes.
+  await page.getByRole("button", { name: `Generate verification code for ${caName}` }).click();
+  const code = (await page.locator("#verification-code").textContent()).trim();
+  assert.match(code, /^[0-9A-F]{48}$/);
+  await page.getByLabel(`Verification certificate (PEM) for ${caName}`).fill(readFileSync(join(caDir, "ca.pem"), "utf8"));
+  await page.getByRole("button", { name: `Verify ${caName}` }).click();
+  await page.locator("#form-error").waitFor();
+  assert.match(await caRow.textContent(), /unverified/);
+  // The proof: a certificate whose CN is the code, signed by the CA's key.
+  await page.getByRole("button", { name: `Generate verification code for ${caName}` }).click();
+  const code2 = (await page.locator("#verification-code").textContent()).trim();
+  ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "proof.key", "-out", "proof.csr", "-subj", `/CN=${code2}`);
+  ossl("x509", "-req", "-in", "proof.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "proof.pem", "-days", "1");
+  await page.getByLabel(`Verification certificate (PEM) for ${caName}`).fill(readFileSync(join(caDir, "proof.pem"), "utf8"));
+  await page.getByRole("button", { name: `Verify ${caName}` }).click();
+  await page.getByText(`Verified CA certificate '${caName}'`).waitFor();
+  assert.match(await caRow.textContent(), /verified/);
+  assert.doesNotMatch(await caRow.textContent(), /unverified/);
+  rmSync(caDir, { recursive: true, force: true });
+  await screenshot("ca-certificates");
+
+  await page.getByRole("link", { name: "Access policies" }).click();
+  await page.getByLabel("Policy name").fill(`reader-${suffix}`);
+  await page.locator("#new-EnrollmentRead").check();
+  await page.locator("#new-RegistrationStatusRead").check();
+  await page.getByRole("button", { name: "Add policy" }).click();
+  readerKey = (await page.locator("#primary-key").textContent()).trim();
+  assert.match(readerKey, /^[A-Za-z0-9+/]{43}=$/);
+  await page.getByRole("button", { name: `Regenerate secondary key of reader-${suffix}` }).click();
+  await page.getByText(`Regenerated the secondary key of 'reader-${suffix}'`).waitFor();
+  assert.equal((await page.locator("#primary-key").textContent()).trim(), readerKey, "the primary key stays");
+  await screenshot("access-policies");
+
+  await page.getByRole("link", { name: "Allocation policy" }).click();
+  await page.getByLabel(/Static configuration/).check();
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.getByText("Saved: enrollments without their own policy now use static.").waitFor();
+  assert.ok(await page.getByLabel(/Static configuration/).isChecked());
+  await page.getByLabel(/Evenly weighted/).check();
+  await page.getByRole("button", { name: "Save" }).click();
+  await screenshot("allocation-policy");
+});
+
+let readerKey;
+
 test("a form posted without the CSRF token is refused", async () => {
   const r = await page.request.post(`${base}/enrollments/new`, {
     form: { kind: "groups", id: "no-csrf-token", attestation: "symmetricKey", auto_keys: "1" },
@@ -239,10 +349,12 @@ test("disable the group, then delete it with its records", async () => {
   await page.getByText("The enrollment group is now disabled.").waitFor();
   assert.equal(await page.locator("#provisioning-status").textContent(), "disabled");
   await screenshot("group-disabled");
-  await page.getByLabel(/Also delete its registration records/).check();
+  assert.equal(await page.locator("#cascade-counts").textContent(), "1 registration record and 1 device in their IoT hubs");
+  await page.getByLabel(/Also delete its 1 registration record/).check();
   await page.getByRole("button", { name: "Delete enrollment group" }).click();
   await page.getByText(`Deleted enrollment group '${groupId}'.`).waitFor();
   await page.getByText("1 registration record(s) and 1 device(s) in their hubs deleted.").waitFor();
+  assert.equal(dialogs.at(-1), `Delete enrollment group ${groupId} and 1 registration record and 1 device in their IoT hubs?`);
   assert.equal(await page.getByRole("link", { name: groupId }).count(), 0);
   assert.equal(await page.locator("p.error").count(), 0);
   await screenshot("group-deleted");
@@ -259,9 +371,45 @@ test("the audit log shows the console's writes", async () => {
   await screenshot("audit-log");
 });
 
+test("at 390 px wide no page overflows horizontally", async () => {
+  await page.setViewportSize({ width: 390, height: 844 });
+  for (const path of ["", "/enrollments", `/enrollments/groups/${groupId}`, "/registrations", "/linked-hubs", "/ca-certificates", "/access-policies", "/settings", "/audit"]) {
+    await page.goto(`${base}${path}`);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 0, `${path || "/"} overflows by ${overflow} px`);
+  }
+  await page.goto(`${base}/registrations`);
+  await screenshot("registrations-390px");
+  await page.setViewportSize({ width: 1280, height: 800 });
+});
+
 test("sign out", async () => {
   await page.getByRole("button", { name: "Sign out" }).click();
   await page.getByText("You are signed out.").waitFor();
   await page.goto(base);
   assert.match(page.url(), /\/console\/sign-in$/);
+});
+
+test("a read-only policy sees disabled controls naming the right it lacks", async () => {
+  await page.getByLabel("Policy name").fill(`reader-${suffix}`);
+  await page.getByLabel("Key").fill(readerKey);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByRole("heading", { name: "Overview" }).waitFor();
+  await page.goto(`${base}/registrations`);
+  await page.locator("#delete-needs", { hasText: "needs RegistrationStatusWrite" }).waitFor();
+  await page.goto(`${base}/enrollments`);
+  await page.getByText("Adding enrollments needs EnrollmentWrite").waitFor();
+  assert.equal(await page.getByRole("link", { name: /^Add enrollment/ }).count(), 0, "no add link");
+  await screenshot("read-only-enrollments");
+  await page.goto(`${base}/settings`);
+  const save = page.getByRole("button", { name: "Save" });
+  assert.ok(await save.isDisabled());
+  assert.equal(await save.getAttribute("title"), "needs ServiceConfig");
+  // The refusal is at the top of the page, above the form.
+  const alert = page.locator("p.error[role=alert]").first();
+  assert.match(await alert.textContent(), /ServiceConfig/);
+  const [alertY, formY] = [await alert.boundingBox(), await page.locator("form.stack").boundingBox()];
+  assert.ok(alertY.y < formY.y, "the 403 is shown above the form");
+  await screenshot("read-only-settings");
+  await page.getByRole("button", { name: "Sign out" }).click();
 });

@@ -145,6 +145,7 @@ pub fn refused() -> Response {
             csrf: String::new(),
             policy: None,
             flash: None,
+            ..PageCtx::default()
         },
         StatusCode::FORBIDDEN,
         "CSRF check failed",

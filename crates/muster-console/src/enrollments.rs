@@ -21,6 +21,8 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use muster_store::Collection;
+
 use crate::api::{Failure, Reply};
 use crate::csrf::Fields;
 use crate::page::{q, redirect, render, render_status, seg, PageCtx};
@@ -104,6 +106,8 @@ pub struct EnrollmentForm {
     /// `reprovisionAndMigrate`, `reprovisionAndReset` or `never`.
     pub reprovision: String,
     pub enabled: bool,
+    /// `capabilities.iotEdge`: the device is an IoT Edge device.
+    pub iot_edge: bool,
 }
 
 impl Default for EnrollmentForm {
@@ -125,6 +129,7 @@ impl Default for EnrollmentForm {
             initial_twin: "{\n  \"tags\": {},\n  \"properties\": {\"desired\": {}}\n}".into(),
             reprovision: "reprovisionAndMigrate".into(),
             enabled: true,
+            iot_edge: false,
         }
     }
 }
@@ -200,6 +205,7 @@ impl EnrollmentForm {
             initial_twin: f.get("initial_twin").to_string(),
             reprovision: f.get("reprovision").to_string(),
             enabled: f.has("enabled"),
+            iot_edge: f.has("iot_edge"),
         }
     }
 
@@ -243,6 +249,10 @@ impl EnrollmentForm {
             }
             .into(),
             enabled: str_at(v, "provisioningStatus").as_deref() != Some("disabled"),
+            iot_edge: v
+                .pointer("/capabilities/iotEdge")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             device_id: str_at(v, "deviceId").unwrap_or_default(),
             ..d
         }
@@ -291,6 +301,10 @@ impl EnrollmentForm {
         obj.insert(
             "provisioningStatus".into(),
             Value::String(if self.enabled { "enabled" } else { "disabled" }.into()),
+        );
+        obj.insert(
+            "capabilities".into(),
+            serde_json::json!({ "iotEdge": self.iot_edge }),
         );
     }
 
@@ -722,6 +736,81 @@ struct DetailsPage {
     regs: Vec<RegRow>,
     regs_error: Option<String>,
     next: Option<String>,
+    /// What the cascade delete removes, for its confirmation (`None` when the policy may not
+    /// read registration records).
+    cascade: Option<Cascade>,
+}
+
+/// What deleting an enrollment with "also delete its registration records" removes.
+#[derive(Debug, Clone, Default)]
+pub struct Cascade {
+    /// Registration records.
+    pub records: u64,
+    /// Devices in IoT hubs (assigned records); `None` when the group has more records than
+    /// one page counts ([`CASCADE_COUNT_LIMIT`]).
+    pub devices: Option<u64>,
+}
+
+impl Cascade {
+    /// "3 registration records and 2 devices in their IoT hubs".
+    pub fn text(&self) -> String {
+        let plural =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let records = plural(self.records, "registration record", "registration records");
+        match self.devices {
+            Some(d) => format!(
+                "{records} and {} in their IoT hubs",
+                plural(d, "device", "devices")
+            ),
+            None => format!("{records} and up to as many devices in their IoT hubs"),
+        }
+    }
+}
+
+/// Most records of one group the cascade confirmation reads to count their hub devices.
+const CASCADE_COUNT_LIMIT: usize = 10_000;
+
+/// Counts what a cascade delete of `id` would remove, from the store (an indexed count of the
+/// group's partition; assigned records, one hub device each).
+async fn cascade_counts(c: &Console, kind: Kind, id: &str) -> Cascade {
+    let store = &c.api().store;
+    let key = id.to_ascii_lowercase();
+    let assigned = |v: &Value| str_at(v, "status").as_deref() == Some("assigned");
+    match kind {
+        Kind::Individual => match store.get(Collection::Registrations, &key).await {
+            Ok(Some(r)) => Cascade {
+                records: 1,
+                devices: Some(u64::from(assigned(&r.body))),
+            },
+            _ => Cascade {
+                records: 0,
+                devices: Some(0),
+            },
+        },
+        Kind::Group => {
+            let records = store
+                .count(Collection::Registrations, Some(&key))
+                .await
+                .unwrap_or(0);
+            let devices = if records as usize <= CASCADE_COUNT_LIMIT {
+                store
+                    .list(
+                        Collection::Registrations,
+                        muster_store::ListQuery {
+                            partition: Some(key),
+                            after: None,
+                            limit: CASCADE_COUNT_LIMIT,
+                        },
+                    )
+                    .await
+                    .ok()
+                    .map(|rs| rs.iter().filter(|r| assigned(&r.body)).count() as u64)
+            } else {
+                None
+            };
+            Cascade { records, devices }
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -868,10 +957,23 @@ async fn details_view(
     } else {
         StatusCode::OK
     };
+    let mut page = c.page_ctx(s, format!("{} {id}", kind.noun()), "enrollments");
+    for e in [&ov.errors.form, &ov.status_error, &ov.delete_error] {
+        page.deny_if_refused(e.as_ref());
+    }
+    let status = if page.denied.is_some() {
+        StatusCode::FORBIDDEN
+    } else {
+        status
+    };
+    let cascade = match c.has_right(s, muster_proto::AccessRight::RegistrationStatusRead) {
+        Ok(()) => Some(cascade_counts(c, kind, id).await),
+        Err(_) => None,
+    };
     render_status(
         status,
         &DetailsPage {
-            page: c.page_ctx(s, format!("{} {id}", kind.noun()), "enrollments"),
+            page,
             kind,
             id: id.to_string(),
             id_seg: seg(id),
@@ -890,6 +992,7 @@ async fn details_view(
             regs,
             regs_error,
             next,
+            cascade,
         },
     )
 }

@@ -20,25 +20,38 @@
 //!   `console.js`; without JavaScript the section links to the records instead).
 //! - [`audit_log`] — the audit log (`GET /audit`), filtered by time, policy and id, paged.
 //! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
-//!   details (settings, registration records), enable/disable, delete with cascade.
-//! - [`registrations`] — registration records filtered by status, group and hub, paged.
+//!   details (settings with the IoT Edge toggle, registration records), enable/disable,
+//!   delete with cascade (its confirmation counts the records and hub devices it removes).
+//! - [`registrations`] — registration records filtered by status, group and hub, paged;
+//!   search by registration id or device id (one indexed store lookup); delete a record, or
+//!   a record and its hub device.
 //! - [`issued_certificates`] — certificates issued for CSRs, filtered by registration, paged;
 //!   revoke (with a reason and a confirmation) for policies with RegistrationStatusWrite.
 //! - [`linked_hubs`] — link, unlink, weight, apply allocation policy.
+//! - [`ca_certificates`] — CA certificates: upload, verification code, verify with a PEM
+//!   (proof of possession), delete.
+//! - [`access_policies`] — shared access policies: list, create, edit rights, show and
+//!   regenerate keys, delete.
+//! - [`service_settings`] — the service's default allocation policy.
 //! - [`hub_devices`] — the built-in hub's devices, twin and last telemetry messages.
 //! - [`device_key`] — derive a device key from a group key.
 //! - [`assets`] — the embedded CSS, JavaScript and favicon (no inline scripts or styles: the CSP
 //!   forbids them).
-//! - [`page`] — what every page's layout needs (the footer shows [`VERSION`]), rendering,
+//! - [`times`] — timestamps shown relative ("3 minutes ago") with the exact UTC time on
+//!   hover, "never" for DPS's zero time.
+//! - [`page`] — what every page's layout needs (the signed-in policy's missing rights, which
+//!   disable the controls that need them) (the footer shows [`VERSION`]), rendering,
 //!   security headers.
 //!
 //! What it must never do: put a key in a cookie, a URL or a log line; accept a POST without
 //! the session's CSRF token; read the real clock or random source (both come from the
 //! [`ServiceApi`]).
 
+pub mod access_policies;
 pub mod api;
 pub mod assets;
 pub mod audit_log;
+pub mod ca_certificates;
 pub mod csrf;
 pub mod device_key;
 pub mod enrollments;
@@ -49,7 +62,9 @@ pub mod linked_hubs;
 pub mod overview;
 pub mod page;
 pub mod registrations;
+pub mod service_settings;
 pub mod session;
+pub mod times;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -206,6 +221,10 @@ pub fn router(console: Console) -> Router {
             post(enrollments::delete),
         )
         .route("/console/registrations", get(registrations::list))
+        .route(
+            "/console/registrations/{id}/delete",
+            post(registrations::delete),
+        )
         .route("/console/audit", get(audit_log::list))
         .route("/console/certificates", get(issued_certificates::list))
         .route(
@@ -221,6 +240,26 @@ pub fn router(console: Console) -> Router {
         .route(
             "/console/linked-hubs/{name}/delete",
             post(linked_hubs::remove),
+        )
+        .route(
+            "/console/ca-certificates",
+            get(ca_certificates::list).post(ca_certificates::upload),
+        )
+        .route(
+            "/console/ca-certificates/{name}",
+            post(ca_certificates::update),
+        )
+        .route(
+            "/console/access-policies",
+            get(access_policies::list).post(access_policies::create),
+        )
+        .route(
+            "/console/access-policies/{name}",
+            post(access_policies::update),
+        )
+        .route(
+            "/console/settings",
+            get(service_settings::page).post(service_settings::save),
         )
         .route("/console/hub/devices", get(hub_devices::list))
         .route("/console/hub/devices/{id}", get(hub_devices::details))

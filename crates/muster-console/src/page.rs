@@ -17,12 +17,48 @@ pub struct PageCtx {
     pub policy: Option<String>,
     /// A one-shot message from the previous POST.
     pub flash: Option<String>,
+    /// The rights the signed-in policy lacks: controls that need one are disabled or hidden
+    /// and name it ([`PageCtx::needs`]).
+    pub lacking: Vec<muster_proto::AccessRight>,
+    /// A refusal for lack of rights (401/403) from the action just tried, shown at the top of
+    /// the page, whichever form it came from.
+    pub denied: Option<String>,
+    /// The injected clock's time (unix seconds) when the page was made, for relative times.
+    pub now: i64,
 }
 
 impl PageCtx {
     /// The running Muster's version, shown in every page's footer.
     pub fn version(&self) -> &'static str {
         crate::VERSION
+    }
+
+    /// Sets [`PageCtx::denied`] when `error` (a [`crate::api::Failure::text`]) is a
+    /// 401/403 refusal.
+    pub fn deny_if_refused(&mut self, error: Option<&String>) {
+        if let Some(e) = error.filter(|e| is_refusal(e)) {
+            self.denied = Some(e.clone());
+        }
+    }
+
+    /// A timestamp as pages show it ([`crate::times`]).
+    pub fn time(&self, text: &str) -> crate::times::Shown {
+        crate::times::show(text, self.now)
+    }
+
+    /// Whether the signed-in policy lacks `right` (an [`muster_proto::AccessRight`] name).
+    pub fn lacks(&self, right: &str) -> bool {
+        self.lacking.iter().any(|r| r.as_str() == right)
+    }
+
+    /// "needs EnrollmentWrite" when the policy lacks `right`, else "": the title and note of
+    /// a control the policy cannot use.
+    pub fn needs(&self, right: &str) -> String {
+        if self.lacks(right) {
+            format!("needs {right}")
+        } else {
+            String::new()
+        }
     }
 
     /// `aria-current="page"` for the current navigation entry.
@@ -33,6 +69,12 @@ impl PageCtx {
             "false"
         }
     }
+}
+
+/// Whether a [`crate::api::Failure::text`] is an authorization refusal (DPS error codes
+/// 401xxx and 403xxx).
+pub fn is_refusal(text: &str) -> bool {
+    text.contains("(error 401") || text.contains("(error 403")
 }
 
 /// A broken template fails every request for its page: one line per interval.

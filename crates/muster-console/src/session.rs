@@ -238,6 +238,13 @@ impl Console {
             csrf: s.csrf.clone(),
             policy: Some(s.policy.clone()),
             flash: self.sessions().take_flash(&s.id),
+            lacking: muster_proto::AccessRight::ALL
+                .iter()
+                .copied()
+                .filter(|r| self.has_right(s, *r).is_err())
+                .collect(),
+            now: self.now_unix(),
+            denied: None,
         }
     }
 
@@ -310,6 +317,7 @@ fn sign_in_form(
             csrf: token.clone(),
             policy: None,
             flash,
+            ..PageCtx::default()
         },
         name,
         error,

@@ -16,10 +16,13 @@
     });
   });
 
-  // Confirmation for destructive forms: data-confirm="question".
+  // Confirmation for destructive forms: data-confirm="question"; data-confirm-cascade is asked
+  // instead when the form's "cascade" box is ticked (it names what the cascade removes).
   document.addEventListener("submit", function (ev) {
     var form = ev.target;
     var q = form.getAttribute && form.getAttribute("data-confirm");
+    var cascade = form.querySelector && form.querySelector("input[name=cascade]:checked");
+    if (cascade && form.getAttribute("data-confirm-cascade")) q = form.getAttribute("data-confirm-cascade");
     if (q && !window.confirm(q)) ev.preventDefault();
   });
 
@@ -71,7 +74,8 @@
       var e;
       try { e = JSON.parse(ev.data); } catch (x) { return; }
       var tr = document.createElement("tr");
-      [e.time, e.registrationId, e.outcome, e.hub || "", e.transport, String(e.durationMs),
+      // Whole seconds, UTC: DPS's 7 fractional digits are noise on a screen.
+      [String(e.time).replace(/\.\d+Z$/, "Z").replace("T", " "), e.registrationId, e.outcome, e.hub || "", e.transport, String(e.durationMs),
         e.errorCode == null ? "" : String(e.errorCode)].forEach(function (text) {
         var td = document.createElement("td");
         td.textContent = text;

@@ -876,3 +876,117 @@ async fn hub_device_page_shows_telemetry_posted_over_https() {
     assert_eq!(status, 200, "{html}");
     assert!(html.contains("wind-speed-42"), "{html}");
 }
+
+/// A read-only policy's refused write is shown at the top of the page (above the heading),
+/// its controls are disabled naming the right, a registration record it tries to delete
+/// stays, and the signed-in owner cannot delete or re-key its own policy from its session.
+#[tokio::test]
+async fn refusals_show_at_the_top_and_read_only_controls_name_the_missing_right() {
+    let h = start().await;
+    let (name, key) = owner(&h.info);
+    let put = |path: String, body: Value| {
+        let h = &h;
+        async move {
+            let r = h
+                .http
+                .put(format!("{}{path}?api-version=2021-10-01", h.base))
+                .header("authorization", h.owner_token())
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let reader_key = put(
+        "/accessPolicies/reader".into(),
+        json!({"rights": "EnrollmentRead, RegistrationStatusRead"}),
+    )
+    .await["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    put(
+        "/enrollmentGroups/line-9".into(),
+        json!({"enrollmentGroupId": "line-9", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let reader = h.sign_in("reader", &reader_key).await;
+
+    // The details page: Save, Disable and Delete disabled, naming EnrollmentWrite.
+    let html = h
+        .get("/console/enrollments/groups/line-9", Some(&reader.cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("disabled title=\"needs EnrollmentWrite\" aria-describedby=\"write-needs\">Save settings"),
+        "{html}"
+    );
+    assert!(html.contains("Changing this enrollment group needs EnrollmentWrite"));
+    assert!(html.contains("0 registration records and 0 devices in their IoT hubs"));
+
+    // Posted anyway: 403, and the refusal is the first thing in <main>.
+    let r = h
+        .post_form(
+            "/console/enrollments/groups/line-9/status",
+            Some(&reader.cookie),
+            &[("csrf", &reader.csrf), ("status", "disabled")],
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+    let html = r.text().await.unwrap();
+    let denied = html.find("id=\"denied\"").expect("the refusal banner");
+    assert!(denied < html.find("<h1>").unwrap(), "above the heading");
+    assert!(html[denied..].contains("EnrollmentWrite"), "{html}");
+
+    // Deleting a registration record needs RegistrationStatusWrite: refused, nothing goes.
+    let r = h
+        .post_form(
+            "/console/registrations/dev-1/delete",
+            Some(&reader.cookie),
+            &[
+                ("csrf", &reader.csrf),
+                ("device", "1"),
+                ("back", "https://evil.example/"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        "/console/registrations",
+        "no off-site return"
+    );
+    let html = h
+        .get("/console/registrations", Some(&reader.cookie))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("RegistrationStatusWrite"), "{html}");
+    assert!(html.contains("Deleting records needs RegistrationStatusWrite"));
+
+    // The owner's session can't delete or re-key the owner policy it signs with.
+    let owner_user = h.sign_in(&name, &key).await;
+    for action in ["delete", "regenerate"] {
+        let r = h
+            .post_form(
+                &format!("/console/access-policies/{name}"),
+                Some(&owner_user.cookie),
+                &[
+                    ("csrf", &owner_user.csrf),
+                    ("action", action),
+                    ("key", "primary"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status(), 409, "{action}");
+        assert!(r.text().await.unwrap().contains("you are signed in with"));
+    }
+    let r = h.api_get(&format!("/accessPolicies/{name}")).await;
+    assert_eq!(r.status(), 200, "the owner policy is still there");
+    h.server.shutdown().await;
+}

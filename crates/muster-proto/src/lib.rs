@@ -26,6 +26,7 @@
 //! - [`connection_string`] — `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..`.
 //! - [`api_version`] — the api-versions Muster accepts, and the device ones that allow a `csr`.
 //! - [`rights`] — shared access policy rights.
+//! - [`service_settings`] — service-wide settings (the default allocation policy).
 //! - [`audit`] — an audit log entry (Muster's `GET /audit`).
 //!
 //! - [`runtime`] — the `Clock` and `Entropy` traits that callers pass in.
@@ -55,6 +56,7 @@ pub mod registration;
 pub mod rights;
 pub mod runtime;
 pub mod sas;
+pub mod service_settings;
 pub mod time;
 pub mod twin;
 

@@ -32,6 +32,7 @@ use muster_proto::device::{
 };
 use muster_proto::linked_hub::LinkedHub;
 use muster_proto::runtime::{random_hex, Clock, Entropy};
+use muster_proto::service_settings::{ServiceSettings, SERVICE_SETTINGS_KEY};
 use muster_proto::{
     AllocationPolicy, AttestationType, DeviceRegistrationState, EnrollmentGroup, ErrorCode,
     IdScope, IndividualEnrollment, InitialTwin, RegistrationId, RegistrationStatus,
@@ -71,7 +72,8 @@ static ASSIGNMENT_FAILED_LOG: muster_proto::log_limit::LogLimiter =
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub id_scope: IdScope,
-    /// Used when an enrollment sets no allocation policy (DPS's default is hashed).
+    /// Used when an enrollment sets no allocation policy and the service settings name none
+    /// (DPS's default is hashed).
     pub default_policy: AllocationPolicy,
     /// This node's region, for `geoLatency`.
     pub region: Option<String>,
@@ -131,6 +133,9 @@ struct Inner {
     /// Sign certificates for CSRs, by name (`local`: the server's default); an enrollment
     /// naming none that is here has its CSRs refused as not enabled.
     issuing_cas: HashMap<String, Arc<IssuingCa>>,
+    /// The service's default allocation policy as last read, with the settings collection's
+    /// change counter it was read at (see [`Engine::default_policy`]).
+    default_policy: std::sync::Mutex<Option<(u64, AllocationPolicy)>>,
 }
 
 /// The enrollment settings that decide a registration, whichever kind matched.
@@ -173,6 +178,7 @@ impl Engine {
             held: Mutex::new(HashSet::new()),
             legacy_checked: AtomicBool::new(false),
             issuing_cas: HashMap::new(),
+            default_policy: std::sync::Mutex::new(None),
         }))
     }
 
@@ -704,7 +710,48 @@ impl Engine {
             .collect()
     }
 
-    fn settings(&self, matched: &Matched, rid: &RegistrationId) -> Settings {
+    /// The policy for enrollments that set none: the service settings' `allocationPolicy`
+    /// (written by the service API's `/serviceSettings`), else the configured default. Kept
+    /// while the store says the settings collection has not changed; re-read otherwise (or
+    /// every time, on a store that cannot tell).
+    async fn default_policy(&self) -> AllocationPolicy {
+        let fallback = self.0.config.default_policy;
+        let changes = self.0.store.changes(Collection::Settings);
+        if let (Some(now), Ok(guard)) = (changes, self.0.default_policy.lock()) {
+            if let Some((at, policy)) = *guard {
+                if at == now {
+                    return policy;
+                }
+            }
+        }
+        let policy = match self
+            .0
+            .store
+            .get(Collection::Settings, SERVICE_SETTINGS_KEY)
+            .await
+        {
+            Ok(Some(r)) => serde_json::from_value::<ServiceSettings>(r.body)
+                .ok()
+                .and_then(|s| s.allocation_policy)
+                .unwrap_or(fallback),
+            Ok(None) => fallback,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the service settings; using the configured default allocation policy");
+                return fallback;
+            }
+        };
+        if let (Some(at), Ok(mut guard)) = (changes, self.0.default_policy.lock()) {
+            *guard = Some((at, policy));
+        }
+        policy
+    }
+
+    fn settings(
+        &self,
+        matched: &Matched,
+        rid: &RegistrationId,
+        default_policy: AllocationPolicy,
+    ) -> Settings {
         match matched {
             Matched::Individual(stored) => {
                 let e = &stored.value;
@@ -715,7 +762,7 @@ impl Engine {
                     policy: effective_policy(
                         e.allocation_policy,
                         e.iot_hub_host_name.as_deref(),
-                        self.0.config.default_policy,
+                        default_policy,
                     ),
                     iot_hubs: e.iot_hubs.clone(),
                     legacy_hub: e.iot_hub_host_name.clone(),
@@ -738,7 +785,7 @@ impl Engine {
                     policy: effective_policy(
                         g.allocation_policy,
                         g.iot_hub_host_name.as_deref(),
-                        self.0.config.default_policy,
+                        default_policy,
                     ),
                     iot_hubs: g.iot_hubs.clone(),
                     legacy_hub: g.iot_hub_host_name.clone(),
@@ -765,7 +812,8 @@ impl Engine {
         payload: Option<Value>,
         linked: &[LinkedHub],
     ) -> Result<PendingAssignment, DeviceFailure> {
-        let s = self.settings(&attested.matched, rid);
+        let default_policy = self.default_policy().await;
+        let s = self.settings(&attested.matched, rid, default_policy);
         let current = previous
             .filter(|p| p.status == RegistrationStatus::Assigned)
             .and_then(|p| p.assigned_hub.clone().map(|h| (h, p.substatus)));

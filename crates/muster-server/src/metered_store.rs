@@ -93,6 +93,14 @@ impl Store for MeteredStore {
         self.inner.take_token(name, rate, now_ms).await
     }
 
+    async fn search(
+        &self,
+        collection: Collection,
+        query: muster_store::SearchQuery,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner.search(collection, query).await
+    }
+
     // Forwarded: the group cache keeps decoded groups only while this stands still.
     fn changes(&self, collection: Collection) -> Option<u64> {
         self.inner.changes(collection)

@@ -90,6 +90,14 @@ impl Store for UnwritableStore {
         self.inner.release(collection, owner, keys).await
     }
 
+    async fn search(
+        &self,
+        collection: Collection,
+        query: muster_store::SearchQuery,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner.search(collection, query).await
+    }
+
     fn changes(&self, collection: Collection) -> Option<u64> {
         self.inner.changes(collection)
     }

@@ -952,3 +952,64 @@ async fn a_rest_linked_hub_gets_the_initial_twin_and_loses_the_device_on_deprovi
         s.shutdown().await;
     }
 }
+
+/// The service's default allocation policy (`/serviceSettings`) decides for enrollments that
+/// set none, from the next registration on: hashed places a device among two hubs, static
+/// refuses to choose between them (400210), hashed again places the next.
+#[tokio::test]
+async fn the_service_default_allocation_policy_applies_to_enrollments_without_one() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers = linked_servers(2, &dirs).await;
+    let dps = Dps::new(&servers[0].connection);
+    let key = group_key(
+        &dps,
+        "defaults",
+        json!({"enrollmentGroupId": "defaults", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
+    let register = |id: &'static str| {
+        let token = device_token(
+            &dps.info.id_scope,
+            id,
+            &derive_device_key(&key, id).unwrap(),
+            now() + 600,
+        );
+        let dps = &dps;
+        async move { dps.register(id, &token, json!({})).await }
+    };
+    let set = |policy: &'static str| {
+        let dps = &dps;
+        async move {
+            let (s, b) = dps
+                .service(
+                    Method::PUT,
+                    "/serviceSettings",
+                    Some(json!({"allocationPolicy": policy})),
+                )
+                .await;
+            assert_eq!(s, 200, "{b}");
+        }
+    };
+
+    let (s, _, b) = register("defaults-1").await;
+    assert_eq!((s, b["status"].as_str()), (202, Some("assigned")), "{b}");
+
+    set("static").await;
+    let (_, _, b) = register("defaults-2").await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert_eq!(b["registrationState"]["errorCode"], 400210, "{b}");
+    assert!(
+        b["registrationState"]["errorMessage"]
+            .as_str()
+            .unwrap_or("")
+            .contains("static allocation"),
+        "{b}"
+    );
+
+    set("hashed").await;
+    let (_, _, b) = register("defaults-3").await;
+    assert_eq!(b["status"], "assigned", "{b}");
+    for s in servers {
+        s.shutdown().await;
+    }
+}

@@ -6,7 +6,8 @@
 //! - [`router`] — the axum router; [`normalize_path`] makes routing case-insensitive and must
 //!   wrap whatever router this one is merged into.
 //! - `routes/enrollments.rs`, `routes/enrollment_groups.rs`, `routes/registrations.rs`,
-//!   `routes/linked_hubs.rs`, `routes/access_policies.rs`, `routes/ca_certificates.rs` and
+//!   `routes/linked_hubs.rs`, `routes/access_policies.rs`, `routes/ca_certificates.rs`,
+//!   `routes/service_settings.rs` (the default allocation policy) and
 //!   `routes/deprovisions.rs`, `routes/audit_log.rs`, `routes/issued_certificates.rs`
 //!   (`/certificates/issued`: list, show, revoke) (Muster's extensions): one
 //!   file per route family; `routes/generic.rs` holds what individual enrollments and groups

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use muster_proto::runtime::{ManualClock, SeededEntropy};
 use muster_proto::{AccessRights, SasToken, Timestamp};
 use muster_service_api::{AccessPolicy, Authorizer, Limits, ServiceApi};
-use muster_store::SqliteStore;
+use muster_store::{SqliteStore, Store as _};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -25,6 +25,8 @@ const NOW: i64 = 1_800_000_000;
 struct Harness {
     app: Router,
     clock: Arc<ManualClock>,
+    store: Arc<SqliteStore>,
+    policies: Vec<AccessPolicy>,
     _dir: tempfile::TempDir,
 }
 
@@ -54,9 +56,10 @@ fn harness() -> Harness {
             rights: AccessRights::parse("EnrollmentRead, RegistrationStatusRead").unwrap(),
         },
     ];
+    let store = Arc::new(store);
     let api = ServiceApi {
-        store: Arc::new(store),
-        auth: Authorizer::new(policies, vec![HOST.into()]),
+        store: store.clone(),
+        auth: Authorizer::new(policies.clone(), vec![HOST.into()]),
         clock: clock.clone(),
         entropy: Arc::new(SeededEntropy::new(7)),
         limits: Limits::default(),
@@ -70,6 +73,8 @@ fn harness() -> Harness {
     Harness {
         app,
         clock,
+        store,
+        policies,
         _dir: dir,
     }
 }
@@ -1253,4 +1258,117 @@ async fn writes_and_refused_writes_are_audited() {
         .await;
     assert_error(&bad, 400, 400010);
     assert!(bad.body["message"].as_str().unwrap().contains("'from'"));
+}
+
+/// `/serviceSettings` holds the default allocation policy: hashed until saved, saved values
+/// read back, `custom` and unknown policies refused with what to fix, ServiceConfig needed.
+#[tokio::test]
+async fn service_settings_hold_the_default_allocation_policy() {
+    let h = harness();
+    let r = h.call(Method::GET, "/serviceSettings", None, &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"allocationPolicy": "hashed"}));
+
+    let r = h
+        .call(
+            Method::PUT,
+            "/serviceSettings",
+            Some(json!({"allocationPolicy": "static"})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = h.call(Method::GET, "/serviceSettings", None, &[]).await;
+    assert_eq!(r.body, json!({"allocationPolicy": "static"}));
+
+    for (body, says) in [
+        (json!({"allocationPolicy": "custom"}), "webhook"),
+        (json!({"allocationPolicy": "random"}), "allocationPolicy"),
+        (json!({}), "allocationPolicy: required"),
+    ] {
+        let r = h
+            .call(Method::PUT, "/serviceSettings", Some(body.clone()), &[])
+            .await;
+        assert_error(&r, 400, 400015);
+        assert!(
+            r.body["message"].as_str().unwrap().contains(says),
+            "{body}: {}",
+            r.body
+        );
+    }
+    let r = h.call(Method::GET, "/serviceSettings", None, &[]).await;
+    assert_eq!(
+        r.body,
+        json!({"allocationPolicy": "static"}),
+        "refusals wrote nothing"
+    );
+
+    let r = h
+        .call_as(&reader_token(), Method::GET, "/serviceSettings", None, &[])
+        .await;
+    assert_error(&r, 403, 403001);
+}
+
+/// `POST /accessPolicies/{name}/regenerateKey` replaces only the named key; the old key stops
+/// signing, the other keeps working.
+#[tokio::test]
+async fn regenerating_a_policy_key_replaces_only_that_key() {
+    let h = harness();
+    // The server stores its policies at start-up; this harness only hands them to the
+    // Authorizer, so store them as the server would.
+    let body = serde_json::to_value(&h.policies).unwrap();
+    h.store
+        .write(vec![muster_store::Write::put(
+            muster_store::Collection::Settings,
+            muster_service_api::POLICIES_KEY,
+            muster_store::Expect::Any,
+            body,
+        )])
+        .await
+        .unwrap();
+    let before = h
+        .call(Method::POST, "/accessPolicies/reader/keys", None, &[])
+        .await;
+    assert_eq!(before.status, StatusCode::OK, "{}", before.body);
+    let r = h
+        .call(
+            Method::POST,
+            "/accessPolicies/reader/regenerateKey",
+            Some(json!({"keyType": "primary"})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_ne!(r.body["primaryKey"], before.body["primaryKey"]);
+    assert_eq!(r.body["secondaryKey"], before.body["secondaryKey"]);
+    // The old primary key no longer signs.
+    let old = h
+        .call_as(&reader_token(), Method::GET, "/enrollments/x", None, &[])
+        .await;
+    assert_eq!(old.status.as_u16(), 401, "{}", old.body);
+    let new_key = B64.decode(r.body["primaryKey"].as_str().unwrap()).unwrap();
+    let token = SasToken::generate(HOST, &new_key, Some("reader"), NOW + 3600);
+    let fresh = h
+        .call_as(&token, Method::GET, "/enrollments/x", None, &[])
+        .await;
+    assert_error(&fresh, 404, 404201);
+
+    let r = h
+        .call(
+            Method::POST,
+            "/accessPolicies/reader/regenerateKey",
+            Some(json!({"keyType": "tertiary"})),
+            &[],
+        )
+        .await;
+    assert_error(&r, 400, 400015);
+    let r = h
+        .call(
+            Method::POST,
+            "/accessPolicies/nobody/regenerateKey",
+            Some(json!({"keyType": "primary"})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 404, "{}", r.body);
 }

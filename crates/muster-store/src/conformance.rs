@@ -29,7 +29,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::{Collection, Expect, Lease, ListQuery, Record, Store, Write, WriteOutcome};
+use crate::{
+    Collection, Expect, Lease, ListQuery, Record, SearchField, SearchQuery, Store, Write,
+    WriteOutcome,
+};
 
 const C: Collection = Collection::Enrollments;
 
@@ -64,6 +67,7 @@ where
         list_limit,
         list_paging_visits_each_record_once,
         list_partition_filter,
+        search_by_key_and_device_id,
         count_with_and_without_partition,
         collections_are_isolated,
         concurrent_writes_all_land,
@@ -747,6 +751,136 @@ pub async fn list_partition_filter<S: Store>(store: S) {
         list(&store, c, all(100)).await.len(),
         12,
         "no filter lists every partition"
+    );
+}
+
+async fn search<S: Store>(
+    store: &S,
+    collection: Collection,
+    field: SearchField,
+    prefix: &str,
+    limit: usize,
+) -> Vec<String> {
+    let query = SearchQuery {
+        field,
+        prefix: prefix.into(),
+        limit,
+    };
+    let described = format!("{query:?}");
+    let found = store
+        .search(collection, query)
+        .await
+        .unwrap_or_else(|e| panic!("search {} {described} failed: {e}", collection.as_str()));
+    keys(&found)
+}
+
+/// `search` finds registration records by a prefix of their key or of their body's
+/// `deviceId` (case-insensitively), ordered by that field then key, within the limit, and
+/// follows rewrites and deletes (the device id index is kept with the record).
+pub async fn search_by_key_and_device_id<S: Store>(store: S) {
+    use SearchField::{DeviceId, Key};
+    let c = Collection::Registrations;
+    let records = [
+        ("sensor-01", Some("g1"), "Dev-B"),
+        ("sensor-02", None, "dev-a"),
+        ("sensor-10", Some("g2"), "other-1"),
+        ("sensor-1", None, "DEV-A2"),
+        ("pump-01", Some("g1"), "sensor-01"),
+    ];
+    for (key, partition, device) in records {
+        put_in(
+            &store,
+            c,
+            key,
+            partition,
+            json!({"registrationId": key, "deviceId": device, "status": "assigned"}),
+        )
+        .await;
+    }
+    // A record of another collection with a matching key is not found.
+    put(&store, Collection::Operations, "sensor-00", json!({})).await;
+
+    assert_eq!(
+        search(&store, c, Key, "sensor-0", 10).await,
+        ["sensor-01", "sensor-02"],
+        "key prefix"
+    );
+    assert_eq!(
+        search(&store, c, Key, "sensor-1", 10).await,
+        ["sensor-1", "sensor-10"],
+        "an exact key sorts before longer keys with it as prefix"
+    );
+    assert_eq!(search(&store, c, Key, "sensor-01", 10).await, ["sensor-01"]);
+    assert_eq!(
+        search(&store, c, Key, "sensor", 2).await,
+        ["sensor-01", "sensor-02"],
+        "limit"
+    );
+    assert!(search(&store, c, Key, "nothing", 10).await.is_empty());
+
+    assert_eq!(
+        search(&store, c, DeviceId, "dev-a", 10).await,
+        ["sensor-02", "sensor-1"],
+        "device id prefix, case-insensitive, ordered by device id"
+    );
+    assert_eq!(
+        search(&store, c, DeviceId, "DEV-", 10).await,
+        ["sensor-02", "sensor-1", "sensor-01"],
+        "an upper-case prefix matches too"
+    );
+    assert_eq!(
+        search(&store, c, DeviceId, "sensor-01", 10).await,
+        ["pump-01"],
+        "device ids, not keys"
+    );
+    assert!(search(&store, c, DeviceId, "nothing", 10).await.is_empty());
+
+    // The index follows rewrites and deletes.
+    put_in(
+        &store,
+        c,
+        "sensor-02",
+        None,
+        json!({"registrationId": "sensor-02", "deviceId": "renamed"}),
+    )
+    .await;
+    one(&store, Write::delete(c, "sensor-1", Expect::Any)).await;
+    assert!(search(&store, c, DeviceId, "dev-a", 10).await.is_empty());
+    assert_eq!(
+        search(&store, c, DeviceId, "RENAMED", 10).await,
+        ["sensor-02"]
+    );
+    assert_eq!(
+        search(&store, c, Key, "sensor-1", 10).await,
+        ["sensor-10"],
+        "deleted"
+    );
+
+    // A record without a device id is found by key only.
+    put(
+        &store,
+        c,
+        "no-device",
+        json!({"registrationId": "no-device"}),
+    )
+    .await;
+    assert_eq!(search(&store, c, Key, "no-", 10).await, ["no-device"]);
+    assert!(search(&store, c, DeviceId, "no-", 10).await.is_empty());
+
+    // Other collections keep no device id index.
+    let refused = store
+        .search(
+            Collection::HubDevices,
+            SearchQuery {
+                field: DeviceId,
+                prefix: "x".into(),
+                limit: 1,
+            },
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "device id search of hub devices must be refused"
     );
 }
 

@@ -35,6 +35,8 @@
 //! - a store that cannot serve now but may later (full disk, locked, read-only, I/O error)
 //!   answers [`StoreError::Unavailable`], never a partial write, so callers answer 503;
 //! - listing is ordered by key, so key-based paging is stable;
+//! - [`Store::search`] finds registration records by a prefix of their key or of their
+//!   `deviceId` through an index, never a scan;
 //! - the body of a record in a secret collection ([`Collection::is_secret`]) never reaches
 //!   storage in clear: it is sealed with [`sealing::Sealer`], and a database that holds sealed
 //!   records opens only with its own key file.
@@ -280,6 +282,56 @@ pub struct ListQuery {
     pub limit: usize,
 }
 
+/// The field [`Store::search`] matches a prefix of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchField {
+    /// The record key, compared byte-wise with the prefix as given (keys of registration
+    /// records are already lower-cased registration ids).
+    Key,
+    /// The body's `deviceId`, ASCII-lower-cased; the prefix is lower-cased too. Indexed for
+    /// [`Collection::Registrations`] only: any other collection is refused.
+    DeviceId,
+}
+
+/// Which records [`Store::search`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchQuery {
+    pub field: SearchField,
+    /// Records whose field starts with this (empty: every record).
+    pub prefix: String,
+    /// At most this many records.
+    pub limit: usize,
+}
+
+impl SearchQuery {
+    /// The exclusive upper bound of the prefix range: every string that starts with `prefix`
+    /// sorts (byte-wise) below `prefix` followed by U+10FFFF, the largest code point.
+    pub fn upper_bound(prefix: &str) -> String {
+        format!("{prefix}\u{10FFFF}")
+    }
+
+    /// Refuses a field the store keeps no index for in `collection`.
+    pub fn check(&self, collection: Collection) -> Result<(), StoreError> {
+        match (self.field, collection) {
+            (SearchField::DeviceId, c) if c != Collection::Registrations => {
+                Err(StoreError::Backend(format!(
+                    "{} cannot be searched by device id (only registration records can)",
+                    c.as_str()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The prefix as the store compares it.
+    pub fn folded_prefix(&self) -> String {
+        match self.field {
+            SearchField::Key => self.prefix.clone(),
+            SearchField::DeviceId => self.prefix.to_ascii_lowercase(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage error: {0}")]
@@ -384,6 +436,16 @@ pub trait Store: Send + Sync + 'static {
         &self,
         collection: Collection,
         query: ListQuery,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// Records whose [`SearchField`] starts with the query's prefix, ordered by that field,
+    /// then by key: an index range scan in every implementation (the key's primary index; an
+    /// expression index on registration records' `deviceId`), so one answer costs the same at
+    /// a million records as at ten.
+    async fn search(
+        &self,
+        collection: Collection,
+        query: SearchQuery,
     ) -> Result<Vec<Record>, StoreError>;
 
     /// Number of records, optionally within one partition.

@@ -73,7 +73,8 @@ use muster_proto::runtime::{Entropy, OsEntropy};
 use crate::sealing::Sealer;
 use crate::sqlite::format_etag;
 use crate::{
-    Collection, Expect, Lease, ListQuery, Record, Store, StoreError, Write, WriteOp, WriteOutcome,
+    Collection, Expect, Lease, ListQuery, Record, SearchField, SearchQuery, Store, StoreError,
+    Write, WriteOp, WriteOutcome,
 };
 pub use bus::{BUS_LISTENER_NAME, INLINE_MAX as BUS_INLINE_MAX};
 use changes::Changes;
@@ -559,6 +560,27 @@ fn etag_counter(etag: &str) -> Option<u64> {
     (format_etag(counter) == etag).then_some(counter)
 }
 
+/// The statement [`Store::search`] runs for `field` (`$1` collection, `$2` lower bound, `$3`
+/// exclusive upper bound, `$4` limit); public so tests can check its plan. The device id
+/// expression must match the index `muster_records_registrations_by_device` exactly, and the
+/// collection is named literally, for the planner to use that partial index.
+#[doc(hidden)]
+pub fn search_sql(field: SearchField) -> &'static str {
+    match field {
+        SearchField::Key => {
+            "SELECT key, partition, etag, body, sealed FROM muster_records
+             WHERE collection = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4"
+        }
+        SearchField::DeviceId => {
+            "SELECT key, partition, etag, body, sealed FROM muster_records
+             WHERE collection = 'registrations' AND $1::text IS NOT NULL
+               AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") >= $2
+               AND lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\") < $3
+             ORDER BY lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\"), key LIMIT $4"
+        }
+    }
+}
+
 const GET_SQL: &str = "SELECT partition, etag, body, sealed FROM muster_records
      WHERE collection = $1 AND key = $2";
 
@@ -769,6 +791,31 @@ impl Store for PostgresStore {
             .map_err(|e| pg_err(&context(), &e))?
             .is_some();
         Ok(Some(taken))
+    }
+
+    async fn search(
+        &self,
+        collection: Collection,
+        query: SearchQuery,
+    ) -> Result<Vec<Record>, StoreError> {
+        query.check(collection)?;
+        let context = || format!("searching {}", collection.as_str());
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let low = query.folded_prefix();
+        let high = SearchQuery::upper_bound(&low);
+        let client = self.client().await?;
+        let sql = search_sql(query.field);
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        let rows = client
+            .query(&stmt, &[&collection.as_str(), &low, &high, &limit])
+            .await
+            .map_err(|e| pg_err(&context(), &e))?;
+        rows.iter()
+            .map(|row| self.decode(collection, row.get(0), row, 1))
+            .collect()
     }
 
     fn changes(&self, collection: Collection) -> Option<u64> {

@@ -35,6 +35,7 @@ async fn postgres_store() {
     // First, while the cluster's files hold little else to search through.
     secrets_sealed_at_rest(&cluster, &key).await;
     conformance(&cluster, &key).await;
+    searches_are_index_range_scans(&cluster, &key).await;
     sealed_bodies_are_bytes_from_the_injected_entropy(&cluster, &key).await;
     group_changes_reach_the_other_node(&cluster, &key).await;
     rate_limits_are_shared_by_the_nodes(&cluster, &key).await;
@@ -106,6 +107,48 @@ async fn conformance(cluster: &PgCluster, key: &std::path::Path) {
         async move { open(&cluster.create_database(&name).await, key).await }
     })
     .await;
+}
+
+/// Both searches can only be answered through an index: with sequential scans disabled, the
+/// plan of each is an index scan of the primary key or of the device id index.
+async fn searches_are_index_range_scans(cluster: &PgCluster, key: &std::path::Path) {
+    use muster_store::postgres::search_sql;
+    use muster_store::SearchField;
+    let url = cluster.create_database("search_plans").await;
+    drop(open(&url, key).await);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let conn = tokio::spawn(connection);
+    client
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .expect("set");
+    for (field, index) in [
+        (SearchField::Key, "muster_records_pkey"),
+        (
+            SearchField::DeviceId,
+            "muster_records_registrations_by_device",
+        ),
+    ] {
+        let sql = format!("EXPLAIN {}", search_sql(field));
+        let rows = client
+            .query(&sql, &[&"registrations", &"a", &"b", &10i64])
+            .await
+            .expect("explain");
+        let plan: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains(&format!("Index Scan using {index}")),
+            "{field:?}:\n{plan}"
+        );
+        assert!(
+            !plan.contains("Seq Scan") && !plan.contains("Sort"),
+            "{field:?}:\n{plan}"
+        );
+    }
+    drop(client);
+    let _ = conn.await;
 }
 
 async fn secrets_sealed_at_rest(cluster: &PgCluster, key: &std::path::Path) {

@@ -913,3 +913,59 @@ async fn new_databases_use_8k_pages_and_old_ones_keep_theirs() {
     drop(store);
     assert_eq!(page_size(&old), 4096);
 }
+
+/// Search at fleet scale: 1,000,000 registration records (device ids differing from
+/// registration ids), then searches by registration id and by device id, exact and by prefix.
+/// Figures in BENCHMARKS.md ("Registration record search"); run with
+/// `cargo test -p muster-store --release --test sqlite search_at_a_million -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "ad-hoc measurement"]
+async fn search_at_a_million_records() {
+    use muster_store::{SearchField, SearchQuery};
+    const N: usize = 1_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("muster.db"));
+    let started = Instant::now();
+    for chunk in 0..N / 5_000 {
+        let writes = (chunk * 5_000..(chunk + 1) * 5_000)
+            .map(|i| {
+                let rid = format!("sensor-{i:07}");
+                let body = json!({"registrationId": rid, "deviceId": format!("Dev-{:07}", N - i), "status": "assigned", "assignedHub": "hub.example", "lastUpdatedDateTimeUtc": "2026-12-03T20:00:00.0000000Z"});
+                Write::put(Collection::Registrations, rid, Expect::Any, body)
+                    .with_partition(Some(format!("group-{}", i % 100)))
+            })
+            .collect();
+        store.write(writes).await.expect("write");
+    }
+    eprintln!(
+        "seeded {N} registration records in {:.1?}",
+        started.elapsed()
+    );
+    for (field, prefix, want) in [
+        (SearchField::Key, "sensor-0765432", 1),
+        (SearchField::Key, "sensor-07654", 51),
+        (SearchField::DeviceId, "dev-0234568", 1),
+        (SearchField::DeviceId, "DEV-02345", 51),
+        (SearchField::DeviceId, "nothing", 0),
+    ] {
+        // The first run of each warms the page cache; the figure is the best of five.
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let found = store
+                .search(
+                    Collection::Registrations,
+                    SearchQuery {
+                        field,
+                        prefix: prefix.into(),
+                        limit: 51,
+                    },
+                )
+                .await
+                .expect("search");
+            best = best.min(t.elapsed());
+            assert_eq!(found.len(), want, "{field:?} {prefix}");
+        }
+        eprintln!("search {field:?} {prefix:?} among {N}: {best:.2?}");
+    }
+}

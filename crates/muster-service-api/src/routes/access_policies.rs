@@ -36,6 +36,13 @@ pub(super) fn routes() -> Router<ServiceApi> {
             get(get_one).put(put_one).delete(delete_one),
         )
         .route("/accessPolicies/{name}/keys", post(keys))
+        .route("/accessPolicies/{name}/regenerateKey", post(regenerate_key))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegenerateRequest {
+    key_type: String,
 }
 
 /// A policy as listed: no keys.
@@ -210,6 +217,46 @@ async fn keys(
         .find(|p| p.key_name == name)
         .ok_or_else(|| not_found(&name))?;
     Ok(json_ok(&p))
+}
+
+/// `POST /accessPolicies/{name}/regenerateKey` `{"keyType": "primary"|"secondary"}`: a fresh
+/// random key replaces that one (the other keeps working, so clients can roll over); answers
+/// the policy with both keys, as `POST …/keys` does.
+async fn regenerate_key(
+    State(api): State<ServiceApi>,
+    Path(name): Path<String>,
+    Query(params): Query<QueryParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    admit(&api, &headers, &params, AccessRight::ServiceConfig)?;
+    require_json(&headers)?;
+    let bytes = read_body(body, api.limits.max_body_bytes).await?;
+    let req: RegenerateRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::MalformedBody,
+            format!("the body must be {{\"keyType\": \"primary\" or \"secondary\"}}: {e}"),
+        )
+    })?;
+    let (mut policies, etag) = load(&api).await?;
+    let p = policies
+        .iter_mut()
+        .find(|p| p.key_name == name)
+        .ok_or_else(|| not_found(&name))?;
+    let key = B64.encode(random_bytes::<32>(&*api.entropy));
+    match req.key_type.to_ascii_lowercase().as_str() {
+        "primary" => p.primary_key = key,
+        "secondary" => p.secondary_key = key,
+        other => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                format!("keyType: '{other}' is neither primary nor secondary"),
+            ))
+        }
+    }
+    let policy = p.clone();
+    save(&api, policies, etag).await?;
+    Ok(json_ok(&policy))
 }
 
 async fn delete_one(

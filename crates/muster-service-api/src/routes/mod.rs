@@ -10,6 +10,7 @@ mod generic;
 mod issued_certificates;
 mod linked_hubs;
 mod registrations;
+mod service_settings;
 
 use axum::Router;
 
@@ -29,6 +30,7 @@ pub fn router(api: ServiceApi) -> Router {
         .merge(registrations::routes())
         .merge(linked_hubs::routes())
         .merge(access_policies::routes())
+        .merge(service_settings::routes())
         .merge(ca_certificates::routes())
         .merge(deprovisions::routes())
         .merge(audit_log::routes())

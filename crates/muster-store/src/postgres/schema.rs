@@ -56,6 +56,12 @@ const MIGRATIONS: &[&str] = &[
         payload    BYTEA NOT NULL
     );
     CREATE INDEX muster_bus_spill_by_age ON muster_bus_spill (created_at);",
+    // 5: registration records found by device id (`Store::search`): a partial expression
+    // index over the lower-cased `deviceId` of registration bodies (kept in clear), in byte
+    // order (`C`), then key.
+    "CREATE INDEX muster_records_registrations_by_device ON muster_records
+        ((lower(((body::jsonb) ->> 'deviceId') COLLATE \"C\")), key)
+        WHERE collection = 'registrations';",
 ];
 
 /// The schema version this build creates and understands.

@@ -63,6 +63,16 @@ const MIGRATIONS: &[Migration] = &[
         ALTER TABLE records ADD COLUMN claim_until INTEGER;",
         then: None,
     },
+    // 5: registration records found by device id (`Store::search`): a partial expression
+    // index over the lower-cased `deviceId` of registration bodies (kept in clear), then key.
+    // A body that is not JSON (a corrupt record) indexes as NULL instead of failing every
+    // later write of that record, so it can still be repaired or removed.
+    Migration {
+        sql: "CREATE INDEX records_registrations_by_device ON records
+            ((CASE WHEN json_valid(body) THEN lower(json_extract(body, '$.deviceId')) END), key)
+            WHERE collection = 'registrations';",
+        then: None,
+    },
 ];
 
 /// `sealing` row holding [`Sealer::key_check`].
