@@ -162,7 +162,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
             let hub = a.conn.client()?;
             let mut devices = hub.list_devices(a.top).await.context("listing devices")?;
             devices.iter_mut().for_each(redact);
-            print_list(a.out.output, &devices, DEVICE_COLUMNS);
+            print_list(&a.out, &devices, DEVICE_COLUMNS);
         }
         HubCommand::Device(HubDeviceCommand::Show(a)) => {
             let hub = a.conn.client()?;
@@ -173,7 +173,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
             if !a.show_keys {
                 redact(&mut d);
             }
-            print_object(a.out.output, &d);
+            print_object(&a.out, &d);
         }
         HubCommand::Device(HubDeviceCommand::Delete(a)) => {
             let hub = a.conn.client()?;
@@ -188,7 +188,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
                 .get_twin(&a.device_id)
                 .await
                 .with_context(|| format!("reading the twin of '{}'", a.device_id))?;
-            print_object(a.out.output, &t);
+            print_object(&a.out, &t);
         }
         HubCommand::Twin(HubTwinCommand::Update(a)) => {
             let hub = a.conn.client()?;
@@ -206,7 +206,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
                 .patch_twin(&a.device_id, &patch, a.etag.as_deref())
                 .await
                 .with_context(|| format!("updating the twin of '{}'", a.device_id))?;
-            print_object(a.out.output, &t);
+            print_object(&a.out, &t);
         }
     }
     Ok(())
@@ -296,11 +296,12 @@ async fn follow(hub: &HubClient, a: &TailArgs, what: &str) -> anyhow::Result<()>
                         after = Some(message.sequence_number);
                     }
                     match a.output {
-                        Format::Json => emit(
+                        Format::Json | Format::Jsonc | Format::Yaml => emit(
                             &serde_json::to_string(&message)
                                 .context("encoding a message as JSON")?,
                         ),
-                        Format::Table => emit(&message_line(&message)),
+                        Format::Table | Format::Tsv => emit(&message_line(&message)),
+                        Format::None => {}
                     }
                     shown += 1;
                     if a.count.is_some_and(|c| shown >= c) {

@@ -129,7 +129,7 @@ pub async fn run(c: LinkedHubCommand) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("linking hub {host}"))?;
-            print_object(a.out.output, &serde_json::to_value(info)?);
+            print_object(&a.out, &serde_json::to_value(info)?);
         }
         LinkedHubCommand::List(a) => {
             let (client, _) = a.conn.client()?;
@@ -141,7 +141,7 @@ pub async fn run(c: LinkedHubCommand) -> anyhow::Result<()> {
                 .into_iter()
                 .map(serde_json::to_value)
                 .collect::<Result<Vec<_>, _>>()?;
-            print_list(a.out.output, &items, COLUMNS);
+            print_list(&a.out, &items, COLUMNS);
         }
         LinkedHubCommand::Update(a) => {
             let (client, _) = a.conn.client()?;
@@ -156,7 +156,7 @@ pub async fn run(c: LinkedHubCommand) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("updating linked hub {}", a.host_name))?;
-            print_object(a.out.output, &serde_json::to_value(info)?);
+            print_object(&a.out, &serde_json::to_value(info)?);
         }
         LinkedHubCommand::Remove(a) => {
             let (client, _) = a.conn.client()?;

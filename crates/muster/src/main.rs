@@ -40,7 +40,11 @@ const VERSION: &str = concat!(
         MUSTER_CONNECTION_STRING, or --data-dir (default ./muster-data), whose connection.json \
         `muster serve` writes.\n\nExamples:\n  muster serve\n  muster enrollment-group create \
         --group-id line-1 --initial-twin-tags '{\"site\":\"lyon\"}'\n  muster provision \
-        --group-key \"$KEY\" --prefix dev- --count 1000 --out devices.csv"
+        --group-key \"$KEY\" --prefix dev- --count 1000 --out devices.csv\n\nOutput: commands \
+        that print a result take -o/--output json|jsonc|yaml|tsv|table|none (default: table on \
+        a terminal, json otherwise) and --query JMESPATH, as az does.\n\nExit codes: 0 success; \
+        1 the command failed (a service refusal also prints its DPS error JSON on stderr); \
+        2 usage (unknown command or option, bad value, invalid --query)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -192,7 +196,7 @@ fn main() -> anyhow::Result<()> {
     };
     if let Err(e) = result {
         eprintln!("error: {}", output::describe(&e));
-        std::process::exit(1);
+        std::process::exit(output::EXIT_FAILED);
     }
     Ok(())
 }

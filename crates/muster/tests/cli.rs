@@ -148,7 +148,15 @@ fn compute_device_key_matches_hmac_sha256_and_openssl() {
     let key = "c2VjcmV0LWdyb3VwLWtleS1mb3ItbXVzdGVyLWNsaS10ZXN0cw==";
     let id = "factory-7:cam.0042";
     let out = Command::new(BIN)
-        .args(["compute-device-key", "--key", key, "--registration-id", id])
+        .args([
+            "compute-device-key",
+            "--key",
+            key,
+            "--registration-id",
+            id,
+            "-o",
+            "table",
+        ])
         .output()
         .expect("runs");
     assert!(out.status.success());
