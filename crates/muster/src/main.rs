@@ -6,6 +6,7 @@
 mod audit;
 mod backup;
 mod bench;
+mod ca_certificate;
 mod conn;
 mod device;
 mod enrollment;
@@ -13,6 +14,7 @@ mod hub;
 mod linked_hub;
 mod logging;
 mod output;
+mod policy;
 mod provision;
 mod registration;
 mod serve;
@@ -104,6 +106,16 @@ enum Command {
     /// Manage the IoT hubs devices may be assigned to.
     #[command(subcommand, name = "linked-hub")]
     LinkedHub(linked_hub::LinkedHubCommand),
+    /// Shared access policies of the service and their rights (like `az iot dps policy`).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// CA certificates for enrollment groups, with proof of possession (like `az iot dps
+    /// certificate`).
+    #[command(subcommand)]
+    Certificate(ca_certificate::CertificateCommand),
+    /// Service connection strings (like `az iot dps connection-string`).
+    #[command(subcommand, name = "connection-string")]
+    ConnectionString(policy::ConnectionStringCommand),
     /// The audit log: who changed what, when, with which result.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -187,6 +199,9 @@ fn main() -> anyhow::Result<()> {
         Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
         Command::Audit(c) => runtime.block_on(audit::run(c)),
+        Command::Policy(c) => runtime.block_on(policy::run(c)),
+        Command::Certificate(c) => runtime.block_on(ca_certificate::run(c)),
+        Command::ConnectionString(c) => runtime.block_on(policy::run_connection_string(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
         Command::Hub(c) => runtime.block_on(hub::run(c)),
