@@ -18,6 +18,8 @@
 //! - [`kind`] — what differs between individual enrollments and groups.
 //! - [`prepare`] — validation and normalisation of an incoming enrollment (keys, certificates,
 //!   allocation settings, timestamps).
+//! - [`references`] — what an enrollment names must exist: `iotHubs` linked hubs,
+//!   `caReferences` verified CA certificates (400 at write time).
 //! - [`redact`] — what each read path may show (service-api.md §5.7).
 //! - [`request`] — api-version, body limits, If-Match and paging helpers.
 //! - [`auth`] — shared access policies and SAS verification.
@@ -34,6 +36,7 @@ pub mod kind;
 pub mod metrics;
 pub mod prepare;
 pub mod redact;
+pub mod references;
 pub mod request;
 mod routes;
 
@@ -84,6 +87,17 @@ pub struct ServiceApi {
     pub limits: Limits,
     /// Carries out `POST /deprovisions/{id}`; `None` answers 404 there.
     pub deprovisioner: Option<Arc<dyn Deprovisioner>>,
+    /// Checks a linked hub's connection string before `PUT /linkedHubs/{name}` stores it
+    /// (unless the request says `skipCheck`); `None` stores it unchecked.
+    pub hub_check: Option<Arc<dyn HubCheck>>,
+}
+
+/// Proves a hub connection string works before it is linked.
+#[async_trait::async_trait]
+pub trait HubCheck: Send + Sync {
+    /// A registry read against the hub with `connection_string`; `Err` says what failed
+    /// (never the key).
+    async fn check(&self, connection_string: &str) -> Result<(), String>;
 }
 
 /// Removes a registration record and its hub device, intent first, so a crash leaves no hub

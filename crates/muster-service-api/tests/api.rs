@@ -61,6 +61,7 @@ fn harness() -> Harness {
         entropy: Arc::new(SeededEntropy::new(7)),
         limits: Limits::default(),
         deprovisioner: None,
+        hub_check: None,
     };
     let inner = muster_service_api::router(api)
         .fallback(muster_service_api::not_found)
@@ -990,6 +991,7 @@ async fn deleting_an_individual_enrollment_removes_its_record_but_group_records_
             entropy: Arc::new(SeededEntropy::new(3)),
             limits: Limits::default(),
             deprovisioner: None,
+            hub_check: None,
         };
         h.app = Router::new().fallback_service(
             muster_service_api::router(api).map_request(muster_service_api::normalize_path),

@@ -188,6 +188,7 @@ pub(crate) async fn put<K: EnrollmentKind>(
         api.clock.now(),
         &*api.entropy,
     )?;
+    crate::references::check(&*api.store, &prepared, existing.as_ref().map(|s| &s.value)).await?;
     let write = Write::put(K::COLLECTION, key, expect, stored_body(&prepared)?);
     let outcome = api.store.write(vec![write]).await?.into_iter().next();
     match outcome {
@@ -499,6 +500,7 @@ async fn plan_bulk_item<K: EnrollmentKind>(
         now,
         &*api.entropy,
     )?;
+    crate::references::check(&*api.store, &prepared, existing.as_ref().map(|s| &s.value)).await?;
     Ok(Write::put(
         K::COLLECTION,
         key,
