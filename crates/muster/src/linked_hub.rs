@@ -124,7 +124,7 @@ pub enum LinkedHubCommand {
     ///
     /// Example:
     ///   muster linked-hub create --hub-connection-string "HostName=hub2.example;SharedAccessKeyName=iothubowner;SharedAccessKey=..." --allocation-weight 2
-    #[command(verbatim_doc_comment, visible_alias = "add")]
+    #[command(verbatim_doc_comment, name = "create", visible_alias = "add")]
     Add(AddArgs),
     /// List linked hubs (connection strings are never shown).
     List(ListArgs),
@@ -144,7 +144,7 @@ pub enum LinkedHubCommand {
     ///
     /// Example:
     ///   muster linked-hub remove hub2.example
-    #[command(verbatim_doc_comment, visible_alias = "delete")]
+    #[command(verbatim_doc_comment, name = "delete", visible_alias = "remove")]
     Remove(RemoveArgs),
 }
 
