@@ -1,4 +1,5 @@
-//! `muster hub …`: devices and twins of the built-in hub (or any hub).
+//! `muster hub …`: device identities, twins, cloud-to-device messages, direct methods and the
+//! telemetry tail of the built-in hub (or any hub), with `az iot hub`'s command names.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -232,8 +233,8 @@ pub enum HubCommand {
     /// Device identities.
     ///
     /// Examples:
-    ///   muster hub device list
-    ///   muster hub device show dev-001
+    ///   muster hub device-identity list
+    ///   muster hub device-identity show dev-001
     #[command(verbatim_doc_comment)]
     #[command(subcommand, name = "device-identity", visible_alias = "device")]
     Device(HubDeviceCommand),

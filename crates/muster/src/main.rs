@@ -1,7 +1,10 @@
-//! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
-//! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, backup and
-//! restore of a data dir.
+//! `muster`: the Muster server (`muster serve`) and the operator CLI, shaped like `az iot dps`
+//! and `az iot hub`: enrollments, enrollment groups, registration records, access policies and
+//! connection strings (`policy.rs`), CA certificates with proof of possession
+//! (`ca_certificate.rs`), linked hubs, device registration, bulk provisioning on behalf of
+//! devices, deprovisioning with cascade, the built-in hub's devices, twins, cloud-to-device
+//! messages, direct methods and telemetry, backup and restore of a data dir. `output.rs`
+//! renders every result (`-o`, `--query`) and every error (DPS error body, exit code).
 
 mod audit;
 mod backup;
@@ -145,7 +148,8 @@ enum Command {
     ///   muster compute-device-key --key "$GROUP_KEY" --registration-id dev-001
     #[command(verbatim_doc_comment)]
     ComputeDeviceKey(device::ComputeKeyArgs),
-    /// The built-in IoT hub (or any hub, with --hub-connection-string): devices and twins.
+    /// The built-in IoT hub (or any hub, with --hub-connection-string): device identities,
+    /// twins, cloud-to-device messages, direct methods and telemetry (like `az iot hub`).
     #[command(subcommand)]
     Hub(hub::HubCommand),
     /// Operations on the store itself: copy an SQLite installation to PostgreSQL.
