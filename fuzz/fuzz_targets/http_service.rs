@@ -73,6 +73,8 @@ fn setup() -> Setup {
             max_bulk_items: 10,
             ..Limits::default()
         },
+        deprovisioner: None,
+        hub_check: None,
     };
     let inner = muster_service_api::router(api)
         .fallback(muster_service_api::not_found)

@@ -123,6 +123,60 @@ impl HubClient {
         Ok(())
     }
 
+    /// `PUT /devices/{id}` with `device` (IoT Hub's device JSON): creates the identity.
+    pub async fn create_device(&self, device_id: &str, device: &Value) -> Result<Value> {
+        let path = format!("/devices/{}", segment(device_id));
+        let req = self.request(Method::PUT, &path, "").json(device);
+        let resp = self.send("create device", req).await?;
+        read_json("create device", resp).await
+    }
+
+    /// `POST /devices/{id}/messages/cloudToDevice`: queues a cloud-to-device message; the
+    /// properties become `iothub-app-{name}` headers.
+    pub async fn send_c2d(
+        &self,
+        device_id: &str,
+        body: Vec<u8>,
+        properties: &[(String, String)],
+        message_id: Option<&str>,
+        content_type: Option<&str>,
+    ) -> Result<()> {
+        let path = format!("/devices/{}/messages/cloudToDevice", segment(device_id));
+        let mut req = self.request(Method::POST, &path, "").body(body);
+        for (k, v) in properties {
+            req = req.header(format!("iothub-app-{k}"), v);
+        }
+        if let Some(m) = message_id {
+            req = req.header("iothub-messageid", m);
+        }
+        if let Some(c) = content_type {
+            req = req.header("content-type", c);
+        }
+        self.send("send a cloud-to-device message", req).await?;
+        Ok(())
+    }
+
+    /// `POST /twins/{id}/methods`: invokes a direct method and returns `{status, payload}`.
+    pub async fn invoke_method(
+        &self,
+        device_id: &str,
+        method_name: &str,
+        payload: &Value,
+        response_timeout_secs: u64,
+        connect_timeout_secs: u64,
+    ) -> Result<Value> {
+        let path = format!("/twins/{}/methods", segment(device_id));
+        let body = serde_json::json!({
+            "methodName": method_name,
+            "payload": payload,
+            "responseTimeoutInSeconds": response_timeout_secs,
+            "connectTimeoutInSeconds": connect_timeout_secs,
+        });
+        let req = self.request(Method::POST, &path, "").json(&body);
+        let resp = self.send("invoke a direct method", req).await?;
+        read_json("invoke a direct method", resp).await
+    }
+
     /// `GET /twins/{id}`.
     pub async fn get_twin(&self, device_id: &str) -> Result<Value> {
         let path = format!("/twins/{}", segment(device_id));

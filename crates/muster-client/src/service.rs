@@ -544,6 +544,124 @@ impl ServiceClient {
         Ok((entries, next))
     }
 
+    // ---- access policies and CA certificates (Muster extensions) ----
+
+    async fn call_json(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = self.send(what, req).await?;
+        read_json(what, resp).await
+    }
+
+    /// `GET /accessPolicies`: names and rights, no keys.
+    pub async fn list_access_policies(&self) -> Result<Vec<serde_json::Value>> {
+        let v = self
+            .call_json("list access policies", Method::GET, "/accessPolicies", None)
+            .await?;
+        Ok(match v {
+            serde_json::Value::Array(a) => a,
+            other => vec![other],
+        })
+    }
+
+    /// `GET /accessPolicies/{name}`: name and rights, no keys.
+    pub async fn get_access_policy(&self, name: &str) -> Result<serde_json::Value> {
+        let path = format!("/accessPolicies/{}", segment(name));
+        self.call_json("get access policy", Method::GET, &path, None)
+            .await
+    }
+
+    /// `POST /accessPolicies/{name}/keys`: the policy with its keys.
+    pub async fn access_policy_keys(&self, name: &str) -> Result<serde_json::Value> {
+        let path = format!("/accessPolicies/{}/keys", segment(name));
+        self.call_json("read access policy keys", Method::POST, &path, None)
+            .await
+    }
+
+    /// `PUT /accessPolicies/{name}` `{"rights": "EnrollmentRead, ..."}`: creates the policy
+    /// with fresh keys (returned) or changes its rights.
+    pub async fn put_access_policy(&self, name: &str, rights: &str) -> Result<serde_json::Value> {
+        let path = format!("/accessPolicies/{}", segment(name));
+        let body = json!({ "rights": rights });
+        self.call_json("put access policy", Method::PUT, &path, Some(&body))
+            .await
+    }
+
+    /// `DELETE /accessPolicies/{name}`.
+    pub async fn delete_access_policy(&self, name: &str) -> Result<()> {
+        let path = format!("/accessPolicies/{}", segment(name));
+        self.send("delete access policy", self.request(Method::DELETE, &path))
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /caCertificates`.
+    pub async fn list_ca_certificates(&self) -> Result<Vec<serde_json::Value>> {
+        let v = self
+            .call_json("list CA certificates", Method::GET, "/caCertificates", None)
+            .await?;
+        Ok(match v {
+            serde_json::Value::Array(a) => a,
+            other => vec![other],
+        })
+    }
+
+    /// `GET /caCertificates/{name}`.
+    pub async fn get_ca_certificate(&self, name: &str) -> Result<serde_json::Value> {
+        let path = format!("/caCertificates/{}", segment(name));
+        self.call_json("get CA certificate", Method::GET, &path, None)
+            .await
+    }
+
+    /// `PUT /caCertificates/{name}` with the certificate (PEM or base64 DER): unverified until
+    /// [`Self::verify_ca_certificate`].
+    pub async fn put_ca_certificate(
+        &self,
+        name: &str,
+        certificate: &str,
+    ) -> Result<serde_json::Value> {
+        let path = format!("/caCertificates/{}", segment(name));
+        let body = json!({ "certificate": certificate });
+        self.call_json("put CA certificate", Method::PUT, &path, Some(&body))
+            .await
+    }
+
+    /// `POST /caCertificates/{name}/verificationCode`: a fresh code for the proof of
+    /// possession (the CN of a certificate the CA signs).
+    pub async fn ca_verification_code(&self, name: &str) -> Result<serde_json::Value> {
+        let path = format!("/caCertificates/{}/verificationCode", segment(name));
+        self.call_json("generate a verification code", Method::POST, &path, None)
+            .await
+    }
+
+    /// `POST /caCertificates/{name}/verify` with the certificate whose CN is the code.
+    pub async fn verify_ca_certificate(
+        &self,
+        name: &str,
+        certificate: &str,
+    ) -> Result<serde_json::Value> {
+        let path = format!("/caCertificates/{}/verify", segment(name));
+        let body = json!({ "certificate": certificate });
+        self.call_json("verify CA certificate", Method::POST, &path, Some(&body))
+            .await
+    }
+
+    /// `DELETE /caCertificates/{name}`.
+    pub async fn delete_ca_certificate(&self, name: &str) -> Result<()> {
+        let path = format!("/caCertificates/{}", segment(name));
+        self.send("delete CA certificate", self.request(Method::DELETE, &path))
+            .await?;
+        Ok(())
+    }
+
     /// `DELETE /linkedHubs/{hostName}`.
     pub async fn delete_linked_hub(&self, host_name: &str) -> Result<()> {
         let path = format!("/linkedHubs/{}", segment(host_name));

@@ -39,6 +39,10 @@ pub struct LinkedHubRequest {
     pub location: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_registrations_per_second: Option<u32>,
+    /// Link (or change the connection string) without first checking that the connection
+    /// string works (a registry read against the hub); for a hub that is not up yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_check: Option<bool>,
 }
 
 /// A linked hub as stored, with its connection string (a secret: never logged, never

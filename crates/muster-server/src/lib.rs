@@ -16,6 +16,8 @@
 //!   signature is checked with the leaf's own key), judged after the handshake.
 //! - [`app`] — the HTTPS router: service API, device API, built-in hub REST, device WebSockets.
 //! - [`local_hub`] — the built-in hub as the engine's in-process hub connection.
+//! - [`linked_hub_check`] — the registry read that proves a hub's connection string works
+//!   before the service API links the hub.
 //! - [`bind_set`] — the addresses every listener binds (`--listen`), apart from the
 //!   advertised names; `SO_REUSEPORT` for nodes sharing a port (`--reuse-port`).
 //! - [`health`] — `/healthz` and `/readyz` (store write probe, listeners accepting).
@@ -61,6 +63,7 @@ pub mod device_websocket;
 pub mod health;
 pub mod hub_rename;
 pub mod issuing_ca;
+pub mod linked_hub_check;
 pub mod listener;
 pub mod local_hub;
 pub mod metered_store;
@@ -355,6 +358,7 @@ impl Server {
             limits: Limits::default(),
             deprovisioner: None,
             certificates: None,
+            hub_check: None,
         };
 
         let http = outbound_client(&ca)?;
@@ -394,6 +398,10 @@ impl Server {
         };
         api.deprovisioner = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
         api.certificates = Some(Arc::new(local_hub::EngineHubDevices(engine.clone())));
+        api.hub_check = Some(Arc::new(linked_hub_check::RegistryRead::new(
+            outbound_client(&ca)?,
+            clock.clone(),
+        )));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

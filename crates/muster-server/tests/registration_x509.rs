@@ -813,16 +813,40 @@ async fn groups_on_a_verified_ca_reference() {
     assert!(uploaded.get("certificate").is_none(), "{uploaded}");
     assert!(uploaded["etag"].is_string());
 
-    put(
-        &dps,
-        "/enrollmentGroups/contoso-devices",
-        json!({"enrollmentGroupId": "contoso-devices", "attestation": {"type": "x509",
-            "x509": {"caReferences": {"primary": "contoso"}}}}),
-    )
-    .await;
-    // Unverified: refused on both transports.
+    let group = json!({"enrollmentGroupId": "contoso-devices", "attestation": {"type": "x509",
+        "x509": {"caReferences": {"primary": "contoso"}}}});
+    // Unverified: a group can't name it yet (nor a CA that does not exist).
+    let (s, b) = dps
+        .service(
+            Method::PUT,
+            "/enrollmentGroups/contoso-devices",
+            Some(group.clone()),
+        )
+        .await;
+    assert_eq!((s, b["errorCode"].as_u64()), (400, Some(400005)), "{b}");
+    let message = b["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("caReferences.primary") && message.contains("not verified"),
+        "{b}"
+    );
+    let mut unknown = group.clone();
+    unknown["attestation"]["x509"]["caReferences"]["primary"] = json!("nobody");
+    let (s, b) = dps
+        .service(
+            Method::PUT,
+            "/enrollmentGroups/contoso-devices",
+            Some(unknown),
+        )
+        .await;
+    assert_eq!((s, b["errorCode"].as_u64()), (400, Some(400005)), "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not exist"),
+        "{b}"
+    );
     let dev = issued("contoso-1", &ca, Vec::new());
-    refused_everywhere(&dps, mqtt, "unverified CA", "contoso-1", &dev, 401011).await;
 
     // Proof of possession.
     let (s, b) = dps
@@ -890,6 +914,7 @@ async fn groups_on_a_verified_ca_reference() {
     assert_eq!(b["isVerified"], true, "{b}");
     let (_, list) = dps.service(Method::GET, "/cacertificates", None).await;
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    put(&dps, "/enrollmentGroups/contoso-devices", group).await;
 
     // Verified: devices register on both transports.
     let (s, b) = https_register(&dps, "contoso-1", &dev).await;
@@ -920,6 +945,9 @@ async fn groups_on_a_verified_ca_reference() {
     )
     .await;
     assert_eq!(replaced["isVerified"], false, "{replaced}");
+    // The group keeps naming it; its devices are refused until it is verified again.
+    let dev_o = issued("contoso-o", &other, Vec::new());
+    refused_everywhere(&dps, mqtt, "unverified CA", "contoso-o", &dev_o, 401011).await;
 
     // Errors of the CA API.
     let (s, b) = dps

@@ -20,6 +20,8 @@
 //! - [`kind`] — what differs between individual enrollments and groups.
 //! - [`prepare`] — validation and normalisation of an incoming enrollment (keys, certificates,
 //!   allocation settings, timestamps).
+//! - [`references`] — what an enrollment names must exist: `iotHubs` linked hubs,
+//!   `caReferences` verified CA certificates (400 at write time).
 //! - [`redact`] — what each read path may show (service-api.md §5.7).
 //! - [`request`] — api-version, body limits, If-Match and paging helpers.
 //! - [`auth`] — shared access policies and SAS verification.
@@ -36,6 +38,7 @@ pub mod kind;
 pub mod metrics;
 pub mod prepare;
 pub mod redact;
+pub mod references;
 pub mod request;
 mod routes;
 
@@ -89,6 +92,9 @@ pub struct ServiceApi {
     /// Names the issuing CAs and revokes issued certificates; `None`: only `local` is a
     /// known issuing CA and revoking answers 404.
     pub certificates: Option<Arc<dyn CertificateIssuer>>,
+    /// Checks a linked hub's connection string before `PUT /linkedHubs/{name}` stores it
+    /// (unless the request says `skipCheck`); `None` stores it unchecked.
+    pub hub_check: Option<Arc<dyn HubCheck>>,
 }
 
 /// What the issued-certificate extension needs from the server (which implements it with
@@ -104,6 +110,14 @@ pub trait CertificateIssuer: Send + Sync {
         serial: &str,
         reason: Option<String>,
     ) -> Result<muster_proto::IssuedCertificate, ApiError>;
+}
+
+/// Proves a hub connection string works before it is linked.
+#[async_trait::async_trait]
+pub trait HubCheck: Send + Sync {
+    /// A registry read against the hub with `connection_string`; `Err` says what failed
+    /// (never the key).
+    async fn check(&self, connection_string: &str) -> Result<(), String>;
 }
 
 /// Removes a registration record and its hub device, intent first, so a crash leaves no hub

@@ -65,6 +65,7 @@ fn harness() -> Harness {
         limits: Limits::default(),
         deprovisioner: None,
         certificates: None,
+        hub_check: None,
     };
     let inner = muster_service_api::router(api)
         .fallback(muster_service_api::not_found)
@@ -962,16 +963,43 @@ async fn x509_certificates_are_summarised_never_echoed() {
         400,
         400005,
     );
-    // CA references need a primary name.
+    // CA references must name a CA certificate that exists and is verified (the accepted
+    // case, after proof of possession, is in muster-server's registration_x509 test).
     let refs = json!({"enrollmentGroupId": "g3", "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "my-root"}}}});
+    let r = h
+        .call(Method::PUT, "/enrollmentGroups/g3", Some(refs.clone()), &[])
+        .await;
+    assert_error(&r, 400, 400005);
+    let message = r.body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("caReferences.primary") && message.contains("does not exist"),
+        "{}",
+        r.body
+    );
+    let (root_pem, _) = self_signed("My Root", true);
+    let up = h
+        .call(
+            Method::PUT,
+            "/caCertificates/my-root",
+            Some(json!({"certificate": root_pem})),
+            &[],
+        )
+        .await;
+    assert_eq!(up.status, 200, "{}", up.body);
     let r = h
         .call(Method::PUT, "/enrollmentGroups/g3", Some(refs), &[])
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.body["attestation"]["x509"]["caReferences"],
-        json!({"primary": "my-root"})
+    assert_error(&r, 400, 400005);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not verified"),
+        "{}",
+        r.body
     );
+    let gone = h.call(Method::GET, "/enrollmentGroups/g3", None, &[]).await;
+    assert_eq!(gone.status, 404, "nothing written: {}", gone.body);
 }
 
 #[tokio::test]
@@ -997,6 +1025,7 @@ async fn deleting_an_individual_enrollment_removes_its_record_but_group_records_
             limits: Limits::default(),
             deprovisioner: None,
             certificates: None,
+            hub_check: None,
         };
         h.app = Router::new().fallback_service(
             muster_service_api::router(api).map_request(muster_service_api::normalize_path),

@@ -83,7 +83,7 @@ pub async fn run(c: AuditCommand) -> anyhow::Result<()> {
                     None => break,
                 }
             }
-            print_list(a.out.output, &items, COLUMNS);
+            print_list(&a.out, &items, COLUMNS);
         }
     }
     Ok(())

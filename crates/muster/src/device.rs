@@ -13,7 +13,7 @@ use crate::output::{print_object, Format, OutputArgs};
 #[derive(Args, Debug)]
 pub struct ComputeKeyArgs {
     /// The enrollment group's key (base64)
-    #[arg(long, visible_alias = "group-key")]
+    #[arg(long, visible_aliases = ["symmetric-key", "group-key"])]
     pub key: String,
     /// The device's registration id
     #[arg(long, visible_alias = "rid")]
@@ -24,13 +24,21 @@ pub struct ComputeKeyArgs {
 
 pub fn compute_device_key(a: ComputeKeyArgs) -> anyhow::Result<()> {
     let key = DeviceKey::Group(a.key).device_key(&a.registration_id)?;
-    match a.out.output {
-        Format::Table => crate::output::emit(&key),
-        Format::Json => crate::output::print_json(
-            &json!({"registrationId": a.registration_id, "derivedKey": key}),
-        ),
-    }
+    print_device_key(&a.out, &a.registration_id, &key);
     Ok(())
+}
+
+/// A derived key: bare in a table (for `$(...)`), else `{registrationId, derivedKey}` in the
+/// format asked for (`--query derivedKey -o tsv` is the bare key too).
+pub fn print_device_key(out: &OutputArgs, registration_id: &str, key: &str) {
+    if out.format() == Format::Table && out.query.is_none() {
+        crate::output::emit(key);
+    } else {
+        print_object(
+            out,
+            &json!({"registrationId": registration_id, "derivedKey": key}),
+        );
+    }
 }
 
 #[derive(Args, Debug)]
@@ -191,7 +199,7 @@ fn report(
     if let Some(m) = v.as_object_mut() {
         m.insert("operationId".into(), json!(r.operation_id));
     }
-    print_object(a.out.output, &v);
+    print_object(&a.out, &v);
     if let (Some(out), Some(chain)) = (&a.cert_out, &r.state.issued_certificate_chain) {
         write_chain(out, chain)?;
     }

@@ -14,7 +14,7 @@ use muster_proto::{
 use serde_json::{json, Map, Value};
 
 use crate::conn::ServiceConn;
-use crate::output::{print_json, print_list, print_object, redact, Format, OutputArgs};
+use crate::output::{print_list, print_object, redact, Format, OutputArgs};
 
 /// `--reprovision-policy`, as `az iot dps` spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -359,7 +359,7 @@ async fn create<K: CliKind>(
     id: &str,
     s: &Settings,
     x: &Extra,
-    out: Format,
+    out: &OutputArgs,
 ) -> anyhow::Result<()> {
     let (client, _) = conn.client()?;
     let mut body = json!({ K::ID_FIELD: id });
@@ -379,7 +379,7 @@ async fn update<K: CliKind>(
     s: &Settings,
     x: &Extra,
     etag: Option<&str>,
-    out: Format,
+    out: &OutputArgs,
 ) -> anyhow::Result<()> {
     let (client, _) = conn.client()?;
     let current: K = client
@@ -408,7 +408,7 @@ async fn show<K: CliKind>(
     conn: &ServiceConn,
     id: &str,
     show_keys: bool,
-    out: Format,
+    out: &OutputArgs,
 ) -> anyhow::Result<()> {
     let (client, _) = conn.client()?;
     let item: K = client
@@ -432,7 +432,7 @@ async fn show<K: CliKind>(
 async fn list<K: CliKind>(
     conn: &ServiceConn,
     top: Option<usize>,
-    out: Format,
+    out: &OutputArgs,
 ) -> anyhow::Result<()> {
     let (client, _) = conn.client()?;
     let mut pager = client.query::<K>(Some(1000));
@@ -536,7 +536,7 @@ async fn import<K: CliKind>(
     file: &Path,
     mode: BulkOperationMode,
     chunk: usize,
-    out: Format,
+    out: &OutputArgs,
 ) -> anyhow::Result<()> {
     let (client, _) = conn.client()?;
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
@@ -563,9 +563,8 @@ async fn import<K: CliKind>(
         failed.extend(send_bulk(&client, mode, &batch).await?);
     }
     let ok = total - failed.len();
-    match out {
-        Format::Json => print_json(&json!({"total": total, "succeeded": ok, "errors": failed})),
-        Format::Table => {
+    match out.format() {
+        Format::Table if out.query.is_none() => {
             crate::output::emit(&format!(
                 "{ok} of {total} {}s imported ({})",
                 K::NOUN,
@@ -573,7 +572,7 @@ async fn import<K: CliKind>(
             ));
             if !failed.is_empty() {
                 print_list(
-                    Format::Table,
+                    out,
                     &failed,
                     &[
                         ("ID", "/id"),
@@ -583,6 +582,10 @@ async fn import<K: CliKind>(
                 );
             }
         }
+        _ => print_object(
+            out,
+            &json!({"total": total, "succeeded": ok, "errors": failed}),
+        ),
     }
     if !failed.is_empty() {
         bail!("{} of {total} items failed", failed.len());
@@ -658,11 +661,71 @@ pub struct ExportArgs {
     pub conn: ServiceConn,
 }
 
+/// Names the enrollment: `--enrollment-id/--eid ID` as az does, or `ID` as a positional.
+#[derive(Args, Debug, Clone)]
+pub struct EnrollmentIdArg {
+    /// The enrollment id (the device's registration id)
+    #[arg(
+        value_name = "ENROLLMENT_ID",
+        required_unless_present = "enrollment_id",
+        conflicts_with = "enrollment_id"
+    )]
+    pub positional: Option<String>,
+    /// The enrollment id (the device's registration id)
+    #[arg(
+        long = "enrollment-id",
+        visible_alias = "eid",
+        alias = "registration-id"
+    )]
+    pub enrollment_id: Option<String>,
+}
+
+/// Names the group: `--group-id/--gid ID` (or az's `--enrollment-id/--eid`), or `ID` as a
+/// positional.
+#[derive(Args, Debug, Clone)]
+pub struct GroupIdArg {
+    /// The enrollment group id
+    #[arg(
+        value_name = "GROUP_ID",
+        required_unless_present = "group_id",
+        conflicts_with = "group_id"
+    )]
+    pub positional: Option<String>,
+    /// The enrollment group id
+    #[arg(long = "group-id", visible_aliases = ["gid", "enrollment-id", "eid"])]
+    pub group_id: Option<String>,
+}
+
+/// The id an [`EnrollmentIdArg`] or [`GroupIdArg`] names (clap makes one of the two forms
+/// required).
+pub trait IdArg: Args {
+    fn id(&self) -> &str;
+}
+
+impl IdArg for EnrollmentIdArg {
+    fn id(&self) -> &str {
+        self.enrollment_id
+            .as_deref()
+            .or(self.positional.as_deref())
+            .unwrap_or_default()
+    }
+}
+
+impl IdArg for GroupIdArg {
+    fn id(&self) -> &str {
+        self.group_id
+            .as_deref()
+            .or(self.positional.as_deref())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Args, Debug)]
-pub struct ShowArgs {
-    pub id: String,
+pub struct ShowArgs<I: IdArg> {
+    #[command(flatten)]
+    pub id: I,
     /// Include the symmetric keys
-    #[arg(long)]
+    #[arg(long, visible_alias = "keys")]
     pub show_keys: bool,
     #[command(flatten)]
     pub conn: ServiceConn,
@@ -682,10 +745,11 @@ pub struct ListArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct DeleteArgs {
-    pub id: String,
+pub struct DeleteArgs<I: IdArg> {
+    #[command(flatten)]
+    pub id: I,
     /// Delete only if the current etag is this one
-    #[arg(long)]
+    #[arg(long, short = 'e')]
     pub etag: Option<String>,
     #[command(flatten)]
     pub conn: ServiceConn,
@@ -693,9 +757,8 @@ pub struct DeleteArgs {
 
 #[derive(Args, Debug)]
 pub struct IndividualWrite {
-    /// Registration id of the device (the enrollment id)
-    #[arg(long = "enrollment-id", visible_aliases = ["eid", "registration-id"])]
-    pub id: String,
+    #[command(flatten)]
+    pub id: EnrollmentIdArg,
     /// Device id in the hub [default: the registration id]
     #[arg(long, visible_alias = "did")]
     pub device_id: Option<String>,
@@ -715,20 +778,19 @@ pub struct IndividualUpdate {
     #[command(flatten)]
     pub write: IndividualWrite,
     /// Update only if the current etag is this one [default: the etag just read]
-    #[arg(long)]
+    #[arg(long, short = 'e')]
     pub etag: Option<String>,
 }
 
 #[derive(Args, Debug)]
 pub struct GroupWrite {
-    /// Enrollment group id
-    #[arg(long = "group-id", visible_aliases = ["gid", "enrollment-id"])]
-    pub id: String,
-    /// X.509: name of a CA certificate registered with the service (CA reference)
-    #[arg(long, visible_alias = "cn")]
+    #[command(flatten)]
+    pub id: GroupIdArg,
+    /// X.509: name of a verified CA certificate registered with the service (CA reference)
+    #[arg(long, visible_aliases = ["ca-name", "cn"])]
     pub root_ca_name: Option<String>,
     /// X.509: secondary CA reference
-    #[arg(long, visible_alias = "scn")]
+    #[arg(long, visible_aliases = ["secondary-ca-name", "scn"])]
     pub secondary_root_ca_name: Option<String>,
     #[command(flatten)]
     pub settings: Settings,
@@ -743,7 +805,7 @@ pub struct GroupUpdate {
     #[command(flatten)]
     pub write: GroupWrite,
     /// Update only if the current etag is this one [default: the etag just read]
-    #[arg(long)]
+    #[arg(long, short = 'e')]
     pub etag: Option<String>,
 }
 
@@ -765,7 +827,7 @@ pub enum IndividualCommand {
     /// Example:
     ///   muster enrollment show dev-001 --show-keys --output json
     #[command(verbatim_doc_comment)]
-    Show(ShowArgs),
+    Show(ShowArgs<EnrollmentIdArg>),
     /// List individual enrollments.
     ///
     /// Example:
@@ -783,7 +845,7 @@ pub enum IndividualCommand {
     /// Example:
     ///   muster enrollment delete dev-001
     #[command(verbatim_doc_comment)]
-    Delete(DeleteArgs),
+    Delete(DeleteArgs<EnrollmentIdArg>),
     /// Write every individual enrollment as NDJSON (one JSON object per line).
     ///
     /// Example:
@@ -796,6 +858,9 @@ pub enum IndividualCommand {
     ///   muster enrollment import enrollments.ndjson --mode update
     #[command(verbatim_doc_comment)]
     Import(ImportArgs),
+    /// The enrollment's registration record (like `az iot dps enrollment registration`).
+    #[command(subcommand)]
+    Registration(crate::registration::RegistrationCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -816,7 +881,7 @@ pub enum GroupCommand {
     /// Example:
     ///   muster enrollment-group show line-1 --show-keys
     #[command(verbatim_doc_comment)]
-    Show(ShowArgs),
+    Show(ShowArgs<GroupIdArg>),
     /// List enrollment groups.
     List(ListArgs),
     /// Change an enrollment group; options not given keep their value.
@@ -826,11 +891,68 @@ pub enum GroupCommand {
     #[command(verbatim_doc_comment)]
     Update(GroupUpdate),
     /// Delete an enrollment group (its devices' registration records stay).
-    Delete(DeleteArgs),
+    Delete(DeleteArgs<GroupIdArg>),
     /// Write every enrollment group as NDJSON.
     Export(ExportArgs),
     /// Create (or update, delete) enrollment groups from NDJSON through the bulk API.
     Import(ImportArgs),
+    /// Compute a device's key from the group's primary key: read through the service API
+    /// (--group-id), or given offline (--key).
+    ///
+    /// Examples:
+    ///   muster enrollment-group compute-device-key --gid line-1 --rid dev-001
+    ///   muster enrollment-group compute-device-key --key "$GROUP_KEY" --rid dev-001
+    #[command(verbatim_doc_comment)]
+    ComputeDeviceKey(GroupComputeKeyArgs),
+    /// The registration records of the group's devices (like `az iot dps enrollment-group
+    /// registration`).
+    #[command(subcommand)]
+    Registration(crate::registration::RegistrationCommand),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["group_id", "key"])))]
+pub struct GroupComputeKeyArgs {
+    /// The enrollment group whose primary key to read (symmetric-key groups)
+    #[arg(long = "group-id", visible_aliases = ["gid", "enrollment-id", "eid"])]
+    pub group_id: Option<String>,
+    /// The group key itself (base64), computed offline
+    #[arg(long, visible_aliases = ["symmetric-key", "group-key"], hide_env_values = true)]
+    pub key: Option<String>,
+    /// The device's registration id
+    #[arg(long, visible_alias = "rid")]
+    pub registration_id: String,
+    #[command(flatten)]
+    pub conn: ServiceConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `enrollment-group compute-device-key`: the group key from `--key`, or from the service's
+/// attestation mechanism of `--group-id`.
+async fn group_compute_device_key(a: GroupComputeKeyArgs) -> anyhow::Result<()> {
+    let group_key = match (&a.key, &a.group_id) {
+        (Some(k), _) => k.clone(),
+        (None, Some(g)) => {
+            let (client, _) = a.conn.client()?;
+            let att = client
+                .attestation_mechanism::<EnrollmentGroup>(g)
+                .await
+                .with_context(|| format!("reading the keys of enrollment group '{g}'"))?;
+            match att.symmetric_key.and_then(|k| k.primary_key) {
+                Some(k) => k,
+                None => bail!(
+                    "enrollment group '{g}' does not use symmetric keys (its attestation is {}): \
+                     only symmetric-key groups derive device keys",
+                    att.kind.as_str()
+                ),
+            }
+        }
+        (None, None) => bail!("pass --group-id or --key"),
+    };
+    let key = muster_client::DeviceKey::Group(group_key).device_key(&a.registration_id)?;
+    crate::device::print_device_key(&a.out, &a.registration_id, &key);
+    Ok(())
 }
 
 pub async fn run_individual(c: IndividualCommand) -> anyhow::Result<()> {
@@ -842,29 +964,30 @@ pub async fn run_individual(c: IndividualCommand) -> anyhow::Result<()> {
     };
     match c {
         IndividualCommand::Create(w) => {
-            create::<K>(&w.conn, &w.id, &w.settings, &extra(&w), w.out.output).await
+            create::<K>(&w.conn, w.id.id(), &w.settings, &extra(&w), &w.out).await
         }
         IndividualCommand::Update(u) => {
             let w = &u.write;
             update::<K>(
                 &w.conn,
-                &w.id,
+                w.id.id(),
                 &w.settings,
                 &extra(w),
                 u.etag.as_deref(),
-                w.out.output,
+                &w.out,
             )
             .await
         }
-        IndividualCommand::Show(a) => show::<K>(&a.conn, &a.id, a.show_keys, a.out.output).await,
-        IndividualCommand::List(a) => list::<K>(&a.conn, a.top, a.out.output).await,
-        IndividualCommand::Delete(a) => delete::<K>(&a.conn, &a.id, a.etag.as_deref()).await,
+        IndividualCommand::Show(a) => show::<K>(&a.conn, a.id.id(), a.show_keys, &a.out).await,
+        IndividualCommand::List(a) => list::<K>(&a.conn, a.top, &a.out).await,
+        IndividualCommand::Delete(a) => delete::<K>(&a.conn, a.id.id(), a.etag.as_deref()).await,
         IndividualCommand::Export(a) => {
             export::<K>(&a.conn, a.out_file.as_deref(), a.show_keys).await
         }
         IndividualCommand::Import(a) => {
-            import::<K>(&a.conn, &a.file, a.mode.into(), a.chunk_size, a.out.output).await
+            import::<K>(&a.conn, &a.file, a.mode.into(), a.chunk_size, &a.out).await
         }
+        IndividualCommand::Registration(c) => crate::registration::run(c).await,
     }
 }
 
@@ -877,27 +1000,29 @@ pub async fn run_group(c: GroupCommand) -> anyhow::Result<()> {
     };
     match c {
         GroupCommand::Create(w) => {
-            create::<K>(&w.conn, &w.id, &w.settings, &extra(&w), w.out.output).await
+            create::<K>(&w.conn, w.id.id(), &w.settings, &extra(&w), &w.out).await
         }
         GroupCommand::Update(u) => {
             let w = &u.write;
             update::<K>(
                 &w.conn,
-                &w.id,
+                w.id.id(),
                 &w.settings,
                 &extra(w),
                 u.etag.as_deref(),
-                w.out.output,
+                &w.out,
             )
             .await
         }
-        GroupCommand::Show(a) => show::<K>(&a.conn, &a.id, a.show_keys, a.out.output).await,
-        GroupCommand::List(a) => list::<K>(&a.conn, a.top, a.out.output).await,
-        GroupCommand::Delete(a) => delete::<K>(&a.conn, &a.id, a.etag.as_deref()).await,
+        GroupCommand::Show(a) => show::<K>(&a.conn, a.id.id(), a.show_keys, &a.out).await,
+        GroupCommand::List(a) => list::<K>(&a.conn, a.top, &a.out).await,
+        GroupCommand::Delete(a) => delete::<K>(&a.conn, a.id.id(), a.etag.as_deref()).await,
         GroupCommand::Export(a) => export::<K>(&a.conn, a.out_file.as_deref(), a.show_keys).await,
         GroupCommand::Import(a) => {
-            import::<K>(&a.conn, &a.file, a.mode.into(), a.chunk_size, a.out.output).await
+            import::<K>(&a.conn, &a.file, a.mode.into(), a.chunk_size, &a.out).await
         }
+        GroupCommand::ComputeDeviceKey(a) => group_compute_device_key(a).await,
+        GroupCommand::Registration(c) => crate::registration::run(c).await,
     }
 }
 

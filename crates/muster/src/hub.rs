@@ -1,4 +1,5 @@
-//! `muster hub …`: devices and twins of the built-in hub (or any hub).
+//! `muster hub …`: device identities, twins, cloud-to-device messages, direct methods and the
+//! telemetry tail of the built-in hub (or any hub), with `az iot hub`'s command names.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -34,6 +35,109 @@ pub struct DeviceIdArgs {
     /// Include the device's keys
     #[arg(long)]
     pub show_keys: bool,
+    #[command(flatten)]
+    pub conn: HubConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// How a new device authenticates (az's `--auth-method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMethod {
+    /// Symmetric keys (generated unless given)
+    #[value(name = "shared_private_key")]
+    SharedPrivateKey,
+    /// A self-signed X.509 certificate, by thumbprint
+    #[value(name = "x509_thumbprint")]
+    X509Thumbprint,
+    /// An X.509 certificate issued by a CA the hub trusts
+    #[value(name = "x509_ca")]
+    X509Ca,
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceCreateArgs {
+    /// The device id
+    #[arg(long = "device-id", short = 'd')]
+    pub device_id: String,
+    /// shared_private_key, x509_thumbprint or x509_ca
+    #[arg(long, visible_alias = "am", value_enum, default_value_t = AuthMethod::SharedPrivateKey)]
+    pub auth_method: AuthMethod,
+    /// Primary symmetric key (base64) [default: generated]
+    #[arg(long, visible_alias = "pk")]
+    pub primary_key: Option<String>,
+    /// Secondary symmetric key (base64) [default: generated]
+    #[arg(long, visible_alias = "sk")]
+    pub secondary_key: Option<String>,
+    /// x509_thumbprint: the certificate's thumbprint (SHA-1 or SHA-256 hex)
+    #[arg(long, visible_alias = "ptp")]
+    pub primary_thumbprint: Option<String>,
+    /// x509_thumbprint: a second certificate's thumbprint
+    #[arg(long, visible_alias = "stp")]
+    pub secondary_thumbprint: Option<String>,
+    /// enabled or disabled
+    #[arg(long, visible_alias = "sta", default_value = "enabled")]
+    pub status: String,
+    /// An IoT Edge device
+    #[arg(long, visible_alias = "ee")]
+    pub edge_enabled: bool,
+    /// Show the device's keys in the answer
+    #[arg(long)]
+    pub show_keys: bool,
+    #[command(flatten)]
+    pub conn: HubConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct C2dSendArgs {
+    /// The device id
+    #[arg(long = "device-id", short = 'd')]
+    pub device_id: String,
+    /// The message body
+    #[arg(long, visible_alias = "da", default_value = "Ping from Muster")]
+    pub data: String,
+    /// Application properties, `key=value` pairs separated by `;`
+    #[arg(long, visible_alias = "props", short = 'p')]
+    pub properties: Option<String>,
+    /// Message id
+    #[arg(long, visible_alias = "mid")]
+    pub message_id: Option<String>,
+    /// Content type, e.g. application/json
+    #[arg(long, visible_alias = "ct")]
+    pub content_type: Option<String>,
+    #[command(flatten)]
+    pub conn: HubConn,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum C2dCommand {
+    /// Queue a cloud-to-device message for a device (delivered over MQTT, AMQP or HTTPS).
+    ///
+    /// Example:
+    ///   muster hub c2d-message send -d dev-001 --data '{"led":"on"}' --props 'kind=cmd;prio=1'
+    #[command(verbatim_doc_comment)]
+    Send(C2dSendArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InvokeArgs {
+    /// The device id
+    #[arg(long = "device-id", short = 'd')]
+    pub device_id: String,
+    /// The method's name
+    #[arg(long, visible_alias = "mn")]
+    pub method_name: String,
+    /// The method's payload, JSON
+    #[arg(long, visible_alias = "mp", default_value = "{}")]
+    pub method_payload: String,
+    /// Seconds to wait for the device's answer (1-300)
+    #[arg(long, visible_alias = "to", default_value_t = 30)]
+    pub timeout: u64,
+    /// Seconds to wait for the device to connect first (0-300)
+    #[arg(long, visible_alias = "cto", default_value_t = 0)]
+    pub connect_timeout: u64,
     #[command(flatten)]
     pub conn: HubConn,
     #[command(flatten)]
@@ -96,6 +200,14 @@ pub struct TailArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum HubDeviceCommand {
+    /// Create a device identity (keys generated unless given).
+    ///
+    /// Examples:
+    ///   muster hub device-identity create -d dev-001
+    ///   muster hub device-identity create -d cam-7 --auth-method x509_thumbprint --ptp "$THUMB"
+    ///   muster hub device-identity create -d gw-1 --edge-enabled
+    #[command(verbatim_doc_comment)]
+    Create(DeviceCreateArgs),
     /// List device identities.
     List(DeviceListArgs),
     /// Show a device identity (keys only with --show-keys).
@@ -121,11 +233,20 @@ pub enum HubCommand {
     /// Device identities.
     ///
     /// Examples:
-    ///   muster hub device list
-    ///   muster hub device show dev-001
+    ///   muster hub device-identity list
+    ///   muster hub device-identity show dev-001
     #[command(verbatim_doc_comment)]
-    #[command(subcommand)]
+    #[command(subcommand, name = "device-identity", visible_alias = "device")]
     Device(HubDeviceCommand),
+    /// Cloud-to-device messages.
+    #[command(subcommand, name = "c2d-message")]
+    C2dMessage(C2dCommand),
+    /// Invoke a direct method on a connected device and print its answer.
+    ///
+    /// Example:
+    ///   muster hub invoke-device-method -d dev-001 --method-name reboot --method-payload '{"delay":5}'
+    #[command(verbatim_doc_comment)]
+    InvokeDeviceMethod(InvokeArgs),
     /// Device twins.
     #[command(subcommand)]
     Twin(HubTwinCommand),
@@ -142,8 +263,53 @@ pub enum HubCommand {
     ///   muster hub tail dev-001 --from-start
     ///   muster hub tail dev-001 --after 120 -o json | jq .body
     ///   muster hub tail dev-001 --from-start --count 10
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, visible_alias = "monitor-events")]
     Tail(TailArgs),
+}
+
+/// The device JSON `hub device-identity create` sends.
+fn new_device(a: &DeviceCreateArgs) -> anyhow::Result<Value> {
+    let status = match a.status.as_str() {
+        "enabled" | "disabled" => a.status.as_str(),
+        other => anyhow::bail!("--status must be enabled or disabled, not '{other}'"),
+    };
+    let authentication = match a.auth_method {
+        AuthMethod::SharedPrivateKey => json!({
+            "type": "sas",
+            "symmetricKey": {"primaryKey": a.primary_key, "secondaryKey": a.secondary_key},
+        }),
+        AuthMethod::X509Thumbprint => {
+            let Some(p) = &a.primary_thumbprint else {
+                anyhow::bail!("--auth-method x509_thumbprint needs --primary-thumbprint");
+            };
+            json!({
+                "type": "selfSigned",
+                "x509Thumbprint": {
+                    "primaryThumbprint": p,
+                    "secondaryThumbprint": a.secondary_thumbprint,
+                },
+            })
+        }
+        AuthMethod::X509Ca => json!({"type": "certificateAuthority"}),
+    };
+    Ok(json!({
+        "deviceId": a.device_id,
+        "status": status,
+        "authentication": authentication,
+        "capabilities": {"iotEdge": a.edge_enabled},
+    }))
+}
+
+/// `a=1;b=2` → `[(a, 1), (b, 2)]`.
+fn properties(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    text.split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            _ => anyhow::bail!("--props: '{p}' is not key=value (pairs are separated by ';')"),
+        })
+        .collect()
 }
 
 fn object(flag: &str, text: &str) -> anyhow::Result<Map<String, Value>> {
@@ -158,11 +324,60 @@ fn object(flag: &str, text: &str) -> anyhow::Result<Map<String, Value>> {
 pub async fn run(c: HubCommand) -> anyhow::Result<()> {
     match c {
         HubCommand::Tail(a) => return tail(a).await,
+        HubCommand::Device(HubDeviceCommand::Create(a)) => {
+            let device = new_device(&a)?;
+            let hub = a.conn.client()?;
+            let mut d = hub
+                .create_device(&a.device_id, &device)
+                .await
+                .with_context(|| format!("creating device '{}'", a.device_id))?;
+            if !a.show_keys {
+                redact(&mut d);
+            }
+            print_object(&a.out, &d);
+        }
+        HubCommand::C2dMessage(C2dCommand::Send(a)) => {
+            let props = match &a.properties {
+                Some(p) => properties(p)?,
+                None => Vec::new(),
+            };
+            let hub = a.conn.client()?;
+            hub.send_c2d(
+                &a.device_id,
+                a.data.clone().into_bytes(),
+                &props,
+                a.message_id.as_deref(),
+                a.content_type.as_deref(),
+            )
+            .await
+            .with_context(|| format!("sending a message to '{}'", a.device_id))?;
+            eprintln!(
+                "queued a message for '{}' on {}",
+                a.device_id,
+                hub.host_name()
+            );
+        }
+        HubCommand::InvokeDeviceMethod(a) => {
+            let payload: Value = serde_json::from_str(&a.method_payload)
+                .context("--method-payload is not valid JSON")?;
+            let hub = a.conn.client()?;
+            let answer = hub
+                .invoke_method(
+                    &a.device_id,
+                    &a.method_name,
+                    &payload,
+                    a.timeout,
+                    a.connect_timeout,
+                )
+                .await
+                .with_context(|| format!("invoking '{}' on '{}'", a.method_name, a.device_id))?;
+            print_object(&a.out, &answer);
+        }
         HubCommand::Device(HubDeviceCommand::List(a)) => {
             let hub = a.conn.client()?;
             let mut devices = hub.list_devices(a.top).await.context("listing devices")?;
             devices.iter_mut().for_each(redact);
-            print_list(a.out.output, &devices, DEVICE_COLUMNS);
+            print_list(&a.out, &devices, DEVICE_COLUMNS);
         }
         HubCommand::Device(HubDeviceCommand::Show(a)) => {
             let hub = a.conn.client()?;
@@ -173,7 +388,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
             if !a.show_keys {
                 redact(&mut d);
             }
-            print_object(a.out.output, &d);
+            print_object(&a.out, &d);
         }
         HubCommand::Device(HubDeviceCommand::Delete(a)) => {
             let hub = a.conn.client()?;
@@ -188,7 +403,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
                 .get_twin(&a.device_id)
                 .await
                 .with_context(|| format!("reading the twin of '{}'", a.device_id))?;
-            print_object(a.out.output, &t);
+            print_object(&a.out, &t);
         }
         HubCommand::Twin(HubTwinCommand::Update(a)) => {
             let hub = a.conn.client()?;
@@ -206,7 +421,7 @@ pub async fn run(c: HubCommand) -> anyhow::Result<()> {
                 .patch_twin(&a.device_id, &patch, a.etag.as_deref())
                 .await
                 .with_context(|| format!("updating the twin of '{}'", a.device_id))?;
-            print_object(a.out.output, &t);
+            print_object(&a.out, &t);
         }
     }
     Ok(())
@@ -296,11 +511,12 @@ async fn follow(hub: &HubClient, a: &TailArgs, what: &str) -> anyhow::Result<()>
                         after = Some(message.sequence_number);
                     }
                     match a.output {
-                        Format::Json => emit(
+                        Format::Json | Format::Jsonc | Format::Yaml => emit(
                             &serde_json::to_string(&message)
                                 .context("encoding a message as JSON")?,
                         ),
-                        Format::Table => emit(&message_line(&message)),
+                        Format::Table | Format::Tsv => emit(&message_line(&message)),
+                        Format::None => {}
                     }
                     shown += 1;
                     if a.count.is_some_and(|c| shown >= c) {

@@ -1,4 +1,5 @@
-//! `muster certificate issued list|show|revoke`: the certificates Muster issued for devices'
+//! `muster certificate issued list|show|revoke` (a subgroup of `certificate`, the CA
+//! certificates of `ca_certificate.rs`): the certificates Muster issued for devices'
 //! CSRs (Muster's `/certificates/issued` extension of the service API).
 
 use anyhow::Context;
@@ -16,13 +17,6 @@ const COLUMNS: &[(&str, &str)] = &[
     ("NOT AFTER", "/notAfterUtc"),
     ("REVOKED", "/revokedDateTimeUtc"),
 ];
-
-#[derive(Subcommand, Debug)]
-pub enum CertificateCommand {
-    /// Certificates Muster issued for devices' CSRs.
-    #[command(subcommand)]
-    Issued(IssuedCommand),
-}
 
 #[derive(Subcommand, Debug)]
 pub enum IssuedCommand {
@@ -85,8 +79,7 @@ pub struct RevokeArgs {
     pub out: OutputArgs,
 }
 
-pub async fn run(c: CertificateCommand) -> anyhow::Result<()> {
-    let CertificateCommand::Issued(c) = c;
+pub async fn run(c: IssuedCommand) -> anyhow::Result<()> {
     match c {
         IssuedCommand::List(a) => {
             let (client, _) = a.conn.client()?;
@@ -113,7 +106,7 @@ pub async fn run(c: CertificateCommand) -> anyhow::Result<()> {
                     None => break,
                 }
             }
-            print_list(a.out.output, &items, COLUMNS);
+            print_list(&a.out, &items, COLUMNS);
         }
         IssuedCommand::Show(a) => {
             let (client, _) = a.conn.client()?;
@@ -121,7 +114,7 @@ pub async fn run(c: CertificateCommand) -> anyhow::Result<()> {
                 .issued_certificate(&a.serial)
                 .await
                 .with_context(|| format!("showing issued certificate {}", a.serial))?;
-            print_object(a.out.output, &serde_json::to_value(cert)?);
+            print_object(&a.out, &serde_json::to_value(cert)?);
         }
         IssuedCommand::Revoke(a) => {
             let (client, _) = a.conn.client()?;
@@ -129,7 +122,7 @@ pub async fn run(c: CertificateCommand) -> anyhow::Result<()> {
                 .revoke_issued_certificate(&a.serial, a.reason.as_deref())
                 .await
                 .with_context(|| format!("revoking issued certificate {}", a.serial))?;
-            print_object(a.out.output, &serde_json::to_value(cert)?);
+            print_object(&a.out, &serde_json::to_value(cert)?);
         }
     }
     Ok(())

@@ -21,10 +21,10 @@ const COLUMNS: &[(&str, &str)] = &[
 #[derive(Args, Debug, Clone)]
 pub struct HubSettings {
     /// Relative share of devices for the hashed policy (1-1000)
-    #[arg(long, visible_alias = "weight")]
+    #[arg(long, visible_aliases = ["aw", "weight"])]
     pub allocation_weight: Option<u32>,
     /// Whether devices of enrollments that name no hubs may be assigned here
-    #[arg(long)]
+    #[arg(long, visible_alias = "aap")]
     pub apply_allocation_policy: Option<bool>,
     /// Region, for the geoLatency policy
     #[arg(long)]
@@ -32,6 +32,34 @@ pub struct HubSettings {
     /// Registrations per second sent to this hub at most (0 = unlimited)
     #[arg(long)]
     pub max_registrations_per_second: Option<u32>,
+    /// Don't check the connection string with a registry read against the hub first (for a
+    /// hub that is not up yet)
+    #[arg(long)]
+    pub skip_check: bool,
+}
+
+/// Names the hub: `--linked-hub/--lh HOST` as az does, or `HOST` as a positional.
+#[derive(Args, Debug, Clone)]
+pub struct LinkedHubArg {
+    /// The hub's host name
+    #[arg(
+        value_name = "HOST_NAME",
+        required_unless_present = "linked_hub",
+        conflicts_with = "linked_hub"
+    )]
+    pub positional: Option<String>,
+    /// The hub's host name
+    #[arg(long = "linked-hub", visible_alias = "lh")]
+    pub linked_hub: Option<String>,
+}
+
+impl LinkedHubArg {
+    fn host(&self) -> &str {
+        self.linked_hub
+            .as_deref()
+            .or(self.positional.as_deref())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -48,9 +76,19 @@ pub struct AddArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub hub: LinkedHubArg,
+    #[command(flatten)]
+    pub conn: ServiceConn,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct UpdateArgs {
-    /// The hub's host name
-    pub host_name: String,
+    #[command(flatten)]
+    pub hub: LinkedHubArg,
     /// A new connection string (e.g. after rotating keys)
     #[arg(long, hide_env_values = true)]
     pub hub_connection_string: Option<String>,
@@ -72,22 +110,30 @@ pub struct ListArgs {
 
 #[derive(Args, Debug)]
 pub struct RemoveArgs {
-    /// The hub's host name
-    pub host_name: String,
+    #[command(flatten)]
+    pub hub: LinkedHubArg,
     #[command(flatten)]
     pub conn: ServiceConn,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum LinkedHubCommand {
-    /// Link a hub (its host name comes from the connection string).
+    /// Link a hub (its host name comes from the connection string). The service first
+    /// checks the connection string with a registry read against the hub (--skip-check
+    /// links without it).
     ///
     /// Example:
-    ///   muster linked-hub add --hub-connection-string "HostName=hub2.example;SharedAccessKeyName=iothubowner;SharedAccessKey=..." --allocation-weight 2
-    #[command(verbatim_doc_comment)]
+    ///   muster linked-hub create --hub-connection-string "HostName=hub2.example;SharedAccessKeyName=iothubowner;SharedAccessKey=..." --allocation-weight 2
+    #[command(verbatim_doc_comment, name = "create", visible_alias = "add")]
     Add(AddArgs),
     /// List linked hubs (connection strings are never shown).
     List(ListArgs),
+    /// Show a linked hub (its connection string is never shown).
+    ///
+    /// Example:
+    ///   muster linked-hub show --linked-hub hub2.example
+    #[command(verbatim_doc_comment)]
+    Show(ShowArgs),
     /// Change a linked hub's settings.
     ///
     /// Example:
@@ -98,7 +144,7 @@ pub enum LinkedHubCommand {
     ///
     /// Example:
     ///   muster linked-hub remove hub2.example
-    #[command(verbatim_doc_comment)]
+    #[command(verbatim_doc_comment, name = "delete", visible_alias = "remove")]
     Remove(RemoveArgs),
 }
 
@@ -109,6 +155,7 @@ fn request(s: &HubSettings, cs: Option<String>) -> LinkedHubRequest {
         apply_allocation_policy: s.apply_allocation_policy,
         location: s.location.clone(),
         max_registrations_per_second: s.max_registrations_per_second,
+        skip_check: s.skip_check.then_some(true),
     }
 }
 
@@ -129,7 +176,7 @@ pub async fn run(c: LinkedHubCommand) -> anyhow::Result<()> {
                 )
                 .await
                 .with_context(|| format!("linking hub {host}"))?;
-            print_object(a.out.output, &serde_json::to_value(info)?);
+            print_object(&a.out, &serde_json::to_value(info)?);
         }
         LinkedHubCommand::List(a) => {
             let (client, _) = a.conn.client()?;
@@ -141,30 +188,38 @@ pub async fn run(c: LinkedHubCommand) -> anyhow::Result<()> {
                 .into_iter()
                 .map(serde_json::to_value)
                 .collect::<Result<Vec<_>, _>>()?;
-            print_list(a.out.output, &items, COLUMNS);
+            print_list(&a.out, &items, COLUMNS);
+        }
+        LinkedHubCommand::Show(a) => {
+            let host = a.hub.host();
+            let (client, _) = a.conn.client()?;
+            let info = client
+                .get_linked_hub(host)
+                .await
+                .with_context(|| format!("reading linked hub {host}"))?;
+            print_object(&a.out, &serde_json::to_value(info)?);
         }
         LinkedHubCommand::Update(a) => {
+            let host = a.hub.host();
             let (client, _) = a.conn.client()?;
             client
-                .get_linked_hub(&a.host_name)
+                .get_linked_hub(host)
                 .await
-                .with_context(|| format!("reading linked hub {}", a.host_name))?;
+                .with_context(|| format!("reading linked hub {host}"))?;
             let info = client
-                .put_linked_hub(
-                    &a.host_name,
-                    &request(&a.settings, a.hub_connection_string.clone()),
-                )
+                .put_linked_hub(host, &request(&a.settings, a.hub_connection_string.clone()))
                 .await
-                .with_context(|| format!("updating linked hub {}", a.host_name))?;
-            print_object(a.out.output, &serde_json::to_value(info)?);
+                .with_context(|| format!("updating linked hub {host}"))?;
+            print_object(&a.out, &serde_json::to_value(info)?);
         }
         LinkedHubCommand::Remove(a) => {
+            let host = a.hub.host();
             let (client, _) = a.conn.client()?;
             client
-                .delete_linked_hub(&a.host_name)
+                .delete_linked_hub(host)
                 .await
-                .with_context(|| format!("unlinking hub {}", a.host_name))?;
-            eprintln!("unlinked hub {}", a.host_name);
+                .with_context(|| format!("unlinking hub {host}"))?;
+            eprintln!("unlinked hub {host}");
         }
     }
     Ok(())

@@ -1,12 +1,16 @@
-//! `muster`: the Muster server (`muster serve`) and the operator CLI: enrollments, enrollment
-//! groups, registration records, linked hubs, device registration, bulk provisioning on behalf
-//! of devices, deprovisioning with cascade, the built-in hub's devices and twins, issued
-//! certificates (`certificate issued list|show|revoke`, issued_cert.rs), backup and restore of
-//! a data dir.
+//! `muster`: the Muster server (`muster serve`) and the operator CLI, shaped like `az iot dps`
+//! and `az iot hub`: enrollments, enrollment groups, registration records, access policies and
+//! connection strings (`policy.rs`), CA certificates with proof of possession
+//! (`ca_certificate.rs`), linked hubs, device registration, bulk provisioning on behalf of
+//! devices, deprovisioning with cascade, the built-in hub's devices, twins, cloud-to-device
+//! messages, direct methods and telemetry, certificates issued for CSRs (`certificate issued`,
+//! `issued_cert.rs`), TPM devices (`tpm.rs`), backup and restore of a data dir. `output.rs`
+//! renders every result (`-o`, `--query`) and every error (DPS error body, exit code).
 
 mod audit;
 mod backup;
 mod bench;
+mod ca_certificate;
 mod conn;
 mod device;
 mod enrollment;
@@ -15,6 +19,7 @@ mod issued_cert;
 mod linked_hub;
 mod logging;
 mod output;
+mod policy;
 mod provision;
 mod registration;
 mod serve;
@@ -43,7 +48,11 @@ const VERSION: &str = concat!(
         MUSTER_CONNECTION_STRING, or --data-dir (default ./muster-data), whose connection.json \
         `muster serve` writes.\n\nExamples:\n  muster serve\n  muster enrollment-group create \
         --group-id line-1 --initial-twin-tags '{\"site\":\"lyon\"}'\n  muster provision \
-        --group-key \"$KEY\" --prefix dev- --count 1000 --out devices.csv"
+        --group-key \"$KEY\" --prefix dev- --count 1000 --out devices.csv\n\nOutput: commands \
+        that print a result take -o/--output json|jsonc|yaml|tsv|table|none (default: table on \
+        a terminal, json otherwise) and --query JMESPATH, as az does.\n\nExit codes: 0 success; \
+        1 the command failed (a service refusal also prints its DPS error JSON on stderr); \
+        2 usage (unknown command or option, bad value, invalid --query)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -103,12 +112,19 @@ enum Command {
     /// Manage the IoT hubs devices may be assigned to.
     #[command(subcommand, name = "linked-hub")]
     LinkedHub(linked_hub::LinkedHubCommand),
+    /// Shared access policies of the service and their rights (like `az iot dps policy`).
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// CA certificates for enrollment groups, with proof of possession (like `az iot dps
+    /// certificate`).
+    #[command(subcommand)]
+    Certificate(ca_certificate::CertificateCommand),
+    /// Service connection strings (like `az iot dps connection-string`).
+    #[command(subcommand, name = "connection-string")]
+    ConnectionString(policy::ConnectionStringCommand),
     /// The audit log: who changed what, when, with which result.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
-    /// Certificates Muster issued for devices' CSRs: list, show, revoke.
-    #[command(subcommand)]
-    Certificate(issued_cert::CertificateCommand),
     /// Act as a device: register with the provisioning service.
     #[command(subcommand)]
     Device(device::DeviceCommand),
@@ -138,7 +154,8 @@ enum Command {
     ///   muster compute-device-key --key "$GROUP_KEY" --registration-id dev-001
     #[command(verbatim_doc_comment)]
     ComputeDeviceKey(device::ComputeKeyArgs),
-    /// The built-in IoT hub (or any hub, with --hub-connection-string): devices and twins.
+    /// The built-in IoT hub (or any hub, with --hub-connection-string): device identities,
+    /// twins, cloud-to-device messages, direct methods and telemetry (like `az iot hub`).
     #[command(subcommand)]
     Hub(hub::HubCommand),
     /// Operations on the store itself: copy an SQLite installation to PostgreSQL.
@@ -192,7 +209,9 @@ fn main() -> anyhow::Result<()> {
         Command::Deprovision(a) => runtime.block_on(registration::deprovision(a)),
         Command::LinkedHub(c) => runtime.block_on(linked_hub::run(c)),
         Command::Audit(c) => runtime.block_on(audit::run(c)),
-        Command::Certificate(c) => runtime.block_on(issued_cert::run(c)),
+        Command::Policy(c) => runtime.block_on(policy::run(c)),
+        Command::Certificate(c) => runtime.block_on(ca_certificate::run(c)),
+        Command::ConnectionString(c) => runtime.block_on(policy::run_connection_string(c)),
         Command::Device(c) => runtime.block_on(device::run(c)),
         Command::Tpm(c) => tpm::run(c),
         Command::Provision(a) => runtime.block_on(provision::run(a)),
@@ -203,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     };
     if let Err(e) = result {
         eprintln!("error: {}", output::describe(&e));
-        std::process::exit(1);
+        std::process::exit(output::EXIT_FAILED);
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use muster_client::{DeviceClient, DeviceKey, RegisterOptions, RetryPolicy, Trans
 use serde_json::{json, Value};
 
 use crate::conn::DeviceConn;
-use crate::output::{print_json, Format, OutputArgs};
+use crate::output::{print_object, Format, OutputArgs};
 
 pub const HEADER: [&str; 6] = [
     "registration_id",
@@ -281,19 +281,22 @@ pub async fn run(a: ProvisionArgs) -> anyhow::Result<()> {
     } else {
         0.0
     };
-    match a.output.output {
-        Format::Json => print_json(&json!({
-            "assigned": assigned,
-            "failed": failed,
-            "skipped": skipped,
-            "seconds": elapsed.as_secs_f64(),
-            "out": a.out,
-        })),
-        Format::Table => crate::output::emit(&format!(
+    match a.output.format() {
+        Format::Table if a.output.query.is_none() => crate::output::emit(&format!(
             "{assigned} assigned, {failed} failed, {skipped} skipped (already in {}) in {:.1}s ({rate:.0}/s)",
             a.out.display(),
             elapsed.as_secs_f64()
         )),
+        _ => print_object(
+            &a.output,
+            &json!({
+                "assigned": assigned,
+                "failed": failed,
+                "skipped": skipped,
+                "seconds": elapsed.as_secs_f64(),
+                "out": a.out,
+            }),
+        ),
     }
     if failed > 0 {
         bail!(

@@ -22,9 +22,34 @@ const COLUMNS: &[(&str, &str)] = &[
     ("LAST UPDATED", "/lastUpdatedDateTimeUtc"),
 ];
 
+/// Names the record: `--registration-id/--rid ID` as az does, or `ID` as a positional.
+#[derive(Args, Debug, Clone)]
+pub struct RegistrationIdArg {
+    /// The device's registration id
+    #[arg(
+        value_name = "REGISTRATION_ID",
+        required_unless_present = "registration_id",
+        conflicts_with = "registration_id"
+    )]
+    pub positional: Option<String>,
+    /// The device's registration id (`az iot dps enrollment registration` spells it --eid)
+    #[arg(long = "registration-id", visible_alias = "rid", aliases = ["enrollment-id", "eid"])]
+    pub registration_id: Option<String>,
+}
+
+impl RegistrationIdArg {
+    pub fn id(&self) -> &str {
+        self.registration_id
+            .as_deref()
+            .or(self.positional.as_deref())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ShowArgs {
-    pub registration_id: String,
+    #[command(flatten)]
+    pub id: RegistrationIdArg,
     #[command(flatten)]
     pub conn: ServiceConn,
     #[command(flatten)]
@@ -34,7 +59,7 @@ pub struct ShowArgs {
 #[derive(Args, Debug)]
 pub struct ListArgs {
     /// The enrollment group whose devices' records to list
-    #[arg(long, visible_alias = "gid")]
+    #[arg(long, visible_aliases = ["gid", "enrollment-id", "eid"])]
     pub group_id: String,
     /// At most N records
     #[arg(long)]
@@ -59,12 +84,13 @@ pub struct CascadeArgs {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    pub registration_id: String,
+    #[command(flatten)]
+    pub id: RegistrationIdArg,
     /// Also delete the device identity from its hub (the cascade DPS lacks)
     #[arg(long)]
     pub cascade: bool,
     /// Delete only if the record's etag is this one
-    #[arg(long)]
+    #[arg(long, short = 'e')]
     pub etag: Option<String>,
     #[command(flatten)]
     pub cascade_args: CascadeArgs,
@@ -118,11 +144,12 @@ pub async fn run(c: RegistrationCommand) -> anyhow::Result<()> {
     match c {
         RegistrationCommand::Show(a) => {
             let (client, _) = a.conn.client()?;
+            let id = a.id.id();
             let r = client
-                .get_registration(&a.registration_id)
+                .get_registration(id)
                 .await
-                .with_context(|| format!("reading registration '{}'", a.registration_id))?;
-            print_object(a.out.output, &serde_json::to_value(r)?);
+                .with_context(|| format!("reading registration '{id}'"))?;
+            print_object(&a.out, &serde_json::to_value(r)?);
             Ok(())
         }
         RegistrationCommand::List(a) => {
@@ -144,10 +171,11 @@ pub async fn run(c: RegistrationCommand) -> anyhow::Result<()> {
             if let Some(t) = a.top {
                 items.truncate(t);
             }
-            print_list(a.out.output, &items, COLUMNS);
+            print_list(&a.out, &items, COLUMNS);
             Ok(())
         }
         RegistrationCommand::Delete(a) => {
+            let registration_id = a.id.id();
             let (client, file) = a.conn.client()?;
             if a.cascade || a.cascade_args.block {
                 let ca = a.conn.ca(file.as_ref());
@@ -155,21 +183,21 @@ pub async fn run(c: RegistrationCommand) -> anyhow::Result<()> {
                     &client,
                     file.as_ref(),
                     ca.as_deref(),
-                    &a.registration_id,
+                    registration_id,
                     &a.cascade_args,
                     a.etag.as_deref(),
                     a.cascade,
                 )
                 .await?;
-                print_object(a.out.output, &done);
+                print_object(&a.out, &done);
             } else {
                 client
-                    .delete_registration(&a.registration_id, a.etag.as_deref())
+                    .delete_registration(registration_id, a.etag.as_deref())
                     .await
-                    .with_context(|| format!("deleting registration '{}'", a.registration_id))?;
+                    .with_context(|| format!("deleting registration '{registration_id}'"))?;
                 eprintln!(
-                    "deleted registration '{}' (the device stays in its hub; --cascade removes it)",
-                    a.registration_id
+                    "deleted registration '{registration_id}' (the device stays in its hub; \
+                     --cascade removes it)"
                 );
             }
             Ok(())
@@ -202,7 +230,7 @@ pub async fn deprovision(a: DeprovisionArgs) -> anyhow::Result<()> {
         }
     }
     print_list(
-        a.out.output,
+        &a.out,
         &rows,
         &[
             ("REGISTRATION ID", "/registrationId"),

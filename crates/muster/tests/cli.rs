@@ -148,7 +148,15 @@ fn compute_device_key_matches_hmac_sha256_and_openssl() {
     let key = "c2VjcmV0LWdyb3VwLWtleS1mb3ItbXVzdGVyLWNsaS10ZXN0cw==";
     let id = "factory-7:cam.0042";
     let out = Command::new(BIN)
-        .args(["compute-device-key", "--key", key, "--registration-id", id])
+        .args([
+            "compute-device-key",
+            "--key",
+            key,
+            "--registration-id",
+            id,
+            "-o",
+            "table",
+        ])
         .output()
         .expect("runs");
     assert!(out.status.success());
@@ -244,7 +252,7 @@ fn enrollment_commands() {
         shown["attestation"]["symmetricKey"]["primaryKey"],
         pk.as_str()
     );
-    let table = env.ok(&["enrollment", "show", "dev-1"]);
+    let table = env.ok(&["enrollment", "show", "dev-1", "-o", "table"]);
     assert!(
         table.contains("registrationId") && !table.contains(&pk),
         "{table}"
@@ -260,7 +268,7 @@ fn enrollment_commands() {
     ]);
     let list = env.json(&["enrollment", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(2));
-    let table = env.ok(&["enrollment", "list", "--top", "1"]);
+    let table = env.ok(&["enrollment", "list", "--top", "1", "-o", "table"]);
     assert_eq!(table.lines().count(), 2, "{table}");
 
     let updated = env.json(&[
@@ -355,7 +363,7 @@ fn enrollment_group_commands() {
         "https://alloc.example/api"
     );
 
-    let table = env.ok(&["enrollment-group", "list"]);
+    let table = env.ok(&["enrollment-group", "list", "-o", "table"]);
     assert!(
         table.starts_with("GROUP ID") && table.contains("line-1") && table.contains("hooked"),
         "{table}"
@@ -461,7 +469,14 @@ fn audit_list_shows_cli_writes() {
         ]
     );
     assert!(!entries.to_string().contains(&pk), "no key in the log");
-    let table = env.ok(&["audit", "list", "--policy", "provisioningserviceowner"]);
+    let table = env.ok(&[
+        "audit",
+        "list",
+        "--policy",
+        "provisioningserviceowner",
+        "-o",
+        "table",
+    ]);
     let header = table.lines().next().expect("a header line");
     for column in [
         "TIME", "POLICY", "SOURCE", "METHOD", "ROUTE", "ID", "STATUS", "ERROR",
@@ -483,6 +498,14 @@ fn linked_hub_commands() {
         "HostName=hub2.example;SharedAccessKeyName=iothubowner;SharedAccessKey={}",
         B64.encode([3u8; 32])
     );
+    // hub2.example does not exist: the service's registry read refuses the link...
+    let err = env.fails(&["linked-hub", "add", "--hub-connection-string", &cs]);
+    assert!(
+        err.contains("registry read against hub 'hub2.example' failed") && err.contains("400"),
+        "{err}"
+    );
+    assert!(!err.contains(&B64.encode([3u8; 32])), "no key in errors");
+    // ...unless told to skip it.
     let added = env.json(&[
         "linked-hub",
         "add",
@@ -490,10 +513,17 @@ fn linked_hub_commands() {
         &cs,
         "--allocation-weight",
         "3",
+        "--skip-check",
     ]);
     assert_eq!(added["name"], "hub2.example");
     assert_eq!(added["allocationWeight"], 3);
-    let err = env.fails(&["linked-hub", "add", "--hub-connection-string", &cs]);
+    let err = env.fails(&[
+        "linked-hub",
+        "add",
+        "--hub-connection-string",
+        &cs,
+        "--skip-check",
+    ]);
     assert!(err.contains("already linked"), "{err}");
     let list = env.json(&["linked-hub", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(2));
@@ -512,7 +542,7 @@ fn linked_hub_commands() {
     assert_eq!(updated["applyAllocationPolicy"], false);
     assert_eq!(updated["location"], "eu-west");
     env.ok(&["linked-hub", "remove", "hub2.example"]);
-    let table = env.ok(&["linked-hub", "list"]);
+    let table = env.ok(&["linked-hub", "list", "-o", "table"]);
     assert!(!table.contains("hub2.example"), "{table}");
     let err = env.fails(&["linked-hub", "remove", &env.info.hubs[0].host_name]);
     assert!(err.contains("built-in"), "{err}");
@@ -834,7 +864,16 @@ fn registration_commands_and_cascade() {
     assert_eq!(r["status"], "assigned");
     let list = env.json(&["registration", "list", "--group-id", "g"]);
     assert_eq!(list.as_array().map(Vec::len), Some(4));
-    let table = env.ok(&["registration", "list", "--group-id", "g", "--top", "2"]);
+    let table = env.ok(&[
+        "registration",
+        "list",
+        "--group-id",
+        "g",
+        "--top",
+        "2",
+        "-o",
+        "table",
+    ]);
     assert_eq!(table.lines().count(), 3, "{table}");
 
     // Without --cascade the device stays in its hub.
@@ -1371,7 +1410,9 @@ fn service_commands_take_a_connection_string_from_the_environment() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(env.ok(&["enrollment-group", "list"]).contains("from-env"));
+    assert!(env
+        .ok(&["enrollment-group", "list", "-o", "table"])
+        .contains("from-env"));
 }
 
 /// A leaf certificate with CN `cn` and the clientAuth EKU, self-signed or signed by `by`:
@@ -1597,4 +1638,747 @@ fn device_register_with_a_v1_certificate() {
             "{transport}: {r}"
         );
     }
+}
+
+/// Runs a command; returns (exit code, stdout, stderr).
+fn outcome(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = env.run(args);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A service refusal: exit 1, the DPS error body on stderr with `code`, and `fix` in it.
+fn refused(env: &Env, args: &[&str], code: u32, fix: &str) {
+    let (status, _, err) = outcome(env, args);
+    assert_eq!(status, Some(1), "{args:?}: {err}");
+    assert!(
+        err.contains(&format!("\"errorCode\":{code}")) && err.contains(fix),
+        "{args:?}: expected {code} and '{fix}': {err}"
+    );
+}
+
+#[test]
+fn az_shapes_for_enrollments_groups_and_registrations() {
+    let env = Env::start();
+    let hub = env.info.hubs[0].host_name.clone();
+
+    // enrollment: az's --eid, --enrollment-id and the positional name the same enrollment.
+    env.json(&[
+        "enrollment",
+        "create",
+        "--eid",
+        "az-1",
+        "--ap",
+        "static",
+        "--ih",
+        &hub,
+    ]);
+    for form in [
+        vec!["--enrollment-id", "az-1"],
+        vec!["--eid", "az-1"],
+        vec!["az-1"],
+    ] {
+        let mut args = vec!["enrollment", "show"];
+        args.extend(form.iter().copied());
+        assert_eq!(env.json(&args)["registrationId"], "az-1", "{form:?}");
+    }
+    let u = env.json(&["enrollment", "update", "--eid", "az-1", "--ps", "disabled"]);
+    assert_eq!(u["provisioningStatus"], "disabled");
+    let u = env.json(&["enrollment", "update", "az-1", "--ps", "enabled"]);
+    assert_eq!(u["provisioningStatus"], "enabled");
+    // Both forms at once, or neither, are usage errors (exit 2).
+    assert_eq!(
+        outcome(&env, &["enrollment", "show", "az-1", "--eid", "az-1"]).0,
+        Some(2)
+    );
+    assert_eq!(outcome(&env, &["enrollment", "delete"]).0, Some(2));
+
+    // enrollment-group: --gid, --group-id and the positional.
+    env.json(&["enrollment-group", "create", "--gid", "az-g"]);
+    for form in [
+        vec!["--group-id", "az-g"],
+        vec!["--gid", "az-g"],
+        vec!["az-g"],
+    ] {
+        let mut args = vec!["enrollment-group", "show"];
+        args.extend(form.iter().copied());
+        assert_eq!(env.json(&args)["enrollmentGroupId"], "az-g", "{form:?}");
+    }
+    let u = env.json(&["enrollment-group", "update", "az-g", "--ee", "true"]);
+    assert_eq!(u["capabilities"]["iotEdge"], true);
+    let u = env.json(&[
+        "enrollment-group",
+        "update",
+        "--gid",
+        "az-g",
+        "--ee",
+        "false",
+    ]);
+    assert_eq!(u["capabilities"]["iotEdge"], false);
+
+    // compute-device-key reads the group key through the API, and matches the offline form.
+    let key = env.group_key("az-g");
+    let online = env.json(&[
+        "enrollment-group",
+        "compute-device-key",
+        "--gid",
+        "az-g",
+        "--rid",
+        "az-dev",
+    ]);
+    assert_eq!(online["derivedKey"], hmac_b64(&key, "az-dev").as_str());
+    let offline = env.ok(&[
+        "enrollment-group",
+        "compute-device-key",
+        "--key",
+        &key,
+        "--rid",
+        "az-dev",
+        "--query",
+        "derivedKey",
+        "-o",
+        "tsv",
+    ]);
+    assert_eq!(offline.trim(), hmac_b64(&key, "az-dev"));
+    // A group without symmetric keys has none to derive from.
+    refused(
+        &env,
+        &[
+            "enrollment-group",
+            "compute-device-key",
+            "--gid",
+            "no-such",
+            "--rid",
+            "x",
+        ],
+        404202,
+        "no-such",
+    );
+
+    // registration: the record of a registered device by --rid or positional, listed by --gid.
+    let r = env.json(&[
+        "device",
+        "register",
+        "--registration-id",
+        "az-dev",
+        "--group-key",
+        &key,
+    ]);
+    assert_eq!(r["status"], "assigned");
+    for args in [
+        vec!["registration", "show", "--rid", "az-dev"],
+        vec!["registration", "show", "--registration-id", "az-dev"],
+        vec!["registration", "show", "az-dev"],
+        vec![
+            "enrollment-group",
+            "registration",
+            "show",
+            "--rid",
+            "az-dev",
+        ],
+    ] {
+        assert_eq!(env.json(&args)["registrationId"], "az-dev", "{args:?}");
+    }
+    let listed = env.json(&["enrollment-group", "registration", "list", "--gid", "az-g"]);
+    assert_eq!(listed[0]["registrationId"], "az-dev", "{listed}");
+    env.ok(&["registration", "delete", "--rid", "az-dev"]);
+    refused(&env, &["registration", "show", "az-dev"], 404203, "az-dev");
+
+    // delete in both forms.
+    env.ok(&["enrollment", "delete", "--eid", "az-1"]);
+    env.ok(&["enrollment-group", "delete", "az-g"]);
+    refused(
+        &env,
+        &["enrollment", "show", "--eid", "az-1"],
+        404201,
+        "az-1",
+    );
+}
+
+#[test]
+fn every_output_format_and_query() {
+    let env = Env::start();
+    env.json(&[
+        "enrollment",
+        "create",
+        "--eid",
+        "fmt-1",
+        "--did",
+        "device-fmt",
+    ]);
+    env.json(&["enrollment", "create", "--eid", "fmt-2"]);
+    let show = |fmt: &str| env.ok(&["enrollment", "show", "fmt-1", "-o", fmt]);
+
+    let json: Value = serde_json::from_str(&show("json")).expect("json");
+    assert_eq!(json["deviceId"], "device-fmt");
+    let jsonc = show("jsonc");
+    assert!(
+        jsonc.contains("\x1b[") && jsonc.contains("device-fmt"),
+        "{jsonc}"
+    );
+    let plain: String = {
+        // Without the colour codes it is the same JSON.
+        let mut s = String::new();
+        let mut chars = jsonc.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                for d in chars.by_ref() {
+                    if d == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                s.push(c);
+            }
+        }
+        s
+    };
+    assert_eq!(serde_json::from_str::<Value>(&plain).expect("jsonc"), json);
+    let yaml = show("yaml");
+    assert!(
+        yaml.contains("registrationId: fmt-1") && yaml.contains("deviceId: device-fmt"),
+        "{yaml}"
+    );
+    let tsv = show("tsv");
+    assert_eq!(tsv.lines().count(), 1, "{tsv}");
+    assert!(
+        tsv.split('\t').any(|c| c == "fmt-1") && tsv.contains("device-fmt"),
+        "{tsv}"
+    );
+    let table = show("table");
+    assert!(
+        table.starts_with("FIELD") && table.contains("device-fmt"),
+        "{table}"
+    );
+    assert_eq!(show("none"), "");
+    // Without -o, a pipe gets JSON (as az prints).
+    let default: Value =
+        serde_json::from_str(&env.ok(&["enrollment", "show", "fmt-1"])).expect("default is json");
+    assert_eq!(default, json);
+
+    // Lists: a table with columns, one tsv line per item.
+    let table = env.ok(&["enrollment", "list", "-o", "table"]);
+    assert!(
+        table.starts_with("REGISTRATION ID") && table.contains("fmt-2"),
+        "{table}"
+    );
+    let ids = env.ok(&[
+        "enrollment",
+        "list",
+        "--query",
+        "[].registrationId",
+        "-o",
+        "tsv",
+    ]);
+    let mut ids: Vec<&str> = ids.lines().collect();
+    ids.sort();
+    assert_eq!(ids, ["fmt-1", "fmt-2"]);
+
+    // --query before formatting, in every format.
+    let q = [
+        "enrollment",
+        "list",
+        "--query",
+        "[?registrationId=='fmt-1'].deviceId",
+    ];
+    let mut args = q.to_vec();
+    args.extend(["-o", "json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&env.ok(&args)).expect("json"),
+        json!(["device-fmt"])
+    );
+    let mut args = q.to_vec();
+    args.extend(["-o", "yaml"]);
+    assert_eq!(env.ok(&args).trim(), "- device-fmt");
+    let mut args = q.to_vec();
+    args.extend(["-o", "table"]);
+    let t = env.ok(&args);
+    assert!(t.starts_with("Result") && t.contains("device-fmt"), "{t}");
+    let picked = env.ok(&[
+        "enrollment",
+        "show",
+        "fmt-1",
+        "--query",
+        "{id: registrationId, status: provisioningStatus}",
+        "-o",
+        "table",
+    ]);
+    assert!(
+        picked.contains("id") && picked.contains("fmt-1") && picked.contains("enabled"),
+        "{picked}"
+    );
+    let status = env.ok(&[
+        "enrollment",
+        "show",
+        "fmt-1",
+        "--query",
+        "provisioningStatus",
+        "-o",
+        "tsv",
+    ]);
+    assert_eq!(status.trim(), "enabled");
+
+    // An invalid query is a usage error (exit 2) before any request.
+    let (code, out, err) = outcome(&env, &["enrollment", "list", "--query", "[?"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(out.is_empty() && err.contains("JMESPath"), "{err}");
+    // An unknown format too.
+    assert_eq!(
+        outcome(&env, &["enrollment", "list", "-o", "xml"]).0,
+        Some(2)
+    );
+}
+
+#[test]
+fn policy_certificate_connection_string_and_linked_hub_commands() {
+    let env = Env::start();
+    let hub = env.info.hubs[0].host_name.clone();
+
+    // policy: create, list, show, update, delete; rights enforced with its connection string.
+    let created = env.json(&[
+        "policy",
+        "create",
+        "--pn",
+        "reader",
+        "--rights",
+        "EnrollmentRead",
+        "RegistrationStatusRead",
+    ]);
+    assert_eq!(created["keyName"], "reader");
+    assert_eq!(created["rights"], "EnrollmentRead, RegistrationStatusRead");
+    assert!(
+        created.get("primaryKey").is_none(),
+        "keys only with --show-keys"
+    );
+    refused_hub(
+        &env,
+        &[
+            "policy",
+            "create",
+            "--pn",
+            "reader",
+            "--rights",
+            "ServiceConfig",
+        ],
+        "exists",
+    );
+    let names = env.json(&["policy", "list", "--query", "[].keyName"]);
+    assert!(
+        names
+            .as_array()
+            .is_some_and(|n| n.contains(&json!("reader"))),
+        "{names}"
+    );
+    let shown = env.json(&["policy", "show", "reader", "--show-keys"]);
+    assert!(shown["primaryKey"].is_string(), "{shown}");
+    let cs = env.json(&["connection-string", "show", "--policy-name", "reader"]);
+    let cs = cs["connectionString"]
+        .as_str()
+        .expect("connection string")
+        .to_string();
+    assert!(cs.contains("SharedAccessKeyName=reader"), "{cs}");
+    let secondary = env.json(&[
+        "connection-string",
+        "show",
+        "--pn",
+        "reader",
+        "--key-type",
+        "secondary",
+    ]);
+    assert!(
+        secondary["connectionString"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(shown["secondaryKey"].as_str().unwrap_or("?"))),
+        "{secondary}"
+    );
+    let all = env.json(&["connection-string", "show", "--show-all"]);
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+    // The reader may list but not write.
+    env.ok(&["enrollment", "list", "--connection-string", &cs]);
+    let (code, _, err) = outcome(
+        &env,
+        &[
+            "enrollment",
+            "create",
+            "--eid",
+            "nope",
+            "--connection-string",
+            &cs,
+        ],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("403"), "{err}");
+    let updated = env.json(&[
+        "policy",
+        "update",
+        "--policy-name",
+        "reader",
+        "-r",
+        "EnrollmentRead",
+    ]);
+    assert_eq!(updated["rights"], "EnrollmentRead");
+    refused_hub(
+        &env,
+        &["policy", "update", "--pn", "ghost", "-r", "EnrollmentRead"],
+        "muster policy create",
+    );
+    refused(
+        &env,
+        &["policy", "delete", "provisioningserviceowner"],
+        400015,
+        "can't be deleted",
+    );
+    env.ok(&["policy", "delete", "--pn", "reader"]);
+    refused(&env, &["policy", "show", "reader"], 404000, "reader");
+
+    // certificate: the whole proof-of-possession flow.
+    let dir = env.dir.path().to_path_buf();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "AZ Test Root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let root_key = rcgen::KeyPair::generate().expect("key");
+    let root = p.self_signed(&root_key).expect("root");
+    let root_pem = dir.join("root.pem");
+    std::fs::write(&root_pem, root.pem()).expect("write");
+    let root_path = root_pem.to_str().expect("utf-8");
+    let c = env.json(&[
+        "certificate",
+        "create",
+        "--name",
+        "my-root",
+        "--path",
+        root_path,
+    ]);
+    assert_eq!(
+        (c["name"].as_str(), c["isVerified"].as_bool()),
+        (Some("my-root"), Some(false))
+    );
+    // Refused while unverified, and when the name is unknown.
+    refused(
+        &env,
+        &[
+            "enrollment-group",
+            "create",
+            "--gid",
+            "ca-group",
+            "--at",
+            "x509",
+            "--root-ca-name",
+            "my-root",
+        ],
+        400005,
+        "not verified",
+    );
+    refused(
+        &env,
+        &[
+            "enrollment-group",
+            "create",
+            "--gid",
+            "ca-group",
+            "--at",
+            "x509",
+            "--cn",
+            "no-root",
+        ],
+        400005,
+        "does not exist",
+    );
+    let code = env.ok(&[
+        "certificate",
+        "generate-verification-code",
+        "my-root",
+        "--query",
+        "verificationCode",
+        "-o",
+        "tsv",
+    ]);
+    let code = code.trim();
+    assert!(code.len() >= 16, "{code}");
+    // A proof with the wrong CN is refused.
+    let wrong = x509_leaf("not-the-code", Some((&root, &root_key)));
+    let (wrong_path, _) = write_pair(&dir, "wrong", &wrong);
+    refused(
+        &env,
+        &[
+            "certificate",
+            "verify",
+            "--name",
+            "my-root",
+            "--path",
+            &wrong_path,
+        ],
+        400017,
+        "",
+    );
+    let proof = x509_leaf(code, Some((&root, &root_key)));
+    let (proof_path, _) = write_pair(&dir, "proof", &proof);
+    let v = env.json(&[
+        "certificate",
+        "verify",
+        "--certificate-name",
+        "my-root",
+        "-p",
+        &proof_path,
+    ]);
+    assert_eq!(v["isVerified"], true, "{v}");
+    let g = env.json(&[
+        "enrollment-group",
+        "create",
+        "--gid",
+        "ca-group",
+        "--at",
+        "x509",
+        "--root-ca-name",
+        "my-root",
+    ]);
+    assert_eq!(
+        g["attestation"]["x509"]["caReferences"]["primary"],
+        "my-root"
+    );
+    let table = env.ok(&["certificate", "list", "-o", "table"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("my-root") && table.contains("true"),
+        "{table}"
+    );
+    assert_eq!(
+        env.json(&["certificate", "show", "my-root"])["info"]["subjectName"],
+        "CN=AZ Test Root"
+    );
+    env.ok(&["enrollment-group", "delete", "ca-group"]);
+    env.ok(&["certificate", "delete", "--name", "my-root"]);
+    refused(&env, &["certificate", "show", "my-root"], 404206, "my-root");
+
+    // linked-hub: show in both forms; an unreachable hub is refused unless --skip-check.
+    assert_eq!(
+        env.json(&["linked-hub", "show", "--lh", &hub])["name"],
+        hub.as_str()
+    );
+    assert_eq!(env.json(&["linked-hub", "show", &hub])["builtIn"], true);
+    let down = format!(
+        "HostName=127.0.0.35:9;SharedAccessKeyName=iothubowner;SharedAccessKey={}",
+        B64.encode([5u8; 32])
+    );
+    refused(
+        &env,
+        &["linked-hub", "create", "--hub-connection-string", &down],
+        400015,
+        "--skip-check",
+    );
+    refused(
+        &env,
+        &["linked-hub", "show", "127.0.0.35:9"],
+        404205,
+        "127.0.0.35:9",
+    );
+    env.json(&[
+        "linked-hub",
+        "create",
+        "--hub-connection-string",
+        &down,
+        "--skip-check",
+        "--aw",
+        "2",
+    ]);
+    assert_eq!(
+        env.json(&["linked-hub", "show", "127.0.0.35:9"])["allocationWeight"],
+        2
+    );
+
+    // Enrollments may name linked hubs only; custom allocation needs its webhook.
+    refused(
+        &env,
+        &[
+            "enrollment",
+            "create",
+            "--eid",
+            "lost",
+            "--ap",
+            "static",
+            "--iot-hubs",
+            "nohub.example",
+        ],
+        400016,
+        "not a linked hub",
+    );
+    refused(
+        &env,
+        &[
+            "enrollment-group",
+            "create",
+            "--gid",
+            "lost",
+            "--ap",
+            "hashed",
+            "--ih",
+            &hub,
+            "nohub.example",
+        ],
+        400016,
+        "nohub.example",
+    );
+    refused(
+        &env,
+        &[
+            "enrollment-group",
+            "create",
+            "--gid",
+            "lost",
+            "--ap",
+            "custom",
+        ],
+        400012,
+        "webhookUrl",
+    );
+    let ok = env.json(&[
+        "enrollment",
+        "create",
+        "--eid",
+        "found",
+        "--ap",
+        "hashed",
+        "--ih",
+        &hub,
+        "127.0.0.35:9",
+    ]);
+    assert_eq!(ok["iotHubs"], json!([hub, "127.0.0.35:9"]));
+    // Nothing half-written by the refusals.
+    assert!(env.json(&["enrollment", "list", "--query", "[].registrationId"]) == json!(["found"]));
+    assert_eq!(env.json(&["enrollment-group", "list"]), json!([]));
+    env.ok(&["linked-hub", "delete", "--linked-hub", "127.0.0.35:9"]);
+}
+
+#[test]
+fn hub_device_identity_c2d_and_methods() {
+    let env = Env::start();
+    let d = env.json(&[
+        "hub",
+        "device-identity",
+        "create",
+        "-d",
+        "hub-dev",
+        "--show-keys",
+    ]);
+    assert_eq!(d["deviceId"], "hub-dev");
+    assert!(
+        d["authentication"]["symmetricKey"]["primaryKey"].is_string(),
+        "{d}"
+    );
+    let edge = env.json(&["hub", "device-identity", "create", "-d", "hub-edge", "--ee"]);
+    assert_eq!(edge["capabilities"]["iotEdge"], true);
+    assert!(
+        edge["authentication"]["symmetricKey"]
+            .get("primaryKey")
+            .is_none(),
+        "{edge}"
+    );
+    let ids = env.json(&["hub", "device-identity", "list", "--query", "[].deviceId"]);
+    assert!(ids.as_array().is_some_and(|i| i.len() == 2), "{ids}");
+    assert_eq!(
+        env.json(&["hub", "device-identity", "show", "hub-dev"])["status"],
+        "enabled"
+    );
+    // C2D: queued for the device, read back over the hub's device HTTPS API.
+    env.ok(&[
+        "hub",
+        "c2d-message",
+        "send",
+        "-d",
+        "hub-dev",
+        "--data",
+        "{\"led\":\"on\"}",
+        "--props",
+        "kind=cmd;prio=1",
+    ]);
+    let key = d["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let (body, headers) = receive_c2d(&env, "hub-dev", &key);
+    assert_eq!(body, "{\"led\":\"on\"}");
+    assert_eq!(
+        headers.get("iothub-app-kind").map(String::as_str),
+        Some("cmd"),
+        "{headers:?}"
+    );
+    assert_eq!(
+        headers.get("iothub-app-prio").map(String::as_str),
+        Some("1"),
+        "{headers:?}"
+    );
+    refused_hub(
+        &env,
+        &["hub", "c2d-message", "send", "-d", "ghost"],
+        "DeviceNotFound",
+    );
+    // A direct method on a device that is not connected: the hub's DeviceNotOnline.
+    refused_hub(
+        &env,
+        &[
+            "hub",
+            "invoke-device-method",
+            "-d",
+            "hub-dev",
+            "--mn",
+            "reboot",
+            "--to",
+            "1",
+        ],
+        "DeviceNotOnline",
+    );
+    env.ok(&["hub", "device-identity", "delete", "hub-edge"]);
+}
+
+fn refused_hub(env: &Env, args: &[&str], code: &str) {
+    let (status, _, err) = outcome(env, args);
+    assert_eq!(status, Some(1), "{args:?}: {err}");
+    assert!(err.contains(code), "{args:?}: {err}");
+}
+
+/// Receives one cloud-to-device message as the device, over the hub's device HTTPS API:
+/// (body, headers).
+fn receive_c2d(
+    env: &Env,
+    device_id: &str,
+    key: &str,
+) -> (String, std::collections::HashMap<String, String>) {
+    let host = env.info.hubs[0].host_name.clone();
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+        + 600;
+    let token = muster_proto::SasToken::generate(
+        &format!("{host}/devices/{device_id}"),
+        &B64.decode(key).expect("base64 key"),
+        None,
+        expiry,
+    );
+    let http =
+        muster_client::tls::https_client(env.info.ca_certificate.as_deref()).expect("http client");
+    env.rt.block_on(async {
+        let r = http
+            .get(format!(
+                "https://{host}/devices/{device_id}/messages/devicebound?api-version=2021-04-12"
+            ))
+            .header("authorization", token)
+            .send()
+            .await
+            .expect("receive");
+        assert_eq!(r.status(), 200, "a message waits");
+        let headers = r
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        (r.text().await.expect("body"), headers)
+    })
 }

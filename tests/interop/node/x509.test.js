@@ -359,12 +359,28 @@ describe('X.509 device registration', () => {
       });
 
       test(`${name}: refusals, each with its own errorCode`, { timeout: TEST_TIMEOUT_MS }, async () => {
-        // Unverified CA reference.
+        // Unverified CA reference: a group can't name an unverified CA (400 at write time)...
         const caName = unique(`node-ca-unverified-${lc}`);
         const ca = makeCert(`${caName} Device CA`, { ca: true });
         await uploadCa(caName, ca);
-        await caReferenceGroup(unique(`node-x509-unverified-${lc}`), caName);
-        const uv = makeCert(unique(`node-x509-uv-${lc}`), { issuer: ca });
+        const groupId = unique(`node-x509-unverified-${lc}`);
+        const refused = await restCall(
+          CONNECTION_STRING, 'PUT',
+          `/enrollmentGroups/${groupId}?api-version=${SERVICE_API_VERSION}`,
+          { enrollmentGroupId: groupId, attestation: { type: 'x509', x509: { caReferences: { primary: caName } } } },
+        );
+        assert.equal(refused.status, 400, refused.text);
+        assert.equal(refused.json.errorCode, 400005, refused.text);
+        assert.match(refused.json.message, /not verified/, refused.text);
+        // ...and once named while verified, a new (unverified) certificate under that name
+        // attests no device until it is verified again.
+        await verifyCa(caName, ca);
+        await caReferenceGroup(groupId, caName);
+        const replacement = makeCert(`${caName} Replacement CA`, { ca: true });
+        const r = await caApi('PUT', encodeURIComponent(caName), { certificate: replacement.pem });
+        assert.equal(r.status, 200, r.text);
+        assert.equal(r.json.isVerified, false, r.text);
+        const uv = makeCert(unique(`node-x509-uv-${lc}`), { issuer: replacement });
         await expectRefused(transport.prov(), uv.cn, uv.pem, uv.key, 401011);
 
         // A root no enrollment knows (the device sends it along).

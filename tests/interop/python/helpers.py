@@ -198,3 +198,30 @@ def service_sas_token(connection_string: str, ttl: int = 600) -> str:
         f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote_plus(sig)}"
         f"&se={expiry}&skn={parts['SharedAccessKeyName']}"
     )
+
+
+def upload_verified_ca(muster, name: str) -> "TestCert":
+    """A fresh CA certificate registered on Muster's /caCertificates under `name` and verified
+    by proof of possession (a code, then a certificate with CN = code signed by the CA): what a
+    group's caReferences must name."""
+    import requests
+
+    def call(method: str, path: str, body: dict | None = None):
+        r = requests.request(
+            method,
+            f"https://{muster.info['dpsHost']}/caCertificates/{path}",
+            params={"api-version": "2021-10-01"},
+            json=body,
+            headers={"Authorization": service_sas_token(muster.connection_string)},
+            verify=muster.ca_cert,
+            timeout=30,
+        )
+        assert r.status_code == 200, f"{method} caCertificates/{path}: {r.status_code} {r.text}"
+        return r.json()
+
+    ca = make_cert(f"{name} CA", ca=True)
+    call("PUT", name, {"certificate": ca.pem})
+    code = call("POST", f"{name}/verificationCode")["verificationCode"]
+    proof = make_cert(code, ca=False, issuer=ca)
+    assert call("POST", f"{name}/verify", {"certificate": proof.pem})["isVerified"] is True
+    return ca

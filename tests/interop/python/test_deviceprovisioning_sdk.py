@@ -33,6 +33,7 @@ from helpers import (
     make_cert,
     parse_utc,
     unique,
+    upload_verified_ca,
 )
 
 SELECT_ALL = {"query": "SELECT *"}
@@ -279,9 +280,12 @@ def test_x509_group_accepts_base64_der_certificate(dps):
 # --------------------------------------------------------------------------------------------
 # README: "Create an x509 CA certificate enrollment group"
 # --------------------------------------------------------------------------------------------
-def test_readme_x509_group_with_ca_references(dps):
-    # caReferences are *names* of CA certificates registered on the DPS resource
-    # (the README snippet passes PEM text, which is a documentation slip).
+def test_readme_x509_group_with_ca_references(dps, muster):
+    # caReferences are *names* of CA certificates registered (and verified) on the DPS
+    # resource (the README snippet passes PEM text, which is a documentation slip).
+    primary, secondary = unique("muster-root-ca"), unique("muster-root-ca-2")
+    upload_verified_ca(muster, primary)
+    upload_verified_ca(muster, secondary)
     group_id = unique("readme-ca-group")
     created = dps.enrollment_group.create_or_update(
         id=group_id,
@@ -289,18 +293,31 @@ def test_readme_x509_group_with_ca_references(dps):
             "enrollmentGroupId": group_id,
             "attestation": {
                 "type": "x509",
-                "x509": {"caReferences": {"primary": "muster-root-ca", "secondary": "muster-root-ca-2"}},
+                "x509": {"caReferences": {"primary": primary, "secondary": secondary}},
             },
         },
     )
     assert created["attestation"]["type"] == "x509"
     assert created["attestation"]["x509"]["caReferences"] == {
-        "primary": "muster-root-ca",
-        "secondary": "muster-root-ca-2",
+        "primary": primary,
+        "secondary": secondary,
     }
     got = dps.enrollment_group.get(id=group_id)
-    assert got["attestation"]["x509"]["caReferences"]["primary"] == "muster-root-ca"
-    assert got["attestation"]["x509"]["caReferences"]["secondary"] == "muster-root-ca-2"
+    assert got["attestation"]["x509"]["caReferences"]["primary"] == primary
+    assert got["attestation"]["x509"]["caReferences"]["secondary"] == secondary
+    # A name no verified CA certificate has is refused at write time, saying which.
+    missing = unique("readme-ca-missing")
+    with pytest.raises(HttpResponseError) as refused:
+        dps.enrollment_group.create_or_update(
+            id=missing,
+            enrollment_group={
+                "enrollmentGroupId": missing,
+                "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "no-such-ca"}}},
+            },
+        )
+    body = http_error_body(refused.value)
+    assert_dps_error_body(body, 400)
+    assert body["errorCode"] == 400005 and "no-such-ca" in body["message"], body
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from azure.core.exceptions import ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import serialization
 from msrest.exceptions import HttpOperationError
@@ -249,6 +249,19 @@ def create_ca_reference_group(dps, group_id: str, ca_name: str) -> None:
     )
 
 
+def verify_ca(muster, name: str, ca: TestCert) -> None:
+    """Proof of possession: a verification code, then a certificate with CN = code signed by
+    the CA."""
+    r = service_call(muster, "POST", f"/caCertificates/{name}/verificationCode")
+    assert r.status_code == 200, f"verificationCode: {r.status_code} {r.text}"
+    code = r.json()["verificationCode"]
+    assert isinstance(code, str) and code, r.text
+    proof = make_cert(code, ca=False, issuer=ca)
+    r = service_call(muster, "POST", f"/caCertificates/{name}/verify", {"certificate": proof.pem})
+    assert r.status_code == 200, f"verify: {r.status_code} {r.text}"
+    assert r.json()["isVerified"] is True, r.text
+
+
 def upload_ca(muster, name: str, ca: TestCert) -> dict:
     r = service_call(muster, "PUT", f"/caCertificates/{name}", {"certificate": ca.pem})
     assert r.status_code == 200, f"PUT caCertificates: {r.status_code} {r.text}"
@@ -377,15 +390,7 @@ def test_group_on_verified_ca_reference(muster, dps, hub, registry, tmp_path, re
     ca_name = unique("py-ca")
     ca = make_cert(f"{ca_name} Device CA", ca=True)
     upload_ca(muster, ca_name, ca)
-
-    r = service_call(muster, "POST", f"/caCertificates/{ca_name}/verificationCode")
-    assert r.status_code == 200, f"verificationCode: {r.status_code} {r.text}"
-    code = r.json()["verificationCode"]
-    assert isinstance(code, str) and code, r.text
-    proof = make_cert(code, ca=False, issuer=ca)
-    r = service_call(muster, "POST", f"/caCertificates/{ca_name}/verify", {"certificate": proof.pem})
-    assert r.status_code == 200, f"verify: {r.status_code} {r.text}"
-    assert r.json()["isVerified"] is True, r.text
+    verify_ca(muster, ca_name, ca)
 
     group_id = unique("py-x509-caref")
     create_ca_reference_group(dps, group_id, ca_name)
@@ -402,9 +407,21 @@ def test_unverified_ca_reference_is_refused(muster, dps, registry, tmp_path, web
     ca_name = unique("py-ca-unverified")
     ca = make_cert(f"{ca_name} Device CA", ca=True)
     upload_ca(muster, ca_name, ca)
-    create_ca_reference_group(dps, unique("py-x509-unverified"), ca_name)
+    # A group can't name an unverified CA: refused at write time.
+    group_id = unique("py-x509-unverified")
+    with pytest.raises(HttpResponseError) as refused:
+        create_ca_reference_group(dps, group_id, ca_name)
+    text = refused.value.response.text()
+    assert refused.value.status_code == 400 and "not verified" in text, text
+    # Named while verified, then replaced by a new (unverified) certificate: its devices are
+    # refused until it is verified again.
+    verify_ca(muster, ca_name, ca)
+    create_ca_reference_group(dps, group_id, ca_name)
+    replacement = make_cert(f"{ca_name} Replacement CA", ca=True)
+    r = service_call(muster, "PUT", f"/caCertificates/{ca_name}", {"certificate": replacement.pem})
+    assert r.status_code == 200 and r.json()["isVerified"] is False, r.text
 
-    files = DeviceFiles(tmp_path, make_cert(unique("py-x509-uv"), ca=False, issuer=ca))
+    files = DeviceFiles(tmp_path, make_cert(unique("py-x509-uv"), ca=False, issuer=replacement))
     assert_refused(muster, registry, files, websockets)
     with pytest.raises(ResourceNotFoundError):
         dps.device_registration_state.get(id=files.leaf.subject_cn)

@@ -213,6 +213,7 @@ pub(crate) async fn put<K: EnrollmentKind>(
         &*api.entropy,
     )?;
     check_issuing_ca(&api, prepared.certificate_issuance())?;
+    crate::references::check(&*api.store, &prepared, existing.as_ref().map(|s| &s.value)).await?;
     let write = Write::put(K::COLLECTION, key, expect, stored_body(&prepared)?);
     let outcome = api.store.write(vec![write]).await?.into_iter().next();
     match outcome {
@@ -525,6 +526,7 @@ async fn plan_bulk_item<K: EnrollmentKind>(
         &*api.entropy,
     )?;
     check_issuing_ca(api, prepared.certificate_issuance())?;
+    crate::references::check(&*api.store, &prepared, existing.as_ref().map(|s| &s.value)).await?;
     Ok(Write::put(
         K::COLLECTION,
         key,

@@ -1,6 +1,8 @@
 //! `/linkedHubs`: Muster's service-API extension for the hubs devices may be assigned to
 //! (DPS manages them in the Azure management plane). Needs the `ServiceConfig` right. The hub's
-//! connection string is accepted but never returned.
+//! connection string is accepted but never returned. A new or changed connection string is
+//! first checked with a registry read against the hub ([`crate::HubCheck`]) unless the body
+//! says `"skipCheck": true`; a failed check is a 400 that says what failed.
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -136,6 +138,21 @@ async fn put_one(
                     parsed.host_name
                 ),
             ));
+        }
+        if req.skip_check != Some(true) && !hub.built_in {
+            if let Some(checker) = &api.hub_check {
+                checker.check(&cs).await.map_err(|why| {
+                    ApiError::new(
+                        ErrorCode::InvalidField,
+                        format!(
+                            "connectionString: a registry read against hub '{name}' failed \
+                             ({why}); give a connection string of a policy with RegistryWrite \
+                             and ServiceConnect of a reachable hub, or send \"skipCheck\": true \
+                             (`--skip-check`) to link a hub that is not up yet"
+                        ),
+                    )
+                })?;
+            }
         }
         hub.connection_string = cs;
     }
