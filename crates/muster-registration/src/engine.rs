@@ -58,8 +58,8 @@ use crate::{
     DeviceCredential, DeviceFailure, DeviceRegistrar, DeviceReply, RegisterRequest, StatusRequest,
 };
 
-mod claims;
 mod certificates;
+mod claims;
 mod deprovision;
 pub use certificates::{Revocation, ISSUE_AUDIT_ROUTE};
 pub use deprovision::Deprovisioned;

@@ -51,7 +51,7 @@ pub fn run(c: TpmCommand) -> anyhow::Result<()> {
                 "registrationId": muster_attestation::tpm::registration_id(&ek),
                 "endorsementKey": base64::engine::general_purpose::STANDARD.encode(&ek),
             });
-            crate::output::print_object(out.output, &v);
+            crate::output::print_object(&out, &v);
             Ok(())
         }
     }
