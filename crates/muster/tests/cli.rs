@@ -788,7 +788,7 @@ fn device_register_with_a_csr_gets_a_certificate_for_the_hub() {
         .expect("a serial")
         .to_string();
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
-    let table = env.ok(&["certificate", "issued", "list"]);
+    let table = env.ok(&["certificate", "issued", "list", "-o", "table"]);
     assert!(
         table.contains("SERIAL") && table.contains(&serial),
         "{table}"
