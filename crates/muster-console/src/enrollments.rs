@@ -144,8 +144,10 @@ pub struct FormErrors {
     pub id: Option<String>,
     pub attestation: Option<String>,
     pub certificate: Option<String>,
-    /// The TPM fields (endorsement key, storage root key).
+    /// The TPM endorsement key field.
     pub tpm: Option<String>,
+    /// The TPM storage root key field.
+    pub srk: Option<String>,
     pub allocation: Option<String>,
     pub hubs: Option<String>,
     pub twin: Option<String>,
@@ -158,6 +160,7 @@ impl FormErrors {
             || self.attestation.is_some()
             || self.certificate.is_some()
             || self.tpm.is_some()
+            || self.srk.is_some()
             || self.allocation.is_some()
             || self.hubs.is_some()
             || self.twin.is_some()
@@ -170,6 +173,7 @@ impl FormErrors {
         let text = Some(f.text());
         let lower = f.message.to_ascii_lowercase();
         match f.code_num() {
+            _ if lower.contains("attestation.tpm.storagerootkey") => e.srk = text,
             _ if lower.contains("attestation.tpm") => e.tpm = text,
             400002 | 400003 | 400008 | 409201 | 409202 => e.id = text,
             400005 | 400006 => e.attestation = text,
@@ -374,12 +378,10 @@ impl EnrollmentForm {
                 Value::Null
             }
             "tpm" => {
-                errors.tpm =
-                    tpm_key_error(&self.endorsement_key, "endorsement key").or_else(|| {
-                        (!self.storage_root_key.is_empty())
-                            .then(|| tpm_key_error(&self.storage_root_key, "storage root key"))
-                            .flatten()
-                    });
+                errors.tpm = tpm_key_error(&self.endorsement_key, "endorsement key");
+                if !self.storage_root_key.is_empty() {
+                    errors.srk = tpm_key_error(&self.storage_root_key, "storage root key");
+                }
                 let mut tpm = json!({"endorsementKey": self.endorsement_key});
                 if !self.storage_root_key.is_empty() {
                     tpm["storageRootKey"] = Value::String(self.storage_root_key.clone());
@@ -417,7 +419,13 @@ fn tpm_key_error(b64: &str, what: &'static str) -> Option<String> {
     }
     muster_attestation::tpm::RsaPublicArea::from_base64(b64, what)
         .err()
-        .map(|e| format!("Check the {what}: {e}."))
+        .map(|e| {
+            // "the endorsement key is not …" as a sentence.
+            let text = e.to_string();
+            let mut chars = text.chars();
+            let first = chars.next().map(|c| c.to_ascii_uppercase());
+            format!("{}{}.", first.unwrap_or_default(), chars.as_str())
+        })
 }
 
 /// What the details page says about an enrolled EK: the registration id devices derive from
@@ -1485,21 +1493,25 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             e.tpm.as_deref(),
-            Some("Check the endorsement key: the endorsement key is not valid base64.")
+            Some("The endorsement key is not valid base64.")
         );
         // Valid base64, but an X.509 certificate's first bytes rather than a TPM2B_PUBLIC.
         let e = tpm_form("MIIBszCCAVmgAwIBAgIU")
             .to_new_body(Kind::Individual)
             .unwrap_err();
-        assert!(
-            e.tpm.as_deref().unwrap().contains("is not a TPM2B_PUBLIC"),
-            "{e:?}"
+        assert_eq!(
+            e.tpm.as_deref(),
+            Some("The endorsement key is not a TPM2B_PUBLIC: it ends early.")
         );
         let mut srk_bad = tpm_form(&ek_b64());
         srk_bad.storage_root_key = "AAAA".into();
         let e = srk_bad.to_new_body(Kind::Individual).unwrap_err();
+        assert!(e.tpm.is_none(), "{e:?}");
         assert!(
-            e.tpm.as_deref().unwrap().contains("storage root key"),
+            e.srk
+                .as_deref()
+                .unwrap()
+                .starts_with("The storage root key is not"),
             "{e:?}"
         );
     }
