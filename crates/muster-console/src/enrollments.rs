@@ -3,7 +3,8 @@
 //! - `GET /console/enrollments?tab=groups|individual&q=&page=` — list with search (the API's
 //!   query, paged with `x-ms-continuation`; a search scans pages and keeps ids containing `q`).
 //! - `GET|POST /console/enrollments/new?kind=` — add: symmetric key (generated or given),
-//!   X.509 (certificate upload or pasted PEM, or a CA reference), TPM.
+//!   X.509 (certificate upload or pasted PEM, or a CA reference), TPM (individual only: the EK
+//!   and optional SRK, checked as `TPM2B_PUBLIC` here since the API only checks base64).
 //! - `GET /console/enrollments/{kind}/{id}?tab=settings|registrations` — details: keys behind
 //!   a reveal, settings form (allocation, linked hubs, initial twin, reprovisioning, status),
 //!   the registration records with their assigned hub.
