@@ -276,9 +276,7 @@ test("a TPM device: its EK enrolled through the console's form, registered with 
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MUSTER_")));
   const muster = (args) => {
     const r = spawnSync(process.env.MUSTER_BIN, args, { encoding: "utf8", env });
-    if (r.status !== 0 && /unrecognized subcommand 'tpm'|unexpected argument '--tpm'|feature/.test(r.stderr)) {
-      throw new Error(`${process.env.MUSTER_BIN} has no TPM support: build it with --features muster/tpm\n${r.stderr}`);
-    }
+    // A muster built without the `tpm` feature says so here ("built without TPM support").
     assert.equal(r.status, 0, `muster ${args.slice(0, 2).join(" ")} failed:\n${r.stderr}${r.stdout}`);
     return r.stdout;
   };
@@ -289,7 +287,7 @@ test("a TPM device: its EK enrolled through the console's form, registered with 
 
   // Groups do not offer TPM (DPS supports it for individual enrollments only).
   await page.goto(`${base}/enrollments/new?kind=groups`);
-  assert.equal(await page.getByLabel("Trusted Platform Module (TPM)").count(), 0);
+  assert.equal(await page.getByLabel("Trusted Platform Module (TPM)").count(), 0, "no TPM option on the group form");
 
   // Operator: the individual enrollment form, TPM, the EK pasted.
   await page.goto(`${base}/enrollments?tab=individual`);
