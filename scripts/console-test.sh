@@ -8,7 +8,7 @@
 #
 # The TPM enrollment test starts Debian's swtpm on the same loopback address and registers with
 # `muster device register --tpm`, so the binary is built with `--features muster/tpm`
-# (libtss2-dev), as scripts/test.sh's `cargo test` builds it: one build serves both.
+# (libtss2-dev); scripts/test.sh passes the one its `cargo test --features muster/tpm` built.
 #
 # Usage: scripts/console-test.sh [--no-build]
 #
