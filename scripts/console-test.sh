@@ -6,15 +6,20 @@
 # when the test fails) to $MUSTER_ARTIFACTS_DIR/console/ (default: artifacts/console/ at the
 # repository root; git-ignored, and the directory CI keeps).
 #
+# The TPM enrollment test starts Debian's swtpm on the same loopback address and registers with
+# `muster device register --tpm`, so the binary is built with `--features muster/tpm`
+# (libtss2-dev); scripts/test.sh passes the one its `cargo test --features muster/tpm` built.
+#
 # Usage: scripts/console-test.sh [--no-build]
 #
 # Environment:
-#   MUSTER_BIN           muster binary (default: $CARGO_TARGET_DIR or target, /debug/muster)
+#   MUSTER_BIN           muster binary built with --features muster/tpm (default: built here,
+#                        $CARGO_TARGET_DIR or target, /debug/muster)
 #   MUSTER_CONSOLE_HOST  loopback address for the server (default 127.0.0.13)
 #   CHROMIUM             browser binary (default /usr/bin/chromium; apt-get install chromium)
 #   MUSTER_ARTIFACTS_DIR where test artefacts are kept (default: artifacts/ at the repo root)
 #
-# Needs: node >= 20 and npm, chromium, cargo.
+# Needs: node >= 20 and npm, chromium, cargo, swtpm (apt-get install swtpm swtpm-tools), libtss2-dev.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,9 +34,10 @@ TEST_DIR="$ROOT/tests/console"
 
 [[ -x "$CHROMIUM" ]] || { echo "console-test: $CHROMIUM not found (apt-get install chromium)" >&2; exit 1; }
 command -v node >/dev/null || { echo "console-test: node not found" >&2; exit 1; }
+command -v swtpm >/dev/null || { echo "console-test: swtpm not found (apt-get install swtpm swtpm-tools)" >&2; exit 1; }
 
 if [[ $build == 1 && -z "${MUSTER_BIN:-}" ]]; then
-  cargo build -q -p muster
+  cargo build -q -p muster --locked --features muster/tpm
 fi
 [[ -x "$BIN" ]] || { echo "console-test: $BIN not found" >&2; exit 1; }
 
@@ -77,7 +83,7 @@ done
 grep -m1 "Web console" "$LOG" || true
 
 status=0
-MUSTER_CONNECTION="$DATA/connection.json" MUSTER_DATA_DIR="$DATA" MUSTER_BIN="$BIN" \
+MUSTER_CONNECTION="$DATA/connection.json" MUSTER_DATA_DIR="$DATA" MUSTER_BIN="$BIN" MUSTER_CONSOLE_HOST="$HOST" \
   node --test --test-reporter=spec "$TEST_DIR/console.test.mjs" || status=$?
 if [[ $status != 0 ]]; then
   echo "---- muster serve log ----" >&2; tail -n 50 "$LOG" >&2

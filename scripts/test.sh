@@ -37,5 +37,7 @@ fi
 
 if [[ $browser -eq 1 ]]; then
   section "web console in a real browser (chromium + playwright-core)"
-  bash scripts/console-test.sh
+  # The muster binary `cargo test` just built (with the `tpm` feature the console's TPM test
+  # needs): no second build.
+  MUSTER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/muster" bash scripts/console-test.sh
 fi

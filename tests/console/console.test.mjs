@@ -3,15 +3,19 @@
 //   MUSTER_CONNECTION  path of the server's connection.json
 //   MUSTER_BIN         the muster binary (for `muster device register`)
 //   MUSTER_DATA_DIR    the server's data dir (the CLI reads connection.json from it)
+//   MUSTER_CONSOLE_HOST the server's loopback address (swtpm listens there too)
 //   CHROMIUM           browser binary (default /usr/bin/chromium)
+// The TPM test starts Debian's swtpm (package swtpm) itself and needs MUSTER_BIN built with
+// `--features muster/tpm`; without either it fails saying so.
 // Screenshots of every page go to tests/console/artifacts/ (git-ignored).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { connect, createServer } from "node:net";
 import { chromium } from "playwright-core";
 
 const conn = JSON.parse(readFileSync(process.env.MUSTER_CONNECTION, "utf8"));
@@ -71,7 +75,82 @@ before(async () => {
 after(async () => {
   await context?.close();
   if (profile) rmSync(profile, { recursive: true, force: true });
+  await stopSwtpm();
 });
+
+// ---- swtpm: a software TPM on the server's loopback address, state in a temp dir ----
+let swtpm; // { child, dir, tcti }
+
+/** Resolves with whether `port` on `host` can be bound now (then frees it). */
+function canBind(host, port) {
+  return new Promise((resolve) => {
+    const srv = createServer();
+    srv.once("error", () => resolve(false));
+    srv.listen({ host, port, exclusive: true }, () => srv.close(() => resolve(true)));
+  });
+}
+
+/** A free port P on `host` with P + 1 free too (the swtpm TCTI's control port is P + 1). */
+async function twoFreePorts(host) {
+  for (let i = 0; i < 100; i++) {
+    const port = await new Promise((resolve, reject) => {
+      const srv = createServer();
+      srv.once("error", reject);
+      srv.listen({ host, port: 0, exclusive: true }, () => {
+        const p = srv.address().port;
+        srv.close(() => resolve(p));
+      });
+    });
+    if (port < 65535 && (await canBind(host, port + 1))) return port;
+  }
+  throw new Error(`no two consecutive free ports on ${host}`);
+}
+
+/** Resolves once `host:port` accepts a connection; rejects if `child` exits or at `deadline`. */
+async function acceptsConnections(host, port, child, deadline) {
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`swtpm exited with ${child.exitCode}`);
+    const ok = await new Promise((resolve) => {
+      const s = connect({ host, port }, () => { s.destroy(); resolve(true); });
+      s.once("error", () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`swtpm is not listening on ${host}:${port}`);
+    await new Promise((r) => setImmediate(r));
+  }
+}
+
+async function startSwtpm() {
+  const probe = spawnSync("swtpm", ["--version"], { encoding: "utf8" });
+  if (probe.error) {
+    throw new Error("swtpm is not installed: the TPM enrollment test needs Debian's swtpm (apt-get install swtpm swtpm-tools; .ci/run installs it)");
+  }
+  const host = process.env.MUSTER_CONSOLE_HOST || new URL(base).hostname;
+  const port = await twoFreePorts(host);
+  const dir = mkdtempSync(join(tmpdir(), "muster-console-swtpm-"));
+  const child = spawn("swtpm", [
+    "socket", "--tpm2", "--tpmstate", `dir=${dir}`,
+    "--server", `type=tcp,port=${port},bindaddr=${host}`,
+    "--ctrl", `type=tcp,port=${port + 1},bindaddr=${host}`,
+    "--flags", "not-need-init,startup-clear",
+  ], { stdio: "ignore" });
+  swtpm = { child, dir, tcti: `swtpm:host=${host},port=${port}` };
+  const deadline = Date.now() + 20_000;
+  await acceptsConnections(host, port, child, deadline);
+  await acceptsConnections(host, port + 1, child, deadline);
+}
+
+async function stopSwtpm() {
+  if (!swtpm) return;
+  const { child, dir } = swtpm;
+  swtpm = undefined;
+  if (child.exitCode === null && child.signalCode === null) {
+    const exited = new Promise((r) => child.once("exit", r));
+    child.kill("SIGTERM");
+    await exited;
+  }
+  rmSync(dir, { recursive: true, force: true });
+}
 
 test("a wrong key cannot sign in", async () => {
   await page.goto(base);
@@ -188,6 +267,75 @@ test("the other pages: registration records, linked hubs, hub devices", async ()
   await page.getByRole("heading", { name: `Device ${deviceId}` }).waitFor();
   assert.match(await page.locator("#twin").textContent(), /"line": "e2e"/);
   await screenshot("hub-device");
+});
+
+test("a TPM device: its EK enrolled through the console's form, registered with `muster device register --tpm`", async () => {
+  await startSwtpm();
+  // The device CLI runs with nothing from the test's environment pointing at the server: it is
+  // given the ID scope, endpoint and CA as a developer would.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("MUSTER_")));
+  const muster = (args) => {
+    const r = spawnSync(process.env.MUSTER_BIN, args, { encoding: "utf8", env });
+    // A muster built without the `tpm` feature says so here ("built without TPM support").
+    assert.equal(r.status, 0, `muster ${args.slice(0, 2).join(" ")} failed:\n${r.stderr}${r.stdout}`);
+    return r.stdout;
+  };
+  // Developer: the EK and the registration id derived from it.
+  const ek = JSON.parse(muster(["tpm", "show-ek", "--tcti", swtpm.tcti, "-o", "json"]));
+  assert.match(ek.registrationId, /^[a-z2-7]{52}$/);
+  const tpmDevice = `e2e-tpm-${suffix}`;
+
+  // Groups do not offer TPM (DPS supports it for individual enrollments only).
+  await page.goto(`${base}/enrollments/new?kind=groups`);
+  assert.equal(await page.getByLabel("Trusted Platform Module (TPM)").count(), 0, "no TPM option on the group form");
+
+  // Operator: the individual enrollment form, TPM, the EK pasted.
+  await page.goto(`${base}/enrollments?tab=individual`);
+  await page.getByRole("link", { name: "Add individual enrollment" }).click();
+  await page.getByLabel("Registration id", { exact: true }).fill(ek.registrationId);
+  await page.getByLabel(/IoT Hub device id/).fill(tpmDevice);
+  await page.getByLabel("Trusted Platform Module (TPM)").check();
+  assert.ok(await page.getByLabel(/Endorsement key/).isVisible(), "the TPM fields show");
+  assert.ok(!(await page.getByLabel("Primary key (base64; ignored when auto-generating)").isVisible()), "the symmetric key fields hide");
+  // A truncated paste is refused under the field, saying which check failed; the form keeps it.
+  const truncated = ek.endorsementKey.slice(0, 200);
+  await page.getByLabel(/Endorsement key/).fill(truncated);
+  await page.getByRole("button", { name: "Save", exact: true }).click();
+  await page.locator("#tpm-error", { hasText: "The endorsement key is not a TPM2B_PUBLIC: it ends early." }).waitFor();
+  assert.equal(await page.getByLabel(/Endorsement key/).getAttribute("aria-invalid"), "true");
+  assert.equal(await page.getByLabel(/Endorsement key/).inputValue(), truncated);
+  assert.ok(await page.getByLabel("Trusted Platform Module (TPM)").isChecked());
+  await screenshot("add-tpm-enrollment-refused");
+  // The EK as a terminal wraps it (64 columns): accepted.
+  await page.getByLabel(/Endorsement key/).fill(ek.endorsementKey.match(/.{1,64}/g).join("\n"));
+  await screenshot("add-tpm-enrollment");
+  await page.getByRole("button", { name: "Save", exact: true }).click();
+  await page.getByText(`Created individual enrollment '${ek.registrationId}'.`).waitFor();
+  assert.match(await page.locator(".meta").first().textContent(), /attestation\s+tpm/);
+  await page.getByText("devices derive this registration id from it").waitFor();
+  await screenshot("tpm-enrollment");
+
+  // Developer: register with the TPM (the registration id defaults to the EK's).
+  const out = JSON.parse(muster([
+    "device", "register", "--tpm", "--tcti", swtpm.tcti,
+    "--id-scope", conn.idScope, "--endpoint", `${conn.dpsHost}:${conn.httpsPort}`,
+    "--ca-cert", conn.caCertificate, "-o", "json",
+  ]));
+  assert.equal(out.status, "assigned", JSON.stringify(out));
+  assert.equal(out.registrationId, ek.registrationId);
+  assert.equal(out.deviceId, tpmDevice);
+  assert.equal(out.assignedHub, builtInHub);
+  await stopSwtpm();
+
+  // The console's registration records show the device assigned to the built-in hub.
+  await page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Registration records" }).click();
+  await page.getByLabel("Search", { exact: true }).fill(ek.registrationId);
+  await page.getByRole("button", { name: "Filter" }).click();
+  const row = page.locator("#registrations tbody tr").filter({ has: page.getByRole("rowheader", { name: ek.registrationId, exact: true }) });
+  await row.waitFor();
+  const cells = await row.locator("th, td").allTextContents();
+  assert.deepEqual(cells.slice(0, 4), [ek.registrationId, tpmDevice, "assigned", builtInHub]);
+  await screenshot("tpm-registration-record");
 });
 
 test("issued certificates: a CSR registration's certificate is listed and revoked with a reason", async () => {

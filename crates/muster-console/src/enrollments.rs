@@ -3,7 +3,8 @@
 //! - `GET /console/enrollments?tab=groups|individual&q=&page=` — list with search (the API's
 //!   query, paged with `x-ms-continuation`; a search scans pages and keeps ids containing `q`).
 //! - `GET|POST /console/enrollments/new?kind=` — add: symmetric key (generated or given),
-//!   X.509 (certificate upload or pasted PEM, or a CA reference), TPM.
+//!   X.509 (certificate upload or pasted PEM, or a CA reference), TPM (individual only: the EK
+//!   and optional SRK, checked as `TPM2B_PUBLIC` here since the API only checks base64).
 //! - `GET /console/enrollments/{kind}/{id}?tab=settings|registrations` — details: keys behind
 //!   a reveal, settings form (allocation, linked hubs, initial twin, reprovisioning, status),
 //!   the registration records with their assigned hub.
@@ -97,7 +98,10 @@ pub struct EnrollmentForm {
     pub x509_source: String,
     pub certificate: String,
     pub ca_reference: String,
+    /// The TPM's EK, `TPM2B_PUBLIC` in base64 (whitespace removed: it is often pasted wrapped).
     pub endorsement_key: String,
+    /// The TPM's SRK, optional (DPS stores it; registration takes the device's).
+    pub storage_root_key: String,
     /// `hashed`, `static`, `geoLatency` or `custom`.
     pub allocation_policy: String,
     pub iot_hubs: Vec<String>,
@@ -123,6 +127,7 @@ impl Default for EnrollmentForm {
             certificate: String::new(),
             ca_reference: String::new(),
             endorsement_key: String::new(),
+            storage_root_key: String::new(),
             allocation_policy: "hashed".into(),
             iot_hubs: Vec::new(),
             webhook_url: String::new(),
@@ -140,6 +145,10 @@ pub struct FormErrors {
     pub id: Option<String>,
     pub attestation: Option<String>,
     pub certificate: Option<String>,
+    /// The TPM endorsement key field.
+    pub tpm: Option<String>,
+    /// The TPM storage root key field.
+    pub srk: Option<String>,
     pub allocation: Option<String>,
     pub hubs: Option<String>,
     pub twin: Option<String>,
@@ -151,6 +160,8 @@ impl FormErrors {
         self.id.is_some()
             || self.attestation.is_some()
             || self.certificate.is_some()
+            || self.tpm.is_some()
+            || self.srk.is_some()
             || self.allocation.is_some()
             || self.hubs.is_some()
             || self.twin.is_some()
@@ -163,6 +174,8 @@ impl FormErrors {
         let text = Some(f.text());
         let lower = f.message.to_ascii_lowercase();
         match f.code_num() {
+            _ if lower.contains("attestation.tpm.storagerootkey") => e.srk = text,
+            _ if lower.contains("attestation.tpm") => e.tpm = text,
             400002 | 400003 | 400008 | 409201 | 409202 => e.id = text,
             400005 | 400006 => e.attestation = text,
             400007 | 401002 | 404206 => e.certificate = text,
@@ -194,7 +207,8 @@ impl EnrollmentForm {
             x509_source: f.get("x509_source").to_string(),
             certificate,
             ca_reference: f.get("ca_reference").trim().to_string(),
-            endorsement_key: f.get("endorsement_key").trim().to_string(),
+            endorsement_key: without_whitespace(f.get("endorsement_key")),
+            storage_root_key: without_whitespace(f.get("storage_root_key")),
             allocation_policy: f.get("allocation_policy").to_string(),
             iot_hubs: f
                 .all("iot_hubs")
@@ -357,11 +371,23 @@ impl EnrollmentForm {
                     json!({"type": "x509", "x509": {certs_field: {"primary": {"certificate": self.certificate}}}})
                 }
             }
+            "tpm" if kind == Kind::Group => {
+                errors.attestation = Some(
+                    "TPM attestation is for individual enrollments only; groups use X.509 or symmetric keys."
+                        .into(),
+                );
+                Value::Null
+            }
             "tpm" => {
-                if self.endorsement_key.is_empty() {
-                    errors.attestation = Some("Enter the TPM endorsement key (base64).".into());
+                errors.tpm = tpm_key_error(&self.endorsement_key, "endorsement key");
+                if !self.storage_root_key.is_empty() {
+                    errors.srk = tpm_key_error(&self.storage_root_key, "storage root key");
                 }
-                json!({"type": "tpm", "tpm": {"endorsementKey": self.endorsement_key}})
+                let mut tpm = json!({"endorsementKey": self.endorsement_key});
+                if !self.storage_root_key.is_empty() {
+                    tpm["storageRootKey"] = Value::String(self.storage_root_key.clone());
+                }
+                json!({"type": "tpm", "tpm": tpm})
             }
             _ => {
                 errors.attestation = Some("Choose a mechanism.".into());
@@ -376,6 +402,52 @@ impl EnrollmentForm {
             Ok(Value::Object(obj))
         }
     }
+}
+
+/// `s` with every whitespace character removed (base64 pasted across lines).
+fn without_whitespace(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// Why a pasted EK or SRK cannot be a TPM's RSA storage key, checked before asking the API
+/// (which only checks base64) so the operator learns it now rather than from the device's
+/// 401013 later. `None` when it parses.
+fn tpm_key_error(b64: &str, what: &'static str) -> Option<String> {
+    if b64.is_empty() {
+        return Some(format!(
+            "Enter the TPM {what} (base64; `muster tpm show-ek` prints the endorsement key)."
+        ));
+    }
+    muster_attestation::tpm::RsaPublicArea::from_base64(b64, what)
+        .err()
+        .map(|e| {
+            // "the endorsement key is not …" as a sentence.
+            let text = e.to_string();
+            let mut chars = text.chars();
+            let first = chars.next().map(|c| c.to_ascii_uppercase());
+            format!("{}{}.", first.unwrap_or_default(), chars.as_str())
+        })
+}
+
+/// What the details page says about an enrolled EK: the registration id devices derive from
+/// it, and whether it is this enrollment's (else devices must be given the id).
+fn tpm_summary(ek_b64: &str, registration_id: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(ek_b64.trim())
+        .ok()?;
+    let derived = muster_attestation::tpm::registration_id(&raw);
+    Some(if derived == registration_id {
+        format!(
+            "Endorsement key ({} bytes): devices derive this registration id from it.",
+            raw.len()
+        )
+    } else {
+        format!(
+            "Endorsement key ({} bytes): the registration id derived from it is {derived}, not this enrollment's; its device must register with --registration-id {registration_id}.",
+            raw.len()
+        )
+    })
 }
 
 fn str_at(v: &Value, key: &str) -> Option<String> {
@@ -939,6 +1011,13 @@ async fn details_view(
             certificates.push(format!("CA reference (primary): {ca}"));
         }
     }
+    if let Some(line) = record
+        .pointer("/attestation/tpm/endorsementKey")
+        .and_then(Value::as_str)
+        .and_then(|ek| tpm_summary(ek, id))
+    {
+        certificates.push(line);
+    }
     let stored_form = EnrollmentForm::from_record(&record);
     let form = ov.form.unwrap_or_else(|| stored_form.clone());
     let hubs = hub_choices(c, &form.iot_hubs).await;
@@ -1346,4 +1425,124 @@ async fn cascade_group(c: &Console, s: &Session, id: &str) -> Result<String, Fai
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine;
+
+    /// A `TPM2B_PUBLIC` shaped like the EK template: RSA-2048, SHA-256 names, AES-128-CFB.
+    fn ek_b64() -> String {
+        let mut t = Vec::new();
+        for v in [0x0001u16, 0x000B] {
+            t.extend_from_slice(&v.to_be_bytes());
+        }
+        t.extend_from_slice(&0x0003_00B2u32.to_be_bytes());
+        t.extend_from_slice(&32u16.to_be_bytes());
+        t.extend_from_slice(&[7u8; 32]);
+        for v in [0x0006u16, 128, 0x0043, 0x0010, 2048] {
+            t.extend_from_slice(&v.to_be_bytes());
+        }
+        t.extend_from_slice(&0u32.to_be_bytes());
+        t.extend_from_slice(&256u16.to_be_bytes());
+        t.extend_from_slice(&[0xC5u8; 256]);
+        let mut out = (t.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&t);
+        B64.encode(out)
+    }
+
+    fn tpm_form(ek: &str) -> EnrollmentForm {
+        EnrollmentForm {
+            id: "tpm-device".into(),
+            attestation: "tpm".into(),
+            endorsement_key: ek.into(),
+            ..EnrollmentForm::default()
+        }
+    }
+
+    #[test]
+    fn a_wrapped_ek_is_joined_and_sent_with_the_srk() {
+        let ek = ek_b64();
+        let wrapped: String = ek
+            .as_bytes()
+            .chunks(64)
+            .map(|c| format!("{}\r\n", std::str::from_utf8(c).unwrap()))
+            .collect();
+        assert_eq!(without_whitespace(&format!("  {wrapped} ")), ek);
+        let mut form = tpm_form(&ek);
+        form.storage_root_key = ek.clone();
+        let body = form.to_new_body(Kind::Individual).expect("valid");
+        assert_eq!(body["attestation"]["type"], "tpm");
+        assert_eq!(body["attestation"]["tpm"]["endorsementKey"], ek.as_str());
+        assert_eq!(body["attestation"]["tpm"]["storageRootKey"], ek.as_str());
+        let body = tpm_form(&ek).to_new_body(Kind::Individual).expect("valid");
+        assert!(body["attestation"]["tpm"].get("storageRootKey").is_none());
+    }
+
+    #[test]
+    fn an_ek_that_is_not_a_tpm_public_key_is_refused_with_the_check_that_failed() {
+        let e = tpm_form("").to_new_body(Kind::Individual).unwrap_err();
+        assert!(e
+            .tpm
+            .as_deref()
+            .unwrap()
+            .contains("Enter the TPM endorsement key"));
+        let e = tpm_form("not base64!")
+            .to_new_body(Kind::Individual)
+            .unwrap_err();
+        assert_eq!(
+            e.tpm.as_deref(),
+            Some("The endorsement key is not valid base64.")
+        );
+        // Valid base64, but an X.509 certificate's first bytes rather than a TPM2B_PUBLIC.
+        let e = tpm_form("MIIBszCCAVmgAwIBAgIU")
+            .to_new_body(Kind::Individual)
+            .unwrap_err();
+        assert_eq!(
+            e.tpm.as_deref(),
+            Some("The endorsement key is not a TPM2B_PUBLIC: it ends early.")
+        );
+        let mut srk_bad = tpm_form(&ek_b64());
+        srk_bad.storage_root_key = "AAAA".into();
+        let e = srk_bad.to_new_body(Kind::Individual).unwrap_err();
+        assert!(e.tpm.is_none(), "{e:?}");
+        assert!(
+            e.srk
+                .as_deref()
+                .unwrap()
+                .starts_with("The storage root key is not"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn groups_cannot_choose_tpm() {
+        let mut form = tpm_form(&ek_b64());
+        form.id = "a-group".into();
+        let e = form.to_new_body(Kind::Group).unwrap_err();
+        assert!(e
+            .attestation
+            .as_deref()
+            .unwrap()
+            .contains("individual enrollments only"));
+    }
+
+    #[test]
+    fn the_details_line_says_whether_the_registration_id_is_the_eks() {
+        let ek = ek_b64();
+        let derived = muster_attestation::tpm::registration_id(&B64.decode(&ek).unwrap());
+        let same = tpm_summary(&ek, &derived).unwrap();
+        assert!(
+            same.contains("devices derive this registration id"),
+            "{same}"
+        );
+        let other = tpm_summary(&ek, "custom-id").unwrap();
+        assert!(
+            other.contains(&derived) && other.contains("--registration-id custom-id"),
+            "{other}"
+        );
+        assert!(tpm_summary("%%", "x").is_none());
+    }
 }

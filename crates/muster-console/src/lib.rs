@@ -19,8 +19,8 @@
 //!   the live registration view ([`events`]: the session's Server-Sent Events stream, read by
 //!   `console.js`; without JavaScript the section links to the records instead).
 //! - [`audit_log`] — the audit log (`GET /audit`), filtered by time, policy and id, paged.
-//! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add,
-//!   details (settings with the IoT Edge toggle, registration records), enable/disable,
+//! - [`enrollments`] — enrollment groups and individual enrollments: list, search, add (TPM:
+//!   the EK checked as a `TPM2B_PUBLIC`), details (settings with the IoT Edge toggle, registration records), enable/disable,
 //!   delete with cascade (its confirmation counts the records and hub devices it removes).
 //! - [`registrations`] — registration records filtered by status, group and hub, paged;
 //!   search by registration id or device id (one indexed store lookup); delete a record, or
