@@ -329,7 +329,9 @@ fn a_storm_survives_a_killed_node() {
         })
         .collect();
     admitted.sort_by(f64::total_cmp);
-    check_rate(&admitted);
+    if let Err(e) = check_rate(&admitted) {
+        panic!("{e}");
+    }
 
     // A figure for BENCHMARKS.md: PostgreSQL transactions (each statement outside a
     // transaction is one: about the round trips) per registration, polls and sweeps included.
@@ -480,7 +482,7 @@ fn list_all(rt: &tokio::runtime::Runtime, store: &PostgresStore, c: Collection) 
 /// any interval [a, b] by `RATE` × (b − a) + `RATE`; one more second of `RATE` allows for the
 /// time between taking a token and stamping the record. Three unshared buckets would admit
 /// about 3 × `RATE`/s and break the bound on any interval longer than a second or two.
-fn check_rate(admitted: &[f64]) {
+fn check_rate(admitted: &[f64]) -> Result<(), String> {
     let rate = f64::from(RATE);
     let mut busiest_second = 0;
     let mut j = 0;
@@ -492,10 +494,11 @@ fn check_rate(admitted: &[f64]) {
         for k in i..admitted.len() {
             let span = admitted[k] - admitted[i];
             let count = (k - i + 1) as f64;
-            assert!(
-                count <= rate * span + 2.0 * rate,
-                "{count} admissions in {span:.2} s exceed the hub's {RATE}/s bucket"
-            );
+            if count > rate * span + 2.0 * rate {
+                return Err(format!(
+                    "{count} admissions in {span:.2} s exceed the hub's {RATE}/s bucket"
+                ));
+            }
         }
     }
     let span = admitted.last().copied().unwrap_or(0.0) - admitted.first().copied().unwrap_or(0.0);
@@ -505,10 +508,12 @@ fn check_rate(admitted: &[f64]) {
         admitted.len()
     );
     // Throttling happened: the hub ran near its rate, not below it.
-    assert!(
-        mean > rate * 0.5,
-        "the storm never pressed the hub's rate (mean {mean:.1}/s)"
-    );
+    if mean <= rate * 0.5 {
+        return Err(format!(
+            "the storm never pressed the hub's rate (mean {mean:.1}/s)"
+        ));
+    }
+    Ok(())
 }
 
 /// Prints the storm's figures: acknowledgements per second overall and in the kill window,
@@ -581,5 +586,25 @@ fn report(outcomes: &[Outcome], start: Instant, end: Instant, killed_at: Instant
     let (n, p50, p99, max) = latencies(&|o| !o.https);
     eprintln!(
         "storm: kill window: MQTT start to assigned (throttled queue included): n={n}, p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"
+    );
+}
+
+/// The rate check itself: admissions at the hub's rate (after a full bucket's burst) pass;
+/// three unshared buckets' worth (3 × `RATE`/s for a few seconds) is caught.
+#[test]
+fn the_rate_check_catches_unshared_buckets() {
+    let at = |per_second: f64, n: usize| -> Vec<f64> {
+        let burst = (0..RATE as usize).map(|i| i as f64 * 1e-3);
+        burst
+            .chain((0..n).map(|i| 1.0 + i as f64 / per_second))
+            .collect()
+    };
+    assert_eq!(check_rate(&at(f64::from(RATE), 5 * RATE as usize)), Ok(()));
+    let three_nodes = check_rate(&at(3.0 * f64::from(RATE), 900));
+    assert!(three_nodes.is_err(), "3 × the rate must fail the check");
+    let idle = check_rate(&at(f64::from(RATE) / 4.0, 100));
+    assert!(
+        idle.is_err(),
+        "a hub never pressed is not a throttling test"
     );
 }
