@@ -10,6 +10,10 @@
 # Environment: MUSTER_BIN (default target/release/muster: build it first), BENCH_HOST (a
 # loopback address, default 127.0.0.9), BENCH_MODE (default https-keepalive), BENCH_COUNT
 # (default 3000), BENCH_WARMUP (default 300), BENCH_CONCURRENCY (default 64).
+# BENCH_KILL_AFTER_S=N: after the 3-node run, one more open-loop run at BENCH_RATE devices/s
+# (default 250) during which node 2 is killed (SIGKILL) N seconds in: the latency while a node
+# dies. `muster bench` does not retry, so the devices whose exchange died with the node are
+# counted as errors (an SDK would retry them).
 #
 # For the PostgreSQL setups it also prints the database's transactions (pg_stat_database,
 # read once the nodes have stopped, so every backend has reported) per registration: about
@@ -111,3 +115,23 @@ while read -r _ pid _; do
   while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done # poll interval
 done <"$work/cluster/nodes"
 transactions_per_registration "$(cat "$work/cluster/url")" "3-nodes-postgres"
+
+[[ -n ${BENCH_KILL_AFTER_S:-} ]] || exit 0
+echo "== 3 nodes, PostgreSQL, node 2 killed ${BENCH_KILL_AFTER_S} s into an open-loop run"
+MUSTER_CLUSTER_HOST=$host bash "$ROOT/scripts/cluster.sh" stop "$work/cluster" >/dev/null
+MUSTER_BIN=$bin MUSTER_CLUSTER_HOST=$host MUSTER_CLUSTER_NODES=3 \
+  MUSTER_CLUSTER_HTTPS_PORT=18643 MUSTER_CLUSTER_MQTT_PORT=18683 MUSTER_CLUSTER_AMQP_PORT=18671 \
+  MUSTER_CLUSTER_ADMIN_PORT=18700 bash "$ROOT/scripts/cluster.sh" start "$work/cluster" >/dev/null
+data=$work/cluster/node-1/data
+"$bin" enrollment-group create --group-id bench --data-dir "$data" >/dev/null
+key=$("$bin" enrollment-group show bench --show-keys --data-dir "$data" --output json |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])')
+"$bin" bench register --data-dir "$data" --group-key "$key" --mode "$mode" \
+  --prefix warm- --count "$warmup" --concurrency "$concurrency" >/dev/null
+"$bin" bench register --data-dir "$data" --group-key "$key" --mode "$mode" --count "$count" \
+  --rate "${BENCH_RATE:-250}" --concurrency 256 --label 3-nodes-kill --json >"$out/3-nodes-kill.json" &
+bench_pid=$!
+sleep "$BENCH_KILL_AFTER_S" # the kill's moment in the run, as asked
+kill -KILL "$(awk '$1 == 2 { print $2 }' "$work/cluster/nodes")"
+wait "$bench_pid"
+cat "$out/3-nodes-kill.json"
