@@ -9,8 +9,9 @@
 #
 #   --python-only   run only the pytest suites
 #   --node-only     run only the node:test suites (service, device, tutorial, x509, registration, hub, hub-http, amqp, hub-amqp .test.js)
-#   --cluster-only  run only the cluster stage: hub, registration and service .test.js
-#                   against 3 nodes on PostgreSQL (scripts/cluster.sh; needs PostgreSQL)
+#   --cluster-only  run only the cluster stage: hub, registration and service .test.js, and
+#                   the Python registration, service-SDK and hub-session suites, against 3
+#                   nodes on PostgreSQL (scripts/cluster.sh; needs PostgreSQL)
 #   --no-cluster    skip the cluster stage
 #   --no-build      don't run `cargo build -p muster` (implied when MUSTER_BIN is set)
 #   -- ARGS         extra arguments for pytest, e.g. -- -k paging -x
@@ -168,8 +169,20 @@ if [[ $run_cluster -eq 1 ]]; then
     "$VENV/bin/python" "$INTEROP/muster_server.py" -- node --test \
     "$NODE_DIR/hub.test.js" "$NODE_DIR/registration.test.js" "$NODE_DIR/service.test.js"
   rc=$?
+  # Python: registration, the service SDK and the hub sessions (twin, methods, C2D across SAS
+  # renewal), each test against a fresh 3-node cluster (conftest.py reads MUSTER_CLUSTER);
+  # here the kernel picks the nodes, the Node hub test above forces the cross-node path.
+  section "Python against a 3-node cluster on PostgreSQL: registration, service SDK, hub sessions"
+  (cd "$INTEROP/python" && MUSTER_CLUSTER=3 MUSTER_CLUSTER_NODE_HOSTS= PYTHONDONTWRITEBYTECODE=1 \
+      "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfE \
+      test_device_registration.py test_deviceprovisioning_sdk.py test_hub_sessions.py)
+  py_rc=$?
   set -e
-  if [[ $rc -eq 0 ]]; then cluster_status="passed"; else cluster_status="FAILED (exit $rc)"; failed=1; fi
+  if [[ $rc -eq 0 && $py_rc -eq 0 ]]; then
+    cluster_status="passed"
+  else
+    cluster_status="FAILED (node exit $rc, python exit $py_rc)"; failed=1
+  fi
 fi
 
 section "Interop summary"

@@ -78,18 +78,10 @@ class MusterStartError(RuntimeError):
     pass
 
 
-@dataclass(eq=False)
-class MusterServer:
-    """One running ``muster serve`` process with its own data dir."""
+class _ConnectionInfo:
+    """What a server or a cluster tells its clients: read from its connection.json (``info``,
+    ``data_dir``)."""
 
-    data_dir: Path
-    host: str = field(default_factory=dps_host)
-    binary: Path = field(default_factory=muster_bin)
-    proc: Optional[subprocess.Popen] = None
-    info: dict = field(default_factory=dict)
-    log_path: Optional[Path] = None
-
-    # -- properties taken from connection.json -------------------------------
     @property
     def connection_string(self) -> str:
         return self.info["serviceConnectionString"]
@@ -125,6 +117,18 @@ class MusterServer:
             k, _, v = item.partition("=")
             parts[k] = v
         return parts
+
+
+@dataclass(eq=False)
+class MusterServer(_ConnectionInfo):
+    """One running ``muster serve`` process with its own data dir."""
+
+    data_dir: Path
+    host: str = field(default_factory=dps_host)
+    binary: Path = field(default_factory=muster_bin)
+    proc: Optional[subprocess.Popen] = None
+    info: dict = field(default_factory=dict)
+    log_path: Optional[Path] = None
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, timeout: float = READY_TIMEOUT_S) -> "MusterServer":
@@ -270,7 +274,7 @@ def loopback_no_proxy(env: dict) -> None:
         env[key] = f"{cur},{extra}" if cur else extra
 
 
-class MusterCluster:
+class MusterCluster(_ConnectionInfo):
     """PostgreSQL and N ``muster serve`` nodes started by ``scripts/cluster.sh``."""
 
     def __init__(self, root: Path, nodes: int):
@@ -281,6 +285,7 @@ class MusterCluster:
         self.admin_urls: list = []
         self.data_dir = root / "node-1" / "data"
         self.log_path = root
+        self.host = dps_host()
 
     def _script(self, action: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MUSTER_")}
@@ -313,19 +318,15 @@ class MusterCluster:
             print(f"scripts/cluster.sh stop failed: {done.stderr}", file=sys.stderr)
         return None
 
-    @property
-    def ca_cert(self) -> str:
-        return self.info["caCertificate"]
-
-    @property
-    def id_scope(self) -> str:
-        return self.info["idScope"]
-
-    def builtin_hub(self) -> Optional[dict]:
-        for hub in self.info.get("hubs") or []:
-            if hub.get("builtIn"):
-                return hub
-        return None
+    def log_tail(self, max_bytes: int = 8000) -> str:
+        """The end of every node's log, node by node."""
+        parts = []
+        for i in range(1, self.nodes + 1):
+            path = self.root / f"node-{i}.log"
+            if path.exists():
+                data = path.read_bytes()[-(max_bytes // self.nodes):]
+                parts.append(f"--- node {i} ---\n" + data.decode("utf-8", "replace"))
+        return "\n".join(parts) or "(no log)"
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,11 +10,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/interop
 
-from muster_server import MusterServer, MusterStartError, loopback_no_proxy  # noqa: E402
+from muster_server import (  # noqa: E402
+    MusterCluster,
+    MusterServer,
+    MusterStartError,
+    loopback_no_proxy,
+)
 
 
 def _start(data_dir: Path) -> MusterServer:
+    # MUSTER_CLUSTER=N (N > 1): each test gets a fresh cluster, PostgreSQL and N nodes sharing
+    # one address and the standard ports (scripts/cluster.sh), instead of one server.
+    nodes = int(os.environ.get("MUSTER_CLUSTER") or "1")
     try:
+        if nodes > 1:
+            return MusterCluster(data_dir.parent / f"{data_dir.name}-cluster", nodes).start()
         return MusterServer(data_dir=data_dir).start()
     except MusterStartError as e:
         pytest.fail(f"could not start muster: {e}", pytrace=False)
