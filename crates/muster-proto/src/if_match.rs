@@ -23,7 +23,12 @@ impl IfMatch {
         if v.is_empty() {
             return IfMatch::None;
         }
-        let v = v.strip_prefix("W/").unwrap_or(v);
+        // `W/` marks a weak etag only before a quoted one (RFC 9110): a bare etag may itself
+        // start with `W/` (base64 has `/`), and must keep it.
+        let v = match v.strip_prefix("W/") {
+            Some(rest) if rest.starts_with('"') => rest,
+            _ => v,
+        };
         let v = v
             .strip_prefix('"')
             .and_then(|s| s.strip_suffix('"'))
@@ -56,6 +61,8 @@ mod tests {
         assert_eq!(IfMatch::parse("*"), IfMatch::Any);
         assert_eq!(IfMatch::parse("\"abc=\""), IfMatch::Etag("abc=".into()));
         assert_eq!(IfMatch::parse("W/\"abc=\""), IfMatch::Etag("abc=".into()));
+        assert_eq!(IfMatch::parse("W/"), IfMatch::Etag("W/".into()));
+        assert_eq!(IfMatch::parse("W/abc"), IfMatch::Etag("W/abc".into()));
         assert_eq!(IfMatch::parse("abc="), IfMatch::Etag("abc=".into()));
         assert!(IfMatch::Any.matches("x") && !IfMatch::Etag("y".into()).matches("x"));
     }
