@@ -95,6 +95,16 @@ pub(crate) struct PlannedPut {
     pub desired_change: Map<String, Value>,
 }
 
+/// A device put planned by [`HubRegistry::prepare_put_device`], its write not yet committed.
+pub struct PreparedPut(PlannedPut);
+
+impl PreparedPut {
+    /// Whether the device existed before the put.
+    pub fn existed(&self) -> bool {
+        self.0.existed
+    }
+}
+
 /// The scheme of an IoT Edge device's own scope: `ms-azure-iot-edge://{id}-{generationId}`.
 pub const EDGE_SCOPE_PREFIX: &str = "ms-azure-iot-edge://";
 
@@ -403,6 +413,44 @@ impl HubRegistry {
             }
         }
         Err(contention(&id))
+    }
+
+    /// Plans a create-or-overwrite of a device (`If-Match: *` on an existing one) without
+    /// writing it: the store write goes into the caller's own batch, so the device and the
+    /// caller's records commit in one transaction. `twin` gives the twin to write, knowing
+    /// whether the device existed. The write is [required](Write::required): when the device
+    /// changed since it was read, nothing of the batch is applied and the caller plans again.
+    /// Once committed, [`Self::finish_prepared_put`] tells the device's session.
+    pub async fn prepare_put_device(
+        &self,
+        input: DeviceInput,
+        twin: impl FnOnce(bool) -> Result<Option<TwinUpdate>, HubError>,
+    ) -> Result<(Write, PreparedPut), HubError> {
+        validate_device_id(&input.device_id)?;
+        let current = self.load(&input.device_id).await?;
+        let existed = current.is_some();
+        let if_match = if existed { IfMatch::Any } else { IfMatch::None };
+        let twin_update = twin(existed)?;
+        if let Some(t) = &twin_update {
+            t.validate()?;
+        }
+        let planned = self.plan_put(&input, &if_match, twin_update.as_ref(), current)?;
+        self.check_scopes(
+            &planned.stored.device,
+            planned.previous_scope.as_deref(),
+            &HashMap::new(),
+        )
+        .await?;
+        let write = self
+            .device_write(&input.device_id, &planned.stored, planned.expect.clone())?
+            .required();
+        Ok((write, PreparedPut(planned)))
+    }
+
+    /// After the write of [`Self::prepare_put_device`] committed: a disabled device's session
+    /// closes, a connected one hears of its desired properties.
+    pub fn finish_prepared_put(&self, put: &PreparedPut) {
+        self.after_put(&put.0);
     }
 
     /// What a create-or-update writes, checked against the current record (`None`: absent)

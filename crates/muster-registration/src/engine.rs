@@ -65,6 +65,10 @@ pub use certificates::{Revocation, ISSUE_AUDIT_ROUTE};
 pub use deprovision::Deprovisioned;
 
 /// A hub refusing every device would otherwise write a line per registration.
+/// Reads and commits of [`Engine::assign_in_one_write`] before it leaves a device that keeps
+/// changing to the intent path.
+const ONE_WRITE_ATTEMPTS: usize = 3;
+
 static ASSIGNMENT_FAILED_LOG: muster_proto::log_limit::LogLimiter =
     muster_proto::log_limit::LogLimiter::new(std::time::Duration::from_secs(10));
 
@@ -136,6 +140,9 @@ struct Inner {
     /// The service's default allocation policy as last read, with the settings collection's
     /// change counter it was read at (see [`Engine::default_policy`]).
     default_policy: std::sync::Mutex<Option<(u64, AllocationPolicy)>>,
+    /// The linked hubs as last read, with the collection's change counter then (see
+    /// [`Engine::linked_hubs`]).
+    linked_hubs: std::sync::Mutex<Option<(u64, Arc<[LinkedHub]>)>>,
 }
 
 /// The enrollment settings that decide a registration, whichever kind matched.
@@ -179,6 +186,7 @@ impl Engine {
             legacy_checked: AtomicBool::new(false),
             issuing_cas: HashMap::new(),
             default_policy: std::sync::Mutex::new(None),
+            linked_hubs: std::sync::Mutex::new(None),
         }))
     }
 
@@ -205,7 +213,8 @@ impl Engine {
     }
 
     /// Reaches the hub named `host` through `connection` instead of its REST API. Call before
-    /// the engine is cloned or shared.
+    /// the engine is cloned or shared. A connection whose `prepare_put` gives store writes
+    /// must keep its devices in this engine's store: they commit in the engine's transaction.
     ///
     /// # Panics
     /// If the engine was already cloned (a start-up wiring error).
@@ -303,14 +312,6 @@ impl Engine {
         record: &RegistrationRecord,
         expected: &Expected,
     ) -> Result<Saved, DeviceFailure> {
-        let mut body = record.clone();
-        body.state.etag = None;
-        let body = serde_json::to_value(&body)
-            .map_err(|e| DeviceFailure::internal("encoding a registration record", e))?;
-        let partition = record
-            .enrollment_group_id
-            .as_ref()
-            .map(|g| g.to_ascii_lowercase());
         // The marker that lets a restart find this record without scanning them all moves in
         // the same transaction as the record.
         let marker = match &record.pending {
@@ -330,13 +331,7 @@ impl Engine {
             .0
             .store
             .write(vec![
-                Write::put(
-                    Collection::Registrations,
-                    key,
-                    expected.record.clone(),
-                    body,
-                )
-                .with_partition(partition),
+                record_write(key, record, expected.record.clone())?,
                 marker,
             ])
             .await?;
@@ -485,6 +480,15 @@ impl Engine {
                     .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
                     .and_then(|h| h.max_registrations_per_second);
                 let run_now = self.0.throttle.try_take(&plan.hub, rate).await;
+                if run_now {
+                    if let Some(done) = self
+                        .assign_in_one_write(&key, &record, &plan, &attested.hub_auth, &linked)
+                        .await?
+                    {
+                        let op = self.with_tpm(operation(&done), &attested.matched).await?;
+                        return Ok(DeviceReply::registered(&op, None));
+                    }
+                }
                 // Intent before effect: the plan is durable (the record `assigning` with it,
                 // and its marker, in one transaction) before any hub is written, so a crash
                 // in between is finished on start-up by `resume_pending` instead of leaving a
@@ -526,6 +530,95 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// An assignment to a hub that keeps its devices in this engine's store (the built-in
+    /// hub) in one transaction: the hub device with its twin and the finished record commit
+    /// together, so nothing needs an intent saved first or reconciling after a crash.
+    ///
+    /// `None` when the intent path must do it: the plan moves the device between hubs or
+    /// migrates its twin (more than one hub write), the hub is reached over a network, the
+    /// hub refused the put (the intent path records the failure), or the device kept
+    /// changing under the put.
+    async fn assign_in_one_write(
+        &self,
+        key: &str,
+        record: &RegistrationRecord,
+        plan: &PendingAssignment,
+        hub_auth: &HubAuthentication,
+        linked: &[LinkedHub],
+    ) -> Result<Option<RegistrationRecord>, DeviceFailure> {
+        if plan.remove_from.is_some() || matches!(plan.twin, TwinPlan::Migrate { .. }) {
+            return Ok(None);
+        }
+        let Some(target) = linked
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(&plan.hub))
+        else {
+            return Ok(None);
+        };
+        let hub = self.connection(target);
+        let spec = HubDeviceSpec {
+            device_id: plan.device_id.clone(),
+            authentication: hub_auth.clone(),
+            iot_edge: plan.iot_edge,
+        };
+        let (tags, desired) = twin_parts(plan.twin.initial_twin());
+        let twin = plan.initial_twin_write(&tags, &desired);
+        // A device changed by another writer between the read and the commit rolls the batch
+        // back; a few fresh reads settle it, then the intent path takes over.
+        for _ in 0..ONE_WRITE_ATTEMPTS {
+            let started = tokio::time::Instant::now();
+            let put = match hub.prepare_put(&spec, twin).await {
+                Ok(Some(put)) => put,
+                Ok(None) | Err(_) => return Ok(None),
+            };
+            let outcome = if twin.parts(put.existed).is_some() {
+                TwinOutcome::Initial
+            } else {
+                TwinOutcome::Kept
+            };
+            let mut done = record.clone();
+            done.pending = None;
+            done.state.status = RegistrationStatus::Assigned;
+            done.state.substatus = plan.substatus(put.existed && !plan.creates_device, outcome);
+            done.state.assigned_hub = Some(plan.hub.clone());
+            done.state.device_id = Some(plan.device_id.clone());
+            done.state.payload = plan.payload.clone();
+            done.state.error_code = None;
+            done.state.error_message = None;
+            let written = self
+                .0
+                .store
+                .write(vec![
+                    record_write(key, &done, Expect::Any)?,
+                    // A plan an earlier request of this device left pending is superseded.
+                    Write::delete(Collection::PendingAssignments, key, Expect::Any),
+                    put.write,
+                ])
+                .await;
+            // Nothing was written. The intent path saves the plan if the store takes it and
+            // retries it once the hub's writes succeed again, without the device's help.
+            let Ok(outcomes) = written else {
+                return Ok(None);
+            };
+            match outcomes.into_iter().next() {
+                Some(WriteOutcome::Written { etag }) => {
+                    metrics::hub_write(&plan.hub, true, started.elapsed());
+                    (put.committed)();
+                    done.state.etag = Some(etag);
+                    return Ok(Some(done));
+                }
+                Some(WriteOutcome::RolledBack) => continue,
+                other => {
+                    return Err(DeviceFailure::internal(
+                        "saving a registration with its hub device",
+                        format!("unexpected outcome {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Runs the hub writes of `plan` and saves the outcome, provided the record and marker
@@ -698,16 +791,31 @@ impl Engine {
             .map_err(|e| DeviceFailure::internal("issuing a device certificate", e))
     }
 
-    async fn linked_hubs(&self) -> Result<Vec<LinkedHub>, DeviceFailure> {
+    /// The linked hubs. Every registration needs them, and reading them is a query and an
+    /// unsealing per hub, so they are kept while the store says the collection has not
+    /// changed (re-read every time on a store that cannot tell).
+    async fn linked_hubs(&self) -> Result<Arc<[LinkedHub]>, DeviceFailure> {
+        let changes = self.0.store.changes(Collection::LinkedHubs);
+        if let (Some(now), Ok(guard)) = (changes, self.0.linked_hubs.lock()) {
+            if let Some((at, hubs)) = &*guard {
+                if *at == now {
+                    return Ok(hubs.clone());
+                }
+            }
+        }
         // Small pages: the store reads them inline.
-        records::list_all(&*self.0.store, Collection::LinkedHubs, 32)
+        let hubs = records::list_all(&*self.0.store, Collection::LinkedHubs, 32)
             .await?
             .into_iter()
             .map(|r| {
                 serde_json::from_value(r.body)
                     .map_err(|e| DeviceFailure::internal("reading a linked hub", e))
             })
-            .collect()
+            .collect::<Result<Arc<[LinkedHub]>, _>>()?;
+        if let (Some(at), Ok(mut guard)) = (changes, self.0.linked_hubs.lock()) {
+            *guard = Some((at, hubs.clone()));
+        }
+        Ok(hubs)
     }
 
     /// The policy for enrollments that set none: the service settings' `allocationPolicy`
@@ -1050,12 +1158,11 @@ impl Engine {
             // Another node took it over (this node's lease lapsed) or it is finished.
             return;
         }
-        let rate = self
-            .linked_hubs()
-            .await
-            .ok()
-            .and_then(|l| l.into_iter().find(|h| h.name.eq_ignore_ascii_case(&hub)))
-            .and_then(|h| h.max_registrations_per_second);
+        let rate = self.linked_hubs().await.ok().and_then(|l| {
+            l.iter()
+                .find(|h| h.name.eq_ignore_ascii_case(&hub))
+                .and_then(|h| h.max_registrations_per_second)
+        });
         self.0.throttle.take(&hub, rate).await;
         match self.finish_pending(&key).await {
             Ok(()) => {}
@@ -1487,6 +1594,24 @@ enum Saved {
     },
     /// The record is not as expected: nothing was written.
     Changed,
+}
+
+/// The store write that puts `record` under `key` (its etag is the store's, not kept in the
+/// body), in its enrollment group's partition.
+fn record_write(
+    key: &str,
+    record: &RegistrationRecord,
+    expect: Expect,
+) -> Result<Write, DeviceFailure> {
+    let mut body = record.clone();
+    body.state.etag = None;
+    let body = serde_json::to_value(&body)
+        .map_err(|e| DeviceFailure::internal("encoding a registration record", e))?;
+    let partition = record
+        .enrollment_group_id
+        .as_ref()
+        .map(|g| g.to_ascii_lowercase());
+    Ok(Write::put(Collection::Registrations, key, expect, body).with_partition(partition))
 }
 
 fn decode_record(r: &Record) -> Result<RegistrationRecord, DeviceFailure> {

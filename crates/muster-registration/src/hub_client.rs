@@ -139,6 +139,17 @@ impl TwinWrite<'_> {
     }
 }
 
+/// A device put as a store write of the engine's batch ([`HubConnection::prepare_put`]).
+pub struct StorePut {
+    /// [Required](muster_store::Write::required): refused when the device changed since it
+    /// was read, and then nothing of the batch is applied.
+    pub write: muster_store::Write,
+    /// Whether the device existed before the put.
+    pub existed: bool,
+    /// Run once the write committed (the hub tells the device's session).
+    pub committed: Box<dyn FnOnce() + Send>,
+}
+
 /// One hub, as the engine uses it.
 #[async_trait::async_trait]
 pub trait HubConnection: Send + Sync {
@@ -146,6 +157,18 @@ pub trait HubConnection: Send + Sync {
     /// as `twin` says. Returns whether the device existed before.
     async fn put_device(&self, spec: &HubDeviceSpec, twin: TwinWrite<'_>)
         -> Result<bool, HubError>;
+
+    /// For a hub that keeps its devices in the engine's own store (the built-in hub): what
+    /// `put_device` would do, as a store write the engine commits in the same transaction as
+    /// the registration record. Nothing outside that transaction changes, so no intent is
+    /// saved first. `None` (the default): the hub is written by `put_device`.
+    async fn prepare_put(
+        &self,
+        _spec: &HubDeviceSpec,
+        _twin: TwinWrite<'_>,
+    ) -> Result<Option<StorePut>, HubError> {
+        Ok(None)
+    }
 
     /// Whether `put_device` writes the device and its twin in one atomic step. When it does
     /// not (REST: two calls), the engine records that the hub lacked the device before the

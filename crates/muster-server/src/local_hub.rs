@@ -13,7 +13,7 @@ use muster_hub::error::HubErrorCode;
 use muster_hub::model::{DeviceInput, TwinUpdate};
 use muster_hub::HubRegistry;
 use muster_proto::IfMatch;
-use muster_registration::hub_client::{HubDeviceSpec, HubError, TwinWrite};
+use muster_registration::hub_client::{HubDeviceSpec, HubError, StorePut, TwinWrite};
 use muster_registration::HubConnection;
 use serde_json::{json, Value};
 
@@ -125,6 +125,12 @@ impl LocalHub {
     }
 }
 
+/// The registry's input for a device spec, from the same body the REST client sends.
+fn device_input(spec: &HubDeviceSpec) -> Result<DeviceInput, muster_hub::error::HubError> {
+    serde_json::from_value(spec.to_json())
+        .map_err(|e| muster_hub::error::HubError::invalid(e.to_string()))
+}
+
 fn twin_update(tags: &Value, desired: &Value) -> Result<TwinUpdate, muster_hub::error::HubError> {
     TwinUpdate::from_json(&json!({"tags": tags, "properties": {"desired": desired}}))
 }
@@ -141,12 +147,7 @@ impl HubConnection for LocalHub {
         spec: &HubDeviceSpec,
         twin: TwinWrite<'_>,
     ) -> Result<bool, HubError> {
-        let input: DeviceInput = serde_json::from_value(spec.to_json()).map_err(|e| {
-            self.refused(
-                "create device",
-                muster_hub::error::HubError::invalid(e.to_string()),
-            )
-        })?;
+        let input = device_input(spec).map_err(|e| self.refused("create device", e))?;
         // Create; an existing device is overwritten with If-Match `*`, as over REST.
         match self.write(&input, twin, &IfMatch::None, false).await {
             Ok(()) => Ok(false),
@@ -158,6 +159,30 @@ impl HubConnection for LocalHub {
             }
             Err(e) => Err(self.refused("create device", e)),
         }
+    }
+
+    /// The built-in hub keeps its devices in the engine's store (see `Engine::with_local_hub`).
+    async fn prepare_put(
+        &self,
+        spec: &HubDeviceSpec,
+        twin: TwinWrite<'_>,
+    ) -> Result<Option<StorePut>, HubError> {
+        let input = device_input(spec).map_err(|e| self.refused("create device", e))?;
+        let (write, put) = self
+            .registry
+            .prepare_put_device(input, |existed| {
+                twin.parts(existed)
+                    .map(|(tags, desired)| twin_update(tags, desired))
+                    .transpose()
+            })
+            .await
+            .map_err(|e| self.refused("create device", e))?;
+        let registry = self.registry.clone();
+        Ok(Some(StorePut {
+            write,
+            existed: put.existed(),
+            committed: Box::new(move || registry.finish_prepared_put(&put)),
+        }))
     }
 
     async fn delete_device(&self, device_id: &str) -> Result<(), HubError> {
@@ -307,6 +332,87 @@ mod tests {
         local.delete_device("d1").await.expect("delete");
         local.delete_device("d1").await.expect("delete again");
         assert!(local.get_twin("d1").await.expect("twin").is_none());
+    }
+
+    /// The engine commits a prepared put in its own batch: the device and the caller's record
+    /// land together, and a device changed since the read undoes the whole batch.
+    #[tokio::test]
+    async fn a_prepared_put_commits_with_the_callers_batch_or_not_at_all() {
+        use muster_store::{Collection, Expect, Store, Write, WriteOutcome};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SqliteStore::open(&dir.path().join("hub.db")).expect("store"));
+        let entropy = Arc::new(SeededEntropy::new(7));
+        let clock = Arc::new(ManualClock::new(
+            Timestamp::from_unix_millis(1_700_000_000_000).expect("time"),
+        ));
+        let policies = muster_hub::auth::default_policies(&*entropy);
+        let registry = HubRegistry::new(store.clone(), "hub.test".into(), policies, clock, entropy);
+        let local = LocalHub::new(registry.clone());
+        let (t1, d1) = (json!({"line": "a"}), json!({"interval": 5}));
+        let initial = TwinWrite::ReplaceIfCreated {
+            tags: &t1,
+            desired: &d1,
+        };
+        let record = |v: u32| {
+            Write::put(
+                Collection::Registrations,
+                "r1",
+                Expect::Any,
+                json!({"v": v}),
+            )
+        };
+
+        // Prepared, nothing is written until the caller commits.
+        let put = local
+            .prepare_put(&spec("d1", KEY_A), initial)
+            .await
+            .expect("prepare")
+            .expect("the built-in hub prepares store writes");
+        assert!(!put.existed);
+        assert!(local.get_twin("d1").await.expect("twin").is_none());
+        let outcomes = store
+            .write(vec![record(1), put.write])
+            .await
+            .expect("write");
+        assert!(
+            outcomes.iter().all(WriteOutcome::is_applied),
+            "{outcomes:?}"
+        );
+        (put.committed)();
+        let twin = local.get_twin("d1").await.expect("twin").expect("exists");
+        assert_eq!(tags(&twin), t1, "the initial twin came with the device");
+
+        // Read, then the device changes before the commit: the batch is rolled back.
+        let stale = local
+            .prepare_put(&spec("d1", KEY_B), initial)
+            .await
+            .expect("prepare")
+            .expect("store writes");
+        assert!(stale.existed);
+        local
+            .put_device(&spec("d1", KEY_C), TwinWrite::Keep)
+            .await
+            .expect("a concurrent write");
+        let outcomes = store
+            .write(vec![record(2), stale.write])
+            .await
+            .expect("write");
+        assert_eq!(
+            outcomes,
+            vec![WriteOutcome::RolledBack, WriteOutcome::EtagMismatch]
+        );
+        let kept = store
+            .get(Collection::Registrations, "r1")
+            .await
+            .expect("get")
+            .expect("record");
+        assert_eq!(kept.body, json!({"v": 1}), "the record was rolled back too");
+        let device = registry.get_device("d1").await.expect("device");
+        assert_eq!(
+            device.authentication.symmetric_key.primary_key.as_deref(),
+            Some(KEY_C),
+            "the concurrent write stands"
+        );
     }
 
     #[tokio::test]

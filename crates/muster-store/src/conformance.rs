@@ -62,6 +62,7 @@ where
         empty_batch,
         batch_sees_earlier_items,
         batch_failed_expectation_skips_only_that_item,
+        refused_required_write_rolls_the_batch_back,
         batch_spans_collections,
         list_is_ordered_by_key,
         list_limit,
@@ -551,6 +552,81 @@ pub async fn batch_failed_expectation_skips_only_that_item<S: Store>(store: S) {
     }
     assert_eq!(get(&store, C, "missing-2").await, None);
     assert_eq!(count(&store, C, None).await, 4);
+}
+
+/// A required write's refusal undoes the whole batch, even the writes before it; an
+/// optional write's refusal (and a delete that finds nothing) does not.
+pub async fn refused_required_write_rolls_the_batch_back<S: Store>(store: S) {
+    let etag = put(&store, C, "device", json!({"v": 0})).await;
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(C, "record", Expect::Any, json!({"v": 1})),
+            Write::delete(C, "marker", Expect::Any),
+            Write::put(C, "device", Expect::Absent, json!({"v": 2})).required(),
+            Write::put(C, "after", Expect::Any, json!({"v": 3})),
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![
+            WriteOutcome::RolledBack,
+            WriteOutcome::RolledBack,
+            WriteOutcome::AlreadyExists,
+            WriteOutcome::RolledBack,
+        ]
+    );
+    assert_eq!(
+        get(&store, C, "record").await,
+        None,
+        "rolled back write kept"
+    );
+    assert_eq!(
+        get(&store, C, "after").await,
+        None,
+        "write after the refusal applied"
+    );
+    let device = must_get(&store, C, "device").await;
+    assert_eq!((device.body, device.etag), (json!({"v": 0}), etag.clone()));
+
+    // Met, the required write lets the batch through, with its optional refusals.
+    let outcomes = batch(
+        &store,
+        vec![
+            Write::put(C, "record", Expect::Etag("nope".into()), json!({"v": 1})),
+            Write::delete(C, "marker", Expect::Any),
+            Write::put(C, "device", Expect::Etag(etag), json!({"v": 2})).required(),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes[0], WriteOutcome::NotFound);
+    assert_eq!(outcomes[1], WriteOutcome::NotFound);
+    assert!(
+        matches!(outcomes[2], WriteOutcome::Written { .. }),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(must_get(&store, C, "device").await.body, json!({"v": 2}));
+
+    // A batch of its own after a rolled-back one in the same group commit is unaffected.
+    let (refused, kept) = tokio::join!(
+        store.write(vec![
+            Write::put(C, "x", Expect::Any, json!({})),
+            Write::put(C, "device", Expect::Absent, json!({})).required(),
+        ]),
+        store.write(vec![Write::put(C, "y", Expect::Any, json!({}))]),
+    );
+    assert_eq!(
+        refused.expect("refused batch"),
+        vec![WriteOutcome::RolledBack, WriteOutcome::AlreadyExists]
+    );
+    assert!(matches!(
+        kept.expect("kept batch")[0],
+        WriteOutcome::Written { .. }
+    ));
+    assert_eq!(get(&store, C, "x").await, None);
+    assert!(get(&store, C, "y").await.is_some());
 }
 
 /// A batch may touch several collections.

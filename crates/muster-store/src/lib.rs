@@ -197,6 +197,10 @@ pub struct Write {
     /// [`Store::claim`]), so work a node saves for itself is never claimable by another
     /// node in between. `None` keeps whatever claim the record has (none for a new one).
     pub lease: Option<Lease>,
+    /// When this write's expectation fails, the whole batch is rolled back: its outcome
+    /// says why and every other write's is [`WriteOutcome::RolledBack`]. For batches whose
+    /// writes only make sense together (a registration record and the hub device it names).
+    pub required: bool,
 }
 
 /// A node's claim on a record: the node's id and when the claim lapses, in Unix
@@ -223,6 +227,7 @@ impl Write {
                 body,
             },
             lease: None,
+            required: false,
         }
     }
 
@@ -233,7 +238,14 @@ impl Write {
             expect,
             op: WriteOp::Delete,
             lease: None,
+            required: false,
         }
+    }
+
+    /// Makes the whole batch depend on this write's expectation (see [`Write::required`]).
+    pub fn required(mut self) -> Self {
+        self.required = true;
+        self
     }
 
     /// Claims the record for `lease.owner` as it is written (puts only).
@@ -263,6 +275,22 @@ pub enum WriteOutcome {
     EtagMismatch,
     /// `Expect::Etag` failed, or a delete found nothing: no such record.
     NotFound,
+    /// Not applied: a [required](Write::required) write of the same batch was refused.
+    RolledBack,
+}
+
+/// The outcomes of a batch rolled back because its write `refused_at` was refused with
+/// `refusal`: that refusal, and [`WriteOutcome::RolledBack`] for every other write.
+pub(crate) fn rolled_back(
+    writes: usize,
+    refused_at: usize,
+    refusal: WriteOutcome,
+) -> Vec<WriteOutcome> {
+    let mut outcomes = vec![WriteOutcome::RolledBack; writes];
+    if let Some(o) = outcomes.get_mut(refused_at) {
+        *o = refusal;
+    }
+    outcomes
 }
 
 impl WriteOutcome {

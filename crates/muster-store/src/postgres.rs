@@ -318,6 +318,9 @@ impl PostgresStore {
                 (Expect::Etag(_), Some(_)) => None,
             };
             if let Some(outcome) = refused {
+                if write.required {
+                    return rolled_back_tx(tx, writes.len(), outcomes.len(), outcome).await;
+                }
                 outcomes.push(outcome);
                 continue;
             }
@@ -385,7 +388,10 @@ impl PostgresStore {
                         )
                         .await
                         .map_err(|e| pg_err(&context("writing"), &e))?;
-                    if written == 0 {
+                    if written == 0 && write.required {
+                        let refusal = WriteOutcome::AlreadyExists;
+                        return rolled_back_tx(tx, writes.len(), outcomes.len(), refusal).await;
+                    } else if written == 0 {
                         WriteOutcome::AlreadyExists
                     } else {
                         WriteOutcome::Written { etag }
@@ -486,6 +492,7 @@ struct PreparedWrite {
     expect: Expect,
     op: PreparedOp,
     lease: Option<Lease>,
+    required: bool,
 }
 
 enum PreparedOp {
@@ -517,6 +524,19 @@ fn serialize(
     }
 }
 
+/// Ends a batch whose required write was refused: nothing of it is committed.
+async fn rolled_back_tx(
+    tx: deadpool_postgres::Transaction<'_>,
+    writes: usize,
+    refused_at: usize,
+    refusal: WriteOutcome,
+) -> Result<Vec<WriteOutcome>, StoreError> {
+    tx.rollback()
+        .await
+        .map_err(|e| pg_err("rolling back a refused batch", &e))?;
+    Ok(crate::rolled_back(writes, refused_at, refusal))
+}
+
 fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
     let op = match write.op {
         WriteOp::Put { partition, body } => PreparedOp::Put {
@@ -532,6 +552,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
         expect: write.expect,
         op,
         lease: write.lease,
+        required: write.required,
     })
 }
 

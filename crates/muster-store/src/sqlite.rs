@@ -510,6 +510,7 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
         expect: write.expect,
         op,
         lease: write.lease,
+        required: write.required,
     })
 }
 

@@ -426,6 +426,10 @@ pub(crate) async fn bulk<K: EnrollmentKind>(
             ),
             WriteOutcome::NotFound => not_found::<K>(&id),
             WriteOutcome::EtagMismatch => etag_mismatch::<K>(&id),
+            // No bulk write is required of the others.
+            WriteOutcome::RolledBack => {
+                ApiError::internal("writing a bulk item", "rolled back with its batch")
+            }
         };
         errors.push(bulk_error::<K>(id, &err));
     }

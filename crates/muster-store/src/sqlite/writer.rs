@@ -61,6 +61,7 @@ pub(super) struct PreparedWrite {
     pub(super) expect: Expect,
     pub(super) op: PreparedOp,
     pub(super) lease: Option<Lease>,
+    pub(super) required: bool,
 }
 
 pub(super) enum PreparedOp {
@@ -184,10 +185,16 @@ fn commit_group(
             .savepoint()
             .map_err(|e| db_err("opening a batch savepoint", e))?;
         match apply_batch(&savepoint, &request.writes, etags) {
-            Ok(outcomes) => {
+            Ok(Applied::All(outcomes)) => {
                 savepoint
                     .commit()
                     .map_err(|e| db_err("releasing a batch savepoint", e))?;
+                replies.push(Ok(outcomes));
+            }
+            Ok(Applied::None(outcomes)) => {
+                savepoint
+                    .finish()
+                    .map_err(|e| db_err("rolling back a refused batch", e))?;
                 replies.push(Ok(outcomes));
             }
             Err(e) => {
@@ -217,12 +224,18 @@ fn commit_group(
     Ok(replies)
 }
 
+/// What became of a batch: applied, or rolled back because a required write was refused.
+enum Applied {
+    All(Vec<WriteOutcome>),
+    None(Vec<WriteOutcome>),
+}
+
 /// Applies one batch, each write seeing the effect of the earlier ones.
 fn apply_batch(
     conn: &Connection,
     writes: &[PreparedWrite],
     etags: &mut EtagCounter,
-) -> Result<Vec<WriteOutcome>, StoreError> {
+) -> Result<Applied, StoreError> {
     let mut outcomes = Vec::with_capacity(writes.len());
     for write in writes {
         let context = |what: &str| format!("{what} {}/{}", write.collection, write.key);
@@ -244,6 +257,13 @@ fn apply_batch(
             (Expect::Etag(_), Some(_)) => None,
         };
         if let Some(outcome) = refused {
+            if write.required {
+                return Ok(Applied::None(crate::rolled_back(
+                    writes.len(),
+                    outcomes.len(),
+                    outcome,
+                )));
+            }
             outcomes.push(outcome);
             continue;
         }
@@ -292,7 +312,7 @@ fn apply_batch(
         };
         outcomes.push(outcome);
     }
-    Ok(outcomes)
+    Ok(Applied::All(outcomes))
 }
 
 #[cfg(test)]
