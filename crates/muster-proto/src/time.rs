@@ -17,8 +17,26 @@ impl Timestamp {
 
     /// DPS form: seconds with 7 fractional digits (100 ns ticks, as .NET prints them).
     pub fn to_dps_string(&self) -> String {
-        let ticks = self.0.timestamp_subsec_nanos() / 100;
-        format!("{}.{ticks:07}Z", self.0.format("%Y-%m-%dT%H:%M:%S"))
+        use chrono::{Datelike, Timelike};
+        let t = &self.0;
+        let nanos = t.timestamp_subsec_nanos();
+        // Every record and twin carries several of these, so the common case is one `format!`
+        // of the fields rather than a strftime pattern parsed on every call. Years outside
+        // 0..=9999 and leap seconds keep chrono's own rendering.
+        if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
+            let ticks = nanos / 100;
+            return format!("{}.{ticks:07}Z", t.format("%Y-%m-%dT%H:%M:%S"));
+        }
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            nanos / 100
+        )
     }
 
     /// Whole seconds, as X.509 validity dates appear in certificate info.
@@ -45,6 +63,16 @@ impl<'de> Deserialize<'de> for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The fast rendering is the strftime one, for any instant chrono can hold.
+        #[test]
+        fn dps_format_is_the_strftime_format(secs in -62_000_000_000i64..250_000_000_000, nanos in 0u32..1_000_000_000) {
+            let t = Timestamp(DateTime::from_timestamp(secs, nanos).unwrap());
+            let strftime = format!("{}.{:07}Z", t.0.format("%Y-%m-%dT%H:%M:%S"), nanos / 100);
+            proptest::prop_assert_eq!(t.to_dps_string(), strftime);
+        }
+    }
 
     #[test]
     fn dps_format_round_trips() {
