@@ -1037,15 +1037,14 @@ impl HubRegistry {
         stored: &StoredDevice,
         expect: Expect,
     ) -> Result<Write, HubError> {
-        let body = serde_json::to_value(stored)
-            .map_err(|e| HubError::internal("encoding a device record", e))?;
-        Ok(Write::put(
+        Write::put_serialized(
             Collection::HubDevices,
             self.store_key(device_id),
             expect,
-            body,
+            stored,
         )
-        .with_partition(Some(self.inner.partition.clone())))
+        .map(|w| w.with_partition(Some(self.inner.partition.clone())))
+        .map_err(|e| HubError::internal("encoding a device record", e))
     }
 
     /// The store write that deletes a device record.

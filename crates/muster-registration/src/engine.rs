@@ -1605,13 +1605,13 @@ fn record_write(
 ) -> Result<Write, DeviceFailure> {
     let mut body = record.clone();
     body.state.etag = None;
-    let body = serde_json::to_value(&body)
-        .map_err(|e| DeviceFailure::internal("encoding a registration record", e))?;
     let partition = record
         .enrollment_group_id
         .as_ref()
         .map(|g| g.to_ascii_lowercase());
-    Ok(Write::put(Collection::Registrations, key, expect, body).with_partition(partition))
+    Write::put_serialized(Collection::Registrations, key, expect, &body)
+        .map(|w| w.with_partition(partition))
+        .map_err(|e| DeviceFailure::internal("encoding a registration record", e))
 }
 
 fn decode_record(r: &Record) -> Result<RegistrationRecord, DeviceFailure> {

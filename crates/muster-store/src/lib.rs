@@ -184,6 +184,12 @@ pub enum WriteOp {
         partition: Option<String>,
         body: Value,
     },
+    /// A put whose body the caller serialized itself ([`Write::put_serialized`]): no
+    /// `Value` tree is built for bodies written on every registration.
+    PutJson {
+        partition: Option<String>,
+        json: String,
+    },
     Delete,
 }
 
@@ -231,6 +237,26 @@ impl Write {
         }
     }
 
+    /// A put of `body` serialized straight to JSON text.
+    pub fn put_serialized<T: serde::Serialize + ?Sized>(
+        collection: Collection,
+        key: impl Into<String>,
+        expect: Expect,
+        body: &T,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            collection,
+            key: key.into(),
+            expect,
+            op: WriteOp::PutJson {
+                partition: None,
+                json: serde_json::to_string(body)?,
+            },
+            lease: None,
+            required: false,
+        })
+    }
+
     pub fn delete(collection: Collection, key: impl Into<String>, expect: Expect) -> Self {
         Self {
             collection,
@@ -255,8 +281,11 @@ impl Write {
     }
 
     pub fn with_partition(mut self, partition: Option<String>) -> Self {
-        if let WriteOp::Put { partition: p, .. } = &mut self.op {
-            *p = partition;
+        match &mut self.op {
+            WriteOp::Put { partition: p, .. } | WriteOp::PutJson { partition: p, .. } => {
+                *p = partition;
+            }
+            WriteOp::Delete => {}
         }
         self
     }

@@ -515,6 +515,16 @@ fn serialize(
             collection.as_str()
         ))
     })?;
+    stored_text(sealer, collection, key, text)
+}
+
+/// A body's JSON text as it is kept: sealed in secret collections.
+fn stored_text(
+    sealer: &Sealer,
+    collection: Collection,
+    key: &str,
+    text: String,
+) -> Result<StoredBody, StoreError> {
     if collection.is_secret() {
         sealer
             .seal_bytes(collection, key, text.as_bytes())
@@ -542,6 +552,10 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
         WriteOp::Put { partition, body } => PreparedOp::Put {
             partition,
             body: serialize(sealer, write.collection, &write.key, &body)?,
+        },
+        WriteOp::PutJson { partition, json } => PreparedOp::Put {
+            partition,
+            body: stored_text(sealer, write.collection, &write.key, json)?,
         },
         WriteOp::Delete => PreparedOp::Delete,
     };

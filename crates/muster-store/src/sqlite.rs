@@ -502,6 +502,10 @@ fn prepare(sealer: &Sealer, write: Write) -> Result<PreparedWrite, StoreError> {
             let body = StoredBody::seal(sealer, write.collection, &write.key, text)?;
             PreparedOp::Put { partition, body }
         }
+        WriteOp::PutJson { partition, json } => {
+            let body = StoredBody::seal(sealer, write.collection, &write.key, json)?;
+            PreparedOp::Put { partition, body }
+        }
         WriteOp::Delete => PreparedOp::Delete,
     };
     Ok(PreparedWrite {
