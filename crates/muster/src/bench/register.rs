@@ -1,6 +1,6 @@
 //! `muster bench register`: the load generator. It registers `--count` simulated devices
 //! `PREFIX<n>` of a symmetric-key enrollment group (each key derived from the group key) with
-//! the real `muster_client::DeviceClient`, in one of three connection modes, closed loop
+//! the real `muster_client::DeviceClient`, in one of four connection modes, closed loop
 //! (`--concurrency` workers) or at a fixed arrival rate (`--rate`, open loop), and reports
 //! assigned devices, errors by kind, throughput, per-device latency percentiles (from the
 //! start of a device's request, or its due time at a fixed rate, to its `assigned` answer,
