@@ -1,13 +1,15 @@
 //! The HTTPS half of the TLS reference: HTTP/1.1 on one TLS connection, every request answered
 //! with the fixed `assigned` body, except `GET /_reference/stats`, which answers the counters
 //! of both halves (and is not counted). The connection stays open unless the client asks to
-//! close it.
+//! close it or sends nothing for [`IDLE_TIMEOUT`]; a write may take [`WRITE_TIMEOUT`].
 
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Stats, ASSIGNED_BODY, STATS_PATH};
+use tokio::time::timeout;
+
+use super::{Stats, ASSIGNED_BODY, IDLE_TIMEOUT, STATS_PATH, WRITE_TIMEOUT};
 
 /// Largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -68,7 +70,25 @@ fn response(status: &str, body: &str, close: bool) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Serves requests on one TLS connection until the client closes or asks to.
+/// What arrives within [`IDLE_TIMEOUT`]; 0, as at the end of the stream, when nothing does.
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) -> std::io::Result<usize> {
+    timeout(IDLE_TIMEOUT, stream.read(buf))
+        .await
+        .unwrap_or(Ok(0))
+}
+
+/// Writes and flushes `bytes` within [`WRITE_TIMEOUT`].
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    timeout(WRITE_TIMEOUT, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Serves requests on one TLS connection until the client closes, asks to, or is silent for
+/// [`IDLE_TIMEOUT`].
 pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     resumed: bool,
@@ -84,13 +104,15 @@ pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 break i;
             }
             if buf.len() > MAX_HEAD {
-                stream
-                    .write_all(&response("431 Request Header Fields Too Large", "{}", true))
-                    .await?;
+                send(
+                    &mut stream,
+                    &response("431 Request Header Fields Too Large", "{}", true),
+                )
+                .await?;
                 return Ok(());
             }
             let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
+            let n = read_some(&mut stream, &mut chunk).await?;
             if n == 0 {
                 return Ok(());
             }
@@ -100,16 +122,14 @@ pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             .ok()
             .and_then(parse_head);
         let Some(head) = head.filter(|h| !h.chunked && h.content_length <= MAX_BODY) else {
-            stream
-                .write_all(&response("400 Bad Request", "{}", true))
-                .await?;
+            send(&mut stream, &response("400 Bad Request", "{}", true)).await?;
             return Ok(());
         };
         // Skip the body.
         let body_end = head_end + 4 + head.content_length;
         while buf.len() < body_end {
             let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
+            let n = read_some(&mut stream, &mut chunk).await?;
             if n == 0 {
                 return Ok(());
             }
@@ -127,8 +147,7 @@ pub(super) async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             counters.requests.fetch_add(1, Ordering::Relaxed);
             response("200 OK", ASSIGNED_BODY, head.close)
         };
-        stream.write_all(&answer).await?;
-        stream.flush().await?;
+        send(&mut stream, &answer).await?;
         if head.close {
             let _ = stream.shutdown().await;
             return Ok(());

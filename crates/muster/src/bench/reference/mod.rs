@@ -7,7 +7,8 @@
 //!
 //! Layout:
 //! - this module — the arguments, the listeners (`--listen` for HTTPS, `--mqtt-listen` for
-//!   MQTT), TLS handshakes (within [`TLS_HANDSHAKE_TIMEOUT`]) and the counters.
+//!   MQTT), TLS handshakes (within [`TLS_HANDSHAKE_TIMEOUT`]), the connections' deadlines
+//!   ([`IDLE_TIMEOUT`], [`WRITE_TIMEOUT`]) and the counters.
 //! - [`https`] — HTTP/1.1 requests on a kept-open connection; `GET /_reference/stats` answers
 //!   the counters of both listeners as JSON ([`ReferenceStats`], not counted).
 //! - [`mqtt`] — an MQTT 3.1.1 session as a DPS device has it: CONNECT/CONNACK,
@@ -40,6 +41,10 @@ const ASSIGNED_BODY: &str = r#"{"operationId":"5.0000000000000000.00000000000000
 
 /// From accepting a TCP connection to the end of its TLS handshake (the listeners' default).
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest silence of a client between requests (or packets) before its connection is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time to write one answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Args, Debug)]
 pub struct TlsReferenceArgs {

@@ -29,16 +29,12 @@ use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 
-use super::{Counters, ASSIGNED_BODY};
+use super::{Counters, ASSIGNED_BODY, IDLE_TIMEOUT, WRITE_TIMEOUT};
 
 /// Largest packet accepted: the MQTT listener's default (`MqttLimits::max_packet_size`).
 const MAX_PACKET: usize = 128 * 1024;
 /// From the end of the TLS handshake to a complete CONNECT (the listener's default).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest silence after CONNECT.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest time to write one batch of answers.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one MQTT session until the client disconnects, breaks the protocol or goes silent.
 /// `resumed` says whether the TLS handshake resumed a session, for the counters.
