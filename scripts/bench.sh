@@ -3,8 +3,9 @@
 # a loopback address with a fresh data dir and one symmetric-key enrollment group, then
 #   1. the load generator in each mode (https-fresh, https-keepalive, mqtt-fresh, amqp-fresh): a warm-up,
 #      then the measured run, with the server's CPU time and memory;
-#   2. the TLS reference (handshake + fixed answer only) with the same connection behaviour,
-#      so registration rates can be read as a fraction of it;
+#   2. the TLS reference (handshake + fixed answer only; over MQTT also CONNECT/CONNACK and
+#      SUBSCRIBE/SUBACK) with the same connection behaviour, https-fresh, https-keepalive and
+#      mqtt-fresh, so registration rates can be read as a fraction of it;
 #   3. an open-loop run at half the measured keep-alive rate, for latency percentiles;
 #   4. the service API: bulk creation of individual enrollments and paging-query latency,
 #      then again after seeding registration records into the group (server stopped);
@@ -57,7 +58,7 @@ else
   cargo build --release -p muster --locked --quiet
   bin="$target_dir/release/muster"
 fi
-https_port=$((base + 3)); mqtt_port=$((base + 4)); ref_port=$((base + 5))
+https_port=$((base + 3)); mqtt_port=$((base + 4)); ref_port=$((base + 5)); ref_mqtt_port=$((base + 6))
 out="${out:-$target_dir/bench/results.json}"
 mkdir -p "$(dirname "$out")"
 
@@ -136,17 +137,19 @@ for mode in https-fresh https-keepalive mqtt-fresh amqp-fresh; do
     --server-pid "$server_pid"
 done
 
-step "TLS reference on $host:$ref_port (handshake + fixed answer)"
+step "TLS reference on $host:$ref_port, MQTT on $ref_mqtt_port (handshake + fixed answer)"
 "$bin" bench tls-reference --data-dir "$data" --listen "$host:$ref_port" \
-  >"$work/reference.out" 2>"$work/reference.log" &
+  --mqtt-listen "$host:$ref_mqtt_port" >"$work/reference.out" 2>"$work/reference.log" &
 ref_pid=$!
 wait_port "$ref_port" "$ref_pid" "$work/reference.log"
-for mode in https-fresh https-keepalive; do
+wait_port "$ref_mqtt_port" "$ref_pid" "$work/reference.log"
+reference=(--target tls-reference --endpoint "$host:$ref_port" --mqtt-endpoint "$host:$ref_mqtt_port")
+for mode in https-fresh https-keepalive mqtt-fresh; do
   step "reference $mode: warm-up, then $count requests"
-  "$bin" bench register --data-dir "$data" --target tls-reference --endpoint "$host:$ref_port" \
-    --mode "$mode" --count "$warmup" --concurrency "$conc" --json >/dev/null
-  register "reference-$mode" --target tls-reference --endpoint "$host:$ref_port" --mode "$mode" \
-    --count "$count" --concurrency "$conc" --server-pid "$ref_pid"
+  "$bin" bench register --data-dir "$data" "${reference[@]}" --mode "$mode" --count "$warmup" \
+    --concurrency "$conc" --json >/dev/null
+  register "reference-$mode" "${reference[@]}" --mode "$mode" --count "$count" \
+    --concurrency "$conc" --server-pid "$ref_pid"
 done
 stop_pid "$ref_pid"; ref_pid=""
 
@@ -209,11 +212,12 @@ for name in sorted(os.listdir(results)):
     with open(os.path.join(results, name)) as f:
         runs[name[:-5]] = json.load(f)
 summary = {"smoke": smoke, "machine": {"cpus": os.cpu_count(), "kernel": platform.release()}, "runs": runs}
-ref = {m: runs.get(f"reference-{m}", {}).get("throughput_per_sec") for m in ("https-fresh", "https-keepalive")}
+ref = {m: runs.get(f"reference-{m}", {}).get("throughput_per_sec")
+       for m in ("https-fresh", "https-keepalive", "mqtt-fresh")}
 print("\n%-26s %13s %9s %8s %8s %8s %8s %10s %9s" % (
     "run", "assigned", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms", "CPU ms/dev", "peak MiB"))
 for name in ("https-fresh", "https-keepalive", "mqtt-fresh", "amqp-fresh", "reference-https-fresh",
-             "reference-https-keepalive", "https-keepalive-half-rate"):
+             "reference-https-keepalive", "reference-mqtt-fresh", "https-keepalive-half-rate"):
     r = runs.get(name)
     if not r:
         continue
@@ -227,7 +231,7 @@ for mode, ref_rate in ref.items():
     if ref_rate and mode in runs:
         fractions[mode] = runs[mode]["throughput_per_sec"] / ref_rate
         c = runs[f"reference-{mode}"].get("reference") or {}
-        print(f"{mode}: {fractions[mode]:.0%} of the TLS reference "
+        print(f"{mode}: {fractions[mode]:.0%} of the {'MQTT ' if mode.startswith('mqtt') else ''}TLS reference "
               f"(reference saw {c.get('connections')} connections, {c.get('resumed_handshakes')} resumed)")
 summary["fraction_of_reference"] = fractions
 idle = runs.get("idle", {}).get("idle_rss_kib")

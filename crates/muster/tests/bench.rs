@@ -1,6 +1,6 @@
 //! `muster bench` against real servers started in-process on 127.0.0.1 (port 0, temporary
-//! data dirs): the load generator in every mode, the TLS reference's handshake counts, and
-//! the service API benchmark over seeded registration records.
+//! data dirs): the load generator in every mode, the TLS reference's handshake counts (HTTPS
+//! and MQTT), and the service API benchmark over seeded registration records.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -190,15 +190,9 @@ impl Drop for ChildGuard {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Waits for the reference's "listening" line: it is printed once the port is bound.
-fn wait_until_listening(stderr: std::process::ChildStderr) {
+/// Waits for the reference's "listening" line, printed once its ports are bound, and returns
+/// the addresses it names: HTTPS first, then MQTT.
+fn wait_until_listening(stderr: std::process::ChildStderr) -> Vec<String> {
     let mut line = String::new();
     std::io::BufReader::new(stderr)
         .read_line(&mut line)
@@ -207,6 +201,10 @@ fn wait_until_listening(stderr: std::process::ChildStderr) {
         line.contains("listening on"),
         "the TLS reference said: {line}"
     );
+    line.split_whitespace()
+        .filter(|w| w.parse::<std::net::SocketAddr>().is_ok())
+        .map(String::from)
+        .collect()
 }
 
 #[test]
@@ -216,15 +214,15 @@ fn tls_reference_sees_one_full_handshake_per_fresh_device() {
     let data = dir.path().join("data");
     let server = start_server(&rt, &data);
     let data_dir = data.to_str().expect("utf-8 path");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut child = muster(&[
         "bench",
         "tls-reference",
         "--data-dir",
         data_dir,
         "--listen",
-        &listen,
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        "127.0.0.1:0",
     ])
     .stdout(Stdio::null())
     .stderr(Stdio::piped())
@@ -232,7 +230,9 @@ fn tls_reference_sees_one_full_handshake_per_fresh_device() {
     .expect("the TLS reference starts");
     let stderr = child.stderr.take().expect("piped stderr");
     let _guard = ChildGuard(child);
-    wait_until_listening(stderr);
+    let [listen, mqtt_listen] = &wait_until_listening(stderr)[..] else {
+        panic!("the TLS reference names its HTTPS and MQTT addresses");
+    };
     let reference_run = |mode: &str| {
         json_of(&[
             "bench",
@@ -242,7 +242,9 @@ fn tls_reference_sees_one_full_handshake_per_fresh_device() {
             "--target",
             "tls-reference",
             "--endpoint",
-            &listen,
+            listen,
+            "--mqtt-endpoint",
+            mqtt_listen,
             "--mode",
             mode,
             "--count",
@@ -276,8 +278,30 @@ fn tls_reference_sees_one_full_handshake_per_fresh_device() {
         (1..=10).contains(&connections),
         "connections are reused: {kept:#}"
     );
-    // MQTT has no reference.
-    let out = muster(&[
+    // MQTT: a TLS handshake, CONNECT, SUBSCRIBE and one register publish per device, counted
+    // by the MQTT listener.
+    let mqtt = reference_run("mqtt-fresh");
+    assert_eq!(mqtt["assigned"], 20, "{mqtt:#}");
+    assert_eq!(mqtt["endpoint"], mqtt_listen.as_str(), "{mqtt:#}");
+    assert_sane_latency(&mqtt);
+    let seen = &mqtt["reference"];
+    assert_eq!(seen["requests"], 20, "{mqtt:#}");
+    assert_eq!(
+        seen["connections"], 20,
+        "one connection per device: {mqtt:#}"
+    );
+    assert_eq!(
+        seen["resumed_handshakes"], 0,
+        "no session resumption: {mqtt:#}"
+    );
+    assert_eq!(seen["failed_handshakes"], 0, "{mqtt:#}");
+    // The MQTT reference needs its address: connection.json's MQTT port is muster serve's.
+    let refused = |args: &[&str]| {
+        let out = muster(args).output().expect("muster runs");
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let why = refused(&[
         "bench",
         "register",
         "--data-dir",
@@ -285,15 +309,29 @@ fn tls_reference_sees_one_full_handshake_per_fresh_device() {
         "--target",
         "tls-reference",
         "--endpoint",
-        &listen,
+        listen,
         "--mode",
         "mqtt-fresh",
         "--count",
         "1",
-    ])
-    .output()
-    .expect("muster runs");
-    assert!(!out.status.success());
+    ]);
+    assert!(why.contains("--mqtt-endpoint"), "{why}");
+    // AMQP has no reference.
+    let why = refused(&[
+        "bench",
+        "register",
+        "--data-dir",
+        data_dir,
+        "--target",
+        "tls-reference",
+        "--endpoint",
+        listen,
+        "--mode",
+        "amqp-fresh",
+        "--count",
+        "1",
+    ]);
+    assert!(why.contains("HTTPS and MQTT only"), "{why}");
     rt.block_on(server.shutdown());
 }
 

@@ -160,6 +160,7 @@ pub async fn run(a: AttestationArgs) -> anyhow::Result<()> {
             endpoint: None,
             id_scope: None,
             mqtt_port: None,
+            mqtt_endpoint: None,
             amqp_port: None,
             ca_cert: None,
         },

@@ -4,9 +4,11 @@
 //!   devices of a symmetric-key group over HTTPS (fresh TLS per device, or keep-alive) or MQTT
 //!   (fresh TLS per device), closed loop or at a fixed rate, with latency percentiles and the
 //!   server's CPU and memory.
-//! - [`reference`] — `muster bench tls-reference`: a TLS server with the HTTPS listener's
-//!   settings that only handshakes and answers, the physical limit to compare with.
+//! - [`reference`] — `muster bench tls-reference`: TLS servers with the HTTPS and MQTT
+//!   listeners' settings that only handshake, do the protocol's least exchange (HTTP/1.1; MQTT
+//!   CONNECT, SUBSCRIBE) and answer a fixed `assigned`, the physical limit to compare with.
 //! - [`service_api`] — bulk enrollment creation and paging-query latency at scale.
+//! - [`amqp`] — the AMQP device of `--mode amqp-fresh`.
 //! - [`attestation`] — `muster bench attestation`: server CPU per forged token and per
 //!   registration as the number of enrollment groups grows.
 //! - [`seed`] — `muster bench seed-records`: registration records written straight into a
@@ -45,16 +47,21 @@ pub enum BenchCommand {
     ///   muster bench register --data-dir d --group-key "$KEY" --mode mqtt-fresh --rate 500
     ///   muster bench register --data-dir d --target tls-reference --endpoint 127.0.0.9:18444 \
     ///       --mode https-fresh --count 5000
+    ///   muster bench register --data-dir d --target tls-reference --endpoint 127.0.0.9:18444 \
+    ///       --mqtt-endpoint 127.0.0.9:18445 --mode mqtt-fresh --count 5000
     #[command(verbatim_doc_comment)]
     Register(register::RegisterArgs),
     /// Serve TLS handshakes and one fixed DPS-like answer per request: the physical limit.
     ///
-    /// Presents DATA_DIR/server.pem with the HTTPS listener's TLS settings. Counts
-    /// connections, resumed handshakes and requests (GET /_reference/stats); prints them on
-    /// SIGINT or SIGTERM.
+    /// Presents DATA_DIR/server.pem with the HTTPS listener's TLS settings on --listen and,
+    /// with --mqtt-listen, the MQTT listener's there: CONNECT/CONNACK, SUBSCRIBE/SUBACK and
+    /// the fixed answer to each register publish. No credential is checked. Counts each
+    /// listener's connections, resumed handshakes and requests (GET /_reference/stats on the
+    /// HTTPS address); prints them on SIGINT or SIGTERM.
     ///
     /// Example:
-    ///   muster bench tls-reference --data-dir d --listen 127.0.0.9:18444
+    ///   muster bench tls-reference --data-dir d --listen 127.0.0.9:18444 \
+    ///       --mqtt-listen 127.0.0.9:18445
     #[command(verbatim_doc_comment, name = "tls-reference")]
     TlsReference(reference::TlsReferenceArgs),
     /// Bulk-create individual enrollments and measure paging-query latency.

@@ -1,6 +1,6 @@
 //! `muster bench register`: the load generator. It registers `--count` simulated devices
 //! `PREFIX<n>` of a symmetric-key enrollment group (each key derived from the group key) with
-//! the real `muster_client::DeviceClient`, in one of three connection modes, closed loop
+//! the real `muster_client::DeviceClient`, in one of four connection modes, closed loop
 //! (`--concurrency` workers) or at a fixed arrival rate (`--rate`, open loop), and reports
 //! assigned devices, errors by kind, throughput, per-device latency percentiles (from the
 //! start of a device's request, or its due time at a fixed rate, to its `assigned` answer,
@@ -17,7 +17,7 @@ use muster_client::{DeviceClient, DeviceKey, RegisterOptions, RetryPolicy, Trans
 use serde::Serialize;
 
 use super::latency::LatencySummary;
-use super::reference::{fetch_reference_counters, ReferenceCounters};
+use super::reference::{fetch_reference_stats, ReferenceCounters};
 use super::schedule::{due_offset, Pacing};
 use super::server_usage::{ServerUsage, UsageMonitor};
 use super::target::{device_client, Mode, ResolvedTarget, Target, TargetArgs};
@@ -90,7 +90,8 @@ pub struct RegisterReport {
     /// --concurrency, held it back; its latency includes the wait).
     pub max_start_lag_ms: Option<f64>,
     pub server: Option<ServerUsage>,
-    /// --target tls-reference: what the reference server saw during the run.
+    /// --target tls-reference: what the reference's listener of this mode (HTTPS or MQTT) saw
+    /// during the run.
     pub reference: Option<ReferenceCounters>,
 }
 
@@ -266,17 +267,21 @@ pub async fn run(a: RegisterArgs) -> anyhow::Result<()> {
 pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
     let target: ResolvedTarget = a.target.resolve()?;
     let pacing = Pacing::new(a.rate, a.concurrency)?;
-    if a.target.target == Target::TlsReference
-        && matches!(a.mode, Mode::MqttFresh | Mode::AmqpFresh)
-    {
-        bail!(
-            "the TLS reference speaks HTTPS only; compare {} with its https-fresh rate",
-            if a.mode == Mode::MqttFresh {
-                "mqtt-fresh"
-            } else {
-                "amqp-fresh"
+    if a.target.target == Target::TlsReference {
+        match a.mode {
+            Mode::AmqpFresh => bail!(
+                "the TLS reference speaks HTTPS and MQTT only; compare amqp-fresh with its \
+                 mqtt-fresh rate"
+            ),
+            // Not the MQTT port of connection.json: that is `muster serve`'s.
+            Mode::MqttFresh if a.target.mqtt_endpoint.is_none() && a.target.mqtt_port.is_none() => {
+                bail!(
+                    "pass --mqtt-endpoint HOST:PORT: the address of the TLS reference's \
+                     --mqtt-listen"
+                )
             }
-        );
+            _ => {}
+        }
     }
     let group_key = match (&a.group_key, a.target.target) {
         (Some(k), _) => k.clone(),
@@ -303,7 +308,7 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         csr: None,
     };
     let reference_before = match a.target.target {
-        Target::TlsReference => Some(fetch_reference_counters(&target).await?),
+        Target::TlsReference => Some(fetch_reference_stats(&target).await?),
         Target::Muster => None,
     };
     let monitor = match a.server_pid {
@@ -337,7 +342,13 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         None => None,
     };
     let reference = match reference_before {
-        Some(before) => Some(fetch_reference_counters(&target).await?.since(&before)),
+        Some(before) => {
+            let after = fetch_reference_stats(&target).await?;
+            after
+                .of_mode(a.mode)
+                .zip(before.of_mode(a.mode))
+                .map(|(after, before)| after.since(&before))
+        }
         None => None,
     };
     let assigned = tally.latencies.len() as u64;
@@ -347,7 +358,7 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         label: a.label.clone(),
         mode: a.mode,
         target: a.target.target,
-        endpoint: target.endpoint.clone(),
+        endpoint: target.device_address(a.mode),
         concurrency: pool_size,
         rate: a.rate,
         attempted: a.count,
@@ -369,15 +380,9 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
 
 /// The AMQP address of the target: its device endpoint's host, on the AMQP port.
 async fn amqp_target(target: &ResolvedTarget) -> anyhow::Result<super::amqp::AmqpTarget> {
-    let endpoint = target.endpoint.as_str();
-    let host = match endpoint.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next().unwrap_or(bracketed),
-        None => match endpoint.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => h,
-            _ => endpoint,
-        },
-    }
-    .to_string();
+    let host = super::target::split_host_port(&target.endpoint)
+        .0
+        .to_string();
     let addr = tokio::net::lookup_host((host.as_str(), target.amqp_port))
         .await
         .with_context(|| format!("resolving {host}"))?
