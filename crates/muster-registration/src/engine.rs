@@ -591,10 +591,12 @@ impl Engine {
                 .0
                 .store
                 .write(vec![
+                    // First: when it is refused, nothing of the batch was applied yet, so the
+                    // store needs no savepoint to undo it.
+                    put.write,
                     record_write(key, &done, Expect::Any)?,
                     // A plan an earlier request of this device left pending is superseded.
                     Write::delete(Collection::PendingAssignments, key, Expect::Any),
-                    put.write,
                 ])
                 .await;
             // Nothing was written. The intent path saves the plan if the store takes it and
@@ -602,7 +604,7 @@ impl Engine {
             let Ok(outcomes) = written else {
                 return Ok(None);
             };
-            match outcomes.into_iter().next() {
+            match outcomes.into_iter().nth(1) {
                 Some(WriteOutcome::Written { etag }) => {
                     metrics::hub_write(&plan.hub, true, started.elapsed());
                     (put.committed)();

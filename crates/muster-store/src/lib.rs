@@ -206,6 +206,7 @@ pub struct Write {
     /// When this write's expectation fails, the whole batch is rolled back: its outcome
     /// says why and every other write's is [`WriteOutcome::RolledBack`]. For batches whose
     /// writes only make sense together (a registration record and the hub device it names).
+    /// Cheapest as a batch's first write: SQLite then needs no savepoint for the batch.
     pub required: bool,
 }
 

@@ -241,6 +241,10 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| db_err(&context("setting synchronous=FULL"), e))?;
+    // A batch's savepoint journal (see writer.rs) stays in memory instead of spilling into a
+    // temporary file that is created and deleted with each group commit.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(|e| db_err(&context("setting temp_store=MEMORY"), e))?;
     Ok(conn)
 }
 

@@ -170,17 +170,67 @@ pub(super) fn run(
 }
 
 /// Applies every batch of the group in one transaction. `Err` means nothing was committed.
+///
+/// Each batch must be undone alone when it fails, but a savepoint per batch makes SQLite copy
+/// every page the batch touches into a statement journal first (8 KiB a page, several pages a
+/// registration, and a temporary file once it outgrows memory). So batches go straight into
+/// the transaction, and only when one fails with a database error is the whole transaction
+/// rolled back and the group applied again with a savepoint per batch. A refused
+/// [required](crate::Write::required) write needs no savepoint when it is its batch's first
+/// write (nothing of the batch was applied yet); a batch with a required write further on
+/// gets one.
 fn commit_group(
     conn: &mut Connection,
     group: &[Request],
     etags: &mut EtagCounter,
 ) -> Result<Vec<Reply>, StoreError> {
+    let first_etag = etags.last;
+    match commit_group_in(conn, group, etags, Undo::WhenNeeded)? {
+        Some(replies) => Ok(replies),
+        None => {
+            // Rolled back: the etags drawn in it were never committed.
+            etags.last = first_etag;
+            Ok(commit_group_in(conn, group, etags, Undo::EveryBatch)?.unwrap_or_default())
+        }
+    }
+}
+
+/// Which batches of a group run inside a savepoint of their own.
+#[derive(Clone, Copy, PartialEq)]
+enum Undo {
+    /// Only batches with a required write after their first write; a database error in any
+    /// other batch abandons the attempt (`Ok(None)`).
+    WhenNeeded,
+    /// Every batch: a failed batch is undone alone.
+    EveryBatch,
+}
+
+fn needs_savepoint(writes: &[PreparedWrite]) -> bool {
+    writes.iter().skip(1).any(|w| w.required)
+}
+
+fn commit_group_in(
+    conn: &mut Connection,
+    group: &[Request],
+    etags: &mut EtagCounter,
+    undo: Undo,
+) -> Result<Option<Vec<Reply>>, StoreError> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| db_err("beginning the write transaction", e))?;
     let first_etag = etags.last;
     let mut replies = Vec::with_capacity(group.len());
     for request in group {
+        if undo == Undo::WhenNeeded && !needs_savepoint(&request.writes) {
+            match apply_batch(&tx, &request.writes, etags) {
+                Ok(Applied::All(outcomes) | Applied::None(outcomes)) => {
+                    replies.push(Ok(outcomes));
+                }
+                // Dropping the transaction rolls it back.
+                Err(_) => return Ok(None),
+            }
+            continue;
+        }
         let savepoint = tx
             .savepoint()
             .map_err(|e| db_err("opening a batch savepoint", e))?;
@@ -221,7 +271,7 @@ fn commit_group(
     tx.commit()
         .map_err(|e| db_err("committing the write transaction", e))?;
     tracing::trace!(batches = group.len(), "store group committed");
-    Ok(replies)
+    Ok(Some(replies))
 }
 
 /// What became of a batch: applied, or rolled back because a required write was refused.
@@ -334,6 +384,96 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(base64(input.as_bytes()), expected, "base64({input:?})");
         }
+    }
+
+    fn put(key: &str, required: bool) -> PreparedWrite {
+        PreparedWrite {
+            collection: "enrollments",
+            key: key.into(),
+            expect: if required {
+                Expect::Absent
+            } else {
+                Expect::Any
+            },
+            op: PreparedOp::Put {
+                partition: None,
+                body: StoredBody::Text("{}".into()),
+            },
+            lease: None,
+            required,
+        }
+    }
+
+    fn request(writes: Vec<PreparedWrite>) -> (Request, oneshot::Receiver<Reply>) {
+        let (reply, answer) = oneshot::channel();
+        (Request { writes, reply }, answer)
+    }
+
+    /// Batches share the group's transaction without savepoints; a database error in one of
+    /// them reruns the group with a savepoint per batch, so only that batch is lost.
+    #[test]
+    fn a_failing_batch_is_undone_alone_without_savepoints_for_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db");
+        let mut conn = super::super::open_writer(&path).expect("open");
+        let entropy: std::sync::Arc<dyn muster_proto::runtime::Entropy> =
+            std::sync::Arc::new(muster_proto::runtime::SeededEntropy::new(1));
+        let sealer = crate::sealing::Sealer::load_or_create_with(&dir.path().join("k"), entropy)
+            .expect("sealer");
+        super::super::schema::migrate(&mut conn, &path, &sealer).expect("migrate");
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER boom BEFORE INSERT ON records WHEN NEW.key = 'boom'
+             BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+        )
+        .expect("trigger");
+        let mut etags = EtagCounter::load(&conn).expect("etags");
+        let existing = request(vec![put("taken", false)]).0;
+        commit_group(&mut conn, &[existing], &mut etags).expect("seed");
+
+        let group = [
+            request(vec![put("a", false)]).0,
+            request(vec![put("x", false), put("boom", false)]).0,
+            // Refused first write: nothing of the batch applied, no savepoint needed.
+            request(vec![put("taken", true), put("y", false)]).0,
+            // Refused later write: the savepoint undoes `z`.
+            request(vec![put("z", false), put("taken", true)]).0,
+            request(vec![put("c", false)]).0,
+        ];
+        let replies = commit_group(&mut conn, &group, &mut etags).expect("group");
+        assert!(
+            matches!(&replies[0], Ok(o) if o[0].is_applied()),
+            "{:?}",
+            replies[0]
+        );
+        assert!(replies[1].is_err(), "{:?}", replies[1]);
+        assert!(
+            matches!(&replies[2], Ok(o) if *o == [WriteOutcome::AlreadyExists, WriteOutcome::RolledBack]),
+            "{:?}",
+            replies[2]
+        );
+        assert!(
+            matches!(&replies[3], Ok(o) if *o == [WriteOutcome::RolledBack, WriteOutcome::AlreadyExists]),
+            "{:?}",
+            replies[3]
+        );
+        assert!(
+            matches!(&replies[4], Ok(o) if o[0].is_applied()),
+            "{:?}",
+            replies[4]
+        );
+        let keys: Vec<String> = conn
+            .prepare("SELECT key FROM records WHERE collection = 'enrollments' ORDER BY key")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("keys");
+        assert_eq!(keys, ["a", "c", "taken"]);
+        // The attempt abandoned for the error drew etags; the rerun draws them again, and the
+        // saved counter is the in-memory one.
+        let stored: i64 = conn
+            .query_row("SELECT value FROM counters WHERE name = 'etag'", [], |r| {
+                r.get(0)
+            })
+            .expect("counter");
+        assert_eq!(u64::try_from(stored).ok(), Some(etags.last));
     }
 
     #[test]
