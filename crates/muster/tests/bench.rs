@@ -413,3 +413,75 @@ fn attestation_bench_refuses_forged_tokens_and_registers_devices_of_the_last_gro
     }
     rt.block_on(server.shutdown());
 }
+
+#[test]
+fn seed_groups_tops_the_server_up_and_names_a_group_whose_devices_register() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start_server(&rt, &data);
+    let data_dir = data.to_str().expect("utf-8 path");
+    let seed = |groups: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "seed-groups",
+            "--data-dir",
+            data_dir,
+            "--groups",
+            groups,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_of(&args)
+    };
+    let first = seed("3", &[]);
+    assert_eq!(first["groups"], 3, "{first:#}");
+    assert_eq!(first["created_groups"], 3, "{first:#}");
+    assert_eq!(first["device_group"], "attest-g00002", "{first:#}");
+    assert!(
+        first.get("primary_key").is_none(),
+        "no key unless asked: {first:#}"
+    );
+    // Growing the curve creates only the missing groups; the devices' group is the new last.
+    let grown = seed("5", &["--show-key"]);
+    assert_eq!(grown["created_groups"], 2, "{grown:#}");
+    assert_eq!(grown["device_group"], "attest-g00004", "{grown:#}");
+    let key = grown["primary_key"].as_str().expect("the key").to_string();
+    let listed = json_of(&[
+        "enrollment-group",
+        "show",
+        "--data-dir",
+        data_dir,
+        "--group-id",
+        "attest-g00004",
+        "--show-keys",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        listed["attestation"]["symmetricKey"]["primaryKey"],
+        key.as_str()
+    );
+    // Devices holding keys derived from it register, new ids and again.
+    for round in ["new", "again"] {
+        let report = json_of(&[
+            "bench",
+            "register",
+            "--data-dir",
+            data_dir,
+            "--group-key",
+            &key,
+            "--mode",
+            "https-keepalive",
+            "--prefix",
+            "grown-",
+            "--count",
+            "4",
+            "--concurrency",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(report["assigned"], 4, "{round}: {report:#}");
+    }
+    rt.block_on(server.shutdown());
+}

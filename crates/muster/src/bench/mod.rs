@@ -9,6 +9,9 @@
 //! - [`service_api`] — bulk enrollment creation and paging-query latency at scale.
 //! - [`attestation`] — `muster bench attestation`: server CPU per forged token and per
 //!   registration as the number of enrollment groups grows.
+//! - [`groups`] — `muster bench seed-groups`: tops a running server up to N symmetric-key
+//!   groups (shared with [`attestation`]) and names the devices' group and its key, for the
+//!   scaling curve of `scripts/bench.sh`.
 //! - [`seed`] — `muster bench seed-records`: registration records written straight into a
 //!   stopped server's store.
 //! - [`latency`], [`schedule`], [`server_usage`], [`target`], [`report`] — percentiles, the
@@ -16,6 +19,7 @@
 
 pub mod amqp;
 pub mod attestation;
+pub mod groups;
 pub mod latency;
 pub mod reference;
 pub mod register;
@@ -80,6 +84,15 @@ pub enum BenchCommand {
     ///   muster bench attestation --data-dir d --groups 10000 --count 200 --server-pid "$PID"
     #[command(verbatim_doc_comment)]
     Attestation(attestation::AttestationArgs),
+    /// Top a running server up to N symmetric-key groups attest-g00000.. (bulk-created).
+    ///
+    /// The benchmarks' devices belong to the last group in id order: the longest search for a
+    /// registration id Muster has not seen. --show-key prints that group's primary key.
+    ///
+    /// Example:
+    ///   muster bench seed-groups --data-dir d --groups 10000 --show-key --json
+    #[command(verbatim_doc_comment, name = "seed-groups")]
+    SeedGroups(groups::SeedGroupsArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -89,5 +102,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::ServiceApi(a) => service_api::run(a).await,
         BenchCommand::SeedRecords(a) => seed::run(a).await,
         BenchCommand::Attestation(a) => attestation::run(a).await,
+        BenchCommand::SeedGroups(a) => groups::run(a).await,
     }
 }
