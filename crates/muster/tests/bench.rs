@@ -415,7 +415,7 @@ fn attestation_bench_refuses_forged_tokens_and_registers_devices_of_the_last_gro
 }
 
 #[test]
-fn seed_groups_tops_the_server_up_and_names_a_group_whose_devices_register() {
+fn seed_groups_tops_the_server_up_and_writes_the_keys_of_the_devices_groups() {
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -437,40 +437,66 @@ fn seed_groups_tops_the_server_up_and_names_a_group_whose_devices_register() {
     let first = seed("3", &[]);
     assert_eq!(first["groups"], 3, "{first:#}");
     assert_eq!(first["created_groups"], 3, "{first:#}");
-    assert_eq!(first["device_group"], "attest-g00002", "{first:#}");
-    assert!(
-        first.get("primary_key").is_none(),
-        "no key unless asked: {first:#}"
-    );
-    // Growing the curve creates only the missing groups; the devices' group is the new last.
-    let grown = seed("5", &["--show-key"]);
-    assert_eq!(grown["created_groups"], 2, "{grown:#}");
-    assert_eq!(grown["device_group"], "attest-g00004", "{grown:#}");
-    let key = grown["primary_key"].as_str().expect("the key").to_string();
-    let listed = json_of(&[
-        "enrollment-group",
-        "show",
-        "--data-dir",
-        data_dir,
-        "--group-id",
-        "attest-g00004",
-        "--show-keys",
-        "-o",
-        "json",
-    ]);
     assert_eq!(
-        listed["attestation"]["symmetricKey"]["primaryKey"],
-        key.as_str()
+        first["device_groups"],
+        serde_json::json!(["attest-g00002"]),
+        "{first:#}"
     );
-    // Devices holding keys derived from it register, new ids and again.
+    // Growing the curve creates only the missing groups; the devices' groups are the new last.
+    let keys_file = dir.path().join("keys");
+    let keys_path = keys_file.to_str().expect("utf-8 path");
+    let grown = seed("5", &["--spread", "2", "--keys-file", keys_path]);
+    assert_eq!(grown["created_groups"], 2, "{grown:#}");
+    assert_eq!(
+        grown["device_groups"],
+        serde_json::json!(["attest-g00003", "attest-g00004"]),
+        "{grown:#}"
+    );
+    assert!(
+        !grown.to_string().contains("primaryKey"),
+        "no key on stdout: {grown:#}"
+    );
+    let keys: Vec<String> = std::fs::read_to_string(&keys_file)
+        .expect("the keys file")
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(keys.len(), 2);
+    for (key, group) in keys.iter().zip(["attest-g00003", "attest-g00004"]) {
+        let shown = json_of(&[
+            "enrollment-group",
+            "show",
+            "--data-dir",
+            data_dir,
+            "--group-id",
+            group,
+            "--show-keys",
+            "-o",
+            "json",
+        ]);
+        assert_eq!(
+            shown["attestation"]["symmetricKey"]["primaryKey"],
+            key.as_str()
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&keys_file)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Devices take the keys in turn (device n: line n mod 2): all register, new ids and again.
     for round in ["new", "again"] {
         let report = json_of(&[
             "bench",
             "register",
             "--data-dir",
             data_dir,
-            "--group-key",
-            &key,
+            "--group-keys-file",
+            keys_path,
             "--mode",
             "https-keepalive",
             "--prefix",

@@ -105,6 +105,7 @@ pub async fn run(a: AttestationArgs) -> anyhow::Result<()> {
     let args = |label: &str, prefix: String, key: &str| RegisterArgs {
         mode: a.mode,
         group_key: Some(key.to_string()),
+        group_keys_file: None,
         prefix,
         start: 0,
         count: a.count,

@@ -10,8 +10,8 @@
 //! - [`attestation`] — `muster bench attestation`: server CPU per forged token and per
 //!   registration as the number of enrollment groups grows.
 //! - [`groups`] — `muster bench seed-groups`: tops a running server up to N symmetric-key
-//!   groups (shared with [`attestation`]) and names the devices' group and its key, for the
-//!   scaling curve of `scripts/bench.sh`.
+//!   groups (shared with [`attestation`]) and writes the keys of the devices' groups (the
+//!   last K) for `bench register --group-keys-file`: the scaling curve of `scripts/bench.sh`.
 //! - [`seed`] — `muster bench seed-records`: registration records written straight into a
 //!   stopped server's store.
 //! - [`latency`], [`schedule`], [`server_usage`], [`target`], [`report`] — percentiles, the
@@ -86,11 +86,13 @@ pub enum BenchCommand {
     Attestation(attestation::AttestationArgs),
     /// Top a running server up to N symmetric-key groups attest-g00000.. (bulk-created).
     ///
-    /// The benchmarks' devices belong to the last group in id order: the longest search for a
-    /// registration id Muster has not seen. --show-key prints that group's primary key.
+    /// The benchmarks' devices belong to the last --spread groups in id order: the longest
+    /// search for a registration id Muster has not seen. --keys-file writes their primary
+    /// keys for `muster bench register --group-keys-file` (device n: group n mod K).
     ///
     /// Example:
-    ///   muster bench seed-groups --data-dir d --groups 10000 --show-key --json
+    ///   muster bench seed-groups --data-dir d --groups 10000 --spread 8 --keys-file keys
+    ///   muster bench register --data-dir d --group-keys-file keys --mode https-keepalive
     #[command(verbatim_doc_comment, name = "seed-groups")]
     SeedGroups(groups::SeedGroupsArgs),
 }
