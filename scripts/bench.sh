@@ -21,10 +21,9 @@
 #        groups in id order (all of them below 8): more than the 4 recently matched groups
 #        attestation tries first, so each new id is matched by a search through the groups.
 #        New ids, then the same ids registering again (their record names the group). Fewer
-#        devices here
-#        (BENCH_SCALE_GROUP_COUNT), and 4 in flight: beyond the server's bound on concurrent
-#        group searches (half the cores searching, four waiting each: 5 on 2 cores) new ids
-#        would be answered 429;
+#        devices here (BENCH_SCALE_GROUP_COUNT), and 4 in flight: beyond the server's bound on
+#        concurrent group searches (half the cores searching, four waiting each: 5 on 2 cores)
+#        new ids would be answered 429;
 #   7. (full runs, when scripts/interop.sh has made .interop/venv) Microsoft's Python SDK
 #      registering devices one process at a time, process start to `assigned`, against a
 #      second server on the standard ports 443/8883 of BENCH_SDK_HOST (127.0.0.11), since the
