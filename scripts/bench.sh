@@ -12,7 +12,20 @@
 #   5. attestation cost as enrollment groups grow: a fresh server with 1, then 100, then
 #      10,000 symmetric-key groups; server CPU per forged token, first registration,
 #      re-registration and forged token for a registered id (`muster bench attestation`);
-#   6. (full runs, when scripts/interop.sh has made .interop/venv) Microsoft's Python SDK
+#   6. the scaling curve, https-keepalive rate and server CPU per registration (the same
+#      `bench register --server-pid` report):
+#      - as registration records grow: a fresh server whose group `bench` holds 0, then
+#        100,000, then 1,000,000 seeded records (`bench seed-records` while it is stopped, the
+#        same data dir grown, so 1,000,000 are seeded in all; a warm-up after each restart);
+#      - as enrollment groups grow: a fresh server topped up to 1, 100, then 10,000
+#        symmetric-key groups (`bench seed-groups`); its devices belong in turn to the last 8
+#        groups in id order (all of them below 8): more than the 4 recently matched groups
+#        attestation tries first, so each new id is matched by a search through the groups.
+#        New ids, then the same ids registering again (their record names the group). Fewer
+#        devices here (BENCH_SCALE_GROUP_COUNT), and 4 in flight: beyond the server's bound on
+#        concurrent group searches (half the cores searching, four waiting each: 5 on 2 cores)
+#        new ids would be answered 429;
+#   7. (full runs, when scripts/interop.sh has made .interop/venv) Microsoft's Python SDK
 #      registering devices one process at a time, process start to `assigned`, against a
 #      second server on the standard ports 443/8883 of BENCH_SDK_HOST (127.0.0.11), since the
 #      SDK has no port option.
@@ -21,12 +34,16 @@
 # stopped on exit.
 #
 # Usage: scripts/bench.sh [--smoke] [--out FILE]
-#   --smoke   tiny counts (20 devices, 1,000 enrollments, 10,000 records, 1 and 40 groups)
-#             with the debug build, to prove the commands run (scripts/test.sh does this)
+#   --smoke   tiny counts (20 devices, 1,000 enrollments, 10,000 records, 1 and 40 groups;
+#             scaling curve at 0/1,000/3,000 records and 1/3/20 groups) with the debug build,
+#             to prove the commands run (scripts/test.sh does this)
 #   --out     JSON results [default: $CARGO_TARGET_DIR/bench/results.json]
 # Sizes can be overridden: BENCH_COUNT, BENCH_WARMUP, BENCH_CONCURRENCY, BENCH_ENROLLMENTS,
 # BENCH_RECORDS, BENCH_QUERIES, BENCH_SDK_COUNT (10), BENCH_ATTEST_GROUPS ("1 100 10000"),
-# BENCH_ATTEST_COUNT (300); addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
+# BENCH_ATTEST_COUNT (300); the scaling curve: BENCH_SCALE_RECORDS ("0 100000 1000000",
+# ascending), BENCH_SCALE_COUNT (BENCH_COUNT), BENCH_SCALE_GROUPS ("1 100 10000", ascending),
+# BENCH_SCALE_GROUP_COUNT (1000 devices per group count), BENCH_SCALE_GROUP_CONCURRENCY (4);
+# addresses: BENCH_HOST (127.0.0.9), BENCH_PORT_BASE (18440).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -36,7 +53,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1 ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -47,6 +64,8 @@ if [[ $smoke -eq 1 ]]; then
   count=${BENCH_COUNT:-20}; warmup=${BENCH_WARMUP:-5}; conc=${BENCH_CONCURRENCY:-4}
   enrollments=${BENCH_ENROLLMENTS:-1000}; records=${BENCH_RECORDS:-10000}; queries=${BENCH_QUERIES:-10}
   attest_groups=${BENCH_ATTEST_GROUPS:-"1 40"}; attest_count=${BENCH_ATTEST_COUNT:-5}
+  scale_records=${BENCH_SCALE_RECORDS:-"0 1000 3000"}; scale_groups=${BENCH_SCALE_GROUPS:-"1 3 20"}
+  scale_group_count=${BENCH_SCALE_GROUP_COUNT:-20}
   host=${BENCH_HOST:-127.0.0.10}; base=${BENCH_PORT_BASE:-18450}
   cargo build -p muster --locked --quiet
   bin="$target_dir/debug/muster"
@@ -54,10 +73,13 @@ else
   count=${BENCH_COUNT:-10000}; warmup=${BENCH_WARMUP:-1000}; conc=${BENCH_CONCURRENCY:-64}
   enrollments=${BENCH_ENROLLMENTS:-100000}; records=${BENCH_RECORDS:-1000000}; queries=${BENCH_QUERIES:-200}
   attest_groups=${BENCH_ATTEST_GROUPS:-"1 100 10000"}; attest_count=${BENCH_ATTEST_COUNT:-300}
+  scale_records=${BENCH_SCALE_RECORDS:-"0 100000 1000000"}
+  scale_groups=${BENCH_SCALE_GROUPS:-"1 100 10000"}; scale_group_count=${BENCH_SCALE_GROUP_COUNT:-1000}
   host=${BENCH_HOST:-127.0.0.9}; base=${BENCH_PORT_BASE:-18440}
   cargo build --release -p muster --locked --quiet
   bin="$target_dir/release/muster"
 fi
+scale_count=${BENCH_SCALE_COUNT:-$count}; scale_group_conc=${BENCH_SCALE_GROUP_CONCURRENCY:-4}
 https_port=$((base + 3)); mqtt_port=$((base + 4)); ref_port=$((base + 5)); ref_mqtt_port=$((base + 6))
 out="${out:-$target_dir/bench/results.json}"
 mkdir -p "$(dirname "$out")"
@@ -189,6 +211,53 @@ done
 stop_server
 data="$suite_data"
 
+# The scaling curve (issue #19): https-keepalive as registration records, then groups, grow.
+step "scaling curve: https-keepalive with $scale_records records in group bench (a fresh server), $scale_count devices"
+data="$work/scale-records"
+start_server
+MUSTER_GROUP_KEY=$("$bin" enrollment-group create --data-dir "$data" --group-id bench --show-keys -o json \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["attestation"]["symmetricKey"]["primaryKey"])')
+seeded=0
+for n in $scale_records; do
+  if ((n < seeded)); then echo "BENCH_SCALE_RECORDS must be ascending: $scale_records" >&2; exit 2; fi
+  if ((n > seeded)); then
+    stop_server
+    "$bin" bench seed-records --data-dir "$data" --group-id bench --prefix seed- --start "$seeded" \
+      --count $((n - seeded)) --json >"$results/scale-seed-$n.json"
+    seeded=$n
+    start_server
+  fi
+  "$bin" bench register --data-dir "$data" --mode https-keepalive --prefix "scale-warm-$n-" \
+    --count "$warmup" --concurrency "$conc" --json >/dev/null
+  register "scale-records-$n" --mode https-keepalive --prefix "scale-$n-" --count "$scale_count" \
+    --concurrency "$conc" --server-pid "$server_pid"
+done
+stop_server
+
+step "scaling curve: $scale_groups groups (a fresh server), $scale_group_count devices of the last 8 groups, $scale_group_conc in flight"
+data="$work/scale-groups"
+start_server
+previous=0
+for n in $scale_groups; do
+  if ((n < previous)); then echo "BENCH_SCALE_GROUPS must be ascending: $scale_groups" >&2; exit 2; fi
+  previous=$n
+  "$bin" bench seed-groups --data-dir "$data" --groups "$n" --spread $((n < 8 ? n : 8)) \
+    --keys-file "$work/scale-group-keys" --json >"$results/scale-topup-groups-$n.json"
+  # The first request after the groups changed fills the server's group cache.
+  "$bin" bench register --data-dir "$data" --group-keys-file "$work/scale-group-keys" \
+    --mode https-keepalive --prefix "scale-g$n-warm-" \
+    --count $((scale_group_count / 20 > 3 ? scale_group_count / 20 : 3)) \
+    --concurrency "$scale_group_conc" --json >/dev/null
+  for round in new again; do
+    register "scale-groups-$n-$round" --group-keys-file "$work/scale-group-keys" \
+      --mode https-keepalive --prefix "scale-g$n-" --count "$scale_group_count" \
+      --concurrency "$scale_group_conc" --server-pid "$server_pid"
+  done
+done
+stop_server
+data="$suite_data"
+export MUSTER_GROUP_KEY="$key"
+
 sdk_python="$PWD/.interop/venv/bin/python"
 if [[ $smoke -eq 0 && -x "$sdk_python" ]] && "$sdk_python" -c 'import azure.iot.device' 2>/dev/null; then
   sdk_count=${BENCH_SDK_COUNT:-10}
@@ -261,6 +330,63 @@ for r in attest:
 s = runs.get("seed-records")
 if s:
     print(f"seed-records: {s['records']} in {s['secs']:.2f} s ({s['records_per_sec']:.0f}/s)")
+
+def per_reg_cpu_ms(r):
+    cpu = (r.get("server") or {}).get("cpu_secs")
+    return cpu * 1000 / r["assigned"] if cpu is not None and r["assigned"] else None
+
+def cell(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+scaling = {"records": [], "groups": []}
+rec = sorted((int(n[len("scale-records-"):]), r) for n, r in runs.items() if n.startswith("scale-records-"))
+base_rate = rec[0][1]["throughput_per_sec"] if rec and rec[0][0] == 0 else None
+for n, r in rec:
+    scaling["records"].append({
+        "records": n, "devices": r["attempted"], "assigned": r["assigned"],
+        "per_sec": r["throughput_per_sec"], "server_cpu_ms_per_registration": per_reg_cpu_ms(r),
+        "ratio_to_0_records": r["throughput_per_sec"] / base_rate if base_rate else None,
+        "p99_ms": r["latency"]["p99_ms"]})
+groups = sorted({int(n.split("-")[2]) for n in runs if n.startswith("scale-groups-")})
+for n in groups:
+    new, again = runs.get(f"scale-groups-{n}-new"), runs.get(f"scale-groups-{n}-again")
+    row = {"groups": n}
+    for name, r in (("new", new), ("again", again)):
+        if r:
+            row[name] = {"devices": r["attempted"], "assigned": r["assigned"],
+                         "per_sec": r["throughput_per_sec"],
+                         "server_cpu_ms_per_registration": per_reg_cpu_ms(r),
+                         "errors_by_kind": r["errors_by_kind"]}
+    scaling["groups"].append(row)
+if rec or groups:
+    print("\nscaling (https-keepalive)")
+if rec:
+    r0 = rec[0][1]
+    print(f"  existing records ({r0['attempted']} devices, {r0['concurrency']} in flight)")
+    print("  %12s %13s %9s %10s %8s %13s" % ("records", "assigned", "per s", "CPU ms/reg", "p99 ms", "vs 0 records"))
+    for row in scaling["records"]:
+        ratio = row["ratio_to_0_records"]
+        print("  %12s %13s %9.0f %10s %8.1f %13s" % (
+            f'{row["records"]:,}', f'{row["assigned"]}/{row["devices"]}', row["per_sec"],
+            cell(row["server_cpu_ms_per_registration"], ".3f"), row["p99_ms"],
+            "-" if ratio is None else f"{ratio:.0%}"))
+    seeds = [runs[n] for n in runs if n.startswith("scale-seed-")]
+    if seeds:
+        print(f"  seeded {sum(x['records'] for x in seeds):,} records in {sum(x['secs'] for x in seeds):.1f} s")
+if groups:
+    first = runs.get(f"scale-groups-{groups[0]}-new") or {}
+    print(f"  enrollment groups ({first.get('attempted')} devices spread over the last 8 groups or all, "
+          f"{first.get('concurrency')} in flight: new ids, then the same ids again)")
+    print("  %12s %13s %11s %9s %12s %14s" % (
+        "groups", "assigned", "new ids/s", "again/s", "CPU ms new", "CPU ms again"))
+    for row in scaling["groups"]:
+        new, again = row.get("new") or {}, row.get("again") or {}
+        assigned = "/".join(str(x.get("assigned", "-")) for x in (new, again))
+        print("  %12s %13s %11s %9s %12s %14s" % (
+            f'{row["groups"]:,}', assigned, cell(new.get("per_sec"), ".0f"), cell(again.get("per_sec"), ".0f"),
+            cell(new.get("server_cpu_ms_per_registration"), ".3f"),
+            cell(again.get("server_cpu_ms_per_registration"), ".3f")))
+summary["scaling"] = scaling
 with open(out, "w") as f:
     json.dump(summary, f, indent=2)
 print(f"\nresults: {out}")

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Profiles `muster serve` under registration load and renders a flamegraph.
 #
-# Builds the release binary, starts a server on 127.0.0.9 (ports 18463/18464, fresh data dir,
-# one symmetric-key group), warms it up, then records the server with
+# Builds the release binary, starts a server on PROFILE_HOST (default 127.0.0.9) with HTTPS on
+# PROFILE_PORT_BASE+3 and MQTT on PROFILE_PORT_BASE+4 (default 18460: 18463/18464; fresh data
+# dir, one symmetric-key group), warms it up, then records the server with
 # `perf record -e cpu-clock --call-graph dwarf` while `muster bench register` provisions
 # COUNT devices in MODE. Writes into $CARGO_TARGET_DIR/profile/ (default target/profile/):
 #   MODE.perf.data     the raw profile (`perf report -i ...`)
 #   MODE.folded        folded stacks
 #   MODE.svg           the flamegraph (needs inferno: `cargo install inferno`)
-# and prints the hottest functions by self time. Every process it starts is stopped on exit.
+#   MODE.breakdown.txt the share of samples per category (SQLite, allocation, TLS, ...), each
+#                      sample counted by its innermost recognisable frame
+#                      (scripts/profile_breakdown.py, from the folded stacks)
+# and prints the hottest functions by self time and the breakdown. Every process it starts is
+# stopped on exit.
 #
 # Usage: scripts/profile.sh [MODE] [COUNT]
 #   MODE   https-keepalive (default), https-fresh or mqtt-fresh
@@ -20,9 +25,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 mode="${1:-https-keepalive}"
 count="${2:-10000}"
-host=127.0.0.9
-https_port=18463
-mqtt_port=18464
+host="${PROFILE_HOST:-127.0.0.9}"
+port_base="${PROFILE_PORT_BASE:-18460}"
+https_port=$((port_base + 3))
+mqtt_port=$((port_base + 4))
 command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 1; }
 
 target_dir="${CARGO_TARGET_DIR:-target}"
@@ -75,9 +81,16 @@ if command -v inferno-collapse-perf >/dev/null && command -v inferno-flamegraph 
   inferno-collapse-perf <"$work/perf.script" >"$out/$mode.folded"
   inferno-flamegraph --title "muster serve, $mode, $count devices" <"$out/$mode.folded" >"$out/$mode.svg"
   echo "flamegraph: $out/$mode.svg"
+  folded="$out/$mode.folded"
 else
+  folded=""
   echo "no flamegraph: cargo install inferno (inferno-collapse-perf, inferno-flamegraph)" >&2
 fi
 echo "hottest functions by self time:"
 perf report -i "$out/$mode.perf.data" --no-children --sort symbol --stdio -g none \
   --percent-limit 1.5 2>/dev/null | grep -v '^#' | grep -v '^$' | cut -c1-120 | head -25
+if [[ -n "$folded" ]]; then
+  python3 scripts/profile_breakdown.py "$folded" --threads --other 10 \
+    >"$out/$mode.breakdown.txt"
+  cat "$out/$mode.breakdown.txt"
+fi

@@ -29,6 +29,8 @@ cargo clippy --workspace --all-targets --locked --features muster/tpm -- -D warn
 section "cargo test"
 cargo test --workspace --locked --features muster/tpm
 section "benchmark smoke run" && bash scripts/bench.sh --smoke
+section "script tests (scripts/test_*.py)"
+python3 -m unittest discover -s scripts -p 'test_*.py'
 
 if [[ $interop -eq 1 ]]; then
   section "interop: Microsoft SDKs against a running Muster"

@@ -451,3 +451,101 @@ fn attestation_bench_refuses_forged_tokens_and_registers_devices_of_the_last_gro
     }
     rt.block_on(server.shutdown());
 }
+
+#[test]
+fn seed_groups_tops_the_server_up_and_writes_the_keys_of_the_devices_groups() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start_server(&rt, &data);
+    let data_dir = data.to_str().expect("utf-8 path");
+    let seed = |groups: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "seed-groups",
+            "--data-dir",
+            data_dir,
+            "--groups",
+            groups,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_of(&args)
+    };
+    let first = seed("3", &[]);
+    assert_eq!(first["groups"], 3, "{first:#}");
+    assert_eq!(first["created_groups"], 3, "{first:#}");
+    assert_eq!(
+        first["device_groups"],
+        serde_json::json!(["attest-g00002"]),
+        "{first:#}"
+    );
+    // Growing the curve creates only the missing groups; the devices' groups are the new last.
+    let keys_file = dir.path().join("keys");
+    let keys_path = keys_file.to_str().expect("utf-8 path");
+    let grown = seed("5", &["--spread", "2", "--keys-file", keys_path]);
+    assert_eq!(grown["created_groups"], 2, "{grown:#}");
+    assert_eq!(
+        grown["device_groups"],
+        serde_json::json!(["attest-g00003", "attest-g00004"]),
+        "{grown:#}"
+    );
+    assert!(
+        !grown.to_string().contains("primaryKey"),
+        "no key on stdout: {grown:#}"
+    );
+    let keys: Vec<String> = std::fs::read_to_string(&keys_file)
+        .expect("the keys file")
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(keys.len(), 2);
+    for (key, group) in keys.iter().zip(["attest-g00003", "attest-g00004"]) {
+        let shown = json_of(&[
+            "enrollment-group",
+            "show",
+            "--data-dir",
+            data_dir,
+            "--group-id",
+            group,
+            "--show-keys",
+            "-o",
+            "json",
+        ]);
+        assert_eq!(
+            shown["attestation"]["symmetricKey"]["primaryKey"],
+            key.as_str()
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&keys_file)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Devices take the keys in turn (device n: line n mod 2): all register, new ids and again.
+    for round in ["new", "again"] {
+        let report = json_of(&[
+            "bench",
+            "register",
+            "--data-dir",
+            data_dir,
+            "--group-keys-file",
+            keys_path,
+            "--mode",
+            "https-keepalive",
+            "--prefix",
+            "grown-",
+            "--count",
+            "4",
+            "--concurrency",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(report["assigned"], 4, "{round}: {report:#}");
+    }
+    rt.block_on(server.shutdown());
+}

@@ -11,6 +11,9 @@
 //! - [`amqp`] — the AMQP device of `--mode amqp-fresh`.
 //! - [`attestation`] — `muster bench attestation`: server CPU per forged token and per
 //!   registration as the number of enrollment groups grows.
+//! - [`groups`] — `muster bench seed-groups`: tops a running server up to N symmetric-key
+//!   groups (shared with [`attestation`]) and writes the keys of the devices' groups (the
+//!   last K) for `bench register --group-keys-file`: the scaling curve of `scripts/bench.sh`.
 //! - [`seed`] — `muster bench seed-records`: registration records written straight into a
 //!   stopped server's store.
 //! - [`latency`], [`schedule`], [`server_usage`], [`target`], [`report`] — percentiles, the
@@ -18,6 +21,7 @@
 
 pub mod amqp;
 pub mod attestation;
+pub mod groups;
 pub mod latency;
 pub mod reference;
 pub mod register;
@@ -87,6 +91,17 @@ pub enum BenchCommand {
     ///   muster bench attestation --data-dir d --groups 10000 --count 200 --server-pid "$PID"
     #[command(verbatim_doc_comment)]
     Attestation(attestation::AttestationArgs),
+    /// Top a running server up to N symmetric-key groups attest-g00000.. (bulk-created).
+    ///
+    /// The benchmarks' devices belong to the last --spread groups in id order: the longest
+    /// search for a registration id Muster has not seen. --keys-file writes their primary
+    /// keys for `muster bench register --group-keys-file` (device n: group n mod K).
+    ///
+    /// Example:
+    ///   muster bench seed-groups --data-dir d --groups 10000 --spread 8 --keys-file keys
+    ///   muster bench register --data-dir d --group-keys-file keys --mode https-keepalive
+    #[command(verbatim_doc_comment, name = "seed-groups")]
+    SeedGroups(groups::SeedGroupsArgs),
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -96,5 +111,6 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::ServiceApi(a) => service_api::run(a).await,
         BenchCommand::SeedRecords(a) => seed::run(a).await,
         BenchCommand::Attestation(a) => attestation::run(a).await,
+        BenchCommand::SeedGroups(a) => groups::run(a).await,
     }
 }

@@ -30,9 +30,14 @@ pub struct RegisterArgs {
     /// https-fresh, https-keepalive, mqtt-fresh or amqp-fresh
     #[arg(long, value_enum)]
     pub mode: Mode,
-    /// The enrollment group's key (required for --target muster)
+    /// The enrollment group's key (required for --target muster, unless --group-keys-file)
     #[arg(long, env = "MUSTER_GROUP_KEY", hide_env_values = true)]
     pub group_key: Option<String>,
+    /// A file of group keys, one per line: device n belongs to the group of line n mod lines
+    /// (devices spread over several groups, as `muster bench seed-groups --keys-file` writes);
+    /// wins over --group-key
+    #[arg(long)]
+    pub group_keys_file: Option<std::path::PathBuf>,
     /// Registration ids are PREFIX<n>
     #[arg(long, default_value = "bench-")]
     pub prefix: String,
@@ -121,15 +126,17 @@ pub fn error_kind(e: &muster_client::Error) -> String {
     }
 }
 
-async fn register_one(run: &Run, id: &str, measured_from: Instant) -> DeviceOutcome {
+async fn register_one(run: &Run, i: u64, measured_from: Instant) -> DeviceOutcome {
+    let id = run.id(i);
+    let (id, key) = (id.as_str(), run.key(i));
     if let Some(amqp) = &run.amqp {
-        return match super::amqp::register(amqp, &run.key, id).await {
+        return match super::amqp::register(amqp, key, id).await {
             Ok(status) if status == "assigned" => DeviceOutcome::Assigned(measured_from.elapsed()),
             Ok(status) => DeviceOutcome::NotAssigned(status),
             Err(kind) => DeviceOutcome::NotAssigned(kind),
         };
     }
-    let (client, key, options) = (&run.client, &run.key, &run.options);
+    let (client, options) = (&run.client, &run.options);
     match client.register(id, key, options).await {
         Ok(r) if r.is_assigned() => DeviceOutcome::Assigned(measured_from.elapsed()),
         Ok(r) => DeviceOutcome::NotAssigned(match r.state.error_code {
@@ -172,7 +179,8 @@ struct Run {
     client: Arc<DeviceClient>,
     /// `--mode amqp-fresh`: AMQP devices, not `client`.
     amqp: Option<super::amqp::AmqpTarget>,
-    key: Arc<DeviceKey>,
+    /// Device n's key is `keys[n % keys.len()]` (never empty).
+    keys: Arc<[DeviceKey]>,
     options: Arc<RegisterOptions>,
     prefix: Arc<str>,
     start: u64,
@@ -182,6 +190,10 @@ struct Run {
 impl Run {
     fn id(&self, i: u64) -> String {
         format!("{}{}", self.prefix, self.start + i)
+    }
+
+    fn key(&self, i: u64) -> &DeviceKey {
+        &self.keys[((self.start + i) % self.keys.len() as u64) as usize]
     }
 
     /// `workers` loops, each taking the next device when its previous one is done.
@@ -198,9 +210,8 @@ impl Run {
                     if i >= run.count {
                         break;
                     }
-                    let id = run.id(i);
                     let t0 = Instant::now();
-                    tally.add(register_one(&run, &id, t0).await);
+                    tally.add(register_one(&run, i, t0).await);
                 }
                 tally
             });
@@ -235,8 +246,7 @@ impl Run {
             max_lag = max_lag.max(due.elapsed());
             let run = run.clone();
             set.spawn(async move {
-                let id = run.id(i);
-                let outcome = register_one(&run, &id, due.into_std()).await;
+                let outcome = register_one(&run, i, due.into_std()).await;
                 drop(permit);
                 outcome
             });
@@ -283,13 +293,32 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
             _ => {}
         }
     }
-    let group_key = match (&a.group_key, a.target.target) {
-        (Some(k), _) => k.clone(),
-        (None, Target::TlsReference) => PLACEHOLDER_GROUP_KEY.to_string(),
-        (None, Target::Muster) => bail!("pass --group-key (or MUSTER_GROUP_KEY)"),
+    let group_keys = match (&a.group_keys_file, &a.group_key, a.target.target) {
+        (Some(path), _, _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --group-keys-file {}", path.display()))?;
+            let keys: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if keys.is_empty() {
+                bail!("--group-keys-file {} holds no key", path.display());
+            }
+            keys
+        }
+        (None, Some(k), _) => vec![k.clone()],
+        (None, None, Target::TlsReference) => vec![PLACEHOLDER_GROUP_KEY.to_string()],
+        (None, None, Target::Muster) => {
+            bail!("pass --group-key (or MUSTER_GROUP_KEY) or --group-keys-file")
+        }
     };
-    let key = DeviceKey::Group(group_key);
-    key.device_key("probe").context("invalid --group-key")?;
+    let keys: Arc<[DeviceKey]> = group_keys.into_iter().map(DeviceKey::Group).collect();
+    for (n, key) in keys.iter().enumerate() {
+        key.device_key("probe")
+            .with_context(|| format!("invalid group key (number {})", n + 1))?;
+    }
     let pool_size = match pacing {
         Pacing::ClosedLoop { workers } => workers,
         Pacing::OpenLoop { max_in_flight, .. } => max_in_flight,
@@ -322,7 +351,7 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
     let run = Run {
         client: Arc::new(client),
         amqp,
-        key: Arc::new(key),
+        keys,
         options: Arc::new(options),
         prefix: Arc::from(a.prefix.as_str()),
         start: a.start,
