@@ -86,6 +86,16 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time for a store write to be committed and synced (group commit included), by result"
     );
+    metrics::describe_histogram!(
+        muster_store::sqlite::COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "SQLite: one group commit on the writer thread (transaction and WAL fsync), by result"
+    );
+    metrics::describe_histogram!(
+        muster_store::sqlite::CHECKPOINT_SECONDS,
+        metrics::Unit::Seconds,
+        "SQLite: one WAL checkpoint on the checkpointer thread, by mode (passive, truncate)"
+    );
 }
 
 /// Compacts histogram storage every few seconds until `shutdown`.

@@ -21,6 +21,7 @@
 //! - [`sealing`] — every collection that holds a key (enrollments, groups, hub devices,
 //!   settings, linked hubs) sealed at rest, with the key check that tells a wrong key file.
 //! - [`sqlite`] — the default implementation (one file under the data dir, WAL, migrations;
+//!   a writer thread with group commit, a checkpointer thread copying the WAL back;
 //!   `sqlite::snapshot` copies it consistently while a server runs, for `muster backup`).
 //! - `postgres` (feature `postgres`) — PostgreSQL, for several nodes sharing one database;
 //!   `postgres::changes` tells every node of writes to cached collections (LISTEN/NOTIFY),

@@ -33,6 +33,18 @@
 //! and a batch that hits a database error is rolled back alone. An answer is sent only once
 //! the transaction is committed and synced, so a write is durable before `write` returns.
 //!
+//! # Checkpoints: a thread of their own
+//!
+//! Every read-write connection has `wal_autocheckpoint=0`, so a commit never copies the WAL
+//! back into the database file (SQLite's default does that inside the commit that crosses
+//! 1,000 pages, and every registration in the next group waited for it). The `checkpointer`
+//! thread, with its own connection, runs a `PASSIVE` checkpoint every [`CheckpointPolicy`]
+//! number of group commits; once the WAL is long it asks the writer for a small catch-up
+//! between two groups (the frames committed since the pass), so the WAL starts over, and a
+//! bounded `TRUNCATE` when the file grew past its limit. Its module doc says why, and why
+//! durability is unchanged. The writer's group commits and the
+//! checkpoints are timed ([`COMMIT_SECONDS`], [`CHECKPOINT_SECONDS`], through `metrics`).
+//!
 //! # Claims
 //!
 //! [`Store::claim`] and its kin only set `records.claim_owner`/`claim_until` (added by
@@ -54,9 +66,11 @@
 //!
 //! [`SqliteStore`] is a cheap handle (`Arc` inside). When the last clone is dropped the idle
 //! read connections are closed, the channel closes, the writer finishes what is queued, closes
-//! its connection (checkpointing the WAL) and the drop waits for it to exit.
+//! its connection and the drop waits for it to exit; then the checkpointer runs a final
+//! `TRUNCATE` checkpoint, closes the last connection (SQLite removes the WAL) and exits.
 
 mod body;
+mod checkpointer;
 mod claims;
 mod files;
 mod readers;
@@ -87,6 +101,9 @@ use readers::ReadPool;
 pub(crate) use writer::format_etag;
 use writer::{EtagCounter, PreparedOp, PreparedWrite, Request};
 
+pub use checkpointer::{wal_path, Policy as CheckpointPolicy, CHECKPOINT_SECONDS};
+pub use writer::COMMIT_SECONDS;
+
 /// Read-only connections kept open for reads.
 const READ_POOL_SIZE: usize = 4;
 /// Lists of at most this many rows are short enough to read inline (see `readers`).
@@ -112,6 +129,8 @@ struct Inner {
     /// `None` only while dropping.
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
+    /// Copies the WAL into the database file, off the writer thread (see `checkpointer`).
+    checkpointer: checkpointer::Checkpointer,
 }
 
 impl SqliteStore {
@@ -132,6 +151,23 @@ impl SqliteStore {
     pub fn open_with_entropy(
         path: &Path,
         entropy: Arc<dyn Entropy>,
+    ) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, entropy, CheckpointPolicy::default())
+    }
+
+    /// [`SqliteStore::open`] with WAL checkpoints run as `policy` says (see
+    /// [`CheckpointPolicy`]).
+    pub fn open_with_policy(
+        path: &Path,
+        policy: CheckpointPolicy,
+    ) -> Result<SqliteStore, StoreError> {
+        Self::open_with(path, Arc::new(OsEntropy), policy)
+    }
+
+    fn open_with(
+        path: &Path,
+        entropy: Arc<dyn Entropy>,
+        policy: CheckpointPolicy,
     ) -> Result<SqliteStore, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             files::create_private_dir(parent)?;
@@ -160,13 +196,15 @@ impl SqliteStore {
         let readers =
             ReadPool::open(path.to_path_buf(), READ_POOL_SIZE, BUSY_TIMEOUT).map_err(explain)?;
         let claims = claims::Claims::open(path).map_err(explain)?;
+        let checkpointer = checkpointer::Checkpointer::start(path, policy).map_err(explain)?;
 
         let (requests, queue) = mpsc::channel();
         let changes = Arc::new(writer::ChangeCounters::new());
         let writer_changes = changes.clone();
+        let committed = checkpointer.signal();
         let writer = std::thread::Builder::new()
             .name("muster-store-writer".into())
-            .spawn(move || writer::run(conn, queue, etags, writer_changes))
+            .spawn(move || writer::run(conn, queue, etags, writer_changes, committed))
             .map_err(|e| StoreError::Backend(format!("starting the store writer thread: {e}")))?;
         tracing::debug!(path = %path.display(), "opened SQLite store");
 
@@ -179,6 +217,7 @@ impl SqliteStore {
                 sealer,
                 requests: Some(requests),
                 writer: Some(writer),
+                checkpointer,
             }),
         })
     }
@@ -199,7 +238,8 @@ impl fmt::Debug for SqliteStore {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Readers first, so the writer's connection is the last one and checkpoints the WAL.
+        // Readers and writers first, so the checkpointer's connection is the last one: its
+        // final checkpoint copies everything and empties the WAL.
         self.readers.close_idle();
         self.claims.close();
         drop(self.requests.take());
@@ -208,6 +248,7 @@ impl Drop for Inner {
                 tracing::error!(path = %self.path.display(), "the store writer thread panicked");
             }
         }
+        self.checkpointer.stop();
     }
 }
 
@@ -245,6 +286,10 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     // temporary file that is created and deleted with each group commit.
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(|e| db_err(&context("setting temp_store=MEMORY"), e))?;
+    // Commits never checkpoint: the checkpointer thread does, off the writer (see
+    // `checkpointer`, which also says why durability is unchanged).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(|e| db_err(&context("turning off automatic checkpoints"), e))?;
     Ok(conn)
 }
 

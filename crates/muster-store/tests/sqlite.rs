@@ -95,7 +95,8 @@ async fn data_survives_close_and_reopen() {
     let c = put(&clone, "c", None, json!({"v": "c"})).await;
     drop(clone);
 
-    // Every connection closed cleanly: the writer, last to close, checkpointed and removed the WAL.
+    // Every connection closed cleanly: the checkpointer, last to close, checkpointed and
+    // removed the WAL.
     let wal = PathBuf::from(format!("{}-wal", path.display()));
     assert!(
         !wal.exists(),

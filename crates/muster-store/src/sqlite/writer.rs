@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use muster_proto::log_limit::LogLimiter;
 
@@ -132,6 +132,7 @@ pub(super) fn run(
     requests: Receiver<Request>,
     mut etags: EtagCounter,
     changes: std::sync::Arc<ChangeCounters>,
+    checkpoints: std::sync::Arc<super::checkpointer::Signal>,
 ) {
     while let Ok(first) = requests.recv() {
         let mut group = vec![first];
@@ -141,7 +142,9 @@ pub(super) fn run(
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        let started = Instant::now();
         let result = commit_group(&mut conn, &group, &mut etags);
+        let (elapsed, batches, ok) = (started.elapsed(), group.len(), result.is_ok());
         // Before anyone hears of the write, and also after a failed commit (conservative).
         for request in &group {
             for w in &request.writes {
@@ -165,8 +168,38 @@ pub(super) fn run(
                 }
             }
         }
+        record_commit(elapsed, batches, ok, &checkpoints);
+        super::checkpointer::catch_up(&conn, &checkpoints);
     }
     tracing::debug!("store writer thread exiting");
+}
+
+/// Histogram of each group commit on the writer thread (the transaction and its fsync), by
+/// `result` (`ok`, `error`).
+pub const COMMIT_SECONDS: &str = "muster_store_commit_duration_seconds";
+
+/// A commit slower than this is logged at debug level with its size.
+const SLOW_COMMIT: Duration = Duration::from_millis(10);
+
+/// Records a group commit's duration (after its callers were answered) and tells the checkpointer of it.
+fn record_commit(
+    elapsed: Duration,
+    batches: usize,
+    ok: bool,
+    checkpoints: &super::checkpointer::Signal,
+) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::histogram!(COMMIT_SECONDS, "result" => result).record(elapsed);
+    if elapsed >= SLOW_COMMIT {
+        tracing::debug!(
+            batches,
+            micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            "slow store group commit"
+        );
+    }
+    if ok {
+        checkpoints.committed();
+    }
 }
 
 /// Applies every batch of the group in one transaction. `Err` means nothing was committed.
