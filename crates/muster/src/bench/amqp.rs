@@ -22,6 +22,7 @@ const DEVICE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_POLLS: u32 = 20;
 
 /// Where AMQP devices connect.
+#[derive(Clone)]
 pub struct AmqpTarget {
     pub addr: SocketAddr,
     /// The TLS server name (the DPS host).

@@ -111,6 +111,7 @@ pub async fn run(a: AttestationArgs) -> anyhow::Result<()> {
         count: a.count,
         concurrency: a.concurrency,
         rate: None,
+        warmup: 0,
         server_pid: Some(a.server_pid),
         label: Some(label.to_string()),
         json: false,

@@ -53,6 +53,12 @@ pub struct RegisterArgs {
     /// Open loop: start devices at this fixed rate (devices/s) whatever the server's speed
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Register this many devices (ids PREFIXwarm-<n>) with the same client before the
+    /// measured run, closed loop, not counted: an open-loop https-keepalive run then starts
+    /// with its connections open, as a gateway's are, instead of opening them all in its first
+    /// scheduled milliseconds
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
     /// Also measure this process (the server): CPU time and resident memory during the run
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -336,14 +342,6 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         payload: None,
         csr: None,
     };
-    let reference_before = match a.target.target {
-        Target::TlsReference => Some(fetch_reference_stats(&target).await?),
-        Target::Muster => None,
-    };
-    let monitor = match a.server_pid {
-        Some(pid) => Some(UsageMonitor::start(pid)?),
-        None => None,
-    };
     let amqp = match a.mode {
         Mode::AmqpFresh => Some(amqp_target(&target).await?),
         _ => None,
@@ -356,6 +354,28 @@ pub async fn measure(a: &RegisterArgs) -> anyhow::Result<RegisterReport> {
         prefix: Arc::from(a.prefix.as_str()),
         start: a.start,
         count: a.count,
+    };
+    if a.warmup > 0 {
+        let warm = Run {
+            prefix: Arc::from(format!("{}warm-", a.prefix).as_str()),
+            start: 0,
+            count: a.warmup,
+            client: run.client.clone(),
+            amqp: run.amqp.clone(),
+            keys: run.keys.clone(),
+            options: run.options.clone(),
+        };
+        // At most half the pool at once: the server admits a bounded number of connections
+        // per address before their first answer, and the pool opens one per worker.
+        warm.closed_loop((pool_size / 2).max(1)).await?;
+    }
+    let reference_before = match a.target.target {
+        Target::TlsReference => Some(fetch_reference_stats(&target).await?),
+        Target::Muster => None,
+    };
+    let monitor = match a.server_pid {
+        Some(pid) => Some(UsageMonitor::start(pid)?),
+        None => None,
     };
     let started = Instant::now();
     let (tally, max_start_lag_ms) = match pacing {
