@@ -46,13 +46,16 @@ impl Clock for SystemClock {
     }
 }
 
+/// Randomness from the operating system, through `rand`'s thread-local CSPRNG (ChaCha12,
+/// seeded from the OS and reseeded from it as it is used), so the several random values of
+/// a registration (operation id, etags, nonces) cost no `getrandom` system call each.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OsEntropy;
 
 impl Entropy for OsEntropy {
     fn fill(&self, buf: &mut [u8]) {
         use rand::RngCore;
-        rand::rngs::OsRng.fill_bytes(buf);
+        rand::thread_rng().fill_bytes(buf);
     }
 }
 
