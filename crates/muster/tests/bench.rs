@@ -151,9 +151,18 @@ fn every_mode_assigns_every_device_with_sane_percentiles() {
         "--json",
     ]);
     assert_eq!(report["assigned"], 10, "{report:#}");
-    assert_eq!(report["attempted"], 10, "the warm-up is not counted: {report:#}");
+    assert_eq!(
+        report["attempted"], 10,
+        "the warm-up is not counted: {report:#}"
+    );
     // ... but it registered its devices, under their own prefix.
-    let warm = json_of(&["registration", "show", "rate-warm-3", "--data-dir", data_dir]);
+    let warm = json_of(&[
+        "registration",
+        "show",
+        "rate-warm-3",
+        "--data-dir",
+        data_dir,
+    ]);
     assert_eq!(warm["status"], "assigned", "{warm:#}");
     assert!(
         report["wall_secs"].as_f64().unwrap_or(0.0) >= 0.2,
