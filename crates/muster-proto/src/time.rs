@@ -20,23 +20,39 @@ impl Timestamp {
         use chrono::{Datelike, Timelike};
         let t = &self.0;
         let nanos = t.timestamp_subsec_nanos();
-        // Every record and twin carries several of these, so the common case is one `format!`
-        // of the fields rather than a strftime pattern parsed on every call. Years outside
-        // 0..=9999 and leap seconds keep chrono's own rendering.
-        if !(0..=9999).contains(&t.year()) || nanos >= 1_000_000_000 {
-            let ticks = nanos / 100;
-            return format!("{}.{ticks:07}Z", t.format("%Y-%m-%dT%H:%M:%S"));
+        // Every record, hub device and twin carries several of these, so the common case
+        // writes the digits straight into a buffer rather than through `format!` (let alone a
+        // strftime pattern parsed per call). Years outside 0..=9999 and leap seconds keep
+        // chrono's own rendering.
+        let Ok(year) = u32::try_from(t.year()) else {
+            return Self::to_dps_string_slow(t, nanos);
+        };
+        if year > 9999 || nanos >= 1_000_000_000 {
+            return Self::to_dps_string_slow(t, nanos);
         }
-        format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            nanos / 100
-        )
+        // YYYY-MM-DDTHH:MM:SS.fffffffZ
+        let mut b = *b"0000-00-00T00:00:00.0000000Z";
+        let mut put = |at: usize, width: usize, mut n: u32| {
+            for i in (at..at + width).rev() {
+                if let Some(d) = b.get_mut(i) {
+                    *d = b'0' + (n % 10) as u8;
+                }
+                n /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second());
+        put(20, 7, nanos / 100);
+        b.iter().map(|&c| char::from(c)).collect()
+    }
+
+    fn to_dps_string_slow(t: &DateTime<Utc>, nanos: u32) -> String {
+        let ticks = nanos / 100;
+        format!("{}.{ticks:07}Z", t.format("%Y-%m-%dT%H:%M:%S"))
     }
 
     /// Whole seconds, as X.509 validity dates appear in certificate info.

@@ -452,6 +452,8 @@ impl Engine {
             record.state.issued_certificate = Some(issued.info);
             record.issued_certificate_chain = Some(issued.chain);
         }
+        // A record that carries no plan has no marker to remove (see `assign_in_one_write`).
+        let had_plan = previous.as_ref().is_some_and(|(p, _)| p.pending.is_some());
         let previous_state = previous.map(|(p, _)| p.state);
         // One read of the linked hubs serves both the plan and its execution.
         let linked = self.linked_hubs().await?;
@@ -482,7 +484,14 @@ impl Engine {
                 let run_now = self.0.throttle.try_take(&plan.hub, rate).await;
                 if run_now {
                     if let Some(done) = self
-                        .assign_in_one_write(&key, &record, &plan, &attested.hub_auth, &linked)
+                        .assign_in_one_write(
+                            &key,
+                            &record,
+                            &plan,
+                            &attested.hub_auth,
+                            &linked,
+                            had_plan,
+                        )
                         .await?
                     {
                         let op = self.with_tpm(operation(&done), &attested.matched).await?;
@@ -547,6 +556,7 @@ impl Engine {
         plan: &PendingAssignment,
         hub_auth: &HubAuthentication,
         linked: &[LinkedHub],
+        had_plan: bool,
     ) -> Result<Option<RegistrationRecord>, DeviceFailure> {
         if plan.remove_from.is_some() || matches!(plan.twin, TwinPlan::Migrate { .. }) {
             return Ok(None);
@@ -587,18 +597,21 @@ impl Engine {
             done.state.payload = plan.payload.clone();
             done.state.error_code = None;
             done.state.error_message = None;
-            let written = self
-                .0
-                .store
-                .write(vec![
-                    // First: when it is refused, nothing of the batch was applied yet, so the
-                    // store needs no savepoint to undo it.
-                    put.write,
-                    record_write(key, &done, Expect::Any)?,
-                    // A plan an earlier request of this device left pending is superseded.
-                    Write::delete(Collection::PendingAssignments, key, Expect::Any),
-                ])
-                .await;
+            // First: when it is refused, nothing of the batch was applied yet, so the store
+            // needs no savepoint to undo it.
+            let mut writes = vec![put.write, record_write(key, &done, Expect::Any)?];
+            if had_plan {
+                // The plan an earlier request of this device left pending is superseded. When
+                // the record read had none, no marker is looked up: one saved by another node
+                // since would be found stale (its record has no plan) and removed where it is
+                // taken up (`finish_pending`).
+                writes.push(Write::delete(
+                    Collection::PendingAssignments,
+                    key,
+                    Expect::Any,
+                ));
+            }
+            let written = self.0.store.write(writes).await;
             // Nothing was written. The intent path saves the plan if the store takes it and
             // retries it once the hub's writes succeed again, without the device's help.
             let Ok(outcomes) = written else {
@@ -1605,13 +1618,18 @@ fn record_write(
     record: &RegistrationRecord,
     expect: Expect,
 ) -> Result<Write, DeviceFailure> {
-    let mut body = record.clone();
-    body.state.etag = None;
     let partition = record
         .enrollment_group_id
         .as_ref()
         .map(|g| g.to_ascii_lowercase());
-    Write::put_serialized(Collection::Registrations, key, expect, &body)
+    let write = if record.state.etag.is_none() {
+        Write::put_serialized(Collection::Registrations, key, expect, record)
+    } else {
+        let mut body = record.clone();
+        body.state.etag = None;
+        Write::put_serialized(Collection::Registrations, key, expect, &body)
+    };
+    write
         .map(|w| w.with_partition(partition))
         .map_err(|e| DeviceFailure::internal("encoding a registration record", e))
 }
