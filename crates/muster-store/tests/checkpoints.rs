@@ -103,14 +103,19 @@ async fn commits_leave_the_wal_to_the_checkpointer() {
         .expect("dev-150");
     assert_eq!(record.body["registrationId"], "dev-150");
     drop(store);
-    let store = SqliteStore::open(&path).expect("reopen");
     assert_eq!(
-        store
-            .count(Collection::Registrations, None)
-            .await
-            .expect("count"),
+        reopened_count(&path).await,
         u64::try_from(next).expect("count")
     );
+}
+
+/// The number of registration records a fresh open of `path` finds.
+async fn reopened_count(path: &std::path::Path) -> u64 {
+    let store = SqliteStore::open(path).expect("reopen");
+    store
+        .count(Collection::Registrations, None)
+        .await
+        .expect("count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,12 +142,5 @@ async fn closing_the_store_checkpoints_and_removes_the_wal() {
         size(&path) > 50 * 40_000,
         "the records are in the database file"
     );
-    let store = SqliteStore::open(&path).expect("reopen");
-    assert_eq!(
-        store
-            .count(Collection::Registrations, None)
-            .await
-            .expect("count"),
-        50
-    );
+    assert_eq!(reopened_count(&path).await, 50);
 }
