@@ -398,14 +398,9 @@ impl HubRegistry {
         let id = input.device_id.clone();
         for _ in 0..MAX_ATTEMPTS {
             let current = self.load(&id).await?;
-            let planned = self.plan_put(&input, if_match, twin_update.as_ref(), current)?;
-            self.check_scopes(
-                &planned.stored.device,
-                planned.previous_scope.as_deref(),
-                &HashMap::new(),
-            )
-            .await?;
-            let write = self.device_write(&id, &planned.stored, planned.expect.clone())?;
+            let (write, planned) = self
+                .planned_write(&input, if_match, twin_update.as_ref(), current)
+                .await?;
             if self.write_one(write).await?.is_applied() {
                 self.after_put(&planned);
                 let twin = render_twin(&planned.stored);
@@ -434,17 +429,30 @@ impl HubRegistry {
         if let Some(t) = &twin_update {
             t.validate()?;
         }
-        let planned = self.plan_put(&input, &if_match, twin_update.as_ref(), current)?;
+        let (write, planned) = self
+            .planned_write(&input, &if_match, twin_update.as_ref(), current)
+            .await?;
+        Ok((write.required(), PreparedPut(planned)))
+    }
+
+    /// A create-or-update planned against `current` ([`Self::plan_put`]), its scopes checked
+    /// ([`Self::check_scopes`]), and the store write that would carry it out.
+    async fn planned_write(
+        &self,
+        input: &DeviceInput,
+        if_match: &IfMatch,
+        twin_update: Option<&TwinUpdate>,
+        current: Option<(StoredDevice, String)>,
+    ) -> Result<(Write, PlannedPut), HubError> {
+        let planned = self.plan_put(input, if_match, twin_update, current)?;
         self.check_scopes(
             &planned.stored.device,
             planned.previous_scope.as_deref(),
             &HashMap::new(),
         )
         .await?;
-        let write = self
-            .device_write(&input.device_id, &planned.stored, planned.expect.clone())?
-            .required();
-        Ok((write, PreparedPut(planned)))
+        let write = self.device_write(&input.device_id, &planned.stored, planned.expect.clone())?;
+        Ok((write, planned))
     }
 
     /// After the write of [`Self::prepare_put_device`] committed: a disabled device's session

@@ -583,20 +583,11 @@ impl Engine {
                 Ok(Some(put)) => put,
                 Ok(None) | Err(_) => return Ok(None),
             };
-            let outcome = if twin.parts(put.existed).is_some() {
-                TwinOutcome::Initial
-            } else {
-                TwinOutcome::Kept
-            };
+            let outcome = twin_outcome(twin, put.existed);
             let mut done = record.clone();
             done.pending = None;
-            done.state.status = RegistrationStatus::Assigned;
-            done.state.substatus = plan.substatus(put.existed && !plan.creates_device, outcome);
-            done.state.assigned_hub = Some(plan.hub.clone());
-            done.state.device_id = Some(plan.device_id.clone());
-            done.state.payload = plan.payload.clone();
-            done.state.error_code = None;
-            done.state.error_message = None;
+            let substatus = plan.substatus(put.existed && !plan.creates_device, outcome);
+            mark_assigned(&mut done, plan, substatus);
             // First: when it is refused, nothing of the batch was applied yet, so the store
             // needs no savepoint to undo it.
             let mut writes = vec![put.write, record_write(key, &done, Expect::Any)?];
@@ -664,15 +655,7 @@ impl Engine {
             // The hub or the store may work again soon: the intent stays as it is, the
             // device is told to retry, and a restart would finish it.
             Err(f) if f.is_transient() => return Err(f),
-            Ok(substatus) => {
-                record.state.status = RegistrationStatus::Assigned;
-                record.state.substatus = substatus;
-                record.state.assigned_hub = Some(plan.hub.clone());
-                record.state.device_id = Some(plan.device_id.clone());
-                record.state.payload = plan.payload.clone();
-                record.state.error_code = None;
-                record.state.error_message = None;
-            }
+            Ok(substatus) => mark_assigned(&mut record, &plan, substatus),
             Err(f) => {
                 if let Some(suppressed) = ASSIGNMENT_FAILED_LOG.admit() {
                     warn!(hub = %plan.hub, error = %f.message, suppressed, "assignment failed");
@@ -1123,12 +1106,7 @@ impl Engine {
                 // plan's rule says (record.rs).
                 let write = plan.initial_twin_write(&initial_tags, &initial_desired);
                 let existed = hub.put_device(&spec, write).await.map_err(hub_failure)?;
-                let outcome = if write.parts(existed).is_some() {
-                    TwinOutcome::Initial
-                } else {
-                    TwinOutcome::Kept
-                };
-                (existed, outcome)
+                (existed, twin_outcome(write, existed))
             }
         };
         if let Some(old) = old_hub.filter(|_| !renamed_in_place) {
@@ -1609,6 +1587,32 @@ enum Saved {
     },
     /// The record is not as expected: nothing was written.
     Changed,
+}
+
+/// Where the twin of a device put with `write` came from, given whether the device existed.
+fn twin_outcome(write: TwinWrite<'_>, existed: bool) -> TwinOutcome {
+    if write.parts(existed).is_some() {
+        TwinOutcome::Initial
+    } else {
+        TwinOutcome::Kept
+    }
+}
+
+/// `record` as the finished assignment of `plan` says: assigned to its hub and device, with
+/// the plan's payload, and no error.
+fn mark_assigned(
+    record: &mut RegistrationRecord,
+    plan: &PendingAssignment,
+    substatus: Option<RegistrationSubstatus>,
+) {
+    let s = &mut record.state;
+    s.status = RegistrationStatus::Assigned;
+    s.substatus = substatus;
+    s.assigned_hub = Some(plan.hub.clone());
+    s.device_id = Some(plan.device_id.clone());
+    s.payload = plan.payload.clone();
+    s.error_code = None;
+    s.error_message = None;
 }
 
 /// The store write that puts `record` under `key` (its etag is the store's, not kept in the
