@@ -104,10 +104,12 @@ struct State {
 
 /// What the writer thread uses to tell the checkpointer of its commits, and the
 /// checkpointer to ask the writer for a catch-up.
-#[derive(Default)]
 pub(super) struct Signal {
     state: Mutex<State>,
     wake: Condvar,
+    /// Group commits that make a checkpoint due: the checkpointer is woken only then, not on
+    /// every commit of the writer's hot path.
+    threshold: u64,
     /// `NO_CATCH_UP`, `CATCH_UP` or `TRUNCATE`: what the writer does after its next group.
     catch_up: AtomicU8,
 }
@@ -117,21 +119,33 @@ const CATCH_UP: u8 = 1;
 const TRUNCATE: u8 = 2;
 
 impl Signal {
+    fn new(threshold: u64) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            threshold: threshold.max(1),
+            catch_up: AtomicU8::new(NO_CATCH_UP),
+        }
+    }
+
     /// One group committed.
     pub(super) fn committed(&self) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
         state.commits += 1;
-        self.wake.notify_one();
+        if state.commits >= self.threshold {
+            self.wake.notify_one();
+        }
     }
 
-    /// Waits until `threshold` commits accumulated or stop was asked; returns whether to stop.
-    fn wait(&self, threshold: u64) -> bool {
+    /// Waits until the threshold of commits accumulated or stop was asked; returns whether
+    /// to stop.
+    fn wait(&self) -> bool {
         let Ok(mut state) = self.state.lock() else {
             return true;
         };
-        while !state.stop && state.commits < threshold {
+        while !state.stop && state.commits < self.threshold {
             state = match self.wake.wait(state) {
                 Ok(state) => state,
                 Err(_) => return true,
@@ -161,7 +175,7 @@ impl Checkpointer {
     /// Opens the checkpointer's connection and starts its thread.
     pub(super) fn start(path: &Path, policy: Policy) -> Result<Self, StoreError> {
         let conn = open_writer(path)?;
-        let signal = Arc::new(Signal::default());
+        let signal = Arc::new(Signal::new(policy.commits));
         let wal = sidecar(path, "-wal");
         let thread_signal = signal.clone();
         let thread = std::thread::Builder::new()
@@ -220,7 +234,7 @@ impl Mode {
 
 fn run(conn: Connection, wal: &Path, signal: &Signal, policy: Policy) {
     loop {
-        let stop = signal.wait(policy.commits.max(1));
+        let stop = signal.wait();
         if stop {
             if let Err(e) = checkpoint(&conn, Mode::Truncate) {
                 tracing::warn!(error = %e, "final WAL checkpoint failed");
